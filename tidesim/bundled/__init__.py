@@ -1,0 +1,1 @@
+"""Bundled data (traces/, hwprofiles/ at the repository top) shipped inside the wheel."""

@@ -1,0 +1,21 @@
+"""`tidesim trace ...`: the trace command group; each subcommand lives in its own module."""
+
+from __future__ import annotations
+
+import argparse
+
+# Subcommand modules of `tidesim trace`, each with register(trace_subparsers).
+TRACE_MODULES: list[str] = [
+    "tidesim.cli.trace_list",
+]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from tidesim.cli import register_modules
+
+    parser = sub.add_parser("trace", help="synthesize, capture, inspect and list expert-activation traces",
+                            description="Expert-activation traces of block-diffusion decoding.")
+    trace_sub = parser.add_subparsers(dest="trace_command", metavar="SUBCOMMAND",
+                                      parser_class=type(parser))
+    register_modules(trace_sub, TRACE_MODULES)
+    parser.set_defaults(func=lambda args: parser.print_help())

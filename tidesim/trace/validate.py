@@ -1,0 +1,130 @@
+"""Check a trace for every kind of corruption; the first problem is reported as one line."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tidesim.errors import InputError
+from tidesim.trace.schema import FORMAT_VERSION, KV_CACHE_MODES, PHASES, SOURCES, Trace, TraceMeta
+
+
+def meta_problems(meta: TraceMeta) -> list[str]:
+    out: list[str] = []
+    if meta.format_version != FORMAT_VERSION:
+        out.append(
+            f"trace format version {meta.format_version} is not supported (this tidesim reads "
+            f"version {FORMAT_VERSION}); convert it with the tidesim that wrote it"
+        )
+    if meta.top_k != meta.model.top_k:
+        out.append(f"metadata top_k {meta.top_k} differs from the model's top_k {meta.model.top_k}")
+    if meta.num_experts != meta.model.num_experts:
+        out.append(
+            f"metadata num_experts {meta.num_experts} differs from the model's {meta.model.num_experts}"
+        )
+    if meta.kv_cache not in KV_CACHE_MODES:
+        out.append(f"kv_cache must be one of {', '.join(KV_CACHE_MODES)}, got {meta.kv_cache!r}")
+    if meta.source not in SOURCES:
+        out.append(f"source must be one of {', '.join(SOURCES)}, got {meta.source!r}")
+    if not isinstance(meta.block_length, int) or meta.block_length <= 0:
+        out.append(f"block_length must be a positive integer, got {meta.block_length!r}")
+    if not 0 < float(meta.threshold) <= 1:
+        out.append(f"threshold must lie in (0, 1], got {meta.threshold!r}")
+    if not isinstance(meta.gen_length, int) or meta.gen_length <= 0:
+        out.append(f"gen_length must be a positive integer, got {meta.gen_length!r}")
+    return out
+
+
+def trace_problems(trace: Trace) -> list[str]:
+    """All problems found, in a fixed order (metadata, shapes, counts, ordering, token routing)."""
+    meta = trace.meta
+    out = meta_problems(meta)
+    if out:
+        return out
+    f = trace.forwards
+    et = trace.expert_tokens
+    layers = meta.model.num_moe_layers
+    if et.ndim != 3 or et.shape[1:] != (layers, meta.num_experts):
+        return [f"expert_tokens has shape {et.shape}, expected (forwards, {layers}, {meta.num_experts})"]
+    if len(f) != et.shape[0]:
+        return [f"{len(f)} forwards but {et.shape[0]} rows of expert counts"]
+    if len(f) == 0:
+        return ["the trace holds no forward passes"]
+    if (et < 0).any():
+        fw, layer, e = np.argwhere(et < 0)[0]
+        return [f"forward {fw} layer {meta.model.moe_layer_ids[layer]}: negative count for expert {e}"]
+    bad_phase = ~f["phase"].isin(PHASES)
+    if bad_phase.any():
+        return [f"forward {int(np.flatnonzero(bad_phase)[0])}: unknown phase {f['phase'][bad_phase].iloc[0]!r}"]
+    tokens = f["tokens"].to_numpy()
+    if (tokens <= 0).any():
+        return [f"forward {int(np.argmax(tokens <= 0))}: tokens must be positive"]
+    if (f["context"].to_numpy() < tokens).any():
+        return [f"forward {int(np.argmax(f['context'].to_numpy() < tokens))}: context is below tokens"]
+    sums = et.sum(axis=2)
+    expected = tokens[:, None] * meta.top_k
+    wrong = sums != expected
+    if wrong.any():
+        fw, layer = np.argwhere(wrong)[0]
+        return [
+            f"forward {fw} layer {meta.model.moe_layer_ids[layer]}: expert counts sum to {sums[fw, layer]}, "
+            f"expected tokens x top_k = {expected[fw, 0]}"
+        ]
+    out.extend(_ordering_problems(trace))
+    if out:
+        return out
+    out.extend(_token_routing_problems(trace))
+    return out
+
+
+def _ordering_problems(trace: Trace) -> list[str]:
+    f = trace.forwards
+    prompt = f["prompt"].to_numpy()
+    block = f["block"].to_numpy()
+    step = f["step"].to_numpy()
+    committed = f["committed"].to_numpy()
+    if (committed < 0).any() or (committed > trace.meta.block_length).any():
+        return [f"forward {int(np.argmax((committed < 0) | (committed > trace.meta.block_length)))}: "
+                "committed tokens outside [0, block_length]"]
+    for i in range(1, len(f)):
+        if prompt[i] < prompt[i - 1]:
+            return [f"forward {i}: prompt ids go backwards ({prompt[i - 1]} then {prompt[i]})"]
+        if prompt[i] != prompt[i - 1]:
+            continue
+        if block[i] < block[i - 1]:
+            return [f"forward {i}: block index goes backwards in prompt {prompt[i]}"]
+        if block[i] == block[i - 1] and step[i] != step[i - 1] + 1:
+            return [f"forward {i}: step {step[i]} does not follow step {step[i - 1]} in prompt "
+                    f"{prompt[i]} block {block[i]} (steps must be monotone, one apart)"]
+    return []
+
+
+def _token_routing_problems(trace: Trace) -> list[str]:
+    if trace.topk_ids is None:
+        return [] if trace.topk_weights is None else ["topk_weights given without topk_ids"]
+    meta = trace.meta
+    layers = meta.model.num_moe_layers
+    if len(trace.topk_ids) != trace.num_forwards * layers:
+        return ["topk_ids must have one entry per (forward, layer)"]
+    tokens = trace.forwards["tokens"].to_numpy()
+    for i, ids in enumerate(trace.topk_ids):
+        fw, layer = divmod(i, layers)
+        where = f"forward {fw} layer {meta.model.moe_layer_ids[layer]}"
+        if ids.shape != (tokens[fw], meta.top_k):
+            return [f"{where}: topk_ids has shape {ids.shape}, expected ({tokens[fw]}, {meta.top_k})"]
+        if ids.size and (ids.min() < 0 or ids.max() >= meta.num_experts):
+            return [f"{where}: expert id {int(ids.max() if ids.max() >= meta.num_experts else ids.min())} "
+                    f"out of range [0, {meta.num_experts})"]
+        counts = np.bincount(ids.ravel(), minlength=meta.num_experts)
+        if not np.array_equal(counts, trace.expert_tokens[fw, layer]):
+            return [f"{where}: token-level routing disagrees with the expert counts"]
+        if trace.topk_weights is not None and trace.topk_weights[i].shape != ids.shape:
+            return [f"{where}: topk_weights shape differs from topk_ids"]
+    return []
+
+
+def validate_trace(trace: Trace, source: str = "trace") -> Trace:
+    """Return the trace if it is valid, else raise InputError naming `source` and the first problem."""
+    problems = trace_problems(trace)
+    if problems:
+        raise InputError(f"{source}: {problems[0]}")
+    return trace

@@ -1,0 +1,94 @@
+"""Workload: a trace reduced to the arrays policies and executors need.
+
+Per forward pass f and MoE layer l: tokens processed, attention context, and tokens routed to
+each expert. Everything downstream (policies, simulator, cost model, runtime) reads these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tidesim.errors import InputError
+from tidesim.models import ModelSpec
+from tidesim.trace.schema import Trace
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Arrays of one decode (or several prompts decoded one after another)."""
+
+    model: ModelSpec
+    kv_cache: str
+    tokens: np.ndarray          # int64 [F] tokens processed by each forward
+    context: np.ndarray         # int64 [F] keys attended per query
+    committed: np.ndarray       # int64 [F] tokens committed (generated) by each forward
+    prompt: np.ndarray          # int64 [F]
+    block: np.ndarray           # int64 [F] block index within the prompt's generation (-1: prefill)
+    step: np.ndarray            # int64 [F] denoising step within the block
+    expert_tokens: np.ndarray   # int32 [F, L, E]
+
+    @property
+    def num_forwards(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.expert_tokens.shape[1])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.expert_tokens.shape[2])
+
+    @property
+    def generated_tokens(self) -> int:
+        return int(self.committed.sum())
+
+    @property
+    def first_block(self) -> np.ndarray:
+        """bool [F]: forwards of the first generated block of each prompt (TIDE refreshes on
+        every step there, since routing settles only after the prompt)."""
+        return self.block <= 0
+
+    @property
+    def activated(self) -> np.ndarray:
+        """bool [F, L, E]: experts with at least one routed token."""
+        return self.expert_tokens > 0
+
+    def select(self, forwards: np.ndarray) -> Workload:
+        """The sub-workload of the given forward indices (in order)."""
+        return Workload(
+            model=self.model, kv_cache=self.kv_cache, tokens=self.tokens[forwards],
+            context=self.context[forwards], committed=self.committed[forwards],
+            prompt=self.prompt[forwards], block=self.block[forwards], step=self.step[forwards],
+            expert_tokens=self.expert_tokens[forwards],
+        )
+
+    def select_prompts(self, prompts: list[int]) -> Workload:
+        return self.select(np.flatnonzero(np.isin(self.prompt, prompts)))
+
+
+def workload_from_trace(trace: Trace, model: ModelSpec | None = None) -> Workload:
+    """Build the workload; `model`, when given, must match the trace's model shapes."""
+    spec = trace.model
+    if model is not None and not same_shapes(model, spec):
+        raise InputError(
+            f"the trace was recorded for model {spec.name!r} (hidden {spec.hidden_size}, "
+            f"{spec.num_experts} experts, {spec.num_moe_layers} MoE layers), not {model.name!r}; "
+            "use a trace of that model"
+        )
+    f = trace.forwards
+    col = lambda name: f[name].to_numpy().astype(np.int64)  # noqa: E731
+    return Workload(
+        model=model or spec, kv_cache=trace.meta.kv_cache, tokens=col("tokens"), context=col("context"),
+        committed=col("committed"), prompt=col("prompt"), block=col("block"), step=col("step"),
+        expert_tokens=trace.expert_tokens,
+    )
+
+
+def same_shapes(a: ModelSpec, b: ModelSpec) -> bool:
+    """Whether two specs describe the same routed-expert structure (names may differ)."""
+    keys = ("num_layers", "first_dense_layers", "hidden_size", "moe_intermediate_size", "num_experts",
+            "top_k")
+    return all(getattr(a, k) == getattr(b, k) for k in keys)
