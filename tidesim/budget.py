@@ -1,0 +1,42 @@
+"""GPU expert budgets from GPU memory, the way the public TIDE code sizes them."""
+
+from __future__ import annotations
+
+from tidesim.errors import InputError
+from tidesim.models import ModelSpec
+
+GIB = 2**30
+
+
+def reserve_bytes(gpu_mem_bytes: float) -> float:
+    """Memory kept free for activations and the allocator: max(1.5 GB, 10% of the card)."""
+    return max(1.5e9, 0.10 * gpu_mem_bytes)
+
+
+def expert_memory_bytes(model: ModelSpec, gpu_mem_gib: float) -> float:
+    """Bytes left for routed-expert slots after the non-expert weights and the reserve."""
+    total = gpu_mem_gib * GIB
+    return total - model.non_expert_bytes - reserve_bytes(total)
+
+
+def budget_for_memory(model: ModelSpec, gpu_mem_gib: float, max_per_layer: int | None = None) -> int:
+    """Uniform expert slots per MoE layer that fit: min(max_per_layer, free / (expert bytes x layers)).
+
+    Raises InputError when not even one expert per layer fits.
+    """
+    if gpu_mem_gib <= 0:
+        raise InputError(f"GPU memory must be positive, got {gpu_mem_gib} GiB")
+    free = expert_memory_bytes(model, gpu_mem_gib)
+    per_layer = int(free // (model.expert_bytes * model.num_moe_layers)) if free > 0 else 0
+    if per_layer < 1:
+        need = (model.non_expert_bytes + model.expert_bytes * model.num_moe_layers) / GIB
+        raise InputError(
+            f"{gpu_mem_gib:g} GiB of GPU memory does not hold {model.name}'s non-expert weights plus one "
+            f"expert per layer and the reserve (needs more than {need:.1f} GiB plus the reserve); give more memory"
+        )
+    cap = model.num_experts if max_per_layer is None else min(max_per_layer, model.num_experts)
+    return min(per_layer, cap)
+
+
+# Per-layer caps the public TIDE code's evaluation scripts use (reference.md).
+TIDE_MAX_EXPERTS_PER_LAYER = {"llada2-mini": 128, "llada2-flash": 96}
