@@ -17,6 +17,7 @@ from tidesim.errors import InputError
 # Command modules, in the order their commands are listed by --help.
 COMMAND_MODULES = [
     "tidesim.cli.trace_cmd",
+    "tidesim.cli.hw_cmd",
 ]
 
 
