@@ -1,0 +1,133 @@
+import numpy as np
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tidesim.errors import InputError
+from tidesim.hardware import (
+    Curve,
+    ExpertCurve,
+    Provenance,
+    bundled_profiles,
+    get_profile,
+    load_profile,
+    profile_from_dict,
+)
+from tidesim.models import PRESETS
+
+MINI = PRESETS["llada2-mini"]
+
+
+def test_presets_exist_and_are_marked_as_estimates():
+    names = set(bundled_profiles())
+    assert {"h100-sxm-pcie5", "a100-80gb-pcie4", "rtx4090-pcie4-desktop", "a40-pcie4"} <= names
+    for name in names:
+        prof = get_profile(name)
+        if name.startswith(("h100", "h200", "a100", "a40", "rtx")):
+            assert prof.provenance.kind == "datasheet"
+
+
+def test_yaml_round_trip(tmp_path):
+    prof = get_profile("h100-sxm-pcie5")
+    prof.gpu.expert_ffn.append(ExpertCurve(2048, 512, Curve([1, 8, 64], [10.0, 12.0, 30.0], [0.1, 0.1, 0.2],
+                                                              Provenance(kind="measured", repeats=5))))
+    path = tmp_path / "p.yaml"
+    prof.save(path)
+    assert load_profile(path) == prof
+
+
+def test_copy_time_is_overhead_plus_bandwidth():
+    prof = get_profile("h100-sxm-pcie5")
+    # 10 us overhead + 6291456 B / 50 GB/s
+    assert float(prof.h2d_time(MINI.expert_bytes)) == pytest.approx(10e-6 + 6291456 / 50e9)
+    assert float(prof.h2d_time(0)) == 0.0
+
+
+def test_roofline_fallback_is_flagged_and_hand_computed():
+    prof = get_profile("a100-80gb-pcie4")
+    t = prof.gpu_expert_time(np.array([1.0]), MINI)
+    # memory bound: 6291456 B / (2039 GB/s * 0.85) + 5 us launch
+    assert t[0] == pytest.approx(6291456 / (2039e9 * 0.85) + 5e-6)
+    assert any("gpu.expert_ffn[2048x512]" in f for f in prof.flags)
+
+
+def _with_curve(xs, ts):
+    prof = get_profile("h100-sxm-pcie5")
+    prof.gpu.expert_ffn = [ExpertCurve(2048, 512, Curve(list(xs), list(ts)))]
+    return prof
+
+
+def test_interpolation_exact_at_points_and_flagged_outside():
+    prof = _with_curve([1, 16, 256], [10.0, 20.0, 100.0])
+    t = prof.gpu_expert_time(np.array([1, 16, 256, 8.5]), MINI) * 1e6
+    assert t == pytest.approx([10.0, 20.0, 100.0, 15.0])
+    assert not prof.flags
+    prof.gpu_expert_time(np.array([1024]), MINI)
+    assert any("outside the measured" in f for f in prof.flags)
+
+
+@given(st.lists(st.floats(1, 1000), min_size=2, max_size=6, unique=True),
+       st.lists(st.floats(0, 1e4), min_size=6, max_size=6),
+       st.lists(st.floats(0.5, 5000), min_size=2, max_size=20))
+def test_interpolation_monotone_where_data_is(xs, raw_ts, queries):
+    xs = sorted(xs)
+    ts = sorted(raw_ts[: len(xs)])
+    prof = _with_curve(xs, ts)
+    q = np.sort(np.asarray(queries))
+    t = prof.gpu_expert_time(q, MINI)
+    assert np.all(np.diff(t) >= -1e-12)
+
+
+@pytest.mark.parametrize(
+    "path, value, message",
+    [
+        (("gpu", "memory_gib"), None, "gpu.memory_gib: required field is missing"),
+        (("pcie", "h2d_gbs"), -3.0, "pcie.h2d_gbs: must not be negative"),
+        (("cpu", "workers"), 0, "cpu.workers: must be a positive number"),
+        (("gpu", "colour"), "red", "gpu.colour: unknown field"),
+        (("schema_version",), 7, "schema_version 7 is not supported"),
+    ],
+)
+def test_bad_yaml_fields_fail_with_one_line(tmp_path, path, value, message):
+    data = get_profile("a40-pcie4").to_dict()
+    target = data
+    for key in path[:-1]:
+        target = target[key]
+    if value is None:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    file = tmp_path / "bad.yaml"
+    file.write_text(yaml.safe_dump(data))
+    with pytest.raises(InputError) as err:
+        load_profile(file)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unreadable_profiles(tmp_path):
+    with pytest.raises(InputError, match="no such hardware profile"):
+        load_profile(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("gpu: [unclosed")
+    with pytest.raises(InputError, match="not valid YAML"):
+        load_profile(tmp_path / "bad.yaml")
+    with pytest.raises(InputError, match="unknown hardware profile"):
+        get_profile("tpu-v9")
+    with pytest.raises(InputError, match="top level"):
+        profile_from_dict([1, 2])
+
+
+def test_scaled_profile_for_what_if():
+    base = get_profile("h100-sxm-pcie5")
+    fast = base.scaled(pcie=2.0, cpu_cores=0.5)
+    assert fast.pcie.h2d_gbs == 2 * base.pcie.h2d_gbs
+    assert fast.cpu.workers == base.cpu.workers // 2
+    assert float(fast.h2d_time(MINI.expert_bytes)) < float(base.h2d_time(MINI.expert_bytes))
+
+
+def test_attention_grid_interpolation():
+    prof = get_profile("h100-sxm-pcie5")
+    prof.gpu.attention = [{"hidden": 2048, "heads": 16, "kv_heads": 4, "head_dim": 128,
+                           "tokens": [32, 64], "context": [64, 128], "time_us": [[10, 20], [30, 40]]}]
+    t = prof.attention_time(np.array([32, 48, 64]), np.array([64, 96, 128]), MINI) * 1e6
+    assert t == pytest.approx([10, 25, 40])
