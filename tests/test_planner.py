@@ -1,0 +1,122 @@
+"""The planner's MILP against exhaustive enumeration, and its memory and status handling."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tidesim.errors import InputError
+from tidesim.models import PRESETS
+from tidesim.planner import (
+    CostTable,
+    default_budgets,
+    expert_slots,
+    parse_int_list,
+    solve_plan,
+    uniform_budget,
+)
+
+
+def brute_force(table: CostTable, slots: int, global_tau: bool) -> float:
+    """Every per-layer (tau, budget) choice, enumerated."""
+    layers = table.num_layers
+    options = list(itertools.product(range(len(table.taus)), range(len(table.budgets))))
+    best = float("inf")
+    for choice in itertools.product(options, repeat=layers):
+        ti = [c[0] for c in choice]
+        bi = [c[1] for c in choice]
+        if global_tau and len(set(ti)) > 1:
+            continue
+        if int(table.budgets[bi].sum()) > slots:
+            continue
+        best = min(best, table.other_s + float(table.layer_cost_s[np.arange(layers), ti, bi].sum()))
+    return best
+
+
+@st.composite
+def instances(draw: st.DrawFn) -> tuple[CostTable, int]:
+    layers = draw(st.integers(1, 3))
+    n_tau = draw(st.integers(1, 3))
+    budgets = sorted(draw(st.sets(st.integers(1, 12), min_size=1, max_size=3)))
+    cost = draw(st.lists(st.integers(0, 1000), min_size=layers * n_tau * len(budgets),
+                         max_size=layers * n_tau * len(budgets)))
+    table = CostTable(
+        taus=np.arange(1, n_tau + 1), budgets=np.array(budgets),
+        layer_cost_s=np.array(cost, dtype=float).reshape(layers, n_tau, len(budgets)) * 1e-4,
+        other_s=draw(st.floats(0, 1)), generated_tokens=10,
+    )
+    slots = draw(st.integers(layers * budgets[0], layers * budgets[-1] + 2))
+    return table, slots
+
+
+@given(instances(), st.booleans())
+def test_milp_optimum_equals_brute_force(instance: tuple[CostTable, int], global_tau: bool) -> None:
+    table, slots = instance
+    result = solve_plan(table, slots, global_tau=global_tau)
+    assert result.status == "optimal" and result.proven_optimal
+    assert result.objective_s == pytest.approx(brute_force(table, slots, global_tau), abs=1e-9)
+    assert int(result.budget.sum()) <= slots
+    assert result.objective_s == pytest.approx(table.total_s(result.tau, result.budget))
+    if global_tau:
+        assert len(set(result.tau.tolist())) == 1
+    assert result.bound_s == pytest.approx(result.objective_s)
+
+
+def test_hand_computed_two_layers() -> None:
+    # Layer 0 gains a lot from 4 slots, layer 1 little: with 6 slots layer 0 gets 4, layer 1 gets 2.
+    cost = np.array([
+        [[9.0, 5.0], [8.0, 6.0]],     # layer 0: tau 1 / 2 x budget 2 / 4
+        [[3.0, 2.5], [2.0, 1.9]],     # layer 1
+    ])
+    table = CostTable(np.array([1, 2]), np.array([2, 4]), cost, other_s=1.0, generated_tokens=1)
+    result = solve_plan(table, slots=6)
+    assert result.budget.tolist() == [4, 2] and result.tau.tolist() == [1, 2]
+    assert result.objective_s == pytest.approx(1.0 + 5.0 + 2.0)
+    glob = solve_plan(table, slots=6, global_tau=True)
+    # One tau: tau 1 gives 5 + 3 = 8, tau 2 gives min(8 + 1.9, 6 + 2) = 8 -> a tie at 9.0 in total.
+    assert glob.objective_s == pytest.approx(9.0)
+    assert solve_plan(table, slots=8).objective_s == pytest.approx(1.0 + 5.0 + 1.9)
+
+
+def test_capacity_too_small_for_smallest_budget() -> None:
+    table = CostTable(np.array([1]), np.array([3, 4]), np.ones((2, 1, 2)), 0.0, 1)
+    with pytest.raises(InputError, match="smallest candidate budget"):
+        solve_plan(table, slots=5)
+
+
+def test_time_limit_reports_status_and_bound() -> None:
+    rng = np.random.default_rng(0)
+    table = CostTable(np.arange(1, 5), np.arange(1, 40), rng.random((30, 4, 39)), 0.5, 1)
+    result = solve_plan(table, slots=30 * 20, time_limit_s=5)
+    assert result.status in ("optimal", "feasible")
+    assert result.bound_s <= result.objective_s + 1e-9
+
+
+def test_expert_slots_and_infeasible_memory() -> None:
+    flash = PRESETS["llada2-flash"]
+    gib = 80e9 / 2**30
+    free = 80e9 - flash.non_expert_bytes - 8e9
+    assert expert_slots(flash, gib) == int(free // flash.expert_bytes)
+    assert uniform_budget(expert_slots(flash, gib), 31, 256) == 84
+    with pytest.raises(InputError, match="does not hold"):
+        expert_slots(flash, 7.0)
+    with pytest.raises(InputError, match="positive"):
+        expert_slots(flash, 0.0)
+
+
+def test_default_budgets_contain_uniform() -> None:
+    values = default_budgets(2620, 31, 256)
+    assert 84 in values and min(values) == 21 and max(values) == 168
+    assert default_budgets(10_000, 19, 256)[-1] == 256
+
+
+def test_parse_int_list() -> None:
+    assert parse_int_list("1..4", "taus") == [1, 2, 3, 4]
+    assert parse_int_list("8..32:8,2", "taus") == [2, 8, 16, 24, 32]
+    for bad in ("", "a", "0..3", "-2"):
+        with pytest.raises(InputError):
+            parse_int_list(bad, "taus")
