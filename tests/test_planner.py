@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
+import pulp
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -13,8 +14,11 @@ from tidesim.errors import InputError
 from tidesim.models import PRESETS
 from tidesim.planner import (
     CostTable,
+    OracleCosts,
+    cbc,
     default_budgets,
     expert_slots,
+    oracle_bound,
     parse_int_list,
     solve_plan,
     uniform_budget,
@@ -120,3 +124,78 @@ def test_parse_int_list() -> None:
     for bad in ("", "a", "0..3", "-2"):
         with pytest.raises(InputError):
             parse_int_list(bad, "taus")
+
+
+# ----- oracle bound ---------------------------------------------------------------------------
+
+
+def exact_residency_optimum(costs: OracleCosts, budget: np.ndarray, relax: bool = False) -> float:
+    """The residency program of docs/planner.md section 3 solved by CBC (tiny cases), exactly or
+    as its LP relaxation."""
+    f_count, layers, experts = costs.gpu_s.shape
+    prob = pulp.LpProblem("oracle", pulp.LpMinimize)
+    total = []
+    for lay in range(layers):
+        r = [[prob.add_variable(f"r_{lay}_{f}_{e}", 0, 1, pulp.LpContinuous if relax else pulp.LpBinary) for e in range(experts)]
+             for f in range(f_count)]
+        for f in range(f_count):
+            z = prob.add_variable(f"z_{lay}_{f}", 0, None)
+            gpu = pulp.lpSum(float(costs.gpu_s[f, lay, e]) * r[f][e] for e in range(experts))
+            cpu = pulp.lpSum(float(costs.cpu_s[f, lay, e]) / costs.workers * (1 - r[f][e]) for e in range(experts))
+            prob += z >= gpu
+            prob += z >= cpu
+            prob += pulp.lpSum(r[f]) <= int(budget[lay])
+            total.append(z)
+            if f > 0:
+                for e in range(experts):
+                    c = prob.add_variable(f"c_{lay}_{f}_{e}", 0, None)
+                    prob += c >= r[f][e] - r[f - 1][e]
+                    total.append(costs.copy_s * c)
+    prob += pulp.lpSum(total)
+    prob.solve(cbc())
+    assert prob.sol_status == pulp.LpSolutionOptimal
+    return float(pulp.value(prob.objective)) + costs.layer_fixed_s.sum() * layers + costs.other_s
+
+
+@st.composite
+def oracle_instances(draw: st.DrawFn) -> tuple[OracleCosts, np.ndarray]:
+    f_count, layers, experts = draw(st.integers(1, 5)), draw(st.integers(1, 2)), draw(st.integers(2, 5))
+    shape = (f_count, layers, experts)
+    n = f_count * layers * experts
+    active = np.array(draw(st.lists(st.booleans(), min_size=n, max_size=n))).reshape(shape)
+    gpu = np.array(draw(st.lists(st.integers(1, 20), min_size=n, max_size=n))).reshape(shape)
+    cpu = np.array(draw(st.lists(st.integers(1, 200), min_size=n, max_size=n))).reshape(shape)
+    costs = OracleCosts(
+        layer_fixed_s=np.full(f_count, 1e-4), gpu_s=np.where(active, gpu, 0) * 1e-5,
+        cpu_s=np.where(active, cpu, 0) * 1e-5, workers=draw(st.integers(1, 3)),
+        copy_s=draw(st.integers(0, 300)) * 1e-5, other_s=0.01,
+    )
+    budget = np.array(draw(st.lists(st.integers(0, experts), min_size=layers, max_size=layers)))
+    return costs, budget
+
+
+@given(oracle_instances())
+def test_oracle_bound_is_below_the_exact_optimum(instance: tuple[OracleCosts, np.ndarray]) -> None:
+    costs, budget = instance
+    exact = exact_residency_optimum(costs, budget)
+    result = oracle_bound(costs, budget, iterations=200)
+    assert result.bound_s <= exact + 1e-9
+    # The Lagrangian dual's optimum is the LP relaxation's; the subgradient steps get close to it.
+    relaxed = exact_residency_optimum(costs, budget, relax=True)
+    assert result.bound_s <= relaxed + 1e-9
+    base = costs.layer_fixed_s.sum() * costs.gpu_s.shape[1] + costs.other_s
+    assert result.bound_s - base >= 0.9 * (relaxed - base) - 1e-9
+
+
+def test_oracle_bound_hand_computed() -> None:
+    # One layer, one slot, two experts A and B, three forwards; A is routed at f0 and f2, B at f1.
+    # CPU times 10 (A) and 4 (B), GPU times 0, one worker, a copy costs 3.
+    # Best: A resident from the start (free), B on the CPU at f1: cost 4. Swapping B in and A
+    # back costs 3 + 3 = 6 > 4, so the optimum is 4 plus the fixed work.
+    cpu = np.zeros((3, 1, 2))
+    cpu[0, 0, 0] = cpu[2, 0, 0] = 10.0
+    cpu[1, 0, 1] = 4.0
+    costs = OracleCosts(np.full(3, 0.5), np.zeros((3, 1, 2)), cpu, 1, 3.0, 2.0)
+    result = oracle_bound(costs, np.array([1]), iterations=300)
+    assert result.bound_s == pytest.approx(2.0 + 1.5 + 4.0, rel=1e-3)
+    assert exact_residency_optimum(costs, np.array([1])) == pytest.approx(7.5)
