@@ -136,8 +136,8 @@ def exact_residency_optimum(costs: OracleCosts, budget: np.ndarray, relax: bool 
     prob = pulp.LpProblem("oracle", pulp.LpMinimize)
     total = []
     for lay in range(layers):
-        r = [[prob.add_variable(f"r_{lay}_{f}_{e}", 0, 1, pulp.LpContinuous if relax else pulp.LpBinary) for e in range(experts)]
-             for f in range(f_count)]
+        cat = pulp.LpContinuous if relax else pulp.LpBinary
+        r = [[prob.add_variable(f"r_{lay}_{f}_{e}", 0, 1, cat) for e in range(experts)] for f in range(f_count)]
         for f in range(f_count):
             z = prob.add_variable(f"z_{lay}_{f}", 0, None)
             gpu = pulp.lpSum(float(costs.gpu_s[f, lay, e]) * r[f][e] for e in range(experts))
