@@ -18,6 +18,7 @@ from tidesim.errors import InputError
 COMMAND_MODULES = [
     "tidesim.cli.trace_cmd",
     "tidesim.cli.hw_cmd",
+    "tidesim.cli.sweep_cmd",
 ]
 
 

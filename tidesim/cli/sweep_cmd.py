@@ -1,0 +1,103 @@
+"""`tidesim sweep GRID.yaml -o results.parquet`: what-if grids, locally in parallel or on Dask."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+import pandas as pd
+
+from tidesim.cli.output import format_table, print_json, progress
+from tidesim.sweep.figures import speedup_table, write_figures
+from tidesim.sweep.grid import load_grid
+from tidesim.sweep.runner import EXECUTORS, SweepPaths, SweepReport, run_sweep
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sweep", help="what-if grids over hardware, model shapes, decode settings and policies",
+        description="Evaluate every point of a grid file (docs/sweeps.md; examples in docs/examples/) into one "
+                    "Parquet table (one row per point) plus figures in RESULTS.figures/. A killed sweep resumes: "
+                    "run the same command again and only the missing points run.")
+    p.add_argument("grid", metavar="GRID.yaml", help="grid file")
+    p.add_argument("-o", "--output", required=True, metavar="RESULTS.parquet", help="results table to write")
+    p.add_argument("--workers", type=int, default=None,
+                   help=f"parallel workers (default: all cores, here {os.cpu_count()})")
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="local process pool (default) or a Dask distributed cluster")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="Dask scheduler address, e.g. tcp://10.0.0.5:8786 (default: start a local cluster)")
+    p.add_argument("--fresh", action="store_true", help="discard finished points of an interrupted run")
+    p.add_argument("--no-figures", action="store_true", help="write the table only")
+    p.add_argument("--dry-run", action="store_true", help="check the grid and list its points; run nothing")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    grid = load_grid(args.grid)
+    if args.dry_run:
+        return _dry_run(grid.points, grid.axes, args.json)
+    report = run_sweep(grid, args.output, executor=args.executor, workers=args.workers, scheduler=args.scheduler,
+                       fresh=args.fresh, progress=lambda items, desc, total: progress(items, desc, total))
+    figures = [] if args.no_figures else write_figures(pd.read_parquet(report.results),
+                                                      SweepPaths(report.results).figures)
+    summary = _summary(report)
+    if args.json:
+        print_json({"results": str(report.results), "figures": [str(f) for f in figures],
+                    "points": report.points, "evaluated": report.evaluated, "reused": report.reused,
+                    "errors": report.errors, "traces_synthesized": report.traces_made, "policies": summary})
+        return 0
+    print(f"{grid.name}: {report.points} points ({report.evaluated} evaluated, {report.reused} resumed, "
+          f"{report.errors} with an error), {report.traces_made} traces synthesized")
+    if summary:
+        cols = list(summary[0])
+        print(format_table(cols, [[row[c] for c in cols] for row in summary]))
+    if report.errors:
+        first = next(r for r in report.rows if r.get("error"))
+        print(f"first error (point {first['point_id']}): {first['error']}")
+    print(f"results: {report.results}")
+    if figures:
+        print(f"figures: {SweepPaths(report.results).figures}/ ({', '.join(f.name for f in figures)})")
+    return 0
+
+
+def _summary(report: SweepReport) -> list[dict[str, Any]]:
+    """Per policy: points, errors, throughput range, and TIDE's speedup over the best baseline."""
+    df = pd.DataFrame(report.rows)
+    if df.empty:
+        return []
+    ok = df[df["error"].isna()] if "tokens_per_s" in df else df.iloc[0:0]
+    speedups = {}
+    for policy in ("tide", "planned"):
+        table = speedup_table(ok, policy) if not ok.empty else pd.DataFrame()
+        if not table.empty:
+            speedups[policy] = table["speedup"]
+    out = []
+    for policy, rows in df.groupby("policy", sort=False):
+        good = ok[ok["policy"] == policy]["tokens_per_s"] if not ok.empty else pd.Series(dtype=float)
+        sp = speedups.get(str(policy))
+        out.append({
+            "policy": policy, "points": len(rows), "errors": int(rows["error"].notna().sum()),
+            "tok_s_min": float(good.min()) if len(good) else float("nan"),
+            "tok_s_median": float(good.median()) if len(good) else float("nan"),
+            "tok_s_max": float(good.max()) if len(good) else float("nan"),
+            "speedup_median": float(sp.median()) if sp is not None else float("nan"),
+            "speedup_max": float(sp.max()) if sp is not None else float("nan"),
+        })
+    return out
+
+
+def _dry_run(points: list[Any], axes: list[str], as_json: bool) -> int:
+    if as_json:
+        print_json([{"point_id": p.id, **p.params} for p in points])
+        return 0
+    cols = ["point_id", *axes]
+    print(format_table(cols, [[p.id, *[_cell(p.params[a]) for a in axes]] for p in points]))
+    print(f"{len(points)} points")
+    return 0
+
+
+def _cell(value: Any) -> Any:
+    return "-" if value is None else value
