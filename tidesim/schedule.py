@@ -15,6 +15,10 @@ demote     True where a resident expert is copied back to host memory (D2H, sync
            only shows as resident going from True to False.
 resident   True where the expert occupies a GPU slot at the end of forward f (after all copies,
            asynchronous ones included).
+
+free_async_copies (default False) is set only by bounds (the oracle): its asynchronous refresh
+copies (copy=3) are ideal prefetches that take no copy-engine time and are complete when the next
+forward starts. Executors count their bytes and copies but charge no time for them.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class Schedule:
     params: dict[str, Any] = field(default_factory=dict)
     is_bound: bool = False           # oracle / all-gpu: a limit, not something to deploy
     feasible: bool = True            # False when the budget does not fit the GPU (reported anyway)
+    free_async_copies: bool = False  # oracle only: copy=3 costs no time (ideal prefetch); see above
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -1,0 +1,69 @@
+"""full-swap: fetch every missing expert on demand into a per-layer LRU cache of `budget` slots
+(MoE-Infinity / mixtral-offloading style); nothing runs on the CPU.
+
+Within a forward the activated experts are used in a fixed order: the hits (already resident)
+first, then the misses, each group by expert id; every miss is copied on demand right before it
+runs. A slot is freed by evicting the least recently used expert (never-used initial residents
+count as oldest, lower id first). Because the experts of the current forward were used last,
+they are evicted only when the budget is smaller than the activated set; then the copies pass
+through the slots and the last `budget` experts in that order stay.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tidesim.errors import InputError
+from tidesim.policies.base import PolicyOptions, register_policy
+from tidesim.policies.residency import int_list, make_schedule
+from tidesim.schedule import COPY_ON_DEMAND, NO_COPY, Schedule
+from tidesim.workload import Workload
+
+
+def lru_step(resident: np.ndarray, stamp: np.ndarray, activated: np.ndarray, now: int,
+             budget: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One forward of the LRU caches of all layers: (resident at the end, updated stamps).
+
+    stamp[l, e] is the last use (larger = more recent); the forward's uses get now + position.
+    The cache then holds the `budget` most recently used experts among those it held and those
+    it just used (an LRU cache always holds the most recent distinct items).
+    """
+    experts = resident.shape[1]
+    hit = activated & resident
+    miss = activated & ~resident
+    position = np.where(hit, np.cumsum(hit, axis=1) - 1,
+                        hit.sum(axis=1, keepdims=True) + np.cumsum(miss, axis=1) - 1)
+    stamp = np.where(activated, now + position, stamp)
+    candidates = resident | activated
+    key = np.where(candidates, stamp, -(2**62))  # non-candidates last; -key must not overflow
+    newest_first = np.argsort(-key, axis=1, kind="stable")
+    recency = np.empty_like(newest_first)
+    np.put_along_axis(recency, newest_first, np.broadcast_to(np.arange(experts), key.shape), axis=1)
+    return candidates & (recency < budget[:, None]), stamp
+
+
+@register_policy("full-swap", "copy every missing expert to the GPU on demand; per-layer LRU cache of the budget")
+def full_swap(workload: Workload, options: PolicyOptions) -> Schedule:
+    f, l, e = workload.expert_tokens.shape
+    budget = np.asarray(options.budget, dtype=np.int64)
+    if (budget < 1).any():
+        raise InputError("full-swap runs every expert on the GPU and needs at least 1 expert slot per MoE layer; "
+                         "give a budget of 1 or more")
+    initial = (np.zeros((l, e), dtype=bool) if options.static_resident is None
+               else np.asarray(options.static_resident, dtype=bool))
+    if initial.shape != (l, e) or (initial.sum(axis=1) > budget).any():
+        raise InputError(f"the warm-start resident set must be [{l}, {e}] with at most budget experts per layer")
+    activated = workload.activated
+    # Never-used initial residents are older than any use; lower ids are older among them.
+    stamp = np.broadcast_to(np.arange(e, dtype=np.int64) - e, (l, e)).copy()
+    resident = np.zeros((f, l, e), dtype=bool)
+    copy = np.full((f, l, e), NO_COPY, dtype=np.int8)
+    current = initial.copy()
+    for fw in range(f):
+        copy[fw][activated[fw] & ~current] = COPY_ON_DEMAND
+        current, stamp = lru_step(current, stamp, activated[fw], fw * e, budget)
+        resident[fw] = current
+    return make_schedule(
+        "full-swap", workload, budget=budget, initial=initial, gpu=activated, copy=copy, resident=resident,
+        params={"budget": int_list(budget), "warm_start": options.static_resident is not None},
+    )

@@ -1,0 +1,155 @@
+"""Helpers the offload policies share: expert rankings, top-B selection, static popularity sets,
+refresh steps and the Schedule arrays built from a GPU mask.
+
+Every selection breaks ties on the expert id (lower id first), so a policy's schedule depends
+on nothing but its inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tidesim.errors import InputError
+from tidesim.schedule import CPU, GPU, IDLE, Schedule
+from tidesim.workload import Workload
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Experts of every (forward, layer) ordered by tokens (most first), ties by lower expert id.
+
+    order[f, l, k] is the expert in rank k; rank[f, l, e] is the rank of expert e (a permutation).
+    """
+
+    order: np.ndarray  # int64 [F, L, E]
+    rank: np.ndarray   # int64 [F, L, E]
+
+
+def rank_experts(counts: np.ndarray) -> Ranking:
+    """Rank experts along the last axis by count (descending), ties by id (ascending)."""
+    counts = np.asarray(counts)
+    order = np.argsort(-counts.astype(np.int64), axis=-1, kind="stable")
+    rank = np.empty_like(order)
+    positions = np.broadcast_to(np.arange(counts.shape[-1]), counts.shape)
+    np.put_along_axis(rank, order, positions, axis=-1)
+    return Ranking(order=order, rank=rank)
+
+
+def keep_best(candidates: np.ndarray, order: np.ndarray, rank: np.ndarray, budget: np.ndarray) -> np.ndarray:
+    """bool [L, E]: at most budget[l] candidates of each layer, the best ones by rank.
+
+    order [L, E] lists each layer's experts from best to worst; rank is its inverse.
+    """
+    in_order = np.take_along_axis(candidates, order, axis=-1)
+    # Positions before `limit` hold at most budget candidates (the running count is monotone).
+    limit = (np.cumsum(in_order, axis=-1) <= budget[:, None]).sum(axis=-1)
+    return candidates & (rank < limit[:, None])
+
+
+def top_activated(counts: np.ndarray, rank: np.ndarray, budget: np.ndarray) -> np.ndarray:
+    """bool [..., L, E]: the top-budget experts by tokens, experts with no tokens excluded
+    (the target set of a TIDE refresh)."""
+    return (rank < budget[:, None]) & (counts > 0)
+
+
+def warmup_forwards(workload: Workload, fraction: float) -> int:
+    """Forwards in the profiling prefix: floor(fraction x forwards), at least 1."""
+    return max(1, int(fraction * workload.num_forwards))
+
+
+def popular_set(workload: Workload, size: np.ndarray, fraction: float) -> np.ndarray:
+    """bool [L, E]: per layer the size[l] experts with the most tokens over the warm-up prefix
+    (ties by lower id; experts with no tokens fill remaining slots in id order)."""
+    n = warmup_forwards(workload, fraction)
+    totals = workload.expert_tokens[:n].astype(np.int64).sum(axis=0)
+    ranking = rank_experts(totals)
+    return ranking.rank < np.asarray(size)[:, None]
+
+
+def static_set(workload: Workload, given: np.ndarray | None, size: np.ndarray, fraction: float) -> np.ndarray:
+    """The static resident set: the one given (checked against `size`), else the popular set."""
+    if given is None:
+        return popular_set(workload, size, fraction)
+    given = np.asarray(given)
+    shape = (workload.num_layers, workload.num_experts)
+    if given.shape != shape or given.dtype != np.bool_:
+        raise InputError(f"the static resident set must be a bool array of shape {shape}")
+    too_many = given.sum(axis=1) > size
+    if too_many.any():
+        layer = int(np.argmax(too_many))
+        raise InputError(f"the static resident set holds {int(given[layer].sum())} experts in MoE layer {layer}, "
+                         f"more than the {int(size[layer])} slots the policy has there; give a smaller set or a "
+                         "larger budget")
+    return given.copy()
+
+
+def commit_forwards(workload: Workload) -> np.ndarray:
+    """bool [F]: forwards that only write a finished block into the prefix cache.
+
+    The Workload carries no phase column, so a commit forward is recognised as a forward of a
+    generated block (block >= 0) that commits no token: every denoising step commits at least
+    one token (LLaDA2.0 commits the most confident position when none passes the threshold),
+    and a prefill forward has block -1. A `phase` array on the workload, when present, wins.
+    """
+    phase = getattr(workload, "phase", None)
+    if phase is not None:
+        return np.asarray(phase) == "commit"
+    return (workload.block >= 0) & (workload.committed == 0)
+
+
+def refresh_steps(workload: Workload, tau: np.ndarray) -> np.ndarray:
+    """bool [F, L]: where TIDE refreshes the resident set.
+
+    A forward refreshes layer l when it is in the first generated block of its prompt (the
+    prefill included) or when its denoising step is a multiple of tau[l]; a commit forward
+    never refreshes (its routing is not that of a denoising step, and the next block's step 0
+    refreshes anyway).
+    """
+    periodic = (workload.step[:, None] % tau[None, :]) == 0
+    refresh = workload.first_block[:, None] | periodic
+    return refresh & ~commit_forwards(workload)[:, None]
+
+
+def placement_from(activated: np.ndarray, gpu: np.ndarray) -> np.ndarray:
+    """int8 placement: activated experts on the GPU where `gpu`, else on the CPU; idle otherwise."""
+    return np.where(activated, np.where(gpu, GPU, CPU), IDLE).astype(np.int8)
+
+
+def make_schedule(policy: str, workload: Workload, budget: np.ndarray, initial: np.ndarray,
+                  gpu: np.ndarray, copy: np.ndarray, resident: np.ndarray,
+                  demote: np.ndarray | None = None, params: dict[str, Any] | None = None,
+                  is_bound: bool = False, feasible: bool = True) -> Schedule:
+    """A Schedule with the usual dtypes; `gpu` marks activated experts that run on the GPU."""
+    shape = workload.expert_tokens.shape
+    return Schedule(
+        policy=policy,
+        budget=np.asarray(budget, dtype=np.int64).copy(),
+        initial_resident=np.asarray(initial, dtype=bool).copy(),
+        placement=placement_from(workload.activated, gpu),
+        copy=np.asarray(copy, dtype=np.int8),
+        demote=np.zeros(shape, dtype=bool) if demote is None else np.asarray(demote, dtype=bool),
+        resident=np.asarray(resident, dtype=bool),
+        params=dict(params or {}),
+        is_bound=is_bound,
+        feasible=feasible,
+    )
+
+
+def by_count(fn: Callable[[np.ndarray], np.ndarray], counts: np.ndarray) -> np.ndarray:
+    """fn applied to every entry of an integer array through a table over 0 .. max (fn(0) is
+    taken as 0): the cost curves are evaluated once per distinct count, not per entry."""
+    counts = np.asarray(counts, dtype=np.int64)
+    top = int(counts.max()) if counts.size else 0
+    table = np.zeros(top + 1)
+    if top:
+        table[1:] = fn(np.arange(1, top + 1))
+    return table[counts]
+
+
+def int_list(values: np.ndarray) -> list[int]:
+    """Plain ints for Schedule.params (JSON-friendly)."""
+    return [int(v) for v in np.asarray(values).ravel()]
