@@ -31,7 +31,8 @@ def copy_is_cheaper(tokens: np.ndarray, spec: ModelSpec, hw: HardwareProfile) ->
     h2d = float(hw.h2d_time(float(spec.expert_bytes)))
     copy = by_count(lambda t: h2d + hw.gpu_expert_time(t, spec), tokens)
     cpu = by_count(lambda t: hw.cpu_expert_time(t, spec), tokens)
-    return (np.asarray(tokens) > 0) & (copy < cpu)
+    # Strictly cheaper: a tie (within float rounding) stays on the CPU and spends no PCIe time.
+    return (np.asarray(tokens) > 0) & (copy < cpu * (1 - 1e-9))
 
 
 def static_size(budget: np.ndarray, experts: int) -> np.ndarray:
