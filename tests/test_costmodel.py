@@ -1,0 +1,74 @@
+"""The analytic cost model: exact where resources do not overlap (same numbers as the simulator),
+bounded everywhere, and its documented approximations."""
+
+import numpy as np
+import pytest
+from simkit import MS, all_cpu, all_gpu, on_demand, profile, random_schedule, workload
+
+from tidesim.costmodel import estimate, lower_bound
+from tidesim.run import run
+from tidesim.schedule import schedule_problems
+from tidesim.sim.costs import schedule_costs
+
+W = workload([[[1, 0, 2, 0], [0, 3, 0, 1]], [[2, 2, 0, 0], [1, 0, 0, 1]], [[0, 4, 1, 1], [2, 2, 2, 2]]])
+
+
+@pytest.mark.parametrize("make", [all_gpu, all_cpu, on_demand])
+@pytest.mark.parametrize("engines", [1, 2])
+def test_exact_without_overlap(make, engines):
+    hw = profile(workers=1, engines=engines)
+    sim, ana = run(W, make(W), hw), run(W, make(W), hw, engine="analytic")
+    assert ana.total_time_s == pytest.approx(sim.total_time_s, rel=1e-9)
+    for key, value in sim.breakdown_s.items():
+        assert ana.breakdown_s[key] == pytest.approx(value, rel=1e-9, abs=1e-12)
+    assert ana.layer_time_s == pytest.approx(sim.layer_time_s, rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_exact_for_sync_schedules_with_one_worker(seed):
+    sched = random_schedule(W, budget=2, seed=seed, allow_async=False)
+    assert schedule_problems(sched, W) == []
+    for engines in (1, 2):
+        hw = profile(workers=1, engines=engines)
+        assert run(W, sched, hw, engine="analytic").total_time_s == pytest.approx(
+            run(W, sched, hw).total_time_s, rel=1e-9)
+
+
+def test_cpu_pool_estimate_is_the_pool_bound():
+    w = workload([[[3, 1, 2, 0], [0, 0, 0, 0]]])
+    m = run(w, all_cpu(w), profile(workers=2), engine="analytic")
+    # max(sum / workers, longest, ceil(n / workers) x shortest) = max(6, 5, 6) = 6 ms, LPT gives 7
+    assert m.total_time_s == pytest.approx((1 + 1 + 0.75 + 6 + 0.75 + 1) * MS)
+    assert run(w, all_cpu(w), profile(workers=2)).total_time_s == pytest.approx((1 + 1 + 0.75 + 7 + 0.75 + 1) * MS)
+
+
+def test_pool_bound_counts_rounds_of_equal_tasks():
+    w = workload([[[1, 1, 1, 0], [0, 0, 0, 0]]])
+    # three 3 ms tasks on 2 workers: two rounds, 6 ms, in both engines
+    for engine in ("sim", "analytic"):
+        m = run(w, all_cpu(w), profile(workers=2), engine=engine)
+        assert m.total_time_s == pytest.approx((3 + 0.375 + 6 + 0.375) * MS)
+
+
+def test_lower_bound_hand_computed():
+    c = schedule_costs(W, on_demand(W), profile())
+    # per layer: fixed + max(GPU work, copies + cheapest on-demand expert)
+    f0 = (1 + 6.6) + (1 + 6.6)
+    f1 = (1 + 6.7) + (1 + 6.6)
+    f2 = (1 + 9.6) + (1 + 12.7)   # 3 copies + 0.6 ; 4 copies + 0.7
+    assert lower_bound(c) == pytest.approx((3 + f0 + f1 + f2) * MS)
+
+
+def test_estimate_never_below_the_bound():
+    for seed in range(8):
+        sched = random_schedule(W, budget=2, seed=seed)
+        c = schedule_costs(W, sched, profile(workers=2, gbs=0.0002))
+        assert estimate(c).total_s >= lower_bound(c) * (1 - 1e-12)
+
+
+def test_layer_times_add_up():
+    sched = random_schedule(W, budget=3, seed=3)
+    m = run(W, sched, profile(workers=2), engine="analytic")
+    assert sum(m.breakdown_s.values()) == pytest.approx(m.total_time_s)
+    fixed_fwd = 3 * MS
+    assert np.sum(m.layer_time_s) + fixed_fwd <= m.total_time_s * (1 + 1e-12)

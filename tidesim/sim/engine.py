@@ -1,0 +1,218 @@
+"""The discrete-event simulator: one SimPy process per layer-forward, copy engines as resources.
+
+Resources and what is an event:
+- GPU stream: used only by the running layer (layers are sequential, per-layer barrier), so its
+  work is a chain of timeouts inside the layer process.
+- CPU worker pool: likewise used only by the running layer; its tasks are placed by the
+  deterministic longest-first rule (tidesim.sim.lpt) and cost one timeout per layer.
+- Copy engines (pcie.copy_engines: 1 shared, or one H2D + one D2H): SimPy PriorityResources,
+  because asynchronous refresh copies cross layer and forward boundaries. Demand traffic (sync
+  refresh, demotions, on-demand copies, activations, results) has priority 0; background
+  refresh copies priority 1, one request per expert, never preempting a copy in progress.
+
+Ties at equal simulated times follow SimPy's event order (time, priority, insertion id), which
+is fixed; no wall clock is read. docs/costmodel.md gives the full execution model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator
+from typing import Any
+
+import numpy as np
+import simpy
+
+from tidesim.sim.accounting import BREAKDOWN_KEYS, RunTimes
+from tidesim.sim.costs import ScheduleCosts
+from tidesim.sim.lpt import lpt_assign, lpt_makespan
+from tidesim.sim.timeline import GPU_ROW, Timeline
+
+DEMAND, BACKGROUND = 0, 1
+Proc = Generator[simpy.Event, Any, Any]
+
+
+class Simulator:
+    """Simulate one Schedule's costs; call run() once."""
+
+    def __init__(self, costs: ScheduleCosts, timeline: Timeline | None = None) -> None:
+        self.c = costs
+        self.tl = timeline
+        self.env = simpy.Environment()
+        self.h2d = simpy.PriorityResource(self.env, capacity=1)
+        self.d2h = self.h2d if costs.engines == 1 else simpy.PriorityResource(self.env, capacity=1)
+        self.h2d_row = "copy engine (H2D+D2H)" if costs.engines == 1 else "H2D copy engine"
+        self.d2h_row = self.h2d_row if costs.engines == 1 else "D2H copy engine"
+        self.pending: list[list[simpy.Process]] = [[] for _ in range(costs.layers)]
+        self.acc = dict.fromkeys(BREAKDOWN_KEYS, 0.0)
+        self.layer_time = np.zeros(costs.layers)
+        # plain Python lists: per-layer slicing is much faster than on numpy arrays
+        self.cpu_ptr = costs.group_ptr(costs.cpu_g).tolist()
+        self.cpu_time = costs.cpu_time.tolist()
+        self.cpu_expert = costs.cpu_expert.tolist()
+        self.od_ptr = costs.group_ptr(costs.od_g).tolist()
+        self.od_compute = costs.od_compute.tolist()
+        self.od_expert = costs.od_expert.tolist()
+        self.layer_fixed = costs.layer_fixed.tolist()
+        self.fwd_fixed = costs.fwd_fixed.tolist()
+        names = ("sync_h2d", "demote_d2h", "act_d2h", "res_h2d", "grouped", "slow_extra", "cpu_n", "od_n",
+                 "n_async")
+        self.g = {n: getattr(costs, n).tolist() for n in names}
+        if timeline is not None:
+            timeline.row(GPU_ROW)
+            timeline.row(self.h2d_row)
+            timeline.row(self.d2h_row)
+            for w in range(costs.workers):
+                timeline.row(f"CPU worker {w}")
+            self.async_ptr = costs.group_ptr(costs.async_g).tolist()
+            self.gpu_ptr = costs.group_ptr(costs.gpu_g).tolist()
+
+    # ----- driver -------------------------------------------------------------------------
+    def run(self, on_forward: Callable[[int], None] | None = None) -> RunTimes:
+        self.env.process(self._forwards(on_forward))
+        self.env.run()
+        return RunTimes(total_s=float(self.env.now), breakdown=dict(self.acc), layer_time=self.layer_time)
+
+    def _forwards(self, on_forward: Callable[[int], None] | None) -> Proc:
+        env, c = self.env, self.c
+        for f in range(c.forwards):
+            fixed = self.fwd_fixed[f]
+            self._mark(GPU_ROW, f"fwd {f}: dense layers + lm_head", env.now, fixed, "gpu_fixed")
+            yield env.timeout(fixed)
+            self.acc["gpu_fixed"] += fixed
+            for layer in range(c.layers):
+                yield env.process(self._layer(f, layer))
+            if on_forward is not None:
+                on_forward(f)
+        left = [p for lst in self.pending for p in lst if p.is_alive]
+        if left:  # background copies still in flight are paid for: the run ends when they land
+            start = env.now
+            yield env.all_of(left)
+            self.acc["copy_stall"] += env.now - start
+
+    # ----- one layer-forward --------------------------------------------------------------
+    def _layer(self, f: int, layer: int) -> Proc:
+        env, gi = self.env, f * self.c.layers + layer
+        G = self.g
+        t0 = env.now
+        fixed = self.layer_fixed[f]
+        self._mark(GPU_ROW, f"f{f} moe{layer}: attention + shared expert + gate", t0, fixed, "gpu_fixed")
+        yield env.timeout(fixed)
+        self.acc["gpu_fixed"] += fixed
+        t_gate = env.now
+        sync = []
+        if G["sync_h2d"][gi] > 0:
+            sync.append(env.process(self._copy(self.h2d, G["sync_h2d"][gi], self.h2d_row,
+                                               f"f{f} moe{layer}: sync refresh", "sync_refresh")))
+        if G["demote_d2h"][gi] > 0:
+            sync.append(env.process(self._copy(self.d2h, G["demote_d2h"][gi], self.d2h_row,
+                                               f"f{f} moe{layer}: demotions", "sync_refresh")))
+        if sync:
+            yield env.all_of(sync)
+        t_sync = env.now
+        self.acc["sync_refresh"] += t_sync - t_gate
+        pending = [p for p in self.pending[layer] if p.is_alive]
+        self.pending[layer] = []
+        # demand traffic is requested first at t_sync (fixed order: CPU side, on-demand copies),
+        # background refresh copies last
+        cpu = env.process(self._cpu_side(f, layer, gi)) if G["cpu_n"][gi] else None
+        od_started: simpy.Event | None = None
+        if G["od_n"][gi]:
+            od_started = env.event()
+            env.process(self._on_demand_copies(f, layer, gi, od_started))
+        gpu = env.process(self._gpu_side(f, layer, gi, pending, od_started))
+        if G["n_async"][gi]:
+            self.pending[layer].append(env.process(self._background(f, layer, gi)))
+        yield gpu
+        t_gpu = env.now
+        if cpu is not None:
+            yield cpu
+        self.acc["cpu_wait"] += env.now - t_gpu
+        self.layer_time[layer] += env.now - t0
+
+    def _gpu_side(self, f: int, layer: int, gi: int, pending: list[simpy.Process],
+                  od_started: simpy.Event | None) -> Proc:
+        env = self.env
+        start = env.now
+        if pending:
+            yield env.all_of(pending)
+        stall = env.now - start
+        work = self.g["grouped"][gi] + self.g["slow_extra"][gi]
+        if work > 0:
+            self._mark(GPU_ROW, f"f{f} moe{layer}: resident experts (grouped)", env.now, work, "gpu_experts")
+            yield env.timeout(work)
+        if od_started is not None:
+            s0 = yield od_started
+            t = env.now
+            ready = s0
+            a, b = self.od_ptr[gi], self.od_ptr[gi + 1]
+            for i in range(a, b):
+                ready += self.c.expert_copy_s
+                if ready > t:
+                    stall += ready - t
+                    t = ready
+                self._mark(GPU_ROW, f"f{f} moe{layer}: expert {self.od_expert[i]} (copied on demand)", t,
+                           self.od_compute[i], "gpu_experts")
+                t += self.od_compute[i]
+                work += self.od_compute[i]
+            yield env.timeout(t - env.now)
+        self.acc["copy_stall"] += stall
+        self.acc["gpu_experts"] += work
+
+    def _cpu_side(self, f: int, layer: int, gi: int) -> Proc:
+        env = self.env
+        yield from self._copy(self.d2h, self.g["act_d2h"][gi], self.d2h_row, f"f{f} moe{layer}: activations to CPU",
+                              "cpu")
+        a, b = self.cpu_ptr[gi], self.cpu_ptr[gi + 1]
+        times, keys = self.cpu_time[a:b], self.cpu_expert[a:b]
+        if self.tl is not None:
+            start = env.now
+            for job in lpt_assign(times, keys, self.c.workers):
+                self.tl.add(f"CPU worker {job.worker}", f"f{f} moe{layer}: expert {keys[job.task]}",
+                            start + job.start, job.duration, "cpu")
+        yield env.timeout(lpt_makespan(times, keys, self.c.workers))
+        yield from self._copy(self.h2d, self.g["res_h2d"][gi], self.h2d_row, f"f{f} moe{layer}: CPU results to GPU",
+                              "cpu")
+
+    def _on_demand_copies(self, f: int, layer: int, gi: int, started: simpy.Event) -> Proc:
+        """All on-demand copies of a layer are requested together at the same instant, so holding
+        the engine for their sum is the same as queueing them one by one."""
+        env = self.env
+        n = self.g["od_n"][gi]
+        with self.h2d.request(priority=DEMAND) as req:
+            yield req
+            started.succeed(env.now)
+            if self.tl is not None:
+                a = self.od_ptr[gi]
+                for k in range(n):
+                    self.tl.add(self.h2d_row, f"f{f} moe{layer}: expert {self.od_expert[a + k]} on demand",
+                                env.now + k * self.c.expert_copy_s, self.c.expert_copy_s, "on_demand")
+            yield env.timeout(n * self.c.expert_copy_s)
+
+    def _background(self, f: int, layer: int, gi: int) -> Proc:
+        """Asynchronous refresh copies: one low-priority request per expert."""
+        env, dur = self.env, self.c.expert_copy_s
+        experts = (self.c.async_expert[self.async_ptr[gi]:self.async_ptr[gi + 1]].tolist()
+                   if self.tl is not None else [])
+        for k in range(self.g["n_async"][gi]):
+            with self.h2d.request(priority=BACKGROUND) as req:
+                yield req
+                if self.tl is not None:
+                    self.tl.add(self.h2d_row, f"f{f} moe{layer}: expert {experts[k]} async refresh", env.now, dur,
+                                "async_refresh")
+                yield env.timeout(dur)
+
+    def _copy(self, engine: simpy.PriorityResource, duration: float, row: str, name: str, category: str) -> Proc:
+        with engine.request(priority=DEMAND) as req:
+            yield req
+            self._mark(row, name, self.env.now, duration, category)
+            yield self.env.timeout(duration)
+
+    def _mark(self, row: str, name: str, start: float, dur: float, category: str) -> None:
+        if self.tl is not None:
+            self.tl.add(row, name, start, dur, category)
+
+
+def simulate(costs: ScheduleCosts, timeline: Timeline | None = None,
+             on_forward: Callable[[int], None] | None = None) -> RunTimes:
+    """Run the simulator over a schedule's costs."""
+    return Simulator(costs, timeline).run(on_forward)
