@@ -70,10 +70,10 @@ def _summary(report: SweepReport) -> list[dict[str, Any]]:
         return []
     ok = df[df["error"].isna()] if "tokens_per_s" in df else df.iloc[0:0]
     speedups = {}
-    for policy in ("tide", "planned"):
-        table = speedup_table(ok, policy) if not ok.empty else pd.DataFrame()
+    for name in ("tide", "planned"):
+        table = speedup_table(ok, name) if not ok.empty else pd.DataFrame()
         if not table.empty:
-            speedups[policy] = table["speedup"]
+            speedups[name] = table["speedup"]
     out = []
     for policy, rows in df.groupby("policy", sort=False):
         good = ok[ok["policy"] == policy]["tokens_per_s"] if not ok.empty else pd.Series(dtype=float)

@@ -118,26 +118,32 @@ def _schedule_policy(policy: str) -> str:
     return policy
 
 
+PLAN_TAUS = list(range(1, 33))      # the candidate intervals the planner chooses from (TIDE swept 1..31)
+
+
 def planner_available() -> bool:
-    """Whether the planner has what a `planned` point needs (cost table + solver)."""
+    """Whether this installation's planner has what a `planned` point needs."""
     try:
         from tidesim import planner
     except ImportError:
         return False
-    return hasattr(planner, "cost_table") and hasattr(planner, "solve_plan")
+    return all(hasattr(planner, name) for name in ("cost_table", "solve_plan", "expert_slots", "default_budgets"))
 
 
 def plan_point(workload: Workload, hw: HardwareProfile) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Solve the per-layer plan for this point's hardware and GPU memory."""
+    """Solve the per-layer plan (tau and budget per MoE layer) for this point's hardware and GPU
+    memory, over the candidate intervals PLAN_TAUS and the planner's default budget grid."""
     from tidesim import planner
 
+    layers, experts = workload.num_layers, workload.num_experts
     slots = planner.expert_slots(workload.model, hw.gpu.memory_gib)
-    table = planner.cost_table(workload, hw, slots=slots)  # type: ignore[attr-defined]
+    budgets = planner.default_budgets(slots, layers, experts)
+    table = planner.cost_table(workload, hw, PLAN_TAUS, budgets)
     result = planner.solve_plan(table, slots)
     if result.status not in ("optimal", "feasible"):
-        raise InputError(f"the planner found no plan ({result.status})")
+        raise InputError(f"the planner found no plan for {hw.gpu.memory_gib:g} GiB ({result.status})")
     info = {"tau": [int(t) for t in result.tau], "budget": [int(b) for b in result.budget],
-            "objective_s": float(result.objective_s), "status": result.status}
+            "predicted_s": float(result.objective_s), "status": result.status, "slots": int(slots)}
     return np.asarray(result.tau, np.int64), np.asarray(result.budget, np.int64), info
 
 
@@ -420,16 +426,20 @@ class DaskExecutor:
                 fut.cancel()
 
 
-def make_executor(kind: str, workers: int, scheduler: str | None = None
-                  ) -> InlineExecutor | LocalExecutor | DaskExecutor:
+def check_executor(kind: str, workers: int, scheduler: str | None) -> None:
     if kind not in EXECUTORS:
         raise InputError(f"executor must be one of {', '.join(EXECUTORS)}, got {kind!r}")
     if workers < 1:
         raise InputError(f"workers must be at least 1, got {workers}")
+    if scheduler and kind != "dask":
+        raise InputError("--scheduler only applies to --executor dask")
+
+
+def make_executor(kind: str, workers: int, scheduler: str | None = None
+                  ) -> InlineExecutor | LocalExecutor | DaskExecutor:
+    check_executor(kind, workers, scheduler)
     if kind == "dask":
         return DaskExecutor(scheduler, workers)
-    if scheduler:
-        raise InputError("--scheduler only applies to --executor dask")
     return InlineExecutor() if workers == 1 else LocalExecutor(workers)
 
 
@@ -492,7 +502,8 @@ def run_sweep(grid: Grid, results: str | Path, *, executor: str = "local", worke
         raise InputError(f"{paths.results}: is a folder; give a .parquet file name")
     if fresh and paths.parts.exists():
         shutil.rmtree(paths.parts)
-    workers = workers or os.cpu_count() or 1
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    check_executor(executor, workers, scheduler)
     by_id = {p.id: p for p in grid.points}
     done = read_parts(paths.parts, set(by_id))
     todo = [p for p in grid.points if p.id not in done]
