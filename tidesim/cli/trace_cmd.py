@@ -7,6 +7,8 @@ import argparse
 # Subcommand modules of `tidesim trace`, each with register(trace_subparsers).
 TRACE_MODULES: list[str] = [
     "tidesim.cli.trace_list",
+    "tidesim.cli.trace_synth",
+    "tidesim.cli.trace_stats",
 ]
 
 
