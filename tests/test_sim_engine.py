@@ -167,3 +167,12 @@ def test_breakdown_sums_to_total_and_busy_is_work():
         assert m.step_time_s == pytest.approx(m.total_time_s / 2)
         assert m.tokens_per_s == pytest.approx(4 / m.total_time_s)
         assert np.sum(m.layer_time_s) + 2 * MS == pytest.approx(m.total_time_s)
+
+
+def test_free_async_copies_are_counted_not_charged():
+    w, s, hw = _async(0.000256)
+    s.free_async_copies = True
+    for engine in ("sim", "analytic"):
+        m = run(w, s, hw, engine=engine)
+        close(m.total_time_s, 4.2 + 1 + 1 + 1.2 + 1 + 0.6)
+        assert m.refresh_copies == 1 and m.h2d_bytes == 1536 and m.busy_s["h2d"] == 0.0

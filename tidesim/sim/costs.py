@@ -144,6 +144,10 @@ def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) 
     async_g = async_idx // E
     async_e = async_idx - async_g * E
     n_async = np.bincount(async_g, minlength=G)
+    n_async_counted = int(n_async.sum())
+    if schedule.free_async_copies:      # a bound's ideal prefetch: counted, never charged
+        n_async = np.zeros(G, dtype=np.int64)
+        async_g = async_e = np.zeros(0, dtype=np.int64)
     n_demote = np.bincount(np.flatnonzero(schedule.demote.reshape(-1)) // E, minlength=G)
     od_n = np.bincount(od_g, minlength=G)
 
@@ -155,7 +159,7 @@ def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) 
     slow_extra = slows * np.minimum(gpu_work, h2d_overlap) if slows > 0 else np.zeros(G)
 
     expert_bytes = float(spec.expert_bytes)
-    all_copies = int(sync.sum() + n_async.sum() + od_n.sum())
+    all_copies = int(sync.sum()) + n_async_counted + int(od_n.sum())
     counts = {
         "gpu_tokens": float(gpu_tok.sum()),
         "cpu_tokens": float(cpu_tok.sum()),
@@ -163,7 +167,7 @@ def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) 
         "h2d_bytes": all_copies * expert_bytes + float(act_bytes.sum()),
         "d2h_bytes": float(n_demote.sum()) * expert_bytes + float(act_bytes.sum()),
         "expert_copies": float(all_copies),
-        "refresh_copies": float(sync.sum() + n_async.sum()),
+        "refresh_copies": float(int(sync.sum()) + n_async_counted),
     }
     return ScheduleCosts(
         forwards=F, layers=L, experts=E, workers=max(int(hw.cpu.workers), 1),
