@@ -86,3 +86,18 @@ def test_by_count_evaluates_a_table() -> None:
     out = by_count(fn, np.array([[0, 3], [3, 1]]))
     assert out.tolist() == [[0.0, 6.0], [6.0, 2.0]]
     assert calls == [3]
+
+
+def test_commit_rule_matches_the_phase_column_of_bundled_traces() -> None:
+    from tidesim.bundled.paths import bundled_traces
+    from tidesim.trace.io import read_trace
+    from tidesim.workload import workload_from_trace
+
+    traces = bundled_traces()
+    if not traces:
+        pytest.skip("no bundled traces in this checkout")
+    for name, path in traces.items():
+        trace = read_trace(path)
+        phase = trace.forwards["phase"].to_numpy()
+        w = workload_from_trace(trace)
+        assert np.array_equal(commit_forwards(w), phase == "commit"), name

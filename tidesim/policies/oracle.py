@@ -49,36 +49,45 @@ def split_estimates(counts_sorted: np.ndarray, n_free: np.ndarray, spec: ModelSp
     """float [F, L, K + 1]: estimated layer time when the first j sorted experts run on the GPU
     (K = counts_sorted.shape[2]; see the module docstring for the estimate)."""
     f, l, k = counts_sorted.shape
+    est = _estimates(np.ascontiguousarray(counts_sorted.reshape(f * l, k).T), n_free.reshape(-1), spec, hw)
+    return est.T.reshape(f, l, k + 1)
+
+
+def _estimates(counts: np.ndarray, n_free: np.ndarray, spec: ModelSpec, hw: HardwareProfile) -> np.ndarray:
+    """split_estimates on a position-major layout: counts [K, N] -> estimates [K + 1, N]."""
+    k, n = counts.shape
     launch = hw.gpu.launch_overhead_us * US
-    gpu = by_count(lambda t: np.maximum(hw.gpu_expert_time(t, spec) - launch, 0.0), counts_sorted)
-    cpu = by_count(lambda t: hw.cpu_expert_time(t, spec), counts_sorted)
+    gpu = by_count(lambda t: np.maximum(hw.gpu_expert_time(t, spec) - launch, 0.0), counts)
+    cpu = by_count(lambda t: hw.cpu_expert_time(t, spec), counts)
     copy = float(hw.h2d_time(float(spec.expert_bytes)))
-    finish = np.zeros((f, l, k + 1))
+    finish = np.zeros((k + 1, n))
     for p in range(k):
-        copies_done = (p - n_free + 1) * copy
-        prev = finish[:, :, p]
-        finish[:, :, p + 1] = np.where(p < n_free, prev, np.maximum(prev, copies_done)) + gpu[:, :, p]
-    gpu_side = finish + np.where(np.arange(k + 1) > 0, launch, 0.0)
-    zero = np.zeros((f, l, 1))
-    cpu_rest = np.concatenate([np.cumsum(cpu[:, :, ::-1], axis=2)[:, :, ::-1], zero], axis=2)
-    pairs_rest = np.concatenate([np.cumsum(counts_sorted[:, :, ::-1], axis=2)[:, :, ::-1],
-                                 np.zeros((f, l, 1), dtype=np.int64)], axis=2)
-    longest = np.concatenate([cpu, zero], axis=2)
+        prev = finish[p]
+        finish[p + 1] = np.where(p < n_free, prev, np.maximum(prev, (p - n_free + 1) * copy)) + gpu[p]
+    finish[1:] += launch
+    cpu_rest = np.zeros((k + 1, n))
+    cpu_rest[:k] = np.cumsum(cpu[::-1], axis=0)[::-1]
+    pairs_rest = np.zeros((k + 1, n), dtype=np.int64)
+    pairs_rest[:k] = np.cumsum(counts[::-1], axis=0, dtype=np.int64)[::-1]
+    longest = np.zeros((k + 1, n))
+    longest[:k] = cpu
     act = spec.activation_bytes_per_token
-    moves = by_count(lambda n: hw.d2h_time(n * act) + hw.h2d_time(n * act), pairs_rest)
+    moves = by_count(lambda m: hw.d2h_time(m * act) + hw.h2d_time(m * act), pairs_rest)
     makespan = np.maximum(cpu_rest / max(hw.cpu.workers, 1), longest)
     cpu_side = np.where(pairs_rest > 0, moves + makespan, 0.0)
-    return np.maximum(gpu_side, cpu_side)
+    return np.maximum(finish, cpu_side)
 
 
 def best_split(counts_sorted: np.ndarray, n_active: np.ndarray, n_free: np.ndarray, spec: ModelSpec,
                hw: HardwareProfile) -> np.ndarray:
     """int [F, L]: how many of the (sorted) activated experts run on the GPU; the smallest
     estimate wins, ties go to fewer GPU experts."""
+    f, l, _ = counts_sorted.shape
     k = int(n_active.max()) if n_active.size else 0
-    est = split_estimates(counts_sorted[:, :, :k], n_free, spec, hw)
-    est = np.where(np.arange(k + 1) > n_active[:, :, None], np.inf, est)
-    return np.argmin(est, axis=2)
+    counts = np.ascontiguousarray(counts_sorted[:, :, :k].reshape(f * l, k).T)
+    est = _estimates(counts, n_free.reshape(-1), spec, hw)
+    est[np.arange(k + 1)[:, None] > n_active.reshape(1, -1)] = np.inf
+    return np.argmin(est, axis=0).reshape(f, l)
 
 
 @register_policy("oracle", "knows the future: each forward's top experts prefetched for free, best CPU/GPU split "
@@ -92,7 +101,7 @@ def oracle(workload: Workload, options: PolicyOptions) -> Schedule:
     start = oracle_residency(counts, ranking.order, ranking.rank, budget)
     resident = np.concatenate([start[1:], start[-1:]], axis=0)
 
-    counts_sorted = np.take_along_axis(counts, ranking.order, axis=2).astype(np.int64)
+    counts_sorted = np.take_along_axis(counts, ranking.order, axis=2)
     n_active = activated.sum(axis=2)
     n_free = np.minimum(budget[None, :], n_active)
     split = best_split(counts_sorted, n_active, n_free, workload.model, options.hw)

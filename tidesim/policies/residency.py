@@ -32,7 +32,8 @@ class Ranking:
 def rank_experts(counts: np.ndarray) -> Ranking:
     """Rank experts along the last axis by count (descending), ties by id (ascending)."""
     counts = np.asarray(counts)
-    order = np.argsort(-counts.astype(np.int64), axis=-1, kind="stable")
+    key = -counts if counts.dtype.kind == "i" else -counts.astype(np.int64)
+    order = np.argsort(key, axis=-1, kind="stable")
     rank = np.empty_like(order)
     positions = np.broadcast_to(np.arange(counts.shape[-1]), counts.shape)
     np.put_along_axis(rank, order, positions, axis=-1)
@@ -142,7 +143,7 @@ def make_schedule(policy: str, workload: Workload, budget: np.ndarray, initial: 
 def by_count(fn: Callable[[np.ndarray], np.ndarray], counts: np.ndarray) -> np.ndarray:
     """fn applied to every entry of an integer array through a table over 0 .. max (fn(0) is
     taken as 0): the cost curves are evaluated once per distinct count, not per entry."""
-    counts = np.asarray(counts, dtype=np.int64)
+    counts = np.asarray(counts)
     top = int(counts.max()) if counts.size else 0
     table = np.zeros(top + 1)
     if top:
