@@ -1,0 +1,299 @@
+"""A LLaDA2.0-architecture model in plain torch, built from a tidesim ModelSpec.
+
+Module names follow the official Hugging Face implementation (model_type `llada2_moe`), so the
+state_dict keys *are* the checkpoint's parameter names (model.word_embeddings.weight,
+model.layers.i.attention.query_key_value.weight, model.layers.i.mlp.experts.e.up_proj.weight, ...)
+and loading a checkpoint is a rename-free mapping (see checkpoint.py).
+
+Conventions where the public facts leave a choice (documented in docs/capture.md):
+- The fused QKV rows are [queries (heads x head_dim) | keys (kv_heads x head_dim) | values].
+- Queries and keys are RMS-normalised over head_dim before the rotary embedding.
+- The rotary embedding acts on the first rotary_dim = head_dim x partial_rotary_factor channels of
+  each head, in the half-split (rotate-half) layout; the other channels pass through.
+- Attention takes a boolean mask [queries, keys] (True = may attend), built by generate.py from
+  block ids; the model itself knows nothing about blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tidesim.models import ModelSpec
+from tidesim_runtime.gate import SigmoidGroupGate
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype for a ModelSpec/CLI dtype name."""
+    from tidesim.errors import InputError
+
+    if name not in DTYPES:
+        raise InputError(f"dtype {name!r} is not supported by the reference model; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 (as LLaDA2.0 does) and cast back."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def rotary_cos_sin(positions: torch.Tensor, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [positions, rotary_dim] in the half-split layout (frequencies repeated twice)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first cos.shape[-1] channels of x [batch, heads, seq, head_dim]; keep the rest."""
+    rd = cos.shape[-1]
+    rot, rest = x[..., :rd].float(), x[..., rd:]
+    half = rd // 2
+    rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+    out = rot * cos + rotated * sin
+    return torch.cat([out.to(x.dtype), rest], dim=-1)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with fused QKV, qk RMSNorm and partial rotary embedding."""
+
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.rotary_dim = int(spec.head_dim * spec.partial_rotary_factor) // 2 * 2
+        self.theta = spec.rope_theta
+        rows = (self.heads + 2 * self.kv_heads) * self.head_dim
+        self.query_key_value = nn.Linear(spec.hidden_size, rows, bias=False, dtype=dtype)
+        self.dense = nn.Linear(self.heads * self.head_dim, spec.hidden_size, bias=False, dtype=dtype)
+        self.query_layernorm = RMSNorm(self.head_dim, spec.rms_norm_eps, dtype)
+        self.key_layernorm = RMSNorm(self.head_dim, spec.rms_norm_eps, dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """x [batch, seq, hidden]; positions [seq]; mask [seq, past + seq] bool.
+
+        Returns the output and this call's keys and values (post-rotary) with the past ones
+        prepended, so a caller can keep them as a prefix cache.
+        """
+        b, t, _ = x.shape
+        qkv = self.query_key_value(x).view(b, t, self.heads + 2 * self.kv_heads, self.head_dim)
+        q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=2)
+        q = self.query_layernorm(q).transpose(1, 2)
+        k = self.key_layernorm(k).transpose(1, 2)
+        v = v.transpose(1, 2)
+        if self.rotary_dim:
+            cos, sin = rotary_cos_sin(positions, self.rotary_dim, self.theta)
+            q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        rep = self.heads // self.kv_heads
+        out = F.scaled_dot_product_attention(
+            q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), attn_mask=mask,
+            scale=1.0 / math.sqrt(self.head_dim),
+        )
+        out = out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)
+        return self.dense(out), (k, v)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); dense layers, experts, shared expert."""
+
+    def __init__(self, hidden: int, intermediate: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False, dtype=dtype)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False, dtype=dtype)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+ExpertRunner = Callable[["SparseMoeBlock", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def run_experts_locally(block: SparseMoeBlock, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of routed expert outputs for tokens x [tokens, hidden]; one call per used expert."""
+    out = torch.zeros_like(x, dtype=torch.float32)
+    flat_idx = idx.reshape(-1)
+    order = torch.argsort(flat_idx, stable=True)
+    counts = torch.bincount(flat_idx, minlength=len(block.experts)).tolist()
+    token_of = order // idx.shape[1]
+    weight_of = w.reshape(-1)[order]
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = token_of[start:start + n]
+        y = block.experts[e](x[rows]).float() * weight_of[start:start + n, None]
+        out.index_add_(0, rows, y)
+        start += n
+    return out.to(x.dtype)
+
+
+class SparseMoeBlock(nn.Module):
+    """gate + routed experts + shared expert (official names: mlp.gate, mlp.experts.e, mlp.shared_experts).
+
+    `expert_runner` computes the routed part; the default runs every expert here. An offload
+    executor replaces it to place experts elsewhere without touching routing.
+    """
+
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.gate = SigmoidGroupGate(spec.hidden_size, spec.num_experts, spec.top_k, spec.n_group,
+                                     spec.topk_group, spec.routed_scaling_factor, dtype)
+        self.experts = nn.ModuleList(
+            MLP(spec.hidden_size, spec.moe_intermediate_size, dtype) for _ in range(spec.num_experts)
+        )
+        self.shared_experts = (
+            MLP(spec.hidden_size, spec.moe_intermediate_size * spec.num_shared_experts, dtype)
+            if spec.num_shared_experts else None
+        )
+        self.expert_runner: ExpertRunner = run_experts_locally
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        idx, weights, _ = self.gate(flat)
+        out = self.expert_runner(self, flat, idx, weights)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view(shape)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attention(norm(x)), then x + mlp(norm(x)); mlp dense or MoE."""
+
+    def __init__(self, spec: ModelSpec, layer: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+        self.attention = Attention(spec, dtype)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+        self.mlp: nn.Module = (
+            MLP(spec.hidden_size, spec.dense_intermediate_size, dtype) if layer < spec.first_dense_layers
+            else SparseMoeBlock(spec, dtype)
+        )
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        attn, kv = self.attention(self.input_layernorm(x), positions, mask, past)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, kv
+
+
+class Backbone(nn.Module):
+    """`model.*` of the checkpoint: word_embeddings, layers, norm."""
+
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(spec, i, dtype) for i in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
+
+
+class LLaDA2Model(nn.Module):
+    """The whole model: `model` (Backbone) and an untied `lm_head`."""
+
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.spec = spec
+        self.dtype = dtype
+        self.model = Backbone(spec, dtype)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, dtype=dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        past: KVCache | None = None,
+        logits_last: int | None = None,
+    ) -> tuple[torch.Tensor, KVCache]:
+        """Logits [batch, n, vocab] of the last `logits_last` positions (all if None) and the
+        per-layer keys/values of past + these positions.
+
+        input_ids [batch, seq]; positions [seq] absolute; mask [seq, past_len + seq] bool.
+        """
+        x = self.model.word_embeddings(input_ids)
+        present: KVCache = []
+        for i, layer in enumerate(self.model.layers):
+            x, kv = layer(x, positions, mask, past[i] if past is not None else None)
+            present.append(kv)
+        if logits_last is not None:
+            x = x[:, -logits_last:]
+        return self.lm_head(self.model.norm(x)).float(), present
+
+    def moe_blocks(self) -> list[tuple[int, SparseMoeBlock]]:
+        """(layer index, MoE block) for every MoE layer."""
+        return [(i, layer.mlp) for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, SparseMoeBlock)]
+
+
+def init_random(model: LLaDA2Model, seed: int) -> LLaDA2Model:
+    """Fill every weight from `seed` (deterministic) with scales chosen so a *random* model still
+    decodes like a diffusion LM in the ways the traces care about:
+
+    - gate logits have unit spread and the selection bias a small random spread, so routing is
+      spread over many experts but not uniform;
+    - residual branches are scaled so that context (not just the shared mask embedding) shapes
+      each position's hidden state, which makes masked positions route and predict differently;
+    - lm_head rows are scaled so the top logits are a few nats apart, giving a mix of confident
+      and unconfident positions: threshold commits vary from one to many tokens per step.
+
+    The weights are random: the tokens it produces mean nothing.
+    """
+    spec = model.spec
+    gen = torch.Generator().manual_seed(seed)
+    hidden = spec.hidden_size
+    branch_std = 1.0 / math.sqrt(hidden)
+    logit_std = 2.5 * math.sqrt(2.0 * math.log(spec.vocab_size))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.fill_(1.0)
+                continue
+            fan_in = p.shape[1] if p.ndim == 2 else hidden
+            std = 1.0 / math.sqrt(fan_in)
+            if name == "model.word_embeddings.weight":
+                std = 1.0
+            elif name == "lm_head.weight":
+                std = logit_std / math.sqrt(hidden)
+            elif name.endswith("dense.weight") or name.endswith("down_proj.weight"):
+                std = branch_std * 1.5
+            p.copy_((torch.randn(p.shape, generator=gen) * std).to(p.dtype))
+        for _, block in model.moe_blocks():
+            bias = torch.randn(spec.num_experts, generator=gen) * 0.05
+            block.gate.expert_bias.copy_(bias)
+    return model
+
+
+def build_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, seed: int | None = 0) -> LLaDA2Model:
+    """A model for `spec`; random weights from `seed`, or uninitialised (seed None, for loading)."""
+    with torch.device("meta"):
+        model = LLaDA2Model(spec, dtype)
+    model = model.to_empty(device="cpu")
+    return (model if seed is None else init_random(model, seed)).eval()
