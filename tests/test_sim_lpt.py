@@ -28,3 +28,19 @@ def test_makespan_matches_assignment_and_bounds(times, workers):
     if times:
         assert span >= max(sum(times) / workers, max(times)) - 1e-9
         assert span <= sum(times) / workers + max(times) + 1e-9   # greedy list-scheduling bound
+
+
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(1, 6)), min_size=0, max_size=40), st.integers(1, 4))
+def test_vectorised_makespans_equal_the_scalar_rule(tasks, workers):
+    import numpy as np
+
+    from tidesim.sim.lpt import lpt_makespans
+
+    tasks = sorted(set((g, t) for g, t in tasks))          # one task per (group, expert)
+    group = np.array([g for g, _ in tasks], dtype=np.int64)
+    keys = np.arange(len(tasks), dtype=np.int64)
+    times = np.array([0.5 + 0.25 * t for _, t in tasks])
+    got = lpt_makespans(group, times, keys, 5, workers)
+    for g in range(5):
+        sel = [i for i in range(len(tasks)) if group[i] == g]
+        assert got[g] == lpt_makespan([float(times[i]) for i in sel], [int(keys[i]) for i in sel], workers)

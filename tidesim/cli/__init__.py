@@ -19,6 +19,8 @@ COMMAND_MODULES = [
     "tidesim.cli.trace_cmd",
     "tidesim.cli.hw_cmd",
     "tidesim.cli.sweep_cmd",
+    "tidesim.cli.simulate_cmd",
+    "tidesim.cli.compare_cmd",
 ]
 
 

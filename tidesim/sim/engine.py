@@ -4,11 +4,14 @@ Resources and what is an event:
 - GPU stream: used only by the running layer (layers are sequential, per-layer barrier), so its
   work is a chain of timeouts inside the layer process.
 - CPU worker pool: likewise used only by the running layer; its tasks are placed by the
-  deterministic longest-first rule (tidesim.sim.lpt) and cost one timeout per layer.
+  deterministic longest-first rule (tidesim.sim.lpt), whose makespans depend on nothing dynamic,
+  so they are computed for all layers up front and cost one timeout per layer.
 - Copy engines (pcie.copy_engines: 1 shared, or one H2D + one D2H): SimPy PriorityResources,
   because asynchronous refresh copies cross layer and forward boundaries. Demand traffic (sync
-  refresh, demotions, on-demand copies, activations, results) has priority 0; background
-  refresh copies priority 1, one request per expert, never preempting a copy in progress.
+  refresh, demotions, on-demand copies, activations, results) has priority 0. Background
+  refresh copies have priority 1 + their issue order, so they are served first-in first-out; a batch holds the engine
+  until a demand request arrives, then finishes the copy in progress (no preemption within an
+  expert's copy) and queues again behind the demand.
 
 Ties at equal simulated times follow SimPy's event order (time, priority, insertion id), which
 is fixed; no wall clock is read. docs/costmodel.md gives the full execution model.
@@ -24,11 +27,27 @@ import simpy
 
 from tidesim.sim.accounting import BREAKDOWN_KEYS, RunTimes
 from tidesim.sim.costs import ScheduleCosts
-from tidesim.sim.lpt import lpt_assign, lpt_makespan
+from tidesim.sim.lpt import lpt_assign, lpt_makespans
 from tidesim.sim.timeline import GPU_ROW, Timeline
 
 DEMAND, BACKGROUND = 0, 1
 Proc = Generator[simpy.Event, Any, Any]
+EPS = 1e-9
+
+
+class CopyEngine:
+    """A copy engine: a SimPy priority resource, plus the signal a waiting demand request gives
+    to the background batch that holds the engine."""
+
+    def __init__(self, env: simpy.Environment) -> None:
+        self.resource = simpy.PriorityResource(env, capacity=1)
+        self.signal: simpy.Event | None = None
+
+    def request(self, priority: int) -> simpy.resources.resource.PriorityRequest:
+        req = self.resource.request(priority=priority)
+        if priority == DEMAND and not req.triggered and self.signal is not None and not self.signal.triggered:
+            self.signal.succeed()
+        return req
 
 
 class Simulator:
@@ -38,17 +57,16 @@ class Simulator:
         self.c = costs
         self.tl = timeline
         self.env = simpy.Environment()
-        self.h2d = simpy.PriorityResource(self.env, capacity=1)
-        self.d2h = self.h2d if costs.engines == 1 else simpy.PriorityResource(self.env, capacity=1)
+        self.h2d = CopyEngine(self.env)
+        self.d2h = self.h2d if costs.engines == 1 else CopyEngine(self.env)
         self.h2d_row = "copy engine (H2D+D2H)" if costs.engines == 1 else "H2D copy engine"
         self.d2h_row = self.h2d_row if costs.engines == 1 else "D2H copy engine"
         self.pending: list[list[simpy.Process]] = [[] for _ in range(costs.layers)]
         self.acc = dict.fromkeys(BREAKDOWN_KEYS, 0.0)
         self.layer_time = np.zeros(costs.layers)
         # plain Python lists: per-layer slicing is much faster than on numpy arrays
-        self.cpu_ptr = costs.group_ptr(costs.cpu_g).tolist()
-        self.cpu_time = costs.cpu_time.tolist()
-        self.cpu_expert = costs.cpu_expert.tolist()
+        self.cpu_span = lpt_makespans(costs.cpu_g, costs.cpu_time, costs.cpu_expert, costs.groups,
+                                      costs.workers).tolist()
         self.od_ptr = costs.group_ptr(costs.od_g).tolist()
         self.od_compute = costs.od_compute.tolist()
         self.od_expert = costs.od_expert.tolist()
@@ -64,7 +82,9 @@ class Simulator:
             for w in range(costs.workers):
                 timeline.row(f"CPU worker {w}")
             self.async_ptr = costs.group_ptr(costs.async_g).tolist()
-            self.gpu_ptr = costs.group_ptr(costs.gpu_g).tolist()
+            self.cpu_ptr = costs.group_ptr(costs.cpu_g).tolist()
+            self.cpu_time = costs.cpu_time.tolist()
+            self.cpu_expert = costs.cpu_expert.tolist()
 
     # ----- driver -------------------------------------------------------------------------
     def run(self, on_forward: Callable[[int], None] | None = None) -> RunTimes:
@@ -162,14 +182,14 @@ class Simulator:
         env = self.env
         yield from self._copy(self.d2h, self.g["act_d2h"][gi], self.d2h_row, f"f{f} moe{layer}: activations to CPU",
                               "cpu")
-        a, b = self.cpu_ptr[gi], self.cpu_ptr[gi + 1]
-        times, keys = self.cpu_time[a:b], self.cpu_expert[a:b]
         if self.tl is not None:
+            a, b = self.cpu_ptr[gi], self.cpu_ptr[gi + 1]
+            times, keys = self.cpu_time[a:b], self.cpu_expert[a:b]
             start = env.now
             for job in lpt_assign(times, keys, self.c.workers):
                 self.tl.add(f"CPU worker {job.worker}", f"f{f} moe{layer}: expert {keys[job.task]}",
                             start + job.start, job.duration, "cpu")
-        yield env.timeout(lpt_makespan(times, keys, self.c.workers))
+        yield env.timeout(self.cpu_span[gi])
         yield from self._copy(self.h2d, self.g["res_h2d"][gi], self.h2d_row, f"f{f} moe{layer}: CPU results to GPU",
                               "cpu")
 
@@ -189,19 +209,35 @@ class Simulator:
             yield env.timeout(n * self.c.expert_copy_s)
 
     def _background(self, f: int, layer: int, gi: int) -> Proc:
-        """Asynchronous refresh copies: one low-priority request per expert."""
-        env, dur = self.env, self.c.expert_copy_s
+        """Asynchronous refresh copies of one layer-forward: a low-priority batch that yields the
+        engine to demand traffic between two expert copies."""
+        env, dur, engine = self.env, self.c.expert_copy_s, self.h2d
         experts = (self.c.async_expert[self.async_ptr[gi]:self.async_ptr[gi + 1]].tolist()
                    if self.tl is not None else [])
-        for k in range(self.g["n_async"][gi]):
-            with self.h2d.request(priority=BACKGROUND) as req:
+        done, total = 0, self.g["n_async"][gi]
+        while done < total:
+            # priority 1 + issue order: batches stay first-in first-out even after yielding
+            with engine.request(priority=BACKGROUND + gi) as req:
                 yield req
-                if self.tl is not None:
-                    self.tl.add(self.h2d_row, f"f{f} moe{layer}: expert {experts[k]} async refresh", env.now, dur,
-                                "async_refresh")
-                yield env.timeout(dur)
+                start = env.now
+                if engine.resource.queue and engine.resource.queue[0].priority == DEMAND:
+                    count = 0                        # a demand request arrived at this very instant
+                else:
+                    engine.signal = env.event()
+                    finish = env.timeout((total - done) * dur)
+                    yield finish | engine.signal
+                    engine.signal = None
+                    if finish.processed or env.now >= start + (total - done) * dur - EPS:
+                        count = total - done
+                    else:                            # finish the copy in progress, then yield
+                        count = min(total - done, int(np.ceil((env.now - start) / dur - EPS)))
+                        yield env.timeout(max(start + count * dur - env.now, 0.0))
+                for k in range(count):
+                    self._mark(self.h2d_row, f"f{f} moe{layer}: expert {experts[done + k] if experts else ''} "
+                               "async refresh", start + k * dur, dur, "async_refresh")
+                done += count
 
-    def _copy(self, engine: simpy.PriorityResource, duration: float, row: str, name: str, category: str) -> Proc:
+    def _copy(self, engine: CopyEngine, duration: float, row: str, name: str, category: str) -> Proc:
         with engine.request(priority=DEMAND) as req:
             yield req
             self._mark(row, name, self.env.now, duration, category)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Assignment:
@@ -55,4 +57,31 @@ def lpt_assign(times: list[float], keys: list[int], workers: int) -> list[Assign
         load, w = heapq.heappop(heap)
         out.append(Assignment(task=i, worker=w, start=load, duration=times[i]))
         heapq.heappush(heap, (load + times[i], w))
+    return out
+
+
+def lpt_makespans(group: np.ndarray, times: np.ndarray, keys: np.ndarray, groups: int, workers: int
+                  ) -> np.ndarray:
+    """[groups] makespans of many independent task sets at once (one per layer-forward), with the
+    same rule and the same floating-point sums as lpt_makespan: tasks of each group sorted longest
+    first (ties by key), each added to the least-loaded worker (ties: lowest worker id)."""
+    out = np.zeros(groups)
+    if times.size == 0:
+        return out
+    if workers == 1:
+        return np.bincount(group, weights=times, minlength=groups)
+    order = np.lexsort((keys, -times, group))
+    g, t = group[order], times[order]
+    first = np.concatenate([[True], g[1:] != g[:-1]])
+    starts = np.flatnonzero(first)
+    rank = np.arange(g.size) - np.repeat(starts, np.diff(np.append(starts, g.size)))
+    gid = g[starts]
+    pad = np.zeros((gid.size, int(rank.max()) + 1))
+    pad[np.repeat(np.arange(gid.size), np.diff(np.append(starts, g.size))), rank] = t
+    loads = np.zeros((gid.size, workers))
+    rows = np.arange(gid.size)
+    for j in range(pad.shape[1]):
+        w = np.argmin(loads, axis=1)
+        loads[rows, w] += pad[:, j]
+    out[gid] = loads.max(axis=1)
     return out

@@ -1,0 +1,62 @@
+"""`tidesim compare`: every offload policy side by side on one trace and profile, with each one's
+speedup over the best baseline and a stacked-bar figure of where the time goes."""
+
+from __future__ import annotations
+
+import argparse
+
+from tidesim.cli.output import format_table, print_json, progress
+from tidesim.cli.simulate_cmd import add_input_args, check_policies, load_setup, run_policy
+from tidesim.errors import InputError
+from tidesim.policies.base import policy_names
+from tidesim.report import BASELINES, FIGURE_SUFFIXES, TABLE_COLUMNS, breakdown_figure, compare, comparison_json, table_rows
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="all offload policies side by side (table + figure)",
+                       description="Run several expert-offload policies on one trace and profile. Speedups are over "
+                                   f"the best baseline ({', '.join(BASELINES)}); all-gpu and oracle are bounds, "
+                                   "labelled as such.")
+    add_input_args(p)
+    p.add_argument("--policies", nargs="+", metavar="P",
+                   help="policies to run, space- or comma-separated (default: all)")
+    p.add_argument("--figure", metavar="FILE", help=f"stacked-bar figure ({', '.join(FIGURE_SUFFIXES)})")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    names = [n for item in (args.policies or policy_names()) for n in item.split(",") if n]
+    if not names:
+        raise InputError("--policies: give at least one policy")
+    check_policies(names)
+    if args.figure and not args.figure.lower().endswith(FIGURE_SUFFIXES):
+        raise InputError(f"--figure must end in one of {', '.join(FIGURE_SUFFIXES)}")
+    setup = load_setup(args, names)
+    metrics = [run_policy(setup, name) for name in progress(names, desc="policies", total=len(names))]
+    comp = compare(metrics)
+    d = setup.describe()
+    title = (f"{d['model']}, {d['kv_cache']} KV cache, {d['hw']}, budget {d['budget']}, tau {d['tau']} "
+             f"({d['refresh']} refresh), {d['engine']}")
+    if args.figure:
+        breakdown_figure(comp, args.figure, title)
+    notes = sorted({n for m in metrics for n in m.notes})
+    if args.json:
+        out = {"inputs": d, **comparison_json(comp), "notes": notes}
+        if args.figure:
+            out["figure"] = args.figure
+        print_json(out)
+        return 0
+    print(title + f"; {d['generated_tokens']} tokens in {d['forwards']} forwards")
+    print(format_table(TABLE_COLUMNS, table_rows(comp)))
+    print(f"speedup: tokens/s over the best baseline ({comp.best_baseline or 'none run'}); "
+          "bounds are limits, not deployable policies")
+    for tide in ("tide", "tide-reference"):
+        if comp.by_policy(tide):
+            parts = [f"{comp.speedup_over(tide, b):.2f}x over {b}" for b in BASELINES if comp.by_policy(b)]
+            if parts:
+                print(f"{tide}: " + ", ".join(parts))
+    for n in notes:
+        print(f"note: {n}")
+    if args.figure:
+        print(f"figure: {args.figure}")
+    return 0
