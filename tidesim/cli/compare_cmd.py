@@ -9,7 +9,15 @@ from tidesim.cli.output import format_table, print_json, progress
 from tidesim.cli.simulate_cmd import add_input_args, check_policies, load_setup, run_policy
 from tidesim.errors import InputError
 from tidesim.policies.base import policy_names
-from tidesim.report import BASELINES, FIGURE_SUFFIXES, TABLE_COLUMNS, breakdown_figure, compare, comparison_json, table_rows
+from tidesim.report import (
+    BASELINES,
+    FIGURE_SUFFIXES,
+    TABLE_COLUMNS,
+    breakdown_figure,
+    compare,
+    comparison_json,
+    table_rows,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

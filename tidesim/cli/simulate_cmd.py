@@ -55,7 +55,8 @@ class Setup:
 
 
 def add_input_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trace", required=True, metavar="T", help="trace file, or a bundled trace name (`tidesim trace list`)")
+    p.add_argument("--trace", required=True, metavar="T",
+                   help="trace file, or a bundled trace name (`tidesim trace list`)")
     p.add_argument("--hw", required=True, metavar="H", help="hardware profile name (`tidesim hw list`) or YAML path")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--budget", type=int, metavar="B", help="GPU expert slots per MoE layer")
@@ -69,7 +70,8 @@ def add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", choices=ENGINES, default="sim",
                    help="sim (discrete-event simulator) or analytic (closed-form cost model)")
     p.add_argument("--prompts", metavar="0,1", help="only these prompts of the trace (comma-separated ids)")
-    p.add_argument("--model", metavar="M", help="model preset or config.json the trace must match (default: the trace's)")
+    p.add_argument("--model", metavar="M",
+                   help="model preset or config.json the trace must match (default: the trace's)")
     p.add_argument("--allow-roofline", action="store_true",
                    help="accept a measured profile without curves for this model's experts (roofline instead)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
