@@ -179,8 +179,11 @@ def main(args: argparse.Namespace) -> int:
         raise InputError("--timeline needs the simulator (--engine sim)")
     bar = tqdm(total=setup.workload.num_forwards, desc=f"simulating {args.policy}", unit="fwd", leave=False,
                disable=not sys.stderr.isatty() or setup.engine != "sim")
+    def advance(_: int) -> None:
+        bar.update(1)
+
     with bar:
-        metrics = run_policy(setup, args.policy, timeline=args.timeline, on_forward=lambda f: bar.update(1))
+        metrics = run_policy(setup, args.policy, timeline=args.timeline, on_forward=advance)
     if args.json:
         out = {"inputs": setup.describe(), "metrics": metrics.to_dict()}
         if args.timeline:
