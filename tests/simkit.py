@@ -33,7 +33,7 @@ def profile(workers: int = 1, engines: int = 2, gbs: float = 0.000512, slows: fl
     else on the GPU free (huge roofline), GPU expert 0.5 + 0.1 t ms, CPU expert 2 + 1 t ms,
     expert copy 3 ms and 0.125 ms per activation vector at the default bandwidth (gbs GB/s)."""
     prov = Provenance(kind="measured", source="test")
-    gpu = GPUProfile(name="g", memory_gib=1.0, mem_bandwidth_gbs=1e12, bf16_tflops=1e12, mem_efficiency=1.0,
+    gpu = GPUProfile(name="g", memory_gib=4.0, mem_bandwidth_gbs=1e12, bf16_tflops=1e12, mem_efficiency=1.0,
                      compute_efficiency=1.0, launch_overhead_us=0.0, layer_overhead_us=1000.0,
                      expert_ffn=[ExpertCurve(16, 8, Curve([0, 1000], [500.0, 100500.0], provenance=prov))])
     pcie = PCIeProfile(generation=4, h2d_gbs=gbs, d2h_gbs=gbs, copy_overhead_us=0.0, copy_engines=engines,
@@ -45,8 +45,9 @@ def profile(workers: int = 1, engines: int = 2, gbs: float = 0.000512, slows: fl
                            pcie=pcie, cpu=cpu)
 
 
-def workload(counts: list, spec: ModelSpec = SPEC, committed: int = 2) -> Workload:
-    """counts [F, L, E] tokens per expert; tokens per forward = per-layer max of the sums."""
+def trace(counts: list, spec: ModelSpec = SPEC, committed: int = 2) -> Trace:
+    """A trace of one prompt; counts [F, L, E] tokens per expert; tokens per forward = the
+    largest layer's routed pairs / top_k."""
     et = np.asarray(counts, dtype=np.int32)
     f = et.shape[0]
     tokens = np.maximum(et.sum(axis=2).max(axis=1) // max(spec.top_k, 1), 1)
@@ -54,7 +55,11 @@ def workload(counts: list, spec: ModelSpec = SPEC, committed: int = 2) -> Worklo
                              "tokens": tokens, "context": tokens, "committed": [committed] * f})
     meta = TraceMeta(model=spec, block_length=4, threshold=0.9, kv_cache="prefix", gen_length=committed * f,
                      source="synthetic")
-    return workload_from_trace(Trace(meta, forwards, et))
+    return Trace(meta, forwards, et)
+
+
+def workload(counts: list, spec: ModelSpec = SPEC, committed: int = 2) -> Workload:
+    return workload_from_trace(trace(counts, spec, committed))
 
 
 def blank(w: Workload, budget: int = 4, policy: str = "hand") -> Schedule:
