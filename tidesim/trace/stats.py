@@ -95,12 +95,16 @@ def refresh_targets(counts: np.ndarray, budget: np.ndarray) -> np.ndarray:
     return out
 
 
-def refresh_mask(block: np.ndarray, step: np.ndarray, tau: int) -> np.ndarray:
-    """Forwards that refresh: every step of the first generated block (and the prefill, block -1),
-    and steps whose within-block step counter is a multiple of tau (the public TIDE code)."""
+def refresh_mask(block: np.ndarray, step: np.ndarray, tau: int, is_step: np.ndarray | None = None) -> np.ndarray:
+    """Forwards that refresh: every forward of the first generated block (and the prefill,
+    block -1), and steps whose within-block step counter is a multiple of tau (the public TIDE
+    code); a commit forward (is_step False, block >= 0) never refreshes, as in the tide policies."""
     if tau < 1:
         raise InputError(f"tau must be at least 1, got {tau}")
-    return (block <= 0) | (step % tau == 0)
+    refresh = (block <= 0) | (step % tau == 0)
+    if is_step is not None:
+        refresh &= is_step | (block < 0)
+    return refresh
 
 
 def tide_gpu_tokens(counts: np.ndarray, refresh: np.ndarray, budget: np.ndarray,
@@ -160,7 +164,7 @@ def tide_hit_ratios(source: Trace | Workload, budget: int | Sequence[int] | np.n
     per_layer: dict[int, np.ndarray] = {}
     per_prompt: dict[int, dict[int, float]] = {}
     for tau in taus:
-        gpu = tide_gpu_tokens(a.counts, refresh_mask(a.block, a.step, tau), b, targets)
+        gpu = tide_gpu_tokens(a.counts, refresh_mask(a.block, a.step, tau, a.is_step), b, targets)
         overall[tau] = _ratio(gpu.sum(), total.sum())
         per_layer[tau] = gpu.sum(0) / np.maximum(total.sum(0), 1)
         per_prompt[tau] = {int(p): _ratio(gpu[a.prompt == p].sum(), total[a.prompt == p].sum()) for p in prompts}

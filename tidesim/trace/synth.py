@@ -63,10 +63,10 @@ class SynthParams:
     token_scale: float = 1.0
     block_context: float = 0.4       # share of a token term's variance shared by its block
     mask_block: float = 0.3          # share of the mask vector's variance specific to the block
-    mask_position: float = 0.25      # sd of a masked position's own deviation from the mask vector
-    readiness_mid: float = -2.0      # confidence logit at which a masked position is half-way
-    readiness_slope: float = 1.2     # to its eventual token's routing (mean over layers)
-    readiness_depth: float = 3.0     # readiness_mid falls by this much from the first MoE layer to
+    mask_position: float = 0.1       # sd of a masked position's own deviation from the mask vector
+    readiness_mid: float = -1.5      # confidence logit at which a masked position is half-way
+    readiness_slope: float = 2.0     # to its eventual token's routing (mean over layers)
+    readiness_depth: float = 6.0     # readiness_mid falls by this much from the first MoE layer to
                                      # the last: early layers route masked positions like the mask
     drift_sd: float = 0.2            # sd of a committed token's step-to-step drift
     drift_corr: float = 0.8          # AR(1) correlation of that drift between steps
