@@ -89,6 +89,8 @@ def read_trace(path: str | Path, validate: bool = True) -> Trace:
         trace = table_to_trace(table)
     except InputError as exc:
         raise InputError(f"{name}: {exc}") from None
+    except (pa.ArrowException, TypeError, ValueError) as exc:
+        raise InputError(f"{name}: malformed trace columns ({_short(exc)})") from None
     return validate_trace(trace, source=name) if validate else trace
 
 
@@ -111,6 +113,9 @@ def table_to_trace(table: pa.Table) -> Trace:
             f"trace format version {meta_dict.get('format_version')} is not supported "
             "(this tidesim reads version 1)"
         )
+    if not isinstance(meta_dict.get("model", {}), dict):
+        raise InputError("metadata field 'model' must be an object (a model spec), "
+                         f"got {type(meta_dict['model']).__name__}")
     meta = TraceMeta.from_dict(meta_dict)
     needed = ["forward", *FORWARD_COLUMNS, "layer", "expert_tokens"]
     missing = [c for c in needed if c not in table.column_names]
@@ -132,6 +137,9 @@ def table_to_trace(table: pa.Table) -> Trace:
     if not np.array_equal(fwd_col, np.repeat(np.arange(n_fwd), layers)):
         raise InputError("forward column must number forwards 0, 1, 2, ... in order")
     et_col = table.column("expert_tokens").combine_chunks()
+    if not (pa.types.is_list(et_col.type) or pa.types.is_fixed_size_list(et_col.type)
+            or pa.types.is_large_list(et_col.type)):
+        raise InputError(f"column 'expert_tokens' must hold a list of {n_exp} counts per row, got {et_col.type}")
     if et_col.null_count:
         raise InputError("expert_tokens has missing values")
     values = pa.compute.list_flatten(et_col).to_numpy(zero_copy_only=False)

@@ -27,7 +27,9 @@ def meta_problems(meta: TraceMeta) -> list[str]:
         out.append(f"source must be one of {', '.join(SOURCES)}, got {meta.source!r}")
     if not isinstance(meta.block_length, int) or meta.block_length <= 0:
         out.append(f"block_length must be a positive integer, got {meta.block_length!r}")
-    if not 0 < float(meta.threshold) <= 1:
+    if not isinstance(meta.threshold, int | float) or isinstance(meta.threshold, bool):
+        out.append(f"threshold must be a number in (0, 1], got {meta.threshold!r}")
+    elif not 0 < float(meta.threshold) <= 1:
         out.append(f"threshold must lie in (0, 1], got {meta.threshold!r}")
     if not isinstance(meta.gen_length, int) or meta.gen_length <= 0:
         out.append(f"gen_length must be a positive integer, got {meta.gen_length!r}")
