@@ -71,3 +71,50 @@ def test_no_worse_than_tide_refreshing_every_step(w, data) -> None:  # type: ign
     for name in ("tide", "tide-reference", "full-swap", "cpu-routing"):
         other = checked(name, w, options(w, budget, tau=1))
         assert (np.where(other.resident_before(), w.expert_tokens, 0).sum(axis=2) <= free_tokens).all(), name
+
+
+def _sim_total(w, schedule, hw) -> float:  # type: ignore[no-untyped-def]
+    from tidesim.sim.costs import schedule_costs
+    from tidesim.sim.engine import simulate
+
+    return simulate(schedule_costs(w, schedule, hw)).total_s
+
+
+@settings(max_examples=25, deadline=None)
+@given(w=workloads(), data=st.data())
+def test_layer_model_matches_the_simulator(w, data) -> None:  # type: ignore[no-untyped-def]
+    """The oracle picks its split with layer_times; for its own schedules that must be exactly
+    what the simulator charges (one copy engine or two, copy_slows_compute or not)."""
+    from tidesim.policies.oracle import layer_times
+    from tidesim.policies.residency import rank_experts
+    from tidesim.sim.costs import schedule_costs
+    from tidesim.sim.engine import simulate
+
+    hw = profile(data.draw(st.sampled_from([5.0, 50.0])), data.draw(st.sampled_from([0.5, 10.0, 1000.0])),
+                 data.draw(st.sampled_from([2.0, 20.0, 1e4]))).scaled()
+    hw.pcie.copy_engines = data.draw(st.sampled_from([1, 2]))
+    hw.pcie.copy_slows_compute = data.draw(st.sampled_from([0.0, 0.3]))
+    s = checked("oracle", w, options(w, data.draw(st.integers(1, w.num_experts)), hw=hw))
+    costs = schedule_costs(w, s, hw)
+    f, l, e = w.expert_tokens.shape
+    r = rank_experts(w.expert_tokens)
+    counts = np.take_along_axis(w.expert_tokens, r.order, axis=2).reshape(f * l, e)
+    active = (w.expert_tokens > 0).sum(axis=2).reshape(-1)
+    free = (s.resident_before() & (w.expert_tokens > 0)).sum(axis=2).reshape(-1)
+    split = (s.placement == GPU).sum(axis=2).reshape(-1)
+    mine = layer_times(counts, r.order.reshape(f * l, e), active, free, split, w.model, hw).reshape(f, l)
+    assert np.allclose((mine + costs.layer_fixed[:, None]).sum(axis=0), simulate(costs).layer_time,
+                       rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(w=workloads(), data=st.data())
+def test_never_slower_than_online_policies_in_the_simulator(w, data) -> None:  # type: ignore[no-untyped-def]
+    hw = profile(data.draw(st.sampled_from([5.0, 50.0])), data.draw(st.sampled_from([0.5, 10.0, 1000.0])),
+                 data.draw(st.sampled_from([2.0, 20.0, 1e4])))
+    budget = data.draw(st.integers(1, w.num_experts))
+    bound = _sim_total(w, checked("oracle", w, options(w, budget, hw=hw)), hw)
+    for name in ("full-swap", "cpu-routing", "fiddler", "tide", "tide-reference"):
+        for tau, refresh in ((1, "sync"), (2, "async")):
+            online = _sim_total(w, checked(name, w, options(w, budget, tau, refresh, hw=hw)), hw)
+            assert bound <= online * (1 + 1e-9), (name, tau, refresh)
