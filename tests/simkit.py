@@ -45,21 +45,21 @@ def profile(workers: int = 1, engines: int = 2, gbs: float = 0.000512, slows: fl
                            pcie=pcie, cpu=cpu)
 
 
-def trace(counts: list, spec: ModelSpec = SPEC, committed: int = 2) -> Trace:
+def trace(counts: list, spec: ModelSpec = SPEC, committed: int = 2, block: int = 0) -> Trace:
     """A trace of one prompt; counts [F, L, E] tokens per expert; tokens per forward = the
     largest layer's routed pairs / top_k."""
     et = np.asarray(counts, dtype=np.int32)
     f = et.shape[0]
     tokens = np.maximum(et.sum(axis=2).max(axis=1) // max(spec.top_k, 1), 1)
-    forwards = pd.DataFrame({"prompt": [0] * f, "block": [0] * f, "step": list(range(f)), "phase": ["step"] * f,
+    forwards = pd.DataFrame({"prompt": [0] * f, "block": [block] * f, "step": list(range(f)), "phase": ["step"] * f,
                              "tokens": tokens, "context": tokens, "committed": [committed] * f})
     meta = TraceMeta(model=spec, block_length=4, threshold=0.9, kv_cache="prefix", gen_length=committed * f,
                      source="synthetic")
     return Trace(meta, forwards, et)
 
 
-def workload(counts: list, spec: ModelSpec = SPEC, committed: int = 2) -> Workload:
-    return workload_from_trace(trace(counts, spec, committed))
+def workload(counts: list, spec: ModelSpec = SPEC, committed: int = 2, block: int = 0) -> Workload:
+    return workload_from_trace(trace(counts, spec, committed, block))
 
 
 def blank(w: Workload, budget: int = 4, policy: str = "hand") -> Schedule:
