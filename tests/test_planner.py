@@ -2,27 +2,40 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pulp
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
+from planner_cases import gib_for_slots, h100, tiny_workload, write_tiny_trace
 
 from tidesim.errors import InputError
+from tidesim.hardware import HardwareProfile
 from tidesim.models import PRESETS
+from tidesim.plan import file_fingerprint
 from tidesim.planner import (
     CostTable,
     OracleCosts,
     cbc,
+    cost_table,
     default_budgets,
+    distinct_taus,
+    evaluate_plan,
     expert_slots,
+    make_plan,
     oracle_bound,
+    oracle_costs,
     parse_int_list,
     solve_plan,
+    split_prompts,
     uniform_budget,
 )
+from tidesim.policies import PolicyOptions, build_schedule, uniform
+from tidesim.run import run
 
 
 def brute_force(table: CostTable, slots: int, global_tau: bool) -> float:
@@ -57,6 +70,7 @@ def instances(draw: st.DrawFn) -> tuple[CostTable, int]:
     return table, slots
 
 
+@settings(max_examples=30)
 @given(instances(), st.booleans())
 def test_milp_optimum_equals_brute_force(instance: tuple[CostTable, int], global_tau: bool) -> None:
     table, slots = instance
@@ -174,6 +188,7 @@ def oracle_instances(draw: st.DrawFn) -> tuple[OracleCosts, np.ndarray]:
     return costs, budget
 
 
+@settings(max_examples=25)
 @given(oracle_instances())
 def test_oracle_bound_is_below_the_exact_optimum(instance: tuple[OracleCosts, np.ndarray]) -> None:
     costs, budget = instance
@@ -199,3 +214,102 @@ def test_oracle_bound_hand_computed() -> None:
     result = oracle_bound(costs, np.array([1]), iterations=300)
     assert result.bound_s == pytest.approx(2.0 + 1.5 + 4.0, rel=1e-3)
     assert exact_residency_optimum(costs, np.array([1])) == pytest.approx(7.5)
+
+
+# ----- cost table, additivity, the whole planning run ----------------------------------------------
+
+
+@pytest.mark.parametrize("hw", [h100(), h100(workers=1), h100(engines=1)], ids=["h100", "1-worker", "1-engine"])
+def test_cost_table_equals_tide_runs_through_the_cost_model(hw: HardwareProfile) -> None:
+    w = tiny_workload()
+    taus, budgets = [1, 2, 3, 20, 32], [1, 4, 9, 16]
+    table = cost_table(w, hw, taus, budgets)
+    layers = w.num_layers
+    for ti, tau in enumerate(taus):
+        for bi, b in enumerate(budgets):
+            options = PolicyOptions(budget=uniform(b, layers), tau=uniform(tau, layers), hw=hw)
+            metrics = run(w, build_schedule("tide", w, options), hw, engine="analytic")
+            np.testing.assert_allclose(table.layer_cost_s[:, ti, bi], metrics.layer_time_s, rtol=1e-12)
+            assert table.other_s + table.layer_cost_s[:, ti, bi].sum() == pytest.approx(metrics.total_time_s,
+                                                                                         rel=1e-12)
+
+
+@given(st.lists(st.sampled_from([1, 2, 5]), min_size=3, max_size=3),
+       st.lists(st.sampled_from([2, 6, 12]), min_size=3, max_size=3))
+def test_layers_are_additive(taus: list[int], budgets: list[int]) -> None:
+    # A different (tau, B) in every layer costs what the table's entries add up to.
+    w = tiny_workload()
+    table = _tiny_table()
+    metrics = evaluate_plan(w, h100(), np.array(taus), np.array(budgets))
+    assert metrics.total_time_s == pytest.approx(table.total_s(np.array(taus), np.array(budgets)), rel=1e-12)
+    assert metrics.policy == "planned"
+
+
+@functools.lru_cache(maxsize=1)
+def _tiny_table() -> CostTable:
+    return cost_table(tiny_workload(), h100(), [1, 2, 5], [2, 6, 12])
+
+
+def test_distinct_taus_share_schedules() -> None:
+    w = tiny_workload()
+    same = distinct_taus(w, list(range(1, 33)))
+    commit = (w.block >= 0) & (w.committed == 0)
+
+    def mask(tau: int) -> bytes:
+        return ((w.first_block | (w.step % tau == 0)) & ~commit).tobytes()
+    for t in range(1, 33):
+        assert same[t] <= t and mask(same[t]) == mask(t)
+        assert all(mask(u) != mask(t) for u in range(1, same[t]))
+    assert len({same[t] for t in range(int(w.step.max()) + 1, 33)}) == 1
+
+
+@pytest.mark.parametrize("policy", ["tide", "tide-reference", "cpu-routing"])
+@pytest.mark.parametrize("tau", [1, 3, 8])
+def test_oracle_bound_is_below_every_sync_refresh_schedule(policy: str, tau: int) -> None:
+    w = tiny_workload()
+    hw = h100()
+    budget = np.array([3, 5, 8])
+    bound = oracle_bound(oracle_costs(w, hw), budget)
+    options = PolicyOptions(budget=budget, tau=uniform(tau, w.num_layers), hw=hw)
+    for engine in ("analytic", "sim"):
+        assert bound.bound_s <= run(w, build_schedule(policy, w, options), hw, engine=engine).total_time_s
+
+
+def test_make_plan_end_to_end(tmp_path: Path) -> None:
+    path = write_tiny_trace(tmp_path)
+    outcome = make_plan(path, "tiny", h100(), gib_for_slots(24), taus=list(range(1, 9)), budgets=[2, 4, 8, 12, 16],
+                        calibrate_prompts=[0, 1])
+    plan = outcome.plan
+    assert plan.solver.status == "optimal" and plan.expert_slots == 24 and sum(plan.budget) <= 24
+    assert outcome.uniform_budget == 8
+    assert plan.calibration is not None and plan.heldout is not None
+    assert plan.calibration.prompts == [0, 1] and plan.heldout.prompts == [2]
+    # Calibration: the cost model's time of the plan is the MILP objective (additivity), and the plan
+    # is never worse than the best single tau with the uniform budget (a feasible point).
+    assert plan.calibration.plan_time_s == pytest.approx(plan.objective_s, rel=1e-9)
+    assert plan.objective_s <= min(outcome.tau_sweep.values()) + 1e-12
+    assert plan.oracle_bound_s is not None and plan.oracle_bound_s <= plan.objective_s
+    assert plan.fingerprints.trace_sha256 == file_fingerprint(path)
+    assert plan.notes == []
+    again = make_plan(path, "tiny", h100(), gib_for_slots(24), taus=list(range(1, 9)), budgets=[2, 4, 8, 12, 16],
+                      calibrate_prompts=[0, 1])
+    a, b = plan.to_dict(), again.plan.to_dict()
+    a["solver"].pop("wall_time_s")
+    b["solver"].pop("wall_time_s")
+    assert a == b
+
+
+def test_make_plan_rejects_bad_inputs(tmp_path: Path) -> None:
+    path = write_tiny_trace(tmp_path)
+    with pytest.raises(InputError, match="does not hold"):
+        make_plan(path, "tiny", h100(), 1.3)
+    with pytest.raises(InputError, match="prompt 7 is not in the trace"):
+        make_plan(path, "tiny", h100(), gib_for_slots(24), calibrate_prompts=[7])
+    with pytest.raises(InputError, match="must not exceed"):
+        make_plan(path, "tiny", h100(), gib_for_slots(24), budgets=[4, 17])
+
+
+def test_split_prompts() -> None:
+    assert split_prompts([0, 1, 2, 3], None) == ([0, 1], [2, 3])
+    assert split_prompts([5], None) == ([5], [])
+    assert split_prompts([0, 1, 2], [2]) == ([2], [0, 1])

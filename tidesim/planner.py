@@ -10,7 +10,7 @@ budgets says how far the plan can be from any policy of that kind.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +21,17 @@ from pulp.apis import coin_api
 from tidesim.budget import expert_memory_bytes
 from tidesim.errors import InputError
 from tidesim.hardware import US, HardwareProfile
+from tidesim.metrics import Metrics
 from tidesim.models import ModelSpec
+from tidesim.plan import (
+    Evaluation,
+    Fingerprints,
+    Plan,
+    SolverInfo,
+    file_fingerprint,
+    model_fingerprint,
+    profile_fingerprint,
+)
 from tidesim.workload import Workload
 
 # ----- cost table ---------------------------------------------------------------------------------
@@ -70,6 +80,169 @@ def _index_of(values: np.ndarray, wanted: np.ndarray, name: str) -> np.ndarray:
         raise InputError(f"{name} {exc.args[0]} is not among the candidates") from None
 
 
+def distinct_taus(workload: Workload, taus: list[int]) -> dict[int, int]:
+    """Map every candidate tau to the smallest candidate with the same refresh forwards.
+
+    A tau longer than every block's steps refreshes only at step 0, like all longer ones; those
+    give identical schedules, so the cost table evaluates one of them and copies it.
+    """
+    from tidesim.policies.residency import refresh_steps
+
+    seen: dict[bytes, int] = {}
+    out: dict[int, int] = {}
+    for tau in sorted(taus):
+        key = refresh_steps(workload, np.array([tau]))[:, 0].tobytes()
+        out[tau] = seen.setdefault(key, tau)
+    return out
+
+
+def cost_table(workload: Workload, hw: HardwareProfile, taus: list[int], budgets: list[int],
+               max_cells: int = 4_000_000, progress: Callable[[Iterable[int]], Iterable[int]] | None = None
+               ) -> CostTable:
+    """C[l, tau, B]: the analytic cost model's time of MoE layer l under `tide` with synchronous
+    refresh, interval tau and budget B, for every candidate pair.
+
+    With synchronous refresh the analytic model is additive over MoE layers (a layer-forward's
+    time depends on that layer's schedule only; docs/planner.md section 2) and `tide` decides each
+    layer alone, so all options are stepped through the forwards together, vectorised over
+    (option, layer, expert), keeping only the per-layer-forward sums the cost model needs.
+    tests/test_planner.py checks every entry against `tide` + `run(engine="analytic")`.
+    max_cells bounds options x layers x experts per step (memory).
+    """
+    if not taus or not budgets:
+        raise InputError("give at least one candidate tau and one candidate budget")
+    if max(budgets) > workload.num_experts or min(budgets) < 0:
+        raise InputError(f"candidate budgets must lie in 0..{workload.num_experts} (experts per layer)")
+    same = distinct_taus(workload, taus)
+    options = [(tau, b) for tau in sorted(set(same.values())) for b in budgets]
+    per_chunk = max(1, min(max_cells // max(1, workload.num_layers * workload.num_experts),
+                           max_cells // 4 // max(1, workload.num_forwards * workload.num_layers)))
+    chunks = [options[i:i + per_chunk] for i in range(0, len(options), per_chunk)]
+    inputs = _TideInputs.of(workload, hw)
+    found: dict[tuple[int, int], np.ndarray] = {}
+    indices: Iterable[int] = range(len(chunks))
+    if progress is not None:
+        indices = progress(indices)
+    for i in indices:
+        times = _tide_layer_times(inputs, workload, chunks[i])
+        for k, option in enumerate(chunks[i]):
+            found[option] = times[k]
+    sorted_taus = sorted(taus)
+    cost = np.stack([np.stack([found[(same[t], b)] for b in budgets], axis=1) for t in sorted_taus], axis=1)
+    return CostTable(taus=np.array(sorted_taus, dtype=np.int64), budgets=np.array(budgets, dtype=np.int64),
+                     layer_cost_s=cost, other_s=inputs.other_s, generated_tokens=workload.generated_tokens)
+
+
+@dataclass(frozen=True)
+class _TideInputs:
+    """Per (forward, layer, expert) what the cost model charges an expert on either side."""
+
+    activated: np.ndarray        # bool [F, L, E]
+    rank: np.ndarray             # int [F, L, E] rank by tokens (ties: lower id first)
+    gpu_s: np.ndarray            # [F, L, E] expert on the GPU, kernel launch excluded
+    cpu_s: np.ndarray            # [F, L, E] expert on one CPU worker
+    tokens: np.ndarray           # [F, L, E]
+    layer_fixed_s: np.ndarray    # [F]
+    other_s: float
+    hw: HardwareProfile
+    model: ModelSpec
+
+    @classmethod
+    def of(cls, workload: Workload, hw: HardwareProfile) -> _TideInputs:
+        from tidesim.policies.residency import rank_experts
+
+        oc = oracle_costs(workload, hw)
+        return cls(workload.activated, rank_experts(workload.expert_tokens).rank, oc.gpu_s, oc.cpu_s,
+                   workload.expert_tokens.astype(float), oc.layer_fixed_s, oc.other_s, hw, workload.model)
+
+
+def _tide_layer_times(inp: _TideInputs, workload: Workload, options: list[tuple[int, int]]) -> np.ndarray:
+    """[options, L] seconds per MoE layer over the workload, for tide (sync) with each (tau, B).
+
+    The refresh rule is tide's: the target is the top-B activated experts; when B or more experts
+    are activated the new set is exactly the top B, otherwise all activated ones plus the residents
+    with no tokens that fit, lowest id first (what keeping the best B of residents and target by
+    rank amounts to). Only per-layer-forward sums are kept; the cost model turns them into times.
+    """
+    from tidesim.policies.residency import refresh_steps
+
+    f_count, layers, experts = inp.activated.shape
+    n = len(options)
+    tau = np.array([t for t, _ in options], dtype=np.int64)
+    budget = np.array([b for _, b in options], dtype=np.int64)[:, None]          # [n, 1]
+    refresh = refresh_steps(workload, tau)                                        # [F, n]
+    current = np.zeros((n, layers, experts), dtype=bool)
+    shape = (f_count, n, layers)
+    copies, gpu_sum, gpu_n = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+    cpu_sum, cpu_max, cpu_min = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+    cpu_n, cpu_tok = np.zeros(shape), np.zeros(shape)
+    for f in range(f_count):
+        act = inp.activated[f]
+        rows = np.flatnonzero(refresh[f])
+        if rows.size:
+            old = current[rows]
+            b = budget[rows]                                                      # [r, 1]
+            n_act = act.sum(axis=-1)[None, :]                                     # [1, L]
+            idle = old & ~act
+            room = (b - n_act)[..., None]
+            keep_idle = idle & (np.cumsum(idle, axis=-1) <= room)
+            new = np.where((n_act >= b)[..., None], inp.rank[f][None] < b[..., None], act | keep_idle)
+            copies[f, rows] = (new & ~old).sum(axis=-1)
+            current[rows] = new
+        on_cpu = act & ~current
+        on_gpu = act & current
+        cpu_part = np.where(on_cpu, inp.cpu_s[f], np.inf)
+        gpu_sum[f] = np.einsum("nle,le->nl", on_gpu, inp.gpu_s[f])
+        gpu_n[f] = on_gpu.sum(axis=-1)
+        cpu_n[f] = on_cpu.sum(axis=-1)
+        cpu_sum[f] = np.einsum("nle,le->nl", on_cpu, inp.cpu_s[f])
+        low = cpu_part.min(axis=-1)
+        cpu_min[f] = np.where(np.isfinite(low), low, 0.0)
+        cpu_max[f] = np.where(on_cpu, inp.cpu_s[f], 0.0).max(axis=-1)
+        cpu_tok[f] = np.einsum("nle,le->nl", on_cpu, inp.tokens[f])
+    return _sync_layer_time(inp, copies, gpu_sum, gpu_n, cpu_sum, cpu_max, cpu_min, cpu_n, cpu_tok)
+
+
+def _sync_layer_time(inp: _TideInputs, copies: np.ndarray, gpu_sum: np.ndarray, gpu_n: np.ndarray,
+                     cpu_sum: np.ndarray, cpu_max: np.ndarray, cpu_min: np.ndarray, cpu_n: np.ndarray,
+                     cpu_tok: np.ndarray) -> np.ndarray:
+    """[n, L] per-layer totals from the cost model itself (tidesim.costmodel.estimate): the sums
+    are packed into its ScheduleCosts, with the n options' layers as n x L virtual layers (exact
+    because with synchronous copies only, a layer-forward's time depends on its own sums)."""
+    from tidesim.costmodel import estimate
+    from tidesim.sim.costs import ScheduleCosts
+
+    hw = inp.hw
+    f_count, n, layers = copies.shape
+    g = f_count * n * layers
+    flat = lambda a: np.ascontiguousarray(a, dtype=float).reshape(g)  # noqa: E731
+    launch = hw.gpu.launch_overhead_us * US
+    act_bytes = flat(cpu_tok) * inp.model.activation_bytes_per_token
+    res_h2d = np.asarray(hw.h2d_time(act_bytes), float)
+    grouped = flat(gpu_sum) + np.where(flat(gpu_n) > 0, launch, 0.0)
+    slows = float(hw.pcie.copy_slows_compute)
+    expert_copy = float(hw.h2d_time(float(inp.model.expert_bytes)))
+    zeros = np.zeros(g)
+    none_i = np.zeros(0, dtype=np.int64)
+    none_f = np.zeros(0)
+    costs = ScheduleCosts(
+        forwards=f_count, layers=n * layers, experts=inp.activated.shape[2], workers=max(int(hw.cpu.workers), 1),
+        engines=1 if hw.pcie.copy_engines <= 1 else 2, slows=slows, launch_s=launch,
+        expert_copy_s=expert_copy, expert_demote_s=float(hw.d2h_time(float(inp.model.expert_bytes))),
+        fwd_fixed=np.zeros(f_count), layer_fixed=inp.layer_fixed_s.astype(float),
+        sync_h2d=flat(copies) * expert_copy, demote_d2h=zeros, async_h2d=zeros, n_async=zeros,
+        act_d2h=np.asarray(hw.d2h_time(act_bytes), float), res_h2d=res_h2d, grouped=grouped,
+        slow_extra=slows * np.minimum(grouped, res_h2d) if slows > 0 else zeros,
+        cpu_sum=flat(cpu_sum), cpu_max=flat(cpu_max), cpu_min=flat(cpu_min), cpu_n=flat(cpu_n),
+        od_copy_sum=zeros, od_compute_sum=zeros, od_n=zeros,
+        cpu_g=none_i, cpu_expert=none_i, cpu_time=none_f, od_g=none_i, od_expert=none_i, od_compute=none_f,
+        gpu_g=none_i, gpu_expert=none_i, gpu_time=none_f, async_g=none_i, async_expert=none_i,
+    )
+    layer_time = estimate(costs).layer_time
+    assert layer_time is not None
+    return np.asarray(layer_time, dtype=float).reshape(n, layers)
+
+
 # ----- memory -------------------------------------------------------------------------------------
 
 
@@ -104,8 +277,9 @@ def default_budgets(slots: int, layers: int, experts: int) -> list[int]:
     return sorted(values)
 
 
-def parse_int_list(text: str, name: str) -> list[int]:
-    """'1..32', '1,2,4,8' or '8..64:8' (start..stop:step) -> sorted unique positive integers."""
+def parse_int_list(text: str, name: str, allow_zero: bool = False) -> list[int]:
+    """'1..32', '1,2,4,8' or '8..64:8' (start..stop:step) -> sorted unique positive integers
+    (non-negative with allow_zero, for prompt ids)."""
     out: set[int] = set()
     try:
         for part in text.split(","):
@@ -118,8 +292,9 @@ def parse_int_list(text: str, name: str) -> list[int]:
                 out.add(int(part))
     except ValueError:
         raise InputError(f"{name} must be integers like 1..32, 4,8,16 or 8..96:8, got {text!r}") from None
-    if not out or min(out) < 1:
-        raise InputError(f"{name} must be positive integers, got {text!r}")
+    if not out or min(out) < (0 if allow_zero else 1):
+        kind = "non-negative" if allow_zero else "positive"
+        raise InputError(f"{name} must be {kind} integers, got {text!r}")
     return sorted(out)
 
 
@@ -383,3 +558,125 @@ def _residency_paths(gpu: np.ndarray, cpu: np.ndarray, theta: np.ndarray, lam: n
         resident[f] = state
         state = np.where(state, ~from0[f], from1[f])
     return value, resident
+
+
+# ----- evaluation and the whole planning run ------------------------------------------------------
+
+
+def evaluate_plan(workload: Workload, hw: HardwareProfile, tau: np.ndarray, budget: np.ndarray,
+                  engine: str = "analytic") -> Metrics:
+    """Run the `planned` policy with these per-layer settings through an executor."""
+    from tidesim.policies import PolicyOptions, build_schedule
+    from tidesim.run import run
+
+    options = PolicyOptions(budget=np.asarray(budget, np.int64), tau=np.asarray(tau, np.int64), hw=hw,
+                            refresh="sync")
+    return run(workload, build_schedule("planned", workload, options), hw, engine=engine)
+
+
+def single_tau_sweep(workload: Workload, hw: HardwareProfile, taus: list[int], budget: int,
+                     engine: str = "analytic") -> dict[int, float]:
+    """Total time of `tide` with one tau and a uniform budget, for every candidate tau (the paper's
+    setting). Analytic: read off a one-budget cost table; sim: one simulation per distinct tau."""
+    from tidesim.policies import PolicyOptions, build_schedule, uniform
+    from tidesim.run import run
+
+    if engine == "analytic":
+        table = cost_table(workload, hw, taus, [budget])
+        return {int(t): float(v) for t, v in zip(table.taus, table.uniform_total_s()[:, 0], strict=True)}
+    same = distinct_taus(workload, taus)
+    times: dict[int, float] = {}
+    layers = workload.num_layers
+    for tau in sorted(set(same.values())):
+        options = PolicyOptions(budget=uniform(budget, layers), tau=uniform(tau, layers), hw=hw, refresh="sync")
+        times[tau] = run(workload, build_schedule("tide", workload, options), hw, engine=engine).total_time_s
+    return {t: times[same[t]] for t in sorted(taus)}
+
+
+def compare_on(workload: Workload, hw: HardwareProfile, prompts: list[int], tau: np.ndarray, budget: np.ndarray,
+               taus: list[int], uniform_b: int, engine: str) -> Evaluation:
+    """The plan against the best single-tau tide (chosen on these same prompts) with the same memory."""
+    plan_s = evaluate_plan(workload, hw, tau, budget, engine).total_time_s
+    sweep = single_tau_sweep(workload, hw, taus, uniform_b, engine)
+    best_tau = min(sweep, key=lambda t: (sweep[t], t))
+    tokens = workload.generated_tokens
+    best_s = sweep[best_tau]
+    return Evaluation(prompts=prompts, engine=engine, generated_tokens=tokens, plan_time_s=plan_s,
+                      plan_tokens_per_s=tokens / plan_s, best_single_tau=best_tau, best_single_tau_budget=uniform_b,
+                      best_single_tau_time_s=best_s, best_single_tau_tokens_per_s=tokens / best_s,
+                      speedup=best_s / plan_s)
+
+
+@dataclass
+class PlanOutcome:
+    """The plan plus what the command shows next to it."""
+
+    plan: Plan
+    table: CostTable
+    uniform_budget: int
+    tau_sweep: dict[int, float]          # calibration: total time of single-tau tide, uniform budget
+
+
+def split_prompts(all_prompts: list[int], calibrate: list[int] | None) -> tuple[list[int], list[int]]:
+    """Calibration prompts (default: the first half, at least one) and the held-out rest."""
+    if calibrate is None:
+        calibrate = all_prompts[: max(1, len(all_prompts) // 2)]
+    unknown = sorted(set(calibrate) - set(all_prompts))
+    if unknown:
+        raise InputError(f"prompt {unknown[0]} is not in the trace (it has prompts {all_prompts})")
+    return sorted(set(calibrate)), [p for p in all_prompts if p not in set(calibrate)]
+
+
+def make_plan(trace_path: Path, trace_name: str, hw: HardwareProfile, gpu_mem_gib: float, *,
+              global_tau: bool = False, taus: list[int] | None = None, budgets: list[int] | None = None,
+              time_limit_s: float | None = None, calibrate_prompts: list[int] | None = None,
+              engine: str = "analytic", oracle_iterations: int = 80,
+              progress: Callable[[Iterable[int]], Iterable[int]] | None = None) -> PlanOutcome:
+    """Everything `tidesim plan` does: cost table on the calibration prompts, MILP, oracle bound,
+    evaluation on calibration and held-out prompts, fingerprints."""
+    from tidesim.trace.io import read_trace
+    from tidesim.workload import workload_from_trace
+
+    if time_limit_s is not None and time_limit_s <= 0:
+        raise InputError(f"--time-limit must be positive, got {time_limit_s}")
+    trace = read_trace(trace_path)
+    model = trace.model
+    workload = workload_from_trace(trace)
+    calib, held = split_prompts(trace.prompt_ids, calibrate_prompts)
+    slots = expert_slots(model, gpu_mem_gib)
+    layers, experts = model.num_moe_layers, model.num_experts
+    taus = taus or list(range(1, 33))
+    budgets = budgets or default_budgets(slots, layers, experts)
+    if max(budgets) > experts:
+        raise InputError(f"--budgets must not exceed the model's {experts} experts per layer")
+    u = uniform_budget(slots, layers, experts)
+    calib_w = workload.select_prompts(calib)
+    table = cost_table(calib_w, hw, taus, sorted(set(budgets) | {u}), progress=progress)
+    result = solve_plan(table, slots, global_tau=global_tau, time_limit_s=time_limit_s)
+    if result.status not in ("optimal", "feasible"):
+        raise InputError(f"the solver found no plan ({result.status}); give a longer --time-limit")
+    layer_upper = table.layer_cost_s[np.arange(layers), _index_of(table.taus, result.tau, "tau"),
+                                     _index_of(table.budgets, result.budget, "budget")]
+    bound = oracle_bound(oracle_costs(calib_w, hw), result.budget, oracle_iterations, layer_upper)
+    sweep = {int(t): float(v) for t, v in
+             zip(table.taus, table.uniform_total_s()[:, int(np.flatnonzero(table.budgets == u)[0])], strict=True)}
+    calibration = compare_on(calib_w, hw, calib, result.tau, result.budget, taus, u, engine)
+    heldout = (compare_on(workload.select_prompts(held), hw, held, result.tau, result.budget, taus, u, engine)
+               if held else None)
+    notes = []
+    if engine == "analytic" and abs(calibration.plan_time_s - result.objective_s) > 1e-6 * result.objective_s:
+        notes.append(f"the cost model's time of the plan ({calibration.plan_time_s:.6g} s) differs from the "
+                     f"table's prediction ({result.objective_s:.6g} s): layer additivity does not hold")
+    plan = Plan(
+        model=model.name, hw=hw.name, trace=trace_name, mode="global-tau" if global_tau else "per-layer",
+        gpu_mem_gib=float(gpu_mem_gib), expert_slots=slots,
+        tau=[int(t) for t in result.tau], budget=[int(b) for b in result.budget],
+        objective_s=result.objective_s, oracle_bound_s=bound.bound_s,
+        gap=result.objective_s / bound.bound_s - 1 if bound.bound_s > 0 else None,
+        solver=SolverInfo("cbc (PuLP)", result.status, result.proven_optimal, result.wall_time_s, time_limit_s,
+                          result.bound_s),
+        fingerprints=Fingerprints(file_fingerprint(trace_path), profile_fingerprint(hw), model_fingerprint(model)),
+        taus=[int(t) for t in table.taus], budgets=[int(b) for b in table.budgets],
+        calibration=calibration, heldout=heldout, notes=notes,
+    )
+    return PlanOutcome(plan=plan, table=table, uniform_budget=u, tau_sweep=sweep)

@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "tidesim.cli.sweep_cmd",
     "tidesim.cli.simulate_cmd",
     "tidesim.cli.compare_cmd",
+    "tidesim.cli.plan_cmd",
 ]
 
 

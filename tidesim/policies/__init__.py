@@ -10,6 +10,7 @@ POLICY_MODULES: list[str] = [
     "tidesim.policies.fiddler",
     "tidesim.policies.tide",
     "tidesim.policies.tide_reference",
+    "tidesim.policies.planned",
     "tidesim.policies.oracle",
 ]
 

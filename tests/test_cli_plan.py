@@ -1,0 +1,62 @@
+"""`tidesim plan`: writes a valid plan, --json, exit 2 with one line and no file on bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from planner_cases import gib_for_slots, write_tiny_trace
+
+from tidesim.cli import main
+from tidesim.plan import load_plan
+
+
+def plan_args(trace: Path, out: Path, *extra: str, gib: float | None = None) -> list[str]:
+    return ["plan", "--trace", str(trace), "--hw", "h100-sxm-pcie5", "--gpu-mem-gib", str(gib or gib_for_slots(24)),
+            "--taus", "1..6", "--budgets", "2,4,8,12", "-o", str(out), *extra]
+
+
+def test_table_output_and_plan_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = write_tiny_trace(tmp_path)
+    out = tmp_path / "plan.json"
+    assert main(plan_args(trace, out, "--calibrate-prompts", "0,1")) == 0
+    text = capsys.readouterr().out
+    assert "solver: optimal" in text and "held-out" in text and "moe layer" in text and "gap" in text
+    plan = load_plan(out)
+    assert plan.mode == "per-layer" and plan.expert_slots == 24 and sum(plan.budget) <= 24
+    assert plan.heldout is not None and plan.heldout.prompts == [2]
+
+
+def test_json_and_global_tau(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = write_tiny_trace(tmp_path)
+    out = tmp_path / "plan.json"
+    assert main(plan_args(trace, out, "--global-tau", "--time-limit", "30", "--json")) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["plan"]["mode"] == "global-tau" and len(set(data["plan"]["tau"])) == 1
+    assert data["plan"]["solver"]["time_limit_s"] == 30 and data["plan"]["solver"]["status"] == "optimal"
+    assert [row["tau"] for row in data["tau_sweep"]] == list(range(1, 7))
+    assert load_plan(out).to_dict() == data["plan"]
+
+
+@pytest.mark.parametrize("extra, gib, message", [
+    ((), 1.3, "does not hold"),
+    (("--taus", "0..3"), None, "--taus must be positive"),
+    (("--budgets", "4,99"), None, "must not exceed"),
+    (("--time-limit", "0"), None, "--time-limit must be positive"),
+    (("--calibrate-prompts", "9"), None, "prompt 9 is not in the trace"),
+])
+def test_bad_input_exit_2_and_no_file(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: tuple[str, ...],
+                                      gib: float | None, message: str) -> None:
+    trace = write_tiny_trace(tmp_path)
+    out = tmp_path / "plan.json"
+    assert main(plan_args(trace, out, *extra, gib=gib)) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.parquet"]
+
+
+def test_missing_trace(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(plan_args(tmp_path / "none.parquet", tmp_path / "p.json")) == 2
+    assert "none.parquet" in capsys.readouterr().err

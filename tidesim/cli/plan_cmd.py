@@ -1,0 +1,103 @@
+"""`tidesim plan`: choose per-layer refresh intervals and GPU expert budgets (MILP) -> plan.json."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from tidesim.bundled.paths import resolve_trace
+from tidesim.cli.output import format_table, print_json, progress
+from tidesim.errors import InputError
+from tidesim.hardware import get_profile
+from tidesim.plan import Evaluation
+from tidesim.planner import PlanOutcome, make_plan, parse_int_list
+from tidesim.run import ENGINES
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan", help="choose per-layer refresh intervals and GPU expert budgets (MILP) -> plan.json",
+        description="Build a cost table of `tide` per MoE layer, interval and budget with the analytic cost "
+                    "model on the calibration prompts, pick one (tau, budget) per layer under the GPU memory "
+                    "budget with a MILP (PuLP + CBC), bound it from below with an oracle over all refresh "
+                    "schedules, and evaluate it on the held-out prompts. See docs/planner.md.")
+    p.add_argument("--trace", required=True, metavar="T", help="trace file, or a bundled trace name")
+    p.add_argument("--hw", required=True, metavar="H", help="hardware profile name (`tidesim hw list`) or YAML path")
+    p.add_argument("--gpu-mem-gib", type=float, required=True, metavar="G",
+                   help="GPU memory budget in GiB (non-expert weights, experts and a reserve of max(1.5 GB, 10%%))")
+    p.add_argument("--global-tau", action="store_true", help="one interval for all layers (budgets still per layer)")
+    p.add_argument("--taus", default="1..32", metavar="LIST", help="candidate intervals, e.g. 1..32 or 1,2,4,8")
+    p.add_argument("--budgets", metavar="LIST",
+                   help="candidate budgets per layer, e.g. 42,84,126 or 21..168:21 (default: a grid from a "
+                        "quarter to twice the uniform budget that fits)")
+    p.add_argument("--time-limit", type=float, metavar="S", help="CBC time limit in seconds (default: none)")
+    p.add_argument("--calibrate-prompts", metavar="0,1",
+                   help="prompts the plan is chosen on (default: the first half); the rest are held out")
+    p.add_argument("--engine", choices=ENGINES, default="analytic",
+                   help="executor for the calibration and held-out evaluation (default: analytic)")
+    p.add_argument("--oracle-iterations", type=int, default=80, metavar="N",
+                   help="subgradient steps of the oracle lower bound (default: 80)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="plan file to write (JSON)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.oracle_iterations < 1:
+        raise InputError("--oracle-iterations must be at least 1")
+    output = Path(args.output)
+    if output.is_dir():
+        raise InputError(f"{output} is a folder; give a file name for the plan")
+    trace_path = resolve_trace(args.trace)
+    hw = get_profile(args.hw)
+    calibrate = parse_int_list(args.calibrate_prompts, "--calibrate-prompts", allow_zero=True) \
+        if args.calibrate_prompts else None
+    outcome = make_plan(
+        trace_path, args.trace, hw, args.gpu_mem_gib, global_tau=args.global_tau,
+        taus=parse_int_list(args.taus, "--taus"),
+        budgets=parse_int_list(args.budgets, "--budgets") if args.budgets else None,
+        time_limit_s=args.time_limit, calibrate_prompts=calibrate, engine=args.engine,
+        oracle_iterations=args.oracle_iterations,
+        progress=lambda items: progress(items, desc="cost table"),
+    )
+    outcome.plan.save(output)
+    if args.json:
+        print_json({"plan_file": str(output), "plan": outcome.plan.to_dict(), "uniform_budget": outcome.uniform_budget,
+                    "tau_sweep": [{"tau": t, "time_s": s, "tokens_per_s": outcome.table.generated_tokens / s}
+                                  for t, s in outcome.tau_sweep.items()]})
+        return 0
+    print_report(outcome, output)
+    return 0
+
+
+def _eval_row(name: str, ev: Evaluation | None) -> list[Any]:
+    if ev is None:
+        return [name, "-", "-", "-", "-", "-"]
+    best = f"tau {ev.best_single_tau}, B {ev.best_single_tau_budget}"
+    return [name, ",".join(map(str, ev.prompts)), ev.plan_tokens_per_s, best, ev.best_single_tau_tokens_per_s,
+            f"{ev.speedup:.3f}x"]
+
+
+def print_report(outcome: PlanOutcome, output: Path) -> None:
+    p = outcome.plan
+    s = p.solver
+    print(f"{p.model} on {p.hw}, {p.gpu_mem_gib:g} GiB: {p.expert_slots} expert slots "
+          f"(uniform budget {outcome.uniform_budget} per layer); mode {p.mode}")
+    print(f"solver: {s.status} in {s.wall_time_s:.2f} s; predicted {p.objective_s:.4f} s on the calibration prompts "
+          f"(MILP bound {s.milp_bound_s:.4f} s)")
+    gap = "-" if p.gap is None else f"{100 * p.gap:.1f}%"
+    print(f"oracle lower bound (any refresh schedule with these budgets): {p.oracle_bound_s:.4f} s; gap {gap}")
+    print()
+    rows = [[i, t, b] for i, (t, b) in enumerate(zip(p.tau, p.budget, strict=True))]
+    print(format_table(["moe layer", "tau", "budget"], rows))
+    print()
+    print(format_table(["prompts", "ids", "plan tok/s", "best single tau", "its tok/s", "speedup"],
+                       [_eval_row("calibration", p.calibration), _eval_row("held-out", p.heldout)]))
+    print()
+    tokens = outcome.table.generated_tokens
+    print(f"single-tau tide on the calibration prompts, budget {outcome.uniform_budget} per layer:")
+    print(format_table(["tau", "time s", "tok/s"], [[t, v, tokens / v] for t, v in outcome.tau_sweep.items()]))
+    for note in p.notes:
+        print(f"note: {note}")
+    print(f"plan: {output}")
