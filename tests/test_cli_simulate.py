@@ -123,3 +123,13 @@ def test_default_budget_comes_from_gpu_memory(capsys):
     data = json.loads(out)
     assert data["inputs"]["budget"] == 128 and "capped at 128" in data["inputs"]["budget_source"]
     assert any("roofline" in n for n in data["metrics"]["notes"])
+
+
+def test_compare_skips_a_policy_that_refuses_the_budget(capsys, files):
+    tr, hw = files
+    code, out, _ = cli(capsys, "compare", "--trace", tr, "--hw", hw, "--budget", "0", "--json")
+    data = json.loads(out)
+    assert code == 0 and "full-swap" not in [p["policy"] for p in data["policies"]]
+    assert any(n.startswith("full-swap skipped:") for n in data["notes"])
+    code, _, err = cli(capsys, "compare", "--trace", tr, "--hw", hw, "--budget", "0", "--policies", "full-swap")
+    assert code == 2 and "at least 1 expert slot" in err

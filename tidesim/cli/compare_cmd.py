@@ -40,14 +40,21 @@ def main(args: argparse.Namespace) -> int:
     if args.figure and not args.figure.lower().endswith(FIGURE_SUFFIXES):
         raise InputError(f"--figure must end in one of {', '.join(FIGURE_SUFFIXES)}")
     setup = load_setup(args, names)
-    metrics = [run_policy(setup, name) for name in progress(names, desc="policies", total=len(names))]
+    metrics, skipped = [], []
+    for name in progress(names, desc="policies", total=len(names)):
+        try:
+            metrics.append(run_policy(setup, name))
+        except InputError as exc:       # e.g. full-swap with a budget of 0: report, run the others
+            skipped.append(f"{name} skipped: {exc}")
+    if not metrics:
+        raise InputError(skipped[0])
     comp = compare(metrics)
     d = setup.describe()
     title = (f"{d['model']}, {d['kv_cache']} KV cache, {d['hw']}, budget {d['budget']}, tau {d['tau']} "
              f"({d['refresh']} refresh), {d['engine']}")
     if args.figure:
         breakdown_figure(comp, args.figure, title)
-    notes = sorted({n for m in metrics for n in m.notes})
+    notes = skipped + sorted({n for m in metrics for n in m.notes})
     if args.json:
         out = {"inputs": d, **comparison_json(comp), "notes": notes}
         if args.figure:
