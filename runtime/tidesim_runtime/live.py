@@ -1,0 +1,126 @@
+"""Live mode and the lossless check: the reference model decodes with its own routing, and every
+MoE layer's routed experts run through the executor, placed as a policy's Schedule says.
+
+1. A plain single-device decode (the model's own expert loop) gives the reference tokens and,
+   through the capture hooks, the routing of every forward.
+2. The policy turns that routing into a Schedule (policies are causal: each placement depends
+   only on routing seen so far, so using the whole decode's routing changes nothing).
+3. The same prompt is decoded again with every MoE block's expert runner replaced by the
+   executor: GPU-resident experts in slots (grouped kernel), copies through the copy engine,
+   CPU experts on the worker pool. At each layer the live routing must equal the routing the
+   Schedule was made for (checked), and the decoded tokens must equal the reference tokens.
+
+Any difference is a lossless failure (a pair computed twice, dropped, or with other weights).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tidesim.metrics import Metrics
+from tidesim.policies import PolicyOptions, build_schedule
+from tidesim.schedule import Schedule
+from tidesim.workload import Workload, workload_from_trace
+from tidesim_runtime.capture import CaptureSettings, capture_trace
+from tidesim_runtime.device import DeviceInfo
+from tidesim_runtime.executor import Executor, LayerRouting
+from tidesim_runtime.generate import DecodeConfig, ForwardRecord, generate
+from tidesim_runtime.model import LLaDA2Model, SparseMoeBlock
+from tidesim_runtime.weights import host_experts_from, plan_slots
+
+
+class RoutingMismatch(RuntimeError):
+    """The live routing differs from the routing the Schedule was made for."""
+
+
+@dataclass
+class LosslessResult:
+    """One policy's live decode against the plain decode."""
+
+    policy: str
+    kv_cache: str
+    identical: bool
+    reference_tokens: list[int]
+    live_tokens: list[int]
+    forwards: int
+    metrics: Metrics | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+def stacked_experts(block: SparseMoeBlock) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block's experts as w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I]."""
+    w13 = torch.stack([torch.cat([m.gate_proj.weight, m.up_proj.weight], dim=0) for m in block.experts])
+    w2 = torch.stack([m.down_proj.weight for m in block.experts])
+    return w13.detach(), w2.detach()
+
+
+def reference_decode(model: LLaDA2Model, prompt: Sequence[int], cfg: DecodeConfig) -> tuple[list[int], Workload]:
+    """Tokens of a plain decode and the workload of its routing."""
+    settings = CaptureSettings(weights="reference model", compute_dtype=str(model.dtype).replace("torch.", ""))
+    trace, outputs = capture_trace(model, model.spec, [list(prompt)], cfg, settings, seed=None)
+    return outputs[0], workload_from_trace(trace)
+
+
+def live_decode(model: LLaDA2Model, prompt: Sequence[int], cfg: DecodeConfig, workload: Workload,
+                schedule: Schedule, device: DeviceInfo) -> tuple[list[int], Metrics]:
+    """Decode through the executor with `schedule`'s placement; returns tokens and measured metrics."""
+    spec = model.spec
+    blocks = model.moe_blocks()
+    host = host_experts_from(spec, [stacked_experts(b) for _, b in blocks], pin=device.is_cuda)
+    plan = plan_slots(schedule)
+    executor = Executor(spec, len(blocks), device, max_tokens=int(workload.tokens.max()),
+                        max_context=int(workload.context.max()), forward_fixed=False, host_experts=host)
+    state = {"forward": 0}
+    saved = [b.expert_runner for _, b in blocks]
+
+    def runner_for(layer: int):  # type: ignore[no-untyped-def]
+        def run(block: SparseMoeBlock, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            f = state["forward"]
+            flat = idx.reshape(-1)
+            order = torch.argsort(flat, stable=True)
+            counts = torch.bincount(flat, minlength=spec.num_experts).cpu().numpy().astype(np.int64)
+            if f >= workload.num_forwards or not np.array_equal(counts, workload.expert_tokens[f, layer]):
+                raise RoutingMismatch(f"forward {f} MoE layer {layer}: the live routing differs from the "
+                                      "routing the schedule was made for")
+            routing = LayerRouting(tokens=order // idx.shape[1], weights=w.reshape(-1)[order].to(x.dtype),
+                                   counts=counts)
+            return executor.moe_layer(x, layer, 0, routing, plan.layers[f][layer], moe_in=x)
+        return run
+
+    def on_forward(_: ForwardRecord) -> None:
+        state["forward"] += 1
+
+    try:
+        executor.prepare_slots(plan)
+        for i, (_, block) in enumerate(blocks):
+            block.expert_runner = runner_for(i)
+        executor.begin()
+        result = generate(model, list(prompt), cfg, spec.mask_token_id, spec.eos_token_id, on_forward)
+        record = executor.finish()
+    finally:
+        for (_, block), fn in zip(blocks, saved, strict=True):
+            block.expert_runner = fn
+        executor.close()
+    return result.generated, executor.metrics(workload, schedule, record, plan)
+
+
+def lossless_check(model: LLaDA2Model, prompt: Sequence[int], cfg: DecodeConfig, policy: str,
+                   options: PolicyOptions, device: DeviceInfo) -> LosslessResult:
+    """Plain decode vs live decode through the executor under `policy`."""
+    ref_tokens, workload = reference_decode(model, prompt, cfg)
+    schedule = build_schedule(policy, workload, options)
+    problems: list[str] = []
+    try:
+        live_tokens, metrics = live_decode(model, prompt, cfg, workload, schedule, device)
+    except RoutingMismatch as exc:
+        return LosslessResult(policy, cfg.kv_cache, False, ref_tokens, [], workload.num_forwards, None, [str(exc)])
+    if live_tokens != ref_tokens:
+        first = next((i for i, (a, b) in enumerate(zip(ref_tokens, live_tokens, strict=False)) if a != b),
+                     min(len(ref_tokens), len(live_tokens)))
+        problems.append(f"tokens differ from position {first}")
+    return LosslessResult(policy, cfg.kv_cache, not problems, ref_tokens, live_tokens, workload.num_forwards,
+                          metrics, problems)

@@ -1,0 +1,230 @@
+"""Streams, copy engines and events, for a CUDA GPU or for the CPU playing the GPU.
+
+The executor issues work in one order and waits on markers; the backend decides what that means:
+
+- CudaBackend: the compute stream runs kernels asynchronously; copies go on their own streams
+  (H2D demand, H2D background at low priority, D2H) and order themselves with CUDA events; the
+  host blocks only where it must read something. Phase boundaries are CUDA timing events.
+- HostBackend (cpu-as-gpu): "GPU" work runs synchronously in the calling thread; a copy thread
+  plays the copy engine, serving demand copies before background ones (a copy in progress is
+  never interrupted, as on a DMA engine); markers are threading events; times are host clock.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+H2D, D2H = "h2d", "d2h"
+
+
+@dataclass
+class Marker:
+    """A point in some stream's work: done once everything issued before it there is done."""
+
+    event: Any = None                     # torch.cuda.Event (CUDA)
+    flag: threading.Event | None = None   # host backend
+    error: list[BaseException] = field(default_factory=list)
+
+    def done(self) -> bool:
+        if self.flag is not None:
+            return self.flag.is_set()
+        return bool(self.event.query()) if self.event is not None else True
+
+
+class Backend:
+    """The operations the executor needs; see the module docstring."""
+
+    is_cuda = False
+
+    def mark(self) -> Marker:
+        raise NotImplementedError
+
+    def compute_wait(self, markers: list[Marker]) -> None:
+        raise NotImplementedError
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, direction: str, background: bool = False,
+             after: list[Marker] | None = None) -> Marker:
+        raise NotImplementedError
+
+    def host_wait(self, marker: Marker) -> None:
+        raise NotImplementedError
+
+    def timepoint(self) -> Any:
+        raise NotImplementedError
+
+    def elapsed(self, a: Any, b: Any) -> float:
+        """Seconds between two timepoints (after synchronize())."""
+        raise NotImplementedError
+
+    def synchronize(self) -> None:
+        raise NotImplementedError
+
+    def copy_busy_s(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def reset_counters(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class CudaBackend(Backend):
+    """CUDA streams and events (see the module docstring)."""
+
+    is_cuda = True
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.compute = torch.cuda.current_stream(device)
+        lo, hi = torch.cuda.Stream.priority_range()  # (lowest, highest), numerically hi < lo
+        self.h2d = torch.cuda.Stream(device, priority=hi)
+        self.h2d_bg = torch.cuda.Stream(device, priority=lo)
+        self.d2h = torch.cuda.Stream(device, priority=hi)
+        self._copy_events: list[tuple[str, Any, Any]] = []
+
+    def mark(self) -> Marker:
+        ev = torch.cuda.Event()
+        ev.record(self.compute)
+        return Marker(event=ev)
+
+    def compute_wait(self, markers: list[Marker]) -> None:
+        for m in markers:
+            if m.event is not None:
+                self.compute.wait_event(m.event)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, direction: str, background: bool = False,
+             after: list[Marker] | None = None) -> Marker:
+        stream = self.d2h if direction == D2H else (self.h2d_bg if background else self.h2d)
+        for m in after or []:
+            if m.event is not None:
+                stream.wait_event(m.event)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(stream):
+            start.record(stream)
+            dst.copy_(src, non_blocking=True)
+            end.record(stream)
+        self._copy_events.append((direction, start, end))
+        return Marker(event=end)
+
+    def host_wait(self, marker: Marker) -> None:
+        if marker.event is not None:
+            marker.event.synchronize()
+
+    def timepoint(self) -> Any:
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(self.compute)
+        return ev
+
+    def elapsed(self, a: Any, b: Any) -> float:
+        return float(a.elapsed_time(b)) / 1e3
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def copy_busy_s(self) -> dict[str, float]:
+        self.synchronize()
+        out = {H2D: 0.0, D2H: 0.0}
+        for direction, a, b in self._copy_events:
+            out[direction] += float(a.elapsed_time(b)) / 1e3
+        return out
+
+    def reset_counters(self) -> None:
+        self._copy_events.clear()
+
+
+class HostBackend(Backend):
+    """The CPU plays the GPU: synchronous compute, one copy thread as the copy engine."""
+
+    def __init__(self) -> None:
+        self._queue: list[tuple[int, int, Callable[[], None]]] = []
+        self._cv = threading.Condition()
+        self._seq = itertools.count()
+        self._busy = {H2D: 0.0, D2H: 0.0}
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, name="tidesim-copy-engine", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        torch.set_num_threads(1)
+        while True:
+            with self._cv:
+                while not self._queue and not self._closed:
+                    self._cv.wait()
+                if self._closed and not self._queue:
+                    return
+                _, _, job = heapq.heappop(self._queue)
+            job()
+
+    def mark(self) -> Marker:
+        flag = threading.Event()
+        flag.set()  # compute is synchronous: everything issued so far is done
+        return Marker(flag=flag)
+
+    def compute_wait(self, markers: list[Marker]) -> None:
+        for m in markers:
+            self.host_wait(m)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, direction: str, background: bool = False,
+             after: list[Marker] | None = None) -> Marker:
+        marker = Marker(flag=threading.Event())
+        deps = list(after or [])
+
+        def job() -> None:
+            try:
+                for m in deps:
+                    self.host_wait(m)
+                t0 = time.perf_counter()
+                dst.copy_(src)
+                self._busy[direction] += time.perf_counter() - t0
+            except BaseException as exc:  # surfaced by host_wait in the issuing thread
+                marker.error.append(exc)
+            finally:
+                assert marker.flag is not None
+                marker.flag.set()
+
+        with self._cv:
+            heapq.heappush(self._queue, (1 if background else 0, next(self._seq), job))
+            self._cv.notify()
+        return marker
+
+    def host_wait(self, marker: Marker) -> None:
+        if marker.flag is not None:
+            marker.flag.wait()
+        if marker.error:
+            raise marker.error[0]
+
+    def timepoint(self) -> Any:
+        return time.perf_counter()
+
+    def elapsed(self, a: Any, b: Any) -> float:
+        return float(b - a)
+
+    def synchronize(self) -> None:
+        done = self.copy(torch.empty(0), torch.empty(0), H2D, background=True)
+        self.host_wait(done)
+
+    def copy_busy_s(self) -> dict[str, float]:
+        self.synchronize()
+        return dict(self._busy)
+
+    def reset_counters(self) -> None:
+        self._busy = {H2D: 0.0, D2H: 0.0}
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+
+def make_backend(device: torch.device) -> Backend:
+    return CudaBackend(device) if device.type == "cuda" else HostBackend()

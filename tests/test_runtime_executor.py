@@ -1,0 +1,297 @@
+"""The runtime executor: slot plans, copy engine, CPU pool, replay metrics and the lossless check.
+
+Everything runs with the GPU side on the CPU (cpu-as-gpu) on tiny shapes; the CUDA test skips
+without a GPU.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tidesim_runtime import device as device_mod  # noqa: E402
+from tidesim_runtime import executor as executor_mod  # noqa: E402
+from tidesim_runtime.cpu_pool import CPUPool, ExpertTask  # noqa: E402
+from tidesim_runtime.device import select_device  # noqa: E402
+from tidesim_runtime.executor import Executor, LayerRouting, check_memory, first_layers, replay_routing  # noqa: E402
+from tidesim_runtime.kernels import grouped_experts, swiglu  # noqa: E402
+from tidesim_runtime.streams import D2H, H2D, HostBackend, Marker  # noqa: E402
+from tidesim_runtime.weights import AFTER_GROUPED, ExpertBank, plan_slots  # noqa: E402
+
+from tidesim.errors import InputError  # noqa: E402
+from tidesim.hardware import get_profile  # noqa: E402
+from tidesim.models import PRESETS  # noqa: E402
+from tidesim.policies import PolicyOptions, build_schedule, uniform  # noqa: E402
+from tidesim.run import run  # noqa: E402
+from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, COPY_SYNC_REFRESH, CPU, GPU, IDLE, Schedule  # noqa: E402
+from tidesim.workload import Workload  # noqa: E402
+
+SPEC = PRESETS["tiny"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_workload(forwards: int = 6, tokens: int = 8, seed: int = 0) -> Workload:
+    """Each token picks top_k distinct experts, skewed toward low ids; prefix-cache-like forwards."""
+    rng = np.random.default_rng(seed)
+    L, E, k = SPEC.num_moe_layers, SPEC.num_experts, SPEC.top_k
+    et = np.zeros((forwards, L, E), dtype=np.int32)
+    p = np.linspace(2.0, 0.5, E)
+    p /= p.sum()
+    for f in range(forwards):
+        for layer in range(L):
+            for _ in range(tokens):
+                et[f, layer, rng.choice(E, size=k, replace=False, p=p)] += 1
+    ar = np.arange(forwards, dtype=np.int64)
+    return Workload(model=SPEC, kv_cache="prefix", tokens=np.full(forwards, tokens), context=np.full(forwards, 24),
+                    committed=np.full(forwards, 2), prompt=np.zeros(forwards, np.int64), block=ar // 3,
+                    step=ar % 3, expert_tokens=et)
+
+
+def schedule_for(policy: str, wl: Workload, budget: int = 6, refresh: str = "sync") -> Schedule:
+    hw = get_profile("h100-sxm-pcie5")
+    opts = PolicyOptions(budget=uniform(budget, wl.num_layers), tau=uniform(2, wl.num_layers), hw=hw,
+                         refresh=refresh)
+    return build_schedule(policy, wl, opts)
+
+
+def manual_schedule(placement: list[list[int]], copy: list[list[int]], resident: list[list[bool]],
+                    initial: list[bool], budget: int, demote: list[list[bool]] | None = None) -> Schedule:
+    """A one-layer schedule from per-forward rows."""
+    pl = np.array(placement, dtype=np.int8)[:, None, :]
+    f, _, e = pl.shape
+    return Schedule(policy="manual", budget=np.array([budget]), initial_resident=np.array([initial]),
+                    placement=pl, copy=np.array(copy, dtype=np.int8)[:, None, :],
+                    demote=np.zeros((f, 1, e), bool) if demote is None else np.array(demote)[:, None, :],
+                    resident=np.array(resident)[:, None, :])
+
+
+# ----- slot plan ------------------------------------------------------------------------------
+def test_slot_plan_sync_refresh_reuses_the_freed_slot() -> None:
+    # experts 0,1 resident in slots 0,1; forward 0 drops 1 (demoted) and refreshes 2 in; 1 runs on CPU
+    s = manual_schedule(placement=[[GPU, CPU, GPU, IDLE]], copy=[[0, 0, COPY_SYNC_REFRESH, 0]],
+                        resident=[[True, False, True, False]], initial=[True, True, False, False], budget=2,
+                        demote=[[False, True, False, False]])
+    plan = plan_slots(s)
+    lp = plan.layers[0][0]
+    assert plan.initial_slots == [{0: 0, 1: 1}]
+    assert lp.demotes == [(1, 1)]
+    assert [(op.expert, op.slot) for op in lp.sync] == [(2, 1)]
+    assert lp.grouped == [(0, 0), (2, 1)]
+    assert lp.cpu == [1]
+    assert plan.pool_size == [2] and plan.spare == [0]
+
+
+def test_slot_plan_on_demand_passes_through_when_budget_is_short() -> None:
+    # budget 1, three experts copied on demand in one forward: slot 0 serves them one after another
+    s = manual_schedule(placement=[[GPU, GPU, GPU]], copy=[[COPY_ON_DEMAND] * 3],
+                        resident=[[False, False, True]], initial=[False, False, False], budget=1)
+    lp = plan_slots(s).layers[0][0]
+    assert [(op.expert, op.slot, op.wait) for op in lp.on_demand] == [(0, 0, -2), (1, 0, 0), (2, 0, 1)]
+
+
+def test_slot_plan_async_copy_waits_for_the_leaving_experts_last_run() -> None:
+    # expert 0 resident and used this forward, replaced asynchronously by expert 1
+    s = manual_schedule(placement=[[GPU, CPU]], copy=[[0, COPY_ASYNC_REFRESH]], resident=[[False, True]],
+                        initial=[True, False], budget=1)
+    lp = plan_slots(s).layers[0][0]
+    assert lp.grouped == [(0, 0)]
+    assert [(op.expert, op.slot, op.wait) for op in lp.background] == [(1, 0, AFTER_GROUPED)]
+
+
+def test_slot_plan_counts_spare_slots_beyond_the_budget() -> None:
+    # two synchronous copies into a budget of 1 (an over-full schedule): one spare slot
+    s = manual_schedule(placement=[[GPU, GPU]], copy=[[COPY_SYNC_REFRESH, COPY_SYNC_REFRESH]],
+                        resident=[[True, False]], initial=[False, False], budget=1)
+    plan = plan_slots(s)
+    assert plan.pool_size == [2] and plan.spare == [1]
+
+
+@pytest.mark.parametrize("policy,refresh", [("full-swap", "sync"), ("tide", "sync"), ("tide", "async"),
+                                            ("fiddler", "sync"), ("cpu-routing", "sync")])
+def test_slot_plan_keeps_residents_in_distinct_slots(policy: str, refresh: str) -> None:
+    wl = tiny_workload()
+    s = schedule_for(policy, wl, budget=4, refresh=refresh)
+    plan = plan_slots(s)
+    for f in range(wl.num_forwards):
+        for layer in range(wl.num_layers):
+            lp = plan.layers[f][layer]
+            slots = [sl for _, sl in lp.grouped]
+            assert len(slots) == len(set(slots))
+            assert sorted([e for e, _ in lp.grouped] + [op.expert for op in lp.on_demand] + lp.cpu) == \
+                np.flatnonzero(wl.expert_tokens[f, layer]).tolist()
+
+
+# ----- kernels, copy engine, CPU pool ---------------------------------------------------------------
+def test_grouped_experts_equals_one_swiglu_per_expert() -> None:
+    gen = torch.Generator().manual_seed(0)
+    bank = ExpertBank.empty(SPEC, 5, torch.device("cpu"), torch.float32)
+    bank.flat.copy_(torch.randn(bank.flat.shape, generator=gen))
+    x = torch.randn(7, SPEC.hidden_size, generator=gen)
+    counts, slots = [3, 0, 4], [4, 1, 2]
+    y = grouped_experts(x, counts, slots, bank.w13, bank.w2, "loop")
+    want = torch.cat([swiglu(x[:3], bank.w13[4], bank.w2[4]), swiglu(x[3:], bank.w13[2], bank.w2[2])])
+    torch.testing.assert_close(y, want)
+
+
+def test_host_copy_engine_serves_demand_before_background() -> None:
+    """While the engine is held, a background copy then a demand copy into the same buffer are
+    queued; demand goes first, so the background value is the one left (FIFO would leave 2)."""
+    be = HostBackend()
+    try:
+        gate = threading.Event()
+        held = be.copy(torch.empty(1), torch.empty(1), H2D, after=[Marker(flag=gate)])
+        dst = torch.zeros(4)
+        bg = be.copy(dst, torch.full((4,), 1.0), H2D, background=True)
+        demand = be.copy(dst, torch.full((4,), 2.0), D2H)
+        time.sleep(0.02)
+        assert not bg.done() and not demand.done()
+        gate.set()
+        for m in (held, demand, bg):
+            be.host_wait(m)
+        assert torch.equal(dst, torch.full((4,), 1.0))
+        busy = be.copy_busy_s()
+        assert busy[H2D] > 0 and busy[D2H] > 0
+    finally:
+        be.close()
+
+
+def test_cpu_pool_runs_longest_first_and_waits_for_activations() -> None:
+    pool = CPUPool(workers=1, threads=1)
+    try:
+        seen: list[int] = []
+        ready = threading.Event()
+        tasks = [ExpertTask(3, 0, 1), ExpertTask(1, 1, 5), ExpertTask(2, 5, 7), ExpertTask(0, 7, 11)]
+        job = pool.submit(tasks, lambda t: seen.append(t.expert), before=ready.wait)
+        time.sleep(0.05)
+        assert seen == []  # nothing ran before the activations arrived
+        ready.set()
+        job.wait()
+        assert seen == [0, 1, 2, 3]  # 4 tokens (id 0), 4 tokens (id 1), 2 tokens, 1 token
+    finally:
+        pool.close()
+
+
+# ----- replay ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_executor():
+    torch.set_num_threads(1)
+    wl = tiny_workload()
+    dev = select_device("cpu")
+    ex = Executor(SPEC, wl.num_layers, dev, max_tokens=int(wl.tokens.max()), max_context=int(wl.context.max()))
+    yield ex, wl
+    ex.close()
+
+
+@pytest.mark.parametrize("policy,refresh", [("all-gpu", "sync"), ("full-swap", "sync"), ("cpu-routing", "sync"),
+                                            ("fiddler", "sync"), ("tide", "sync"), ("tide", "async")])
+def test_replay_counts_match_the_simulator(tiny_executor, policy: str, refresh: str) -> None:
+    ex, wl = tiny_executor
+    s = schedule_for(policy, wl, budget=5, refresh=refresh)
+    measured = ex.replay(wl, s, warmup=1)
+    predicted = run(wl, s, get_profile("h100-sxm-pcie5"), engine="sim")
+    for name in ("gpu_tokens", "cpu_tokens", "expert_copies", "refresh_copies", "forwards", "generated_tokens"):
+        assert getattr(measured, name) == getattr(predicted, name), name
+    assert measured.h2d_bytes == pytest.approx(predicted.h2d_bytes)
+    assert measured.d2h_bytes == pytest.approx(predicted.d2h_bytes)
+    assert measured.hit_ratio == pytest.approx(predicted.hit_ratio)
+    assert measured.engine == "runtime" and measured.total_time_s > 0
+    assert sum(measured.breakdown_s.values()) == pytest.approx(measured.total_time_s, rel=1e-9)
+    assert set(measured.breakdown_s) == set(predicted.breakdown_s)
+    assert len(measured.layer_time_s) == wl.num_layers
+    assert measured.step_time_s == pytest.approx(measured.total_time_s / wl.num_forwards)
+    if policy in ("all-gpu", "full-swap"):
+        assert measured.busy_s["cpu"] == 0.0
+    if policy == "cpu-routing":
+        assert measured.busy_s["cpu"] > 0 and measured.busy_s["h2d"] > 0  # results come back up
+
+
+def test_moe_layer_output_does_not_depend_on_placement(tiny_executor) -> None:
+    """The same routed pairs give the same output whether experts run grouped, on demand or on
+    the CPU (every pair computed exactly once)."""
+    ex, wl = tiny_executor
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(8, SPEC.hidden_size, generator=gen)
+    counts = wl.expert_tokens[0, 0].astype(np.int64)
+    routing = replay_routing(counts, 8, SPEC.top_k, torch.device("cpu"), torch.float32)
+    routing = LayerRouting(routing.tokens, torch.rand(routing.tokens.shape[0], generator=gen), counts)
+    want = torch.zeros(8, SPEC.hidden_size)
+    host = ex.host[0]
+    offs = routing.offsets
+    for e in np.flatnonzero(counts):
+        tok = routing.tokens[offs[e]:offs[e + 1]]
+        want.index_add_(0, tok, swiglu(x[tok], host.w13[e], host.w2[e]) * routing.weights[offs[e]:offs[e + 1], None])
+    outs = []
+    for policy in ("all-gpu", "cpu-routing", "full-swap", "fiddler"):
+        s = schedule_for(policy, wl, budget=3)
+        plan = plan_slots(s)
+        ex.prepare_slots(plan)
+        ex.begin()
+        outs.append(ex.moe_layer(x, 0, 0, routing, plan.layers[0][0], moe_in=x))
+        ex.finish()
+    for out in outs:
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_replay_rejects_a_workload_with_other_layers(tiny_executor) -> None:
+    ex, wl = tiny_executor
+    sub = first_layers(wl, 2)
+    with pytest.raises(InputError, match="MoE layers"):
+        ex.replay(sub, schedule_for("all-gpu", sub))
+
+
+def test_first_layers_keeps_routing_and_renames_the_model() -> None:
+    wl = tiny_workload()
+    sub = first_layers(wl, 2)
+    assert sub.num_layers == 2 and sub.model.num_moe_layers == 2
+    assert np.array_equal(sub.expert_tokens, wl.expert_tokens[:, :2])
+    assert "2 of 3 MoE layers" in sub.model.name
+    assert first_layers(wl, 3) is wl
+    with pytest.raises(InputError, match="--layers"):
+        first_layers(wl, 4)
+
+
+# ----- bad input before any work ----------------------------------------------------------------
+def test_memory_check_names_the_layers_that_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    mini = PRESETS["llada2-mini"]
+    dev = select_device("cpu")
+    monkeypatch.setattr(executor_mod, "host_memory_available", lambda: 8 * 2**30)
+    with pytest.raises(InputError, match=r"host memory.*--layers"):
+        check_memory(mini, 19, dev, slots_per_layer=128, max_tokens=32, max_context=512)
+    check_memory(mini, 1, dev, slots_per_layer=16, max_tokens=32, max_context=512)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
+def test_cuda_requested_without_a_gpu_is_an_input_error() -> None:
+    with pytest.raises(InputError, match="no CUDA GPU"):
+        select_device("cuda")
+
+
+def test_cpu_as_gpu_device_splits_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(device_mod, "usable_cores", lambda: 8)
+    dev = select_device("cpu", cpu_workers=2)
+    assert dev.kind == "cpu-as-gpu" and dev.dtype == torch.float32
+    assert dev.gpu_threads == 1 and dev.cpu_workers == 2 and dev.cpu_threads_per_worker == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_replay_on_cuda_matches_simulator_counts() -> None:
+    wl = tiny_workload()
+    dev = select_device("cuda")
+    with Executor(replace(SPEC, dtype="bfloat16"), wl.num_layers, dev, 8, 24) as ex:
+        s = schedule_for("tide", wl, budget=5, refresh="async")
+        m = ex.replay(wl, s)
+    assert m.expert_copies == int((s.copy > 0).sum())
+    assert sum(m.breakdown_s.values()) == pytest.approx(m.total_time_s, rel=1e-6)
