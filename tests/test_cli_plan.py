@@ -60,3 +60,31 @@ def test_bad_input_exit_2_and_no_file(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_missing_trace(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(plan_args(tmp_path / "none.parquet", tmp_path / "p.json")) == 2
     assert "none.parquet" in capsys.readouterr().err
+
+
+def test_simulate_runs_the_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = write_tiny_trace(tmp_path)
+    out = tmp_path / "plan.json"
+    assert main(plan_args(trace, out, "--calibrate-prompts", "0,1", "--json")) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    sim = ["simulate", "--trace", str(trace), "--hw", "h100-sxm-pcie5", "--plan", str(out), "--engine", "analytic",
+           "--prompts", "0,1", "--json"]
+    assert main(sim) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["metrics"]["policy"] == "planned"
+    # The executor's time of the plan on its calibration prompts is the planner's objective.
+    assert result["metrics"]["total_time_s"] == pytest.approx(plan["objective_s"], rel=1e-9)
+    assert main([*sim[:-1], "--policy", "tide"]) == 2
+    assert "--plan runs the planned policy" in capsys.readouterr().err
+    assert main(["simulate", "--trace", str(trace), "--hw", "h100-sxm-pcie5", "--policy", "planned"]) == 2
+    assert "--plan FILE" in capsys.readouterr().err
+
+
+def test_simulate_refuses_a_plan_for_another_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trace = write_tiny_trace(tmp_path)
+    out = tmp_path / "plan.json"
+    assert main(plan_args(trace, out)) == 0
+    capsys.readouterr()
+    assert main(["simulate", "--trace", "llada2-mini_prefix_g256", "--hw", "h100-sxm-pcie5", "--plan", str(out),
+                 "--engine", "analytic"]) == 2
+    assert "made for model 'tiny'" in capsys.readouterr().err

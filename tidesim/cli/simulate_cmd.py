@@ -20,6 +20,7 @@ from tidesim.cli.output import format_table, print_json
 from tidesim.errors import InputError
 from tidesim.hardware import HardwareProfile, get_profile
 from tidesim.metrics import Metrics
+from tidesim.plan import Plan, load_plan
 from tidesim.policies.base import REFRESH_MODES, PolicyOptions, build_schedule, policy_names, uniform
 from tidesim.run import ENGINES, run
 from tidesim.workload import Workload
@@ -40,9 +41,13 @@ class Setup:
     tau: int
     refresh: str
     engine: str
+    plan: Plan | None = None         # --plan: per-layer tau and budget for the planned policy
 
     def options(self) -> PolicyOptions:
         layers = self.workload.num_layers
+        if self.plan is not None:
+            return PolicyOptions(budget=self.plan.budget_array(), tau=self.plan.tau_array(), hw=self.hw,
+                                 refresh=self.plan.refresh, extra={"plan": self.plan})
         return PolicyOptions(budget=uniform(self.budget, layers), tau=uniform(self.tau, layers), hw=self.hw,
                              refresh=self.refresh)
 
@@ -51,7 +56,9 @@ class Setup:
         return {"trace": self.trace, "model": w.model.name, "kv_cache": w.kv_cache, "forwards": w.num_forwards,
                 "generated_tokens": w.generated_tokens, "prompts": sorted({int(p) for p in w.prompt}),
                 "hw": self.hw.name, "budget": self.budget, "budget_source": self.budget_source, "tau": self.tau,
-                "refresh": self.refresh, "engine": self.engine}
+                "refresh": self.refresh, "engine": self.engine,
+                **({"budget": f"per layer, {sum(self.plan.budget)} slots", "budget_source": "--plan",
+                    "tau": "per layer (plan)", "refresh": self.plan.refresh} if self.plan else {})}
 
 
 def add_input_args(p: argparse.ArgumentParser) -> None:
@@ -167,14 +174,25 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "where the time goes, hit ratio, copies. --timeline writes a Chrome trace "
                                    "(open it in https://ui.perfetto.dev).")
     add_input_args(p)
-    p.add_argument("--policy", required=True, metavar="P", help="offload policy (`tidesim compare` runs them all)")
+    p.add_argument("--policy", metavar="P", help="offload policy (`tidesim compare` runs them all)")
+    p.add_argument("--plan", metavar="FILE", help="run policy planned with this plan's per-layer tau and budget "
+                                                  "(from `tidesim plan`)")
     p.add_argument("--timeline", metavar="FILE", help="write a Chrome trace JSON of the run (simulator only)")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
+    plan = load_plan(args.plan) if args.plan else None
+    if plan is not None and args.policy not in (None, "planned"):
+        raise InputError("--plan runs the planned policy; leave out --policy")
+    if plan is None and args.policy in (None, "planned"):
+        raise InputError("give --policy P, or --plan FILE for the planned policy (make one with `tidesim plan`)")
+    args.policy = args.policy or "planned"
     check_policies([args.policy])
     setup = load_setup(args, [args.policy])
+    if plan is not None:
+        plan.check_model(setup.workload.model)
+        setup.plan = plan
     if args.timeline and setup.engine != "sim":
         raise InputError("--timeline needs the simulator (--engine sim)")
     bar = tqdm(total=setup.workload.num_forwards, desc=f"simulating {args.policy}", unit="fwd", leave=False,
