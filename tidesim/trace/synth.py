@@ -247,27 +247,33 @@ class _PromptDecoder:
         wb = p.mask_block
         mask = np.sqrt(1 - wb) * self.mask_vector + np.sqrt(wb) * rng.standard_normal(self.shape, dtype=np.float32)
         position = p.mask_position * rng.standard_normal((bl, *self.shape), dtype=np.float32)
-        drift = rng.standard_normal((bl, *self.shape), dtype=np.float32)
+        drift = np.zeros((bl, *self.shape), dtype=np.float32)    # drawn when a position commits
+        latent = np.empty((bl, *self.shape), dtype=np.float32)
         base = p.conf_mean + p.conf_block_sd * rng.standard_normal() + p.conf_sd * rng.standard_normal(bl)
         limit = float(np.log(self.cfg.threshold / (1 - self.cfg.threshold)))
         masked = np.ones(bl, dtype=bool)
         steps: list[tuple[_Routed, int]] = []
         step = 0
-        innovation = np.sqrt(1 - p.drift_corr**2)
+        innovation = np.float32(np.sqrt(1 - p.drift_corr**2))
         while masked.any():
             done = 1 - masked.mean()
             conf = base + p.conf_rate * step + p.conf_context * done + p.conf_jitter * rng.standard_normal(bl)
-            a = _sigmoid(p.readiness_slope * (conf[:, None] - self.readiness_mid[None, :]))
+            m, c = np.flatnonzero(masked), np.flatnonzero(~masked)
+            a = _sigmoid(p.readiness_slope * (conf[m, None] - self.readiness_mid[None, :]))
             a = a.astype(np.float32)[:, :, None]
-            mixed = ((1 - a) * mask[None] + a * target) / np.sqrt((1 - a) ** 2 + a**2) + position
-            latent = np.where(masked[:, None, None], mixed, target + p.drift_sd * drift)
+            latent[m] = ((1 - a) * mask[None] + a * target[m]) / np.sqrt((1 - a) ** 2 + a**2) + position[m]
+            latent[c] = target[c] + p.drift_sd * drift[c]
             routed = self._route(latent)
             commit = masked & (conf > limit)
             if not commit.any():
-                commit[np.flatnonzero(masked)[np.argmax(conf[masked])]] = True
+                commit[m[np.argmax(conf[m])]] = True
             masked &= ~commit
             steps.append((routed, int(commit.sum())))
-            drift = p.drift_corr * drift + innovation * rng.standard_normal(drift.shape, dtype=np.float32)
+            # AR(1) drift of committed tokens; a newly committed one starts from the stationary law
+            drift[c] = p.drift_corr * drift[c] + innovation * rng.standard_normal((c.size, *self.shape),
+                                                                                  dtype=np.float32)
+            new = np.flatnonzero(commit)
+            drift[new] = rng.standard_normal((new.size, *self.shape), dtype=np.float32)
             step += 1
         final = self._route(target + p.drift_sd * drift)
         return steps, final
