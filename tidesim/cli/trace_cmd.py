@@ -9,6 +9,7 @@ TRACE_MODULES: list[str] = [
     "tidesim.cli.trace_list",
     "tidesim.cli.trace_synth",
     "tidesim.cli.trace_stats",
+    "tidesim.cli.trace_capture",
 ]
 
 
