@@ -90,7 +90,9 @@ def refresh_targets(counts: np.ndarray, budget: np.ndarray) -> np.ndarray:
         greater = c > kth[..., None]
         tie = c == kth[..., None]
         need = b - greater.sum(-1)
-        take = tie & (np.cumsum(tie, axis=-1) <= need[..., None])
+        take = tie.copy()
+        split = np.nonzero(tie.sum(-1) > need)               # rows whose ties cross the budget
+        take[split] &= np.cumsum(tie[split], axis=-1) <= need[split][:, None]
         out[:, sel] = (greater | take) & (c > 0)
     return out
 
@@ -126,12 +128,17 @@ def tide_gpu_tokens(counts: np.ndarray, refresh: np.ndarray, budget: np.ndarray,
         first = starts[0] if starts.size else f
         gpu[:first] = np.einsum("fle,le->fl", counts[:first], resident, dtype=np.int64)
     bounds = np.append(starts, f)
+    # A full target (budget experts, all with tokens) replaces the resident set outright.
+    full = (targets[starts].sum(-1) == budget[None, :]).all(-1)
     for i, start in enumerate(starts):
         target = targets[start]
-        promote = (target & ~resident).sum(-1)
-        can_demote = resident & ~target
-        kept = can_demote & (np.cumsum(can_demote, axis=-1) > promote[:, None])
-        resident = target | kept
+        if full[i]:
+            resident = target
+        else:
+            promote = (target & ~resident).sum(-1)
+            can_demote = resident & ~target
+            kept = can_demote & (np.cumsum(can_demote, axis=-1) > promote[:, None])
+            resident = target | kept
         seg = slice(start, bounds[i + 1])
         gpu[seg] = np.einsum("fle,le->fl", counts[seg], resident, dtype=np.int64)
     return gpu
