@@ -258,7 +258,8 @@ def test_first_layers_keeps_routing_and_renames_the_model() -> None:
     assert sub.num_layers == 2 and sub.model.num_moe_layers == 2
     assert np.array_equal(sub.expert_tokens, wl.expert_tokens[:, :2])
     assert "2 of 3 MoE layers" in sub.model.name
-    assert first_layers(wl, 3) is wl
+    assert sub.model.first_dense_layers == 0 and sub.model.vocab_size == 1  # only MoE layers are charged
+    assert sub.model.expert_bytes == SPEC.expert_bytes and sub.model.num_heads == SPEC.num_heads
     with pytest.raises(InputError, match="--layers"):
         first_layers(wl, 4)
 

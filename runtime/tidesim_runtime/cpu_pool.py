@@ -69,6 +69,10 @@ class CPUPool:
 
     def _serve(self) -> None:
         torch.set_num_threads(self.threads)
+        with torch.inference_mode():  # thread-local; tasks may touch inference tensors
+            self._loop()
+
+    def _loop(self) -> None:
         while True:
             item = self._tasks.get()
             if item is None:

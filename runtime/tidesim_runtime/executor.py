@@ -473,15 +473,17 @@ class Executor:
 
 
 def first_layers(workload: Workload, layers: int) -> Workload:
-    """The workload restricted to its first `layers` MoE layers; the model becomes one with that
-    many MoE layers (dense layers, attention, vocabulary unchanged), so the simulator and the
-    runtime both charge exactly the layers that run."""
+    """The workload of the first `layers` MoE layers only (a slice of the model).
+
+    The slice's model has those MoE layers and nothing else: no dense layers and a one-row output
+    head (vocab_size 1), so neither the simulator nor the runtime charges the per-forward work
+    outside the MoE layers (dense layers, lm_head), which no offload policy changes. Expert,
+    attention and router shapes are the model's. The name says what was cut.
+    """
     total = workload.num_layers
     if not 1 <= layers <= total:
         raise InputError(f"--layers must lie in 1..{total} (the trace's MoE layers), got {layers}")
-    if layers == total:
-        return workload
     spec = workload.model
-    sub = replace(spec, name=f"{spec.name}[{layers} of {total} MoE layers]",
-                  num_layers=spec.first_dense_layers + layers)
+    sub = replace(spec, name=f"{spec.name}[{layers} of {total} MoE layers]", num_layers=layers,
+                  first_dense_layers=0, vocab_size=1)
     return replace(workload, model=sub, expert_tokens=np.ascontiguousarray(workload.expert_tokens[:, :layers]))

@@ -155,6 +155,10 @@ class HostBackend(Backend):
 
     def _serve(self) -> None:
         torch.set_num_threads(1)
+        with torch.inference_mode():  # thread-local; copies may touch inference tensors
+            self._loop()
+
+    def _loop(self) -> None:
         while True:
             with self._cv:
                 while not self._queue and not self._closed:

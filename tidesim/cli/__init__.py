@@ -22,6 +22,8 @@ COMMAND_MODULES = [
     "tidesim.cli.simulate_cmd",
     "tidesim.cli.compare_cmd",
     "tidesim.cli.plan_cmd",
+    "tidesim.cli.calibrate_cmd",
+    "tidesim.cli.validate_cmd",
 ]
 
 

@@ -1,0 +1,191 @@
+"""Validation: the simulator's prediction and the runtime's measurement of the same Schedules.
+
+For every configuration (policy x budget x tau) the policy builds ONE Schedule; the simulator
+(tidesim.run, engine "sim") predicts it with the hardware profile and the executor runs it. A
+difference is therefore a cost-model error, never a policy drift. Results: one row per
+configuration with both Metrics and the step-time error, (predicted - measured) / measured.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tidesim.errors import InputError
+from tidesim.hardware import HardwareProfile
+from tidesim.metrics import Metrics
+from tidesim.plan import Plan
+from tidesim.policies import PolicyOptions, build_schedule, uniform
+from tidesim.run import run
+from tidesim.schedule import Schedule
+from tidesim.workload import Workload
+from tidesim_runtime.device import DeviceInfo
+from tidesim_runtime.executor import Executor, check_memory
+from tidesim_runtime.weights import plan_slots
+
+TAU_POLICIES = {"tide", "tide-reference"}
+
+
+@dataclass(frozen=True)
+class Config:
+    """One validated configuration."""
+
+    policy: str
+    budget: int
+    tau: int | None
+    refresh: str
+
+    @property
+    def label(self) -> str:
+        parts = [self.policy, f"B={self.budget}"]
+        if self.tau is not None:
+            parts.append(f"tau={self.tau}")
+        if self.policy in TAU_POLICIES and self.refresh != "sync":
+            parts.append(self.refresh)
+        return " ".join(parts)
+
+
+@dataclass
+class Outcome:
+    """Prediction and measurement of one configuration."""
+
+    config: Config
+    predicted: Metrics
+    measured: Metrics
+    repeats_s: list[float] = field(default_factory=list)   # measured step times of every repeat
+
+    @property
+    def error(self) -> float:
+        """(predicted - measured) / measured step time."""
+        m = self.measured.step_time_s
+        return (self.predicted.step_time_s - m) / m if m > 0 else float("nan")
+
+    def row(self) -> dict[str, Any]:
+        p, m = self.predicted, self.measured
+        return {
+            "config": self.config.label, "policy": self.config.policy, "budget": self.config.budget,
+            "tau": self.config.tau, "refresh": self.config.refresh,
+            "predicted_step_ms": p.step_time_s * 1e3, "measured_step_ms": m.step_time_s * 1e3,
+            "error": self.error, "abs_error": abs(self.error),
+            "measured_spread_ms": (max(self.repeats_s) - min(self.repeats_s)) * 1e3 / 2 if self.repeats_s else 0.0,
+            "hit_ratio": m.hit_ratio, "expert_copies": m.expert_copies,
+            "predicted_copy_stall_ms": p.copy_stall_s * 1e3, "measured_copy_stall_ms": m.copy_stall_s * 1e3,
+            "predicted_cpu_busy_ms": p.busy_s.get("cpu", 0.0) * 1e3,
+            "measured_cpu_busy_ms": m.busy_s.get("cpu", 0.0) * 1e3,
+            "predicted_gpu_busy_ms": p.busy_s.get("gpu", 0.0) * 1e3,
+            "measured_gpu_busy_ms": m.busy_s.get("gpu", 0.0) * 1e3,
+        }
+
+
+def configurations(policies: list[str], budgets: list[int], taus: list[int], refresh: str,
+                   num_experts: int) -> list[Config]:
+    """policy x budget x tau (tau only for the tide policies; all-gpu once, at every expert)."""
+    out: list[Config] = []
+    for policy in policies:
+        if policy == "all-gpu":
+            out.append(Config(policy, num_experts, None, "sync"))
+            continue
+        for b in budgets:
+            for tau in (taus if policy in TAU_POLICIES else [None]):
+                out.append(Config(policy, b, tau, refresh if policy in TAU_POLICIES else "sync"))
+    return list(dict.fromkeys(out))  # drop repeats, keep the order
+
+
+def check_inputs(workload: Workload, configs: list[Config], device: DeviceInfo, plan: Plan | None) -> None:
+    """Everything that can be refused before any work: budgets, memory, the plan's layers."""
+    experts = workload.num_experts
+    for c in configs:
+        if not 0 <= c.budget <= experts:
+            raise InputError(f"budget {c.budget} does not fit the model: it has {experts} experts per MoE layer; "
+                             f"give budgets in 0..{experts}")
+        if c.tau is not None and c.tau < 1:
+            raise InputError(f"tau must be at least 1, got {c.tau}")
+    if plan is not None and plan.num_layers < workload.num_layers:
+        raise InputError(f"the plan covers {plan.num_layers} MoE layers but {workload.num_layers} are run")
+    slots = max([c.budget for c in configs] + ([max(plan.budget)] if plan else []))
+    check_memory(workload.model, workload.num_layers, device, slots, int(workload.tokens.max()),
+                 int(workload.context.max()))
+
+
+def build(config: Config, workload: Workload, hw: HardwareProfile, plan: Plan | None) -> Schedule:
+    layers = workload.num_layers
+    if config.policy == "planned":
+        if plan is None:
+            raise InputError("the planned policy needs --plan FILE (from `tidesim plan`)")
+        opts = PolicyOptions(budget=plan.budget_array()[:layers], tau=plan.tau_array()[:layers], hw=hw,
+                             refresh=plan.refresh, extra={"plan": plan})
+    else:
+        opts = PolicyOptions(budget=uniform(config.budget, layers), tau=uniform(config.tau or 1, layers), hw=hw,
+                             refresh=config.refresh)
+    return build_schedule(config.policy, workload, opts)
+
+
+def validate(workload: Workload, hw: HardwareProfile, configs: list[Config], device: DeviceInfo,
+             repeats: int = 1, plan: Plan | None = None, seed: int = 0,
+             on_done: Callable[[Config], None] | None = None) -> list[Outcome]:
+    """Predict and measure every configuration; repeats are interleaved over configurations (so
+    a slow spell of the machine does not land on one of them) and the median run is kept."""
+    schedules = [(c, build(c, workload, hw, plan)) for c in configs]
+    predicted = {c: run(workload, s, hw, engine="sim") for c, s in schedules}
+    runs: dict[Config, list[Metrics]] = {c: [] for c in configs}
+    # the executor's largest slot pool first, so later configurations reuse or shrink memory
+    order = sorted(schedules, key=lambda cs: -sum(plan_slots(cs[1]).pool_size))
+    with Executor(workload.model, workload.num_layers, device, int(workload.tokens.max()),
+                  int(workload.context.max()), seed=seed) as ex:
+        for r in range(max(repeats, 1)):
+            for c, s in order:
+                runs[c].append(ex.replay(workload, s, warmup=1))
+                if r == repeats - 1 and on_done is not None:
+                    on_done(c)
+    out = []
+    for c in configs:
+        ms = sorted(runs[c], key=lambda m: m.total_time_s)
+        out.append(Outcome(c, predicted[c], ms[len(ms) // 2], [m.step_time_s for m in runs[c]]))
+    return out
+
+
+def summary(outcomes: list[Outcome]) -> dict[str, float]:
+    errs = [abs(o.error) for o in outcomes if np.isfinite(o.error)]
+    return {
+        "configurations": float(len(outcomes)),
+        "median_abs_error": statistics.median(errs) if errs else float("nan"),
+        "max_abs_error": max(errs) if errs else float("nan"),
+        "mean_error": statistics.fmean([o.error for o in outcomes]) if outcomes else float("nan"),
+    }
+
+
+def figure(outcomes: list[Outcome], path: Path, title: str) -> None:
+    """Predicted vs measured step time, one point per configuration, with y = x and +-10%."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tidesim.atomic import atomic_path
+
+    meas = np.array([o.measured.step_time_s * 1e3 for o in outcomes])
+    pred = np.array([o.predicted.step_time_s * 1e3 for o in outcomes])
+    fig, ax = plt.subplots(figsize=(6.4, 5.2))
+    hi = float(max(meas.max(), pred.max()) * 1.15) if len(outcomes) else 1.0
+    lo = float(min(meas.min(), pred.min()) * 0.85) if len(outcomes) else 0.0
+    xs = np.linspace(lo, hi, 10)
+    ax.plot(xs, xs, color="black", lw=1, label="predicted = measured")
+    ax.fill_between(xs, xs * 0.9, xs * 1.1, color="0.85", label="+-10%")
+    ax.scatter(meas, pred, zorder=3)
+    for o, x, y in zip(outcomes, meas, pred, strict=True):
+        ax.annotate(o.config.label, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel("measured step time (ms)")
+    ax.set_ylabel("predicted step time (ms)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,181 @@
+"""`tidesim validate`: the simulator's prediction vs the runtime's measurement, per configuration.
+
+For every policy x budget x tau, one Schedule is built; the simulator predicts it with the
+hardware profile and the runtime executes it on this machine (a CUDA GPU, or the CPU playing
+the GPU). Writes results.json, results.parquet and predicted_vs_measured.png to the results
+folder. Exit status 0 whatever the errors (it reports, it does not judge); 2 on bad input,
+before any work. Needs torch (the `runtime` extra), imported only when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tidesim.cli.calibrate_cmd import require_runtime
+from tidesim.cli.output import format_table, print_json, progress, to_jsonable
+from tidesim.errors import InputError
+from tidesim.policies.base import REFRESH_MODES
+
+DEFAULT_POLICIES = "cpu-routing,fiddler,tide,full-swap,all-gpu"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "validate", help="run Schedules on this machine with the runtime and compare with the simulator",
+        description="For every configuration (policy x budget x tau) build one Schedule, predict it with the "
+                    "simulator and the hardware profile, execute it with the runtime, and report both with "
+                    "the step-time error (predicted - measured) / measured. Exit 0 whatever the errors.")
+    p.add_argument("--trace", required=True, metavar="T", help="trace file or bundled trace name")
+    p.add_argument("--hw", required=True, metavar="FILE",
+                   help="hardware profile of THIS machine (from `tidesim calibrate`), name or YAML path")
+    p.add_argument("--policies", default=DEFAULT_POLICIES, metavar="P1,P2",
+                   help=f"policies to validate (default {DEFAULT_POLICIES})")
+    p.add_argument("--budgets", default=None, metavar="B1,B2",
+                   help="GPU expert slots per MoE layer (default: half the experts)")
+    p.add_argument("--taus", default="2,4", metavar="T1,T2", help="refresh intervals for tide policies (2,4)")
+    p.add_argument("--refresh", choices=REFRESH_MODES, default="sync", help="tide refresh copies (sync)")
+    p.add_argument("--plan", metavar="FILE", help="also validate the planned policy with this plan")
+    p.add_argument("--layers", type=int, default=None, metavar="N",
+                   help="run only the first N MoE layers (no dense layers or lm_head on either side)")
+    p.add_argument("--forwards", type=int, default=None, metavar="N", help="only the first N forwards (speed)")
+    p.add_argument("--prompts", metavar="0,1", help="only these prompts of the trace")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="the GPU side: cuda, cpu (the CPU plays the GPU) or auto")
+    p.add_argument("--cpu-workers", type=int, default=None, metavar="N",
+                   help="CPU worker pool size (default: as the profile says)")
+    p.add_argument("--repeats", type=int, default=1, metavar="R",
+                   help="measure each configuration R times, interleaved; the median run is kept (1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (0)")
+    p.add_argument("-o", "--output", required=True, metavar="RESULTS_DIR", help="results folder")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise InputError(f"{flag} needs at least one value")
+    return values
+
+
+def run(args: argparse.Namespace) -> int:
+    require_runtime()
+    from tidesim_runtime.device import select_device
+    from tidesim_runtime.executor import first_layers
+    from tidesim_runtime.validate import Config, check_inputs, configurations, figure, summary, validate
+
+    from tidesim.bundled.paths import resolve_trace
+    from tidesim.hardware import get_profile
+    from tidesim.plan import load_plan
+    from tidesim.policies import policy_names
+    from tidesim.trace.io import read_trace
+    from tidesim.workload import workload_from_trace
+
+    # ----- every check before any work ----------------------------------------------------------
+    known = policy_names()
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    bad = [p for p in policies if p not in known]
+    if bad or not policies:
+        raise InputError(f"unknown policy {bad[0] if bad else args.policies!r}; use some of {', '.join(known)}")
+    if args.repeats < 1:
+        raise InputError("--repeats must be at least 1")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--output {out} exists and is not a folder")
+    trace_path = resolve_trace(args.trace)
+    trace = read_trace(trace_path)
+    workload = workload_from_trace(trace)
+    full_model = workload.model
+    if args.prompts:
+        ids = int_list(args.prompts, "--prompts")
+        missing = [i for i in ids if i not in trace.prompt_ids]
+        if missing:
+            raise InputError(f"--prompts: prompt {missing[0]} is not in the trace")
+        workload = workload.select_prompts(ids)
+    if args.forwards is not None:
+        if args.forwards < 1:
+            raise InputError("--forwards must be at least 1")
+        workload = workload.select(np.arange(min(args.forwards, workload.num_forwards)))
+    plan = load_plan(args.plan) if args.plan else None
+    if plan is not None:
+        plan.check_model(full_model)
+        if "planned" not in policies:
+            policies.append("planned")
+    elif "planned" in policies:
+        raise InputError("the planned policy needs --plan FILE (make one with `tidesim plan`)")
+    if args.layers is not None:
+        workload = first_layers(workload, args.layers)
+    hw = get_profile(args.hw)
+    device = select_device(args.device, args.cpu_workers or hw.cpu.workers)
+    experts = workload.num_experts
+    budgets = int_list(args.budgets, "--budgets") if args.budgets else [experts // 2]
+    taus = int_list(args.taus, "--taus")
+    configs = configurations([p for p in policies if p != "planned"], budgets, taus, args.refresh, experts)
+    if plan is not None:
+        configs.append(Config("planned", max(plan.budget[:workload.num_layers]), None, plan.refresh))
+    check_inputs(workload, configs, device, plan)
+
+    # ----- work -------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    bar = progress(range(len(configs)), desc="validate", total=len(configs))
+    outcomes = validate(workload, hw, configs, device, repeats=args.repeats, plan=plan, seed=args.seed,
+                        on_done=lambda c: next(bar, None))
+    elapsed = time.perf_counter() - t0
+    rows = [o.row() for o in outcomes]
+    stats = summary(outcomes)
+    setup = {
+        "trace": str(trace_path), "model": workload.model.name, "kv_cache": workload.kv_cache,
+        "forwards": workload.num_forwards, "moe_layers": workload.num_layers,
+        "layers_note": (f"only the first {workload.num_layers} of {full_model.num_moe_layers} MoE layers run; "
+                        "dense layers and lm_head are left out on both sides") if args.layers is not None else
+                       "the whole model runs",
+        "hw": hw.name, "hw_provenance": hw.provenance.kind, "device": device.describe(),
+        "repeats": args.repeats, "seed": args.seed, "seconds": round(elapsed, 1),
+    }
+    result = {"setup": setup, "summary": stats, "rows": rows,
+              "configurations": [{"config": o.config.label, "predicted": o.predicted.to_dict(),
+                                  "measured": o.measured.to_dict(), "measured_step_s": o.repeats_s}
+                                 for o in outcomes],
+              "flags": sorted(hw.flags)}
+    write_results(out, result, outcomes, figure, f"{workload.model.name}, {workload.kv_cache} cache, "
+                  f"{workload.num_forwards} forwards, {hw.name}")
+    if args.json:
+        print_json(result)
+        return 0
+    print(f"validated {len(configs)} configurations on {device.describe()} in {elapsed:.0f} s; "
+          f"{setup['layers_note']}")
+    cols = ["config", "predicted_step_ms", "measured_step_ms", "error", "hit_ratio", "expert_copies"]
+    print(format_table(["configuration", "predicted ms", "measured ms", "error", "hit ratio", "copies"],
+                       [[r[c] for c in cols] for r in rows]))
+    print(f"median |error| {stats['median_abs_error']:.1%}, max {stats['max_abs_error']:.1%}; "
+          f"results in {out}/ (results.json, results.parquet, predicted_vs_measured.png)")
+    for flag in sorted(hw.flags):
+        print(f"note: {flag}")
+    return 0
+
+
+def write_results(out: Path, result: dict[str, Any], outcomes: list[Any], figure: Any, title: str) -> None:
+    """Write everything into a temporary folder beside `out`, then move the files in (nothing
+    half-written on error)."""
+    import pandas as pd
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp_dir:
+        tmp = Path(tmp_dir)
+        (tmp / "results.json").write_text(json.dumps(to_jsonable(result), indent=2, sort_keys=True) + "\n")
+        pd.DataFrame(result["rows"]).to_parquet(tmp / "results.parquet", index=False)
+        figure(outcomes, tmp / "predicted_vs_measured.png", title)
+        out.mkdir(parents=True, exist_ok=True)
+        for f in ("results.json", "results.parquet", "predicted_vs_measured.png"):
+            shutil.move(str(tmp / f), str(out / f))
