@@ -54,14 +54,14 @@ def test_threshold_commit_and_single_most_confident_fallback():
 
 
 def test_prefix_mode_runs_prefill_block_steps_and_commit():
-    script = [([0], [1.0]), ([1, 2], [0.99, 0.99]), ([0], [1.0]), ([4, 5], [0.99, 0.99])]
+    script = [([0], [1.0]), ([1, 2], [0.99, 0.99]), ([0], [1.0]), ([4, 5], [0.99, 0.99]), ([0], [1.0])]
     model = ScriptedModel(script)
     cfg = DecodeConfig(gen_length=4, block_length=2, threshold=0.9, kv_cache="prefix")
     out = generate(model, [7, 7, 7], cfg, MASK, EOS)
     assert out.sequence == [1, 2, 4, 5]
     phases = [(f.block, f.step, f.phase, f.tokens, f.context, f.committed) for f in out.forwards]
-    assert phases == [(0, 0, "prefill", 3, 3, 0), (0, 1, "step", 2, 5, 2), (0, 2, "commit", 2, 5, 0),
-                      (1, 0, "step", 2, 7, 2)]  # no commit forward after the last block
+    assert phases == [(-1, 0, "prefill", 3, 3, 0), (0, 0, "step", 2, 5, 2), (0, 1, "commit", 2, 5, 0),
+                      (1, 0, "step", 2, 7, 2), (1, 1, "commit", 2, 7, 0)]
     assert model.calls[1] == ([MASK, MASK], [3, 4], True)
     assert model.calls[2] == ([1, 2], [3, 4], True)
 

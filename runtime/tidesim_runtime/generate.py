@@ -17,15 +17,16 @@ KV-cache modes:
 - none: every step runs prompt + earlier blocks + current block (the public TIDE code).
 - prefix: one prefill forward of the prompt; each step runs only the current block against the
   cached keys/values; once a block is complete one extra `commit` forward runs it to append its
-  keys/values to the cache (skipped after the last block, when nothing would read them).
+  keys/values to the cache (after every block, the last one too, as docs/trace-format.md and the
+  synthetic generator count it; an engine may skip the last one).
 With the block-causal mask, the prefix never attends to the current block, so both modes compute
 the same function: tokens agree up to floating point (tests use float32, where rounding
 differences do not flip an argmax or a threshold decision).
 
-Trace bookkeeping: every forward gets (block, step, phase, tokens, context, committed) where
-`step` numbers the forwards of one block from 0 in order, whatever their phase: in prefix mode
-the prefill is step 0 of block 0 (its denoising steps follow from 1) and a block's commit forward
-is its last step. `tokens` = positions run, `context` = keys attended by the last position.
+Trace bookkeeping (docs/trace-format.md): every forward gets (block, step, phase, tokens, context,
+committed). The prefill is block -1, step 0; a block's denoising steps are steps 0, 1, ...; its
+commit forward takes the next step number. `tokens` = positions run, `context` = keys attended by
+the last position.
 """
 
 from __future__ import annotations
@@ -172,8 +173,7 @@ class _Decoder:
         step = 0
         if prefix:
             _, self.cache = self._forward(0, self.P, past_len=0, logits_last=1)
-            self.record(ForwardRecord(0, 0, "prefill", self.P, self.P, 0))
-            step = 1
+            self.record(ForwardRecord(-1, 0, "prefill", self.P, self.P, 0))
         order = range(self.cfg.num_blocks)
         for b in (blocks(order) if blocks is not None else order):
             start = self.P + b * self.cfg.block_length
@@ -188,15 +188,15 @@ class _Decoder:
                 n = self._commit(start, end, logits[0])
                 self.record(ForwardRecord(b, step, "step", tokens, end, n))
                 step += 1
+            if prefix:
+                _, self.cache = self._forward(start, end, past_len=start, logits_last=1)
+                self.record(ForwardRecord(b, step, "commit", end - start, end, 0))
+            step = 0
             done = self.x[start:end].tolist()
             self.result.sequence.extend(done)
             if self.cfg.eos_stop and self.eos_id is not None and self.eos_id in done:
                 self.result.stopped_at_eos = True
                 break
-            if prefix and b < self.cfg.num_blocks - 1:
-                _, self.cache = self._forward(start, end, past_len=start, logits_last=1)
-                self.record(ForwardRecord(b, step, "commit", end - start, end, 0))
-            step = 0
         return self.result
 
     def _forward(self, start: int, end: int, past_len: int, logits_last: int | None = None
