@@ -315,9 +315,10 @@ LIVE_POLICIES = [("all-gpu", "sync"), ("full-swap", "sync"), ("cpu-routing", "sy
 def test_lossless_live_decode_for_every_policy(tiny_model, kv_cache: str) -> None:
     """Decoding through the executor gives exactly the plain decode's tokens, for every policy,
     with placements that really use the GPU, the CPU and copies."""
-    from tidesim.policies import policy_names
     from tidesim_runtime.generate import DecodeConfig
     from tidesim_runtime.live import lossless_check
+
+    from tidesim.policies import policy_names
 
     assert {p for p, _ in LIVE_POLICIES} >= set(policy_names()) - {"planned"}
     cfg = DecodeConfig(gen_length=16, block_length=8, kv_cache=kv_cache)

@@ -401,12 +401,13 @@ def measure_cpu_bandwidth(cal: Calibration, pool: CPUPool, spec: ModelSpec) -> N
 
 # ----- driver ------------------------------------------------------------------------------
 def calibrate(models: list[ModelSpec], device: DeviceInfo, quick: bool, name: str,
-              progress: Callable[[list[tuple[str, Callable[[], None]]]], None] | None = None) -> HardwareProfile:
+              progress: Callable[[list[tuple[str, Callable[[], None]]]], None] | None = None,
+              grid: Grid | None = None) -> HardwareProfile:
     """Measure and build the profile. `progress` runs the list of (label, step) (a progress bar);
-    by default the steps run in order."""
+    by default the steps run in order. `grid` overrides the points measured (tests)."""
     if not models:
         raise InputError("give at least one model to calibrate for (--models)")
-    grid = Grid.for_device(device, quick)
+    grid = grid or Grid.for_device(device, quick)
     cal = Calibration(device, grid)
     threads_before = torch.get_num_threads()
     if not device.is_cuda:

@@ -1,0 +1,100 @@
+"""tidesim calibrate's library: statistics, the measured profile's structure and round trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tidesim_runtime.calibrate import Grid, _monotone, calibrate, model_bytes_factor, stat  # noqa: E402
+from tidesim_runtime.device import select_device  # noqa: E402
+
+from tidesim.hardware import load_profile  # noqa: E402
+from tidesim.models import PRESETS  # noqa: E402
+
+TINY = PRESETS["tiny"]
+
+
+def test_stat_is_median_and_half_interquartile_range() -> None:
+    s = stat([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert s.median_s == 3.0
+    # quartiles (exclusive method) of 1,2,3,4,100: 1.5 and 52 -> half range 25.25
+    assert s.spread_s == pytest.approx(25.25)
+    assert stat([2.0, 4.0]).spread_s == 1.0
+
+
+def test_monotone_keeps_the_running_maximum() -> None:
+    assert _monotone([3.0, 2.0, 5.0, 4.0]) == [3.0, 3.0, 5.0, 5.0]
+
+
+def test_model_bytes_factor() -> None:
+    assert model_bytes_factor(PRESETS["llada2-mini"], torch.float32) == 0.5
+    assert model_bytes_factor(PRESETS["llada2-mini"], torch.bfloat16) == 1.0
+    assert model_bytes_factor(TINY, torch.float32) == 1.0
+
+
+def test_quick_grid_is_smaller_than_the_full_one() -> None:
+    dev = select_device("cpu")
+    quick, full = Grid.for_device(dev, True), Grid.for_device(dev, False)
+    assert len(quick.gpu_tokens) < len(full.gpu_tokens) and quick.repeats <= full.repeats
+    assert len(quick.copy_bytes) < len(full.copy_bytes)
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tmp_path_factory):
+    dev = select_device("cpu")
+    grid = Grid(repeats=3, gpu_tokens=[1, 4, 16], cpu_tokens=[1, 4, 16], att_tokens=[4, 16], att_context=[16, 64],
+                copy_bytes=[1024, 65536, 1 << 20])
+    before = torch.get_num_threads()
+    prof = calibrate([TINY], dev, quick=True, name="tiny-test", grid=grid)
+    assert torch.get_num_threads() == before  # restored
+    path = tmp_path_factory.mktemp("cal") / "tiny-test.yaml"
+    prof.save(path)
+    return prof, path
+
+
+def test_profile_round_trips_and_says_it_was_measured_without_a_gpu(tiny_profile) -> None:
+    prof, path = tiny_profile
+    loaded = load_profile(path)
+    assert loaded.to_dict() == prof.to_dict()
+    assert loaded.provenance.kind == "measured"
+    assert "NO GPU" in loaded.description and "cpu-as-gpu" in loaded.provenance.notes
+    assert loaded.provenance.date and loaded.provenance.repeats == 3
+    assert loaded.pcie.copy_engines == 1 and loaded.cpu.workers == 1
+
+
+def test_profile_has_curves_for_the_measured_shape(tiny_profile) -> None:
+    prof, _ = tiny_profile
+    (gpu,) = prof.gpu.expert_ffn
+    (cpu,) = prof.cpu.expert_ffn
+    assert gpu.matches(TINY) and cpu.matches(TINY)
+    assert gpu.curve.x == [1.0, 4.0, 16.0] and cpu.curve.x == [1.0, 4.0, 16.0]
+    for curve in (gpu.curve, cpu.curve, prof.pcie.h2d, prof.pcie.d2h):
+        assert curve is not None
+        assert all(b >= a for a, b in zip(curve.time_us, curve.time_us[1:], strict=False))
+        assert all(t > 0 for t in curve.time_us) and len(curve.spread_us) == len(curve.x)
+    # the cost functions use the measured curve (no roofline flag) inside the measured range
+    prof.flags.clear()
+    t = prof.gpu_expert_time(np.array([4]), TINY)[0]
+    assert t == pytest.approx(gpu.curve.time_us[1] * 1e-6)
+    assert not prof.flags
+    (att,) = prof.gpu.attention
+    assert att["tokens"] == [4, 16] and att["context"] == [16, 64]
+    arr = np.asarray(att["time_us"])
+    assert arr.shape == (2, 2) and (np.diff(arr, axis=0) >= 0).all() and (np.diff(arr, axis=1) >= 0).all()
+    # copies: x in model bytes; tiny is a float32 model, so bytes are as measured
+    assert prof.pcie.h2d is not None and prof.pcie.h2d.x == [1024.0, 65536.0, float(1 << 20)]
+    assert prof.pcie.h2d_gbs > 0 and prof.pcie.copy_slows_compute >= 0
+    assert prof.gpu.launch_overhead_us > 0 and prof.gpu.layer_overhead_us >= 0
+    assert prof.cpu.task_overhead_us > 0 and prof.cpu.mem_bandwidth_gbs > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_calibrate_on_cuda_measures_the_gpu() -> None:
+    dev = select_device("cuda")
+    grid = Grid(repeats=3, gpu_tokens=[1, 8], cpu_tokens=[1, 8], att_tokens=[8], att_context=[64],
+                copy_bytes=[1 << 16, 1 << 22])
+    prof = calibrate([PRESETS["llada2-mini"]], dev, quick=True, name="cuda-test", grid=grid)
+    assert prof.pcie.copy_engines == 2 and "NO GPU" not in prof.description
+    assert prof.gpu.expert_ffn[0].curve.time_us[0] > 0

@@ -1,0 +1,81 @@
+"""Validation library: configurations, input checks, prediction vs measurement, outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tidesim_runtime import executor as executor_mod  # noqa: E402
+from tidesim_runtime.device import select_device  # noqa: E402
+from tidesim_runtime.validate import Config, build, check_inputs, configurations, figure, summary, validate  # noqa: E402
+
+from tidesim.errors import InputError  # noqa: E402
+from tidesim.hardware import get_profile  # noqa: E402
+from tidesim.models import PRESETS  # noqa: E402
+from tidesim.run import run  # noqa: E402
+from tidesim.trace.synth import SynthConfig, synthesize  # noqa: E402
+from tidesim.workload import workload_from_trace  # noqa: E402
+
+TINY = PRESETS["tiny"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def workload():
+    trace = synthesize(SynthConfig(model=TINY, prompts=1, gen_length=16, block_length=8, prompt_length=8, seed=3))
+    return workload_from_trace(trace)
+
+
+def test_configurations_expand_tau_only_for_tide_policies() -> None:
+    configs = configurations(["cpu-routing", "tide", "all-gpu", "tide"], [4, 8], [2, 3], "async", 16)
+    labels = [c.label for c in configs]
+    assert labels == ["cpu-routing B=4", "cpu-routing B=8",
+                      "tide B=4 tau=2 async", "tide B=4 tau=3 async", "tide B=8 tau=2 async", "tide B=8 tau=3 async",
+                      "all-gpu B=16"]
+    assert configs[0].refresh == "sync" and configs[2].refresh == "async"
+
+
+def test_check_inputs_refuses_budgets_beyond_the_experts(workload) -> None:
+    with pytest.raises(InputError, match="budget 17 does not fit"):
+        check_inputs(workload, [Config("tide", 17, 2, "sync")], select_device("cpu"), None)
+
+
+def test_check_inputs_refuses_too_little_host_memory(workload, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(executor_mod, "host_memory_available", lambda: 1024)
+    with pytest.raises(InputError, match="host memory"):
+        check_inputs(workload, [Config("tide", 4, 2, "sync")], select_device("cpu"), None)
+
+
+def test_validate_pairs_the_simulator_with_the_runtime(workload, tmp_path) -> None:
+    hw = get_profile("h100-sxm-pcie5")
+    configs = configurations(["cpu-routing", "tide", "full-swap", "all-gpu"], [6], [2], "sync", TINY.num_experts)
+    done: list[str] = []
+    outcomes = validate(workload, hw, configs, select_device("cpu"), repeats=2, on_done=lambda c: done.append(c.label))
+    assert [o.config for o in outcomes] == configs and sorted(done) == sorted(c.label for c in configs)
+    for o in outcomes:
+        schedule = build(o.config, workload, hw, None)
+        again = run(workload, schedule, hw, engine="sim")
+        assert o.predicted.step_time_s == pytest.approx(again.step_time_s)   # the simulator's prediction
+        assert o.measured.engine == "runtime" and o.predicted.engine == "sim"
+        assert o.measured.expert_copies == o.predicted.expert_copies       # the same Schedule ran
+        assert o.measured.cpu_tokens == o.predicted.cpu_tokens
+        assert len(o.repeats_s) == 2
+        assert o.measured.step_time_s in o.repeats_s or o.measured.step_time_s == pytest.approx(np.median(o.repeats_s))
+        assert o.error == pytest.approx((o.predicted.step_time_s - o.measured.step_time_s) / o.measured.step_time_s)
+        row = o.row()
+        assert row["abs_error"] == pytest.approx(abs(o.error)) and row["config"] == o.config.label
+    s = summary(outcomes)
+    assert s["configurations"] == 4
+    assert s["median_abs_error"] == pytest.approx(float(np.median([abs(o.error) for o in outcomes])))
+    png = tmp_path / "fig.png"
+    figure(outcomes, png, "test")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
