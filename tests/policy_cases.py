@@ -55,7 +55,7 @@ def hand_workload() -> Workload:
 
 @functools.lru_cache(maxsize=32)
 def profile(gpu_us: float = 10.0, cpu_us_per_token: float = 10.0, copy_us: float = 20.0,
-            spec: ModelSpec = MODEL) -> HardwareProfile:
+            spec: ModelSpec = MODEL, cpu_workers: int | None = None) -> HardwareProfile:
     """H100 preset with measured-style curves: a GPU expert costs gpu_us whatever its tokens, a
     CPU expert cpu_us_per_token per token, an expert copy copy_us; small copies (activations up
     to 4096 bytes) cost 20 us."""
@@ -65,6 +65,8 @@ def profile(gpu_us: float = 10.0, cpu_us_per_token: float = 10.0, copy_us: float
     data["gpu"]["expert_ffn"] = [{**shape, "curve": curve([1, 1000], [gpu_us, gpu_us])}]
     data["cpu"]["expert_ffn"] = [{**shape, "curve": curve([1, 1000], [cpu_us_per_token, 1000 * cpu_us_per_token])}]
     data["pcie"]["h2d"] = curve([1, 4096, spec.expert_bytes], [20.0, 20.0, copy_us])
+    if cpu_workers is not None:
+        data["cpu"]["workers"] = cpu_workers
     return profile_from_dict(data, source="test")
 
 

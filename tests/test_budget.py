@@ -25,3 +25,13 @@ def test_infeasible_memory_is_an_input_error():
         budget_for_memory(PRESETS["llada2-flash"], 4.0)
     with pytest.raises(InputError, match="positive"):
         budget_for_memory(PRESETS["llada2-flash"], 0)
+
+
+def test_memory_for_budget_inverts_budget_for_memory():
+    from tidesim.budget import memory_for_budget
+
+    for name, per_layer in (("llada2-mini", 128), ("llada2-flash", 84), ("llada2-flash", 40)):
+        spec = PRESETS[name]
+        gib = memory_for_budget(spec, per_layer)
+        assert budget_for_memory(spec, gib + 1e-9) == per_layer
+        assert budget_for_memory(spec, gib * 0.999) == per_layer - 1 or per_layer == 1

@@ -10,8 +10,8 @@ from tidesim.schedule import COPY_ON_DEMAND, CPU, GPU, IDLE
 
 def test_hand_schedule() -> None:
     w = hand_workload()
-    # GPU expert 10 us, copy 20 us, CPU 10 us per token: copy iff 30 < 10 t, i.e. t >= 4
-    s = checked("fiddler", w, options(w, 2, warmup_fraction=0.5, hw=profile(10.0, 10.0, 20.0)))
+    # one CPU worker: GPU expert 10 us, copy 20 us, CPU 10 us per token: copy iff 30 < 10 t, i.e. t >= 4
+    s = checked("fiddler", w, options(w, 2, warmup_fraction=0.5, hw=profile(10.0, 10.0, 20.0, cpu_workers=1)))
     static = np.array([[False, True, False, False], [False, False, False, True]])   # top-1 of warm-up
     assert s.initial_resident.tolist() == static.tolist()
     assert all(s.resident[f].tolist() == static.tolist() for f in range(4))
@@ -25,6 +25,16 @@ def test_hand_schedule() -> None:
     expected_copy[2, 1, 0] = COPY_ON_DEMAND
     assert np.array_equal(s.copy, expected_copy)
     assert s.params["static_experts"] == [1, 1]
+
+
+def test_cpu_latency_uses_the_whole_cpu() -> None:
+    # 8 workers: one expert on the whole CPU takes 10 t / 8 us, so copy iff 30 < 1.25 t: never here
+    w = hand_workload()
+    s = checked("fiddler", w, options(w, 2, warmup_fraction=0.5, hw=profile(10.0, 10.0, 20.0, cpu_workers=8)))
+    assert not s.copy.any()
+    # ... and with a 2 us copy + 10 us GPU run: copy iff 12 < 1.25 t, i.e. t >= 10 (max count here is 5)
+    assert not checked("fiddler", w, options(w, 2, hw=profile(10.0, 10.0, 2.0, cpu_workers=8))).copy.any()
+    assert checked("fiddler", w, options(w, 2, hw=profile(10.0, 10.0, 2.0, cpu_workers=2))).copy.any()
 
 
 def test_cost_rule_extremes() -> None:

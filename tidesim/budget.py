@@ -38,5 +38,12 @@ def budget_for_memory(model: ModelSpec, gpu_mem_gib: float, max_per_layer: int |
     return min(per_layer, cap)
 
 
+def memory_for_budget(model: ModelSpec, per_layer: int) -> float:
+    """GiB of GPU memory that holds the non-expert weights, `per_layer` experts in every MoE layer and
+    the reserve: the memory budget equivalent to a uniform expert budget (inverse of budget_for_memory)."""
+    weights = model.non_expert_bytes + per_layer * model.num_moe_layers * model.expert_bytes
+    return max(weights + 1.5e9, weights / 0.9) / GIB
+
+
 # Per-layer caps the public TIDE code's evaluation scripts use (reference.md).
 TIDE_MAX_EXPERTS_PER_LAYER = {"llada2-mini": 128, "llada2-flash": 96}

@@ -154,6 +154,11 @@ class HardwareProfile:
                               self.cpu.gflops * self.cpu.compute_efficiency / w, self.cpu.task_overhead_us)
         return self._from_curves(self.cpu.expert_ffn, tokens, spec, roof, "cpu.expert_ffn")
 
+    def cpu_expert_latency(self, tokens: np.ndarray, spec: ModelSpec) -> np.ndarray:
+        """One expert computed with the whole CPU (every worker's cores and DRAM bandwidth), the
+        latency Fiddler profiles when it decides between the CPU and a copy."""
+        return self.cpu_expert_time(tokens, spec) / max(self.cpu.workers, 1)
+
     def h2d_time(self, nbytes: np.ndarray | float) -> np.ndarray:
         return self._copy_time(nbytes, self.pcie.h2d, self.pcie.h2d_gbs, "pcie.h2d")
 

@@ -16,6 +16,7 @@ from tidesim.errors import InputError
 
 # Command modules, in the order their commands are listed by --help.
 COMMAND_MODULES = [
+    "tidesim.cli.demo_cmd",
     "tidesim.cli.trace_cmd",
     "tidesim.cli.hw_cmd",
     "tidesim.cli.sweep_cmd",

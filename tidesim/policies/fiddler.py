@@ -2,7 +2,10 @@
 runs on the CPU, or is copied in on demand and run on the GPU, whichever the hardware profile
 says is cheaper for its token count (Fiddler's rule):
 
-    copy  iff  h2d_time(expert bytes) + gpu_expert_time(tokens) < cpu_expert_time(tokens)
+    copy  iff  h2d_time(expert bytes) + gpu_expert_time(tokens) < cpu_expert_latency(tokens)
+
+where cpu_expert_latency is one expert computed with the whole CPU (Fiddler runs CPU experts one
+at a time on all cores, and profiles that latency), not the time of one worker among several.
 
 Streamed experts are used once and dropped (the host keeps the weights), so residency stays the
 static set. The streaming slot comes out of the budget: the static set has budget - 1 experts
@@ -30,7 +33,7 @@ def copy_is_cheaper(tokens: np.ndarray, spec: ModelSpec, hw: HardwareProfile) ->
     (entries with no tokens are never asked about and come out False)."""
     h2d = float(hw.h2d_time(float(spec.expert_bytes)))
     copy = by_count(lambda t: h2d + hw.gpu_expert_time(t, spec), tokens)
-    cpu = by_count(lambda t: hw.cpu_expert_time(t, spec), tokens)
+    cpu = by_count(lambda t: hw.cpu_expert_latency(t, spec), tokens)
     # Strictly cheaper: a tie (within float rounding) stays on the CPU and spends no PCIe time.
     return (np.asarray(tokens) > 0) & (copy < cpu * (1 - 1e-9))
 

@@ -1,0 +1,217 @@
+"""`tidesim demo`: the main job on bundled defaults.
+
+For LLaDA2.0-mini and -flash (bundled traces in the public TIDE code's settings: no KV cache, gen
+length 1024 and 256) on the H100 preset (and a measured CUDA profile when hwprofiles/ has one):
+solve the per-layer plan on the calibration prompts, compare every policy on the held-out prompts
+with the simulator at the GPU expert budget the public TIDE code would use, and write a report
+folder of figures and tables.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import multiprocessing
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tidesim.atomic import write_text
+from tidesim.budget import TIDE_MAX_EXPERTS_PER_LAYER, budget_for_memory, memory_for_budget
+from tidesim.bundled.paths import resolve_trace
+from tidesim.cli.output import to_jsonable
+from tidesim.demo_figures import tau_figure, throughput_figure, timeline_figure
+from tidesim.hardware import HardwareProfile, bundled_profiles, get_profile, load_profile
+from tidesim.metrics import Metrics
+from tidesim.plan import Plan
+from tidesim.planner import make_plan, split_prompts
+from tidesim.policies import PolicyOptions, build_schedule, policy_names, uniform
+from tidesim.report import Comparison, breakdown_figure, compare, kind_of
+from tidesim.run import run
+from tidesim.sim.timeline import Timeline
+from tidesim.trace.io import read_trace
+from tidesim.trace.stats import hit_ratio_vs_tau
+from tidesim.workload import Workload, workload_from_trace
+
+DEFAULT_CASES = (("llada2-mini", "llada2-mini_none_g1024"), ("llada2-flash", "llada2-flash_none_g256"))
+DEFAULT_PROFILE = "h100-sxm-pcie5"
+PLAN_TAUS = [1, 2, 3, 4, 6, 8, 12, 16]
+TIMELINE_FORWARDS = 2
+
+
+@dataclass
+class CaseResult:
+    """One (model, profile) comparison, with everything the table and figures show."""
+
+    model: str
+    trace: str
+    hw: str
+    budget: int
+    tau: int
+    prompts: list[int]
+    comparison: Comparison
+    plan: Plan
+    tau_tokens_per_s: dict[int, float]
+    tau_hit_ratio: dict[int, float]
+    figures: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} on {self.hw}"
+
+
+def demo_profiles() -> list[HardwareProfile]:
+    """The H100 preset, plus every measured profile of a CUDA GPU (a CPU-only measurement says
+    nothing about GPU offloading, so it is left out)."""
+    profiles = [get_profile(DEFAULT_PROFILE)]
+    for name, path in bundled_profiles().items():
+        prof = load_profile(path)
+        if name != DEFAULT_PROFILE and prof.provenance.kind == "measured" and is_cuda_profile(prof):
+            profiles.append(prof)
+    return profiles
+
+
+def _profile_ref(hw: HardwareProfile) -> str:
+    """What a worker process loads the profile by: its bundled name or file path."""
+    bundled = bundled_profiles()
+    return str(bundled.get(hw.name, hw.name))
+
+
+def is_cuda_profile(prof: HardwareProfile) -> bool:
+    text = f"{prof.gpu.name} {prof.provenance.device}".lower()
+    return any(word in text for word in ("nvidia", "cuda", "h100", "h200", "a100"))
+
+
+def run_case(model_name: str, trace_name: str, hw: HardwareProfile, out: Path,
+             step: Callable[[str], None]) -> CaseResult:
+    trace_path = resolve_trace(trace_name)
+    trace = read_trace(trace_path)
+    workload = workload_from_trace(trace)
+    model = trace.model
+    budget = budget_for_memory(model, hw.gpu.memory_gib, TIDE_MAX_EXPERTS_PER_LAYER.get(model_name))
+    calib, held = split_prompts(trace.prompt_ids, None)
+    step(f"{model_name}: planning on prompts {calib}")
+    # The plan gets the memory that TIDE's uniform budget occupies, so every policy has the same memory.
+    outcome = make_plan(trace_path, trace_name, hw, memory_for_budget(model, budget), taus=PLAN_TAUS)
+    tag = f"{model_name}_{hw.name}"
+    write_text(out / f"plan_{tag}.json", json.dumps(to_jsonable(outcome.plan.to_dict()), indent=2, sort_keys=True))
+    tau = min(outcome.tau_sweep, key=lambda t: (outcome.tau_sweep[t], t))
+    held_w = workload.select_prompts(held or calib)
+    metrics = []
+    for policy in policy_names():
+        step(f"{model_name}: simulating {policy}")
+        metrics.append(simulate(held_w, hw, policy, budget, tau, outcome.plan))
+    comparison = compare(metrics)
+    step(f"{model_name}: interval sweep")
+    tau_tps = tau_sweep(held_w, hw, budget)
+    tau_hit = hit_ratio_vs_tau(held_w, budget, PLAN_TAUS)
+    result = CaseResult(model=model_name, trace=trace_name, hw=hw.name, budget=budget, tau=tau,
+                        prompts=held or calib, comparison=comparison, plan=outcome.plan,
+                        tau_tokens_per_s=tau_tps, tau_hit_ratio=tau_hit)
+    step(f"{model_name}: figures")
+    title = f"{model_name}, {hw.name}, budget {budget}/layer, tau {tau} (held-out prompts {result.prompts})"
+    result.figures = [
+        str(throughput_figure(comparison, out / f"throughput_{tag}.png", title)),
+        str(breakdown_figure(comparison, out / f"breakdown_{tag}.png", title)),
+        str(tau_figure(tau_tps, tau_hit, out / f"tau_{tag}.png", title)),
+        *timeline_excerpt(held_w, hw, budget, tau, out, tag),
+    ]
+    return result
+
+
+def simulate(workload: Workload, hw: HardwareProfile, policy: str, budget: int, tau: int, plan: Plan) -> Metrics:
+    layers = workload.num_layers
+    options = PolicyOptions(budget=uniform(budget, layers), tau=uniform(tau, layers), hw=hw)
+    if policy == "planned":
+        options.extra["plan"] = plan
+    return run(workload, build_schedule(policy, workload, options), hw, engine="sim")
+
+
+def tau_sweep(workload: Workload, hw: HardwareProfile, budget: int) -> dict[int, float]:
+    """Predicted tokens/s of tide for each tau (analytic engine, fast)."""
+    layers = workload.num_layers
+    out = {}
+    for tau in PLAN_TAUS:
+        options = PolicyOptions(budget=uniform(budget, layers), tau=uniform(tau, layers), hw=hw)
+        out[tau] = run(workload, build_schedule("tide", workload, options), hw, engine="analytic").tokens_per_s
+    return out
+
+
+def timeline_excerpt(workload: Workload, hw: HardwareProfile, budget: int, tau: int, out: Path, tag: str
+                     ) -> list[str]:
+    """The first forwards of a generated block under tide: Chrome trace JSON (Perfetto) and a PNG."""
+    steps = np.flatnonzero(workload.block >= 1)[:TIMELINE_FORWARDS]
+    excerpt = workload.select(steps)
+    layers = excerpt.num_layers
+    options = PolicyOptions(budget=uniform(budget, layers), tau=uniform(tau, layers), hw=hw)
+    timeline = Timeline()
+    run(excerpt, build_schedule("tide", excerpt, options), hw, engine="sim", timeline=timeline)
+    json_path = out / f"timeline_{tag}.json"
+    timeline.save(json_path)
+    png = timeline_figure(timeline, out / f"timeline_{tag}.png",
+                          f"tide timeline, first {len(steps)} forwards of block 1 ({tag})")
+    return [str(png), str(json_path)]
+
+
+TABLE_COLUMNS = ["policy", "kind", "tok/s", "speedup", "hit ratio", "H2D GB", "CPU share", "bound tok/s"]
+
+
+def table_rows(result: CaseResult) -> list[list[Any]]:
+    rows = []
+    for m in result.comparison.metrics:
+        sp = result.comparison.speedup(m)
+        bound = m.generated_tokens / m.lower_bound_s if m.lower_bound_s else float("nan")
+        label = kind_of(m) + ("" if m.feasible else ", does not fit")
+        rows.append([m.policy, label, m.tokens_per_s, "-" if sp is None else f"{sp:.2f}x", m.hit_ratio,
+                     m.h2d_bytes / 1e9, m.cpu_share, bound])
+    return rows
+
+
+def result_json(result: CaseResult) -> dict[str, Any]:
+    plan = result.plan
+    return {
+        "model": result.model, "trace": result.trace, "hw": result.hw, "budget": result.budget, "tau": result.tau,
+        "heldout_prompts": result.prompts, "best_baseline": result.comparison.best_baseline,
+        "policies": [
+            {"policy": m.policy, "kind": kind_of(m), "tokens_per_s": m.tokens_per_s,
+             "speedup_over_best_baseline": result.comparison.speedup(m), "hit_ratio": m.hit_ratio,
+             "h2d_bytes": m.h2d_bytes, "cpu_share": m.cpu_share, "lower_bound_s": m.lower_bound_s,
+             "total_time_s": m.total_time_s, "feasible": m.feasible}
+            for m in result.comparison.metrics
+        ],
+        "plan": {"tau": plan.tau, "budget": plan.budget, "objective_s": plan.objective_s,
+                 "oracle_bound_s": plan.oracle_bound_s, "gap": plan.gap, "solver_status": plan.solver.status,
+                 "solve_s": plan.solver.wall_time_s},
+        "tau_tokens_per_s": result.tau_tokens_per_s, "tau_hit_ratio": result.tau_hit_ratio,
+        "figures": result.figures,
+    }
+
+
+def _run_case_job(job: tuple[str, str, str, str]) -> CaseResult:
+    model, trace, hw_name, out = job
+    return run_case(model, trace, get_profile(hw_name), Path(out), lambda _: None)
+
+
+def run_demo(out: Path, step: Callable[[str], None] = lambda _: None,
+             cases: tuple[tuple[str, str], ...] = DEFAULT_CASES, workers: int | None = None) -> list[CaseResult]:
+    """Every (profile, case) pair, in parallel processes (results do not depend on the order)."""
+    out.mkdir(parents=True, exist_ok=True)
+    profiles = demo_profiles()
+    jobs = [(model, trace, _profile_ref(hw), str(out)) for hw in profiles for model, trace in cases]
+    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    if workers <= 1:
+        results = [run_case(m, t, get_profile(h), out, step) for m, t, h, _ in jobs]
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            futures = [pool.submit(_run_case_job, job) for job in jobs]
+            for done, _ in enumerate(concurrent.futures.as_completed(futures), start=1):
+                step(f"{done}/{len(jobs)} cases done")
+            results = [f.result() for f in futures]
+    write_text(out / "summary.json", json.dumps(to_jsonable([result_json(r) for r in results]), indent=2,
+                                                sort_keys=True) + "\n")
+    return results
