@@ -270,3 +270,22 @@ def test_default_evaluator_is_the_real_one():
     import inspect
 
     assert inspect.signature(run_sweep).parameters["evaluator"].default is evaluate_point
+
+
+def test_schedules_are_reused_only_when_the_policy_ignored_the_hardware(tmp_path):
+    from tidesim.sweep import runner
+
+    g = parse_grid({"parameters": {"model": "tiny", "gen_length": 64, "prompts": 2, "prompt_length": 40,
+                                   "budget": 6, "pcie_gbs": [4, 64], "cpu_cores_scale": [0.25, 4],
+                                   "policy": ["cpu-routing", "fiddler"]}})
+    uncached = {}
+    for point in g.points:
+        runner._SCHEDULES.clear()
+        uncached[point.id] = runner.evaluate_row(point, tmp_path, evaluate_point)
+    runner._SCHEDULES.clear()
+    cached = {p.id: runner.evaluate_row(p, tmp_path, evaluate_point) for p in g.points}
+    assert cached == uncached
+    policies = [json.loads(key[:key.rindex("]") + 1])[1] for key in runner._SCHEDULES]
+    # cpu-routing never reads the profile: one schedule for all four hardware variants;
+    # fiddler compares CPU and copy costs: one per profile
+    assert policies.count("cpu-routing") == 1 and policies.count("fiddler") == 4

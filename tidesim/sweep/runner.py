@@ -39,6 +39,8 @@ from tidesim.errors import InputError
 from tidesim.hardware import HardwareProfile, get_profile
 from tidesim.metrics import Metrics
 from tidesim.models import ModelSpec
+from tidesim.policies.base import PolicyOptions
+from tidesim.schedule import Schedule
 from tidesim.sweep.grid import PARAMS, PCIE_GEN_GBS, PLANNED, Grid, Point
 from tidesim.workload import Workload
 
@@ -77,7 +79,7 @@ DERIVED_COLUMNS: dict[str, pa.DataType] = {
 def evaluate_point(point: Point, cache_dir: Path) -> Evaluation:
     """Evaluate one point with the real simulator / cost model (the default evaluator)."""
     from tidesim.budget import budget_for_memory
-    from tidesim.policies import PolicyOptions, build_schedule, uniform
+    from tidesim.policies import PolicyOptions, uniform
     from tidesim.run import run
 
     p = point.params
@@ -103,8 +105,8 @@ def evaluate_point(point: Point, cache_dir: Path) -> Evaluation:
     derived["tau_used"] = float(np.mean(tau))
     options = PolicyOptions(budget=budget, tau=tau, hw=hw, refresh=p["refresh"],
                             warmup_fraction=p["warmup_fraction"])
-    schedule = build_schedule(_schedule_policy(policy), workload, options)
-    metrics = run(workload, schedule, hw, engine=p["engine"])
+    schedule, fresh = cached_schedule(_schedule_policy(policy), workload_key(point), workload, options)
+    metrics = run(workload, schedule, hw, engine=p["engine"], check=fresh)
     metrics.policy = policy
     return Evaluation(metrics=metrics, derived=derived)
 
@@ -229,13 +231,20 @@ def ensure_trace(point: Point, cache_dir: Path) -> Path:
     return path
 
 
+def workload_key(point: Point) -> str:
+    """What identifies a point's workload: its trace (synthesis settings, or file and content)
+    and its model spec."""
+    trace = synth_key(point) or str(point.params["trace"])
+    return json.dumps([trace, point.trace_sha256, point.model_spec], sort_keys=True)
+
+
 def load_workload(point: Point, cache_dir: Path) -> Workload:
     """The point's workload, kept in a small per-process cache (points share few traces)."""
     from tidesim.trace.io import read_trace
     from tidesim.workload import workload_from_trace
 
     path = ensure_trace(point, cache_dir)
-    key = json.dumps([str(path), point.trace_sha256, point.model_spec], sort_keys=True)
+    key = workload_key(point)
     with _LOCK:
         if key in _WORKLOADS:
             _WORKLOADS.move_to_end(key)
@@ -251,6 +260,45 @@ def load_workload(point: Point, cache_dir: Path) -> Workload:
 def prepare_trace(point: Point, cache_dir: Path) -> str:
     """Executor task: make sure a synthesized trace exists before its points run."""
     return ensure_trace(point, cache_dir).name
+
+
+# ----- schedules ---------------------------------------------------------------------------------------
+class _WatchedOptions(PolicyOptions):
+    """PolicyOptions that notes whether the policy read the hardware profile."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name == "hw":
+            object.__setattr__(self, "hw_read", True)
+        return super().__getattribute__(name)
+
+
+_SCHEDULES: OrderedDict[str, Schedule] = OrderedDict()
+_MAX_SCHEDULES = 8
+
+
+def cached_schedule(policy: str, wkey: str, workload: Workload, options: PolicyOptions) -> tuple[Schedule, bool]:
+    """The policy's Schedule, reused across points that differ only in hardware when the policy
+    never read the hardware profile (most placements depend on routing, budget and tau alone).
+    Whether it read it is observed, not assumed: a policy that reads `options.hw` is cached per
+    profile. Returns (schedule, built now)."""
+    from tidesim.policies import build_schedule
+
+    base = json.dumps([wkey, policy, options.budget.tolist(), options.tau.tolist(), options.refresh,
+                       options.warmup_fraction])
+    per_hw = base + hashlib.sha256(json.dumps(options.hw.to_dict(), sort_keys=True).encode()).hexdigest()
+    with _LOCK:
+        for key in (base, per_hw):
+            if key in _SCHEDULES:
+                _SCHEDULES.move_to_end(key)
+                return _SCHEDULES[key], False
+    watched = _WatchedOptions(budget=options.budget, tau=options.tau, hw=options.hw, refresh=options.refresh,
+                              warmup_fraction=options.warmup_fraction)
+    schedule = build_schedule(policy, workload, watched)
+    with _LOCK:
+        _SCHEDULES[per_hw if getattr(watched, "hw_read", False) else base] = schedule
+        while len(_SCHEDULES) > _MAX_SCHEDULES:
+            _SCHEDULES.popitem(last=False)
+    return schedule, True
 
 
 # ----- rows --------------------------------------------------------------------------------------------
