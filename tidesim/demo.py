@@ -172,6 +172,8 @@ def table_rows(result: CaseResult) -> list[list[Any]]:
 
 
 def result_json(result: CaseResult) -> dict[str, Any]:
+    """Everything but wall-clock solver times (those stay in the plan files), so identical runs give
+    identical bytes."""
     plan = result.plan
     return {
         "model": result.model, "trace": result.trace, "hw": result.hw, "budget": result.budget, "tau": result.tau,
@@ -184,10 +186,9 @@ def result_json(result: CaseResult) -> dict[str, Any]:
             for m in result.comparison.metrics
         ],
         "plan": {"tau": plan.tau, "budget": plan.budget, "objective_s": plan.objective_s,
-                 "oracle_bound_s": plan.oracle_bound_s, "gap": plan.gap, "solver_status": plan.solver.status,
-                 "solve_s": plan.solver.wall_time_s},
+                 "oracle_bound_s": plan.oracle_bound_s, "gap": plan.gap, "solver_status": plan.solver.status},
         "tau_tokens_per_s": result.tau_tokens_per_s, "tau_hit_ratio": result.tau_hit_ratio,
-        "figures": result.figures,
+        "figures": [Path(f).name for f in result.figures],
     }
 
 

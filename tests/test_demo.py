@@ -1,0 +1,72 @@
+"""The demo on a small synthetic mini trace: table, plan, figures and timelines are all written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tidesim.cli import main
+from tidesim.demo import DEFAULT_CASES, demo_profiles, run_demo, table_rows
+from tidesim.models import PRESETS
+from tidesim.trace.io import write_trace
+from tidesim.trace.synth import SynthConfig, synthesize
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def small_trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cfg = SynthConfig(model=PRESETS["llada2-mini"], prompts=2, gen_length=64, prompt_length=64, kv_cache="none",
+                      seed=3)
+    path = tmp_path_factory.mktemp("demo") / "mini-small.parquet"
+    write_trace(synthesize(cfg), path)
+    return path
+
+
+def test_demo_writes_report(small_trace: Path, tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    results = run_demo(out, cases=(("llada2-mini", str(small_trace)),), workers=1)
+    assert len(results) == len(demo_profiles()) >= 1
+    r = results[0]
+    assert r.budget == 128 and r.prompts == [1]
+    rows = {row[0]: row for row in table_rows(r)}
+    assert set(rows) >= {"all-gpu", "full-swap", "cpu-routing", "fiddler", "tide", "tide-reference", "planned",
+                         "oracle"}
+    best = r.comparison.best_baseline
+    assert rows[best][3] == "1.00x"
+    # the bound column never promises less than the policy achieves
+    for row in rows.values():
+        assert row[7] >= row[2] * (1 - 1e-9)
+    pngs = [Path(f) for f in r.figures if f.endswith(".png")]
+    assert len(pngs) == 4
+    for png in pngs:
+        data = png.read_bytes()
+        assert data.startswith(PNG) and len(data) > 5000
+    timeline = json.loads((out / "timeline_llada2-mini_h100-sxm-pcie5.json").read_text())
+    assert any(e.get("ph") == "X" for e in timeline["traceEvents"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary[0]["plan"]["solver_status"] == "optimal"
+    assert summary[0]["best_baseline"] == best
+    plan = json.loads((out / "plan_llada2-mini_h100-sxm-pcie5.json").read_text())
+    assert len(plan["tau"]) == PRESETS["llada2-mini"].num_moe_layers
+
+
+def test_demo_is_deterministic(small_trace: Path, tmp_path: Path) -> None:
+    a = run_demo(tmp_path / "a", cases=(("llada2-mini", str(small_trace)),), workers=1)
+    b = run_demo(tmp_path / "b", cases=(("llada2-mini", str(small_trace)),), workers=1)
+    assert table_rows(a[0]) == table_rows(b[0])
+    for name in ("summary.json", "throughput_llada2-mini_h100-sxm-pcie5.png", "tau_llada2-mini_h100-sxm-pcie5.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_default_cases_are_bundled() -> None:
+    from tidesim.bundled.paths import bundled_traces
+
+    assert {trace for _, trace in DEFAULT_CASES} <= set(bundled_traces())
+
+
+def test_bad_workers_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--workers", "0"]) == 2
+    assert "--workers" in capsys.readouterr().err
