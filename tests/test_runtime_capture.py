@@ -197,3 +197,15 @@ def test_capture_command_without_torch_says_how_to_install(tmp_path, capsys, mon
     err = capsys.readouterr().err
     assert rc == 2 and "pip install 'tidesim[runtime]'" in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_capture_command_config_path_with_more_layers(tmp_path, capsys):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(SPEC.to_hf_dict()))
+    out = tmp_path / "t.parquet"
+    rc = main(["trace", "capture", "--config", str(cfg), "--layers", "5", "--prompt-tokens", "4", "--gen-length", "8",
+               "--block-length", "8", "-o", str(out), "--json"])
+    assert rc == 0
+    t = read_trace(out)
+    assert t.meta.model.num_layers == 5 and t.expert_tokens.shape[1] == 4
+    assert json.loads(capsys.readouterr().out)["model"] == t.meta.model.name
