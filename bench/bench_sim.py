@@ -1,0 +1,140 @@
+"""Simulator and analytic-model speed on the issue's benchmark case, and engine agreement.
+
+Speed (default): llada2-flash, prefix KV cache, one prompt of 256 generated tokens, policy tide,
+preset h100-sxm-pcie5. Goals: the simulator within 2 s; the analytic model at least 100x faster.
+Both engines start from the same per-expert costs (tidesim.sim.costs.schedule_costs, shared), so
+the table reports that step, each engine alone, and end to end.
+
+Agreement (--agreement): simulator vs analytic total time for every policy on every bundled trace
+(all prompts) with the H100 and A100 presets; the table docs/costmodel.md quotes.
+
+    .venv/bin/python bench/bench_sim.py [--repeats 5] [--json out.json]
+    .venv/bin/python bench/bench_sim.py --agreement [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from tidesim.budget import TIDE_MAX_EXPERTS_PER_LAYER, budget_for_memory
+from tidesim.bundled.paths import bundled_traces, resolve_trace
+from tidesim.costmodel import estimate, lower_bound
+from tidesim.hardware import HardwareProfile, get_profile
+from tidesim.policies import PolicyOptions, build_schedule, policy_names, uniform
+from tidesim.run import run
+from tidesim.schedule import Schedule
+from tidesim.sim.costs import schedule_costs
+from tidesim.sim.engine import simulate
+from tidesim.trace.io import read_trace
+from tidesim.workload import Workload, workload_from_trace
+
+
+def load(trace: str, prompts: list[int] | None) -> Workload:
+    w = workload_from_trace(read_trace(resolve_trace(trace)))
+    return w.select_prompts(prompts) if prompts else w
+
+
+def make_schedule(w: Workload, hw: HardwareProfile, policy: str, refresh: str = "sync", tau: int = 2) -> Schedule:
+    budget = budget_for_memory(w.model, hw.gpu.memory_gib, TIDE_MAX_EXPERTS_PER_LAYER.get(w.model.name))
+    opts = PolicyOptions(budget=uniform(budget, w.num_layers), tau=uniform(tau, w.num_layers), hw=hw,
+                         refresh=refresh)
+    return build_schedule(policy, w, opts)
+
+
+def median_time(fn: Any, repeats: int) -> dict[str, float]:
+    """Median wall-clock and process-CPU seconds (CPU time is the steadier figure on a shared machine)."""
+    wall, cpu = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return {"wall": statistics.median(wall), "cpu": statistics.median(cpu)}
+
+
+def speed(repeats: int) -> dict[str, Any]:
+    w = load("llada2-flash_prefix_g256", [0])
+    hw = get_profile("h100-sxm-pcie5")
+    sched = make_schedule(w, hw, "tide")
+    costs = schedule_costs(w, sched, hw)
+    out: dict[str, Any] = {
+        "case": "llada2-flash_prefix_g256 prompt 0, tide (tau 2, sync), h100-sxm-pcie5",
+        "forwards": w.num_forwards, "layers": w.num_layers, "generated_tokens": w.generated_tokens,
+        "costs_s": median_time(lambda: schedule_costs(w, sched, hw), repeats),
+        "sim_engine_s": median_time(lambda: simulate(costs), repeats),
+        "analytic_engine_s": median_time(lambda: (estimate(costs), lower_bound(costs)), max(repeats, 20)),
+        "sim_end_to_end_s": median_time(lambda: run(w, sched, hw, engine="sim", check=False), repeats),
+        "analytic_end_to_end_s": median_time(lambda: run(w, sched, hw, engine="analytic", check=False),
+                                             max(repeats, 20)),
+    }
+    for clock in ("wall", "cpu"):
+        out[f"engine_ratio_{clock}"] = out["sim_engine_s"][clock] / out["analytic_engine_s"][clock]
+        out[f"end_to_end_ratio_{clock}"] = out["sim_end_to_end_s"][clock] / out["analytic_end_to_end_s"][clock]
+    out["sim_within_2s"] = out["sim_end_to_end_s"]["wall"] <= 2.0
+    return out
+
+
+def agreement() -> list[dict[str, Any]]:
+    rows = []
+    for trace in bundled_traces():
+        w = load(trace, None)
+        for hw_name in ("h100-sxm-pcie5", "a100-80gb-pcie4"):
+            hw = get_profile(hw_name)
+            for policy in policy_names():
+                for refresh in (("sync", "async") if policy == "tide" else ("sync",)):
+                    try:
+                        sched = make_schedule(w, hw, policy, refresh)
+                    except Exception as exc:  # noqa: BLE001  (a policy may refuse a budget; record it)
+                        rows.append({"trace": trace, "hw": hw_name, "policy": policy, "error": str(exc)})
+                        continue
+                    t0 = time.perf_counter()
+                    sim = run(w, sched, hw, check=False)
+                    t_sim = time.perf_counter() - t0
+                    ana = run(w, sched, hw, engine="analytic", check=False)
+                    rows.append({
+                        "trace": trace, "hw": hw_name, "policy": policy + ("-async" if refresh == "async" else ""),
+                        "sim_tok_s": sim.tokens_per_s, "analytic_tok_s": ana.tokens_per_s,
+                        "diff_pct": 100.0 * (ana.total_time_s / sim.total_time_s - 1.0),
+                        "sim_over_bound_pct": 100.0 * (sim.total_time_s / sim.lower_bound_s - 1.0),
+                        "sim_s": t_sim,
+                    })
+                    print(_fmt(rows[-1]), flush=True)
+    return rows
+
+
+def _fmt(r: dict[str, Any]) -> str:
+    if "error" in r:
+        return f"{r['trace']:26s} {r['hw']:16s} {r['policy']:16s} error: {r['error']}"
+    return (f"{r['trace']:26s} {r['hw']:16s} {r['policy']:16s} sim {r['sim_tok_s']:9.2f} tok/s  "
+            f"analytic {r['analytic_tok_s']:9.2f}  diff {r['diff_pct']:+6.2f}%  "
+            f"sim/bound {r['sim_over_bound_pct']:+6.2f}%  ({r['sim_s']:.1f} s)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--agreement", action="store_true", help="engine agreement over bundled traces and presets")
+    ap.add_argument("--json", type=Path, help="also write the results as JSON")
+    args = ap.parse_args()
+    meta = {"machine": platform.platform(), "python": platform.python_version(), "processor": platform.processor(),
+            "date": time.strftime("%Y-%m-%d")}
+    if args.agreement:
+        result: Any = {"meta": meta, "rows": agreement()}
+    else:
+        result = {"meta": meta, **speed(args.repeats)}
+        for key, value in result.items():
+            if isinstance(value, dict) and "wall" in value:
+                value = f"wall {value['wall'] * 1e3:9.2f} ms   cpu {value['cpu'] * 1e3:9.2f} ms"
+            print(f"{key:24s} {value:.1f}" if isinstance(value, float) else f"{key:24s} {value}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    main()
