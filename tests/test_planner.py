@@ -30,6 +30,7 @@ from tidesim.planner import (
     oracle_bound,
     oracle_costs,
     parse_int_list,
+    robust_plan,
     solve_plan,
     split_prompts,
     uniform_budget,
@@ -313,3 +314,26 @@ def test_split_prompts() -> None:
     assert split_prompts([0, 1, 2, 3], None) == ([0, 1], [2, 3])
     assert split_prompts([5], None) == ([5], [])
     assert split_prompts([0, 1, 2], [2]) == ([2], [0, 1])
+
+
+@pytest.mark.parametrize("slots", [12, 24, 36])
+def test_robust_plan_never_loses_on_a_calibration_prompt(slots: int) -> None:
+    w = tiny_workload()
+    hw = h100()
+    calib = [0, 1, 2]
+    taus, budgets = [1, 2, 4, 16], [1, 2, 4, 6, 8, 12, 16]
+    u = uniform_budget(slots, w.num_layers, w.num_experts)
+    table = cost_table(w, hw, taus, sorted(set(budgets) | {u}))
+    result = solve_plan(table, slots)
+    sweep = dict(zip(table.taus.tolist(), table.uniform_total_s()[:, list(table.budgets).index(u)], strict=True))
+    best_tau = min(sweep, key=lambda t: (sweep[t], t))
+    chosen, note = robust_plan(w, hw, calib, table, result, slots, u, best_tau, False, None)
+    assert int(chosen.budget.sum()) <= slots
+    for p in calib:
+        wp = w.select_prompts([p])
+        single = evaluate_plan(wp, hw, np.full(3, best_tau), np.full(3, u)).total_time_s
+        assert evaluate_plan(wp, hw, chosen.tau, chosen.budget).total_time_s <= single * (1 + 1e-12)
+    if note == "":
+        assert chosen is result
+    # The pooled objective can only get worse by falling back, never better than the optimum.
+    assert chosen.objective_s >= result.objective_s - 1e-12

@@ -325,23 +325,50 @@ def _check_capacity(table: CostTable, slots: int) -> None:
 
 def solve_plan(table: CostTable, slots: int, global_tau: bool = False,
                time_limit_s: float | None = None) -> MilpResult:
-    """Choose one (tau, budget) per layer minimising the predicted total under the slot limit."""
+    """Choose one (tau, budget) per layer minimising the predicted total under the slot limit.
+
+    global_tau: one tau for all layers. The program of docs/planner.md is solved by enumerating
+    the distinct intervals and solving the per-layer-budget knapsack for each (CBC's search on the
+    joint program with linking rows is slow: its LP relaxation spreads y over several taus); the
+    best of these proven optima is the proven optimum of the joint program.
+    """
     _check_capacity(table, slots)
+    if not global_tau:
+        return _solve(table, slots, time_limit_s)
     start = time.perf_counter()
-    if global_tau:
-        prob, pick = _global_tau_program(table, slots, relax=False)
-    else:
-        prob, pick = _per_layer_program(table, slots, relax=False)
+    c = table.layer_cost_s
+    distinct = [i for i in range(len(table.taus)) if not any(np.array_equal(c[:, i], c[:, j]) for j in range(i))]
+    results: list[MilpResult] = []
+    for i in distinct:
+        left = None if time_limit_s is None else max(time_limit_s - (time.perf_counter() - start), 0.1)
+        sub = CostTable(table.taus[i:i + 1], table.budgets, c[:, i:i + 1], table.other_s, table.generated_tokens)
+        results.append(_solve(sub, slots, left))
+    wall = time.perf_counter() - start
+    solved = [r for r in results if r.status in ("optimal", "feasible")]
+    bound = min(r.bound_s for r in results)
+    if not solved:
+        return MilpResult(np.zeros(0, np.int64), np.zeros(0, np.int64), float("nan"), results[0].status, False,
+                          wall, bound)
+    best = min(solved, key=lambda r: (r.objective_s, int(r.tau[0])))
+    optimal = all(r.proven_optimal for r in results)
+    return MilpResult(best.tau, best.budget, best.objective_s, "optimal" if optimal else "feasible", optimal, wall,
+                      best.objective_s if optimal else min(bound, best.objective_s))
+
+
+def _solve(table: CostTable, slots: int, time_limit_s: float | None) -> MilpResult:
+    """The per-layer program (one tau and budget per layer) through CBC."""
+    start = time.perf_counter()
+    prob, pick = _per_layer_program(table, slots, relax=False)
     prob.solve(cbc(time_limit_s))
     wall = time.perf_counter() - start
     if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
         status = "infeasible" if prob.sol_status == pulp.LpSolutionInfeasible else "not-solved"
         return MilpResult(np.zeros(0, np.int64), np.zeros(0, np.int64), float("nan"), status, False, wall,
-                          _relaxation_bound(table, slots, global_tau))
+                          _relaxation_bound(table, slots))
     tau, budget = pick()
     objective = table.total_s(tau, budget)
     optimal = prob.sol_status == pulp.LpSolutionOptimal
-    bound = objective if optimal else _relaxation_bound(table, slots, global_tau)
+    bound = objective if optimal else _relaxation_bound(table, slots)
     return MilpResult(tau, budget, objective, "optimal" if optimal else "feasible", optimal, wall, bound)
 
 
@@ -363,57 +390,46 @@ def _var(prob: pulp.LpProblem, name: str, relax: bool) -> pulp.LpVariable:
     return prob.add_variable(name, 0, 1, pulp.LpContinuous if relax else pulp.LpBinary)
 
 
+def _undominated(cost: np.ndarray, budgets: np.ndarray) -> np.ndarray:
+    """bool [..., K]: options no smaller budget matches or beats (only those can be optimal; the
+    smallest budget always stays, so every choice row keeps an option)."""
+    order = np.argsort(budgets, kind="stable")
+    ordered = cost[..., order]
+    before = np.minimum.accumulate(ordered, axis=-1)
+    keep_ordered = np.ones(ordered.shape, dtype=bool)
+    keep_ordered[..., 1:] = ordered[..., 1:] < before[..., :-1]
+    keep = np.empty_like(keep_ordered)
+    keep[..., order] = keep_ordered
+    return keep
+
+
 def _per_layer_program(table: CostTable, slots: int, relax: bool
                        ) -> tuple[pulp.LpProblem, Callable[[], tuple[np.ndarray, np.ndarray]]]:
     best, tau_idx = _cheapest_tau(table)
     layers, k = best.shape
+    keep = _undominated(best, table.budgets)
     prob = pulp.LpProblem("per_layer_plan", pulp.LpMinimize)
-    x = [[_var(prob, f"x_{lay}_{j}", relax) for j in range(k)] for lay in range(layers)]
-    prob += pulp.lpSum(float(best[lay, j]) * x[lay][j] for lay in range(layers) for j in range(k))
+    x = {(lay, j): _var(prob, f"x_{lay}_{j}", relax) for lay in range(layers) for j in range(k) if keep[lay, j]}
+    prob += pulp.lpSum(float(best[lay, j]) * v for (lay, j), v in x.items())
     for lay in range(layers):
-        prob += pulp.lpSum(x[lay]) == 1, f"one_choice_{lay}"
-    prob += pulp.lpSum(int(table.budgets[j]) * x[lay][j] for lay in range(layers) for j in range(k)) <= slots, \
-        "memory"
+        prob += pulp.lpSum(v for (ly, _), v in x.items() if ly == lay) == 1, f"one_choice_{lay}"
+    prob += pulp.lpSum(int(table.budgets[j]) * v for (_, j), v in x.items()) <= slots, "memory"
 
     def pick() -> tuple[np.ndarray, np.ndarray]:
-        chosen = np.array([_argmax_value(x[lay]) for lay in range(layers)])
+        chosen = np.array([_argmax_value({j: v for (ly, j), v in x.items() if ly == lay}) for lay in range(layers)])
         taus = table.taus[tau_idx[np.arange(layers), chosen]]
         return taus.astype(np.int64), table.budgets[chosen].astype(np.int64)
     return prob, pick
 
 
-def _global_tau_program(table: CostTable, slots: int, relax: bool
-                        ) -> tuple[pulp.LpProblem, Callable[[], tuple[np.ndarray, np.ndarray]]]:
-    c = table.layer_cost_s
-    layers, t_count, k = c.shape
-    prob = pulp.LpProblem("global_tau_plan", pulp.LpMinimize)
-    y = [_var(prob, f"y_{i}", relax) for i in range(t_count)]
-    x = [[[_var(prob, f"x_{lay}_{i}_{j}", relax) for j in range(k)] for i in range(t_count)] for lay in range(layers)]
-    prob += pulp.lpSum(float(c[lay, i, j]) * x[lay][i][j]
-                       for lay in range(layers) for i in range(t_count) for j in range(k))
-    prob += pulp.lpSum(y) == 1, "one_tau"
-    for lay in range(layers):
-        for i in range(t_count):
-            prob += pulp.lpSum(x[lay][i]) == y[i], f"link_{lay}_{i}"
-    prob += pulp.lpSum(int(table.budgets[j]) * x[lay][i][j]
-                       for lay in range(layers) for i in range(t_count) for j in range(k)) <= slots, "memory"
-
-    def pick() -> tuple[np.ndarray, np.ndarray]:
-        i = _argmax_value(y)
-        chosen = np.array([_argmax_value(x[lay][i]) for lay in range(layers)])
-        return np.full(layers, int(table.taus[i]), np.int64), table.budgets[chosen].astype(np.int64)
-    return prob, pick
+def _argmax_value(variables: dict[int, pulp.LpVariable]) -> int:
+    """The key of the variable set to 1 (the largest value, for safety against solver round-off)."""
+    return max(variables, key=lambda key: (variables[key].value() or 0.0, -key))
 
 
-def _argmax_value(variables: list[pulp.LpVariable]) -> int:
-    values = [v.value() or 0.0 for v in variables]
-    return int(np.argmax(values))
-
-
-def _relaxation_bound(table: CostTable, slots: int, global_tau: bool) -> float:
+def _relaxation_bound(table: CostTable, slots: int) -> float:
     """The LP relaxation's optimum: a lower bound on the MILP optimum when CBC stopped early."""
-    build = _global_tau_program if global_tau else _per_layer_program
-    prob, _ = build(table, slots, relax=True)
+    prob, _ = _per_layer_program(table, slots, relax=True)
     prob.solve(cbc())
     if prob.status != pulp.LpStatusOptimal:
         return float("nan")
@@ -627,6 +643,42 @@ def split_prompts(all_prompts: list[int], calibrate: list[int] | None) -> tuple[
     return sorted(set(calibrate)), [p for p in all_prompts if p not in set(calibrate)]
 
 
+def robust_plan(workload: Workload, hw: HardwareProfile, calib: list[int], table: CostTable, result: MilpResult,
+                slots: int, uniform_b: int, best_tau: int, global_tau: bool, time_limit_s: float | None
+                ) -> tuple[MilpResult, str]:
+    """Keep the optimum only if it is at least as fast as the best single tau (uniform budget) on
+    every calibration prompt by itself, not just on their sum; otherwise fall back to per-layer
+    intervals with the uniform budget, and failing that to the best single tau itself.
+
+    Moving slots between layers can fit one prompt's routing and lose on the next (the gains are
+    often a fraction of a percent); this check is what keeps such plans off held-out prompts.
+    """
+    if len(calib) < 2:
+        return result, ""
+    layers = workload.num_layers
+    single = (np.full(layers, best_tau, np.int64), np.full(layers, uniform_b, np.int64))
+    per_prompt = [workload.select_prompts([p]) for p in calib]
+    base = [evaluate_plan(w, hw, *single).total_time_s for w in per_prompt]
+
+    def holds(candidate: MilpResult) -> bool:
+        return all(evaluate_plan(w, hw, candidate.tau, candidate.budget).total_time_s <= b * (1 + 1e-12)
+                   for w, b in zip(per_prompt, base, strict=True))
+
+    if holds(result):
+        return result, ""
+    k = int(np.flatnonzero(table.budgets == uniform_b)[0])
+    uniform_table = CostTable(table.taus, table.budgets[k:k + 1], table.layer_cost_s[:, :, k:k + 1], table.other_s,
+                              table.generated_tokens)
+    intervals = solve_plan(uniform_table, slots, global_tau=global_tau, time_limit_s=time_limit_s)
+    why = "the MILP optimum lost to the best single tau on a calibration prompt by itself"
+    if intervals.status in ("optimal", "feasible") and holds(intervals):
+        return intervals, f"{why}; kept per-layer intervals with the uniform budget {uniform_b}"
+    objective = table.total_s(*single)
+    fallback = MilpResult(single[0], single[1], objective, result.status, result.proven_optimal,
+                          result.wall_time_s, min(result.bound_s, objective))
+    return fallback, f"{why}, and so did per-layer intervals; kept the best single tau {best_tau}"
+
+
 def make_plan(trace_path: Path, trace_name: str, hw: HardwareProfile, gpu_mem_gib: float, *,
               global_tau: bool = False, taus: list[int] | None = None, budgets: list[int] | None = None,
               time_limit_s: float | None = None, calibrate_prompts: list[int] | None = None,
@@ -655,15 +707,18 @@ def make_plan(trace_path: Path, trace_name: str, hw: HardwareProfile, gpu_mem_gi
     result = solve_plan(table, slots, global_tau=global_tau, time_limit_s=time_limit_s)
     if result.status not in ("optimal", "feasible"):
         raise InputError(f"the solver found no plan ({result.status}); give a longer --time-limit")
+    sweep = {int(t): float(v) for t, v in
+             zip(table.taus, table.uniform_total_s()[:, int(np.flatnonzero(table.budgets == u)[0])], strict=True)}
+    best_tau = min(sweep, key=lambda t: (sweep[t], t))
+    result, robust_note = robust_plan(workload, hw, calib, table, result, slots, u, best_tau, global_tau,
+                                      time_limit_s)
     layer_upper = table.layer_cost_s[np.arange(layers), _index_of(table.taus, result.tau, "tau"),
                                      _index_of(table.budgets, result.budget, "budget")]
     bound = oracle_bound(oracle_costs(calib_w, hw), result.budget, oracle_iterations, layer_upper)
-    sweep = {int(t): float(v) for t, v in
-             zip(table.taus, table.uniform_total_s()[:, int(np.flatnonzero(table.budgets == u)[0])], strict=True)}
     calibration = compare_on(calib_w, hw, calib, result.tau, result.budget, taus, u, engine)
     heldout = (compare_on(workload.select_prompts(held), hw, held, result.tau, result.budget, taus, u, engine)
                if held else None)
-    notes = []
+    notes = [robust_note] if robust_note else []
     if engine == "analytic" and abs(calibration.plan_time_s - result.objective_s) > 1e-6 * result.objective_s:
         notes.append(f"the cost model's time of the plan ({calibration.plan_time_s:.6g} s) differs from the "
                      f"table's prediction ({result.objective_s:.6g} s): layer additivity does not hold")

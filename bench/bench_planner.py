@@ -1,0 +1,119 @@
+"""Planner benchmark: cost-table and MILP solve times, and whether the plan beats every single tau.
+
+Usage: .venv/bin/python bench/bench_planner.py [TRACE] [--hw H] [--gpu-mem-gib G] [--calibrate 0,1]
+       [--engine sim|analytic] [--repeats N]
+
+Defaults: the bundled llada2-flash prefix-cache trace on the H100 preset with the GPU memory the
+public TIDE code would use (the 80 GB card: budget_for_memory gives 84 experts per layer, below the
+flash scripts' cap of 96). Checks (exit status 1 when one fails):
+- the per-layer MILP is solved to proven optimality in at most 10 s (best of N solves);
+- with the chosen executor (default: the simulator), the plan `tidesim plan` would write (the
+  MILP optimum after the per-prompt robustness check of tidesim.planner.robust_plan) run as
+  `planned` is at least as fast as the best
+  single-tau `tide` (tau = 1..32, uniform budget for the same memory) on the calibration prompts
+  and on the held-out prompts; the best tau is picked on each set in hindsight, so the held-out
+  comparison is the strict one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+from tidesim.budget import TIDE_MAX_EXPERTS_PER_LAYER, budget_for_memory
+from tidesim.bundled.paths import resolve_trace
+from tidesim.hardware import get_profile
+from tidesim.planner import (
+    compare_on,
+    cost_table,
+    default_budgets,
+    expert_slots,
+    oracle_bound,
+    oracle_costs,
+    robust_plan,
+    solve_plan,
+    split_prompts,
+    uniform_budget,
+)
+from tidesim.trace.io import read_trace
+from tidesim.workload import workload_from_trace
+
+TAUS = list(range(1, 33))
+SOLVE_LIMIT_S = 10.0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("trace", nargs="?", default="llada2-flash_prefix_g256")
+    parser.add_argument("--hw", default="h100-sxm-pcie5")
+    parser.add_argument("--gpu-mem-gib", type=float, default=None, help="default: the profile's GPU memory")
+    parser.add_argument("--calibrate", default=None, help="calibration prompt ids (default: first half)")
+    parser.add_argument("--engine", default="sim", choices=["sim", "analytic"])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    hw = get_profile(args.hw)
+    gib = args.gpu_mem_gib if args.gpu_mem_gib is not None else hw.gpu.memory_gib
+    trace = read_trace(resolve_trace(args.trace))
+    workload = workload_from_trace(trace)
+    model = workload.model
+    calib, held = split_prompts(trace.prompt_ids, [int(p) for p in args.calibrate.split(",")] if args.calibrate
+                                else None)
+    cw = workload.select_prompts(calib)
+    slots = expert_slots(model, gib)
+    layers, experts = model.num_moe_layers, model.num_experts
+    u = uniform_budget(slots, layers, experts)
+    tide_budget = budget_for_memory(model, gib, TIDE_MAX_EXPERTS_PER_LAYER.get(model.name))
+    budgets = sorted(set(default_budgets(slots, layers, experts)) | {u})
+    print(f"{args.trace} on {hw.name}, {gib:g} GiB: {slots} expert slots, uniform budget {u} "
+          f"(the public code's budget here: {tide_budget}); calibration prompts {calib}, held out {held}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+
+    t0 = time.perf_counter()
+    table = cost_table(cw, hw, TAUS, budgets)
+    table_s = time.perf_counter() - t0
+    print(f"cost table: {len(TAUS)} taus x {len(budgets)} budgets x {layers} layers in {table_s:.1f} s")
+
+    ok = True
+    results = {}
+    for mode, global_tau in (("per-layer", False), ("global-tau", True)):
+        best = float("inf")
+        for _ in range(args.repeats):
+            res = solve_plan(table, slots, global_tau=global_tau)
+            best = min(best, res.wall_time_s)
+        results[mode] = res
+        print(f"MILP {mode}: {res.status}, best of {args.repeats} solves {best:.2f} s (CBC process included), "
+              f"predicted {res.objective_s:.3f} s")
+        if mode == "per-layer" and not (res.proven_optimal and best <= SOLVE_LIMIT_S):
+            print(f"FAIL: per-layer plan not proven optimal within {SOLVE_LIMIT_S} s")
+            ok = False
+    sweep = dict(zip(table.taus.tolist(), table.uniform_total_s()[:, budgets.index(u)], strict=True))
+    best_tau = min(sweep, key=lambda t: (sweep[t], t))
+    plan, note = robust_plan(workload, hw, calib, table, results["per-layer"], slots, u, best_tau, False, None)
+    if note:
+        print(f"robustness check: {note}")
+    t0 = time.perf_counter()
+    bound = oracle_bound(oracle_costs(cw, hw), plan.budget, layer_upper_s=None)
+    print(f"oracle bound {bound.bound_s:.3f} s ({bound.iterations} iterations, {time.perf_counter() - t0:.1f} s); "
+          f"gap {plan.objective_s / bound.bound_s - 1:.1%}")
+    print(f"plan tau   : {plan.tau.tolist()}")
+    print(f"plan budget: {plan.budget.tolist()} (sum {int(plan.budget.sum())} of {slots})")
+
+    for name, prompts in (("calibration", calib), ("held-out", held)):
+        if not prompts:
+            continue
+        t0 = time.perf_counter()
+        ev = compare_on(workload.select_prompts(prompts), hw, prompts, plan.tau, plan.budget, TAUS, u, args.engine)
+        verdict = "ok" if ev.plan_tokens_per_s >= ev.best_single_tau_tokens_per_s * (1 - 1e-9) else "FAIL"
+        ok &= verdict == "ok"
+        print(f"{name} ({args.engine}, {time.perf_counter() - t0:.0f} s): planned {ev.plan_tokens_per_s:.3f} tok/s, "
+              f"best single tau {ev.best_single_tau} (B {u}) {ev.best_single_tau_tokens_per_s:.3f} tok/s, "
+              f"speedup {ev.speedup:.4f}x  {verdict}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
