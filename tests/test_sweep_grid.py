@@ -192,3 +192,9 @@ def test_example_grids_are_valid(path):
     assert len(g) >= 1
     if path.name == "bench-200.yaml":
         assert len(g) == 200
+
+
+def test_every_parameter_is_documented():
+    text = (DOCS_EXAMPLES.parent / "sweeps.md").read_text()
+    for name in PARAMS:
+        assert f"| `{name}` |" in text, f"docs/sweeps.md does not document parameter {name}"
