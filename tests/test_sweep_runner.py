@@ -289,3 +289,32 @@ def test_schedules_are_reused_only_when_the_policy_ignored_the_hardware(tmp_path
     # cpu-routing never reads the profile: one schedule for all four hardware variants;
     # fiddler compares CPU and copy costs: one per profile
     assert policies.count("cpu-routing") == 1 and policies.count("fiddler") == 4
+
+
+def test_planned_point_runs_the_solved_per_layer_plan(tmp_path):
+    from tidesim.planner import expert_slots
+    from tidesim.policies import PolicyOptions, build_schedule
+    from tidesim.run import run
+    from tidesim.sweep.runner import load_workload
+
+    g = parse_grid({"parameters": {"model": "tiny", "gen_length": 64, "prompts": 2, "prompt_length": 40,
+                                   "gpu_memory_gib": 1.4, "policy": ["planned", "tide"]}})
+    run_sweep(g, tmp_path / "r.parquet", workers=1)
+    df = pd.read_parquet(tmp_path / "r.parquet").set_index("policy")
+    assert df["error"].isna().all()
+    plan = json.loads(df.loc["planned", "per_layer"])
+    tau, budget = np.array(plan["tau"]), np.array(plan["budget"])
+    model = g.points[0].model()
+    assert len(tau) == len(budget) == model.num_moe_layers and (tau >= 1).all()
+    assert budget.sum() <= expert_slots(model, 1.4) == plan["slots"]            # the memory row holds
+    assert df.loc["planned", "budget_used"] == pytest.approx(budget.mean())
+    # the row is the plan's per-layer tau and budgets run as given
+    workload = load_workload(g.points[0], SweepPaths(tmp_path / "r.parquet").traces)
+    hw = build_hardware(g.points[0].params)
+    schedule = build_schedule("planned", workload, PolicyOptions(budget=budget, tau=tau, hw=hw))
+    direct = run(workload, schedule, hw, engine="analytic")
+    assert df.loc["planned", "tokens_per_s"] == direct.tokens_per_s
+    assert df.loc["planned", "total_time_s"] == pytest.approx(plan["predicted_s"], rel=1e-6)
+    # in-sample the plan is never slower than tide at tau 2 with the same memory's uniform budget
+    assert df.loc["tide", "budget_used"] == plan["slots"] // model.num_moe_layers < model.num_experts
+    assert df.loc["planned", "tokens_per_s"] >= df.loc["tide", "tokens_per_s"] * (1 - 1e-9)
