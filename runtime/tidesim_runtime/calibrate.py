@@ -123,17 +123,27 @@ class Timer:
         self.backend = backend
 
     def time(self, fn: Callable[[], Any], repeats: int, warmup: int = 1) -> Stat:
-        for _ in range(warmup):
-            fn()
+        return self.time_many([fn], repeats, warmup)[0]
+
+    def time_many(self, fns: list[Callable[[], Any]], repeats: int, warmup: int = 1) -> list[Stat]:
+        """Time several callables, repeats interleaved (A B C, A B C, ...): on a shared machine a
+        slow spell then spreads over every point instead of bending one part of a curve."""
+        for fn in fns:
+            for _ in range(warmup):
+                fn()
         self.backend.synchronize()
-        samples = []
+        samples: list[list[float]] = [[] for _ in fns]
         for _ in range(repeats):
-            a = self.backend.timepoint()
-            fn()
-            b = self.backend.timepoint()
-            self.backend.synchronize()
-            samples.append(self.backend.elapsed(a, b))
-        return stat(samples)
+            for i, fn in enumerate(fns):
+                samples[i].append(self.sample(fn))
+        return [stat(s) for s in samples]
+
+    def sample(self, fn: Callable[[], Any]) -> float:
+        a = self.backend.timepoint()
+        fn()
+        b = self.backend.timepoint()
+        self.backend.synchronize()
+        return float(self.backend.elapsed(a, b))
 
 
 @dataclass
@@ -190,16 +200,15 @@ def measure_gpu_experts(cal: Calibration, timer: Timer, spec: ModelSpec) -> None
     row = random_matrix(1, bank.flat.shape[1], gen, dev, dtype)[0] * 0.05
     bank.flat.copy_(row.expand_as(bank.flat))
     impl = grouped_impl(dev, dtype)
-    xs, ts, sp = [], [], []
     launch = cal.launch_us * 1e-6
-    for t in cal.grid.gpu_tokens:
-        x = random_matrix(g * t, spec.hidden_size, gen, dev, dtype)
-        st = timer.time(lambda x=x, t=t: grouped_experts(x, [t] * g, list(range(g)), bank.w13, bank.w2, impl),
-                        cal.grid.repeats)
-        per = max(st.median_s - launch, 0.0) / g + launch
-        xs.append(float(t))
-        ts.append(per * 1e6)
-        sp.append(st.spread_s / g * 1e6)
+    tokens = cal.grid.gpu_tokens
+    inputs = [random_matrix(g * t, spec.hidden_size, gen, dev, dtype) for t in tokens]
+    fns = [lambda x=x, t=t: grouped_experts(x, [t] * g, list(range(g)), bank.w13, bank.w2, impl)
+           for x, t in zip(inputs, tokens, strict=True)]
+    stats = timer.time_many(fns, cal.grid.repeats)
+    xs = [float(t) for t in tokens]
+    ts = [(max(st.median_s - launch, 0.0) / g + launch) * 1e6 for st in stats]
+    sp = [st.spread_s / g * 1e6 for st in stats]
     prov = Provenance(kind="measured", source=f"runtime grouped kernel ({impl}) over {g} experts",
                       repeats=cal.grid.repeats, device=cal.device.describe(), tool_version=__version__)
     cal.gpu_curves.append(ExpertCurve(spec.hidden_size, spec.moe_intermediate_size,
@@ -213,22 +222,24 @@ def measure_cpu_experts(cal: Calibration, pool: CPUPool, spec: ModelSpec) -> Non
     bank = ExpertBank.empty(spec, n, torch.device("cpu"), dtype)
     gen = torch.Generator().manual_seed(1)
     bank.flat.copy_(random_matrix(1, bank.flat.shape[1], gen, torch.device("cpu"), dtype)[0].expand_as(bank.flat))
-    xs, ts, sp = [], [], []
-    for t in cal.grid.cpu_tokens:
+    tokens = cal.grid.cpu_tokens
+    jobs = []
+    for t in tokens:
         x = random_matrix(n * t, spec.hidden_size, gen, torch.device("cpu"), dtype)
-        out = torch.empty_like(x)
-        runner = expert_task_runner(x, out, bank.w13, bank.w2)
-        tasks = [ExpertTask(e, e * t, (e + 1) * t) for e in range(n)]
+        runner = expert_task_runner(x, torch.empty_like(x), bank.w13, bank.w2)
+        jobs.append(([ExpertTask(e, e * t, (e + 1) * t) for e in range(n)], runner))
+    samples: list[list[float]] = [[] for _ in tokens]
+    for tasks, runner in jobs:
         pool.submit(tasks, runner).wait()  # warm-up
-        samples = []
-        for _ in range(cal.grid.repeats):
+    for _ in range(cal.grid.repeats):  # interleaved over token counts (see Timer.time_many)
+        for i, (tasks, runner) in enumerate(jobs):
             t0 = time.perf_counter()
             pool.submit(tasks, runner).wait()
-            samples.append((time.perf_counter() - t0) * pool.workers / n)
-        s = stat(samples)
-        xs.append(float(t))
-        ts.append(s.median_s * 1e6)
-        sp.append(s.spread_s * 1e6)
+            samples[i].append((time.perf_counter() - t0) * pool.workers / n)
+    stats = [stat(x) for x in samples]
+    xs = [float(t) for t in tokens]
+    ts = [st.median_s * 1e6 for st in stats]
+    sp = [st.spread_s * 1e6 for st in stats]
     prov = Provenance(kind="measured", source=f"runtime CPU pool, {pool.workers} worker(s) x {pool.threads} "
                       f"thread(s), {n} distinct experts ({cal.device.dtype_name} weights)",
                       repeats=cal.grid.repeats, device=f"CPU: {provenance_fields(cal.device)['cpu']}",
@@ -244,14 +255,12 @@ def measure_attention(cal: Calibration, timer: Timer, spec: ModelSpec) -> None:
     ctx_max = max(cal.grid.att_context + cal.grid.att_tokens)
     kv = KVBuffer(spec, ctx_max, dev, dtype)
     cos, sin = rotary_tables(spec, ctx_max, dev)
-    table = []
-    for t in cal.grid.att_tokens:
-        x = random_matrix(t, spec.hidden_size, gen, dev, dtype)
-        row = []
-        for c in cal.grid.att_context:
-            st = timer.time(lambda x=x, c=c: attention(x, lw, kv, c, spec, cos, sin), cal.grid.repeats)
-            row.append(st.median_s * 1e6)
-        table.append(row)
+    cells = [(t, c) for t in cal.grid.att_tokens for c in cal.grid.att_context]
+    inputs = {t: random_matrix(t, spec.hidden_size, gen, dev, dtype) for t in cal.grid.att_tokens}
+    stats = timer.time_many([lambda t=t, c=c: attention(inputs[t], lw, kv, c, spec, cos, sin) for t, c in cells],
+                            cal.grid.repeats)
+    width = len(cal.grid.att_context)
+    table = [[st.median_s * 1e6 for st in stats[i:i + width]] for i in range(0, len(stats), width)]
     # more context never costs less; keep the grid monotone in both directions
     arr = np.maximum.accumulate(np.maximum.accumulate(np.asarray(table), axis=0), axis=1)
     cal.attention.append({"hidden": spec.hidden_size, "heads": spec.num_heads, "kv_heads": spec.num_kv_heads,
@@ -360,18 +369,17 @@ def measure_copy_slowdown(cal: Calibration, backend: Backend, timer: Timer, spec
     def compute() -> None:
         grouped_experts(x, [8] * g, list(range(g)), bank.w13, bank.w2, impl)
 
-    alone = timer.time(compute, cal.grid.repeats).median_s
-    samples = []
-    for _ in range(cal.grid.repeats):
+    compute()
+    ratios = []
+    for _ in range(max(cal.grid.repeats, 3)):  # paired samples: alone, then with copies streaming
+        alone = timer.sample(compute)
         marks = [backend.copy(slots.flat[i % 4], host.flat[i % 4], H2D, background=True) for i in range(4 * g)]
-        a = backend.timepoint()
-        compute()
-        b = backend.timepoint()
+        busy = timer.sample(compute)
         for m in marks:
             backend.host_wait(m)
         backend.synchronize()
-        samples.append(backend.elapsed(a, b))
-    cal.copy_slows = max(0.0, statistics.median(samples) / max(alone, 1e-12) - 1.0)
+        ratios.append(busy / max(alone, 1e-12))
+    cal.copy_slows = max(0.0, statistics.median(ratios) - 1.0)
 
 
 def measure_task_overhead(cal: Calibration, pool: CPUPool) -> None:
