@@ -1,8 +1,8 @@
 """A normal (non-editable) install finds the bundled traces and profiles from any directory."""
 
-import os
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -25,11 +25,14 @@ def test_wheel_ships_bundled_data(tmp_path):
     assert len(profiles) == len(list((ROOT / "hwprofiles").glob("*.yaml")))
     assert len(traces) == len(list((ROOT / "traces").glob("*.parquet")))
     assert any(n.startswith("tidesim_runtime/") for n in names)
-    code = ("from tidesim.hardware import bundled_profiles; from tidesim.bundled.paths import bundled_traces;"
-            "import tidesim; print(tidesim.__file__); print(len(bundled_profiles()), len(bundled_traces()))")
-    env = {**os.environ, "PYTHONPATH": str(target)}
-    out = subprocess.run([sys.executable, "-I", "-c", code.replace("import tidesim;", "import sys; sys.path.insert(0, "
-                          f"{str(target)!r}); import tidesim;")],
-                         capture_output=True, text=True, cwd=tmp_path, env=env, check=True).stdout.split("\n")
+    # -S: no site processing, so the editable install's import hook is not there; the wheel's folder
+    # comes first and site-packages (dependencies only) after it.
+    site_packages = sysconfig.get_paths()["purelib"]
+    code = (f"import sys; sys.path[:0] = [{str(target)!r}, {site_packages!r}];"
+            "import tidesim; from tidesim.hardware import bundled_profiles;"
+            "from tidesim.bundled.paths import bundled_traces;"
+            "print(tidesim.__file__); print(len(bundled_profiles()), len(bundled_traces()))")
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         check=True).stdout.split("\n")
     assert out[0].startswith(str(target))
     assert out[1] == f"{len(profiles)} {len(traces)}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from importlib import resources
+import importlib
 from pathlib import Path
 
 from tidesim.errors import InputError
@@ -14,8 +14,9 @@ def _folder(package: str, checkout_dir: str) -> Path:
     if checkout.is_dir() and (checkout.parent / "pyproject.toml").exists():
         return checkout
     try:
-        return Path(str(resources.files(package)))
-    except ModuleNotFoundError:
+        module = importlib.import_module(package)  # a namespace package: data files only
+        return Path(next(iter(module.__path__)))
+    except (ModuleNotFoundError, StopIteration):
         raise InputError(f"bundled data {package} is missing from this installation; reinstall tidesim") from None
 
 
