@@ -133,3 +133,17 @@ def test_compare_skips_a_policy_that_refuses_the_budget(capsys, files):
     assert any(n.startswith("full-swap skipped:") for n in data["notes"])
     code, _, err = cli(capsys, "compare", "--trace", tr, "--hw", hw, "--budget", "0", "--policies", "full-swap")
     assert code == 2 and "at least 1 expert slot" in err
+
+
+def test_compare_leaves_planned_out_without_a_plan(capsys) -> None:
+    from tidesim.cli import main as cli_main
+
+    args = ["compare", "--trace", "llada2-flash_prefix_g256", "--hw", "h100-sxm-pcie5", "--prompts", "0",
+            "--engine", "analytic", "--json"]
+    assert cli_main(args) == 0
+    import json
+
+    names = [p["policy"] for p in json.loads(capsys.readouterr().out)["policies"]]
+    assert "planned" not in names and "tide" in names
+    assert cli_main([*args, "--policies", "tide,planned"]) == 2
+    assert "needs --plan" in capsys.readouterr().err

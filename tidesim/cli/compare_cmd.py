@@ -8,6 +8,7 @@ import argparse
 from tidesim.cli.output import format_table, print_json, progress
 from tidesim.cli.simulate_cmd import add_input_args, check_policies, load_setup, run_policy
 from tidesim.errors import InputError
+from tidesim.plan import load_plan
 from tidesim.policies.base import policy_names
 from tidesim.report import (
     BASELINES,
@@ -28,18 +29,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_input_args(p)
     p.add_argument("--policies", nargs="+", metavar="P",
                    help="policies to run, space- or comma-separated (default: all)")
+    p.add_argument("--plan", metavar="FILE",
+                   help="also run policy planned with this plan (`tidesim plan`); without it planned is left out")
     p.add_argument("--figure", metavar="FILE", help=f"stacked-bar figure ({', '.join(FIGURE_SUFFIXES)})")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    names = [n for item in (args.policies or policy_names()) for n in item.split(",") if n]
+    plan = load_plan(args.plan) if args.plan else None
+    default = [n for n in policy_names() if n != "planned" or plan is not None]
+    names = [n for item in (args.policies or default) for n in item.split(",") if n]
     if not names:
         raise InputError("--policies: give at least one policy")
     check_policies(names)
+    if "planned" in names and plan is None:
+        raise InputError("policy planned needs --plan FILE (make one with `tidesim plan`)")
     if args.figure and not args.figure.lower().endswith(FIGURE_SUFFIXES):
         raise InputError(f"--figure must end in one of {', '.join(FIGURE_SUFFIXES)}")
     setup = load_setup(args, names)
+    if plan is not None:
+        plan.check_model(setup.workload.model)
+        setup.plan = plan
     metrics, skipped = [], []
     for name in progress(names, desc="policies", total=len(names)):
         try:

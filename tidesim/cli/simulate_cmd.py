@@ -43,9 +43,10 @@ class Setup:
     engine: str
     plan: Plan | None = None         # --plan: per-layer tau and budget for the planned policy
 
-    def options(self) -> PolicyOptions:
+    def options(self, policy: str = "planned") -> PolicyOptions:
+        """The plan's per-layer settings for `planned`; the uniform budget and tau for the others."""
         layers = self.workload.num_layers
-        if self.plan is not None:
+        if self.plan is not None and policy == "planned":
             return PolicyOptions(budget=self.plan.budget_array(), tau=self.plan.tau_array(), hw=self.hw,
                                  refresh=self.plan.refresh, extra={"plan": self.plan})
         return PolicyOptions(budget=uniform(self.budget, layers), tau=uniform(self.tau, layers), hw=self.hw,
@@ -161,7 +162,7 @@ def check_policies(names: list[str]) -> list[str]:
 
 def run_policy(setup: Setup, policy: str, timeline: str | None = None,
                on_forward: Callable[[int], None] | None = None) -> Metrics:
-    schedule = build_schedule(policy, setup.workload, setup.options())
+    schedule = build_schedule(policy, setup.workload, setup.options(policy))
     metrics = run(setup.workload, schedule, setup.hw, engine=setup.engine, timeline=timeline, on_forward=on_forward)
     metrics.notes = sorted(set(metrics.notes) | setup.hw.flags)
     return metrics
