@@ -67,3 +67,16 @@ def test_no_successful_rows_no_figures(tmp_path):
     df = results().assign(error="boom")
     assert write_figures(df, tmp_path / "f") == []
     assert varying(results(), ["model", "policy", "tau"]) == ["policy", "tau"]
+
+
+def test_inputs_that_follow_other_axes_are_not_axes():
+    from tidesim.sweep.figures import axis_columns
+
+    mini = results().assign(model="llada2-mini", budget_cap="128")
+    flash = results().assign(model="llada2-flash", budget_cap="96")          # the cap follows the model
+    df = pd.concat([mini, flash], ignore_index=True).assign(hw="h100-sxm-pcie5")
+    df["index"] = np.arange(len(df))
+    assert "budget_cap" not in axis_columns(df) and "model" in axis_columns(df)
+    # without a PCIe parameter varying, the effective bandwidth merely follows the base profile
+    assert "hw_h2d_gbs" in axis_columns(df)
+    assert "hw_h2d_gbs" not in axis_columns(df.drop(columns="pcie_gbs"))

@@ -45,10 +45,18 @@ def varying(df: pd.DataFrame, columns: list[str]) -> list[str]:
 
 
 def axis_columns(df: pd.DataFrame) -> list[str]:
-    """The input columns figures may use; the effective PCIe bandwidth only when a PCIe
-    parameter varies (otherwise it merely follows the base profile)."""
+    """The varying inputs figures treat as axes, in order of preference. The effective PCIe
+    bandwidth counts only when a PCIe parameter varies (otherwise it merely follows the base
+    profile); an input that is a function of the axes kept before it (e.g. the per-model budget
+    cap when the model varies) is not an axis of its own."""
     pcie = varying(df, ["pcie_gbs", "pcie_gen", "pcie_scale"])
-    return [c for c in AXIS_COLUMNS if pcie or c != "hw_h2d_gbs"]
+    kept: list[str] = []
+    for col in varying(df, [c for c in AXIS_COLUMNS if pcie or c != "hw_h2d_gbs"]):
+        keys = df[kept].astype(str) if kept else None
+        if keys is not None and df[col].astype(str).groupby([keys[k] for k in kept]).nunique().max() == 1:
+            continue
+        kept.append(col)
+    return kept
 
 
 def _slice(df: pd.DataFrame, keep: list[str], columns: list[str] | None = None) -> tuple[pd.DataFrame, str]:

@@ -454,7 +454,7 @@ class _Resolver:
             return
         if self._policies is None:
             from tidesim.policies import policy_names
-            self._policies = [*policy_names(), *([PLANNED] if planner_available() else [])]
+            self._policies = policy_names()
         if name not in self._policies:
             raise InputError(f"policy: unknown policy {name!r}{_suggest(name, self._policies)}; use one of "
                              f"{', '.join(self._policies) or '(none registered)'}")
@@ -494,10 +494,3 @@ def trace_info(path: Path) -> TraceInfo:
     prompts = len(meta.prompts) if meta.prompts else 0
     return TraceInfo(path=str(path), sha256=digest, model=meta.model, prompts=prompts, gen_length=meta.gen_length,
                      block_length=meta.block_length, threshold=float(meta.threshold), kv_cache=meta.kv_cache)
-
-
-def planner_available() -> bool:
-    """Whether the planner's sweep entry point exists in this installation."""
-    from tidesim.sweep.runner import planner_available as available
-
-    return available()

@@ -105,31 +105,13 @@ def evaluate_point(point: Point, cache_dir: Path) -> Evaluation:
     derived["tau_used"] = float(np.mean(tau))
     options = PolicyOptions(budget=budget, tau=tau, hw=hw, refresh=p["refresh"],
                             warmup_fraction=p["warmup_fraction"])
-    schedule, fresh = cached_schedule(_schedule_policy(policy), workload_key(point), workload, options)
+    schedule, fresh = cached_schedule(policy, workload_key(point), workload, options)
     metrics = run(workload, schedule, hw, engine=p["engine"], check=fresh)
     metrics.policy = policy
     return Evaluation(metrics=metrics, derived=derived)
 
 
-def _schedule_policy(policy: str) -> str:
-    """`planned` executes the plan's per-layer tau and budgets with the `tide` policy."""
-    from tidesim.policies import policy_names
-
-    if policy == PLANNED and PLANNED not in policy_names():
-        return "tide"
-    return policy
-
-
 PLAN_TAUS = list(range(1, 33))      # the candidate intervals the planner chooses from (TIDE swept 1..31)
-
-
-def planner_available() -> bool:
-    """Whether this installation's planner has what a `planned` point needs."""
-    try:
-        from tidesim import planner
-    except ImportError:
-        return False
-    return all(hasattr(planner, name) for name in ("cost_table", "solve_plan", "expert_slots", "default_budgets"))
 
 
 def plan_point(workload: Workload, hw: HardwareProfile) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
