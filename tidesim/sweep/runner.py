@@ -537,8 +537,7 @@ def run_sweep(grid: Grid, results: str | Path, *, executor: str = "local", worke
     by_id = {p.id: p for p in grid.points}
     done = read_parts(paths.parts, set(by_id))
     todo = [p for p in grid.points if p.id not in done]
-    paths.parts.mkdir(parents=True, exist_ok=True)
-    paths.traces.mkdir(parents=True, exist_ok=True)
+    paths.parts.mkdir(parents=True, exist_ok=True)    # RESULTS.traces/ appears when a trace is synthesized
     show = progress or (lambda items, desc, total: items)
     made = 0
     if todo:
