@@ -165,6 +165,7 @@ class Calibration:
     cpu_gflops: float = 0.0
     task_overhead_us: float = 0.0
     copy_slows: float = 0.0
+    contention: float = 0.0
     notes: list[str] = field(default_factory=list)
 
 
@@ -382,6 +383,50 @@ def measure_copy_slowdown(cal: Calibration, backend: Backend, timer: Timer, spec
     cal.copy_slows = max(0.0, statistics.median(ratios) - 1.0)
 
 
+CONTENTION_KEY = "gpu_cpu_contention"
+
+
+def measure_contention(cal: Calibration, pool: CPUPool, timer: Timer, spec: ModelSpec) -> None:
+    """Fractional slowdown of GPU-side expert work while the CPU pool computes experts (paired
+    samples). Near 0 with a real GPU; on the CPU-as-GPU path both sides share cores and DRAM."""
+    dev, dtype = cal.device.torch_device, cal.device.dtype
+    g = _experts_over_cache(spec, dtype, cal.device, 4)
+    bank = ExpertBank.empty(spec, g, dev, dtype)
+    host = ExpertBank.empty(spec, max(g, 2 * pool.workers), torch.device("cpu"), dtype)
+    gen = torch.Generator().manual_seed(7)
+    x = random_matrix(8 * g, spec.hidden_size, gen, dev, dtype)
+    xc = random_matrix(8 * host.flat.shape[0], spec.hidden_size, gen, torch.device("cpu"), dtype)
+    impl = grouped_impl(dev, dtype)
+    runner = expert_task_runner(xc, torch.empty_like(xc), host.w13, host.w2)
+    tasks = [ExpertTask(e, 8 * e, 8 * (e + 1)) for e in range(host.flat.shape[0])]
+
+    def compute() -> None:
+        grouped_experts(x, [8] * g, list(range(g)), bank.w13, bank.w2, impl)
+
+    compute()
+    ratios = []
+    for _ in range(max(cal.grid.repeats, 3)):
+        alone = timer.sample(compute)
+        jobs = [pool.submit(tasks, runner) for _ in range(3)]  # keeps the pool busy past the compute
+        time.sleep(0.001)
+        busy = timer.sample(compute)
+        for job in jobs:
+            job.wait()
+        ratios.append(busy / max(alone, 1e-12))
+    cal.contention = max(0.0, statistics.median(ratios) - 1.0)
+
+
+def contention_from_notes(notes: str) -> float | None:
+    """The GPU/CPU contention calibrate wrote into a profile's provenance notes, if any."""
+    key = CONTENTION_KEY + "="
+    if key not in notes:
+        return None
+    try:
+        return float(notes.split(key, 1)[1].split()[0].rstrip(";,"))
+    except ValueError:
+        return None
+
+
 def measure_task_overhead(cal: Calibration, pool: CPUPool) -> None:
     x = torch.zeros(1)
     samples = []
@@ -435,6 +480,7 @@ def calibrate(models: list[ModelSpec], device: DeviceInfo, quick: bool, name: st
     steps += [
         ("copies", lambda: measure_copies(cal, backend, timer, factor)),
         ("copies vs compute", lambda: measure_copy_slowdown(cal, backend, timer, models[0])),
+        ("GPU side vs CPU pool", lambda: measure_contention(cal, pool, timer, models[0])),
         ("CPU task overhead", lambda: measure_task_overhead(cal, pool)),
         ("CPU bandwidth", lambda: measure_cpu_bandwidth(cal, pool, models[0])),
     ]
@@ -479,7 +525,9 @@ def build_profile(cal: Calibration, name: str, models: list[ModelSpec]) -> Hardw
     notes = (f"driver {facts['driver']}; torch {facts['torch']}; CPU {facts['cpu']}; "
              f"GPU side {dev.describe()}; repeats {cal.grid.repeats}; spread = half the inter-quartile range"
              + ("" if dev.is_cuda else "; cpu-as-gpu: sizes and bandwidths in model (bf16) bytes, buffers float32; "
-                "memory_gib is host memory"))
+                "memory_gib is host memory")
+             + f"; {CONTENTION_KEY}={cal.contention:.4f} (GPU-side expert work stretched while the CPU pool "
+             "computes experts; not yet a profile field, see docs/validation.md)")
     prov = Provenance(kind="measured", source="tidesim calibrate (runtime kernels)", date=facts["date"],
                       tool_version=__version__, device=facts["device"], repeats=cal.grid.repeats, notes=notes)
     gpu = GPUProfile(name=gpu_name, memory_gib=round(memory_gib, 3), mem_bandwidth_gbs=round(cal.mem_gbs, 3),
