@@ -91,13 +91,14 @@ def test_contention_is_read_back_from_the_profile_notes() -> None:
 def test_contention_term_adds_s_times_the_overlap(workload) -> None:
     """One layer-forward at a time: the GPU side is stretched by s x min(GPU expert work, CPU
     makespan) and the CPU tasks alike, so a CPU-bound layer grows by s x (GPU expert work)."""
+    from tidesim_runtime.executor import first_layers
     from tidesim_runtime.validate import predict_with_contention
 
     from tidesim.sim.costs import schedule_costs
+    from tidesim.sim.lpt import lpt_makespans
 
     hw = get_profile("h100-sxm-pcie5")
     sub = workload.select(np.arange(1))
-    from tidesim_runtime.executor import first_layers
 
     one = first_layers(sub, 1)
     s = 0.5
