@@ -181,9 +181,10 @@ def oracle_instances(draw: st.DrawFn) -> tuple[OracleCosts, np.ndarray]:
     gpu = np.array(draw(st.lists(st.integers(1, 20), min_size=n, max_size=n))).reshape(shape)
     cpu = np.array(draw(st.lists(st.integers(1, 200), min_size=n, max_size=n))).reshape(shape)
     costs = OracleCosts(
-        layer_fixed_s=np.full(f_count, 1e-4), gpu_s=np.where(active, gpu, 0) * 1e-5,
-        cpu_s=np.where(active, cpu, 0) * 1e-5, workers=draw(st.integers(1, 3)),
-        copy_s=draw(st.integers(0, 300)) * 1e-5, other_s=0.01,
+        # costs of a millisecond scale, so that CBC's absolute tolerances (1e-7) stay negligible
+        layer_fixed_s=np.full(f_count, 1e-4), gpu_s=np.where(active, gpu, 0) * 1e-3,
+        cpu_s=np.where(active, cpu, 0) * 1e-3, workers=draw(st.integers(1, 3)),
+        copy_s=draw(st.integers(0, 300)) * 1e-3, other_s=0.01,
     )
     budget = np.array(draw(st.lists(st.integers(0, experts), min_size=layers, max_size=layers)))
     return costs, budget
@@ -195,12 +196,12 @@ def test_oracle_bound_is_below_the_exact_optimum(instance: tuple[OracleCosts, np
     costs, budget = instance
     exact = exact_residency_optimum(costs, budget)
     result = oracle_bound(costs, budget, iterations=200)
-    assert result.bound_s <= exact + 1e-9
+    assert result.bound_s <= exact + 1e-6
     # The Lagrangian dual's optimum is the LP relaxation's; the subgradient steps get close to it.
     relaxed = exact_residency_optimum(costs, budget, relax=True)
-    assert result.bound_s <= relaxed + 1e-9
+    assert result.bound_s <= relaxed + 1e-6
     base = costs.layer_fixed_s.sum() * costs.gpu_s.shape[1] + costs.other_s
-    assert result.bound_s - base >= 0.9 * (relaxed - base) - 1e-9
+    assert result.bound_s - base >= 0.9 * (relaxed - base) - 1e-6
 
 
 def test_oracle_bound_hand_computed() -> None:
