@@ -121,7 +121,7 @@ def test_scaled_profile_for_what_if():
     base = get_profile("h100-sxm-pcie5")
     fast = base.scaled(pcie=2.0, cpu_cores=0.5)
     assert fast.pcie.h2d_gbs == 2 * base.pcie.h2d_gbs
-    assert fast.cpu.workers == base.cpu.workers // 2
+    assert fast.cpu.cores == base.cpu.cores // 2 and fast.cpu.workers == base.cpu.workers
     assert float(fast.h2d_time(MINI.expert_bytes)) < float(base.h2d_time(MINI.expert_bytes))
 
 
@@ -131,3 +131,14 @@ def test_attention_grid_interpolation():
                            "tokens": [32, 64], "context": [64, 128], "time_us": [[10, 20], [30, 40]]}]
     t = prof.attention_time(np.array([32, 48, 64]), np.array([64, 96, 128]), MINI) * 1e6
     assert t == pytest.approx([10, 25, 40])
+
+
+def test_more_cpu_cores_never_slow_an_expert():
+    base = get_profile("h100-sxm-pcie5")
+    more = base.scaled(cpu_cores=2.0)
+    tokens = np.array([1, 8, 64, 512])
+    assert more.cpu.workers == base.cpu.workers and more.cpu.cores == 2 * base.cpu.cores
+    assert np.all(more.cpu_expert_time(tokens, MINI) <= base.cpu_expert_time(tokens, MINI))
+    # bandwidth-bound at one token: unchanged; compute-bound at 512 tokens: faster
+    assert more.cpu_expert_time(tokens, MINI)[0] == pytest.approx(base.cpu_expert_time(tokens, MINI)[0])
+    assert more.cpu_expert_time(tokens, MINI)[3] < base.cpu_expert_time(tokens, MINI)[3]

@@ -295,14 +295,14 @@ class HardwareProfile:
         for key in ("h2d", "d2h"):
             if p[key]:
                 p[key]["time_us"] = [t / pcie for t in p[key]["time_us"]]
+        # More cores give each worker more threads (more FLOP/s); the pool size is a runtime setting and
+        # DRAM bandwidth is its own axis, so more cores never make a bandwidth-bound expert slower.
         c["cores"] = max(1, round(c["cores"] * cpu_cores))
-        c["workers"] = max(1, round(c["workers"] * cpu_cores))
         c["gflops"] *= cpu_cores
         c["mem_bandwidth_gbs"] *= cpu_mem_bw
         cpu_factor = min(cpu_cores, cpu_mem_bw)
         for ec in c["expert_ffn"]:
             ec["curve"]["time_us"] = [t / cpu_factor for t in ec["curve"]["time_us"]]
-            ec["workers"] = c["workers"]
         return profile_from_dict(data, source=self.name)
 
     # ----- (de)serialisation --------------------------------------------------------------
