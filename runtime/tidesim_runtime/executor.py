@@ -179,7 +179,7 @@ class Executor:
         self.inputs = (torch.randn(self.max_tokens, spec.hidden_size, generator=gen)).to(self.dev, self.dtype)
         pairs = self.max_tokens * spec.top_k
         self.act_host = torch.zeros((pairs, spec.hidden_size), dtype=self.dtype, pin_memory=device.is_cuda)
-        self.res_host = torch.zeros_like(self.act_host, pin_memory=device.is_cuda)
+        self.res_host = torch.zeros((pairs, spec.hidden_size), dtype=self.dtype, pin_memory=device.is_cuda)
         self.act_dev = torch.zeros((pairs, spec.hidden_size), dtype=self.dtype, device=self.dev)
         self.res_dev = torch.zeros_like(self.act_dev)
         self.y_dev = torch.zeros_like(self.act_dev)
