@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from planner_cases import gib_for_slots, h100, tiny_workload, write_tiny_trace
 
 from tidesim.errors import InputError
-from tidesim.hardware import HardwareProfile
+from tidesim.hardware import HardwareProfile, get_profile
 from tidesim.models import PRESETS
 from tidesim.plan import file_fingerprint
 from tidesim.planner import (
@@ -221,7 +221,15 @@ def test_oracle_bound_hand_computed() -> None:
 # ----- cost table, additivity, the whole planning run ----------------------------------------------
 
 
-@pytest.mark.parametrize("hw", [h100(), h100(workers=1), h100(engines=1)], ids=["h100", "1-worker", "1-engine"])
+def _contended(workers: int | None = None) -> HardwareProfile:
+    """The H100 preset with a GPU/CPU contention term (cpu.gpu_contention), as on a CPU-as-GPU machine."""
+    hw = h100(workers=workers) if workers is not None else get_profile("h100-sxm-pcie5")
+    hw.cpu.gpu_contention = 0.6
+    return hw
+
+
+@pytest.mark.parametrize("hw", [h100(), h100(workers=1), h100(engines=1), _contended(), _contended(workers=1)],
+                         ids=["h100", "1-worker", "1-engine", "contention", "contention-1-worker"])
 def test_cost_table_equals_tide_runs_through_the_cost_model(hw: HardwareProfile) -> None:
     w = tiny_workload()
     taus, budgets = [1, 2, 3, 20, 32], [1, 4, 9, 16]

@@ -84,7 +84,8 @@ def _sim_total(w, schedule, hw) -> float:  # type: ignore[no-untyped-def]
 @given(w=workloads(), data=st.data())
 def test_layer_model_matches_the_simulator(w, data) -> None:  # type: ignore[no-untyped-def]
     """The oracle picks its split with layer_times; for its own schedules that must be exactly
-    what the simulator charges (one copy engine or two, copy_slows_compute or not)."""
+    what the simulator charges (one copy engine or two, copy_slows_compute or not, GPU/CPU
+    contention or not)."""
     from tidesim.policies.oracle import layer_times
     from tidesim.policies.residency import rank_experts
     from tidesim.sim.costs import schedule_costs
@@ -94,6 +95,7 @@ def test_layer_model_matches_the_simulator(w, data) -> None:  # type: ignore[no-
                  data.draw(st.sampled_from([2.0, 20.0, 1e4]))).scaled()
     hw.pcie.copy_engines = data.draw(st.sampled_from([1, 2]))
     hw.pcie.copy_slows_compute = data.draw(st.sampled_from([0.0, 0.3]))
+    hw.cpu.gpu_contention = data.draw(st.sampled_from([0.0, 0.8]))
     s = checked("oracle", w, options(w, data.draw(st.integers(1, w.num_experts)), hw=hw))
     costs = schedule_costs(w, s, hw)
     f, l, e = w.expert_tokens.shape

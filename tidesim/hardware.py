@@ -104,6 +104,14 @@ class PCIeProfile:
 
 @dataclass
 class CPUProfile:
+    """The host CPU's expert pool.
+
+    gpu_contention: fraction by which GPU-side expert work and the CPU pool's expert tasks slow
+    each other while both run in one layer-forward (first order, charged in tidesim.sim.costs).
+    About 0 with a discrete GPU; large on the CPU-as-GPU path, where both sides share cores and
+    DRAM (tidesim calibrate measures it).
+    """
+
     name: str
     cores: int
     workers: int
@@ -113,6 +121,7 @@ class CPUProfile:
     compute_efficiency: float = 0.5
     task_overhead_us: float = 20.0
     expert_ffn: list[ExpertCurve] = field(default_factory=list)
+    gpu_contention: float = 0.0
 
 
 @dataclass

@@ -176,6 +176,7 @@ def _tide_layer_times(inp: _TideInputs, workload: Workload, options: list[tuple[
     copies, gpu_sum, gpu_n = np.zeros(shape), np.zeros(shape), np.zeros(shape)
     cpu_sum, cpu_max, cpu_min = np.zeros(shape), np.zeros(shape), np.zeros(shape)
     cpu_n, cpu_tok = np.zeros(shape), np.zeros(shape)
+    span = _contention_span(inp, shape)
     for f in range(f_count):
         act = inp.activated[f]
         rows = np.flatnonzero(refresh[f])
@@ -200,17 +201,38 @@ def _tide_layer_times(inp: _TideInputs, workload: Workload, options: list[tuple[
         cpu_min[f] = np.where(np.isfinite(low), low, 0.0)
         cpu_max[f] = np.where(on_cpu, inp.cpu_s[f], 0.0).max(axis=-1)
         cpu_tok[f] = np.einsum("nle,le->nl", on_cpu, inp.tokens[f])
-    return _sync_layer_time(inp, copies, gpu_sum, gpu_n, cpu_sum, cpu_max, cpu_min, cpu_n, cpu_tok)
+        if span is not None:
+            span[f] = _cpu_makespans(inp, on_cpu, cpu_sum[f], f)
+    return _sync_layer_time(inp, copies, gpu_sum, gpu_n, cpu_sum, cpu_max, cpu_min, cpu_n, cpu_tok, span)
+
+
+def _contention_span(inp: _TideInputs, shape: tuple[int, int, int]) -> np.ndarray | None:
+    """Room for the CPU pool's makespans, which cpu.gpu_contention needs (None when it is 0)."""
+    return np.zeros(shape) if inp.hw.cpu.gpu_contention > 0 else None
+
+
+def _cpu_makespans(inp: _TideInputs, on_cpu: np.ndarray, cpu_sum: np.ndarray, f: int) -> np.ndarray:
+    """[n, L] longest-first makespans of forward f's CPU tasks (the simulator's rule and sums)."""
+    from tidesim.sim.lpt import lpt_makespans
+
+    workers = max(int(inp.hw.cpu.workers), 1)
+    if workers == 1:
+        return cpu_sum
+    n, layers, _ = on_cpu.shape
+    opt, layer, expert = np.nonzero(on_cpu)
+    span = lpt_makespans(opt * layers + layer, inp.cpu_s[f][layer, expert], expert, n * layers, workers)
+    return span.reshape(n, layers)
 
 
 def _sync_layer_time(inp: _TideInputs, copies: np.ndarray, gpu_sum: np.ndarray, gpu_n: np.ndarray,
                      cpu_sum: np.ndarray, cpu_max: np.ndarray, cpu_min: np.ndarray, cpu_n: np.ndarray,
-                     cpu_tok: np.ndarray) -> np.ndarray:
+                     cpu_tok: np.ndarray, span: np.ndarray | None = None) -> np.ndarray:
     """[n, L] per-layer totals from the cost model itself (tidesim.costmodel.estimate): the sums
     are packed into its ScheduleCosts, with the n options' layers as n x L virtual layers (exact
-    because with synchronous copies only, a layer-forward's time depends on its own sums)."""
+    because with synchronous copies only, a layer-forward's time depends on its own sums).
+    span: [F, n, L] CPU pool makespans, for cpu.gpu_contention (charged like schedule_costs does)."""
     from tidesim.costmodel import estimate
-    from tidesim.sim.costs import ScheduleCosts
+    from tidesim.sim.costs import ScheduleCosts, charge_contention
 
     hw = inp.hw
     f_count, n, layers = copies.shape
@@ -238,6 +260,8 @@ def _sync_layer_time(inp: _TideInputs, copies: np.ndarray, gpu_sum: np.ndarray, 
         cpu_g=none_i, cpu_expert=none_i, cpu_time=none_f, od_g=none_i, od_expert=none_i, od_compute=none_f,
         gpu_g=none_i, gpu_expert=none_i, gpu_time=none_f, async_g=none_i, async_expert=none_i,
     )
+    if span is not None:
+        charge_contention(costs, float(hw.cpu.gpu_contention), flat(span))
     layer_time = estimate(costs).layer_time
     assert layer_time is not None
     return np.asarray(layer_time, dtype=float).reshape(n, layers)

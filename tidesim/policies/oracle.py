@@ -120,6 +120,11 @@ def layer_times(counts: np.ndarray, experts: np.ndarray, n_active: np.ndarray, n
     od_compute = np.where(on_demand, gpu_full, 0.0).sum(axis=1)
     slows = float(hw.pcie.copy_slows_compute)
     slow = slows * np.minimum(grouped + od_compute, m * copy + res) if slows > 0 else 0.0
+    contention = float(hw.cpu.gpu_contention)
+    if contention > 0:   # tidesim.sim.costs.charge_contention: both sides grow by s x their overlap
+        overlap = np.minimum(grouped + od_compute, makespan)
+        slow = slow + contention * overlap
+        makespan = makespan + contention * overlap
     shared_engine = hw.pcie.copy_engines <= 1
     od_start = np.where(shared_engine & has_cpu, act, 0.0)
     gpu_end = grouped + slow

@@ -14,6 +14,7 @@ import numpy as np
 
 from tidesim.hardware import US, HardwareProfile
 from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, COPY_SYNC_REFRESH, CPU, GPU, Schedule
+from tidesim.sim.lpt import lpt_makespans
 from tidesim.workload import Workload
 
 
@@ -40,7 +41,8 @@ class ScheduleCosts:
     act_d2h: np.ndarray          # [G] activations of CPU-routed pairs to the host
     res_h2d: np.ndarray          # [G] their results back to the GPU
     grouped: np.ndarray          # [G] grouped kernel of the experts resident at the gate
-    slow_extra: np.ndarray       # [G] GPU slowdown while copies run (pcie.copy_slows_compute)
+    slow_extra: np.ndarray       # [G] GPU slowdown while copies run (pcie.copy_slows_compute) and while
+                                 #     the CPU pool computes (cpu.gpu_contention)
     cpu_sum: np.ndarray          # [G] sum of CPU expert task times
     cpu_max: np.ndarray          # [G] longest CPU expert task
     cpu_min: np.ndarray          # [G] shortest CPU expert task (0 where none)
@@ -63,6 +65,7 @@ class ScheduleCosts:
     # counts every executor reports the same way
     counts: dict[str, float] = field(default_factory=dict)
     flags: list[str] = field(default_factory=list)
+    contention: float = 0.0      # cpu.gpu_contention, already charged in slow_extra and the CPU task times
 
     @property
     def groups(self) -> int:
@@ -169,7 +172,7 @@ def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) 
         "expert_copies": float(all_copies),
         "refresh_copies": float(int(sync.sum()) + n_async_counted),
     }
-    return ScheduleCosts(
+    costs = ScheduleCosts(
         forwards=F, layers=L, experts=E, workers=max(int(hw.cpu.workers), 1),
         engines=1 if hw.pcie.copy_engines <= 1 else 2, slows=float(hw.pcie.copy_slows_compute),
         launch_s=launch, expert_copy_s=expert_copy, expert_demote_s=expert_demote,
@@ -187,3 +190,30 @@ def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) 
         async_g=async_g, async_expert=async_e,
         slow_extra=slow_extra, counts=counts, flags=sorted(hw.flags),
     )
+    charge_contention(costs, float(hw.cpu.gpu_contention))
+    return costs
+
+
+def charge_contention(costs: ScheduleCosts, s: float, span: np.ndarray | None = None) -> None:
+    """cpu.gpu_contention = s, first order (in place): while a layer-forward's GPU expert work and
+    its CPU expert tasks overlap, both progress 1 + s times slower. With o = min(GPU expert work,
+    CPU pool makespan) of the layer-forward, the GPU work grows by s x o (in slow_extra) and every
+    CPU task of that layer-forward is stretched by the same factor, so the longest-first makespan
+    grows by s x o (scaling all tasks alike keeps the longest-first order). s = 0 changes nothing.
+    Every executor reads the adjusted costs, so the simulator and the analytic model both charge it.
+    span: [G] the CPU pool's longest-first makespans when the sparse task list is not kept (the
+    planner's packed costs); by default computed from it."""
+    costs.contention = s
+    if s <= 0:
+        return
+    if span is None:
+        if costs.cpu_time.size == 0:
+            return
+        span = lpt_makespans(costs.cpu_g, costs.cpu_time, costs.cpu_expert, costs.groups, costs.workers)
+    overlap = np.minimum(costs.grouped + costs.od_compute_sum, span)
+    costs.slow_extra = costs.slow_extra + s * overlap
+    factor = np.where(span > 0, (span + s * overlap) / np.maximum(span, 1e-300), 1.0)
+    costs.cpu_time = costs.cpu_time * factor[costs.cpu_g]
+    costs.cpu_sum = costs.cpu_sum * factor
+    costs.cpu_max = costs.cpu_max * factor
+    costs.cpu_min = costs.cpu_min * factor

@@ -1,0 +1,112 @@
+"""tidesim.sim.costs: the GPU/CPU contention term (cpu.gpu_contention), by hand.
+
+Profile (tests/simkit.py): 1 ms fixed GPU work per forward and per MoE layer; GPU expert
+0.5 + 0.1 t ms (no launch); CPU expert 2 + 1 t ms; 0.125 ms per activation vector each way.
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from simkit import MS, all_cpu, blank, profile, random_schedule, workload
+
+from tidesim.hardware import HardwareProfile
+from tidesim.run import run
+from tidesim.schedule import CPU, GPU
+from tidesim.sim.costs import charge_contention, schedule_costs
+
+
+def with_contention(hw: HardwareProfile, s: float) -> HardwareProfile:
+    return dataclasses.replace(hw, cpu=dataclasses.replace(hw.cpu, gpu_contention=s))
+
+
+def split(counts: list, gpu: list[int]):  # type: ignore[no-untyped-def]
+    """One forward; in MoE layer 0 the experts in `gpu` are resident and run on the GPU, the other
+    activated ones on the CPU."""
+    w = workload(counts)
+    s = blank(w)
+    for e in np.flatnonzero(w.expert_tokens[0, 0]):
+        s.placement[0, 0, e] = GPU if e in gpu else CPU
+    s.initial_resident[0, gpu] = True
+    s.resident[0, 0, gpu] = True
+    return w, s
+
+
+@pytest.mark.parametrize("engine", ["sim", "analytic"])
+def test_zero_contention_changes_nothing(engine: str) -> None:
+    w, s = split([[[3, 1, 0, 0], [0, 0, 0, 0]]], gpu=[0])
+    hw = profile()
+    assert hw.cpu.gpu_contention == 0.0
+    plain = run(w, s, hw, engine=engine)
+    # dense 1 + layer 0: 1 + max(GPU 0.8, CPU 0.125 + 3 + 0.125) + layer 1: 1
+    assert plain.total_time_s == pytest.approx((1 + 1 + 3.25 + 1) * MS)
+    costs = schedule_costs(w, s, hw)
+    assert costs.contention == 0.0 and not costs.slow_extra.any()
+    assert costs.cpu_time.tolist() == pytest.approx([3 * MS])
+
+
+@pytest.mark.parametrize("engine", ["sim", "analytic"])
+def test_cpu_bound_layer_by_hand(engine: str) -> None:
+    # GPU 0.8 ms, CPU 3 ms: overlap 0.8, s = 0.5 -> GPU 1.2 ms, CPU makespan 3.4 ms
+    w, s = split([[[3, 1, 0, 0], [0, 0, 0, 0]]], gpu=[0])
+    m = run(w, s, with_contention(profile(), 0.5), engine=engine)
+    assert m.total_time_s == pytest.approx((1 + 1 + 0.125 + 3.4 + 0.125 + 1) * MS)
+    assert m.busy_s["gpu"] == pytest.approx((3 + 1.2) * MS)
+    assert m.busy_s["cpu"] == pytest.approx(3.4 * MS)
+
+
+@pytest.mark.parametrize("engine", ["sim", "analytic"])
+def test_gpu_bound_layer_by_hand(engine: str) -> None:
+    # GPU 4.5 ms (40 tokens), CPU 3 ms: overlap 3, s = 0.5 -> GPU 6 ms, CPU side 0.125 + 4.5 + 0.125
+    w, s = split([[[40, 1, 0, 0], [0, 0, 0, 0]]], gpu=[0])
+    plain = run(w, s, profile(), engine=engine)
+    m = run(w, s, with_contention(profile(), 0.5), engine=engine)
+    assert plain.total_time_s == pytest.approx((1 + 1 + 4.5 + 1) * MS)
+    assert m.total_time_s == pytest.approx((1 + 1 + 6 + 1) * MS)
+
+
+def test_longest_first_makespan_is_stretched_on_two_workers() -> None:
+    # GPU expert 0 (10 tokens) 1.5 ms; CPU tasks 5, 3, 4 ms on 2 workers: makespan 7 (5 | 4 + 3).
+    # s = 1: overlap 1.5, makespan 8.5, GPU 3; CPU side 0.75 + 8.5 + 0.75 (6 pairs)
+    w, s = split([[[10, 3, 1, 2], [0, 0, 0, 0]]], gpu=[0])
+    hw = with_contention(profile(workers=2), 1.0)
+    m = run(w, s, hw)
+    assert m.total_time_s == pytest.approx((1 + 1 + 0.75 + 8.5 + 0.75 + 1) * MS)
+    costs = schedule_costs(w, s, hw)
+    assert costs.slow_extra[0] == pytest.approx(1.5 * MS)
+    assert costs.cpu_time.tolist() == pytest.approx([x * 8.5 / 7 * MS for x in (5, 3, 4)])
+
+
+def test_no_overlap_no_charge() -> None:
+    # all on the CPU: no GPU expert work, nothing to contend with
+    w = workload([[[3, 1, 2, 0], [0, 1, 0, 0]]])
+    hw = profile(workers=2)
+    assert run(w, all_cpu(w), with_contention(hw, 2.0)).total_time_s == pytest.approx(
+        run(w, all_cpu(w), hw).total_time_s)
+
+
+def test_explicit_span_equals_the_computed_one() -> None:
+    w = workload([[[1, 0, 2, 3], [0, 3, 1, 1]], [[2, 2, 0, 1], [1, 0, 4, 1]]])
+    sched = random_schedule(w, budget=2, seed=3)
+    hw = profile(workers=2)
+    a, b = schedule_costs(w, sched, hw), schedule_costs(w, sched, hw)
+    from tidesim.sim.lpt import lpt_makespans
+
+    span = lpt_makespans(b.cpu_g, b.cpu_time, b.cpu_expert, b.groups, b.workers)
+    charge_contention(a, 0.7)
+    charge_contention(b, 0.7, span)
+    np.testing.assert_allclose(a.slow_extra, b.slow_extra)
+    np.testing.assert_allclose(a.cpu_sum, b.cpu_sum)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_simulator_and_analytic_agree_with_one_worker(seed: int) -> None:
+    """One worker and synchronous copies only is an exact case of the analytic model; the
+    contention term keeps it exact (both read the same adjusted costs)."""
+    w = workload([[[1, 0, 2, 3], [0, 3, 1, 1]], [[2, 2, 0, 1], [1, 0, 4, 1]], [[0, 4, 1, 1], [2, 2, 2, 2]]])
+    sched = random_schedule(w, budget=2, seed=seed, allow_async=False)
+    for engines in (1, 2):
+        hw = with_contention(profile(workers=1, engines=engines), 0.8)
+        sim, ana = run(w, sched, hw), run(w, sched, hw, engine="analytic")
+        assert ana.total_time_s == pytest.approx(sim.total_time_s, rel=1e-9)
+        assert sim.total_time_s >= run(w, sched, profile(workers=1, engines=engines)).total_time_s
