@@ -98,3 +98,21 @@ def test_calibrate_on_cuda_measures_the_gpu() -> None:
     prof = calibrate([PRESETS["llada2-mini"]], dev, quick=True, name="cuda-test", grid=grid)
     assert prof.pcie.copy_engines == 2 and "NO GPU" not in prof.description
     assert prof.gpu.expert_ffn[0].curve.time_us[0] > 0
+
+
+def test_measured_contention_goes_into_the_profile_field() -> None:
+    """calibrate's GPU-side/CPU-pool contention is cpu.gpu_contention (what the cost model reads),
+    rounded like the other ratios, and survives a save and load."""
+    from tidesim_runtime.calibrate import Calibration, build_profile
+
+    from tidesim.hardware import Curve, ExpertCurve, profile_from_dict
+
+    dev = select_device("cpu")
+    curve = ExpertCurve(TINY.hidden_size, TINY.moe_intermediate_size, Curve([1.0, 8.0], [100.0, 200.0]))
+    cal = Calibration(dev, Grid.for_device(dev, quick=True), gpu_curves=[curve], cpu_curves=[curve],
+                      h2d=Curve([1024.0, 65536.0], [10.0, 20.0]), d2h=Curve([1024.0, 65536.0], [10.0, 20.0]),
+                      mem_gbs=1.0, tflops=1.0, contention=0.123456)
+    prof = build_profile(cal, "t", [TINY])
+    assert prof.cpu.gpu_contention == 0.1235
+    assert "contention" not in prof.provenance.notes
+    assert profile_from_dict(prof.to_dict()).cpu.gpu_contention == 0.1235

@@ -81,33 +81,26 @@ def test_validate_pairs_the_simulator_with_the_runtime(workload, tmp_path) -> No
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_contention_is_read_back_from_the_profile_notes() -> None:
-    from tidesim_runtime.calibrate import contention_from_notes
+def test_validate_predicts_with_the_profiles_contention_term(workload) -> None:
+    """The prediction validate reports is the simulator's, which charges cpu.gpu_contention: the
+    GPU side is stretched by s x min(GPU expert work, CPU makespan) and the CPU tasks alike, so
+    a CPU-bound layer grows by s x (GPU expert work)."""
+    import dataclasses
 
-    assert contention_from_notes("repeats 5; gpu_cpu_contention=0.7210 (GPU-side expert work ...)") == 0.721
-    assert contention_from_notes("no such key") is None
-
-
-def test_contention_term_adds_s_times_the_overlap(workload) -> None:
-    """One layer-forward at a time: the GPU side is stretched by s x min(GPU expert work, CPU
-    makespan) and the CPU tasks alike, so a CPU-bound layer grows by s x (GPU expert work)."""
     from tidesim_runtime.executor import first_layers
-    from tidesim_runtime.validate import predict_with_contention
 
     from tidesim.sim.costs import schedule_costs
     from tidesim.sim.lpt import lpt_makespans
 
-    hw = get_profile("h100-sxm-pcie5")
-    sub = workload.select(np.arange(1))
-
-    one = first_layers(sub, 1)
+    base = get_profile("h100-sxm-pcie5")
     s = 0.5
+    hw = dataclasses.replace(base, cpu=dataclasses.replace(base.cpu, gpu_contention=s))
+    one = first_layers(workload.select(np.arange(1)), 1)
     for policy in ("all-gpu", "cpu-routing"):
         schedule = build(Config(policy, 16 if policy == "all-gpu" else 4, None, "sync"), one, hw, None)
-        plain = run(one, schedule, hw, engine="sim")
-        assert predict_with_contention(one, schedule, hw, 0.0).total_time_s == pytest.approx(plain.total_time_s)
-        adjusted = predict_with_contention(one, schedule, hw, s)
-        costs = schedule_costs(one, schedule, hw)
+        plain = run(one, schedule, base, engine="sim")
+        adjusted = run(one, schedule, hw, engine="sim")
+        costs = schedule_costs(one, schedule, base)
         gpu_work = float(costs.grouped[0] + costs.od_compute_sum[0])
         cpu_work = float(lpt_makespans(costs.cpu_g, costs.cpu_time, costs.cpu_expert, 1, costs.workers)[0])
         if policy == "all-gpu":

@@ -383,12 +383,10 @@ def measure_copy_slowdown(cal: Calibration, backend: Backend, timer: Timer, spec
     cal.copy_slows = max(0.0, statistics.median(ratios) - 1.0)
 
 
-CONTENTION_KEY = "gpu_cpu_contention"
-
-
 def measure_contention(cal: Calibration, pool: CPUPool, timer: Timer, spec: ModelSpec) -> None:
     """Fractional slowdown of GPU-side expert work while the CPU pool computes experts (paired
-    samples). Near 0 with a real GPU; on the CPU-as-GPU path both sides share cores and DRAM."""
+    samples): the profile's cpu.gpu_contention. Near 0 with a real GPU; on the CPU-as-GPU path
+    both sides share cores and DRAM."""
     dev, dtype = cal.device.torch_device, cal.device.dtype
     g = _experts_over_cache(spec, dtype, cal.device, 4)
     bank = ExpertBank.empty(spec, g, dev, dtype)
@@ -414,17 +412,6 @@ def measure_contention(cal: Calibration, pool: CPUPool, timer: Timer, spec: Mode
             job.wait()
         ratios.append(busy / max(alone, 1e-12))
     cal.contention = max(0.0, statistics.median(ratios) - 1.0)
-
-
-def contention_from_notes(notes: str) -> float | None:
-    """The GPU/CPU contention calibrate wrote into a profile's provenance notes, if any."""
-    key = CONTENTION_KEY + "="
-    if key not in notes:
-        return None
-    try:
-        return float(notes.split(key, 1)[1].split()[0].rstrip(";,"))
-    except ValueError:
-        return None
 
 
 def measure_task_overhead(cal: Calibration, pool: CPUPool) -> None:
@@ -525,9 +512,7 @@ def build_profile(cal: Calibration, name: str, models: list[ModelSpec]) -> Hardw
     notes = (f"driver {facts['driver']}; torch {facts['torch']}; CPU {facts['cpu']}; "
              f"GPU side {dev.describe()}; repeats {cal.grid.repeats}; spread = half the inter-quartile range"
              + ("" if dev.is_cuda else "; cpu-as-gpu: sizes and bandwidths in model (bf16) bytes, buffers float32; "
-                "memory_gib is host memory")
-             + f"; {CONTENTION_KEY}={cal.contention:.4f} (GPU-side expert work stretched while the CPU pool "
-             "computes experts; not yet a profile field, see docs/validation.md)")
+                "memory_gib is host memory"))
     prov = Provenance(kind="measured", source="tidesim calibrate (runtime kernels)", date=facts["date"],
                       tool_version=__version__, device=facts["device"], repeats=cal.grid.repeats, notes=notes)
     gpu = GPUProfile(name=gpu_name, memory_gib=round(memory_gib, 3), mem_bandwidth_gbs=round(cal.mem_gbs, 3),
@@ -540,7 +525,7 @@ def build_profile(cal: Calibration, name: str, models: list[ModelSpec]) -> Hardw
     cpu = CPUProfile(name=facts["cpu"], cores=usable_cores(), workers=dev.cpu_workers,
                      mem_bandwidth_gbs=round(max(cal.cpu_mem_gbs, 1e-3), 3), gflops=round(max(cpu_gflops, 1e-3), 3),
                      mem_efficiency=1.0, compute_efficiency=1.0, task_overhead_us=round(cal.task_overhead_us, 3),
-                     expert_ffn=cal.cpu_curves)
+                     expert_ffn=cal.cpu_curves, gpu_contention=round(cal.contention, 4))
     if not dev.is_cuda:
         pcie.generation = 1  # no PCIe link: a placeholder the schema requires (see description)
     return HardwareProfile(name=name, description=description, provenance=prov, gpu=gpu, pcie=pcie, cpu=cpu)

@@ -52,21 +52,12 @@ class Config:
 
 @dataclass
 class Outcome:
-    """Prediction and measurement of one configuration (and, where the profile measured GPU/CPU
-    contention, the prediction with that term: see predict_with_contention)."""
+    """Prediction and measurement of one configuration."""
 
     config: Config
     predicted: Metrics
     measured: Metrics
     repeats_s: list[float] = field(default_factory=list)   # measured step times of every repeat
-    adjusted: Metrics | None = None
-
-    @property
-    def adjusted_error(self) -> float | None:
-        if self.adjusted is None:
-            return None
-        m = self.measured.step_time_s
-        return (self.adjusted.step_time_s - m) / m if m > 0 else float("nan")
 
     @property
     def error(self) -> float:
@@ -88,8 +79,6 @@ class Outcome:
             "measured_cpu_busy_ms": m.busy_s.get("cpu", 0.0) * 1e3,
             "predicted_gpu_busy_ms": p.busy_s.get("gpu", 0.0) * 1e3,
             "measured_gpu_busy_ms": m.busy_s.get("gpu", 0.0) * 1e3,
-            "predicted_contention_step_ms": self.adjusted.step_time_s * 1e3 if self.adjusted else None,
-            "error_contention": self.adjusted_error,
         }
 
 
@@ -136,49 +125,13 @@ def build(config: Config, workload: Workload, hw: HardwareProfile, plan: Plan | 
     return build_schedule(config.policy, workload, opts)
 
 
-def predict_with_contention(workload: Workload, schedule: Schedule, hw: HardwareProfile, s: float) -> Metrics:
-    """The simulator's prediction with one more cost term: while a layer's GPU expert work and
-    its CPU expert tasks overlap, both progress 1 + s times slower (they share cores and DRAM, as
-    on the CPU-as-GPU path). First order, like copy_slows_compute: with o = min(GPU expert work,
-    CPU makespan) of the layer-forward, the GPU work grows by s x o and the CPU tasks are
-    stretched so the makespan grows by s x o. s = 0 gives the plain prediction.
-
-    A model variant kept here until the profile schema and tidesim/sim carry the term.
-    """
-    from tidesim.costmodel import lower_bound
-    from tidesim.sim.accounting import build_metrics
-    from tidesim.sim.costs import schedule_costs
-    from tidesim.sim.engine import simulate
-    from tidesim.sim.lpt import lpt_makespans
-
-    costs = schedule_costs(workload, schedule, hw)
-    if s > 0 and costs.cpu_time.size:
-        span = lpt_makespans(costs.cpu_g, costs.cpu_time, costs.cpu_expert, costs.groups, costs.workers)
-        gpu_work = costs.grouped + costs.od_compute_sum
-        overlap = np.minimum(gpu_work, span)
-        costs.slow_extra = costs.slow_extra + s * overlap
-        factor = np.where(span > 0, (span + s * overlap) / np.maximum(span, 1e-30), 1.0)
-        costs.cpu_time = costs.cpu_time * factor[costs.cpu_g]
-        costs.cpu_sum = costs.cpu_sum * factor
-        costs.cpu_max = costs.cpu_max * factor
-        if hasattr(costs, "cpu_min"):
-            costs.cpu_min = costs.cpu_min * factor
-    times = simulate(costs)
-    return build_metrics("sim+contention", workload, schedule, costs, times, lower_bound(costs))
-
-
 def validate(workload: Workload, hw: HardwareProfile, configs: list[Config], device: DeviceInfo,
              repeats: int = 1, plan: Plan | None = None, seed: int = 0,
              on_done: Callable[[Config], None] | None = None) -> list[Outcome]:
     """Predict and measure every configuration; repeats are interleaved over configurations (so
     a slow spell of the machine does not land on one of them) and the median run is kept."""
-    from tidesim_runtime.calibrate import contention_from_notes
-
     schedules = [(c, build(c, workload, hw, plan)) for c in configs]
     predicted = {c: run(workload, s, hw, engine="sim") for c, s in schedules}
-    contention = contention_from_notes(hw.provenance.notes)
-    adjusted = ({c: predict_with_contention(workload, s, hw, contention) for c, s in schedules}
-                if contention is not None else {})
     runs: dict[Config, list[Metrics]] = {c: [] for c in configs}
     # the executor's largest slot pool first, so later configurations reuse or shrink memory
     order = sorted(schedules, key=lambda cs: -sum(plan_slots(cs[1]).pool_size))
@@ -192,7 +145,7 @@ def validate(workload: Workload, hw: HardwareProfile, configs: list[Config], dev
     out = []
     for c in configs:
         ms = sorted(runs[c], key=lambda m: m.total_time_s)
-        out.append(Outcome(c, predicted[c], ms[len(ms) // 2], [m.step_time_s for m in runs[c]], adjusted.get(c)))
+        out.append(Outcome(c, predicted[c], ms[len(ms) // 2], [m.step_time_s for m in runs[c]]))
     return out
 
 
@@ -204,10 +157,6 @@ def summary(outcomes: list[Outcome]) -> dict[str, float]:
         "max_abs_error": max(errs) if errs else float("nan"),
         "mean_error": statistics.fmean([o.error for o in outcomes]) if outcomes else float("nan"),
     }
-    adj = [abs(e) for o in outcomes if (e := o.adjusted_error) is not None and np.isfinite(e)]
-    if adj:
-        out["median_abs_error_contention"] = statistics.median(adj)
-        out["max_abs_error_contention"] = max(adj)
     return out
 
 
@@ -229,10 +178,6 @@ def figure(outcomes: list[Outcome], path: Path, title: str) -> None:
     ax.plot(xs, xs, color="black", lw=1, label="predicted = measured")
     ax.fill_between(xs, xs * 0.9, xs * 1.1, color="0.85", label="+-10%")
     ax.scatter(meas, pred, zorder=3, label="simulator")
-    adj = [(o.measured.step_time_s * 1e3, o.adjusted.step_time_s * 1e3) for o in outcomes if o.adjusted]
-    if adj:
-        ax.scatter([a for a, _ in adj], [b for _, b in adj], zorder=3, marker="x",
-                   label="simulator + GPU/CPU contention")
     for o, x, y in zip(outcomes, meas, pred, strict=True):
         ax.annotate(o.config.label, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set_xlim(lo, hi)

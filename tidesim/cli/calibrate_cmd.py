@@ -98,12 +98,8 @@ def summarize(profile: Any, models: list[ModelSpec]) -> dict[str, Any]:
         ("D2H (GB/s)", profile.pcie.d2h_gbs),
         ("copies slow GPU compute by", profile.pcie.copy_slows_compute),
         ("CPU task overhead (us)", profile.cpu.task_overhead_us),
+        ("GPU side and CPU pool slow each other by", profile.cpu.gpu_contention),
     ]
-    from tidesim_runtime.calibrate import contention_from_notes
-
-    contention = contention_from_notes(profile.provenance.notes)
-    if contention is not None:
-        rows.append(("CPU pool slows GPU-side experts by", round(contention, 4)))
     for spec in models:
         for t in (1, 8, 32):
             gpu = float(profile.gpu_expert_time(np.array([t]), spec)[0]) * 1e6

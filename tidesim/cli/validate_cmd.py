@@ -157,15 +157,9 @@ def run(args: argparse.Namespace) -> int:
           f"{setup['layers_note']}")
     cols = ["config", "predicted_step_ms", "measured_step_ms", "error", "hit_ratio", "expert_copies"]
     heads = ["configuration", "predicted ms", "measured ms", "error", "hit ratio", "copies"]
-    if "median_abs_error_contention" in stats:
-        cols[4:4] = ["predicted_contention_step_ms", "error_contention"]
-        heads[4:4] = ["+contention ms", "error"]
     print(format_table(heads, [[r[c] for c in cols] for r in rows]))
     print(f"median |error| {stats['median_abs_error']:.1%}, max {stats['max_abs_error']:.1%}; "
           f"results in {out}/ (results.json, results.parquet, predicted_vs_measured.png)")
-    if "median_abs_error_contention" in stats:
-        print(f"with the GPU/CPU contention term the profile measured: median |error| "
-              f"{stats['median_abs_error_contention']:.1%}, max {stats['max_abs_error_contention']:.1%}")
     for flag in sorted(hw.flags):
         print(f"note: {flag}")
     return 0
