@@ -22,14 +22,6 @@ from tidesim.trace.validate import validate_trace  # noqa: E402
 from tidesim.models import PRESETS  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny matmuls run fastest on one thread (and stay fast on a busy machine); restore after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 SPEC = PRESETS["tiny"]
 PROMPTS = [[3, 1, 4, 1, 5, 9], [2, 7, 1, 8]]
 

@@ -16,15 +16,6 @@ from tidesim.cli import main  # noqa: E402
 from tidesim.errors import InputError  # noqa: E402
 from tidesim.models import PRESETS  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny matmuls run fastest on one thread (and stay fast on a busy machine); restore after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 SPEC = PRESETS["tiny"]
 
 

@@ -14,15 +14,6 @@ from tidesim_runtime.gate import SigmoidGroupGate, check_routing_shape, group_li
 from tidesim.errors import InputError  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny matmuls run fastest on one thread (and stay fast on a busy machine); restore after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def brute_force_choice(biased: np.ndarray, top_k: int, n_group: int, topk_group: int) -> set[int]:
     """Try every set of topk_group groups, keep the one with the largest total group score
     (group score = sum of its two best values), then the top_k best experts inside it."""
