@@ -142,3 +142,12 @@ def test_more_cpu_cores_never_slow_an_expert():
     # bandwidth-bound at one token: unchanged; compute-bound at 512 tokens: faster
     assert more.cpu_expert_time(tokens, MINI)[0] == pytest.approx(base.cpu_expert_time(tokens, MINI)[0])
     assert more.cpu_expert_time(tokens, MINI)[3] < base.cpu_expert_time(tokens, MINI)[3]
+
+
+def test_empty_copies_are_free_and_never_flagged():
+    prof = get_profile("h100-sxm-pcie5")
+    prof.pcie.h2d = Curve([1024, 1 << 20], [12.0, 40.0])
+    assert float(prof.h2d_time(0)) == 0.0
+    assert not prof.flags
+    prof.h2d_time(1 << 24)
+    assert any("pcie.h2d" in f for f in prof.flags)

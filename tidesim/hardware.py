@@ -16,7 +16,7 @@ import numpy as np
 import yaml
 
 from tidesim.atomic import write_text
-from tidesim.errors import InputError
+from tidesim.errors import InputError, parse_yaml, read_input_text
 from tidesim.models import ModelSpec
 
 SCHEMA_VERSION = 1
@@ -259,6 +259,7 @@ class HardwareProfile:
         if curve is None:
             return linear
         measured, outside = curve.interpolate(nbytes)
+        outside &= nbytes > 0          # an empty copy costs nothing: never an extrapolation
         if outside.any():
             self.flags.add(f"{where}: sizes outside the measured {curve.x[0]:g}..{curve.x[-1]:g} bytes, "
                            "bandwidth model used")
@@ -403,20 +404,8 @@ def profile_from_dict(data: Any, source: str = "profile") -> HardwareProfile:
 
 
 def load_profile(path: str | Path) -> HardwareProfile:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such hardware profile; see `tidesim hw list`") from None
-    except (IsADirectoryError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not a readable YAML profile ({exc.__class__.__name__})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        raise InputError(f"{path}: not valid YAML" + (f" (line {line + 1})" if line is not None else "")
-                         ) from None
-    return profile_from_dict(data, source=str(path))
+    text = read_input_text(path, "hardware profile", "see `tidesim hw list`")
+    return profile_from_dict(parse_yaml(text, str(path)), source=str(path))
 
 
 def bundled_profiles() -> dict[str, Path]:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from tidesim.atomic import write_text
-from tidesim.errors import InputError
+from tidesim.errors import InputError, read_input_text
 from tidesim.hardware import HardwareProfile
 from tidesim.models import ModelSpec
 
@@ -226,12 +226,7 @@ def _fields(cls: type, data: Any, where: str) -> dict[str, Any]:
 def load_plan(path: str | Path) -> Plan:
     """Read and validate a plan file; every problem is an InputError naming the file."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such plan file; make one with `tidesim plan`") from None
-    except (IsADirectoryError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not a readable plan file ({exc.__class__.__name__})") from None
+    text = read_input_text(path, "plan file", "make one with `tidesim plan`")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from tidesim.budget import TIDE_MAX_EXPERTS_PER_LAYER
-from tidesim.errors import InputError
+from tidesim.errors import InputError, parse_yaml, read_input_text
 from tidesim.models import PRESETS, ModelSpec
 
 # Typical pinned host-to-device bandwidth of an x16 link per PCIe generation (reference.md).
@@ -154,18 +153,8 @@ class Grid:
 def load_grid(path: str | Path, check_policies: bool = True) -> Grid:
     """Read, validate and expand a grid file; any problem raises InputError naming the file."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such grid file; see docs/examples/ for grid files") from None
-    except (IsADirectoryError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not a readable YAML grid ({exc.__class__.__name__})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise InputError(f"{path}: not valid YAML{where}") from None
+    text = read_input_text(path, "grid file", "see docs/examples/ for grid files")
+    data = parse_yaml(text, str(path))
     return parse_grid(data, source=str(path), base_dir=path.parent, check_policies=check_policies)
 
 
