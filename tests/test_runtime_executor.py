@@ -35,14 +35,6 @@ from tidesim.workload import Workload  # noqa: E402
 SPEC = PRESETS["tiny"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_workload(forwards: int = 6, tokens: int = 8, seed: int = 0) -> Workload:
     """Each token picks top_k distinct experts, skewed toward low ids; prefix-cache-like forwards."""
     rng = np.random.default_rng(seed)

@@ -21,14 +21,6 @@ from tidesim.workload import workload_from_trace  # noqa: E402
 TINY = PRESETS["tiny"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def workload():
     trace = synthesize(SynthConfig(model=TINY, prompts=1, gen_length=16, block_length=8, prompt_length=8, seed=3))
