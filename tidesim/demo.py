@@ -40,6 +40,9 @@ from tidesim.workload import Workload, workload_from_trace
 DEFAULT_CASES = (("llada2-mini", "llada2-mini_none_g1024"), ("llada2-flash", "llada2-flash_none_g256"))
 DEFAULT_PROFILE = "h100-sxm-pcie5"
 PLAN_TAUS = [1, 2, 3, 4, 6, 8, 12, 16]
+# Per-layer budget candidates around the TIDE budget u (the planner's default grid runs u/4..2u;
+# the demo keeps the part of it that the plans actually use, to stay within a minute).
+PLAN_BUDGET_FACTORS = (0.5, 0.75, 0.875, 1.0, 1.125, 1.25, 1.5)
 TIMELINE_FORWARDS = 2
 
 
@@ -96,7 +99,9 @@ def run_case(model_name: str, trace_name: str, hw: HardwareProfile, out: Path,
     calib, held = split_prompts(trace.prompt_ids, None)
     step(f"{model_name}: planning on prompts {calib}")
     # The plan gets the memory that TIDE's uniform budget occupies, so every policy has the same memory.
-    outcome = make_plan(trace_path, trace_name, hw, memory_for_budget(model, budget), taus=PLAN_TAUS)
+    budgets = sorted({min(max(round(budget * f), 1), model.num_experts) for f in PLAN_BUDGET_FACTORS})
+    outcome = make_plan(trace_path, trace_name, hw, memory_for_budget(model, budget), taus=PLAN_TAUS,
+                        budgets=budgets)
     tag = f"{model_name}_{hw.name}"
     write_text(out / f"plan_{tag}.json", json.dumps(to_jsonable(outcome.plan.to_dict()), indent=2, sort_keys=True))
     tau = min(outcome.tau_sweep, key=lambda t: (outcome.tau_sweep[t], t))
