@@ -19,10 +19,10 @@ COMMAND_MODULES = [
     "tidesim.cli.demo_cmd",
     "tidesim.cli.trace_cmd",
     "tidesim.cli.hw_cmd",
-    "tidesim.cli.sweep_cmd",
     "tidesim.cli.simulate_cmd",
     "tidesim.cli.compare_cmd",
     "tidesim.cli.plan_cmd",
+    "tidesim.cli.sweep_cmd",
     "tidesim.cli.calibrate_cmd",
     "tidesim.cli.validate_cmd",
 ]
