@@ -1,0 +1,61 @@
+"""GPU memory in expert slots, and the candidate budgets and intervals the planner chooses from."""
+
+from __future__ import annotations
+
+from tidesim.budget import expert_memory_bytes
+from tidesim.errors import InputError
+from tidesim.models import ModelSpec
+
+# ----- memory -------------------------------------------------------------------------------------
+
+
+def expert_slots(model: ModelSpec, gpu_mem_gib: float) -> int:
+    """Expert slots (over all MoE layers) the memory budget holds next to the non-expert weights
+    and the reserve; InputError when not even one expert per layer fits."""
+    if not gpu_mem_gib > 0:
+        raise InputError(f"GPU memory must be positive, got {gpu_mem_gib} GiB")
+    free = expert_memory_bytes(model, gpu_mem_gib)
+    slots = int(free // model.expert_bytes) if free > 0 else 0
+    if slots < model.num_moe_layers:
+        need = (model.non_expert_bytes + model.expert_bytes * model.num_moe_layers) / 2**30
+        raise InputError(
+            f"{gpu_mem_gib:g} GiB of GPU memory does not hold {model.name}'s non-expert weights plus one expert "
+            f"per MoE layer and the reserve (needs {need:.2f} GiB plus the reserve of max(1.5 GB, 10%)); "
+            "give more memory with --gpu-mem-gib"
+        )
+    return slots
+
+
+def uniform_budget(slots: int, layers: int, experts: int) -> int:
+    """The budget every layer gets when the slots are shared evenly (what the public code uses)."""
+    return min(slots // layers, experts)
+
+
+def default_budgets(slots: int, layers: int, experts: int) -> list[int]:
+    """Candidate budgets: a grid around the uniform budget u from u/4 to 2u (within 1..experts),
+    always containing u itself, so the uniform single-tau setting is a feasible point."""
+    u = uniform_budget(slots, layers, experts)
+    factors = (0.25, 0.5, 0.625, 0.75, 0.875, 1.0, 1.125, 1.25, 1.5, 1.75, 2.0)
+    values = {min(max(round(u * f), 1), experts) for f in factors} | {u}
+    return sorted(values)
+
+
+def parse_int_list(text: str, name: str, allow_zero: bool = False) -> list[int]:
+    """'1..32', '1,2,4,8' or '8..64:8' (start..stop:step) -> sorted unique positive integers
+    (non-negative with allow_zero, for prompt ids)."""
+    out: set[int] = set()
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if ".." in part:
+                rng, _, step = part.partition(":")
+                lo, hi = (int(v) for v in rng.split(".."))
+                out.update(range(lo, hi + 1, int(step) if step else 1))
+            elif part:
+                out.add(int(part))
+    except ValueError:
+        raise InputError(f"{name} must be integers like 1..32, 4,8,16 or 8..96:8, got {text!r}") from None
+    if not out or min(out) < (0 if allow_zero else 1):
+        kind = "non-negative" if allow_zero else "positive"
+        raise InputError(f"{name} must be {kind} integers, got {text!r}")
+    return sorted(out)
