@@ -52,3 +52,14 @@ def test_doc_commands_run(doc, tmp_path):
         proc = subprocess.run([sys.executable, "-m", "tidesim", *argv], cwd=tmp_path, capture_output=True,
                               text=True, timeout=300, env=env)
         assert proc.returncode == 0, f"{doc.name}: `{command}` exited {proc.returncode}: {proc.stderr[-500:]}"
+
+
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[d.name for d in DOCS])
+def test_local_links_resolve(doc):
+    """Every relative Markdown link in README.md and docs/ points at a file that exists."""
+    missing = [target for target in LINK.findall(doc.read_text())
+               if "://" not in target and not (doc.parent / target).exists()]
+    assert not missing, f"{doc.name}: broken links {missing}"
