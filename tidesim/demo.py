@@ -103,7 +103,7 @@ def run_case(model_name: str, trace_name: str, hw: HardwareProfile, out: Path,
     outcome = make_plan(trace_path, trace_name, hw, memory_for_budget(model, budget), taus=PLAN_TAUS,
                         budgets=budgets)
     tag = f"{model_name}_{hw.name}"
-    write_text(out / f"plan_{tag}.json", json.dumps(to_jsonable(outcome.plan.to_dict()), indent=2, sort_keys=True))
+    outcome.plan.save(out / f"plan_{tag}.json")
     tau = min(outcome.tau_sweep, key=lambda t: (outcome.tau_sweep[t], t))
     held_w = workload.select_prompts(held or calib)
     metrics = []

@@ -8,6 +8,8 @@ extrapolation is never silent. docs/hardware-profiles.md documents the YAML sche
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -320,6 +322,10 @@ class HardwareProfile:
         out = asdict(self)
         out.pop("flags")
         return out
+
+    def fingerprint(self) -> str:
+        """sha256 of the profile as canonical JSON: equal profiles agree whether named or loaded from a file."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -41,8 +41,8 @@ def model_fingerprint(model: ModelSpec) -> str:
 
 
 def profile_fingerprint(profile: HardwareProfile) -> str:
-    """sha256 of the profile's canonical YAML (the same for a preset name and its file)."""
-    return sha256_bytes(profile.to_yaml().encode())
+    """sha256 of the profile's canonical form (the same for a preset name and its file)."""
+    return profile.fingerprint()
 
 
 @dataclass

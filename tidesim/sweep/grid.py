@@ -29,6 +29,7 @@ import numpy as np
 from tidesim.budget import TIDE_MAX_EXPERTS_PER_LAYER
 from tidesim.errors import InputError, parse_yaml, read_input_text
 from tidesim.models import PRESETS, ModelSpec
+from tidesim.plan import file_fingerprint
 
 # Typical pinned host-to-device bandwidth of an x16 link per PCIe generation (reference.md).
 PCIE_GEN_GBS = {3: 12.0, 4: 25.0, 5: 50.0}
@@ -434,7 +435,7 @@ class _Resolver:
                                      f"use one of {', '.join(bundled)} or a YAML file path")
                 shown = str(path.resolve())
             prof = get_profile(str(path))
-            digest = hashlib.sha256(json.dumps(prof.to_dict(), sort_keys=True).encode()).hexdigest()
+            digest = prof.fingerprint()
             self._profiles[name] = (shown, digest)
         return self._profiles[name]
 
@@ -479,7 +480,7 @@ def trace_info(path: Path) -> TraceInfo:
         meta = TraceMeta.from_dict(json.loads((schema.metadata or {})[METADATA_KEY]))
     except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
         raise InputError(f"trace {path}: not a tidesim trace ({type(exc).__name__})") from None
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = file_fingerprint(path)
     prompts = len(meta.prompts) if meta.prompts else 0
     return TraceInfo(path=str(path), sha256=digest, model=meta.model, prompts=prompts, gen_length=meta.gen_length,
                      block_length=meta.block_length, threshold=float(meta.threshold), kv_cache=meta.kv_cache)

@@ -267,7 +267,7 @@ def cached_schedule(policy: str, wkey: str, workload: Workload, options: PolicyO
 
     base = json.dumps([wkey, policy, options.budget.tolist(), options.tau.tolist(), options.refresh,
                        options.warmup_fraction])
-    per_hw = base + hashlib.sha256(json.dumps(options.hw.to_dict(), sort_keys=True).encode()).hexdigest()
+    per_hw = base + options.hw.fingerprint()
     with _LOCK:
         for key in (base, per_hw):
             if key in _SCHEDULES:
