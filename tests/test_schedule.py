@@ -1,6 +1,5 @@
-import numpy as np
-import pandas as pd
 import pytest
+from simkit import blank, workload
 
 from tidesim.models import ModelSpec
 from tidesim.schedule import (
@@ -9,39 +8,19 @@ from tidesim.schedule import (
     COPY_SYNC_REFRESH,
     CPU,
     GPU,
-    Schedule,
     schedule_problems,
 )
-from tidesim.trace.schema import Trace, TraceMeta
-from tidesim.workload import workload_from_trace
 
 SPEC = ModelSpec(name="t2x4", num_layers=2, first_dense_layers=1, hidden_size=8, dense_intermediate_size=8,
                  moe_intermediate_size=4, num_experts=4, top_k=1, num_shared_experts=1, num_heads=2,
                  num_kv_heads=1, head_dim=4, vocab_size=16, n_group=1, topk_group=1, dtype="float32")
 
 
-def workload(counts):
-    counts = np.asarray(counts, dtype=np.int32)[:, None, :]  # [F, 1 layer, 4 experts]
-    tokens = counts.sum(axis=(1, 2))
-    f = len(tokens)
-    forwards = pd.DataFrame({"prompt": [0] * f, "block": [0] * f, "step": list(range(f)),
-                             "phase": ["step"] * f, "tokens": tokens, "context": tokens, "committed": [1] * f})
-    meta = TraceMeta(model=SPEC, block_length=4, threshold=0.9, kv_cache="none", gen_length=f, source="synthetic")
-    return workload_from_trace(Trace(meta, forwards, counts))
-
-
-def blank(w, budget=2):
-    shape = w.expert_tokens.shape
-    return Schedule(policy="hand", budget=np.array([budget]), initial_resident=np.zeros(shape[1:], bool),
-                    placement=np.zeros(shape, np.int8), copy=np.zeros(shape, np.int8),
-                    demote=np.zeros(shape, bool), resident=np.zeros(shape, bool))
-
-
-W = workload([[2, 1, 0, 0], [1, 0, 2, 0]])
+W = workload([[[2, 1, 0, 0]], [[1, 0, 2, 0]]], spec=SPEC, committed=1)
 
 
 def valid():
-    s = blank(W)
+    s = blank(W, budget=2)
     # forward 0: expert 0 copied sync and run on GPU, expert 1 on CPU
     s.copy[0, 0, 0] = COPY_SYNC_REFRESH
     s.placement[0, 0, 0], s.placement[0, 0, 1] = GPU, CPU
