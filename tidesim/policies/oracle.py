@@ -23,6 +23,21 @@ from __future__ import annotations
 import numpy as np
 
 from tidesim.hardware import US, HardwareProfile
+from tidesim.layermodel import (
+    FREE_NOW,
+    CopyCosts,
+    CpuCosts,
+    GpuCosts,
+    OnDemand,
+    Rates,
+    activation_copies,
+    charge_contention,
+    copy_slowdown,
+    grouped_kernel,
+    grouped_share,
+    layer_phases,
+    ondemand_compute,
+)
 from tidesim.models import ModelSpec
 from tidesim.policies.base import PolicyOptions, register_policy
 from tidesim.policies.residency import by_count, int_list, keep_best, make_schedule, rank_experts, top_activated
@@ -92,52 +107,39 @@ def layer_times(counts: np.ndarray, experts: np.ndarray, n_active: np.ndarray, n
     charged background copies, so every layer-forward stands alone.
 
     counts/experts [N, K]: tokens and expert ids in rank order. The first min(split, n_free) run
-    in the grouped kernel, positions n_free .. split-1 are copied on demand (one after another on
-    the H2D engine, each FFN with its own launch once copied), the rest up to n_active run on the
-    CPU pool (activations D2H, longest-first pool, results H2D, which queue behind the on-demand
-    copies; with one copy engine the on-demand copies also wait for the activations).
+    in the grouped kernel, positions n_free .. split-1 are copied on demand (through staging
+    slots, so no copy waits for a slot), the rest up to n_active run on the CPU pool with the
+    exact longest-first makespan; the phases are the layer model's (tidesim.layermodel).
     `costs`: the (GPU, CPU) expert times of `counts` when already known.
     """
     n, k = counts.shape
     pos = np.arange(k)[None, :]
-    launch = hw.gpu.launch_overhead_us * US
+    r = Rates.of(hw, spec)
     gpu_full, cpu_times = costs if costs is not None else _expert_costs(counts, spec, hw)
-    grouped_part = np.maximum(gpu_full - launch, 0.0)
     in_group = pos < np.minimum(split, n_free)[:, None]
     on_demand = (pos >= n_free[:, None]) & (pos < split[:, None])
     on_cpu = (pos >= split[:, None]) & (pos < n_active[:, None])
-    grouped = np.where(in_group, grouped_part, 0.0).sum(axis=1) + np.where(in_group.any(axis=1), launch, 0.0)
-    copy = float(hw.h2d_time(float(spec.expert_bytes)))
-    m = on_demand.sum(axis=1)
+    grouped = grouped_kernel(r, np.where(in_group, grouped_share(r, gpu_full), 0.0).sum(axis=1), in_group.sum(axis=1))
+    od_rows, od_cols = np.nonzero(on_demand)
+    od_time = ondemand_compute(r, gpu_full[od_rows, od_cols])
+    od = OnDemand.pad(od_rows, od_time, np.full(od_rows.size, FREE_NOW))   # staged: slots never wait
+    od_n = on_demand.sum(axis=1)
+    od_sum = np.bincount(od_rows, weights=od_time, minlength=n)
 
     rows, cols = np.nonzero(on_cpu)
-    makespan = lpt_makespans(rows, cpu_times[rows, cols], experts[rows, cols], n, max(int(hw.cpu.workers), 1))
-    pairs = np.where(on_cpu, counts, 0).sum(axis=1)
-    has_cpu = on_cpu.any(axis=1)
-    nbytes = pairs * spec.activation_bytes_per_token
-    act, res = np.asarray(hw.d2h_time(nbytes), float), np.asarray(hw.h2d_time(nbytes), float)
-
-    od_compute = np.where(on_demand, gpu_full, 0.0).sum(axis=1)
-    slows = float(hw.pcie.copy_slows_compute)
-    slow = slows * np.minimum(grouped + od_compute, m * copy + res) if slows > 0 else 0.0
-    contention = float(hw.cpu.gpu_contention)
-    if contention > 0:   # tidesim.sim.costs.charge_contention: both sides grow by s x their overlap
-        overlap = np.minimum(grouped + od_compute, makespan)
-        slow = slow + contention * overlap
-        makespan = makespan + contention * overlap
-    shared_engine = hw.pcie.copy_engines <= 1
-    od_start = np.where(shared_engine & has_cpu, act, 0.0)
-    gpu_end = grouped + slow
-    t = np.where(m > 0, np.maximum(gpu_end, od_start), gpu_end)
-    od_rank = np.cumsum(on_demand, axis=1)
-    for p in range(k):
-        col = on_demand[:, p]
-        if col.any():
-            ready = od_start + od_rank[:, p] * copy
-            t = np.where(col, np.maximum(t, ready) + gpu_full[:, p], t)
-    res_start = np.maximum(act + makespan, np.where(m > 0, od_start + m * copy, 0.0))
-    cpu_end = np.where(has_cpu, res_start + res, 0.0)
-    return np.maximum(t, cpu_end)
+    cpu_rows = cpu_times[rows, cols]
+    span = lpt_makespans(rows, cpu_rows, experts[rows, cols], n, r.workers)
+    act, res = activation_copies(r, hw, np.where(on_cpu, counts, 0).sum(axis=1))
+    zeros = np.zeros(n)
+    gpu = GpuCosts(fwd_fixed=zeros, layer_fixed=zeros, grouped=grouped, od_compute_sum=od_sum,
+                   slow_extra=copy_slowdown(r, grouped + od_sum, od_n * r.expert_copy_s + res))
+    copies = CopyCosts(sync_h2d=zeros, demote_d2h=zeros, async_h2d=zeros, n_async=zeros, act_d2h=act, res_h2d=res,
+                       od_n=od_n, od_copy_sum=od_n * r.expert_copy_s)
+    cpu = CpuCosts(total=np.bincount(rows, weights=cpu_rows, minlength=n), longest=zeros, shortest=zeros,
+                   n=on_cpu.sum(axis=1))
+    charge_contention(r, gpu, cpu, span)
+    assert cpu.span is not None
+    return layer_phases(r, gpu, copies, cpu.n, cpu.span, od, 1)["side"]
 
 
 def best_split(counts_sorted: np.ndarray, experts_sorted: np.ndarray, n_active: np.ndarray, n_free: np.ndarray,

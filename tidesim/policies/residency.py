@@ -43,18 +43,19 @@ def rank_experts(counts: np.ndarray) -> Ranking:
 def keep_best(candidates: np.ndarray, order: np.ndarray, rank: np.ndarray, budget: np.ndarray) -> np.ndarray:
     """bool [L, E]: at most budget[l] candidates of each layer, the best ones by rank.
 
-    order [L, E] lists each layer's experts from best to worst; rank is its inverse.
+    order [L, E] lists each layer's experts from best to worst; rank is its inverse. Leading axes
+    of `candidates` and `budget` (several options at once) broadcast over order and rank.
     """
-    in_order = np.take_along_axis(candidates, order, axis=-1)
+    in_order = np.take_along_axis(candidates, np.broadcast_to(order, candidates.shape), axis=-1)
     # Positions before `limit` hold at most budget candidates (the running count is monotone).
-    limit = (np.cumsum(in_order, axis=-1) <= budget[:, None]).sum(axis=-1)
-    return candidates & (rank < limit[:, None])
+    limit = (np.cumsum(in_order, axis=-1) <= budget[..., None]).sum(axis=-1)
+    return candidates & (rank < limit[..., None])
 
 
 def top_activated(counts: np.ndarray, rank: np.ndarray, budget: np.ndarray) -> np.ndarray:
     """bool [..., L, E]: the top-budget experts by tokens, experts with no tokens excluded
     (the target set of a TIDE refresh)."""
-    return (rank < budget[:, None]) & (counts > 0)
+    return (rank < budget[..., None]) & (counts > 0)
 
 
 def warmup_forwards(workload: Workload, fraction: float) -> int:

@@ -25,6 +25,16 @@ from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_SYNC_REFRESH, NO_COPY, Sch
 from tidesim.workload import Workload
 
 
+def refreshed_residents(current: np.ndarray, counts: np.ndarray, order: np.ndarray, rank: np.ndarray,
+                        budget: np.ndarray) -> np.ndarray:
+    """TIDE's refresh rule, the one place it is written: bool [..., L, E] resident after a refresh
+    of `current` with one forward's counts/order/rank [L, E] and budget [..., L]: the top-budget
+    activated experts, then residents by rank while slots remain. Leading axes are options (the
+    planner's cost table refreshes many (tau, budget) candidates at once)."""
+    target = top_activated(counts, rank, budget)
+    return keep_best(current | target, order, rank, budget)
+
+
 @register_policy("tide", "TIDE: refresh the top-budget experts every tau steps, copying only the difference; "
                          "misses on the CPU")
 def tide(workload: Workload, options: PolicyOptions) -> Schedule:
@@ -43,8 +53,7 @@ def tide(workload: Workload, options: PolicyOptions) -> Schedule:
     gpu = np.zeros((f, l, e), dtype=bool)
     current = np.zeros((l, e), dtype=bool)
     for fw in range(f):
-        target = top_activated(counts[fw], ranking.rank[fw], budget)
-        refreshed = keep_best(current | target, ranking.order[fw], ranking.rank[fw], budget)
+        refreshed = refreshed_residents(current, counts[fw], ranking.order[fw], ranking.rank[fw], budget)
         after = np.where(refresh[fw][:, None], refreshed, current)
         copy[fw][after & ~current] = copy_kind
         gpu[fw] = activated[fw] & (after if sync else current)
