@@ -181,7 +181,7 @@ def charge_contention(r: Rates, gpu: GpuCosts, cpu: CpuCosts, span: np.ndarray) 
 # ----- slots: when a copy may start -------------------------------------------------------------
 
 
-def copy_releases(schedule: Schedule) -> tuple[np.ndarray, np.ndarray]:
+def copy_releases(schedule: Schedule, any_copies: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Release tags (FREE_NOW, AFTER_GROUPED or k) of the on-demand and the asynchronous copies,
     each in (forward, layer, expert) order: the slot rule of the runtime's slot plan.
 
@@ -190,7 +190,10 @@ def copy_releases(schedule: Schedule) -> tuple[np.ndarray, np.ndarray]:
     now), else the slot of a leaving expert that runs in the grouped kernel (AFTER_GROUPED), else
     the slot of an earlier on-demand expert that only passes through (its index k), else a spare
     slot (free). A bound with free prefetches (the oracle) stages every copy: all FREE_NOW.
+    any_copies=False: the caller knows there are no on-demand or asynchronous copies.
     """
+    if not any_copies:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     od_mask = schedule.copy == COPY_ON_DEMAND
     as_mask = schedule.copy == COPY_ASYNC_REFRESH
     n_od, n_as = int(od_mask.sum()), int(as_mask.sum())

@@ -97,6 +97,7 @@ class _Cells:
     gpu_full: np.ndarray         # one expert on the GPU, its launch included
     cpu: np.ndarray              # one expert on one CPU worker
     share_sum: np.ndarray        # [G] grouped shares of all activated experts
+    n_active: np.ndarray         # [G] activated experts
     tokens_sum: float
 
 
@@ -119,9 +120,9 @@ def _cells(workload: Workload, hw: HardwareProfile, r: Rates) -> _Cells:
     gpu_full = per_count(lambda t: hw.gpu_expert_time(t, spec), tokens)
     cpu = per_count(lambda t: hw.cpu_expert_time(t, spec), tokens)
     g = idx // workload.num_experts
-    cells = _Cells(idx, tokens, gpu_full, cpu,
-                   np.bincount(g, weights=grouped_share(r, gpu_full), minlength=flat.size // workload.num_experts),
-                   float(tokens.sum()))
+    groups = flat.size // workload.num_experts
+    cells = _Cells(idx, tokens, gpu_full, cpu, np.bincount(g, weights=grouped_share(r, gpu_full), minlength=groups),
+                   np.bincount(g, minlength=groups), float(tokens.sum()))
     if id(workload) not in _CACHE:
         weakref.finalize(workload, _CACHE.pop, id(workload), None)
     _CACHE[id(workload)] = (weakref.ref(workload), key, cells, set(hw.flags) - before)
@@ -140,10 +141,12 @@ def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) 
     layer_fixed = np.broadcast_to(np.asarray(hw.gpu_layer_fixed_time(tokens, context, spec), float), (F,)).copy()
 
     cells = _cells(workload, hw, r)
-    place = schedule.placement.reshape(-1)[cells.idx]
-    copy = schedule.copy.reshape(-1)[cells.idx]
-    on_cpu = np.flatnonzero(place == CPU)
-    od = np.flatnonzero(copy == COPY_ON_DEMAND)        # an on-demand copy is always run on the GPU
+    # dense scans only where they are cheap (bool), the rest on the few cells that differ
+    copy_flat = schedule.copy.reshape(-1)
+    copy_idx = np.flatnonzero(copy_flat != 0)
+    copy_kind = copy_flat[copy_idx]
+    on_cpu = np.flatnonzero(schedule.placement.reshape(-1).take(cells.idx) == CPU)
+    od = np.searchsorted(cells.idx, copy_idx[copy_kind == COPY_ON_DEMAND])   # always run on the GPU
     cpu_g, cpu_e = np.divmod(cells.idx[on_cpu], E)
     cpu_tok = cells.tokens[on_cpu]
     cpu_time = cells.cpu[on_cpu]
@@ -152,20 +155,18 @@ def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) 
     od_time = ondemand_compute(r, od_full)
     # grouped kernel: every activated expert's share minus those on the CPU or on demand
     off = np.concatenate([on_cpu, od])
-    grp_sum = cells.share_sum - np.bincount(cells.idx[off] // E, weights=grouped_share(r, cells.gpu_full[off]),
-                                            minlength=G)
-    grp_n = np.bincount(cells.idx // E, minlength=G) - np.bincount(cells.idx[off] // E, minlength=G)
+    off_g = cells.idx[off] // E
+    grp_sum = cells.share_sum - np.bincount(off_g, weights=grouped_share(r, cells.gpu_full[off]), minlength=G)
+    grp_n = cells.n_active - np.bincount(off_g, minlength=G)
     grp_sum = np.where(grp_n > 0, np.maximum(grp_sum, 0.0), 0.0)
     grouped = grouped_kernel(r, grp_sum, grp_n)
 
     cpu_pairs = np.bincount(cpu_g, weights=cpu_tok, minlength=G)
     act_d2h, res_h2d = activation_copies(r, hw, cpu_pairs)
 
-    copy_idx = np.flatnonzero(schedule.copy.reshape(-1))
-    copy_kind = schedule.copy.reshape(-1)[copy_idx]
     sync = np.bincount(copy_idx[copy_kind == COPY_SYNC_REFRESH] // E, minlength=G)
     async_g, async_e = np.divmod(copy_idx[copy_kind == COPY_ASYNC_REFRESH], E)
-    od_release, async_release = copy_releases(schedule)
+    od_release, async_release = copy_releases(schedule, od.size + async_g.size > 0)
     n_async = np.bincount(async_g, minlength=G)
     n_async_counted = int(n_async.sum())
     if schedule.free_async_copies:      # a bound's ideal prefetch: counted, never charged
