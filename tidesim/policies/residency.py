@@ -142,14 +142,11 @@ def make_schedule(policy: str, workload: Workload, budget: np.ndarray, initial: 
 
 
 def by_count(fn: Callable[[np.ndarray], np.ndarray], counts: np.ndarray) -> np.ndarray:
-    """fn applied to every entry of an integer array through a table over 0 .. max (fn(0) is
-    taken as 0): the cost curves are evaluated once per distinct count, not per entry."""
-    counts = np.asarray(counts)
-    top = int(counts.max()) if counts.size else 0
-    table = np.zeros(top + 1)
-    if top:
-        table[1:] = fn(np.arange(1, top + 1))
-    return table[counts]
+    """fn applied to every entry of an integer array, evaluated once per distinct count (fn(0) is
+    taken as 0): the layer model's per_count."""
+    from tidesim.layermodel import per_count
+
+    return per_count(fn, counts)
 
 
 def int_list(values: np.ndarray) -> list[int]:
