@@ -106,3 +106,21 @@ def test_simulator_and_analytic_agree_with_one_worker(seed: int) -> None:
         sim, ana = run(w, sched, hw), run(w, sched, hw, engine="analytic")
         assert ana.total_time_s == pytest.approx(sim.total_time_s, rel=1e-9)
         assert sim.total_time_s >= run(w, sched, profile(workers=1, engines=engines)).total_time_s
+
+
+def test_cached_cell_costs_equal_fresh_ones() -> None:
+    """Costs of one workload object come from a per-workload cache of cell times (per GPU and CPU
+    curves); they must equal those of a fresh copy, also after other profiles were costed."""
+    w = workload([[[1, 0, 2, 3], [0, 3, 1, 1]], [[2, 2, 0, 1], [1, 0, 4, 1]]])
+    sched = random_schedule(w, budget=2, seed=5)
+    hw, other = profile(workers=2), with_contention(profile(workers=1, gbs=0.001), 0.3)
+    first = schedule_costs(w, sched, hw)
+    schedule_costs(w, sched, other)
+    again = schedule_costs(w, sched, hw)
+    fresh = schedule_costs(dataclasses.replace(w), sched, hw)
+    for got in (again, fresh):
+        for part in ("gpu", "copies", "cpu"):
+            for name, value in vars(getattr(first, part)).items():
+                if value is not None:
+                    np.testing.assert_array_equal(getattr(getattr(got, part), name), value)
+        assert got.counts == first.counts and got.flags == first.flags

@@ -272,8 +272,10 @@ def test_default_evaluator_is_the_real_one():
     assert inspect.signature(run_sweep).parameters["evaluator"].default is evaluate_point
 
 
-def test_schedules_are_reused_only_when_the_policy_ignored_the_hardware(tmp_path):
+def test_schedules_are_reused_only_when_the_policy_ignored_the_hardware(tmp_path, monkeypatch):
     from tidesim.sweep import runner
+
+    monkeypatch.setattr(runner, "_MAX_HW_SCHEDULES", 8)
 
     g = parse_grid({"parameters": {"model": "tiny", "gen_length": 64, "prompts": 2, "prompt_length": 40,
                                    "budget": 6, "pcie_gbs": [4, 64], "cpu_cores_scale": [0.25, 4],
@@ -281,14 +283,18 @@ def test_schedules_are_reused_only_when_the_policy_ignored_the_hardware(tmp_path
     uncached = {}
     for point in g.points:
         runner._SCHEDULES.clear()
+        runner._HW_SCHEDULES.clear()
         uncached[point.id] = runner.evaluate_row(point, tmp_path, evaluate_point)
     runner._SCHEDULES.clear()
+    runner._HW_SCHEDULES.clear()
     cached = {p.id: runner.evaluate_row(p, tmp_path, evaluate_point) for p in g.points}
     assert cached == uncached
-    policies = [json.loads(key[:key.rindex("]") + 1])[1] for key in runner._SCHEDULES]
+    keys = [*runner._SCHEDULES, *runner._HW_SCHEDULES]
+    policies = [json.loads(key[:key.rindex("]") + 1])[1] for key in keys]
     # cpu-routing never reads the profile: one schedule for all four hardware variants;
-    # fiddler compares CPU and copy costs: one per profile
+    # fiddler compares CPU and copy costs: one per profile, kept apart from the reusable ones
     assert policies.count("cpu-routing") == 1 and policies.count("fiddler") == 4
+    assert all("fiddler" in key for key in runner._HW_SCHEDULES)
 
 
 def test_planned_point_runs_the_solved_per_layer_plan(tmp_path):

@@ -337,27 +337,36 @@ def ondemand_pipeline(copy_s: float, copy_start: np.ndarray, grouped_end: np.nda
     """The two-stage pipeline of a layer's on-demand experts, per row: copy k starts when the
     engine is free (from copy_start) and its slot is released, and lands copy_s later; expert k
     runs when its copy has landed and the GPU is free (from grouped_end, after the grouped kernel).
-    Returns (engine free after the last copy, GPU end, copy starts [R, K], compute ends [R, K])."""
+    Returns (engine free after the last copy, GPU end, copy starts [R, K], compute ends [R, K]).
+    Rows are processed longest first, so column k touches only the rows that reach it."""
     n, width = od.compute.shape
-    engine = np.array(copy_start, float, copy=True)
-    gpu = np.array(grouped_end, float, copy=True)
+    reach = np.where(od.valid.any(axis=1), width - np.argmax(od.valid[:, ::-1], axis=1), 0)
+    order = np.argsort(-reach, kind="stable")
+    busy = np.searchsorted(-reach[order], -np.arange(width), side="left").tolist()   # rows reaching column k
+    compute, release, valid = od.compute[order], od.release[order], od.valid[order]
+    g_end = np.asarray(grouped_end, float)[order]
+    engine = np.array(copy_start, float, copy=True)[order]
+    gpu = g_end.copy()
     starts = np.zeros((n, width))
     ends = np.zeros((n, width))
-    rows = np.arange(n)
     for k in range(width):
-        tag = od.release[:, k]
-        slot = np.where(tag == AFTER_GROUPED, grouped_end, 0.0)
+        m = busy[k]
+        rows = np.arange(m)
+        tag = release[:m, k]
+        slot = np.where(tag == AFTER_GROUPED, g_end[:m], 0.0)
         if (tag >= 0).any():
             slot = np.where(tag >= 0, ends[rows, np.maximum(tag, 0)], slot)
-        start = np.maximum(engine, slot)
+        start = np.maximum(engine[:m], slot)
         landed = start + copy_s
-        done = np.maximum(gpu, landed) + od.compute[:, k]
-        v = od.valid[:, k]
-        starts[:, k] = start
-        ends[:, k] = np.where(v, done, 0.0)
-        engine = np.where(v, landed, engine)
-        gpu = np.where(v, done, gpu)
-    return engine, gpu, starts, ends
+        done = np.maximum(gpu[:m], landed) + compute[:m, k]
+        v = valid[:m, k]
+        starts[:m, k] = start
+        ends[:m, k] = np.where(v, done, 0.0)
+        engine[:m] = np.where(v, landed, engine[:m])
+        gpu[:m] = np.where(v, done, gpu[:m])
+    back = np.empty_like(order)
+    back[order] = np.arange(n)
+    return engine[back], gpu[back], starts[back], ends[back]
 
 
 def layer_phases(r: Rates, gpu: GpuCosts, copies: CopyCosts, cpu_n: np.ndarray, pool: np.ndarray, od: OnDemand | None,

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from tidesim.errors import InputError
-from tidesim.schedule import CPU, GPU, IDLE, Schedule
+from tidesim.schedule import CPU, GPU, Schedule
 from tidesim.workload import Workload
 
 
@@ -118,7 +118,9 @@ def refresh_steps(workload: Workload, tau: np.ndarray) -> np.ndarray:
 
 def placement_from(activated: np.ndarray, gpu: np.ndarray) -> np.ndarray:
     """int8 placement: activated experts on the GPU where `gpu`, else on the CPU; idle otherwise."""
-    return np.where(activated, np.where(gpu, GPU, CPU), IDLE).astype(np.int8)
+    act = np.asarray(activated, dtype=bool).view(np.int8)
+    on_gpu = np.asarray(gpu, dtype=bool).view(np.int8)
+    return act * (np.int8(CPU) - (np.int8(CPU) - np.int8(GPU)) * on_gpu)   # int8 throughout: IDLE = 0
 
 
 def make_schedule(policy: str, workload: Workload, budget: np.ndarray, initial: np.ndarray,

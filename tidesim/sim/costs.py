@@ -10,6 +10,7 @@ activated (forward, layer, expert), grouped by layer-forward g = f * L + l in ex
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -89,8 +90,8 @@ class ScheduleCosts:
 @dataclass(frozen=True)
 class _Cells:
     """Workload-level per-cell costs of every activated (forward, layer, expert), for one profile:
-    independent of the schedule, so computed once per workload and profile (the sweep and the
-    planner cost many schedules of one workload)."""
+    independent of the schedule, so kept per workload (a sweep or the planner costs many
+    schedules, and many profiles, of one workload)."""
 
     idx: np.ndarray              # flat index f * L * E + l * E + e, ascending
     tokens: np.ndarray
@@ -101,32 +102,55 @@ class _Cells:
     tokens_sum: float
 
 
-_CACHE: dict[int, tuple[weakref.ref[Workload], tuple[str, str], _Cells, set[str]]] = {}
+@dataclass
+class _WorkloadCache:
+    """What one live workload's costing keeps: its cells, and per GPU and per CPU curves the
+    cell times (a few of each: grids vary the profile point to point)."""
+
+    ref: weakref.ref[Workload]
+    idx: np.ndarray
+    tokens: np.ndarray
+    g: np.ndarray
+    n_active: np.ndarray
+    gpu: OrderedDict[str, tuple[np.ndarray, np.ndarray, set[str]]] = field(default_factory=OrderedDict)
+    cpu: OrderedDict[str, tuple[np.ndarray, set[str]]] = field(default_factory=OrderedDict)
+
+
+_CACHE: dict[int, _WorkloadCache] = {}
+_PER_SIDE = 4
 
 
 def _cells(workload: Workload, hw: HardwareProfile, r: Rates) -> _Cells:
-    """The workload's cells for this profile's GPU and CPU curves, from the cache when the same
-    workload object was costed with the same curves last (one entry per live workload)."""
-    key = (repr(hw.gpu), repr(hw.cpu))
-    hit = _CACHE.get(id(workload))
-    if hit is not None and hit[0]() is workload and hit[1] == key:
-        hw.flags.update(hit[3])
-        return hit[2]
+    """The workload's cells with this profile's GPU and CPU times, from the cache when the same
+    workload object was costed with the same curves before."""
     spec = workload.model
-    flat = workload.expert_tokens.reshape(-1)
-    idx = np.flatnonzero(flat)
-    tokens = flat[idx].astype(np.int64)
-    before = set(hw.flags)
-    gpu_full = per_count(lambda t: hw.gpu_expert_time(t, spec), tokens)
-    cpu = per_count(lambda t: hw.cpu_expert_time(t, spec), tokens)
-    g = idx // workload.num_experts
-    groups = flat.size // workload.num_experts
-    cells = _Cells(idx, tokens, gpu_full, cpu, np.bincount(g, weights=grouped_share(r, gpu_full), minlength=groups),
-                   np.bincount(g, minlength=groups), float(tokens.sum()))
-    if id(workload) not in _CACHE:
+    entry = _CACHE.get(id(workload))
+    if entry is None or entry.ref() is not workload:
+        flat = workload.expert_tokens.reshape(-1)
+        idx = np.flatnonzero(flat)
+        g = idx // workload.num_experts
+        entry = _WorkloadCache(weakref.ref(workload), idx, flat[idx].astype(np.int64), g,
+                               np.bincount(g, minlength=flat.size // workload.num_experts))
+        _CACHE[id(workload)] = entry
         weakref.finalize(workload, _CACHE.pop, id(workload), None)
-    _CACHE[id(workload)] = (weakref.ref(workload), key, cells, set(hw.flags) - before)
-    return cells
+    groups = workload.num_forwards * workload.num_layers
+    gkey, ckey = repr(hw.gpu), repr(hw.cpu)
+    if gkey not in entry.gpu:
+        before = set(hw.flags)
+        gpu_full = per_count(lambda t: hw.gpu_expert_time(t, spec), entry.tokens)
+        share = np.bincount(entry.g, weights=grouped_share(r, gpu_full), minlength=groups)
+        entry.gpu[gkey] = (gpu_full, share, set(hw.flags) - before)
+        while len(entry.gpu) > _PER_SIDE:
+            entry.gpu.popitem(last=False)
+    if ckey not in entry.cpu:
+        before = set(hw.flags)
+        entry.cpu[ckey] = (per_count(lambda t: hw.cpu_expert_time(t, spec), entry.tokens), set(hw.flags) - before)
+        while len(entry.cpu) > _PER_SIDE:
+            entry.cpu.popitem(last=False)
+    gpu_full, share, gflags = entry.gpu[gkey]
+    cpu, cflags = entry.cpu[ckey]
+    hw.flags.update(gflags | cflags)
+    return _Cells(entry.idx, entry.tokens, gpu_full, cpu, share, entry.n_active, float(entry.tokens.sum()))
 
 
 def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) -> ScheduleCosts:

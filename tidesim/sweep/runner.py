@@ -254,8 +254,10 @@ class _WatchedOptions(PolicyOptions):
         return super().__getattribute__(name)
 
 
-_SCHEDULES: OrderedDict[str, Schedule] = OrderedDict()
-_MAX_SCHEDULES = 8
+_SCHEDULES: OrderedDict[str, Schedule] = OrderedDict()     # schedules that did not read the profile
+_HW_SCHEDULES: OrderedDict[str, Schedule] = OrderedDict()  # those that did (rarely reused: a grid's
+_MAX_SCHEDULES = 16                                        # profiles differ point to point)
+_MAX_HW_SCHEDULES = 2
 
 
 def cached_schedule(policy: str, wkey: str, workload: Workload, options: PolicyOptions) -> tuple[Schedule, bool]:
@@ -269,17 +271,19 @@ def cached_schedule(policy: str, wkey: str, workload: Workload, options: PolicyO
                        options.warmup_fraction])
     per_hw = base + options.hw.fingerprint()
     with _LOCK:
-        for key in (base, per_hw):
-            if key in _SCHEDULES:
-                _SCHEDULES.move_to_end(key)
-                return _SCHEDULES[key], False
+        for key, cache in ((base, _SCHEDULES), (per_hw, _HW_SCHEDULES)):
+            if key in cache:
+                cache.move_to_end(key)
+                return cache[key], False
     watched = _WatchedOptions(budget=options.budget, tau=options.tau, hw=options.hw, refresh=options.refresh,
                               warmup_fraction=options.warmup_fraction)
     schedule = build_schedule(policy, workload, watched)
     with _LOCK:
-        _SCHEDULES[per_hw if getattr(watched, "hw_read", False) else base] = schedule
-        while len(_SCHEDULES) > _MAX_SCHEDULES:
-            _SCHEDULES.popitem(last=False)
+        read_hw = getattr(watched, "hw_read", False)
+        cache, size = (_HW_SCHEDULES, _MAX_HW_SCHEDULES) if read_hw else (_SCHEDULES, _MAX_SCHEDULES)
+        cache[per_hw if read_hw else base] = schedule
+        while len(cache) > size:
+            cache.popitem(last=False)
     return schedule, True
 
 
