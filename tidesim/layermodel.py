@@ -181,7 +181,7 @@ def charge_contention(r: Rates, gpu: GpuCosts, cpu: CpuCosts, span: np.ndarray) 
 # ----- slots: when a copy may start -------------------------------------------------------------
 
 
-def copy_releases(schedule: Schedule, any_copies: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def copy_releases(schedule: Schedule, copy_idx: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Release tags (FREE_NOW, AFTER_GROUPED or k) of the on-demand and the asynchronous copies,
     each in (forward, layer, expert) order: the slot rule of the runtime's slot plan.
 
@@ -189,48 +189,47 @@ def copy_releases(schedule: Schedule, any_copies: bool = True) -> tuple[np.ndarr
     slot if any (the pool's unused slots and those of leaving experts that do not run on the GPU
     now), else the slot of a leaving expert that runs in the grouped kernel (AFTER_GROUPED), else
     the slot of an earlier on-demand expert that only passes through (its index k), else a spare
-    slot (free). A bound with free prefetches (the oracle) stages every copy: all FREE_NOW.
-    any_copies=False: the caller knows there are no on-demand or asynchronous copies.
+    slot (free; the pool keeps it). A bound with free prefetches (the oracle) stages every copy:
+    all FREE_NOW. copy_idx: the flat indices of the schedule's copies, when the caller has them.
+    Only layer-forwards with copies are looked at.
     """
-    if not any_copies:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    od_mask = schedule.copy == COPY_ON_DEMAND
-    as_mask = schedule.copy == COPY_ASYNC_REFRESH
-    n_od, n_as = int(od_mask.sum()), int(as_mask.sum())
-    if schedule.free_async_copies or n_od + n_as == 0:
-        return np.full(n_od, FREE_NOW, np.int64), np.full(n_as, FREE_NOW, np.int64)
-    before, after = schedule.resident_before(), schedule.resident
-    on_gpu = schedule.placement == GPU
+    F, L, E = schedule.copy.shape
+    flat_copy = schedule.copy.reshape(-1)
+    if copy_idx is None:
+        copy_idx = np.flatnonzero(flat_copy != 0)
+    kind = flat_copy[copy_idx]
+    od_idx, as_idx = copy_idx[kind == COPY_ON_DEMAND], copy_idx[kind == COPY_ASYNC_REFRESH]
+    if schedule.free_async_copies or od_idx.size + as_idx.size == 0:
+        return np.full(od_idx.size, FREE_NOW, np.int64), np.full(as_idx.size, FREE_NOW, np.int64)
+    rows = np.unique(copy_idx // E)                       # layer-forwards with any copy, in g order
+    f, layer = np.divmod(rows, L)
+    resident = schedule.resident.reshape(F * L, E)
+    before = np.where((f > 0)[:, None], resident[np.maximum(rows - L, 0)], schedule.initial_resident[layer])
+    after = resident[rows]
+    copy = schedule.copy.reshape(F * L, E)[rows]
     leaving = before & ~after
-    in_grouped = leaving & on_gpu & (schedule.copy == 0)
-    f_count, layers, _ = od_mask.shape
-    size0 = np.maximum(schedule.budget, schedule.initial_resident.sum(axis=1))          # [L]
-    n_before = before.sum(axis=2)
-    free_base = (leaving & ~in_grouped).sum(axis=2) - n_before                       # + size
-    n_sync = (schedule.copy == COPY_SYNC_REFRESH).sum(axis=2)
-    deferred = in_grouped.sum(axis=2)
-    od_g, od_e = _cells(od_mask)
-    as_g, _ = _cells(as_mask)
-    passing = ~after.reshape(-1, after.shape[2])[od_g, od_e]
-    size = np.broadcast_to(size0, (f_count, layers)).astype(np.int64)
-    for _ in range(f_count + 1):         # the pool grows only where it must; a few rounds settle it
-        free = np.maximum(size + free_base - n_sync, 0).reshape(-1)
-        od_tag, as_tag, spare = _tags(od_g, passing, as_g, free, deferred.reshape(-1))
-        spare = spare + np.maximum(n_sync - size - free_base, 0).reshape(-1)
-        grown = size0[None, :] + np.concatenate(
-            [np.zeros((1, layers), np.int64), np.cumsum(spare.reshape(f_count, layers), axis=0)[:-1]])
+    in_grouped = leaving & (schedule.placement.reshape(F * L, E)[rows] == GPU) & (copy == 0)
+    size0 = np.maximum(schedule.budget, schedule.initial_resident.sum(axis=1))[layer]
+    n_before = before.sum(axis=1)
+    free_base = (leaving & ~in_grouped).sum(axis=1) - n_before            # free slots = size + this
+    n_sync = (copy == COPY_SYNC_REFRESH).sum(axis=1)
+    deferred = in_grouped.sum(axis=1)
+    od_g = np.searchsorted(rows, od_idx // E)
+    as_g = np.searchsorted(rows, as_idx // E)
+    passing = ~after[od_g, od_idx % E]
+    by_layer = np.lexsort((f, layer))                     # the pool of a layer carries over forwards
+    size = size0.copy()
+    for _ in range(F + 1):         # the pool grows only where it must; a few rounds settle it
+        free = np.maximum(size + free_base - n_sync, 0)
+        od_tag, as_tag, spare = _tags(od_g, passing, as_g, free, deferred)
+        spare = spare + np.maximum(n_sync - size - free_base, 0)
+        grown = size0.copy()
+        grown[by_layer] += _segment_cumsum(layer[by_layer], spare[by_layer]) - spare[by_layer]
         grown = np.maximum(grown, n_before)
         if np.array_equal(grown, size):
             break
         size = grown
     return od_tag, as_tag
-
-
-def _cells(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(layer-forward g, expert) of every True cell of an [F, L, E] mask, in order."""
-    idx = np.flatnonzero(mask.reshape(-1))
-    g = idx // mask.shape[2]
-    return g, idx - g * mask.shape[2]
 
 
 def _tags(od_g: np.ndarray, passing: np.ndarray, as_g: np.ndarray, free: np.ndarray, deferred: np.ndarray
@@ -343,30 +342,32 @@ def ondemand_pipeline(copy_s: float, copy_start: np.ndarray, grouped_end: np.nda
     reach = np.where(od.valid.any(axis=1), width - np.argmax(od.valid[:, ::-1], axis=1), 0)
     order = np.argsort(-reach, kind="stable")
     busy = np.searchsorted(-reach[order], -np.arange(width), side="left").tolist()   # rows reaching column k
-    compute, release, valid = od.compute[order], od.release[order], od.valid[order]
+    # column-major copies: each step reads one contiguous row of these
+    compute = np.ascontiguousarray(od.compute[order].T)
+    release = np.ascontiguousarray(od.release[order].T)
+    valid = np.ascontiguousarray(od.valid[order].T)
     g_end = np.asarray(grouped_end, float)[order]
     engine = np.array(copy_start, float, copy=True)[order]
     gpu = g_end.copy()
-    starts = np.zeros((n, width))
-    ends = np.zeros((n, width))
+    starts = np.zeros((width, n))
+    ends = np.zeros((width, n))
     for k in range(width):
         m = busy[k]
-        rows = np.arange(m)
-        tag = release[:m, k]
+        tag = release[k, :m]
         slot = np.where(tag == AFTER_GROUPED, g_end[:m], 0.0)
-        if (tag >= 0).any():
-            slot = np.where(tag >= 0, ends[rows, np.maximum(tag, 0)], slot)
+        if tag.max(initial=-1) >= 0:
+            slot = np.where(tag >= 0, ends[np.maximum(tag, 0), np.arange(m)], slot)
         start = np.maximum(engine[:m], slot)
         landed = start + copy_s
-        done = np.maximum(gpu[:m], landed) + compute[:m, k]
-        v = valid[:m, k]
-        starts[:m, k] = start
-        ends[:m, k] = np.where(v, done, 0.0)
-        engine[:m] = np.where(v, landed, engine[:m])
-        gpu[:m] = np.where(v, done, gpu[:m])
+        done = np.maximum(gpu[:m], landed) + compute[k, :m]
+        v = valid[k, :m]
+        starts[k, :m] = start
+        ends[k, :m] = np.where(v, done, 0.0)
+        np.copyto(engine[:m], landed, where=v)
+        np.copyto(gpu[:m], done, where=v)
     back = np.empty_like(order)
     back[order] = np.arange(n)
-    return engine[back], gpu[back], starts[back], ends[back]
+    return engine[back], gpu[back], starts.T[back], ends.T[back]
 
 
 def layer_phases(r: Rates, gpu: GpuCosts, copies: CopyCosts, cpu_n: np.ndarray, pool: np.ndarray, od: OnDemand | None,

@@ -190,7 +190,7 @@ def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) 
 
     sync = np.bincount(copy_idx[copy_kind == COPY_SYNC_REFRESH] // E, minlength=G)
     async_g, async_e = np.divmod(copy_idx[copy_kind == COPY_ASYNC_REFRESH], E)
-    od_release, async_release = copy_releases(schedule, od.size + async_g.size > 0)
+    od_release, async_release = copy_releases(schedule, copy_idx)
     n_async = np.bincount(async_g, minlength=G)
     n_async_counted = int(n_async.sum())
     if schedule.free_async_copies:      # a bound's ideal prefetch: counted, never charged
