@@ -145,12 +145,11 @@ def test_on_demand_expert_pays_its_launches(engine: str) -> None:
 
 def test_pipeline_by_hand() -> None:
     # copies of 3 from t = 1 (engine), grouped kernel ends at 5; experts compute 2, 1, 4
-    od = OnDemand(rows=np.array([0]), compute=np.array([[2.0, 1.0, 4.0]]),
-                  release=np.array([[FREE_NOW, AFTER_GROUPED, 0]]), valid=np.ones((1, 3), bool))
+    od = OnDemand.single(0, np.array([2.0, 1.0, 4.0]), np.array([FREE_NOW, AFTER_GROUPED, 0]))
     engine, gpu, starts, ends = ondemand_pipeline(3.0, np.array([1.0]), np.array([5.0]), od)
     # copy 0 [1, 4] -> run [5, 7]; copy 1 waits for the grouped end [5, 8] -> run [8, 9];
     # copy 2 waits for expert 0's run [8, 11] -> run [11, 15]
-    assert starts.tolist() == [[1.0, 5.0, 8.0]] and ends.tolist() == [[7.0, 9.0, 15.0]]
+    assert starts[:, 0].tolist() == [1.0, 5.0, 8.0] and ends[:, 0].tolist() == [7.0, 9.0, 15.0]
     assert engine.tolist() == [11.0] and gpu.tolist() == [15.0]
 
 

@@ -310,64 +310,71 @@ def _rank(g_sorted: np.ndarray) -> np.ndarray:
 
 @dataclass
 class OnDemand:
-    """The on-demand experts of the layer-forwards that have any, padded to [R, K] (rows in g
-    order): compute time, release tag and a validity mask."""
+    """The on-demand experts of the layer-forwards that have any, padded position-major: column r
+    is layer-forward rows[r], entry [k, r] its k-th on-demand expert (compute time, release tag,
+    validity)."""
 
-    rows: np.ndarray             # [R] layer-forward g of each row
-    compute: np.ndarray          # [R, K]
-    release: np.ndarray          # [R, K]
-    valid: np.ndarray            # [R, K] bool
+    rows: np.ndarray             # [R] layer-forward g of each column
+    compute: np.ndarray          # [K, R]
+    release: np.ndarray          # [K, R]
+    valid: np.ndarray            # [K, R] bool
 
     @classmethod
     def pad(cls, g_sorted: np.ndarray, compute: np.ndarray, release: np.ndarray) -> OnDemand:
-        rows, inverse = np.unique(g_sorted, return_inverse=True)
+        """From sparse lists sorted by g; columns ordered by how many experts they hold (most
+        first, ties by g), so that the pipeline's k-th step reads a leading slice."""
+        rows, inverse, count = np.unique(g_sorted, return_inverse=True, return_counts=True)
+        order = np.argsort(-count, kind="stable")
+        col = np.empty_like(order)
+        col[order] = np.arange(order.size)
         k = _rank(g_sorted)
-        width = int(k.max()) + 1 if k.size else 0
-        out = cls(rows, np.zeros((rows.size, width)), np.full((rows.size, width), FREE_NOW, np.int64),
-                  np.zeros((rows.size, width), bool))
-        out.compute[inverse, k] = compute
-        out.release[inverse, k] = release
-        out.valid[inverse, k] = True
+        width = int(count.max()) if count.size else 0
+        out = cls(rows[order], np.zeros((width, rows.size)), np.full((width, rows.size), FREE_NOW, np.int64),
+                  np.zeros((width, rows.size), bool))
+        out.compute[k, col[inverse]] = compute
+        out.release[k, col[inverse]] = release
+        out.valid[k, col[inverse]] = True
         return out
+
+    @classmethod
+    def single(cls, g: int, compute: np.ndarray, release: np.ndarray) -> OnDemand:
+        """One layer-forward's on-demand experts (the simulator's case)."""
+        return cls(np.array([g]), np.asarray(compute, float)[:, None], np.asarray(release, np.int64)[:, None],
+                   np.ones((len(compute), 1), bool))
 
 
 def ondemand_pipeline(copy_s: float, copy_start: np.ndarray, grouped_end: np.ndarray, od: OnDemand
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The two-stage pipeline of a layer's on-demand experts, per row: copy k starts when the
+    """The two-stage pipeline of a layer's on-demand experts, per column: copy k starts when the
     engine is free (from copy_start) and its slot is released, and lands copy_s later; expert k
     runs when its copy has landed and the GPU is free (from grouped_end, after the grouped kernel).
-    Returns (engine free after the last copy, GPU end, copy starts [R, K], compute ends [R, K]).
-    Rows are processed longest first, so column k touches only the rows that reach it."""
-    n, width = od.compute.shape
-    reach = np.where(od.valid.any(axis=1), width - np.argmax(od.valid[:, ::-1], axis=1), 0)
-    order = np.argsort(-reach, kind="stable")
-    busy = np.searchsorted(-reach[order], -np.arange(width), side="left").tolist()   # rows reaching column k
-    # column-major copies: each step reads one contiguous row of these
-    compute = np.ascontiguousarray(od.compute[order].T)
-    release = np.ascontiguousarray(od.release[order].T)
-    valid = np.ascontiguousarray(od.valid[order].T)
-    g_end = np.asarray(grouped_end, float)[order]
-    engine = np.array(copy_start, float, copy=True)[order]
+    Returns (engine free after the last copy [R], GPU end [R], copy starts [K, R], compute ends
+    [K, R]). Step k touches only the leading columns that reach position k."""
+    width, n = od.compute.shape
+    reach = np.where(od.valid.any(axis=0), width - np.argmax(od.valid[::-1], axis=0), 0)
+    busy = [n] * width
+    if n > 1 and width and (np.diff(reach) <= 0).all():     # columns sorted by reach (OnDemand.pad)
+        busy = np.searchsorted(-reach, -np.arange(width), side="left").tolist()
+    engine = np.array(copy_start, float, copy=True)
+    g_end = np.asarray(grouped_end, float)
     gpu = g_end.copy()
     starts = np.zeros((width, n))
     ends = np.zeros((width, n))
     for k in range(width):
         m = busy[k]
-        tag = release[k, :m]
+        tag = od.release[k, :m]
         slot = np.where(tag == AFTER_GROUPED, g_end[:m], 0.0)
         if tag.max(initial=-1) >= 0:
             slot = np.where(tag >= 0, ends[np.maximum(tag, 0), np.arange(m)], slot)
         start = np.maximum(engine[:m], slot)
         landed = start + copy_s
-        done = np.maximum(gpu[:m], landed) + compute[k, :m]
-        v = valid[k, :m]
+        done = np.maximum(gpu[:m], landed) + od.compute[k, :m]
+        v = od.valid[k, :m]
         starts[k, :m] = start
         ends[k, :m] = np.where(v, done, 0.0)
         np.copyto(engine[:m], landed, where=v)
         np.copyto(gpu[:m], done, where=v)
-    back = np.empty_like(order)
-    back[order] = np.arange(n)
-    return engine[back], gpu[back], starts.T[back], ends.T[back]
+    return engine, gpu, starts, ends
 
 
 def layer_phases(r: Rates, gpu: GpuCosts, copies: CopyCosts, cpu_n: np.ndarray, pool: np.ndarray, od: OnDemand | None,

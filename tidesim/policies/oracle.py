@@ -71,11 +71,11 @@ def _estimates(counts: np.ndarray, gpu_full: np.ndarray, cpu: np.ndarray, n_free
     grouped_prefix = np.zeros((k + 1, n))
     grouped_prefix[1:] = np.cumsum(np.where(in_group, lm.grouped_share(r, gpu_full), 0.0), axis=0)
     finish = lm.grouped_kernel(r, grouped_prefix, np.minimum(np.arange(k + 1)[:, None], n_free[None, :]))
-    od = lm.OnDemand(np.arange(n), np.where(in_group, 0.0, lm.ondemand_compute(r, gpu_full)).T,
-                     np.full((n, k), lm.FREE_NOW), ~in_group.T)
+    od = lm.OnDemand(np.arange(n), np.where(in_group, 0.0, lm.ondemand_compute(r, gpu_full)),
+                     np.full((k, n), lm.FREE_NOW), ~in_group)
     grouped_end = finish[np.minimum(n_free, k), np.arange(n)]
     _, _, _, ends = lm.ondemand_pipeline(r.expert_copy_s, np.zeros(n), grouped_end, od)
-    finish[1:] = np.where(~in_group, ends.T, finish[1:])
+    finish[1:] = np.where(~in_group, ends, finish[1:])
     cpu_rest = np.zeros((k + 1, n))
     cpu_rest[:k] = np.cumsum(cpu[::-1], axis=0)[::-1]
     pairs_rest = np.zeros((k + 1, n), dtype=np.int64)

@@ -68,9 +68,6 @@ class Simulator:
         items = costs.items
         # plain Python lists: per-layer slicing is much faster than on numpy arrays
         self.cpu_span = costs.cpu_span().tolist()
-        od = costs.ondemand()
-        self.od = od
-        self.od_row = dict(zip(od.rows.tolist(), range(od.rows.size), strict=True))
         self.od_expert = items.od_expert.tolist()
         self.od_ptr = costs.group_ptr(items.od_g).tolist()
         self.async_ptr = costs.group_ptr(items.async_g).tolist()
@@ -174,15 +171,14 @@ class Simulator:
         if od is not None:
             started, copies_end = od
             s0 = yield started
-            row = self.od_row[gi]
-            one = OnDemand(self.od.rows[row:row + 1], self.od.compute[row:row + 1], self.od.release[row:row + 1],
-                           self.od.valid[row:row + 1])
+            a, b = self.od_ptr[gi], self.od_ptr[gi + 1]
+            one = OnDemand.single(gi, self.c.items.od_compute[a:b], self.c.items.od_release[a:b])
             engine, end, starts, finish = ondemand_pipeline(self.c.rates.expert_copy_s, np.array([s0]),
                                                             np.array([grouped_end]), one)
-            n = self.g["od_n"][gi]
-            compute = one.compute[0, :n].tolist()
-            ends = finish[0, :n].tolist()
-            copies_end.succeed((float(engine[0]), starts[0, :n].tolist()))
+            n = b - a
+            compute = one.compute[:, 0].tolist()
+            ends = finish[:, 0].tolist()
+            copies_end.succeed((float(engine[0]), starts[:, 0].tolist()))
             for k in range(n):
                 self._mark(GPU_ROW, f"f{f} moe{layer}: expert {self.od_expert[self.od_ptr[gi] + k]} (copied on demand)",
                            ends[k] - compute[k], compute[k], "gpu_experts")
