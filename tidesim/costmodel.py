@@ -94,6 +94,11 @@ def _async_wait(c: ScheduleCosts, parts: dict[str, np.ndarray]) -> tuple[np.ndar
 
 def estimate(c: ScheduleCosts) -> RunTimes:
     """The analytic estimate of a run: total, breakdown and per-layer times."""
+    return _estimate(c)[0]
+
+
+def _estimate(c: ScheduleCosts) -> tuple[RunTimes, float]:
+    """The estimate and the lower bound it was checked against."""
     tail = 0.0
     od = c.ondemand() if c.items.od_g.size else None
     parts = _layer_parts(c, od)
@@ -115,7 +120,7 @@ def estimate(c: ScheduleCosts) -> RunTimes:
         "cpu_wait": float(np.maximum(res_end - gpu_end, 0.0).sum()),
     }
     layer_time = layer.reshape(c.forwards, c.layers).sum(axis=0) if c.groups else np.zeros(c.layers)
-    return RunTimes(total_s=total, breakdown=breakdown, layer_time=layer_time)
+    return RunTimes(total_s=total, breakdown=breakdown, layer_time=layer_time), bound
 
 
 def lower_bound(c: ScheduleCosts) -> float:
@@ -142,4 +147,5 @@ def lower_bound(c: ScheduleCosts) -> float:
 
 def analytic_metrics(workload: Workload, schedule: Schedule, costs: ScheduleCosts) -> Metrics:
     """Metrics of the analytic model (same names as the simulator's)."""
-    return build_metrics("analytic", workload, schedule, costs, estimate(costs), lower_bound(costs))
+    times, bound = _estimate(costs)
+    return build_metrics("analytic", workload, schedule, costs, times, bound)
