@@ -9,7 +9,7 @@ Agreement (--agreement): simulator vs analytic total time for every policy on ev
 (all prompts) with the H100 and A100 presets; the table docs/costmodel.md quotes.
 
     .venv/bin/python bench/bench_sim.py [--repeats 5] [--json out.json]
-    .venv/bin/python bench/bench_sim.py --agreement [--json out.json]
+    .venv/bin/python bench/bench_sim.py --agreement [--traces A,B] [--presets P,Q] [--json out.json]
 """
 
 from __future__ import annotations
@@ -80,11 +80,11 @@ def speed(repeats: int) -> dict[str, Any]:
     return out
 
 
-def agreement() -> list[dict[str, Any]]:
+def agreement(traces: list[str] | None = None, presets: list[str] | None = None) -> list[dict[str, Any]]:
     rows = []
-    for trace in bundled_traces():
+    for trace in traces or bundled_traces():
         w = load(trace, None)
-        for hw_name in ("h100-sxm-pcie5", "a100-80gb-pcie4"):
+        for hw_name in presets or ["h100-sxm-pcie5", "a100-80gb-pcie4"]:
             hw = get_profile(hw_name)
             for policy in policy_names():
                 for refresh in (("sync", "async") if policy == "tide" else ("sync",)):
@@ -120,12 +120,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--agreement", action="store_true", help="engine agreement over bundled traces and presets")
+    ap.add_argument("--traces", help="with --agreement: comma-separated bundled traces (default: all)")
+    ap.add_argument("--presets", help="with --agreement: comma-separated presets (default: h100-sxm-pcie5,"
+                                      "a100-80gb-pcie4)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON")
     args = ap.parse_args()
     meta = {"machine": platform.platform(), "python": platform.python_version(), "processor": platform.processor(),
             "date": time.strftime("%Y-%m-%d")}
     if args.agreement:
-        result: Any = {"meta": meta, "rows": agreement()}
+        result: Any = {"meta": meta, "rows": agreement(args.traces.split(",") if args.traces else None,
+                                                       args.presets.split(",") if args.presets else None)}
     else:
         result = {"meta": meta, **speed(args.repeats)}
         for key, value in result.items():
