@@ -153,6 +153,24 @@ def test_pipeline_by_hand() -> None:
     assert engine.tolist() == [11.0] and gpu.tolist() == [15.0]
 
 
+class _Pool:
+    """One layer's slot pool while one layer-forward's copies are planned."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.free, self.queue = size, 0, []  # type: ignore[var-annotated]
+
+    def take(self, may_wait: bool = True) -> int:
+        """A copy's slot: free now, else (if the copy may wait) the queue's head, a slot freed
+        later in this forward, else a spare."""
+        if self.free:
+            self.free -= 1
+            return FREE_NOW
+        if may_wait and self.queue:
+            return int(self.queue.pop(0))
+        self.size += 1
+        return FREE_NOW
+
+
 def reference_releases(s: Schedule) -> tuple[list[int], list[int]]:
     """The slot rule written out one copy at a time (what the runtime's slot plan does)."""
     F, L, E = s.placement.shape
@@ -160,41 +178,25 @@ def reference_releases(s: Schedule) -> tuple[list[int], list[int]]:
     od_tags: dict[tuple[int, int, int], int] = {}
     as_tags: dict[tuple[int, int, int], int] = {}
     for layer in range(L):
-        size = max(int(s.budget[layer]), int(s.initial_resident[layer].sum()))
+        pool = _Pool(max(int(s.budget[layer]), int(s.initial_resident[layer].sum())))
         for f in range(F):
             before, after = before_all[f, layer], s.resident[f, layer]
             runs = s.placement[f, layer] == GPU
             copy = s.copy[f, layer]
-            free = size - int(before.sum())
-            queue: list[int] = []
+            pool.free, pool.queue = pool.size - int(before.sum()), []
             for e in np.flatnonzero(before & ~after):
                 if runs[e] and copy[e] == 0:
-                    queue.append(AFTER_GROUPED)
+                    pool.queue.append(AFTER_GROUPED)
                 else:
-                    free += 1
+                    pool.free += 1
             for _ in np.flatnonzero(copy == COPY_SYNC_REFRESH):
-                if free:
-                    free -= 1
-                else:
-                    size += 1
+                pool.take(may_wait=False)            # a sync copy runs before any kernel: never waits
             for k, e in enumerate(np.flatnonzero(copy == COPY_ON_DEMAND)):
-                if free:
-                    free, tag = free - 1, FREE_NOW
-                elif queue:
-                    tag = queue.pop(0)
-                else:
-                    size, tag = size + 1, FREE_NOW
-                od_tags[(f, layer, int(e))] = tag
+                od_tags[(f, layer, int(e))] = pool.take()
                 if not after[e]:
-                    queue.append(k)
+                    pool.queue.append(k)
             for e in np.flatnonzero(copy == COPY_ASYNC_REFRESH):
-                if free:
-                    free, tag = free - 1, FREE_NOW
-                elif queue:
-                    tag = queue.pop(0)
-                else:
-                    size, tag = size + 1, FREE_NOW
-                as_tags[(f, layer, int(e))] = tag
+                as_tags[(f, layer, int(e))] = pool.take()
     return [od_tags[k] for k in sorted(od_tags)], [as_tags[k] for k in sorted(as_tags)]
 
 
