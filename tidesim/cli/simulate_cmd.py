@@ -25,7 +25,7 @@ from tidesim.policies.base import REFRESH_MODES, PolicyOptions, build_schedule, 
 from tidesim.run import ENGINES, run
 from tidesim.workload import Workload
 
-DEFAULT_TAU = 2          # the public TIDE notebook's setting (reference.md)
+DEFAULT_TAU = 2          # the public TIDE notebook's setting (docs/sources.md)
 NEEDS_CPU = {"cpu-routing", "fiddler", "tide", "tide-reference", "oracle"}
 
 

@@ -31,7 +31,7 @@ from tidesim.errors import InputError, parse_yaml, read_input_text
 from tidesim.models import PRESETS, ModelSpec
 from tidesim.plan import file_fingerprint
 
-# Typical pinned host-to-device bandwidth of an x16 link per PCIe generation (reference.md).
+# Typical pinned host-to-device bandwidth of an x16 link per PCIe generation (docs/sources.md).
 PCIE_GEN_GBS = {3: 12.0, 4: 25.0, 5: 50.0}
 KV_CACHE_MODES = ("none", "prefix")
 REFRESH_MODES = ("sync", "async")
