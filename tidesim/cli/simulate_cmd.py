@@ -22,6 +22,7 @@ from tidesim.hardware import HardwareProfile, get_profile
 from tidesim.metrics import Metrics
 from tidesim.plan import Plan, load_plan
 from tidesim.policies.base import REFRESH_MODES, PolicyOptions, build_schedule, policy_names, uniform
+from tidesim.report import plan_slots
 from tidesim.run import ENGINES, run
 from tidesim.workload import Workload
 
@@ -58,7 +59,7 @@ class Setup:
                 "generated_tokens": w.generated_tokens, "prompts": sorted({int(p) for p in w.prompt}),
                 "hw": self.hw.name, "budget": self.budget, "budget_source": self.budget_source, "tau": self.tau,
                 "refresh": self.refresh, "engine": self.engine,
-                **({"budget": f"per layer, {sum(self.plan.budget)} slots", "budget_source": "--plan",
+                **({"budget": "per layer (plan)", "budget_source": "--plan", "expert_slots": plan_slots(self.plan),
                     "tau": "per layer (plan)", "refresh": self.plan.refresh} if self.plan else {})}
 
 
@@ -217,8 +218,10 @@ def main(args: argparse.Namespace) -> int:
 
 def render(setup: Setup, m: Metrics) -> str:
     d = setup.describe()
+    budget = (f"budget per layer from the plan ({d['expert_slots']})" if "expert_slots" in d
+              else f"budget {d['budget']} experts/layer [{d['budget_source']}]")
     head = (f"{m.policy} on {d['model']} ({d['kv_cache']} KV cache, {d['generated_tokens']} tokens, "
-            f"{d['forwards']} forwards), {d['hw']}, budget {d['budget']} experts/layer [{d['budget_source']}], "
+            f"{d['forwards']} forwards), {d['hw']}, {budget}, "
             f"tau {d['tau']}, refresh {d['refresh']}, engine {d['engine']}")
     kind = "bound (not deployable)" if m.is_bound else "policy"
     if not m.feasible:
