@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -71,3 +74,26 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
     """A progress bar on a terminal (stderr), silent otherwise."""
     yield from tqdm(items, desc=desc, total=total, disable=not sys.stderr.isatty(), leave=False)
+
+
+@dataclass
+class Announcement:
+    """What `announce` prints when the work ends; the caller fills in the summary."""
+
+    summary: str = ""
+
+
+@contextmanager
+def announce(command: str, what: str) -> Iterator[Announcement]:
+    """When stderr is not a terminal (a script, a CI log), one line when long work starts and one
+    with a summary when it ends, so a long run is not silent; on a terminal the progress bars say
+    it. Wall-clock time here is for the reader only; simulated time never reads it."""
+    note = Announcement()
+    if sys.stderr.isatty():
+        yield note
+        return
+    print(f"tidesim {command}: {what}", file=sys.stderr, flush=True)
+    started = time.monotonic()
+    yield note
+    took = f"done in {time.monotonic() - started:.1f} s"
+    print(f"tidesim {command}: {took}" + (f"; {note.summary}" if note.summary else ""), file=sys.stderr, flush=True)
