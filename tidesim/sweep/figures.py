@@ -97,8 +97,9 @@ def build_throughput_figure(df: pd.DataFrame, axis: str) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(7, 4.8), layout="constrained")
     lines, names = [], []
     for policy, rows in data.groupby("policy", sort=False):
-        rows = rows.sort_values(axis)
-        (line,) = ax.plot(rows[axis].to_numpy(float), rows["tokens_per_s"].to_numpy(float), marker="o",
+        x = _numeric_axis(rows, axis)
+        order = np.argsort(x, kind="stable")
+        (line,) = ax.plot(x[order], rows["tokens_per_s"].to_numpy(float)[order], marker="o",
                           color=policy_color(str(policy)))
         lines.append(line)
         names.append(str(policy))
@@ -110,6 +111,14 @@ def build_throughput_figure(df: pd.DataFrame, axis: str) -> plt.Figure:
     legend_below(fig, lines, names, ncol=min(4, max(len(names), 1)))
     _title(ax, f"throughput vs {LABELS.get(axis, axis)}", held)
     return fig
+
+
+def _numeric_axis(rows: pd.DataFrame, axis: str) -> np.ndarray:
+    """An axis as numbers. tau is read from `tau_used` (what the point ran with) when the table has it,
+    since the grid's tau may be the word `best`."""
+    if axis == "tau" and "tau_used" in rows:
+        return rows["tau_used"].to_numpy(float)
+    return pd.to_numeric(rows[axis], errors="coerce").to_numpy(float)
 
 
 def throughput_figures(df: pd.DataFrame, out: Path) -> list[Path]:
