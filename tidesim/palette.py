@@ -24,7 +24,7 @@ TIME_COLORS = {
     "work": "#e0e0e0",
 }
 TIME_LABELS = {
-    "gpu_fixed": "GPU fixed work (attention, shared expert, gate, dense, lm_head)",
+    "gpu_fixed": "GPU fixed work (attention, shared expert, gate, dense layers, LM head)",
     "gpu_experts": "experts on the GPU",
     "copy_stall": "waiting for on-demand expert copies",
     "on_demand": "on-demand expert copies",
