@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from browser import check_page
 
 torch = pytest.importorskip("torch")
 
@@ -100,6 +101,7 @@ def test_validate_writes_table_json_parquet_and_figure(tiny_trace: Path, tiny_pr
     assert data["setup"]["layers_note"] == "the whole model runs"
     page = (out / "index.html").read_text()
     assert "tide B=6 tau=2" in page and "data:image/png;base64," in page and 'href="results.parquet"' in page
+    check_page(out / "index.html", tmp_path / "browser", figures=1, tables=1)
 
 
 def test_validate_default_tau_follows_the_rule(tiny_trace: Path, tiny_profile_path: Path, tmp_path: Path,
