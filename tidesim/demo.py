@@ -269,13 +269,15 @@ def write_index(out: Path, results: list[CaseResult]) -> Path:
         plan = r.plan
         sections.append(Section(
             r.label, paragraphs=case_lines(r),
-            tables=[Table(TABLE_COLUMNS, table_rows(r), "policies (simulated, held-out prompts)"),
-                    Table(["MoE layer", "tau", "budget"],
-                          [[i, t, b] for i, (t, b) in enumerate(zip(plan.tau, plan.budget, strict=True))],
-                          f"the per-layer plan ({plan_slots(plan)})")],
+            tables=[Table(TABLE_COLUMNS, table_rows(r), "policies (simulated, held-out prompts)")],
             figures=[n for n in names if n.endswith(".png")],
-            links=[Link(f"plan_{tag}.json", f"plan_{tag}.json", "the plan file, for tidesim simulate --plan"),
-                   *[timeline_link(n) for n in names if n.endswith(".json")]]))
+            links=[timeline_link(n) for n in names if n.endswith(".json")]))
+        sections.append(Section(
+            f"{r.label}: the per-layer plan",
+            tables=[Table(["MoE layer", "tau", "budget"],
+                          [[i, t, b] for i, (t, b) in enumerate(zip(plan.tau, plan.budget, strict=True))],
+                          f"{plan_slots(plan)}")],
+            links=[Link(f"plan_{tag}.json", f"plan_{tag}.json", "the plan file, for tidesim simulate --plan")]))
     sections.append(Section("files", links=[Link("summary.json", "summary.json", "every number above, as JSON")]))
     report = Report("tidesim demo: expert-offload policies on the bundled LLaDA2.0 traces",
                     intro=FOOTNOTES, sections=sections)
