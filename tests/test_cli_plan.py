@@ -96,7 +96,12 @@ def test_plan_and_simulate_state_the_same_slot_count(tmp_path: Path, capsys: pyt
     trace = write_tiny_trace(tmp_path)
     out = tmp_path / "plan.json"
     assert main(plan_args(trace, out)) == 0
-    planned = capsys.readouterr().out
+    captured = capsys.readouterr()
+    planned = captured.out
+    # not a terminal: one line when the work starts, one with a summary when it ends
+    err = captured.err.splitlines()
+    assert len(err) == 2 and err[0].startswith("tidesim plan: cost table, MILP and Lagrangian bound")
+    assert err[1].startswith("tidesim plan: done in ") and "expert slots" in err[1]
     plan = load_plan(out)
     slots = f"{sum(plan.budget)} of 24 expert slots"
     assert slots in planned and "Lagrangian lower bound" in planned and "oracle lower bound" not in planned

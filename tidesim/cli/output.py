@@ -78,22 +78,36 @@ def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterato
 
 @dataclass
 class Announcement:
-    """What `announce` prints when the work ends; the caller fills in the summary."""
+    """What `announce` prints when the work ends; the caller fills in the summary. With lazy=True the
+    start line waits for begin(), so input checks inside the work still fail with one line."""
 
+    command: str
+    what: str
+    enabled: bool
     summary: str = ""
+    started: float | None = None
+
+    def begin(self) -> None:
+        if self.enabled and self.started is None:
+            print(f"tidesim {self.command}: {self.what}", file=sys.stderr, flush=True)
+            self.started = time.monotonic()
+
+    def wrap(self, items: Iterable[T]) -> Iterable[T]:
+        """begin() when the wrapped work (e.g. a progress iterator) is reached, then pass it on."""
+        self.begin()
+        return items
 
 
 @contextmanager
-def announce(command: str, what: str) -> Iterator[Announcement]:
+def announce(command: str, what: str, lazy: bool = False) -> Iterator[Announcement]:
     """When stderr is not a terminal (a script, a CI log), one line when long work starts and one
     with a summary when it ends, so a long run is not silent; on a terminal the progress bars say
     it. Wall-clock time here is for the reader only; simulated time never reads it."""
-    note = Announcement()
-    if sys.stderr.isatty():
-        yield note
-        return
-    print(f"tidesim {command}: {what}", file=sys.stderr, flush=True)
-    started = time.monotonic()
+    note = Announcement(command, what, enabled=not sys.stderr.isatty())
+    if not lazy:
+        note.begin()
     yield note
-    took = f"done in {time.monotonic() - started:.1f} s"
-    print(f"tidesim {command}: {took}" + (f"; {note.summary}" if note.summary else ""), file=sys.stderr, flush=True)
+    if note.started is not None:
+        took = f"done in {time.monotonic() - note.started:.1f} s"
+        print(f"tidesim {command}: {took}" + (f"; {note.summary}" if note.summary else ""), file=sys.stderr,
+              flush=True)

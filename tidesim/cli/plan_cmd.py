@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from tidesim.bundled.paths import resolve_trace
-from tidesim.cli.output import format_table, print_json, progress
+from tidesim.cli.output import announce, format_table, print_json, progress
 from tidesim.errors import InputError
 from tidesim.hardware import get_profile
 from tidesim.plan import Evaluation
@@ -55,14 +55,17 @@ def main(args: argparse.Namespace) -> int:
     hw = get_profile(args.hw)
     calibrate = parse_int_list(args.calibrate_prompts, "--calibrate-prompts", allow_zero=True) \
         if args.calibrate_prompts else None
-    outcome = make_plan(
-        trace_path, args.trace, hw, args.gpu_mem_gib, global_tau=args.global_tau,
-        taus=parse_int_list(args.taus, "--taus"),
-        budgets=parse_int_list(args.budgets, "--budgets") if args.budgets else None,
-        time_limit_s=args.time_limit, calibrate_prompts=calibrate, engine=args.engine,
-        oracle_iterations=args.oracle_iterations,
-        progress=lambda items: progress(items, desc="cost table"),
-    )
+    taus = parse_int_list(args.taus, "--taus")
+    budgets = parse_int_list(args.budgets, "--budgets") if args.budgets else None
+    what = f"cost table, MILP and Lagrangian bound for {trace_path.name} on {hw.name}"
+    with announce("plan", what, lazy=True) as done:     # starts with the cost table, after the input checks
+        outcome = make_plan(
+            trace_path, args.trace, hw, args.gpu_mem_gib, global_tau=args.global_tau, taus=taus, budgets=budgets,
+            time_limit_s=args.time_limit, calibrate_prompts=calibrate, engine=args.engine,
+            oracle_iterations=args.oracle_iterations,
+            progress=lambda items: done.wrap(progress(items, desc="cost table")),
+        )
+        done.summary = f"solver {outcome.plan.solver.status}, {plan_slots(outcome.plan)}"
     outcome.plan.save(output)
     if args.json:
         print_json({"plan_file": str(output), "plan": outcome.plan.to_dict(), "uniform_budget": outcome.uniform_budget,
