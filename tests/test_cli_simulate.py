@@ -74,10 +74,12 @@ def test_identical_runs_give_identical_bytes(capsys, files, tmp_path):
     tr, hw = files
     outs = []
     for i in range(2):
-        fig = tmp_path / f"f{i}.svg"
+        (tmp_path / str(i)).mkdir()
+        fig = tmp_path / str(i) / "f.svg"
         code, out, _ = cli(capsys, "compare", "--trace", tr, "--hw", hw, "--budget", "2", "--json", "--figure",
                            str(fig))
-        outs.append((out.replace(str(fig), "FIG"), fig.read_bytes()))
+        outs.append((out.replace(str(tmp_path / str(i)), "DIR"), fig.read_bytes(),
+                     fig.with_suffix(".html").read_bytes()))
     assert outs[0] == outs[1]
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from browser import check_page
 
 from tidesim.cli import main
 from tidesim.demo import DEFAULT_CASES, demo_profiles, run_demo, table_rows
@@ -51,6 +52,16 @@ def test_demo_writes_report(small_trace: Path, tmp_path: Path) -> None:
     assert summary[0]["best_baseline"] == best
     plan = json.loads((out / "plan_llada2-mini_h100-sxm-pcie5.json").read_text())
     assert len(plan["tau"]) == PRESETS["llada2-mini"].num_moe_layers
+    # the default-tau rule with a plan: the plan's best single tau, stated with its reason
+    assert r.tau == plan["calibration"]["best_single_tau"]
+    assert r.tau_reason.startswith(f"tau {r.tau}: the plan's best single tau")
+    assert summary[0]["plan"]["lagrangian_bound_s"] == plan["oracle_bound_s"]
+    # one page to open: per case the policy table and the plan table, every PNG, links to the rest
+    page = out / "index.html"
+    text = page.read_text()
+    assert 'href="timeline_llada2-mini_h100-sxm-pcie5.json"' in text and 'href="summary.json"' in text
+    assert 'href="plan_llada2-mini_h100-sxm-pcie5.json"' in text and "Lagrangian bound" in text
+    check_page(page, tmp_path / "browser", figures=4 * len(results), tables=2 * len(results))
 
 
 def test_demo_is_deterministic(small_trace: Path, tmp_path: Path) -> None:

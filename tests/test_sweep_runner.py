@@ -81,7 +81,7 @@ def test_one_row_per_point_every_input_and_metric_a_column(tmp_path):
     ok = df[df["error"].isna()]
     assert len(ok) == 6 and (ok["gpu_memory_gib"] == 80).all()
     # hand-computed: 10 x typical pinned bandwidth of the generation + tau
-    expected = ok["pcie_gen"].map({3: 12.0, 4: 25.0, 5: 50.0}) * 10 + ok["tau"]
+    expected = ok["pcie_gen"].map({3: 12.0, 4: 25.0, 5: 50.0}) * 10 + ok["tau"].astype(int)   # a number or "best"
     assert np.allclose(ok["tokens_per_s"], expected)
     bad = df[df["error"].notna()]
     assert len(bad) == 6 and report.errors == 6
@@ -236,10 +236,15 @@ def test_real_evaluation_matches_a_direct_run(tmp_path):
     workload = workload_from_trace(read_trace(traces[0]))
     hw = build_hardware(point.params)
     layers = workload.num_layers
-    schedule = build_schedule("tide", workload, PolicyOptions(budget=uniform(6, layers), tau=uniform(2, layers),
+    row = df[df["point_id"] == point.id].iloc[0]
+    # the grid leaves tau at its default, `best`: the default-tau rule of every command
+    from tidesim.default_tau import best_tau
+
+    tau = best_tau(workload, hw, 6, "sync").tau
+    assert row["tau"] == "best" and row["tau_used"] == tau
+    schedule = build_schedule("tide", workload, PolicyOptions(budget=uniform(6, layers), tau=uniform(tau, layers),
                                                               hw=hw))
     direct = run(workload, schedule, hw, engine="sim")
-    row = df[df["point_id"] == point.id].iloc[0]
     assert row["tokens_per_s"] == direct.tokens_per_s and row["total_time_s"] == direct.total_time_s
     assert row["h2d_bytes"] == direct.h2d_bytes and row["cpu_tokens"] == direct.cpu_tokens
     # a second sweep into the same folder reuses the cached trace and gives the same bytes

@@ -24,13 +24,14 @@ from tidesim.atomic import write_text
 from tidesim.budget import TIDE_MAX_EXPERTS_PER_LAYER, budget_for_memory, memory_for_budget
 from tidesim.bundled.paths import resolve_trace
 from tidesim.cli.output import to_jsonable
+from tidesim.default_tau import CANDIDATE_TAUS, plan_tau
 from tidesim.demo_figures import tau_figure, throughput_figure, timeline_figure
 from tidesim.hardware import HardwareProfile, bundled_profiles, get_profile, load_profile
 from tidesim.metrics import Metrics
 from tidesim.plan import Plan
 from tidesim.planner import make_plan, split_prompts
 from tidesim.policies import PolicyOptions, build_schedule, policy_names, uniform
-from tidesim.report import Comparison, breakdown_figure, compare, kind_of
+from tidesim.report import Comparison, breakdown_figure, compare, kind_of, plan_slots
 from tidesim.run import run
 from tidesim.sim.timeline import Timeline
 from tidesim.trace.io import read_trace
@@ -39,7 +40,7 @@ from tidesim.workload import Workload, workload_from_trace
 
 DEFAULT_CASES = (("llada2-mini", "llada2-mini_none_g1024"), ("llada2-flash", "llada2-flash_none_g256"))
 DEFAULT_PROFILE = "h100-sxm-pcie5"
-PLAN_TAUS = [1, 2, 3, 4, 6, 8, 12, 16]
+PLAN_TAUS = list(CANDIDATE_TAUS)      # the same candidates as the default-tau rule of every command
 # Per-layer budget candidates around the TIDE budget u (the planner's default grid runs u/4..2u;
 # the demo keeps the part of it that the plans actually use, to stay within a minute).
 PLAN_BUDGET_FACTORS = (0.5, 0.75, 0.875, 1.0, 1.125, 1.25, 1.5)
@@ -55,6 +56,7 @@ class CaseResult:
     hw: str
     budget: int
     tau: int
+    tau_reason: str
     prompts: list[int]
     comparison: Comparison
     plan: Plan
@@ -104,7 +106,8 @@ def run_case(model_name: str, trace_name: str, hw: HardwareProfile, out: Path,
                         budgets=budgets)
     tag = f"{model_name}_{hw.name}"
     outcome.plan.save(out / f"plan_{tag}.json")
-    tau = min(outcome.tau_sweep, key=lambda t: (outcome.tau_sweep[t], t))
+    choice = plan_tau(outcome.plan)      # the one default-tau rule: with a plan, the plan's best single tau
+    tau = choice.tau
     held_w = workload.select_prompts(held or calib)
     metrics = []
     for policy in policy_names():
@@ -115,14 +118,16 @@ def run_case(model_name: str, trace_name: str, hw: HardwareProfile, out: Path,
     tau_tps = tau_sweep(held_w, hw, budget)
     tau_hit = hit_ratio_vs_tau(held_w, budget, PLAN_TAUS)
     result = CaseResult(model=model_name, trace=trace_name, hw=hw.name, budget=budget, tau=tau,
-                        prompts=held or calib, comparison=comparison, plan=outcome.plan,
+                        tau_reason=choice.line, prompts=held or calib, comparison=comparison, plan=outcome.plan,
                         tau_tokens_per_s=tau_tps, tau_hit_ratio=tau_hit)
     step(f"{model_name}: figures")
-    title = f"{model_name}, {hw.name}, budget {budget}/layer, tau {tau} (held-out prompts {result.prompts})"
+    setting = f"{model_name}, {hw.name}, budget {budget}/layer, held-out prompts {result.prompts}"
+    title = f"{setting}; tide and tide-reference at tau {tau}"
     result.figures = [
         str(throughput_figure(comparison, out / f"throughput_{tag}.png", title)),
         str(breakdown_figure(comparison, out / f"breakdown_{tag}.png", title)),
-        str(tau_figure(tau_tps, tau_hit, out / f"tau_{tag}.png", title)),
+        str(tau_figure(tau_tps, tau_hit, out / f"tau_{tag}.png", f"tide against the refresh interval: {setting}",
+                       chosen=tau)),
         *timeline_excerpt(held_w, hw, budget, tau, out, tag),
     ]
     return result
@@ -182,6 +187,7 @@ def result_json(result: CaseResult) -> dict[str, Any]:
     plan = result.plan
     return {
         "model": result.model, "trace": result.trace, "hw": result.hw, "budget": result.budget, "tau": result.tau,
+        "tau_reason": result.tau_reason,
         "heldout_prompts": result.prompts, "best_baseline": result.comparison.best_baseline,
         "policies": [
             {"policy": m.policy, "kind": kind_of(m), "tokens_per_s": m.tokens_per_s,
@@ -190,8 +196,9 @@ def result_json(result: CaseResult) -> dict[str, Any]:
              "total_time_s": m.total_time_s, "feasible": m.feasible}
             for m in result.comparison.metrics
         ],
-        "plan": {"tau": plan.tau, "budget": plan.budget, "objective_s": plan.objective_s,
-                 "oracle_bound_s": plan.oracle_bound_s, "gap": plan.gap, "solver_status": plan.solver.status},
+        "plan": {"tau": plan.tau, "budget": plan.budget, "expert_slots": plan_slots(plan),
+                 "objective_s": plan.objective_s, "lagrangian_bound_s": plan.oracle_bound_s, "gap": plan.gap,
+                 "solver_status": plan.solver.status},
         "tau_tokens_per_s": result.tau_tokens_per_s, "tau_hit_ratio": result.tau_hit_ratio,
         "figures": [Path(f).name for f in result.figures],
     }
@@ -220,4 +227,58 @@ def run_demo(out: Path, step: Callable[[str], None] = lambda _: None,
             results = [f.result() for f in futures]
     write_text(out / "summary.json", json.dumps(to_jsonable([result_json(r) for r in results]), indent=2,
                                                 sort_keys=True) + "\n")
+    write_index(out, results)
     return results
+
+
+FOOTNOTES = [
+    "speedup: tokens/s over the best baseline (full-swap, cpu-routing, fiddler); bounds are limits, not "
+    "deployable policies; bound tok/s: no schedule beats the busiest resource.",
+    "oracle (a row of the table) is a policy that knows each forward's routing in advance and prefetches for "
+    "free: an upper limit on what any expert placement can reach with this budget.",
+    "Lagrangian bound (in the plan line) is the planner's lower bound on the time of any interval-refresh "
+    "schedule with the plan's budgets; the gap says how far the plan could still improve within TIDE's method.",
+]
+
+
+def case_lines(r: CaseResult) -> list[str]:
+    """What the demo says about one case, under its table (the command and the HTML page alike)."""
+    plan = r.plan
+    lines = [f"trace {r.trace}, held-out prompts {r.prompts}, budget {r.budget} experts/layer (as the public TIDE "
+             f"code sizes it); {r.tau_reason}"]
+    tide = r.comparison.by_policy("tide")
+    best = r.comparison.best_baseline
+    if tide and best:
+        lines.append(f"tide vs best baseline ({best}): {r.comparison.speedup(tide):.2f}x; "
+                     + ", ".join(f"vs {b}: {r.comparison.speedup_over('tide', b):.2f}x"
+                                 for b in ("full-swap", "cpu-routing", "fiddler") if r.comparison.by_policy(b)))
+    gap = f", gap to the Lagrangian bound {100 * plan.gap:.1f}%" if plan.gap is not None else ""
+    lines.append(f"plan: {plan.mode}, tau {min(plan.tau)}..{max(plan.tau)}, budget {min(plan.budget)}.."
+                 f"{max(plan.budget)} per layer ({plan_slots(plan)}), solver {plan.solver.status}{gap}")
+    return lines
+
+
+def write_index(out: Path, results: list[CaseResult]) -> Path:
+    """index.html of the report folder: per case the table, the figures, the plan and the timeline."""
+    from tidesim.html_report import Link, Report, Section, Table, timeline_link, write_report
+
+    sections = []
+    for r in results:
+        tag = f"{r.model}_{r.hw}"
+        names = [Path(f).name for f in r.figures]
+        plan = r.plan
+        sections.append(Section(
+            r.label, paragraphs=case_lines(r),
+            tables=[Table(TABLE_COLUMNS, table_rows(r), "policies (simulated, held-out prompts)")],
+            figures=[n for n in names if n.endswith(".png")],
+            links=[timeline_link(n) for n in names if n.endswith(".json")]))
+        sections.append(Section(
+            f"{r.label}: the per-layer plan",
+            tables=[Table(["MoE layer", "tau", "budget"],
+                          [[i, t, b] for i, (t, b) in enumerate(zip(plan.tau, plan.budget, strict=True))],
+                          f"{plan_slots(plan)}")],
+            links=[Link(f"plan_{tag}.json", f"plan_{tag}.json", "the plan file, for tidesim simulate --plan")]))
+    sections.append(Section("files", links=[Link("summary.json", "summary.json", "every number above, as JSON")]))
+    report = Report("tidesim demo: expert-offload policies on the bundled LLaDA2.0 traces",
+                    intro=FOOTNOTES, sections=sections)
+    return write_report(report, out)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from tidesim.cli.output import format_table, print_json, progress
+from tidesim.cli.output import announce, format_table, print_json, progress
+from tidesim.html_report import Link, Report, Section, Table, write_report
 from tidesim.sweep.figures import speedup_table, write_figures
 from tidesim.sweep.grid import load_grid
 from tidesim.sweep.runner import EXECUTORS, SweepPaths, SweepReport, run_sweep
@@ -39,18 +41,25 @@ def run(args: argparse.Namespace) -> int:
     grid = load_grid(args.grid)
     if args.dry_run:
         return _dry_run(grid.points, grid.axes, args.json)
-    report = run_sweep(grid, args.output, executor=args.executor, workers=args.workers, scheduler=args.scheduler,
-                       fresh=args.fresh, progress=lambda items, desc, total: progress(items, desc, total))
+    with announce("sweep", f"{grid.name}: {len(grid.points)} points into {args.output}") as done:
+        report = run_sweep(grid, args.output, executor=args.executor, workers=args.workers,
+                           scheduler=args.scheduler, fresh=args.fresh,
+                           progress=lambda items, desc, total: progress(items, desc, total))
+        done.summary = f"{report.evaluated} evaluated, {report.reused} resumed, {report.errors} with an error"
     figures = [] if args.no_figures else write_figures(pd.read_parquet(report.results),
                                                       SweepPaths(report.results).figures)
     summary = _summary(report)
+    headline = (f"{grid.name}: {report.points} points ({report.evaluated} evaluated, {report.reused} resumed, "
+                f"{report.errors} with an error), {report.traces_made} traces synthesized")
+    page = write_page(SweepPaths(report.results).figures, Path(report.results), headline, summary, figures) \
+        if figures else None
     if args.json:
         print_json({"results": str(report.results), "figures": [str(f) for f in figures],
                     "points": report.points, "evaluated": report.evaluated, "reused": report.reused,
-                    "errors": report.errors, "traces_synthesized": report.traces_made, "policies": summary})
+                    "errors": report.errors, "traces_synthesized": report.traces_made, "policies": summary,
+                    "report": str(page) if page else None})
         return 0
-    print(f"{grid.name}: {report.points} points ({report.evaluated} evaluated, {report.reused} resumed, "
-          f"{report.errors} with an error), {report.traces_made} traces synthesized")
+    print(headline)
     if summary:
         cols = list(summary[0])
         print(format_table(cols, [[row[c] for c in cols] for row in summary]))
@@ -60,7 +69,22 @@ def run(args: argparse.Namespace) -> int:
     print(f"results: {report.results}")
     if figures:
         print(f"figures: {SweepPaths(report.results).figures}/ ({', '.join(f.name for f in figures)})")
+        print(f"report page: {page}")
     return 0
+
+
+def write_page(folder: Path, results: Path, headline: str, summary: list[dict[str, Any]],
+               figures: list[Path]) -> Path:
+    """index.html in the figures folder: the summary table, every figure, a link to the results."""
+    cols = list(summary[0]) if summary else []
+    rel = os.path.relpath(results, folder)
+    section = Section("summary per policy", paragraphs=[
+        headline, "speedup: the best tide (or planned) tokens/s over the best baseline at each setting; "
+                  "figures hold the axes they do not show at the grid's first point (said in each title)."],
+        tables=[Table(cols, [[row[c] for c in cols] for row in summary])] if summary else [],
+        figures=[f.name for f in figures],
+        links=[Link(rel, results.name, "one row per point, every input and metric a column (pandas.read_parquet)")])
+    return write_report(Report(f"tidesim sweep: {headline.split(':')[0]}", sections=[section]), folder)
 
 
 def _summary(report: SweepReport) -> list[dict[str, Any]]:

@@ -40,7 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"policies to validate (default {DEFAULT_POLICIES})")
     p.add_argument("--budgets", default=None, metavar="B1,B2",
                    help="GPU expert slots per MoE layer (default: half the experts)")
-    p.add_argument("--taus", default="2,4", metavar="T1,T2", help="refresh intervals for tide policies (2,4)")
+    p.add_argument("--taus", default=None, metavar="T1,T2",
+                   help="refresh intervals for tide policies (default: one, by the rule of every command: the "
+                        "plan's best single tau with --plan, else the analytic best for this trace and profile)")
     p.add_argument("--refresh", choices=REFRESH_MODES, default="sync", help="tide refresh copies (sync)")
     p.add_argument("--plan", metavar="FILE", help="also validate the planned policy with this plan")
     p.add_argument("--layers", type=int, default=None, metavar="N",
@@ -120,7 +122,16 @@ def run(args: argparse.Namespace) -> int:
     device = select_device(args.device, args.cpu_workers or hw.cpu.workers)
     experts = workload.num_experts
     budgets = int_list(args.budgets, "--budgets") if args.budgets else [experts // 2]
-    taus = int_list(args.taus, "--taus")
+    tau_choice = None
+    if args.taus is not None:
+        taus = int_list(args.taus, "--taus")
+    elif {"tide", "tide-reference"} & set(policies) and 0 <= budgets[0] <= experts:   # else check_inputs says why
+        from tidesim.default_tau import choose_tau
+
+        tau_choice = choose_tau(workload, hw, budgets[0], args.refresh, plan=plan)
+        taus = [tau_choice.tau]
+    else:
+        taus = [1]      # no policy here refreshes on an interval
     configs = configurations([p for p in policies if p != "planned"], budgets, taus, args.refresh, experts)
     if plan is not None:
         configs.append(Config("planned", max(plan.budget[:workload.num_layers]), None, plan.refresh))
@@ -142,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
                        "the whole model runs",
         "hw": hw.name, "hw_provenance": hw.provenance.kind, "device": device.describe(),
         "repeats": args.repeats, "seed": args.seed, "seconds": round(elapsed, 1),
+        "tau_choice": tau_choice.to_dict() if tau_choice else None,
     }
     result = {"setup": setup, "summary": stats, "rows": rows,
               "configurations": [{"config": o.config.label, "predicted": o.predicted.to_dict(),
@@ -155,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"validated {len(configs)} configurations on {device.describe()} in {elapsed:.0f} s; "
           f"{setup['layers_note']}")
+    if tau_choice is not None:
+        print(tau_choice.line)
     cols = ["config", "predicted_step_ms", "measured_step_ms", "error", "hit_ratio", "expert_copies"]
     heads = ["configuration", "predicted ms", "measured ms", "error", "hit ratio", "copies"]
     print(format_table(heads, [[r[c] for c in cols] for r in rows]))
@@ -176,6 +190,25 @@ def write_results(out: Path, result: dict[str, Any], outcomes: list[Any], figure
         (tmp / "results.json").write_text(json.dumps(to_jsonable(result), indent=2, sort_keys=True) + "\n")
         pd.DataFrame(result["rows"]).to_parquet(tmp / "results.parquet", index=False)
         figure(outcomes, tmp / "predicted_vs_measured.png", title)
+        write_page(tmp, result, title)
         out.mkdir(parents=True, exist_ok=True)
-        for f in ("results.json", "results.parquet", "predicted_vs_measured.png"):
+        for f in ("results.json", "results.parquet", "predicted_vs_measured.png", "index.html"):
             shutil.move(str(tmp / f), str(out / f))
+
+
+def write_page(folder: Path, result: dict[str, Any], title: str) -> Path:
+    """index.html of the results folder: the configurations table, the figure, the files."""
+    from tidesim.html_report import Link, Report, Section, Table, write_report
+
+    cols = ["config", "predicted_step_ms", "measured_step_ms", "error", "hit_ratio", "expert_copies"]
+    heads = ["configuration", "predicted ms", "measured ms", "error", "hit ratio", "copies"]
+    stats = result["summary"]
+    section = Section("predicted vs measured", paragraphs=[
+        f"{result['setup']['device']}; {result['setup']['layers_note']}",
+        f"median |error| {stats['median_abs_error']:.1%}, max {stats['max_abs_error']:.1%}; "
+        "error = (predicted - measured) / measured step time"],
+        tables=[Table(heads, [[r[c] for c in cols] for r in result["rows"]])],
+        figures=["predicted_vs_measured.png"],
+        links=[Link("results.json", "results.json", "everything, including both sides' metrics"),
+               Link("results.parquet", "results.parquet", "one row per configuration")])
+    return write_report(Report(f"tidesim validate: {title}", sections=[section]), folder)

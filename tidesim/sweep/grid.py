@@ -31,7 +31,7 @@ from tidesim.errors import InputError, parse_yaml, read_input_text
 from tidesim.models import PRESETS, ModelSpec
 from tidesim.plan import file_fingerprint
 
-# Typical pinned host-to-device bandwidth of an x16 link per PCIe generation (reference.md).
+# Typical pinned host-to-device bandwidth of an x16 link per PCIe generation (docs/sources.md).
 PCIE_GEN_GBS = {3: 12.0, 4: 25.0, 5: 50.0}
 KV_CACHE_MODES = ("none", "prefix")
 REFRESH_MODES = ("sync", "async")
@@ -85,7 +85,9 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("cpu_mem_bw_scale", "float", 1.0, "hardware", "factor on CPU memory bandwidth",
           low=0.0, low_open=True),
     Param("policy", "str", "tide", "policy", "offload policy (see `tidesim compare`), or `planned`"),
-    Param("tau", "int", 2, "policy", "refresh interval in denoising steps", low=1),
+    Param("tau", "int", "best", "policy",
+          "refresh interval in denoising steps, or `best`: the best single tau for the point by the analytic "
+          "model (the default of every command)", low=1, words=("best",)),
     Param("refresh", "str", "sync", "policy", "refresh copies block the step or overlap",
           choices=REFRESH_MODES),
     Param("budget", "int", "memory", "policy",

@@ -99,7 +99,7 @@ def evaluate_point(point: Point, cache_dir: Path) -> Evaluation:
             slots = budget_for_memory(model, hw.gpu.memory_gib, cap)
         else:
             slots = int(p["budget"])
-        tau, budget = uniform(p["tau"], layers), uniform(slots, layers)
+        tau, budget = uniform(point_tau(p, workload, hw, slots), layers), uniform(slots, layers)
         policy = p["policy"]
     derived["budget_used"] = float(np.mean(budget))
     derived["tau_used"] = float(np.mean(tau))
@@ -109,6 +109,19 @@ def evaluate_point(point: Point, cache_dir: Path) -> Evaluation:
     metrics = run(workload, schedule, hw, engine=p["engine"], check=fresh)
     metrics.policy = policy
     return Evaluation(metrics=metrics, derived=derived)
+
+
+def point_tau(p: dict[str, Any], workload: Workload, hw: HardwareProfile, slots: int) -> int:
+    """The point's tau; `best` follows the default-tau rule of every command (tidesim.default_tau):
+    the analytic best single tau for this workload, profile, budget and refresh mode. Policies that
+    do not refresh on an interval ignore tau, so they skip the search."""
+    if p["tau"] != "best":
+        return int(p["tau"])
+    if p["policy"] not in ("tide", "tide-reference"):
+        return 1
+    from tidesim.default_tau import best_tau
+
+    return best_tau(workload, hw, slots, p["refresh"]).tau
 
 
 PLAN_TAUS = list(range(1, 33))      # the candidate intervals the planner chooses from (TIDE swept 1..31)
