@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from tidesim.cli.guard import Output, declare_outputs
 from tidesim.cli.output import format_table, print_json, progress
 from tidesim.errors import InputError
 from tidesim.models import ModelSpec, get_model
@@ -45,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="profile to write (.yaml)")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of a table")
     p.set_defaults(func=run)
+    declare_outputs(p, Output("output", "--output", (".yaml", ".yml")))
 
 
 def parse_models(text: str) -> list[ModelSpec]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from tidesim.cli.guard import Output, declare_outputs
 from tidesim.cli.output import format_table, print_json, progress
 from tidesim.cli.simulate_cmd import add_input_args, check_policies, load_setup, run_policy
 from tidesim.errors import InputError
@@ -33,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also run policy planned with this plan (`tidesim plan`); without it planned is left out")
     p.add_argument("--figure", metavar="FILE", help=f"stacked-bar figure ({', '.join(FIGURE_SUFFIXES)})")
     p.set_defaults(func=main)
+    declare_outputs(p, Output("figure", "--figure", FIGURE_SUFFIXES))
 
 
 def main(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from tidesim.bundled.paths import resolve_trace
+from tidesim.cli.guard import Output, declare_outputs
 from tidesim.cli.output import format_table, print_json, progress
 from tidesim.errors import InputError
 from tidesim.hardware import get_profile
@@ -41,6 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="plan file to write (JSON)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=main)
+    declare_outputs(p, Output("output", "--output", (".json",)))
 
 
 def main(args: argparse.Namespace) -> int:

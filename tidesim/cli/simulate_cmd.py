@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tidesim.budget import TIDE_MAX_EXPERTS_PER_LAYER, budget_for_memory
+from tidesim.cli.guard import Output, declare_outputs
 from tidesim.cli.output import format_table, print_json
 from tidesim.errors import InputError
 from tidesim.hardware import HardwareProfile, get_profile
@@ -180,6 +181,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                   "(from `tidesim plan`)")
     p.add_argument("--timeline", metavar="FILE", help="write a Chrome trace JSON of the run (simulator only)")
     p.set_defaults(func=main)
+    declare_outputs(p, Output("timeline", "--timeline", (".json",)))
 
 
 def main(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pandas as pd
 
+from tidesim.cli.guard import Output, declare_outputs
 from tidesim.cli.output import format_table, print_json, progress
 from tidesim.sweep.figures import speedup_table, write_figures
 from tidesim.sweep.grid import load_grid
@@ -33,6 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="check the grid and list its points; run nothing")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
+    declare_outputs(p, Output("output", "--output", (".parquet",)))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,11 +20,13 @@ from typing import Any
 import numpy as np
 
 from tidesim.cli.calibrate_cmd import require_runtime
+from tidesim.cli.guard import Output, declare_outputs
 from tidesim.cli.output import format_table, print_json, progress, to_jsonable
 from tidesim.errors import InputError
 from tidesim.policies.base import REFRESH_MODES
 
 DEFAULT_POLICIES = "cpu-routing,fiddler,tide,full-swap,all-gpu"
+RESULT_FILES = ("results.json", "results.parquet", "predicted_vs_measured.png")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -57,6 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, metavar="RESULTS_DIR", help="results folder")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
+    declare_outputs(p, Output("output", "--output", folder=True, contents=RESULT_FILES))
 
 
 def int_list(text: str, flag: str) -> list[int]:

@@ -149,6 +149,11 @@ class Grid:
     def __len__(self) -> int:
         return len(self.points)
 
+    def input_files(self) -> list[Path]:
+        """The files the grid reads: itself, and its fixed traces and profile files (not bundled names)."""
+        names = {self.source} | {str(p.params[k]) for p in self.points for k in ("trace", "hw") if p.params[k]}
+        return sorted(Path(n) for n in names if Path(n).is_file())
+
 
 # ----- loading ----------------------------------------------------------------------------------------
 def load_grid(path: str | Path, check_policies: bool = True) -> Grid:

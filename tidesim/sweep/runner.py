@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tidesim import __version__
-from tidesim.atomic import atomic_path, write_text
+from tidesim.atomic import atomic_path, check_output_path, write_text
 from tidesim.errors import InputError
 from tidesim.hardware import HardwareProfile, get_profile
 from tidesim.metrics import Metrics
@@ -528,8 +528,7 @@ def run_sweep(grid: Grid, results: str | Path, *, executor: str = "local", worke
               progress: Callable[[Iterable[Any], str, int], Iterable[Any]] | None = None) -> SweepReport:
     """Evaluate every point not already finished, then merge all rows into `results`."""
     paths = SweepPaths(Path(results))
-    if paths.results.exists() and paths.results.is_dir():
-        raise InputError(f"{paths.results}: is a folder; give a .parquet file name")
+    check_output_path(paths.results, flag="--output", inputs=grid.input_files())
     if fresh and paths.parts.exists():
         shutil.rmtree(paths.parts)
     workers = (os.cpu_count() or 1) if workers is None else workers
