@@ -1,0 +1,137 @@
+"""Bad input through the command line: exit status 2, one line on stderr, no traceback, and no new or
+changed file (issue #17's classes: outputs over inputs, unwritable outputs, nonsense traces and
+profiles, untrusted plans, absurd sizes, non-finite flags, loose ends)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from tidesim.cli import main
+from tidesim.models import PRESETS
+from tidesim.trace.io import write_trace
+from tidesim.trace.synth import SynthConfig, synthesize
+
+HW = "h100-sxm-pcie5"
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under folder with the sha256 of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+def refused(capsys: pytest.CaptureFixture[str], folder: Path, *args: str, expect: str = "") -> str:
+    """Run the command in `folder`; it must exit 2 with one stderr line and leave every file as it was."""
+    before = snapshot(folder)
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        code = main(list(args))
+    finally:
+        os.chdir(cwd)
+    err = capsys.readouterr().err
+    assert code == 2, f"{args}: exit {code}, stderr {err!r}"
+    assert err.count("\n") == 1 and err.startswith("tidesim: error: "), err
+    assert "Traceback" not in err and "Error)" not in err and "Error:" not in err.split("error:", 1)[1], err
+    assert expect in err, err
+    assert snapshot(folder) == before, f"{args} changed files"
+    return err
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with a small trace t.parquet and a stray plain file `afile`."""
+    folder = tmp_path_factory.mktemp("bad")
+    trace = synthesize(SynthConfig(model=PRESETS["tiny"], prompts=2, gen_length=16, block_length=8,
+                                   prompt_length=6, seed=1))
+    write_trace(trace, folder / "t.parquet")
+    (folder / "afile").write_text("not a folder\n")
+    (folder / "g.yaml").write_text(yaml.safe_dump({"parameters": {"trace": "t.parquet", "policy": "tide",
+                                                                  "budget": 4}}))
+    return folder
+
+
+# ----- 1 and 2: outputs ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, expect", [
+    (["plan", "--trace", "t.parquet", "--hw", HW, "--gpu-mem-gib", "20", "-o", "t.parquet"], ".json"),
+    (["simulate", "--trace", "t.parquet", "--hw", HW, "--policy", "tide", "--timeline", "t.parquet"], ".json"),
+    (["sweep", "g.yaml", "-o", "g.yaml"], ".parquet"),
+    (["trace", "synth", "-o", "x.txt"], "must end in one of .parquet"),
+    (["trace", "synth", "--model", "tiny", "-o", "afile/t.parquet"], "is a file, not a folder"),
+    (["plan", "--trace", "t.parquet", "--hw", HW, "--gpu-mem-gib", "20", "-o", "afile/p.json"], "not a folder"),
+    (["compare", "--trace", "t.parquet", "--hw", HW, "--figure", "afile/f.png"], "not a folder"),
+    (["sweep", "g.yaml", "-o", "afile/r.parquet"], "not a folder"),
+    (["demo", "-o", "afile"], "is a file, not a folder"),
+    (["demo", "-o", "afile/report"], "is a file, not a folder"),
+    (["calibrate", "-o", "afile/p.yaml"], "not a folder"),
+    (["simulate", "--trace", "t.parquet", "--hw", HW, "--policy", "tide", "--timeline", "."], "is a folder"),
+])
+def test_outputs_checked_before_work(capsys, work, args, expect) -> None:
+    refused(capsys, work, *args, expect=expect)
+
+
+def test_output_over_an_input_of_the_same_kind(capsys, work) -> None:
+    refused(capsys, work, "sweep", "g.yaml", "-o", "t.parquet", expect="would write over the input")
+    assert not (work / "t.parts").exists()
+    (work / "r").mkdir()
+    (work / "r" / "results.parquet").write_bytes((work / "t.parquet").read_bytes())
+    refused(capsys, work, "validate", "--trace", "r/results.parquet", "--hw", HW, "-o", "r",
+            expect="would write over the input")
+    (work / "r" / "results.parquet").unlink()
+    (work / "r").rmdir()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_unwritable_folder(capsys, work) -> None:
+    locked = work / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        refused(capsys, work, "trace", "synth", "--model", "tiny", "-o", "locked/t.parquet", expect="permission")
+    finally:
+        locked.chmod(0o700)
+        locked.rmdir()
+
+
+# ----- 3: traces -------------------------------------------------------------------------------------------
+def _mutated(work: Path, name: str, change) -> str:
+    table = pq.read_table(work / "t.parquet")
+    table = change(table)
+    pq.write_table(table, work / name)
+    return name
+
+
+def _set(table: pa.Table, column: str, array: pa.Array) -> pa.Table:
+    return table.set_column(table.column_names.index(column), column, array)
+
+
+def _tokens(table: pa.Table) -> list:
+    return table.column("tokens").to_pylist()
+
+
+@pytest.mark.parametrize("name, change, expect", [
+    ("float_tokens.parquet", lambda t: _set(t, "tokens", pa.array(_tokens(t), pa.float64())), "whole numbers"),
+    ("nan_tokens.parquet", lambda t: _set(t, "tokens", pa.array([float("nan") if i == 4 else v
+                                                                  for i, v in enumerate(_tokens(t))])),
+     "whole numbers"),
+    ("null_step.parquet", lambda t: _set(t, "step", pa.array([None if i == 5 else v for i, v in
+                                                              enumerate(t.column("step").to_pylist())], pa.int32())),
+     "row 5: column 'step' has a missing value"),
+    ("uneven_tokens.parquet", lambda t: _set(t, "tokens", pa.array([v + (i % 3 == 2) for i, v in
+                                                                    enumerate(_tokens(t))], pa.int32())),
+     "differs between its layer rows"),
+    ("text_step.parquet", lambda t: _set(t, "step", pa.array([str(v) for v in t.column("step").to_pylist()])),
+     "column 'step' must hold whole numbers, got text"),
+])
+def test_nonsense_traces_refused(capsys, work, name, change, expect) -> None:
+    path = _mutated(work, name, change)
+    refused(capsys, work, "trace", "stats", path, expect=expect)
+    refused(capsys, work, "simulate", "--trace", path, "--hw", HW, "--policy", "tide", expect=expect)
+    (work / path).unlink()
