@@ -135,3 +135,35 @@ def test_nonsense_traces_refused(capsys, work, name, change, expect) -> None:
     refused(capsys, work, "trace", "stats", path, expect=expect)
     refused(capsys, work, "simulate", "--trace", path, "--hw", HW, "--policy", "tide", expect=expect)
     (work / path).unlink()
+
+
+# ----- 4: profiles -------------------------------------------------------------------------------------------
+def _profile(work: Path, name: str, part: str, field: str, value: object) -> str:
+    from tidesim.hardware import get_profile
+
+    data = get_profile("a40-pcie4").to_dict()
+    data[part][field] = value
+    (work / name).write_text(yaml.safe_dump(data))
+    return name
+
+
+@pytest.mark.parametrize("part, field, value, expect", [
+    ("pcie", "h2d_gbs", float("nan"), "pcie.h2d_gbs: must be a finite number, got nan"),
+    ("gpu", "mem_bandwidth_gbs", float("inf"), "must be a finite number, got inf"),
+    ("pcie", "h2d_gbs", 1e300, "outside the plausible range"),
+    ("pcie", "d2h_gbs", 1e-300, "outside the plausible range"),
+    ("cpu", "workers", 2.5, "whole number"),
+])
+def test_nonsense_profiles_refused(capsys, work, part, field, value, expect) -> None:
+    name = _profile(work, "bad.yaml", part, field, value)
+    refused(capsys, work, "simulate", "--trace", "t.parquet", "--hw", name, "--policy", "tide", expect=expect)
+    refused(capsys, work, "hw", "show", name, expect=expect)
+    (work / name).unlink()
+
+
+def test_validate_refuses_a_nan_profile(capsys, work) -> None:
+    pytest.importorskip("torch")
+    name = _profile(work, "nan.yaml", "pcie", "h2d_gbs", float("nan"))
+    refused(capsys, work, "validate", "--trace", "t.parquet", "--hw", name, "--device", "cpu", "-o", "res",
+            expect="must be a finite number")
+    (work / name).unlink()
