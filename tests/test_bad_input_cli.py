@@ -167,3 +167,47 @@ def test_validate_refuses_a_nan_profile(capsys, work) -> None:
     refused(capsys, work, "validate", "--trace", "t.parquet", "--hw", name, "--device", "cpu", "-o", "res",
             expect="must be a finite number")
     (work / name).unlink()
+
+
+# ----- 5: plans ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def planned(work: Path) -> Path:
+    """A plan made from t.parquet on the H100 preset."""
+    from planner_cases import gib_for_slots
+
+    assert main(["plan", "--trace", str(work / "t.parquet"), "--hw", HW, "--gpu-mem-gib", str(gib_for_slots(24)),
+                 "--taus", "1,2", "--budgets", "4,8", "--oracle-iterations", "1", "-o",
+                 str(work / "plan.json"), "--json"]) == 0
+    return work / "plan.json"
+
+
+def test_plan_on_another_profile_or_trace(capsys, work, planned) -> None:
+    capsys.readouterr()
+    sim = ["simulate", "--trace", "t.parquet", "--plan", "plan.json", "--engine", "analytic"]
+    refused(capsys, work, *sim, "--hw", "a100-80gb-pcie4",
+            expect="made for hardware profile 'h100-sxm-pcie5' (sha256")
+    other = synthesize(SynthConfig(model=PRESETS["tiny"], prompts=2, gen_length=16, block_length=8,
+                                   prompt_length=6, seed=2))
+    write_trace(other, work / "other.parquet")
+    refused(capsys, work, "compare", "--trace", "other.parquet", "--hw", HW, "--plan", "plan.json",
+            "--policies", "planned", "--engine", "analytic", expect="made from trace")
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        assert main([*sim, "--hw", "a100-80gb-pcie4", "--force", "--json"]) == 0
+    finally:
+        os.chdir(cwd)
+    err = capsys.readouterr().err
+    assert err.startswith("tidesim: warning: the plan was made for hardware profile 'h100-sxm-pcie5'")
+    (work / "other.parquet").unlink()
+
+
+def test_plan_with_placeholder_fingerprints(capsys, work, planned) -> None:
+    import json
+
+    data = json.loads(planned.read_text())
+    data["fingerprints"]["trace_sha256"] = "0" * 64
+    (work / "zero.json").write_text(json.dumps(data))
+    refused(capsys, work, "simulate", "--trace", "t.parquet", "--hw", HW, "--plan", "zero.json",
+            expect="fingerprints.trace_sha256 is a placeholder")
+    (work / "zero.json").unlink()

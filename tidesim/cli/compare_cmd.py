@@ -7,7 +7,7 @@ import argparse
 
 from tidesim.cli.guard import Output, declare_outputs
 from tidesim.cli.output import format_table, print_json, progress
-from tidesim.cli.simulate_cmd import add_input_args, check_policies, load_setup, run_policy
+from tidesim.cli.simulate_cmd import add_input_args, check_policies, load_setup, run_policy, warn
 from tidesim.errors import InputError
 from tidesim.plan import load_plan
 from tidesim.policies.base import policy_names
@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="policies to run, space- or comma-separated (default: all)")
     p.add_argument("--plan", metavar="FILE",
                    help="also run policy planned with this plan (`tidesim plan`); without it planned is left out")
+    p.add_argument("--force", action="store_true",
+                   help="use --plan although it was made from another trace or hardware profile (warns)")
     p.add_argument("--figure", metavar="FILE", help=f"stacked-bar figure ({', '.join(FIGURE_SUFFIXES)})")
     p.set_defaults(func=main)
     declare_outputs(p, Output("figure", "--figure", FIGURE_SUFFIXES))
@@ -50,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"--figure must end in one of {', '.join(FIGURE_SUFFIXES)}")
     setup = load_setup(args, names)
     if plan is not None:
-        plan.check_model(setup.workload.model)
+        warn(plan.check_inputs(setup.workload.model, setup.trace, setup.hw, force=args.force))
         setup.plan = plan
     metrics, skipped = [], []
     for name in progress(names, desc="policies", total=len(names)):

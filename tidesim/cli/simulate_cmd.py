@@ -153,6 +153,12 @@ def _check_curves(hw: HardwareProfile, workload: Workload, policies: list[str]) 
                              "--allow-roofline")
 
 
+def warn(lines: list[str]) -> None:
+    """Warnings (a forced plan on other inputs) on stderr, one line each."""
+    for line in lines:
+        print(f"tidesim: warning: {line}", file=sys.stderr)
+
+
 def check_policies(names: list[str]) -> list[str]:
     known = policy_names()
     for name in names:
@@ -179,6 +185,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policy", metavar="P", help="offload policy (`tidesim compare` runs them all)")
     p.add_argument("--plan", metavar="FILE", help="run policy planned with this plan's per-layer tau and budget "
                                                   "(from `tidesim plan`)")
+    p.add_argument("--force", action="store_true",
+                   help="use --plan although it was made from another trace or hardware profile (warns)")
     p.add_argument("--timeline", metavar="FILE", help="write a Chrome trace JSON of the run (simulator only)")
     p.set_defaults(func=main)
     declare_outputs(p, Output("timeline", "--timeline", (".json",)))
@@ -194,7 +202,7 @@ def main(args: argparse.Namespace) -> int:
     check_policies([args.policy])
     setup = load_setup(args, [args.policy])
     if plan is not None:
-        plan.check_model(setup.workload.model)
+        warn(plan.check_inputs(setup.workload.model, setup.trace, setup.hw, force=args.force))
         setup.plan = plan
     if args.timeline and setup.engine != "sim":
         raise InputError("--timeline needs the simulator (--engine sim)")

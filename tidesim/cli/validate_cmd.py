@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -120,6 +121,9 @@ def run(args: argparse.Namespace) -> int:
     if args.layers is not None:
         workload = first_layers(workload, args.layers)
     hw = get_profile(args.hw)
+    if plan is not None:                  # this machine's profile is not the one planned for: say so
+        for line in plan.input_differences(trace_path, hw):
+            print(f"tidesim: warning: {line}", file=sys.stderr)
     device = select_device(args.device, args.cpu_workers or hw.cpu.workers)
     experts = workload.num_experts
     budgets = int_list(args.budgets, "--budgets") if args.budgets else [experts // 2]
