@@ -294,7 +294,8 @@ class HardwareProfile:
     # ----- variants for what-if studies ---------------------------------------------------
     def scaled(self, pcie: float = 1.0, gpu_speed: float = 1.0, cpu_cores: float = 1.0,
                cpu_mem_bw: float = 1.0, gpu_memory_gib: float | None = None) -> HardwareProfile:
-        """A what-if copy: bandwidths and speeds multiplied; measured curves scaled alike."""
+        """A what-if copy: bandwidths and speeds multiplied; measured curves scaled alike. The copy is
+        not range-checked (tests scale made-up profiles); check_ranges tells whether it is plausible."""
         data = self.to_dict()
         data["name"] = f"{self.name}*"
         g, p, c = data["gpu"], data["pcie"], data["cpu"]
@@ -319,7 +320,7 @@ class HardwareProfile:
         cpu_factor = min(cpu_cores, cpu_mem_bw)
         for ec in c["expert_ffn"]:
             ec["curve"]["time_us"] = [t / cpu_factor for t in ec["curve"]["time_us"]]
-        return profile_from_dict(data, source=self.name)
+        return profile_from_dict(data, source=self.name, plausible=False)
 
     # ----- (de)serialisation --------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -473,7 +474,9 @@ def check_ranges(prof: HardwareProfile, source: str) -> None:
             _in_range(getattr(obj, name), bounds, f"{source}.{part}.{name}")
 
 
-def profile_from_dict(data: Any, source: str = "profile") -> HardwareProfile:
+def profile_from_dict(data: Any, source: str = "profile", plausible: bool = True) -> HardwareProfile:
+    """A profile from its mapping, every field checked; `plausible` also checks RANGES (off only for
+    what-if variants made by `scaled`, whose callers check the result themselves)."""
     if not isinstance(data, dict):
         raise InputError(f"{source}: expected a YAML mapping at the top level")
     version = data.get("schema_version", SCHEMA_VERSION)
@@ -486,7 +489,8 @@ def profile_from_dict(data: Any, source: str = "profile") -> HardwareProfile:
     cpu = lambda d, w: _build(CPUProfile, d, w, {"expert_ffn": _expert_curves})  # noqa: E731
     prof = _build(HardwareProfile, data, source,
                   {"provenance": _provenance, "gpu": gpu, "pcie": pcie, "cpu": cpu})
-    check_ranges(prof, source)
+    if plausible:
+        check_ranges(prof, source)
     return prof
 
 

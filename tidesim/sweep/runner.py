@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from tidesim import __version__
 from tidesim.atomic import atomic_path, check_output_path, write_text
 from tidesim.errors import InputError
-from tidesim.hardware import HardwareProfile, get_profile
+from tidesim.hardware import HardwareProfile, check_ranges, get_profile
 from tidesim.metrics import Metrics
 from tidesim.models import ModelSpec
 from tidesim.policies.base import PolicyOptions
@@ -151,9 +151,11 @@ def pcie_factor(params: dict[str, Any], base: HardwareProfile) -> float:
 def build_hardware(params: dict[str, Any]) -> HardwareProfile:
     """The what-if variant of the point's base profile."""
     base = _base_profile(params["hw"])
-    return base.scaled(pcie=pcie_factor(params, base), gpu_speed=params["gpu_speed"],
-                       cpu_cores=params["cpu_cores_scale"], cpu_mem_bw=params["cpu_mem_bw_scale"],
-                       gpu_memory_gib=params["gpu_memory_gib"])
+    hw = base.scaled(pcie=pcie_factor(params, base), gpu_speed=params["gpu_speed"],
+                     cpu_cores=params["cpu_cores_scale"], cpu_mem_bw=params["cpu_mem_bw_scale"],
+                     gpu_memory_gib=params["gpu_memory_gib"])
+    check_ranges(hw, "the what-if hardware")            # out of the plausible ranges: an error row
+    return hw
 
 
 def hardware_columns(hw: HardwareProfile) -> dict[str, Any]:
