@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tidesim.budget import TIDE_MAX_EXPERTS_PER_LAYER, budget_for_memory
-from tidesim.cli.guard import Output, declare_outputs
+from tidesim.cli.guard import Output, declare_outputs, number
 from tidesim.cli.output import format_table, print_json
 from tidesim.errors import InputError
 from tidesim.hardware import HardwareProfile, get_profile
@@ -69,7 +69,7 @@ def add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hw", required=True, metavar="H", help="hardware profile name (`tidesim hw list`) or YAML path")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--budget", type=int, metavar="B", help="GPU expert slots per MoE layer")
-    group.add_argument("--gpu-mem-gib", type=float, metavar="G",
+    group.add_argument("--gpu-mem-gib", type=number(float, 0, 4096, low_open=True), metavar="G",
                        help="size the budget for this much GPU memory, as the TIDE code does "
                             "(default: the profile's GPU memory)")
     p.add_argument("--tau", type=int, default=DEFAULT_TAU, metavar="N",
@@ -97,7 +97,7 @@ def load_setup(args: argparse.Namespace, policies: list[str]) -> Setup:
     trace = read_trace(path)
     model = get_model(args.model) if args.model else None
     workload = workload_from_trace(trace, model)
-    if args.prompts:
+    if args.prompts is not None:              # an empty --prompts= is refused, not "all prompts"
         workload = workload.select_prompts(_prompt_ids(args.prompts, trace.prompt_ids))
     hw = get_profile(args.hw)
     if args.tau < 1:
@@ -114,8 +114,10 @@ def _prompt_ids(text: str, available: list[int]) -> list[int]:
         ids = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise InputError(f"--prompts must be comma-separated prompt ids, got {text!r}") from None
+    if not ids:
+        raise InputError("--prompts is empty; give prompt ids such as 0,1 or leave the flag out for all prompts")
     missing = [i for i in ids if i not in available]
-    if not ids or missing:
+    if missing:
         raise InputError(f"--prompts: prompt {missing[0] if missing else text!r} is not in the trace "
                          f"(it has {', '.join(map(str, available))})")
     return ids

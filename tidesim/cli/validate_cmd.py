@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     trace = read_trace(trace_path)
     workload = workload_from_trace(trace)
     full_model = workload.model
-    if args.prompts:
+    if args.prompts is not None:              # an empty --prompts= is refused, not "all prompts"
         ids = int_list(args.prompts, "--prompts")
         missing = [i for i in ids if i not in trace.prompt_ids]
         if missing:
