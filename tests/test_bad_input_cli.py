@@ -211,3 +211,63 @@ def test_plan_with_placeholder_fingerprints(capsys, work, planned) -> None:
     refused(capsys, work, "simulate", "--trace", "t.parquet", "--hw", HW, "--plan", "zero.json",
             expect="fingerprints.trace_sha256 is a placeholder")
     (work / "zero.json").unlink()
+
+
+# ----- 6 and 7: sizes and numbers ----------------------------------------------------------------------------
+@pytest.mark.parametrize("args, expect", [
+    (["trace", "synth", "--prompts", "1000000", "-o", "x.parquet"], "prompts 1,000,000 exceeds the limit"),
+    (["trace", "synth", "--gen-length", "1000000000", "-o", "x.parquet"], "gen-length 1,000,000,000 exceeds"),
+    (["trace", "synth", "--prompt-length", "1000000000", "-o", "x.parquet"], "prompt-length 1,000,000,000"),
+    (["trace", "synth", "--prompts", "5000", "--gen-length", "8192", "--block-length", "8", "-o", "x.parquet"],
+     "estimated forwards"),
+    (["plan", "--trace", "t.parquet", "--hw", HW, "--gpu-mem-gib", "inf", "-o", "p.json"], "finite number, got inf"),
+    (["plan", "--trace", "t.parquet", "--hw", HW, "--gpu-mem-gib", "20", "--time-limit", "nan", "-o", "p.json"],
+     "finite number, got nan"),
+    (["plan", "--trace", "t.parquet", "--hw", HW, "--gpu-mem-gib", "20", "--taus", "1..100000000", "-o", "p.json"],
+     "more than the limit"),
+    (["simulate", "--trace", "t.parquet", "--hw", HW, "--policy", "tide", "--gpu-mem-gib", "nan"], "finite"),
+    (["trace", "synth", "--threshold", "nan", "-o", "x.parquet"], "finite number, got nan"),
+])
+def test_absurd_sizes_and_numbers(capsys, work, args, expect) -> None:
+    refused(capsys, work, *args, expect=expect)
+
+
+def test_sweep_refuses_absurd_sizes_and_leaves_nothing(capsys, work) -> None:
+    (work / "gen.yaml").write_text(yaml.safe_dump({"parameters": {"gen_length": 1_000_000_000, "model": "tiny"}}))
+    refused(capsys, work, "sweep", "gen.yaml", "-o", "r.parquet", expect="must be <= 65536")
+    (work / "mill.yaml").write_text(yaml.safe_dump({"parameters": {"tau": {"from": 1, "to": 1000},
+                                                                   "gpu_speed": {"linspace": [0.5, 2, 1000]}}}))
+    refused(capsys, work, "sweep", "mill.yaml", "-o", "r.parquet", "--dry-run", expect="1,000,000 points")
+    (work / "gen.yaml").unlink()
+    (work / "mill.yaml").unlink()
+
+
+def test_dry_run_of_a_big_grid_is_a_summary(capsys, work) -> None:
+    (work / "big.yaml").write_text(yaml.safe_dump({"parameters": {
+        "trace": "t.parquet", "budget": 4, "tau": {"from": 1, "to": 101},
+        "policy": ["tide", "fiddler", "cpu-routing"]}}))
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        assert main(["sweep", "big.yaml", "-o", "r.parquet", "--dry-run"]) == 0
+    finally:
+        os.chdir(cwd)
+    out = capsys.readouterr().out
+    assert "303 points" in out and len(out.splitlines()) < 10
+    assert "1, 2, 3, 4, ..., 99, 100, 101" in out
+    (work / "big.yaml").unlink()
+
+
+def test_memory_estimate_refuses_what_does_not_fit() -> None:
+    from tidesim.errors import InputError
+    from tidesim.limits import check_synth, synth_estimate
+
+    mini = PRESETS["llada2-mini"]
+    est = synth_estimate(mini, 4, 256, 32, 300, "prefix")
+    # 4 prompts x 8 blocks x (13 steps + commit) + 4 prefills; counts 16 B, routing arrays 24 B per value
+    assert est.forwards == 4 * (8 * 14 + 1)
+    layers, experts = mini.num_moe_layers, mini.num_experts
+    assert est.bytes == est.forwards * layers * experts * 16 + 300 * layers * experts * 24
+    assert check_synth(mini, 4, 256, 32, 300, "prefix", available=2**40) == est
+    with pytest.raises(InputError, match=r"needs about .* of memory, more than this machine has available"):
+        check_synth(mini, 4, 256, 32, 300, "prefix", available=est.bytes)

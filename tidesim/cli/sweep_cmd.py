@@ -91,7 +91,12 @@ def _summary(report: SweepReport) -> list[dict[str, Any]]:
     return out
 
 
+DRY_RUN_LIST = 200      # a dry run lists up to this many points; a bigger grid gets a summary
+
+
 def _dry_run(points: list[Any], axes: list[str], as_json: bool) -> int:
+    if len(points) > DRY_RUN_LIST:
+        return _dry_run_summary(points, axes, as_json)
     if as_json:
         print_json([{"point_id": p.id, **p.params} for p in points])
         return 0
@@ -99,6 +104,24 @@ def _dry_run(points: list[Any], axes: list[str], as_json: bool) -> int:
     print(format_table(cols, [[p.id, *[_cell(p.params[a]) for a in axes]] for p in points]))
     print(f"{len(points)} points")
     return 0
+
+
+def _dry_run_summary(points: list[Any], axes: list[str], as_json: bool) -> int:
+    """A big grid: how many points, and the values of each axis (first and last few), not every point."""
+    values = {a: list(dict.fromkeys(_cell(p.params[a]) for p in points)) for a in axes}
+    if as_json:
+        print_json({"points": len(points), "axes": values})
+        return 0
+    rows = [[a, len(v), _shorten(v)] for a, v in values.items()]
+    print(format_table(["axis", "values", "which"], rows))
+    print(f"{len(points):,} points (more than {DRY_RUN_LIST}: axes shown, not every point; --json gives the "
+          "axes' values)")
+    return 0
+
+
+def _shorten(values: list[Any]) -> str:
+    shown = [str(v) for v in values]
+    return ", ".join(shown) if len(shown) <= 8 else ", ".join([*shown[:4], "...", *shown[-3:]])
 
 
 def _cell(value: Any) -> Any:

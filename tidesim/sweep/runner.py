@@ -16,6 +16,7 @@ distributed cluster. All run the same function on the same points, so results ar
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -538,22 +539,32 @@ def run_sweep(grid: Grid, results: str | Path, *, executor: str = "local", worke
     by_id = {p.id: p for p in grid.points}
     done = read_parts(paths.parts, set(by_id))
     todo = [p for p in grid.points if p.id not in done]
-    paths.parts.mkdir(parents=True, exist_ok=True)    # RESULTS.traces/ appears when a trace is synthesized
     show = progress or (lambda items, desc, total: items)
     made = 0
     if todo:
-        with make_executor(executor, workers, scheduler) as ex:
-            made = _prepare_traces(ex, todo, paths.traces, evaluator, show)
-            rows = ex.unordered(evaluate_row, todo, paths.traces, evaluator)
-            for row in show(rows, "sweep", len(todo)):
-                write_text(paths.parts / f"{row['point_id']}.json", json.dumps(row, sort_keys=True))
-                done[row["point_id"]] = row
+        try:
+            with make_executor(executor, workers, scheduler) as ex:
+                paths.parts.mkdir(parents=True, exist_ok=True)   # RESULTS.traces/ appears when a trace is made
+                made = _prepare_traces(ex, todo, paths.traces, evaluator, show)
+                rows = ex.unordered(evaluate_row, todo, paths.traces, evaluator)
+                for row in show(rows, "sweep", len(todo)):
+                    write_text(paths.parts / f"{row['point_id']}.json", json.dumps(row, sort_keys=True))
+                    done[row["point_id"]] = row
+        except BaseException:
+            _remove_if_empty(paths.parts)      # finished points stay for a resume; an empty folder goes
+            _remove_if_empty(paths.traces)
+            raise
     all_rows = [done[p.id] for p in grid.points]
     write_results(all_rows, grid, paths.results)
     shutil.rmtree(paths.parts, ignore_errors=True)
     return SweepReport(results=paths.results, points=len(grid.points), evaluated=len(todo),
                        reused=len(grid.points) - len(todo), errors=sum(1 for r in all_rows if r.get("error")),
                        traces_made=made, rows=all_rows)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        folder.rmdir()                          # only succeeds when empty
 
 
 def _prepare_traces(ex: InlineExecutor | LocalExecutor | DaskExecutor, todo: list[Point], cache_dir: Path,
