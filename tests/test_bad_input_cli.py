@@ -271,3 +271,22 @@ def test_memory_estimate_refuses_what_does_not_fit() -> None:
     assert check_synth(mini, 4, 256, 32, 300, "prefix", available=2**40) == est
     with pytest.raises(InputError, match=r"needs about .* of memory, more than this machine has available"):
         check_synth(mini, 4, 256, 32, 300, "prefix", available=est.bytes)
+
+
+# ----- 9: interrupts and unreachable schedulers (kill -9 of a sweep: tests/test_procs.py) ---------------------
+def test_dask_scheduler_that_answers_nothing(capsys, work, monkeypatch) -> None:
+    pytest.importorskip("distributed")
+    import socket
+
+    from tidesim.sweep import runner
+
+    monkeypatch.setattr(runner, "DASK_CONNECT_TIMEOUT_S", 1.0)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)
+    address = f"tcp://127.0.0.1:{silent.getsockname()[1]}"
+    try:
+        refused(capsys, work, "sweep", "g.yaml", "-o", "r.parquet", "--executor", "dask", "--scheduler", address,
+                expect=f"the Dask scheduler '{address}' did not answer within 1 s")
+    finally:
+        silent.close()

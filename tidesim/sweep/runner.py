@@ -41,6 +41,7 @@ from tidesim.hardware import HardwareProfile, check_ranges, get_profile
 from tidesim.metrics import Metrics
 from tidesim.models import ModelSpec
 from tidesim.policies.base import PolicyOptions
+from tidesim.procs import die_with_parent
 from tidesim.schedule import Schedule
 from tidesim.sweep.grid import PARAMS, PCIE_GEN_GBS, PLANNED, Grid, Point
 from tidesim.workload import Workload
@@ -391,10 +392,12 @@ class InlineExecutor:
 
 
 class LocalExecutor:
-    """A process pool on this machine; results come back as they finish."""
+    """A process pool on this machine; results come back as they finish. Its workers end with this
+    process, even when it is killed with SIGKILL (tidesim.procs)."""
 
     def __init__(self, workers: int) -> None:
-        self.pool = ProcessPoolExecutor(max_workers=workers)
+        self.pool = ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent,
+                                        initargs=(os.getpid(),))
         self.workers = workers
 
     def __enter__(self) -> LocalExecutor:
@@ -420,6 +423,29 @@ class LocalExecutor:
                     pending.add(self.pool.submit(fn, nxt, *args))
 
 
+DASK_CONNECT_TIMEOUT_S = 10.0
+
+
+def check_scheduler(address: str, timeout_s: float) -> None:
+    """InputError unless a Dask scheduler at `address` answers an identity request within timeout_s
+    (the Client itself can wait forever on an address that accepts and says nothing)."""
+    import asyncio
+
+    from distributed.core import rpc
+
+    async def identity() -> Any:
+        async with rpc(address) as remote:
+            return await remote.identity()
+
+    try:
+        info = asyncio.run(asyncio.wait_for(identity(), timeout_s))
+    except Exception:          # refused, timed out, garbage from something that is not a scheduler
+        info = None
+    if not isinstance(info, dict):
+        raise InputError(f"the Dask scheduler {address!r} did not answer within {timeout_s:g} s; check the address "
+                         "and that the scheduler runs")
+
+
 class DaskExecutor:
     """A Dask distributed cluster: an existing scheduler, or a local cluster started here."""
 
@@ -429,9 +455,11 @@ class DaskExecutor:
         except ImportError:
             raise InputError("the dask executor needs dask[distributed]: pip install 'tidesim[dask]'") from None
         self.cluster = None
+        if scheduler:
+            check_scheduler(scheduler, DASK_CONNECT_TIMEOUT_S)
         try:
             if scheduler:
-                self.client = Client(scheduler, timeout=30)
+                self.client = Client(scheduler, timeout=DASK_CONNECT_TIMEOUT_S)
             else:
                 self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                             dashboard_address=None)
