@@ -290,3 +290,49 @@ def test_dask_scheduler_that_answers_nothing(capsys, work, monkeypatch) -> None:
                 expect=f"the Dask scheduler '{address}' did not answer within 1 s")
     finally:
         silent.close()
+
+
+# ----- 8 and 10: loose ends --------------------------------------------------------------------------------------
+def test_empty_prompts_refused(capsys, work) -> None:
+    refused(capsys, work, "simulate", "--trace", "t.parquet", "--hw", HW, "--policy", "tide", "--prompts=",
+            expect="--prompts is empty")
+    refused(capsys, work, "plan", "--trace", "t.parquet", "--hw", HW, "--gpu-mem-gib", "20",
+            "--calibrate-prompts=", "-o", "p.json", expect="--calibrate-prompts")
+
+
+def test_unknown_flag_points_to_the_subcommand_help(capsys, work) -> None:
+    refused(capsys, work, "trace", "synth", "--bogus", "-o", "x.parquet", expect="see `tidesim trace synth --help`")
+    refused(capsys, work, "simulate", "--trace", "t.parquet", "--frobnicate", expect="see `tidesim simulate --help`")
+
+
+def test_messages_say_words_not_class_names(capsys, work) -> None:
+    (work / "binary.yaml").write_bytes(b"\xff\xfe\x00garbage")
+    err = refused(capsys, work, "hw", "show", "binary.yaml", expect="not text")
+    assert "UnicodeDecodeError" not in err
+    (work / "binary.yaml").unlink()
+    (work / "folder.yaml").mkdir()
+    err = refused(capsys, work, "hw", "show", "folder.yaml", expect="is a folder")
+    assert "IsADirectoryError" not in err
+    (work / "folder.yaml").rmdir()
+
+
+def test_cpu_workers_checked_alike(capsys, work) -> None:
+    pytest.importorskip("torch")
+    from tidesim.limits import usable_cores
+
+    refused(capsys, work, "validate", "--trace", "t.parquet", "--hw", HW, "--cpu-workers", "0", "-o", "res",
+            expect="--cpu-workers must be at least 1")
+    refused(capsys, work, "calibrate", "--cpu-workers", str(usable_cores() + 1), "--device", "cpu", "-o", "p.yaml",
+            expect=f"more than the {usable_cores()} cores")
+
+
+def test_a_datasheet_profile_is_not_this_machine() -> None:
+    from tidesim.hardware import get_profile, not_this_machine
+    from tidesim.limits import usable_cores
+
+    assert "datasheet estimate, not a measurement of this machine" in not_this_machine(get_profile(HW))
+    measured = get_profile("dev-2core-cpu")
+    measured.cpu.cores = usable_cores() + 1
+    assert f"this machine has {usable_cores()}" in not_this_machine(measured)
+    measured.cpu.cores = 1
+    assert not_this_machine(measured) is None

@@ -494,6 +494,22 @@ def profile_from_dict(data: Any, source: str = "profile", plausible: bool = True
     return prof
 
 
+def not_this_machine(prof: HardwareProfile) -> str | None:
+    """Why the profile does not describe the machine this runs on (None when it may): a datasheet
+    estimate, or more CPU cores than this machine has. `validate` compares a measurement on this
+    machine with the profile's prediction, so a profile of another machine makes the error meaningless."""
+    from tidesim.limits import usable_cores
+
+    if prof.provenance.kind != "measured":
+        return (f"profile {prof.name!r} is a datasheet estimate, not a measurement of this machine: the "
+                "errors below compare this machine with another; measure it with `tidesim calibrate`")
+    cores = usable_cores()
+    if prof.cpu.cores > cores:
+        return (f"profile {prof.name!r} describes a CPU with {prof.cpu.cores} cores, this machine has {cores}: "
+                "it was measured elsewhere; measure this machine with `tidesim calibrate`")
+    return None
+
+
 def load_profile(path: str | Path) -> HardwareProfile:
     text = read_input_text(path, "hardware profile", "see `tidesim hw list`")
     return profile_from_dict(parse_yaml(text, str(path)), source=str(path))

@@ -104,3 +104,23 @@ def check_synth(model: ModelSpec, prompts: int, gen_length: int, block_length: i
             f"{model.num_experts} experts; prompts of {prompt_length:,} tokens)")
     check_memory(est.bytes, what, "use fewer prompts or shorter lengths", available)
     return est
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity set, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_cpu_workers(workers: int | None, flag: str = "--cpu-workers") -> None:
+    """A CPU worker pool of at least one worker and at most one per usable core (None: the default)."""
+    if workers is None:
+        return
+    cores = usable_cores()
+    if workers < 1:
+        raise InputError(f"{flag} must be at least 1, got {workers}")
+    if workers > cores:
+        raise InputError(f"{flag} {workers} is more than the {cores} cores this machine lets tidesim use; "
+                         f"give at most {cores}")

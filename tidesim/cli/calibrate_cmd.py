@@ -17,6 +17,7 @@ import numpy as np
 from tidesim.cli.guard import Output, declare_outputs
 from tidesim.cli.output import format_table, print_json, progress
 from tidesim.errors import InputError
+from tidesim.limits import check_cpu_workers
 from tidesim.models import ModelSpec, get_model
 
 INSTALL_HINT = "this command needs torch: pip install 'tidesim[runtime]'"
@@ -62,8 +63,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.suffix not in (".yaml", ".yml"):
         raise InputError(f"--output {out}: give a .yaml file name")
-    if args.cpu_workers is not None and args.cpu_workers < 1:
-        raise InputError("--cpu-workers must be at least 1")
+    check_cpu_workers(args.cpu_workers)
     from tidesim_runtime.calibrate import calibrate
     from tidesim_runtime.device import select_device
 

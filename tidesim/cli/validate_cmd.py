@@ -24,6 +24,7 @@ from tidesim.cli.calibrate_cmd import require_runtime
 from tidesim.cli.guard import Output, declare_outputs
 from tidesim.cli.output import format_table, print_json, progress, to_jsonable
 from tidesim.errors import InputError
+from tidesim.limits import check_cpu_workers
 from tidesim.policies.base import REFRESH_MODES
 
 DEFAULT_POLICIES = "cpu-routing,fiddler,tide,full-swap,all-gpu"
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from tidesim_runtime.validate import Config, check_inputs, configurations, figure, summary, validate
 
     from tidesim.bundled.paths import resolve_trace
-    from tidesim.hardware import get_profile
+    from tidesim.hardware import get_profile, not_this_machine
     from tidesim.plan import load_plan
     from tidesim.policies import policy_names
     from tidesim.trace.io import read_trace
@@ -94,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"unknown policy {bad[0] if bad else args.policies!r}; use some of {', '.join(known)}")
     if args.repeats < 1:
         raise InputError("--repeats must be at least 1")
+    check_cpu_workers(args.cpu_workers)
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise InputError(f"--output {out} exists and is not a folder")
@@ -121,9 +123,8 @@ def run(args: argparse.Namespace) -> int:
     if args.layers is not None:
         workload = first_layers(workload, args.layers)
     hw = get_profile(args.hw)
-    if plan is not None:                  # this machine's profile is not the one planned for: say so
-        for line in plan.input_differences(trace_path, hw):
-            print(f"tidesim: warning: {line}", file=sys.stderr)
+    not_here = not_this_machine(hw)       # warnings, shown once every input is checked
+    warnings = ([not_here] if not_here else []) + (plan.input_differences(trace_path, hw) if plan else [])
     device = select_device(args.device, args.cpu_workers or hw.cpu.workers)
     experts = workload.num_experts
     budgets = int_list(args.budgets, "--budgets") if args.budgets else [experts // 2]
@@ -132,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
     if plan is not None:
         configs.append(Config("planned", max(plan.budget[:workload.num_layers]), None, plan.refresh))
     check_inputs(workload, configs, device, plan)
+    for line in warnings:
+        print(f"tidesim: warning: {line}", file=sys.stderr)
 
     # ----- work -------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -148,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
                         "dense layers and lm_head are left out on both sides") if args.layers is not None else
                        "the whole model runs",
         "hw": hw.name, "hw_provenance": hw.provenance.kind, "device": device.describe(),
-        "repeats": args.repeats, "seed": args.seed, "seconds": round(elapsed, 1),
+        "repeats": args.repeats, "seed": args.seed, "seconds": round(elapsed, 1), "hw_warning": not_here,
     }
     result = {"setup": setup, "summary": stats, "rows": rows,
               "configurations": [{"config": o.config.label, "predicted": o.predicted.to_dict(),

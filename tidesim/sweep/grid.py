@@ -256,7 +256,7 @@ def _parse_models(models: Any) -> dict[str, dict[str, Any]]:
                 raise InputError(f"models.{name}: unknown model field {key!r}{_suggest(str(key), fields)}")
             if type(value) is not type(fields[key]) and not (isinstance(fields[key], float)
                                                              and type(value) is int):
-                raise InputError(f"models.{name}.{key}: expected {type(fields[key]).__name__}, got {value!r}")
+                raise InputError(f"models.{name}.{key}: expected {_kind_words(fields[key])}, got {value!r}")
             fields[key] = float(value) if isinstance(fields[key], float) else value
         fields["name"] = name
         ModelSpec.from_dict(fields)          # raises InputError on an inconsistent shape
@@ -345,6 +345,17 @@ def _range(param: Param, raw: dict[str, Any], where: str) -> list[Any]:
             raise InputError(f"{where}: {param.name} takes whole numbers, the range gives fractions")
         values = [int(v) for v in values]
     return values
+
+
+def _kind_words(example: Any) -> str:
+    """What kind of value `example` is, in words (not a Python type name)."""
+    if isinstance(example, bool):
+        return "true or false"
+    if isinstance(example, int):
+        return "a whole number"
+    if isinstance(example, float):
+        return "a number"
+    return "text" if isinstance(example, str) else "a value like the preset's"
 
 
 def _is_number(v: Any) -> bool:
@@ -507,7 +518,8 @@ def trace_info(path: Path) -> TraceInfo:
         schema = pq.read_schema(path)
         meta = TraceMeta.from_dict(json.loads((schema.metadata or {})[METADATA_KEY]))
     except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
-        raise InputError(f"trace {path}: not a tidesim trace ({type(exc).__name__})") from None
+        why = "no tidesim metadata" if isinstance(exc, KeyError) else "not a readable Parquet file"
+        raise InputError(f"trace {path}: not a tidesim trace ({why})") from None
     digest = file_fingerprint(path)
     prompts = len(meta.prompts) if meta.prompts else 0
     return TraceInfo(path=str(path), sha256=digest, model=meta.model, prompts=prompts, gen_length=meta.gen_length,
