@@ -423,7 +423,7 @@ def _attention_grids(data: Any, where: str) -> list[dict[str, Any]]:
 RANGES: dict[str, dict[str, tuple[float, float, bool]]] = {
     "gpu": {
         "memory_gib": (0.25, 4096, False),
-        "mem_bandwidth_gbs": (0.1, 100_000, False),
+        "mem_bandwidth_gbs": (1e-3, 100_000, False),
         "bf16_tflops": (1e-3, 100_000, False),
         "mem_efficiency": (1e-3, 1.0, False),
         "compute_efficiency": (1e-3, 1.0, False),
@@ -441,7 +441,7 @@ RANGES: dict[str, dict[str, tuple[float, float, bool]]] = {
     "cpu": {
         "cores": (1, 4096, True),
         "workers": (1, 4096, True),
-        "mem_bandwidth_gbs": (0.1, 100_000, False),
+        "mem_bandwidth_gbs": (1e-3, 100_000, False),
         "gflops": (1e-3, 10_000_000, False),
         "mem_efficiency": (1e-3, 1.0, False),
         "compute_efficiency": (1e-3, 1.0, False),

@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budgets", metavar="LIST",
                    help="candidate budgets per layer, e.g. 42,84,126 or 21..168:21 (default: a grid from a "
                         "quarter to twice the uniform budget that fits)")
-    p.add_argument("--time-limit", type=number(float, 0, low_open=True), metavar="S",
+    p.add_argument("--time-limit", type=float, metavar="S",
                    help="CBC time limit in seconds (default: none)")
     p.add_argument("--calibrate-prompts", metavar="0,1",
                    help="prompts the plan is chosen on (default: the first half); the rest are held out")

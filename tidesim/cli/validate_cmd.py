@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     warnings = ([not_here] if not_here else []) + (plan.input_differences(trace_path, hw) if plan else [])
     device = select_device(args.device, args.cpu_workers or hw.cpu.workers)
     experts = workload.num_experts
-    budgets = int_list(args.budgets, "--budgets") if args.budgets else [experts // 2]
+    budgets = int_list(args.budgets, "--budgets") if args.budgets is not None else [experts // 2]
     taus = int_list(args.taus, "--taus")
     configs = configurations([p for p in policies if p != "planned"], budgets, taus, args.refresh, experts)
     if plan is not None:
