@@ -336,3 +336,10 @@ def test_a_datasheet_profile_is_not_this_machine() -> None:
     assert f"this machine has {usable_cores()}" in not_this_machine(measured)
     measured.cpu.cores = 1
     assert not_this_machine(measured) is None
+
+
+def test_trace_capture_output_guarded(capsys, work) -> None:
+    refused(capsys, work, "trace", "capture", "--config", "tiny", "--prompt-tokens", "4", "-o", "afile/t.parquet",
+            expect="is a file, not a folder")
+    refused(capsys, work, "trace", "capture", "--config", "tiny", "--prompt-tokens", "4", "-o", "t.txt",
+            expect="must end in one of .parquet")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tidesim.cli.guard import Output, declare_outputs
 from tidesim.cli.output import format_table, print_json, progress
 from tidesim.errors import InputError
 from tidesim.limits import check_synth
@@ -33,7 +32,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, help="output trace file (.parquet)")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of a table")
     p.set_defaults(func=run)
-    declare_outputs(p, Output("output", "--output", (".parquet",)))
 
 
 def run(args: argparse.Namespace) -> int:
