@@ -145,7 +145,7 @@ BAD = [
     ({"parameters": {"tau": 1}, "models": {"big": {"base": "llada2-flash", "hidden": 1}}},
      "unknown model field 'hidden'"),
     ({"parameters": {"tau": 1}, "models": {"big": {"base": "gpt"}}}, "unknown preset 'gpt'"),
-    ({"parameters": {"tau": 1}, "models": {"big": {"base": "tiny", "num_layers": "4"}}}, "expected int"),
+    ({"parameters": {"tau": 1}, "models": {"big": {"base": "tiny", "num_layers": "4"}}}, "expected a whole number"),
     ([1, 2], "expected a YAML mapping"),
 ]
 

@@ -13,6 +13,8 @@ import concurrent.futures
 import json
 import multiprocessing
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +28,13 @@ from tidesim.bundled.paths import resolve_trace
 from tidesim.cli.output import to_jsonable
 from tidesim.default_tau import CANDIDATE_TAUS, plan_tau
 from tidesim.demo_figures import tau_figure, throughput_figure, timeline_figure
+from tidesim.errors import InputError
 from tidesim.hardware import HardwareProfile, bundled_profiles, get_profile, load_profile
 from tidesim.metrics import Metrics
 from tidesim.plan import Plan
 from tidesim.planner import make_plan, split_prompts
 from tidesim.policies import PolicyOptions, build_schedule, policy_names, uniform
+from tidesim.procs import die_with_parent
 from tidesim.report import Comparison, breakdown_figure, compare, kind_of, plan_slots
 from tidesim.run import run
 from tidesim.sim.timeline import Timeline
@@ -211,8 +215,52 @@ def _run_case_job(job: tuple[str, str, str, str]) -> CaseResult:
 
 def run_demo(out: Path, step: Callable[[str], None] = lambda _: None,
              cases: tuple[tuple[str, str], ...] = DEFAULT_CASES, workers: int | None = None) -> list[CaseResult]:
-    """Every (profile, case) pair, in parallel processes (results do not depend on the order)."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Every (profile, case) pair, in parallel processes (results do not depend on the order). The
+    report is written into a temporary folder beside `out` and renamed to `out` at the end, so an
+    interrupted or failed demo leaves no half-written report; a previous report at `out` is replaced."""
+    check_report_folder(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        results = _run_cases(tmp, step, cases, workers)
+        _replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for r in results:
+        r.figures = [str(out / Path(f).name) for f in r.figures]
+    return results
+
+
+def check_report_folder(out: Path) -> None:
+    """`out` may be new, empty, or a previous report (which the demo replaces); anything else is refused,
+    so the demo never deletes a folder of other files."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is a file, not a folder; give a folder name")
+    if out.is_dir() and any(out.iterdir()) and not (out / "summary.json").is_file():
+        raise InputError(f"--out {out}: the folder holds other files and no tidesim report (summary.json); give a "
+                         "new folder name")
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    if not target.exists():
+        os.rename(new, target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.rename(target, old)
+    os.rename(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _run_cases(out: Path, step: Callable[[str], None], cases: tuple[tuple[str, str], ...],
+               workers: int | None) -> list[CaseResult]:
     profiles = demo_profiles()
     jobs = [(model, trace, _profile_ref(hw), str(out)) for hw in profiles for model, trace in cases]
     workers = workers or min(len(jobs), os.cpu_count() or 1)
@@ -220,7 +268,8 @@ def run_demo(out: Path, step: Callable[[str], None] = lambda _: None,
         results = [run_case(m, t, get_profile(h), out, step) for m, t, h, _ in jobs]
     else:
         ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=die_with_parent,
+                                                    initargs=(os.getpid(),)) as pool:
             futures = [pool.submit(_run_case_job, job) for job in jobs]
             for done, _ in enumerate(concurrent.futures.as_completed(futures), start=1):
                 step(f"{done}/{len(jobs)} cases done")

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tidesim.cli.guard import Output, declare_outputs
 from tidesim.cli.output import announce, format_table, print_json, progress, to_jsonable
 from tidesim.cli.simulate_cmd import add_input_args, check_policies, load_setup, run_policy
 from tidesim.errors import InputError
@@ -37,8 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default: all; planned only with --plan)")
     p.add_argument("--plan", metavar="FILE",
                    help="also run policy planned with this plan (`tidesim plan`); without it planned is left out")
+    p.add_argument("--force", action="store_true",
+                   help="use --plan although it was made from another trace or hardware profile (warns)")
     p.add_argument("--figure", metavar="FILE", help=f"stacked-bar figure ({', '.join(FIGURE_SUFFIXES)})")
     p.set_defaults(func=main)
+    declare_outputs(p, Output("figure", "--figure", FIGURE_SUFFIXES))
 
 
 def main(args: argparse.Namespace) -> int:

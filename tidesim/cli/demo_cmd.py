@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from tidesim.cli.guard import Output, declare_outputs
 from tidesim.cli.output import announce, format_table, print_json
 from tidesim.demo import FOOTNOTES, TABLE_COLUMNS, case_lines, result_json, run_demo, table_rows
 from tidesim.errors import InputError
@@ -24,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, metavar="N", help="processes (default: one per case, up to the cores)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=main)
+    declare_outputs(p, Output("out", "--out", folder=True))
 
 
 def main(args: argparse.Namespace) -> int:

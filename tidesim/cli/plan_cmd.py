@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from tidesim.bundled.paths import resolve_trace
+from tidesim.cli.guard import Output, declare_outputs, number
 from tidesim.cli.output import announce, format_table, print_json, progress
 from tidesim.errors import InputError
 from tidesim.hardware import get_profile
@@ -26,23 +27,25 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "demand and prefetch for free), and evaluate it on the held-out prompts. See docs/planner.md.")
     p.add_argument("--trace", required=True, metavar="T", help="trace file, or a bundled trace name")
     p.add_argument("--hw", required=True, metavar="H", help="hardware profile name (`tidesim hw list`) or YAML path")
-    p.add_argument("--gpu-mem-gib", type=float, required=True, metavar="G",
+    p.add_argument("--gpu-mem-gib", type=number(float, 0, 4096, low_open=True), required=True, metavar="G",
                    help="GPU memory budget in GiB (non-expert weights, experts and a reserve of max(1.5 GB, 10%%))")
     p.add_argument("--global-tau", action="store_true", help="one interval for all layers (budgets still per layer)")
     p.add_argument("--taus", default="1..32", metavar="LIST", help="candidate intervals, e.g. 1..32 or 1,2,4,8")
     p.add_argument("--budgets", metavar="LIST",
                    help="candidate budgets per layer, e.g. 42,84,126 or 21..168:21 (default: a grid from a "
                         "quarter to twice the uniform budget that fits)")
-    p.add_argument("--time-limit", type=float, metavar="S", help="CBC time limit in seconds (default: none)")
+    p.add_argument("--time-limit", type=float, metavar="S",
+                   help="CBC time limit in seconds (default: none)")
     p.add_argument("--calibrate-prompts", metavar="0,1",
                    help="prompts the plan is chosen on (default: the first half); the rest are held out")
     p.add_argument("--engine", choices=ENGINES, default="analytic",
                    help="executor for the calibration and held-out evaluation (default: analytic)")
-    p.add_argument("--oracle-iterations", type=int, default=80, metavar="N",
+    p.add_argument("--oracle-iterations", type=number(int, 1, 100_000), default=80, metavar="N",
                    help="subgradient steps of the Lagrangian lower bound (default: 80)")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="plan file to write (JSON)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=main)
+    declare_outputs(p, Output("output", "--output", (".json",)))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -54,9 +57,9 @@ def main(args: argparse.Namespace) -> int:
     trace_path = resolve_trace(args.trace)
     hw = get_profile(args.hw)
     calibrate = parse_int_list(args.calibrate_prompts, "--calibrate-prompts", allow_zero=True) \
-        if args.calibrate_prompts else None
+        if args.calibrate_prompts is not None else None
     taus = parse_int_list(args.taus, "--taus")
-    budgets = parse_int_list(args.budgets, "--budgets") if args.budgets else None
+    budgets = parse_int_list(args.budgets, "--budgets") if args.budgets is not None else None
     what = f"cost table, MILP and Lagrangian bound for {trace_path.name} on {hw.name}"
     with announce("plan", what, lazy=True) as done:     # starts with the cost table, after the input checks
         outcome = make_plan(

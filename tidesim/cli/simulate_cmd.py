@@ -16,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from tidesim.budget import TIDE_MAX_EXPERTS_PER_LAYER, budget_for_memory
+from tidesim.cli.guard import Output, declare_outputs, number
 from tidesim.cli.output import announce, format_table, print_json
 from tidesim.default_tau import TauChoice, choose_tau
 from tidesim.errors import InputError
@@ -78,7 +79,7 @@ def add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hw", required=True, metavar="H", help="hardware profile name (`tidesim hw list`) or YAML path")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--budget", type=int, metavar="B", help="GPU expert slots per MoE layer")
-    group.add_argument("--gpu-mem-gib", type=float, metavar="G",
+    group.add_argument("--gpu-mem-gib", type=number(float, 0, 4096, low_open=True), metavar="G",
                        help="size the budget for this much GPU memory, as the TIDE code does "
                             "(default: the profile's GPU memory)")
     p.add_argument("--tau", type=int, default=None, metavar="N",
@@ -108,13 +109,13 @@ def load_setup(args: argparse.Namespace, policies: list[str], plan: Plan | None 
     trace = read_trace(path)
     model = get_model(args.model) if args.model else None
     workload = workload_from_trace(trace, model)
-    if args.prompts:
+    if args.prompts is not None:              # an empty --prompts= is refused, not "all prompts"
         workload = workload.select_prompts(_prompt_ids(args.prompts, trace.prompt_ids))
     hw = get_profile(args.hw)
     if args.tau is not None and args.tau < 1:
         raise InputError(f"--tau must be at least 1, got {args.tau}")
-    if plan is not None:
-        plan.check_model(workload.model)
+    if plan is not None:         # another model: refused; another trace or profile: refused unless --force
+        warn(plan.check_inputs(workload.model, path, hw, force=getattr(args, "force", False)))
     budget, source = _budget(args, workload, hw)
     if not args.allow_roofline:
         _check_curves(hw, workload, policies)
@@ -129,8 +130,10 @@ def _prompt_ids(text: str, available: list[int]) -> list[int]:
         ids = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise InputError(f"--prompts must be comma-separated prompt ids, got {text!r}") from None
+    if not ids:
+        raise InputError("--prompts is empty; give prompt ids such as 0,1 or leave the flag out for all prompts")
     missing = [i for i in ids if i not in available]
-    if not ids or missing:
+    if missing:
         raise InputError(f"--prompts: prompt {missing[0] if missing else text!r} is not in the trace "
                          f"(it has {', '.join(map(str, available))})")
     return ids
@@ -168,6 +171,12 @@ def _check_curves(hw: HardwareProfile, workload: Workload, policies: list[str]) 
                              "--allow-roofline")
 
 
+def warn(lines: list[str]) -> None:
+    """Warnings (a forced plan on other inputs) on stderr, one line each."""
+    for line in lines:
+        print(f"tidesim: warning: {line}", file=sys.stderr)
+
+
 def check_policies(names: list[str]) -> list[str]:
     known = policy_names()
     for name in names:
@@ -196,8 +205,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"offload policy: {names} (planned: give --plan; `tidesim compare` runs them all)")
     p.add_argument("--plan", metavar="FILE", help="run policy planned with this plan's per-layer tau and budget "
                                                   "(from `tidesim plan`)")
+    p.add_argument("--force", action="store_true",
+                   help="use --plan although it was made from another trace or hardware profile (warns)")
     p.add_argument("--timeline", metavar="FILE", help="write a Chrome trace JSON of the run (simulator only)")
     p.set_defaults(func=main)
+    declare_outputs(p, Output("timeline", "--timeline", (".json",)))
 
 
 def main(args: argparse.Namespace) -> int:

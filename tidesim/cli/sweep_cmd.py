@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from tidesim.cli.guard import Output, declare_outputs
 from tidesim.cli.output import announce, format_table, print_json, progress
 from tidesim.html_report import Link, Report, Section, Table, write_report
 from tidesim.sweep.figures import speedup_table, write_figures
@@ -35,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="check the grid and list its points; run nothing")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
+    declare_outputs(p, Output("output", "--output", (".parquet",)))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -113,7 +115,12 @@ def _summary(report: SweepReport) -> list[dict[str, Any]]:
     return out
 
 
+DRY_RUN_LIST = 200      # a dry run lists up to this many points; a bigger grid gets a summary
+
+
 def _dry_run(points: list[Any], axes: list[str], as_json: bool) -> int:
+    if len(points) > DRY_RUN_LIST:
+        return _dry_run_summary(points, axes, as_json)
     if as_json:
         print_json([{"point_id": p.id, **p.params} for p in points])
         return 0
@@ -121,6 +128,24 @@ def _dry_run(points: list[Any], axes: list[str], as_json: bool) -> int:
     print(format_table(cols, [[p.id, *[_cell(p.params[a]) for a in axes]] for p in points]))
     print(f"{len(points)} points")
     return 0
+
+
+def _dry_run_summary(points: list[Any], axes: list[str], as_json: bool) -> int:
+    """A big grid: how many points, and the values of each axis (first and last few), not every point."""
+    values = {a: list(dict.fromkeys(_cell(p.params[a]) for p in points)) for a in axes}
+    if as_json:
+        print_json({"points": len(points), "axes": values})
+        return 0
+    rows = [[a, len(v), _shorten(v)] for a, v in values.items()]
+    print(format_table(["axis", "values", "which"], rows))
+    print(f"{len(points):,} points (more than {DRY_RUN_LIST}: axes shown, not every point; --json gives the "
+          "axes' values)")
+    return 0
+
+
+def _shorten(values: list[Any]) -> str:
+    shown = [str(v) for v in values]
+    return ", ".join(shown) if len(shown) <= 8 else ", ".join([*shown[:4], "...", *shown[-3:]])
 
 
 def _cell(value: Any) -> Any:

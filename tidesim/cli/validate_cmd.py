@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,11 +21,14 @@ from typing import Any
 import numpy as np
 
 from tidesim.cli.calibrate_cmd import require_runtime
+from tidesim.cli.guard import Output, declare_outputs
 from tidesim.cli.output import format_table, print_json, progress, to_jsonable
 from tidesim.errors import InputError
+from tidesim.limits import check_cpu_workers
 from tidesim.policies.base import REFRESH_MODES
 
 DEFAULT_POLICIES = "cpu-routing,fiddler,tide,full-swap,all-gpu"
+RESULT_FILES = ("results.json", "results.parquet", "predicted_vs_measured.png")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -59,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, metavar="RESULTS_DIR", help="results folder")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
+    declare_outputs(p, Output("output", "--output", folder=True, contents=RESULT_FILES))
 
 
 def int_list(text: str, flag: str) -> list[int]:
@@ -78,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from tidesim_runtime.validate import Config, check_inputs, configurations, figure, summary, validate
 
     from tidesim.bundled.paths import resolve_trace
-    from tidesim.hardware import get_profile
+    from tidesim.hardware import get_profile, not_this_machine
     from tidesim.plan import load_plan
     from tidesim.policies import policy_names
     from tidesim.trace.io import read_trace
@@ -92,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"unknown policy {bad[0] if bad else args.policies!r}; use some of {', '.join(known)}")
     if args.repeats < 1:
         raise InputError("--repeats must be at least 1")
+    check_cpu_workers(args.cpu_workers)
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise InputError(f"--output {out} exists and is not a folder")
@@ -99,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     trace = read_trace(trace_path)
     workload = workload_from_trace(trace)
     full_model = workload.model
-    if args.prompts:
+    if args.prompts is not None:              # an empty --prompts= is refused, not "all prompts"
         ids = int_list(args.prompts, "--prompts")
         missing = [i for i in ids if i not in trace.prompt_ids]
         if missing:
@@ -119,9 +125,11 @@ def run(args: argparse.Namespace) -> int:
     if args.layers is not None:
         workload = first_layers(workload, args.layers)
     hw = get_profile(args.hw)
+    not_here = not_this_machine(hw)       # warnings, shown once every input is checked
+    warnings = ([not_here] if not_here else []) + (plan.input_differences(trace_path, hw) if plan else [])
     device = select_device(args.device, args.cpu_workers or hw.cpu.workers)
     experts = workload.num_experts
-    budgets = int_list(args.budgets, "--budgets") if args.budgets else [experts // 2]
+    budgets = int_list(args.budgets, "--budgets") if args.budgets is not None else [experts // 2]
     tau_choice = None
     if args.taus is not None:
         taus = int_list(args.taus, "--taus")
@@ -136,6 +144,8 @@ def run(args: argparse.Namespace) -> int:
     if plan is not None:
         configs.append(Config("planned", max(plan.budget[:workload.num_layers]), None, plan.refresh))
     check_inputs(workload, configs, device, plan)
+    for line in warnings:
+        print(f"tidesim: warning: {line}", file=sys.stderr)
 
     # ----- work -------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -153,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
                        "the whole model runs",
         "hw": hw.name, "hw_provenance": hw.provenance.kind, "device": device.describe(),
         "repeats": args.repeats, "seed": args.seed, "seconds": round(elapsed, 1),
-        "tau_choice": tau_choice.to_dict() if tau_choice else None,
+        "tau_choice": tau_choice.to_dict() if tau_choice else None, "hw_warning": not_here,
     }
     result = {"setup": setup, "summary": stats, "rows": rows,
               "configurations": [{"config": o.config.label, "predicted": o.predicted.to_dict(),
