@@ -43,10 +43,11 @@ def run(args: argparse.Namespace) -> int:
     grid = load_grid(args.grid)
     if args.dry_run:
         return _dry_run(grid.points, grid.axes, args.json)
-    with announce("sweep", f"{grid.name}: {len(grid.points)} points into {args.output}") as done:
+    # lazy: the start line waits for the first point, so the sweep's own input checks stay one line
+    with announce("sweep", f"{grid.name}: {len(grid.points)} points into {args.output}", lazy=True) as done:
         report = run_sweep(grid, args.output, executor=args.executor, workers=args.workers,
                            scheduler=args.scheduler, fresh=args.fresh,
-                           progress=lambda items, desc, total: progress(items, desc, total))
+                           progress=lambda items, desc, total: done.wrap(progress(items, desc, total)))
         done.summary = f"{report.evaluated} evaluated, {report.reused} resumed, {report.errors} with an error"
     figures = [] if args.no_figures else write_figures(pd.read_parquet(report.results),
                                                       SweepPaths(report.results).figures)
