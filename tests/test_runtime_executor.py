@@ -22,7 +22,7 @@ from tidesim_runtime.device import select_device  # noqa: E402
 from tidesim_runtime.executor import Executor, LayerRouting, check_memory, first_layers, replay_routing  # noqa: E402
 from tidesim_runtime.kernels import grouped_experts, swiglu  # noqa: E402
 from tidesim_runtime.streams import D2H, H2D, HostBackend, Marker  # noqa: E402
-from tidesim_runtime.weights import AFTER_GROUPED, ExpertBank, plan_slots  # noqa: E402
+from tidesim_runtime.weights import AFTER_GROUPED, FREE, ExpertBank, after_on_demand, plan_slots  # noqa: E402
 
 from tidesim.errors import InputError  # noqa: E402
 from tidesim.hardware import get_profile  # noqa: E402
@@ -91,7 +91,8 @@ def test_slot_plan_on_demand_passes_through_when_budget_is_short() -> None:
     s = manual_schedule(placement=[[GPU, GPU, GPU]], copy=[[COPY_ON_DEMAND] * 3],
                         resident=[[False, False, True]], initial=[False, False, False], budget=1)
     lp = plan_slots(s).layers[0][0]
-    assert [(op.expert, op.slot, op.wait) for op in lp.on_demand] == [(0, 0, -2), (1, 0, 0), (2, 0, 1)]
+    assert [(op.expert, op.slot, op.wait) for op in lp.on_demand] == [(0, 0, FREE), (1, 0, after_on_demand(0)),
+                                                                         (2, 0, after_on_demand(1))]
 
 
 def test_slot_plan_async_copy_waits_for_the_leaving_experts_last_run() -> None:
@@ -273,7 +274,7 @@ def test_cuda_requested_without_a_gpu_is_an_input_error() -> None:
 
 
 def test_cpu_as_gpu_device_splits_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(device_mod, "usable_cores", lambda: 8)
+    monkeypatch.setattr(device_mod, "cpu_placement", lambda bus_id=None: device_mod.CpuPlacement(tuple(range(8)), None))
     dev = select_device("cpu", cpu_workers=2)
     assert dev.kind == "cpu-as-gpu" and dev.dtype == torch.float32
     assert dev.gpu_threads == 1 and dev.cpu_workers == 2 and dev.cpu_threads_per_worker == 3

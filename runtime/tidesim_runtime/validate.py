@@ -127,7 +127,7 @@ def build(config: Config, workload: Workload, hw: HardwareProfile, plan: Plan | 
 
 def validate(workload: Workload, hw: HardwareProfile, configs: list[Config], device: DeviceInfo,
              repeats: int = 1, plan: Plan | None = None, seed: int = 0,
-             on_done: Callable[[Config], None] | None = None) -> list[Outcome]:
+             on_done: Callable[[Config], object] | None = None) -> list[Outcome]:
     """Predict and measure every configuration; repeats are interleaved over configurations (so
     a slow spell of the machine does not land on one of them) and the median run is kept."""
     schedules = [(c, build(c, workload, hw, plan)) for c in configs]
