@@ -206,7 +206,8 @@ def check_memory(spec: ModelSpec, layers: int, device: DeviceInfo, slots_per_lay
             + ("" if device.is_cuda else " (cpu-as-gpu keeps the GPU side in host memory too)"))
     cap = PINNED_SHARE * host_memory_total()
     if need["pinned"] and cap and need["pinned"] > cap:
-        fit = max(1, int(cap // pinned_bytes(per_layer)) - 1)
+        staging = need["pinned"] - layers * pinned_bytes(per_layer)
+        fit = max(1, int((cap - staging) // pinned_bytes(per_layer)))
         raise InputError(
             f"{layers} MoE layers of {spec.name} need {need['pinned'] / GIB:.1f} GiB of pinned host memory, "
             f"more than {PINNED_SHARE:.0%} of this host's {host_memory_total() / GIB:.0f} GiB; use --layers {fit} "

@@ -292,16 +292,23 @@ class HostBackend(Backend):
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, direction: str, background: bool = False,
              after: list[Marker] | None = None) -> Marker:
+        def body() -> None:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            self._busy[direction] += time.perf_counter() - t0
+
+        return self._submit(body, background, list(after or []))
+
+    def _submit(self, body: Callable[[], None] | None, background: bool, deps: list[Marker]) -> Marker:
+        """Queue `body` (None: a fence) after `deps`; demand jobs before background ones."""
         marker = Marker(flag=threading.Event())
-        deps = list(after or [])
 
         def job() -> None:
             try:
                 for m in deps:
                     self.host_wait(m)
-                t0 = time.perf_counter()
-                dst.copy_(src)
-                self._busy[direction] += time.perf_counter() - t0
+                if body is not None:
+                    body()
             except BaseException as exc:  # surfaced by host_wait in the issuing thread
                 marker.error.append(exc)
             finally:
@@ -333,8 +340,7 @@ class HostBackend(Backend):
         return float(b - a)
 
     def synchronize(self) -> None:
-        done = self.copy(torch.empty(0), torch.empty(0), H2D, background=True)
-        self.host_wait(done)
+        self.host_wait(self._submit(None, background=True, deps=[]))
 
     def copy_busy_s(self) -> dict[str, float]:
         self.synchronize()
