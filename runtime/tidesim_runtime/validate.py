@@ -117,8 +117,10 @@ def build(config: Config, workload: Workload, hw: HardwareProfile, plan: Plan | 
     if config.policy == "planned":
         if plan is None:
             raise InputError("the planned policy needs --plan FILE (from `tidesim plan`)")
+        # the plan was checked against the whole model (validate_cmd); the run may be its first
+        # layers (--layers), so its per-layer settings are passed as given rather than the plan
         opts = PolicyOptions(budget=plan.budget_array()[:layers], tau=plan.tau_array()[:layers], hw=hw,
-                             refresh=plan.refresh, extra={"plan": plan})
+                             refresh=plan.refresh)
     else:
         opts = PolicyOptions(budget=uniform(config.budget, layers), tau=uniform(config.tau or 1, layers), hw=hw,
                              refresh=config.refresh)
