@@ -68,7 +68,7 @@ class Sizes:
 GPU = Sizes(model="llada2-mini", device="cuda",
             traces={"prefix": "llada2-mini_prefix_g256", "none": "llada2-mini_none_g1024"},
             budgets=(64, 128), layers=8, forwards=48, policies="cpu-routing,fiddler,tide,full-swap,all-gpu",
-            taus="4", plan_taus="1,2,4,8", gpu_mem_gib=139.0, live_layers=4, live_gen=64, live_prompt=32,
+            taus="4", plan_taus="1,2,4,8", gpu_mem_gib=139.0, live_layers=2, live_gen=64, live_prompt=32,
             live_policies=("tide", "full-swap", "fiddler", "cpu-routing"))
 DRY = Sizes(model="tiny", device="cpu", traces={}, budgets=(4, 8), layers=1, forwards=4,
             policies="cpu-routing,fiddler,tide,full-swap,all-gpu", taus="4", plan_taus="1,2",
