@@ -129,3 +129,26 @@ def test_cuda_device_uses_the_current_device_index() -> None:
     dev = select_device("cuda")
     assert dev.index == torch.cuda.current_device() and f"cuda:{dev.index}" in dev.describe()
     assert dev.cpu_set
+
+
+def test_last_level_cache_counts_every_instance(tmp_path: Path) -> None:
+    """Two L3 slices of 32 MiB (cpus 0-1 and 2-3): 64 MiB in all; instruction caches ignored."""
+    base = tmp_path / "devices/system/cpu"
+    for cpu in range(4):
+        for idx, (level, size, kind, shared) in enumerate([(1, "32K", "Instruction", str(cpu)),
+                                                           (2, "512K", "Unified", str(cpu)),
+                                                           (3, "32768K", "Unified", "0-1" if cpu < 2 else "2-3")]):
+            d = base / f"cpu{cpu}" / "cache" / f"index{idx}"
+            d.mkdir(parents=True)
+            for name, text in (("level", level), ("size", size), ("type", kind), ("shared_cpu_list", shared)):
+                (d / name).write_text(f"{text}\n")
+    assert device_mod.sysfs_cache_bytes(str(tmp_path)) == 64 * 2**20
+    assert device_mod.last_level_cache_bytes(str(tmp_path)) == 64 * 2**20
+    assert device_mod.last_level_cache_bytes(str(tmp_path / "none")) == 64 * 2**20   # the fallback
+
+
+def test_lscpu_caches_give_the_highest_levels_total() -> None:
+    text = ("LEVEL ALL-SIZE TYPE\n    1    65536 Data\n    1    65536 Instruction\n    2  1048576 Unified\n"
+            "    3 268435456 Unified\n")
+    assert device_mod.parse_lscpu_caches(text) == 256 * 2**20
+    assert device_mod.parse_lscpu_caches("LEVEL ALL-SIZE TYPE\n") == 0

@@ -306,22 +306,63 @@ def cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def last_level_cache_bytes() -> int:
-    """Size of the largest CPU cache (bytes); 64 MiB when it cannot be read."""
-    best = 0
-    base = "/sys/devices/system/cpu/cpu0/cache"
+def last_level_cache_bytes(root: str = "/sys") -> int:
+    """Bytes of last-level cache over all its instances (several L3 slices on multi-die CPUs):
+    lscpu's ALL-SIZE of the highest level, else sysfs (size of cpu0's highest cache times its
+    distinct instances), else 64 MiB."""
+    text = _lscpu_caches() if root == "/sys" else None
+    if text:
+        best = parse_lscpu_caches(text)
+        if best:
+            return best
+    return sysfs_cache_bytes(root) or 64 * 1024**2
+
+
+def _lscpu_caches() -> str | None:
     try:
-        for entry in os.listdir(base):
-            if not entry.startswith("index"):
+        out = subprocess.run(["lscpu", "-B", "-C=LEVEL,ALL-SIZE,TYPE"], capture_output=True, text=True,
+                             timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
+def parse_lscpu_caches(text: str) -> int:
+    """The ALL-SIZE of the highest non-instruction cache level in `lscpu -B -C=LEVEL,ALL-SIZE,TYPE`."""
+    best: tuple[int, int] = (0, 0)
+    for line in text.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit() and "Instruction" not in parts[2:]:
+            best = max(best, (int(parts[0]), int(parts[1])))
+    return best[1]
+
+
+def _size(text: str) -> int:
+    mult = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1:], 1)
+    return (int(text[:-1]) if text[-1:].isalpha() else int(text)) * mult
+
+
+def sysfs_cache_bytes(root: str = "/sys") -> int:
+    """cpu0's highest cache level: one instance's size times the distinct instances of that level
+    (cpus sharing one instance list the same shared_cpu_list); 0 when unreadable."""
+    base = f"{root}/devices/system/cpu"
+    try:
+        entries = [e for e in os.listdir(f"{base}/cpu0/cache") if e.startswith("index")]
+        cpus = [e for e in os.listdir(base) if e.startswith("cpu") and e[3:].isdigit()]
+    except OSError:
+        return 0
+    best: tuple[int, int, str] = (0, 0, "")
+    for entry in entries:
+        level, size, kind = (_read(f"{base}/cpu0/cache/{entry}/{f}") for f in ("level", "size", "type"))
+        if level and size and kind != "Instruction":
+            try:
+                best = max(best, (int(level), _size(size), entry))
+            except ValueError:
                 continue
-            with open(f"{base}/{entry}/size") as fh:
-                text = fh.read().strip()
-            mult = {"K": 1024, "M": 1024**2, "G": 1024**3}.get(text[-1:], 1)
-            value = int(text[:-1]) if text[-1:].isalpha() else int(text)
-            best = max(best, value * mult)
-    except (OSError, ValueError):
-        pass
-    return best or 64 * 1024**2
+    if not best[1]:
+        return 0
+    shared = {_read(f"{base}/{cpu}/cache/{best[2]}/shared_cpu_list") for cpu in cpus}
+    return best[1] * max(1, len(shared - {None}))
 
 
 def provenance_fields(info: DeviceInfo) -> dict[str, str]:
