@@ -400,3 +400,59 @@ def test_live_mode_uses_the_models_dtype_for_staging(tiny_model) -> None:
     assert banks[0].flat.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="dtype"):
         Executor(SPEC, 1, select_device("cpu"), 8, 24, forward_fixed=False, host_experts=banks)
+
+
+def copies_of(ex: Executor, lp, x, counts) -> list[tuple[str, bool, list]]:  # type: ignore[no-untyped-def]
+    """Run one layer with `lp` and return every copy issued: (direction, background, after)."""
+    calls: list[tuple[str, bool, list]] = []
+    real = ex.backend.copy
+
+    def spy(dst, src, direction, background=False, after=None):  # type: ignore[no-untyped-def]
+        calls.append((direction, background, list(after or [])))
+        return real(dst, src, direction, background=background, after=after)
+
+    ex.backend.copy = spy  # type: ignore[method-assign]
+    try:
+        r = replay_routing(counts, 8, SPEC.top_k, torch.device("cpu"), torch.float32)
+        ex.begin()
+        with torch.inference_mode():
+            ex.moe_layer(x, 0, 0, r, lp, moe_in=x)
+        ex.finish()
+    finally:
+        del ex.backend.copy
+    return calls
+
+
+def test_on_demand_copy_into_a_slot_that_frees_later_waits_for_its_last_run() -> None:
+    """Simulator/runtime difference (a): budget 1, three on-demand experts pass through slot 0;
+    copy k+1 is issued only after expert k has run and waits for that run (its marker)."""
+    s = manual_schedule(placement=[[GPU, GPU, GPU] + [IDLE] * 13], copy=[[COPY_ON_DEMAND] * 3 + [0] * 13],
+                        resident=[[False, False, True] + [False] * 13], initial=[False] * 16, budget=1)
+    plan = plan_slots(s)
+    sub = replace(SPEC, num_layers=1, first_dense_layers=0)
+    with Executor(sub, 1, select_device("cpu"), 8, 24, forward_fixed=False) as ex:
+        ex.prepare_slots(plan)
+        calls = copies_of(ex, plan.layers[0][0], torch.randn(8, SPEC.hidden_size),
+                          np.array([3, 2, 4] + [0] * 13, dtype=np.int64))
+    h2d = [c for c in calls if c[0] == H2D]
+    assert len(h2d) == 3 and not any(bg for _, bg, _ in h2d)
+    assert h2d[0][2] == []                              # slot 0 free at the start
+    assert len(h2d[1][2]) == 1 and len(h2d[2][2]) == 1  # each waits for the previous expert's run
+    assert h2d[1][2][0] is not h2d[2][2][0]
+
+
+def test_async_copy_into_a_replaced_slot_waits_for_the_grouped_kernel() -> None:
+    """Simulator/runtime difference (b): expert 0 is resident and runs in the grouped kernel;
+    expert 1 replaces it asynchronously: the background copy waits for the grouped kernel."""
+    s = manual_schedule(placement=[[GPU, CPU] + [IDLE] * 14], copy=[[0, COPY_ASYNC_REFRESH] + [0] * 14],
+                        resident=[[False, True] + [False] * 14], initial=[True] + [False] * 15, budget=1)
+    plan = plan_slots(s)
+    lp = plan.layers[0][0]
+    assert [(op.expert, op.slot, op.wait) for op in lp.background] == [(1, 0, AFTER_GROUPED)]
+    sub = replace(SPEC, num_layers=1, first_dense_layers=0)
+    with Executor(sub, 1, select_device("cpu"), 8, 24, forward_fixed=False) as ex:
+        ex.prepare_slots(plan)
+        calls = copies_of(ex, lp, torch.randn(8, SPEC.hidden_size), np.array([5, 3] + [0] * 14, dtype=np.int64))
+    background = [c for c in calls if c[1]]
+    assert len(background) == 1 and background[0][0] == H2D
+    assert len(background[0][2]) == 1   # the grouped kernel's marker
