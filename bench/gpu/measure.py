@@ -152,7 +152,8 @@ def install(run: Run, wheels: Path) -> None:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=max(30.0, run.left() * 0.2),
                               check=False)
     if proc.returncode != 0:
-        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "pip failed")
+        errors = [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if "error" in line.lower()]
+        raise RuntimeError("pip failed: " + " | ".join(errors[-4:] or ["no message"]))
     check = subprocess.run([sys.executable, "-c", "import tidesim, tidesim_runtime, simpy, pulp, torch; "
                             "print(tidesim.__file__, torch.__version__)"], env=run.env(), cwd=run.work,
                            capture_output=True, text=True, check=False, timeout=120)
@@ -259,6 +260,10 @@ print(json.dumps({"model": spec.name, "dtype": str(dtype), "device": device.desc
 
 def live(run: Run, profile: Path) -> dict[str, Any]:
     """The live decode (random weights, mini shapes) through the executor for a few policies."""
+    # TODO(#11): when `tidesim generate` lands, run it here instead of LIVE_SCRIPT, e.g.
+    #   run.tidesim(["generate", "--config", s.model, "--layers", str(s.live_layers), "--policy", policy,
+    #                "--budget", str(s.budgets[1]), "--hw", str(profile), "--device", s.device, ...], share)
+    # and keep live.json's fields (policy, identical, tokens, tokens_per_s, step_ms, hit_ratio).
     s = run.sizes
     args = {"model": s.model, "layers": s.live_layers, "device": s.device, "profile": str(profile),
             "budget": s.budgets[1], "gen": s.live_gen, "prompt": s.live_prompt, "policies": list(s.live_policies)}
