@@ -58,7 +58,6 @@ class Sizes:
     policies: str
     taus: str
     plan_taus: str
-    gpu_mem_gib: float
     live_layers: int
     live_gen: int
     live_prompt: int
@@ -68,11 +67,11 @@ class Sizes:
 GPU = Sizes(model="llada2-mini", device="cuda",
             traces={"prefix": "llada2-mini_prefix_g256", "none": "llada2-mini_none_g1024"},
             budgets=(64, 128), layers=8, forwards=48, policies="cpu-routing,fiddler,tide,full-swap,all-gpu",
-            taus="4", plan_taus="1,2,4,8", gpu_mem_gib=139.0, live_layers=2, live_gen=64, live_prompt=32,
+            taus="4", plan_taus="1,2,4,8", live_layers=2, live_gen=64, live_prompt=32,
             live_policies=("tide", "full-swap", "fiddler", "cpu-routing"))
 DRY = Sizes(model="tiny", device="cpu", traces={}, budgets=(4, 8), layers=1, forwards=4,
             policies="cpu-routing,fiddler,tide,full-swap,all-gpu", taus="4", plan_taus="1,2",
-            gpu_mem_gib=4.0, live_layers=2, live_gen=16, live_prompt=6, live_policies=("tide", "cpu-routing"))
+            live_layers=2, live_gen=16, live_prompt=6, live_policies=("tide", "cpu-routing"))
 
 
 @dataclass
@@ -194,9 +193,33 @@ def validate(run: Run, trace: str, profile: Path, name: str, extra: list[str], s
     return data
 
 
+MEMORY_FOR_BUDGET = r"""
+import sys
+from tidesim.models import get_model
+from tidesim.planner.candidates import expert_slots, uniform_budget
+spec, budget = get_model(sys.argv[1]), int(sys.argv[2])
+gib = 0.25
+while gib < 4096:
+    try:
+        if uniform_budget(expert_slots(spec, gib), spec.num_moe_layers, spec.num_experts) >= budget:
+            break
+    except Exception:
+        pass
+    gib += 0.25
+print(gib)
+"""
+
+
 def plan(run: Run, trace: str, profile: Path) -> Path:
+    """A plan whose memory holds exactly the second budget per layer when shared evenly (so the
+    planned policy is compared at that budget), with budget and tau per layer chosen by the MILP."""
     path = run.work / "plan.json"
-    run.tidesim(["plan", "--trace", trace, "--hw", str(profile), "--gpu-mem-gib", str(run.sizes.gpu_mem_gib),
+    b = str(run.sizes.budgets[1])
+    proc = subprocess.run([sys.executable, "-c", MEMORY_FOR_BUDGET, run.sizes.model, b], env=run.env(),
+                          cwd=run.work, capture_output=True, text=True, timeout=120, check=True)
+    gib = proc.stdout.strip().splitlines()[-1]
+    run.log(f"GPU memory that holds {b} experts per layer next to the rest: {gib} GiB")
+    run.tidesim(["plan", "--trace", trace, "--hw", str(profile), "--gpu-mem-gib", gib,
                  "--budgets", str(run.sizes.budgets[1]), "--taus", run.sizes.plan_taus, "--time-limit", "30",
                  "-o", str(path)], 0.15)
     return path
