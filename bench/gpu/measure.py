@@ -198,15 +198,18 @@ import sys
 from tidesim.models import get_model
 from tidesim.planner.candidates import expert_slots, uniform_budget
 spec, budget = get_model(sys.argv[1]), int(sys.argv[2])
-gib = 0.25
-while gib < 4096:
+
+def holds(gib):
     try:
-        if uniform_budget(expert_slots(spec, gib), spec.num_moe_layers, spec.num_experts) >= budget:
-            break
+        return uniform_budget(expert_slots(spec, gib), spec.num_moe_layers, spec.num_experts) >= budget
     except Exception:
-        pass
-    gib += 0.25
-print(gib)
+        return False
+
+lo, hi = 0.0, 4096.0   # bisection: the least memory whose even share is `budget` experts per layer
+for _ in range(80):
+    mid = (lo + hi) / 2
+    lo, hi = (lo, mid) if holds(mid) else (mid, hi)
+print(repr(hi))
 """
 
 
