@@ -78,22 +78,20 @@ def test_feeder_drain_reports_a_failed_copy() -> None:
 
 
 def test_host_copy_engine_serves_a_demand_copy_after_the_copy_in_progress() -> None:
-    """Background copies queued first, then a demand copy: the demand copy runs right after the
-    background copy in progress, ahead of the other queued ones."""
+    """A background copy in progress (held), three more queued, then a demand copy, all into one
+    buffer: the demand copy runs before the queued background ones, so theirs is the value left
+    (first-in-first-out would leave the demand copy's 2)."""
     be = HostBackend()
     try:
         gate = threading.Event()
-        dst = torch.zeros(1)
-        held = be.copy(dst, torch.zeros(1), H2D, background=True, after=[Marker(flag=gate)])
-        bgs = [be.copy(dst, torch.zeros(1), H2D, background=True) for _ in range(3)]
-        demand = be.copy(dst, torch.zeros(1), H2D)
+        dst = torch.zeros(4)
+        held = be.copy(dst, torch.zeros(4), H2D, background=True, after=[Marker(flag=gate)])
+        bgs = [be.copy(dst, torch.full((4,), 1.0), H2D, background=True) for _ in range(3)]
+        demand = be.copy(dst, torch.full((4,), 2.0), H2D)
         gate.set()
-        be.host_wait(demand)
-        done_bg = sum(m.done() for m in bgs)
-        be.host_wait(held)
-        assert done_bg == 0, "a queued background copy ran before the demand copy"
-        for m in bgs:
+        for m in [held, demand, *bgs]:
             be.host_wait(m)
+        assert torch.equal(dst, torch.full((4,), 1.0))
     finally:
         be.close()
 
