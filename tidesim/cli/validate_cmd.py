@@ -56,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="the GPU side: cuda, cpu (the CPU plays the GPU) or auto")
     p.add_argument("--cpu-workers", type=int, default=None, metavar="N",
-                   help="CPU worker pool size (default: as the profile says)")
+                   help="CPU worker pool size; must equal the profile's (the default), which the simulator uses")
     p.add_argument("--repeats", type=int, default=1, metavar="R",
                    help="measure each configuration R times, interleaved; the median run is kept (1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (0)")
@@ -127,7 +127,11 @@ def run(args: argparse.Namespace) -> int:
     hw = get_profile(args.hw)
     not_here = not_this_machine(hw)       # warnings, shown once every input is checked
     warnings = ([not_here] if not_here else []) + (plan.input_differences(trace_path, hw) if plan else [])
-    device = select_device(args.device, args.cpu_workers or hw.cpu.workers)
+    if args.cpu_workers is not None and args.cpu_workers != hw.cpu.workers:
+        raise InputError(f"--cpu-workers {args.cpu_workers} differs from the profile's {hw.cpu.workers} worker(s), "
+                         "which the simulator uses and its CPU curve was measured with; leave it out, or "
+                         f"calibrate with --cpu-workers {args.cpu_workers}")
+    device = select_device(args.device, hw.cpu.workers)
     experts = workload.num_experts
     budgets = int_list(args.budgets, "--budgets") if args.budgets is not None else [experts // 2]
     tau_choice = None
