@@ -167,3 +167,84 @@ class RoutingHooks:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def official_forward(sd: dict, cfg: dict, ids: list[int], positions: torch.Tensor, mask: torch.Tensor,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """Logits [n, vocab] float32 by the official modeling code's arithmetic, written out from the
+    state dict and the config: RMSNorm = weight * (x normalised in float32, cast back); rotary
+    cos/sin from float32 frequencies, applied in `dtype`; eager attention with an additive mask
+    and a float32 softmax; router in float32 (sigmoid, bias for selection, best 4-of-8-style
+    groups by the sum of their top-2, weights normalised when top_k > 1, times the scaling factor);
+    expert outputs weighted and summed in float32, then cast back; plus the shared expert."""
+    w = {k: v.to(dtype) for k, v in sd.items()}
+    eps, heads, kvh = cfg["rms_norm_eps"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd = cfg["head_dim"]
+    dim = int(hd * cfg["partial_rotary_factor"])
+
+    def rms(x, weight):
+        xf = x.float()
+        return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    def swiglu(x, prefix):
+        g = x @ w[prefix + "gate_proj.weight"].T
+        return (torch.nn.functional.silu(g) * (x @ w[prefix + "up_proj.weight"].T)) @ w[prefix + "down_proj.weight"].T
+
+    inv = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, dim, 2).float() / dim))
+    scaling = cfg.get("rope_scaling") or {}
+    if scaling.get("type", scaling.get("rope_type")) == "linear":
+        inv = inv / scaling["factor"]
+    freqs = positions.float()[:, None] * inv[None, :]
+    cos, sin = torch.cat([freqs, freqs], -1).cos().to(dtype), torch.cat([freqs, freqs], -1).sin().to(dtype)
+
+    def rotate(t):  # t [heads, n, hd]
+        r, rest = t[..., :dim], t[..., dim:]
+        half = torch.cat([-r[..., dim // 2:], r[..., :dim // 2]], -1)
+        return torch.cat([r * cos + half * sin, rest], -1)
+
+    additive = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, float("-inf"))
+    x = w["model.word_embeddings.weight"][torch.tensor(ids)]
+    n = len(ids)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        h = rms(x, w[p + "input_layernorm.weight"])
+        qkv = h @ w[p + "attention.query_key_value.weight"].T
+        if cfg["use_qkv_bias"]:
+            qkv = qkv + w[p + "attention.query_key_value.bias"]
+        qkv = qkv.view(n, heads + 2 * kvh, hd)
+        q, k, v = qkv[:, :heads], qkv[:, heads:heads + kvh], qkv[:, heads + kvh:]
+        if cfg.get("use_qk_norm", True):  # absent from the released config; the class default is true
+            q, k = rms(q, w[p + "attention.query_layernorm.weight"]), rms(k, w[p + "attention.key_layernorm.weight"])
+        q, k, v = rotate(q.transpose(0, 1)), rotate(k.transpose(0, 1)), v.transpose(0, 1)
+        k, v = k.repeat_interleave(heads // kvh, 0), v.repeat_interleave(heads // kvh, 0)
+        scores = (q @ k.transpose(1, 2)) * hd ** -0.5 + additive
+        out = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype) @ v
+        attn = out.transpose(0, 1).reshape(n, heads * hd) @ w[p + "attention.dense.weight"].T
+        if cfg["use_bias"]:
+            attn = attn + w[p + "attention.dense.bias"]
+        x = x + attn
+        h = rms(x, w[p + "post_attention_layernorm.weight"])
+        if i < cfg["first_k_dense_replace"]:
+            x = x + swiglu(h, p + "mlp.")
+            continue
+        logits = h.float() @ w[p + "mlp.gate.weight"].float().T
+        scores = torch.sigmoid(logits)
+        biased = scores + w[p + "mlp.gate.expert_bias"]
+        groups = biased.view(n, cfg["n_group"], -1)
+        group_score = groups.topk(2, dim=-1).values.sum(-1)
+        moe = torch.zeros(n, x.shape[1])
+        for t in range(n):
+            keep = set(group_score[t].topk(cfg["topk_group"]).indices.tolist())
+            size = cfg["num_experts"] // cfg["n_group"]
+            allowed = [e for e in range(cfg["num_experts"]) if e // size in keep]
+            chosen = sorted(allowed, key=lambda e, t=t: -float(biased[t, e]))[: cfg["num_experts_per_tok"]]
+            raw = [float(scores[t, e]) for e in chosen]
+            total = sum(raw) + 1e-20 if len(chosen) > 1 else 1.0
+            for e, s in zip(chosen, raw, strict=True):
+                y = swiglu(h[t:t + 1], f"{p}mlp.experts.{e}.")
+                moe[t] += y[0].float() * (s / total * cfg["routed_scaling_factor"])
+        y = moe.to(dtype)
+        if cfg["num_shared_experts"]:
+            y = y + swiglu(h, p + "mlp.shared_experts.")
+        x = x + y
+    return (rms(x, w["model.norm.weight"]) @ w["lm_head.weight"].T).float()
