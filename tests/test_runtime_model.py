@@ -13,8 +13,8 @@ from official_rules import official_config, official_forward  # noqa: E402
 from tidesim_runtime.generate import block_causal_mask, block_ids  # noqa: E402
 from tidesim_runtime.model import (  # noqa: E402
     ModelFlags,
-    Rotary,
     RMSNorm,
+    Rotary,
     apply_partial_rotary,
     build_model,
     rotary_cos_sin,
