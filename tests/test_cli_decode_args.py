@@ -18,9 +18,9 @@ from tidesim.cli.decode_args import (
 from tidesim.errors import InputError
 
 
-def parse(*argv, sampling=True, defaults=DecodeDefaults()):
+def parse(*argv, sampling=True, defaults=None):
     p = argparse.ArgumentParser()
-    add_decode_args(p, defaults, sampling=sampling)
+    add_decode_args(p, defaults or DecodeDefaults(), sampling=sampling)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(list(argv))
 
