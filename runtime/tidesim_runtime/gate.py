@@ -63,6 +63,8 @@ class SigmoidGroupGate(nn.Module):
     of the official LLaDA2MoeGate, so capture hooks treat both alike.
     """
 
+    expert_bias: torch.Tensor     # a registered buffer (selection bias), typed for mypy
+
     def __init__(
         self,
         hidden_size: int,
