@@ -137,7 +137,7 @@ def test_validate_layers_and_forwards_limit_the_run(tiny_trace: Path, tiny_profi
     (["--layers", "9"], "--layers must lie in 1..3"),
     (["--repeats", "0"], "--repeats"),
     (["--policies", "planned"], "--plan"),
-    (["--cpu-workers", "3"], "differs from the profile's 8 worker"),   # the simulator would use 8
+    (["--cpu-workers", "1"], "differs from the profile's 8 worker"),   # the simulator would use 8
 ])
 def test_validate_bad_input_fails_before_work(tiny_trace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                               args: list[str], words: str) -> None:
