@@ -45,7 +45,10 @@ CASES = [(5, 20, 16, 16), (21, 40, 16, 16), (16, 32, 16, 5)]
 
 @pytest.fixture(scope="module")
 def model():
-    return build_model(SPEC, torch.float32, seed=13)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)            # tiny matmuls: one thread is fastest, also on a busy machine
+    yield build_model(SPEC, torch.float32, seed=13)
+    torch.set_num_threads(before)
 
 
 def decode_config(gen_length: int, block_length: int, steps: int, kv: str) -> DecodeConfig:
