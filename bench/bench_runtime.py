@@ -33,7 +33,7 @@ TAU_POLICIES = ("tide", "tide-reference")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("trace", nargs="?", default="llada2-mini_prefix_g256")
+    parser.add_argument("trace", nargs="?", default="llada2-mini_prefix_g1024")
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--forwards", type=int, default=16)
     parser.add_argument("--budget", type=int, default=128)

@@ -1,10 +1,12 @@
-"""How long `tidesim trace synth` and `tidesim trace stats` take (speed goal: synth of llada2-mini,
-prefix mode, 4 prompts, gen length 256 in under 10 s on a 2-core machine).
+"""How long `tidesim trace synth` and `tidesim trace stats` take (speed goal: synthesis of
+llada2-mini, 10 prompts, no KV cache, gen length 1024 with early stop, in at most 10 s on a 2-core
+machine).
 
 Usage: .venv/bin/python bench/bench_synth.py [--repeats N]
 Times the whole command (a fresh `tidesim` process: start-up, generation, validation, Parquet
-write) and, in-process, generation alone; also `trace stats` on the largest bundled trace.
-Reports the best of N in wall-clock and the child's CPU time (steadier on a shared machine).
+write) and, in-process, generation alone; also `trace stats` on the bundled no-cache mini trace.
+Reports the best of N in wall-clock and the CPU time (the child's for commands, the process's for
+generation; steadier on a shared machine).
 """
 
 from __future__ import annotations
@@ -47,18 +49,19 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "mini.parquet")
-        synth = [*TIDESIM, "trace", "synth", "--model", "llada2-mini", "--prompts", "4", "--gen-length", "256",
-                 "--kv-cache", "prefix", "--seed", "0", "-o", out]
+        synth = [*TIDESIM, "trace", "synth", "--model", "llada2-mini", "--prompts", "10", "--gen-length", "1024",
+                 "--kv-cache", "none", "--eos", "early-stop", "--seed", "1", "-o", out]
         wall, cpu = best(lambda: run_timed(synth), args.repeats)
-        results["synth mini prefix 4x256 (command)"] = {"wall_s": wall, "cpu_s": cpu}
+        results["synth mini none 10 prompts g1024 early stop (command)"] = {"wall_s": wall, "cpu_s": cpu}
 
         def gen_only() -> tuple[float, float]:
-            cfg = SynthConfig(model=get_model("llada2-mini"), prompts=4, gen_length=256, kv_cache="prefix")
+            cfg = SynthConfig(model=get_model("llada2-mini"), prompts=10, gen_length=1024, kv_cache="none",
+                              eos="early-stop", seed=1)
             w0, c0 = time.perf_counter(), time.process_time()
             synthesize(cfg)
             return time.perf_counter() - w0, time.process_time() - c0
         wall, cpu = best(gen_only, args.repeats)
-        results["synth mini prefix 4x256 (generation only)"] = {"wall_s": wall, "cpu_s": cpu}
+        results["synth mini none 10 prompts g1024 early stop (generation only)"] = {"wall_s": wall, "cpu_s": cpu}
         stats = [*TIDESIM, "trace", "stats", "llada2-mini_none_g1024", "--json"]
         wall, cpu = best(lambda: run_timed(stats), args.repeats)
         results["stats llada2-mini_none_g1024 (command)"] = {"wall_s": wall, "cpu_s": cpu}

@@ -3,9 +3,10 @@
 `tidesim validate` stores, per configuration, the measured step time next to the simulator's
 prediction (bench/results/validation-dev-2core-cpu/results.json). A change to the layer model
 changes the predictions but not the measurements; this script rebuilds every configuration's
-Schedule on the same workload (the trace is synthesized again with the documented command: the
-synthesizer is deterministic), predicts it with the simulator as validate does, and prints the
-step-time errors of the stored and of the new predictions.
+Schedule on the same workload (the validated trace is stored beside the results, trace.parquet:
+synthesized by generator version 1, which the synthesizer of issue 16 no longer reproduces),
+predicts it with the simulator as validate does, and prints the step-time errors of the stored
+and of the new predictions.
 
     .venv/bin/python bench/bench_validation_predict.py [--results DIR] [--hw FILE] [--trace FILE]
 """
@@ -15,9 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,8 +29,6 @@ from tidesim.trace.io import read_trace
 from tidesim.workload import Workload, workload_from_trace
 
 ROOT = Path(__file__).resolve().parents[1]
-SYNTH = ["trace", "synth", "--model", "llada2-mini", "--prompts", "1", "--gen-length", "96", "--prompt-length", "64",
-         "--block-length", "32", "--kv-cache", "prefix"]   # docs/validation.md, "Commands"
 
 
 def first_layers(workload: Workload, layers: int) -> Workload:
@@ -65,18 +61,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "validation-dev-2core-cpu")
     ap.add_argument("--hw", type=Path, default=ROOT / "hwprofiles" / "dev-2core-cpu.yaml")
-    ap.add_argument("--trace", type=Path, help="the validated trace (default: synthesize it again)")
+    ap.add_argument("--trace", type=Path, help="the validated trace (default: trace.parquet in --results)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = ap.parse_args()
     stored = json.loads((args.results / "results.json").read_text())
     setup, rows = stored["setup"], stored["rows"]
-    with tempfile.TemporaryDirectory() as tmp:
-        trace = args.trace
-        if trace is None:
-            trace = Path(tmp) / "mini96.parquet"
-            subprocess.run([sys.executable, "-m", "tidesim", *SYNTH, "-o", str(trace)], check=True,
-                           capture_output=True)
-        workload = workload_from_trace(read_trace(trace))
+    workload = workload_from_trace(read_trace(args.trace or args.results / "trace.parquet"))
     workload = first_layers(workload.select(np.arange(int(setup["forwards"]))), int(setup["moe_layers"]))
     measured = [float(r["measured_step_ms"]) for r in rows]
     before = [float(r["predicted_step_ms"]) for r in rows]

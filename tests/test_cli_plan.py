@@ -85,7 +85,7 @@ def test_simulate_refuses_a_plan_for_another_model(tmp_path: Path, capsys: pytes
     out = tmp_path / "plan.json"
     assert main(plan_args(trace, out)) == 0
     capsys.readouterr()
-    assert main(["simulate", "--trace", "llada2-mini_prefix_g256", "--hw", "h100-sxm-pcie5", "--plan", str(out),
+    assert main(["simulate", "--trace", "llada2-mini_prefix_g1024", "--hw", "h100-sxm-pcie5", "--plan", str(out),
                  "--engine", "analytic"]) == 2
     assert "made for model 'tiny'" in capsys.readouterr().err
 

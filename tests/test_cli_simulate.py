@@ -127,7 +127,7 @@ def test_figure_suffix_checked_before_running(capsys, files):
 
 
 def test_default_budget_comes_from_gpu_memory(capsys):
-    code, out, _ = cli(capsys, "simulate", "--trace", "llada2-mini_prefix_g256", "--hw", "h100-sxm-pcie5",
+    code, out, _ = cli(capsys, "simulate", "--trace", "llada2-mini_prefix_g1024", "--hw", "h100-sxm-pcie5",
                        "--policy", "cpu-routing", "--prompts", "0", "--engine", "analytic", "--json")
     assert code == 0
     data = json.loads(out)

@@ -21,6 +21,7 @@ from tidesim.trace.stats import (
     hit_ratio_vs_tau,
     popularity_skew,
     refresh_targets,
+    step_index,
     tide_hit_ratios,
     top_share,
     trace_stats,
@@ -122,6 +123,25 @@ def test_hit_ratio_hand_computed() -> None:
     assert hit_ratio_vs_tau(workload_from_trace(trace), 2, [1, 2, 4]) == pytest.approx(got)
 
 
+def test_hit_ratio_by_step_index_and_per_prompt_decode_counts() -> None:
+    # HIT_ROWS as prompt 0 (per-step hit ratios at tau 2: 1, 1, 1, 0.5, 1, 0.5), then prompt 1 with
+    # two steps of 4 tokens in its first generated block (refreshed every step: 1, 1)
+    rows = HIT_ROWS + [(1, 0, 0, "step", 4, 3), (1, 0, 1, "step", 4, 1)]
+    counts = HIT_COUNTS + [[4, 4, 0, 0], [0, 0, 4, 4]]
+    trace = make_trace(SMALL, rows, counts, kv_cache="none")
+    hr = tide_hit_ratios(trace, 2, [2])
+    assert hr.by_step[2].tolist() == pytest.approx([1.0, 1.0, 1.0, 0.5, 1.0, 0.5])
+    assert hr.step_mean[2] == pytest.approx(7 / 8)                 # each step weighs the same
+    assert hr.overall[2] == pytest.approx((20 + 16) / (24 + 16))   # tokens pooled
+    assert step_index(np.array([0, 0, 0, 1, 1]), np.array([False, True, True, True, False])).tolist() == \
+        [-1, 0, 1, 0, -1]
+    d = trace_stats(trace, budget=2, taus=[2])["decode"]
+    assert d["steps_per_prompt"] == [6, 2] and d["steps_per_prompt_mean"] == pytest.approx(4.0)
+    assert d["generated_per_prompt"] == [6, 4]                      # committed tokens (no metadata)
+    trace.meta.prompts = [{"id": 0, "generated": 5}, {"id": 1, "generated": 3}]
+    assert trace_stats(trace, budget=2, taus=[2])["decode"]["generated_per_prompt"] == [5, 3]
+
+
 def test_demotions_capped_at_promotions() -> None:
     # Budget 3, start {0,1,2}; the refresh target {1} is resident, so nothing is demoted and the
     # next (non-refresh) step still finds 0 and 2 on the GPU.
@@ -196,6 +216,9 @@ def test_cli_json_and_table(tmp_path, capsys) -> None:
     assert main(["trace", "stats", str(path), "--budget", "2"]) == 0
     text = capsys.readouterr().out
     assert "TIDE hit ratio, budget 2" in text and "per MoE layer" in text
+    assert "steps per prompt" in text and "generated tokens per prompt" in text and "by step index" in text
+    assert out["decode"]["steps_per_prompt"] == [6]
+    assert out["hit_ratio"]["by_step"]["2"] == pytest.approx([1.0, 1.0, 1.0, 0.5, 1.0, 0.5])
 
 
 @pytest.mark.parametrize("args", [["--taus", "1,x"], ["--taus", "0"], ["--budget", "99"]])

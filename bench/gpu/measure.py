@@ -65,7 +65,7 @@ class Sizes:
 
 
 GPU = Sizes(model="llada2-mini", device="cuda",
-            traces={"prefix": "llada2-mini_prefix_g256", "none": "llada2-mini_none_g1024"},
+            traces={"prefix": "llada2-mini_prefix_g1024", "none": "llada2-mini_none_g1024"},
             budgets=(64, 128), layers=8, forwards=48, policies="cpu-routing,fiddler,tide,full-swap,all-gpu",
             taus="4", plan_taus="1,2,4,8", live_layers=2, live_gen=64, live_prompt=32,
             live_policies=("tide", "full-swap", "fiddler", "cpu-routing"))

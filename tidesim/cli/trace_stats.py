@@ -68,6 +68,10 @@ def render(s: dict[str, Any]) -> str:
            f"block {s['block_length']}, threshold {s['threshold']}, prompts {len(s['prompts'])}"]
     out.append(format_table(["quantity", "value"], [
         ["forwards", d["forwards"]], ["denoising steps", d["step_forwards"]],
+        ["steps per prompt (mean)", d["steps_per_prompt_mean"]],
+        ["steps per prompt", _short(d["steps_per_prompt"])],
+        ["generated tokens per prompt (mean)", d["generated_per_prompt_mean"]],
+        ["generated tokens per prompt", _short(d["generated_per_prompt"])],
         ["steps per block (mean)", d["steps_per_block_mean"]],
         ["steps per block (min..max)", f"{d['steps_per_block_min']}..{d['steps_per_block_max']}"],
         ["tokens committed per step", d["tokens_per_step"]],
@@ -93,8 +97,11 @@ def render(s: dict[str, Any]) -> str:
     rows = []
     for tau in hr["taus"]:
         per_prompt = list(hr["per_prompt"][str(tau)].values())
-        rows.append([tau, hr["overall"][str(tau)], min(per_prompt), max(per_prompt)])
-    out.append(format_table(["tau", "hit ratio", "prompt min", "prompt max"], rows))
+        curve = np.asarray(hr["by_step"][str(tau)])
+        rows.append([tau, hr["overall"][str(tau)], hr["step_mean"][str(tau)], min(per_prompt), max(per_prompt),
+                     _short([round(float(v), 3) for v in curve[:8]])])
+    out.append(format_table(["tau", "hit ratio", "mean over steps", "prompt min", "prompt max",
+                             "by step index 0, 1, ... (mean over prompts)"], rows))
     out.append("\nper MoE layer")
     headers = ["layer", "unique/step", "cos d=1", "jaccard d=1", "top-10%", "gini"]
     headers += [f"hit tau={t}" for t in hr["taus"]]
@@ -108,6 +115,12 @@ def render(s: dict[str, Any]) -> str:
         rows.append(row)
     out.append(format_table(headers, rows))
     return "\n".join(out)
+
+
+def _short(values: list[Any], n: int = 12) -> str:
+    """The first n values, comma-separated, with how many more."""
+    text = ", ".join(str(v) for v in values[:n])
+    return text + (f", ... ({len(values) - n} more)" if len(values) > n else "")
 
 
 def _num(value: Any) -> Any:

@@ -10,7 +10,7 @@ from tidesim.errors import InputError
 from tidesim.limits import check_synth
 from tidesim.models import get_model
 from tidesim.trace.io import write_trace
-from tidesim.trace.synth import GENERATOR_VERSION, SynthConfig, synthesize
+from tidesim.trace.synth import EOS_MODES, GENERATOR_VERSION, SynthConfig, synthesize
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,12 +21,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", default="llada2-mini", help="model preset or config.json (default llada2-mini)")
     p.add_argument("--prompts", type=int, default=4, help="number of prompts decoded one after another (4)")
-    p.add_argument("--gen-length", type=int, default=256, help="tokens generated per prompt (256)")
+    p.add_argument("--gen-length", type=int, default=256,
+                   help="most tokens generated per prompt; answers end earlier at their EOS (256)")
     p.add_argument("--block-length", type=int, default=32, help="tokens per block (32)")
     p.add_argument("--threshold", type=float, default=0.95, help="confidence threshold for committing (0.95)")
     p.add_argument("--kv-cache", choices=["none", "prefix"], default="prefix",
                    help="none: every step re-runs the prefix; prefix: prefill + block steps + commit (prefix)")
-    p.add_argument("--prompt-length", type=int, default=300, help="prompt tokens (300)")
+    p.add_argument("--prompt-length", type=int, default=None,
+                   help="prompt tokens of every prompt (default: drawn per prompt, MBPP-like with the chat template)")
+    p.add_argument("--steps", type=int, default=32,
+                   help="denoising steps per block at most, capped at gen-length // minimal-topk (32)")
+    p.add_argument("--minimal-topk", type=int, default=1, help="the official generate's minimal_topk (1)")
+    p.add_argument("--eos", choices=EOS_MODES, default="early-stop",
+                   help="early-stop: return right after the EOS step (eos_early_stop, the TIDE evaluation); "
+                        "block: stop after the block holding the EOS; none: answers never end (early-stop)")
+    p.add_argument("--answer-length", type=int, default=None,
+                   help="tokens before the EOS in every answer (default: drawn per prompt)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (0)")
     p.add_argument("--token-level", action="store_true", help="also store each token's top-k ids and weights")
     p.add_argument("-o", "--output", required=True, help="output trace file (.parquet)")
@@ -41,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = SynthConfig(
         model=get_model(args.model), prompts=args.prompts, gen_length=args.gen_length,
         block_length=args.block_length, threshold=args.threshold, kv_cache=args.kv_cache,
-        prompt_length=args.prompt_length, seed=args.seed, token_level=args.token_level,
+        prompt_length=args.prompt_length, seed=args.seed, token_level=args.token_level, steps=args.steps,
+        minimal_topk=args.minimal_topk, eos=args.eos, answer_length=args.answer_length,
     )
     check_synth(cfg.model, cfg.prompts, cfg.gen_length, cfg.block_length, cfg.prompt_length, cfg.kv_cache,
                 cfg.token_level)
@@ -51,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
     steps = int((f["phase"] == "step").sum())
     summary = {
         "output": str(out), "model": cfg.model.name, "kv_cache": cfg.kv_cache, "prompts": cfg.prompts,
-        "gen_length": cfg.gen_length, "forwards": trace.num_forwards, "step_forwards": steps,
-        "tokens_per_step": trace.generated_tokens / steps, "seed": cfg.seed,
+        "gen_length": cfg.gen_length, "eos": cfg.eos, "forwards": trace.num_forwards, "step_forwards": steps,
+        "tokens_per_step": trace.generated_tokens / steps,
+        "generated_tokens": sum(int(m["generated"]) for m in trace.meta.prompts), "seed": cfg.seed,
         "generator_version": GENERATOR_VERSION, "bytes": out.stat().st_size,
     }
     if args.json:

@@ -13,7 +13,9 @@ What is computed (docs/traces.md gives the reasoning):
 - popularity skew: share of routed tokens taken by the top 10% of experts and the Gini
   coefficient, per layer, over tokens as computed (summed over forwards), for the whole trace
   and per prompt (mean over prompts).
-- TIDE hit ratio: the public TIDE code's interval refresh (tide_gpu_tokens).
+- TIDE hit ratio: the public TIDE code's interval refresh (tide_gpu_tokens); overall (tokens
+  pooled), per layer, per prompt, and per step index averaged over prompts (the TIDE notebook's
+  way of comparing runs).
 """
 
 from __future__ import annotations
@@ -153,6 +155,8 @@ class HitRatios:
     overall: dict[int, float]
     per_layer: dict[int, np.ndarray]
     per_prompt: dict[int, dict[int, float]]
+    by_step: dict[int, np.ndarray]       # mean over prompts of the i-th denoising step's hit ratio
+    step_mean: dict[int, float]          # mean over denoising steps of their hit ratios (unweighted)
 
 
 def tide_hit_ratios(source: Trace | Workload, budget: int | Sequence[int] | np.ndarray,
@@ -170,12 +174,42 @@ def tide_hit_ratios(source: Trace | Workload, budget: int | Sequence[int] | np.n
     overall: dict[int, float] = {}
     per_layer: dict[int, np.ndarray] = {}
     per_prompt: dict[int, dict[int, float]] = {}
+    by_step: dict[int, np.ndarray] = {}
+    step_mean: dict[int, float] = {}
+    index = step_index(a.prompt, a.is_step)
     for tau in taus:
         gpu = tide_gpu_tokens(a.counts, refresh_mask(a.block, a.step, tau, a.is_step), b, targets)
         overall[tau] = _ratio(gpu.sum(), total.sum())
         per_layer[tau] = gpu.sum(0) / np.maximum(total.sum(0), 1)
         per_prompt[tau] = {int(p): _ratio(gpu[a.prompt == p].sum(), total[a.prompt == p].sum()) for p in prompts}
-    return HitRatios(b, taus, overall, per_layer, per_prompt)
+        by_step[tau], step_mean[tau] = _by_step_index(gpu.sum(-1), total.sum(-1), index)
+    return HitRatios(b, taus, overall, per_layer, per_prompt, by_step, step_mean)
+
+
+def step_index(prompt: np.ndarray, is_step: np.ndarray) -> np.ndarray:
+    """Index of each denoising-step forward among its prompt's denoising steps (0, 1, ...);
+    -1 for prefill and commit forwards."""
+    out = np.full(prompt.shape, -1, dtype=np.int64)
+    rows = np.flatnonzero(is_step)
+    if rows.size:
+        p = prompt[rows]
+        starts = np.r_[0, np.flatnonzero(np.diff(p)) + 1]
+        run = np.repeat(starts, np.diff(np.r_[starts, rows.size]))
+        out[rows] = np.arange(rows.size) - run
+    return out
+
+
+def _by_step_index(gpu: np.ndarray, total: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, float]:
+    """Per-step hit ratios (all layers pooled) averaged at each step index over the prompts that
+    reach it, and their plain mean over all denoising steps: how the TIDE notebook compares runs
+    (a curve per step, each step weighing the same whatever its token count)."""
+    rows = np.flatnonzero(index >= 0)
+    if not rows.size:
+        return np.zeros(0), math.nan
+    ratio = gpu[rows] / np.maximum(total[rows], 1)
+    idx = index[rows]
+    curve = np.bincount(idx, weights=ratio) / np.bincount(idx)
+    return curve, float(ratio.mean())
 
 
 def hit_ratio_vs_tau(trace_or_workload: Trace | Workload, budget: int | Sequence[int] | np.ndarray,
@@ -296,7 +330,18 @@ def decode_summary(trace: Trace) -> dict[str, Any]:
     steps = f[f["phase"] == "step"]
     per_block = steps.groupby(["prompt", "block"]).size().to_numpy()
     committed = int(steps["committed"].sum())
+    prompts = trace.prompt_ids
+    per_prompt = steps.groupby("prompt").size().reindex(prompts, fill_value=0)
+    # generated tokens as the decode outputs them (through the first EOS) where the metadata says,
+    # else the tokens committed
+    recorded = {int(m["id"]): int(m["generated"]) for m in trace.meta.prompts if "generated" in m and "id" in m}
+    committed_per_prompt = f.groupby("prompt")["committed"].sum()
+    generated = [recorded.get(p, int(committed_per_prompt.get(p, 0))) for p in prompts]
     return {
+        "steps_per_prompt": [int(n) for n in per_prompt.to_numpy()],
+        "steps_per_prompt_mean": float(per_prompt.mean()) if prompts else math.nan,
+        "generated_per_prompt": generated,
+        "generated_per_prompt_mean": float(np.mean(generated)) if prompts else math.nan,
         "forwards": int(len(f)), "step_forwards": int(len(steps)), "blocks": int(per_block.size),
         "steps_per_block_mean": float(per_block.mean()) if per_block.size else math.nan,
         "steps_per_block_min": int(per_block.min()) if per_block.size else 0,
@@ -327,6 +372,8 @@ def trace_stats(trace: Trace, budget: int | Sequence[int] | np.ndarray = 128,
             "overall": {str(t): v for t, v in hits.overall.items()},
             "per_layer": {str(t): v for t, v in hits.per_layer.items()},
             "per_prompt": {str(t): {str(p): v for p, v in d.items()} for t, d in hits.per_prompt.items()},
+            "step_mean": {str(t): v for t, v in hits.step_mean.items()},
+            "by_step": {str(t): v for t, v in hits.by_step.items()},
         },
     }
     out["unique_experts_per_step"] = float(np.nanmean(out["unique_experts_per_step_per_layer"]))
