@@ -14,10 +14,10 @@ from __future__ import annotations
 import numpy as np
 
 from tidesim.errors import InputError
-from tidesim.policies.base import PolicyOptions, register_policy
-from tidesim.policies.residency import int_list, make_schedule
-from tidesim.schedule import COPY_ON_DEMAND, NO_COPY, Schedule
-from tidesim.workload import Workload
+from tidesim.policies.base import register_policy
+from tidesim.policies.residency import int_list
+from tidesim.policies.step import Decision, ForwardMeta, PolicyStep, Setup, placement_of
+from tidesim.schedule import COPY_ON_DEMAND, NO_COPY
 
 
 def lru_step(resident: np.ndarray, stamp: np.ndarray, activated: np.ndarray, now: int,
@@ -43,27 +43,31 @@ def lru_step(resident: np.ndarray, stamp: np.ndarray, activated: np.ndarray, now
 
 
 @register_policy("full-swap", "copy every missing expert to the GPU on demand; per-layer LRU cache of the budget")
-def full_swap(workload: Workload, options: PolicyOptions) -> Schedule:
-    f, l, e = workload.expert_tokens.shape
-    budget = np.asarray(options.budget, dtype=np.int64)
-    if (budget < 1).any():
-        raise InputError("full-swap runs every expert on the GPU and needs at least 1 expert slot per MoE layer; "
-                         "give a budget of 1 or more")
-    initial = (np.zeros((l, e), dtype=bool) if options.static_resident is None
-               else np.asarray(options.static_resident, dtype=bool))
-    if initial.shape != (l, e) or (initial.sum(axis=1) > budget).any():
-        raise InputError(f"the warm-start resident set must be [{l}, {e}] with at most budget experts per layer")
-    activated = workload.activated
-    # Never-used initial residents are older than any use; lower ids are older among them.
-    stamp = np.broadcast_to(np.arange(e, dtype=np.int64) - e, (l, e)).copy()
-    resident = np.zeros((f, l, e), dtype=bool)
-    copy = np.full((f, l, e), NO_COPY, dtype=np.int8)
-    current = initial.copy()
-    for fw in range(f):
-        copy[fw][activated[fw] & ~current] = COPY_ON_DEMAND
-        current, stamp = lru_step(current, stamp, activated[fw], fw * e, budget)
-        resident[fw] = current
-    return make_schedule(
-        "full-swap", workload, budget=budget, initial=initial, gpu=activated, copy=copy, resident=resident,
-        params={"budget": int_list(budget), "warm_start": options.static_resident is not None},
-    )
+class FullSwap(PolicyStep):
+    """State: the resident set and the last-use stamps of every layer's LRU cache."""
+
+    def __init__(self, setup: Setup) -> None:
+        l, e = setup.layers, setup.experts
+        options = setup.options
+        budget = np.asarray(options.budget, dtype=np.int64)
+        if (budget < 1).any():
+            raise InputError("full-swap runs every expert on the GPU and needs at least 1 expert slot per MoE layer; "
+                             "give a budget of 1 or more")
+        initial = (np.zeros((l, e), dtype=bool) if options.static_resident is None
+                   else np.asarray(options.static_resident, dtype=bool))
+        if initial.shape != (l, e) or (initial.sum(axis=1) > budget).any():
+            raise InputError(f"the warm-start resident set must be [{l}, {e}] with at most budget experts per layer")
+        super().__init__(setup, initial)
+        # Never-used initial residents are older than any use; lower ids are older among them.
+        self.stamp = np.broadcast_to(np.arange(e, dtype=np.int64) - e, (l, e)).copy()
+
+    def decide(self, meta: ForwardMeta, rows: np.ndarray, counts: np.ndarray) -> Decision:
+        activated = counts > 0
+        current = self.current[rows]
+        copy = np.where(activated & ~current, COPY_ON_DEMAND, NO_COPY).astype(np.int8)
+        after, self.stamp[rows] = lru_step(current, self.stamp[rows], activated, meta.index * self.setup.experts,
+                                           self.budget[rows])
+        return Decision(rows, placement_of(counts, activated), copy, np.zeros(counts.shape, dtype=bool), after)
+
+    def params(self) -> dict[str, object]:
+        return {"budget": int_list(self.budget), "warm_start": self.setup.options.static_resident is not None}

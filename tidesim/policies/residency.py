@@ -75,8 +75,12 @@ def static_set(workload: Workload, given: np.ndarray | None, size: np.ndarray, f
     """The static resident set: the one given (checked against `size`), else the popular set."""
     if given is None:
         return popular_set(workload, size, fraction)
+    return checked_static_set(given, (workload.num_layers, workload.num_experts), size)
+
+
+def checked_static_set(given: np.ndarray, shape: tuple[int, int], size: np.ndarray) -> np.ndarray:
+    """A given static resident set, after checking its shape and that it fits `size` per layer."""
     given = np.asarray(given)
-    shape = (workload.num_layers, workload.num_experts)
     if given.shape != shape or given.dtype != np.bool_:
         raise InputError(f"the static resident set must be a bool array of shape {shape}")
     too_many = given.sum(axis=1) > size
@@ -110,9 +114,16 @@ def refresh_steps(workload: Workload, tau: np.ndarray) -> np.ndarray:
     never refreshes (its routing is not that of a denoising step, and the next block's step 0
     refreshes anyway).
     """
-    periodic = (workload.step[:, None] % tau[None, :]) == 0
-    refresh = workload.first_block[:, None] | periodic
-    return refresh & ~commit_forwards(workload)[:, None]
+    return refresh_rule(workload.first_block, workload.step, commit_forwards(workload), tau)
+
+
+def refresh_rule(first_block: np.ndarray | bool, step: np.ndarray | int, commit: np.ndarray | bool,
+                 tau: np.ndarray) -> np.ndarray:
+    """TIDE's refresh rule, the one place it is written: bool [..., L] for forwards described by
+    first_block, step and commit (arrays [...] or scalars) and intervals tau [L]."""
+    first = np.asarray(first_block, dtype=bool)[..., None]
+    periodic = (np.asarray(step)[..., None] % tau) == 0
+    return (first | periodic) & ~np.asarray(commit, dtype=bool)[..., None]
 
 
 def placement_from(activated: np.ndarray, gpu: np.ndarray) -> np.ndarray:
