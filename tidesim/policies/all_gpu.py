@@ -13,7 +13,7 @@ import numpy as np
 from tidesim.budget import expert_memory_bytes
 from tidesim.models import ModelSpec
 from tidesim.policies.base import PolicyOptions, register_policy, uniform
-from tidesim.policies.step import Decision, ForwardMeta, PolicyStep, Setup, no_copies, placement_of
+from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, no_copies, placement_of
 
 
 def fits_gpu(model: ModelSpec, layers: int, options: PolicyOptions) -> bool:
@@ -32,9 +32,9 @@ class AllGpu(PolicyStep):
         self.budget = uniform(setup.experts, setup.layers)
         self.feasible = fits_gpu(setup.model, setup.layers, setup.options)
 
-    def decide(self, meta: ForwardMeta, rows: np.ndarray, counts: np.ndarray) -> Decision:
+    def decide(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
         gpu = np.ones(counts.shape, dtype=bool)
-        return Decision(rows, placement_of(counts, gpu), no_copies(counts), np.zeros(counts.shape, dtype=bool), gpu)
+        return (placement_of(counts, gpu), no_copies(counts), np.zeros(counts.shape, dtype=bool), gpu)
 
     def params(self) -> dict[str, object]:
         return {"budget": self.setup.experts}

@@ -14,7 +14,7 @@ import numpy as np
 
 from tidesim.policies.base import register_policy
 from tidesim.policies.residency import int_list, warmup_forwards
-from tidesim.policies.step import Decision, ForwardMeta, PolicyStep, Setup, no_copies, placement_of, static_for
+from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, no_copies, placement_of, static_for
 
 
 def static_params(step: PolicyStep) -> dict[str, object]:
@@ -31,9 +31,9 @@ class CpuRouting(PolicyStep):
         budget = np.asarray(setup.options.budget, dtype=np.int64)
         super().__init__(setup, static_for(setup, budget, "cpu-routing"))
 
-    def decide(self, meta: ForwardMeta, rows: np.ndarray, counts: np.ndarray) -> Decision:
+    def decide(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
         static = self.initial[rows]
-        return Decision(rows, placement_of(counts, static), no_copies(counts), np.zeros(counts.shape, dtype=bool),
+        return (placement_of(counts, static), no_copies(counts), np.zeros(counts.shape, dtype=bool),
                         static.copy())
 
     def params(self) -> dict[str, object]:

@@ -25,7 +25,7 @@ from tidesim.models import ModelSpec
 from tidesim.policies.base import register_policy
 from tidesim.policies.cpu_routing import static_params
 from tidesim.policies.residency import by_count, int_list
-from tidesim.policies.step import Decision, ForwardMeta, PolicyStep, Setup, placement_of, static_for
+from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, placement_of, static_for
 from tidesim.schedule import COPY_ON_DEMAND, NO_COPY
 
 
@@ -70,12 +70,12 @@ class Fiddler(PolicyStep):
         top = int(setup.workload.expert_tokens.max(initial=0)) if setup.workload is not None else 64
         self.cheap = CheapCopies(setup.model, options.hw, top)
 
-    def decide(self, meta: ForwardMeta, rows: np.ndarray, counts: np.ndarray) -> Decision:
+    def decide(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
         static = self.initial[rows]
         activated = counts > 0
         stream = activated & ~static & self.streaming[rows, None] & self.cheap(counts)
         copy = np.where(stream, COPY_ON_DEMAND, NO_COPY).astype(np.int8)
-        return Decision(rows, placement_of(counts, (activated & static) | stream), copy,
+        return (placement_of(counts, (activated & static) | stream), copy,
                         np.zeros(counts.shape, dtype=bool), static.copy())
 
     def params(self) -> dict[str, object]:

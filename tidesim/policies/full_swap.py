@@ -16,30 +16,41 @@ import numpy as np
 from tidesim.errors import InputError
 from tidesim.policies.base import register_policy
 from tidesim.policies.residency import int_list
-from tidesim.policies.step import Decision, ForwardMeta, PolicyStep, Setup, placement_of
+from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, placement_of
 from tidesim.schedule import COPY_ON_DEMAND, NO_COPY
 
 
 def lru_step(resident: np.ndarray, stamp: np.ndarray, activated: np.ndarray, now: int,
              budget: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One forward of the LRU caches of all layers: (resident at the end, updated stamps).
+    """One forward of the LRU caches of the given layers: (resident at the end, updated stamps).
 
     stamp[l, e] is the last use (larger = more recent); the forward's uses get now + position.
     The cache then holds the `budget` most recently used experts among those it held and those
-    it just used (an LRU cache always holds the most recent distinct items).
+    it just used (an LRU cache always holds the most recent distinct items): the last `budget`
+    experts used in this forward, and when fewer were used, the most recent earlier residents in
+    the slots left (stamps are distinct, so "most recent" has no ties).
     """
-    experts = resident.shape[1]
     hit = activated & resident
     miss = activated & ~resident
+    n_act = activated.sum(axis=1)
     position = np.where(hit, np.cumsum(hit, axis=1) - 1,
                         hit.sum(axis=1, keepdims=True) + np.cumsum(miss, axis=1) - 1)
     stamp = np.where(activated, now + position, stamp)
     candidates = resident | activated
-    key = np.where(candidates, stamp, -(2**62))  # non-candidates last; -key must not overflow
-    newest_first = np.argsort(-key, axis=1, kind="stable")
-    recency = np.empty_like(newest_first)
-    np.put_along_axis(recency, newest_first, np.broadcast_to(np.arange(experts), key.shape), axis=1)
-    return candidates & (recency < budget[:, None]), stamp
+    over = candidates.sum(axis=1) > budget
+    if not over.any():  # every layer's cache holds all its candidates: nothing to evict
+        return candidates, stamp
+    after = candidates & ~over[:, None]
+    after |= over[:, None] & activated & (position >= (n_act - budget)[:, None])
+    some_old = over & (n_act < budget)   # slots left for earlier residents, fewer than there are
+    if some_old.any():
+        old = resident[some_old] & ~activated[some_old]
+        key = np.where(old, stamp[some_old], -(2**62))  # not old: last; -key must not overflow
+        newest = -np.sort(-key, axis=1)  # descending
+        left = (budget[some_old] - n_act[some_old])[:, None]
+        threshold = np.take_along_axis(newest, left - 1, axis=1)
+        after[some_old] |= old & (key >= threshold)
+    return after, stamp
 
 
 @register_policy("full-swap", "copy every missing expert to the GPU on demand; per-layer LRU cache of the budget")
@@ -61,13 +72,13 @@ class FullSwap(PolicyStep):
         # Never-used initial residents are older than any use; lower ids are older among them.
         self.stamp = np.broadcast_to(np.arange(e, dtype=np.int64) - e, (l, e)).copy()
 
-    def decide(self, meta: ForwardMeta, rows: np.ndarray, counts: np.ndarray) -> Decision:
+    def decide(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
         activated = counts > 0
         current = self.current[rows]
         copy = np.where(activated & ~current, COPY_ON_DEMAND, NO_COPY).astype(np.int8)
         after, self.stamp[rows] = lru_step(current, self.stamp[rows], activated, meta.index * self.setup.experts,
                                            self.budget[rows])
-        return Decision(rows, placement_of(counts, activated), copy, np.zeros(counts.shape, dtype=bool), after)
+        return (placement_of(counts, activated), copy, np.zeros(counts.shape, dtype=bool), after)
 
     def params(self) -> dict[str, object]:
         return {"budget": int_list(self.budget), "warm_start": self.setup.options.static_resident is not None}

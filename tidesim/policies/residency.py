@@ -57,6 +57,24 @@ def top_activated(counts: np.ndarray, rank: np.ndarray, budget: np.ndarray) -> n
     return (rank < budget[:, None]) & (counts > 0)
 
 
+def refresh_sets(current: np.ndarray, counts: np.ndarray, budget: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(target, refreshed), bool [n, E] for n layers: the target of a TIDE refresh
+    (top_activated) and the resident set after it (keep_best of current | target), computed in
+    rank order with one sort: the online step's fast path, equal to those two functions."""
+    n, e = counts.shape
+    order = np.argsort(-counts, axis=-1, kind="stable")
+    rows = np.arange(n)[:, None]
+    limit = budget[:, None]
+    target_o = (np.arange(e) < limit) & (counts[rows, order] > 0)
+    cand_o = current[rows, order] | target_o
+    kept_o = cand_o & (np.cumsum(cand_o, axis=-1) <= limit)
+    target = np.empty((n, e), dtype=bool)
+    refreshed = np.empty((n, e), dtype=bool)
+    target[rows, order] = target_o
+    refreshed[rows, order] = kept_o
+    return target, refreshed
+
+
 def warmup_forwards(workload: Workload, fraction: float) -> int:
     """Forwards in the profiling prefix: floor(fraction x forwards), at least 1."""
     return max(1, int(fraction * workload.num_forwards))

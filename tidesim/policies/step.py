@@ -54,12 +54,20 @@ class ForwardMeta:
         return self.phase == "commit"
 
 
+Rows = slice | np.ndarray
+"""Selected MoE layers: a slice when they are contiguous (cheap views), else an index array."""
+
+Choice = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+"""What a policy decides for the selected layers: (placement, copy, demote, resident)."""
+
+
 @dataclass
 class Decision:
     """One forward's decisions for the MoE layers `layers`: arrays [len(layers), E] with the
-    Schedule's encoding (tidesim.schedule)."""
+    Schedule's encoding (tidesim.schedule). `rows` selects those layers (a slice when contiguous)."""
 
     layers: np.ndarray      # int64 [n]
+    rows: Rows
     placement: np.ndarray   # int8: idle, GPU, CPU
     copy: np.ndarray        # int8: NO_COPY, on demand, sync refresh, async refresh
     demote: np.ndarray      # bool: D2H demotion
@@ -101,16 +109,20 @@ class PolicyStep:
         return self._all
 
     def step(self, meta: ForwardMeta, counts: np.ndarray, layers: np.ndarray | None = None) -> Decision:
-        """Decide forward `meta` for `layers` (default all) from counts [len(layers), E]."""
-        rows = self._all if layers is None else np.asarray(layers, dtype=np.int64)
+        """Decide forward `meta` for `layers` (default all, in any order) from their routing,
+        counts [len(layers), E]."""
+        index = self._all if layers is None else np.asarray(layers, dtype=np.int64)
         counts = np.asarray(counts)
-        if counts.shape != (rows.size, self.setup.experts):
-            raise InputError(f"routing counts must have shape {(rows.size, self.setup.experts)}, got {counts.shape}")
-        decision = self.decide(meta, rows, counts)
-        self.current[rows] = decision.resident
-        return decision
+        if counts.shape != (index.size, self.setup.experts):
+            raise InputError(f"routing counts must have shape {(index.size, self.setup.experts)}, got {counts.shape}")
+        rows = as_rows(index)
+        placement, copy, demote, resident = self.decide(meta, rows, counts)
+        self.current[rows] = resident
+        return Decision(index, rows, placement, copy, demote, resident)
 
-    def decide(self, meta: ForwardMeta, rows: np.ndarray, counts: np.ndarray) -> Decision:
+    def decide(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
+        """(placement, copy, demote, resident) for the layers `rows`; must not change
+        self.current (step does) and must return fresh arrays, not views of the state."""
         raise NotImplementedError
 
     def params(self) -> dict[str, Any]:
@@ -136,10 +148,19 @@ def static_for(setup: Setup, size: np.ndarray, policy: str) -> np.ndarray:
     return checked_static_set(options.static_resident, (setup.layers, setup.experts), size)
 
 
+def as_rows(index: np.ndarray) -> Rows:
+    """A slice for contiguous ascending layers (views instead of copies), else the index."""
+    if index.size and int(index[-1]) - int(index[0]) == index.size - 1 and (
+            index.size == 1 or bool((np.diff(index) == 1).all())):
+        return slice(int(index[0]), int(index[-1]) + 1)
+    return index
+
+
 def placement_of(counts: np.ndarray, gpu: np.ndarray) -> np.ndarray:
-    """int8 placement of one decision: activated experts on the GPU where `gpu`, else the CPU."""
-    activated = counts > 0
-    return np.where(activated, np.where(gpu, GPU, CPU), IDLE).astype(np.int8)
+    """int8 placement of one decision: activated experts on the GPU where `gpu`, else the CPU
+    (idle = 0, GPU = 1, CPU = 2, so placement = activated x (2 - gpu))."""
+    assert (IDLE, GPU, CPU) == (0, 1, 2)
+    return (counts > 0).view(np.int8) * (2 - gpu.view(np.int8))
 
 
 def no_copies(counts: np.ndarray) -> np.ndarray:
@@ -182,11 +203,11 @@ class ScheduleRecorder:
             raise RuntimeError("begin_forward() first")
         if self._seen[d.layers].any():
             raise RuntimeError(f"MoE layer {int(d.layers[self._seen[d.layers]][0])} decided twice in one forward")
-        self._seen[d.layers] = True
-        self.placement[-1][d.layers] = d.placement
-        self.copy[-1][d.layers] = d.copy
-        self.demote[-1][d.layers] = d.demote
-        self.resident[-1][d.layers] = d.resident
+        self._seen[d.rows] = True
+        self.placement[-1][d.rows] = d.placement
+        self.copy[-1][d.rows] = d.copy
+        self.demote[-1][d.rows] = d.demote
+        self.resident[-1][d.rows] = d.resident
 
     def complete(self) -> bool:
         return self._seen is not None and bool(self._seen.all())

@@ -22,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 
 from tidesim.policies.base import register_policy
-from tidesim.policies.residency import int_list, keep_best, rank_experts, refresh_rule, top_activated
-from tidesim.policies.step import Decision, ForwardMeta, PolicyStep, Setup, placement_of
+from tidesim.policies.residency import int_list, refresh_rule, refresh_sets
+from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, placement_of
 from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_SYNC_REFRESH, NO_COPY
 
 
@@ -52,7 +52,7 @@ class Tide(PolicyStep):
         self.sync = setup.options.refresh == "sync"
         self.refreshed = RefreshCount()
 
-    def decide(self, meta: ForwardMeta, rows: np.ndarray, counts: np.ndarray) -> Decision:
+    def decide(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
         current = self.current[rows]
         refresh = refreshes(meta, self.tau[rows])
         self.refreshed.note(meta, refresh)
@@ -61,15 +61,12 @@ class Tide(PolicyStep):
             copy = np.full(counts.shape, NO_COPY, dtype=np.int8)
             after = current
         else:
-            budget = self.budget[rows]
-            ranking = rank_experts(counts)
-            target = top_activated(counts, ranking.rank, budget)
-            refreshed = keep_best(current | target, ranking.order, ranking.rank, budget)
+            _, refreshed = refresh_sets(current, counts, self.budget[rows])
             after = np.where(refresh[:, None], refreshed, current)
             copy = np.where(after & ~current, COPY_SYNC_REFRESH if self.sync else COPY_ASYNC_REFRESH,
                             NO_COPY).astype(np.int8)
             gpu = after if self.sync else current
-        return Decision(rows, placement_of(counts, gpu), copy, np.zeros(counts.shape, dtype=bool), after.copy())
+        return (placement_of(counts, gpu), copy, np.zeros(counts.shape, dtype=bool), after.copy())
 
     def params(self) -> dict[str, object]:
         return {"budget": int_list(self.budget), "tau": int_list(self.tau), "refresh": self.setup.options.refresh,

@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from tidesim.policies.base import register_policy
-from tidesim.policies.residency import int_list, rank_experts, top_activated
-from tidesim.policies.step import Decision, ForwardMeta, PolicyStep, Setup, no_copies, placement_of
+from tidesim.policies.residency import int_list, refresh_sets
+from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, no_copies, placement_of
 from tidesim.policies.tide import RefreshCount, refreshes
 from tidesim.schedule import COPY_SYNC_REFRESH, NO_COPY
 
@@ -46,20 +46,20 @@ class TideReference(PolicyStep):
         self.tau = np.asarray(setup.options.tau, dtype=np.int64)
         self.refreshed = RefreshCount()
 
-    def decide(self, meta: ForwardMeta, rows: np.ndarray, counts: np.ndarray) -> Decision:
+    def decide(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
         current = self.current[rows]
         refresh = refreshes(meta, self.tau[rows])
         self.refreshed.note(meta, refresh)
         if not refresh.any():
-            return Decision(rows, placement_of(counts, current), no_copies(counts),
+            return (placement_of(counts, current), no_copies(counts),
                             np.zeros(counts.shape, dtype=bool), current.copy())
-        ranking = rank_experts(counts)
         on = refresh[:, None]
-        target = top_activated(counts, ranking.rank, self.budget[rows]) & on
+        target, _ = refresh_sets(current, counts, self.budget[rows])
+        target &= on
         after, promote, demoted = reference_refresh(current, target)
         after = np.where(on, after, current)
         copy = np.where(promote & on, COPY_SYNC_REFRESH, NO_COPY).astype(np.int8)
-        return Decision(rows, placement_of(counts, after), copy, demoted & on, after)
+        return (placement_of(counts, after), copy, demoted & on, after)
 
     def params(self) -> dict[str, object]:
         return {"budget": int_list(self.budget), "tau": int_list(self.tau), "refresh": "sync",
