@@ -41,7 +41,14 @@ from tidesim_runtime.executor import Executor, LayerRouting, RunRecord, memory_n
 from tidesim_runtime.generate import DecodeConfig
 from tidesim_runtime.live import stacked_experts
 from tidesim_runtime.model import LLaDA2Model, SparseMoeBlock
-from tidesim_runtime.weights import ExpertBank, LayerPlan, SlotPlan, _plan_layer_forward, expert_bytes, host_experts_from
+from tidesim_runtime.weights import (
+    ExpertBank,
+    LayerPlan,
+    SlotPlan,
+    _plan_layer_forward,
+    expert_bytes,
+    host_experts_from,
+)
 
 GIB = 2**30
 
