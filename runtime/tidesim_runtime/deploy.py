@@ -40,7 +40,7 @@ from tidesim_runtime.device import DeviceInfo, host_memory_available
 from tidesim_runtime.executor import Executor, LayerRouting, RunRecord, memory_needs
 from tidesim_runtime.generate import DecodeConfig
 from tidesim_runtime.live import stacked_experts
-from tidesim_runtime.model import LLaDA2Model, SparseMoeBlock
+from tidesim_runtime.model import MLP, LLaDA2Model, SparseMoeBlock
 from tidesim_runtime.weights import (
     ExpertBank,
     LayerPlan,
@@ -237,6 +237,7 @@ def bind_host_experts(model: LLaDA2Model, pin: bool) -> list[ExpertBank]:
     for _, block in model.moe_blocks():
         bank = host_experts_from(spec, [stacked_experts(block)], pin=pin)[0]
         for e, m in enumerate(block.experts):
+            assert isinstance(m, MLP)
             m.gate_proj.weight.data = bank.w13[e, :i]
             m.up_proj.weight.data = bank.w13[e, i:]
             m.down_proj.weight.data = bank.w2[e]
