@@ -245,6 +245,19 @@ def bind_host_experts(model: LLaDA2Model, pin: bool) -> list[ExpertBank]:
     return banks
 
 
+def move_non_experts(model: LLaDA2Model, device: torch.device) -> LLaDA2Model:
+    """Every weight but the routed experts to `device` (the experts stay in their host banks)."""
+    held = [(block, block.experts) for _, block in model.moe_blocks()]
+    for block, _ in held:
+        block.experts = torch.nn.ModuleList()
+    try:
+        model.to(device)
+    finally:
+        for block, experts in held:
+            block.experts = experts
+    return model
+
+
 class LiveEngine:
     """One model, one policy, one executor: decodes prompts with the policy deciding online."""
 
@@ -298,7 +311,7 @@ class LiveEngine:
         ex.slots[layer] = bank
 
     def _forward_fn(self, tracker: ForwardTracker) -> Callable[..., Any]:
-        model, ex = self.model, self.executor
+        model, ex, dev = self.model, self.executor, self.device.torch_device
 
         def forward(input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                     past: Any = None, logits_last: int | None = None) -> Any:
@@ -309,7 +322,11 @@ class LiveEngine:
             busy0 = ex.backend.copy_busy_s()
             decide0 = self._decide
             t0 = time.perf_counter()
+            if dev.type != "cpu":  # the decoder keeps ids, positions and masks on the host
+                input_ids, positions, mask = input_ids.to(dev), positions.to(dev), mask.to(dev)
             out = model(input_ids, positions, mask, past, logits_last)
+            if dev.type != "cpu":
+                out = (out[0].cpu(), out[1])
             ex.backend.synchronize()
             elapsed = time.perf_counter() - t0
             if not self.recorder.complete():

@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tidesim_runtime.capture import CaptureSettings
     from tidesim_runtime.checkpoint import load_checkpoint, spec_from_checkpoint, with_layers
-    from tidesim_runtime.deploy import LiveEngine, bind_host_experts, check_deploy_memory
+    from tidesim_runtime.deploy import LiveEngine, bind_host_experts, check_deploy_memory, move_non_experts
     from tidesim_runtime.device import select_device
     from tidesim_runtime.model import build_model
 
@@ -193,21 +193,26 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = (load_checkpoint(args.model_dir, device.dtype, args.layers) if args.model_dir is not None
              else build_model(spec, device.dtype, seed=args.seed))
-    model = model.to(device.torch_device) if device.is_cuda else model
     banks = bind_host_experts(model, pin=device.is_cuda)
     load_s = time.perf_counter() - t0
     settings = CaptureSettings(weights=weights, compute_dtype=device.dtype_name,
                                extra={"prompt_source": Path(args.prompts).name, "engine": "tidesim generate",
                                       "policy": name})
+    # the plain decode runs on the host, with the model's own expert loop, before the engine takes over
+    reference = plain_decode(model, spec, prompts, cfg, settings) if args.check_lossless else None
+    if device.is_cuda:
+        move_non_experts(model, device.torch_device)
     engine = LiveEngine(model, policy, device, banks, max_tokens, max_context)
     result = engine.run(prompts, cfg, settings, seed=args.seed,
                         blocks=lambda pid: lambda it: progress(it, desc=f"prompt {pid + 1}/{len(prompts)}: blocks",
                                                                total=cfg.num_blocks))
     prediction = predict(result, hw) if hw is not None else None
-    lossless = check_lossless(model, spec, prompts, cfg, settings, result, device) if args.check_lossless else None
+    lossless = compare_lossless(reference, result, device) if reference is not None else None
     summary = build_summary(args, result, spec, device, name, options, prediction, lossless, load_s)
     write_run(out, result, summary, prompts, texts)
     report(args, summary, out)
+    if lossless is not None and not lossless["identical"] and not device.is_cuda:
+        return 1  # on the CPU path the tokens must be identical: a lossless failure
     return 0
 
 
@@ -296,11 +301,16 @@ def predict(result: Any, hw: Any) -> dict[str, Any]:
     }
 
 
-def check_lossless(model: Any, spec: Any, prompts: list[list[int]], cfg: Any, settings: Any, result: Any,
-                   device: Any) -> dict[str, Any]:
+def plain_decode(model: Any, spec: Any, prompts: list[list[int]], cfg: Any, settings: Any) -> Any:
+    """(trace, tokens) of a plain decode: the model's own expert loop on the host."""
     from tidesim_runtime.capture import capture_trace
 
-    ref_trace, ref_outputs = capture_trace(model, spec, prompts, cfg, settings, seed=None)
+    return capture_trace(model, spec, prompts, cfg, settings, seed=None)
+
+
+def compare_lossless(reference: Any, result: Any, device: Any) -> dict[str, Any]:
+    """Tokens and routing of the live run against the plain decode."""
+    ref_trace, ref_outputs = reference
     same_tokens = sum(int(a == b) for x, y in zip(ref_outputs, result.outputs, strict=True)
                       for a, b in zip(x, y, strict=False))
     total = sum(max(len(x), len(y)) for x, y in zip(ref_outputs, result.outputs, strict=True))
