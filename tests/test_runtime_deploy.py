@@ -136,8 +136,8 @@ def test_memory_needs_and_refusals() -> None:
     mini = get_model("llada2-mini")
     cpu = select_device("cpu", 1)
     need = deploy_memory(mini, cpu, uniform(64, mini.num_moe_layers), 64, 512)
-    # every routed expert of mini in float32 (cpu-as-gpu) in host banks
-    assert need["expert_banks"] == mini.num_moe_layers * mini.num_experts * 3 * mini.hidden_size \
+    # every routed expert of mini in float32 (cpu-as-gpu) in host banks, plus one layer's bank while binding
+    assert need["expert_banks"] == (mini.num_moe_layers + 1) * mini.num_experts * 3 * mini.hidden_size \
         * mini.moe_intermediate_size * 4
     with pytest.raises(InputError, match=r"use --layers \d+ or fewer"):
         check_deploy_memory(mini, cpu, uniform(64, mini.num_moe_layers), 64, 512, host_free=8 * 2**30)

@@ -39,7 +39,6 @@ from tidesim_runtime.capture import CaptureSettings, capture_trace
 from tidesim_runtime.device import DeviceInfo, host_memory_available
 from tidesim_runtime.executor import Executor, LayerRouting, RunRecord, memory_needs
 from tidesim_runtime.generate import DecodeConfig
-from tidesim_runtime.live import stacked_experts
 from tidesim_runtime.model import MLP, LLaDA2Model, SparseMoeBlock
 from tidesim_runtime.weights import (
     ExpertBank,
@@ -47,7 +46,6 @@ from tidesim_runtime.weights import (
     SlotPlan,
     _plan_layer_forward,
     expert_bytes,
-    host_experts_from,
 )
 
 GIB = 2**30
@@ -190,7 +188,8 @@ def deploy_memory(spec: ModelSpec, device: DeviceInfo, budget: np.ndarray, max_t
     """Bytes generate needs on the host and on the device (0 for cpu-as-gpu, which keeps all on
     the host): the routed experts in host banks (pinned on CUDA, at the allocator's rounded size,
     one bank per MoE layer), the model's other weights (on the device), the executor's slots and
-    buffers (executor.memory_needs), and the model's keys/values."""
+    buffers (executor.memory_needs), and the model's keys/values. The banks are counted with one
+    more layer's bank: the peak while the model's experts are moved into them."""
     layers = spec.num_moe_layers
     el = torch.empty(0, dtype=device.dtype).element_size()
     bank = spec.num_experts * expert_bytes(spec, device.dtype)
@@ -200,6 +199,7 @@ def deploy_memory(spec: ModelSpec, device: DeviceInfo, budget: np.ndarray, max_t
     ex = memory_needs(spec, layers, device, slots, max_tokens, max_context, forward_fixed=False)
     kv = spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * max_context * el * 2  # cache + a step's copy
     device_side = non_expert + ex["device"] + kv if device.is_cuda else 0
+    banks += banks // max(layers, 1)  # while binding: the model's experts plus one layer's bank
     host = banks + (0 if device.is_cuda else non_expert + (ex["host"] - layers * spec.num_experts
                                                             * expert_bytes(spec, device.dtype)) + kv)
     return {"host": int(host), "device": int(device_side), "expert_banks": int(banks), "non_expert": int(non_expert)}
@@ -230,17 +230,21 @@ def check_deploy_memory(spec: ModelSpec, device: DeviceInfo, budget: np.ndarray,
 # ----- the engine ----------------------------------------------------------------------------------------
 def bind_host_experts(model: LLaDA2Model, pin: bool) -> list[ExpertBank]:
     """Host banks of every MoE layer's experts; the model's expert weights become views of them
-    (each expert is held once, and the plain decode still runs the same numbers)."""
+    (each expert is held once, and the plain decode still runs the same numbers). Experts are
+    moved one at a time, so the peak is the model plus one layer's bank."""
     banks: list[ExpertBank] = []
     spec = model.spec
     i = spec.moe_intermediate_size
     for _, block in model.moe_blocks():
-        bank = host_experts_from(spec, [stacked_experts(block)], pin=pin)[0]
+        first = block.experts[0]
+        assert isinstance(first, MLP)
+        dtype = first.gate_proj.weight.dtype
+        bank = ExpertBank.empty(spec, len(block.experts), torch.device("cpu"), dtype, pin=pin, zero=False)
         for e, m in enumerate(block.experts):
             assert isinstance(m, MLP)
-            m.gate_proj.weight.data = bank.w13[e, :i]
-            m.up_proj.weight.data = bank.w13[e, i:]
-            m.down_proj.weight.data = bank.w2[e]
+            for proj, view in ((m.gate_proj, bank.w13[e, :i]), (m.up_proj, bank.w13[e, i:]), (m.down_proj, bank.w2[e])):
+                view.copy_(proj.weight.data)
+                proj.weight.data = view
         banks.append(bank)
     return banks
 
