@@ -60,16 +60,26 @@ def top_activated(counts: np.ndarray, rank: np.ndarray, budget: np.ndarray) -> n
 def refresh_sets(current: np.ndarray, counts: np.ndarray, budget: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(target, refreshed), bool [n, E] for n layers: the target of a TIDE refresh
     (top_activated) and the resident set after it (keep_best of current | target), computed in
-    rank order with one sort: the online step's fast path, equal to those two functions."""
+    rank order with one sort: the online step's fast path, equal to those two functions. One
+    layer (the live engine's call) takes 1-D indexing, which numpy does with less overhead."""
     n, e = counts.shape
     order = np.argsort(-counts, axis=-1, kind="stable")
+    target = np.empty((n, e), dtype=bool)
+    refreshed = np.empty((n, e), dtype=bool)
+    if n == 1:
+        o, b = order[0], int(budget[0])
+        target_o = counts[0][o] > 0
+        target_o[b:] = False
+        cand_o = current[0][o] | target_o
+        kept_o = cand_o & (np.cumsum(cand_o) <= b)
+        target[0][o] = target_o
+        refreshed[0][o] = kept_o
+        return target, refreshed
     rows = np.arange(n)[:, None]
     limit = budget[:, None]
     target_o = (np.arange(e) < limit) & (counts[rows, order] > 0)
     cand_o = current[rows, order] | target_o
     kept_o = cand_o & (np.cumsum(cand_o, axis=-1) <= limit)
-    target = np.empty((n, e), dtype=bool)
-    refreshed = np.empty((n, e), dtype=bool)
     target[rows, order] = target_o
     refreshed[rows, order] = kept_o
     return target, refreshed
@@ -138,7 +148,13 @@ def refresh_steps(workload: Workload, tau: np.ndarray) -> np.ndarray:
 def refresh_rule(first_block: np.ndarray | bool, step: np.ndarray | int, commit: np.ndarray | bool,
                  tau: np.ndarray) -> np.ndarray:
     """TIDE's refresh rule, the one place it is written: bool [..., L] for forwards described by
-    first_block, step and commit (arrays [...] or scalars) and intervals tau [L]."""
+    first_block, step and commit (arrays [...] or scalars: one forward, the online step) and
+    intervals tau [L]: refresh in the first block or when step is a multiple of tau, never in a
+    commit forward."""
+    if np.ndim(step) == 0 and np.ndim(first_block) == 0 and np.ndim(commit) == 0:
+        if commit:
+            return np.zeros(tau.shape, dtype=bool)
+        return np.ones(tau.shape, dtype=bool) if first_block else (int(step) % tau) == 0
     first = np.asarray(first_block, dtype=bool)[..., None]
     periodic = (np.asarray(step)[..., None] % tau) == 0
     return (first | periodic) & ~np.asarray(commit, dtype=bool)[..., None]
