@@ -98,12 +98,28 @@ def decode_config(args: argparse.Namespace) -> Any:
                         kv_cache=args.kv_cache, temperature=args.temperature, seed=args.seed)
 
 
-def read_prompt_tokens(path: str, spec: Any) -> tuple[list[list[int]], list[str | None]]:
-    """(token ids, text or None) per prompt."""
+def read_prompt_tokens(path: str, spec: Any, model_dir: str | None) -> tuple[list[list[int]], list[str | None], Any]:
+    """(token ids, prompt text or None, tokenizer or None) per prompt. With the decode issue's
+    prompt module (tidesim_runtime.prompts: text through the checkpoint's tokenizer and chat
+    template) when it is installed; else token ids only, as `trace capture` reads them."""
+    import importlib.util
+
     from tidesim.cli.trace_capture import read_prompts
 
-    prompts = read_prompts(path, spec)
-    return prompts, [None] * len(prompts)
+    if importlib.util.find_spec("tidesim_runtime.prompts") is None:
+        prompts = read_prompts(path, spec)
+        return prompts, [None] * len(prompts), None
+    from tidesim_runtime import prompts as prompt_module
+
+    tokenizer = prompt_module.load_tokenizer(model_dir)
+    prepared = prompt_module.prepare_prompts(prompt_module.read_prompt_file(path), tokenizer,
+                                             where=f"--prompts {path}")
+    for i, q in enumerate(prepared):
+        bad = [t for t in q.tokens if not 0 <= t < spec.vocab_size or t == spec.mask_token_id]
+        if not q.tokens or bad:
+            raise InputError(f"--prompts {path}: prompt {i} is empty or holds token {bad[0] if bad else None!r} "
+                             f"(outside [0, {spec.vocab_size}) or the mask token)")
+    return [list(q.tokens) for q in prepared], [q.text for q in prepared], tokenizer
 
 
 # ----- checks ---------------------------------------------------------------------------------------
@@ -178,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         spec = with_layers(get_model(args.config), args.layers, at_most_spec=False)
         weights = f"random (seed {args.seed})"
-    prompts, texts = read_prompt_tokens(args.prompts, spec)
+    prompts, texts, tokenizer = read_prompt_tokens(args.prompts, spec, args.model_dir)
     hw = get_profile(args.hw) if args.hw else None
     name, options = policy_options(args, spec, hw)
     from tidesim.policies.base import online_policy
@@ -209,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
     prediction = predict(result, hw) if hw is not None else None
     lossless = compare_lossless(reference, result, device) if reference is not None else None
     summary = build_summary(args, result, spec, device, name, options, prediction, lossless, load_s)
-    write_run(out, result, summary, prompts, texts)
+    write_run(out, result, summary, prompts, texts, tokenizer)
     report(args, summary, out)
     if lossless is not None and not lossless["identical"] and not device.is_cuda:
         return 1  # on the CPU path the tokens must be identical: a lossless failure
@@ -358,7 +374,7 @@ def build_summary(args: argparse.Namespace, result: Any, spec: Any, device: Any,
 
 
 def write_run(out: Path, result: Any, summary: dict[str, Any], prompts: list[list[int]],
-              texts: list[str | None]) -> None:
+              texts: list[str | None], tokenizer: Any = None) -> None:
     """Write every file into a temporary folder beside `out`, then rename it into place (a previous
     run there is replaced only once the new one is complete)."""
     from tidesim.schedule_io import save_schedule
@@ -369,8 +385,9 @@ def write_run(out: Path, result: Any, summary: dict[str, Any], prompts: list[lis
     try:
         with open(tmp / "generations.jsonl", "w") as fh:
             for i, (q, tokens) in enumerate(zip(prompts, result.outputs, strict=True)):
+                text = tokenizer.decode(list(tokens)) if tokenizer is not None else None
                 fh.write(json.dumps({"prompt": i, "prompt_tokens": q, "prompt_text": texts[i], "tokens": tokens,
-                                     "text": None}) + "\n")
+                                     "text": text}) + "\n")
         result.forwards.to_parquet(tmp / "forwards.parquet", index=False)
         write_trace(result.trace, tmp / "trace.parquet")
         save_schedule(result.schedule, tmp / "schedule.npz")
