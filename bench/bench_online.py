@@ -48,11 +48,12 @@ def main() -> None:
     e = sub.add_parser("engine")
     e.add_argument("--config", default="tiny")
     e.add_argument("--layers", type=int, default=None)
-    e.add_argument("--policies", default="tide,full-swap,all-gpu")
+    e.add_argument("--policies", default="tide,full-swap,all-gpu", help="policies that need no static set")
     e.add_argument("--budget", type=int, default=None, help="default: half the experts")
     e.add_argument("--gen-length", type=int, default=64)
     e.add_argument("--block-length", type=int, default=32)
     e.add_argument("--kv-cache", default="none")
+    e.add_argument("--threshold", type=float, default=1.0, help="1.0 commits one token per step (more forwards)")
     e.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(sys.argv[1:] if sys.argv[1:2] in (["decide"], ["engine"]) else ["decide", *sys.argv[1:]])
     if args.what == "engine":
@@ -109,7 +110,8 @@ def engine(args: argparse.Namespace) -> None:
     layers, experts = spec.num_moe_layers, spec.num_experts
     budget = args.budget if args.budget is not None else experts // 2
     device = select_device("cpu", 1)
-    cfg = DecodeConfig(gen_length=args.gen_length, block_length=args.block_length, kv_cache=args.kv_cache)
+    cfg = DecodeConfig(gen_length=args.gen_length, block_length=args.block_length, kv_cache=args.kv_cache,
+                       threshold=args.threshold)
     prompt = [[(7 * i + 3) % (spec.vocab_size - 2) for i in range(16)]]
     size = 16 + args.gen_length + args.block_length
     model = build_model(spec, device.dtype, seed=0)
