@@ -115,7 +115,7 @@ def engine(args: argparse.Namespace) -> None:
     prompt = [[(7 * i + 3) % (spec.vocab_size - 2) for i in range(16)]]
     size = 16 + args.gen_length + args.block_length
     model = build_model(spec, device.dtype, seed=0)
-    banks = bind_host_experts(model, pin=False)
+    banks = bind_host_experts(model)
     hw = get_profile("dev-2core-cpu")
     print(f"{spec.name}: {layers} MoE layers x {experts} experts, budget {budget}, {device.describe()}, "
           f"gen {args.gen_length}, block {args.block_length}, kv {args.kv_cache}")

@@ -53,7 +53,8 @@ def main() -> None:
     device = select_device(args.device)
     hw = get_profile(args.hw)
     layers, experts = workload.num_layers, workload.num_experts
-    check_memory(workload.model, layers, device, experts, int(workload.tokens.max()), int(workload.context.max()))
+    check_memory(workload.model, layers, device, experts, int(workload.tokens.max()), int(workload.context.max()),
+                 routing_pairs=int(workload.expert_tokens.sum()))
     print(f"{workload.model.name}: {workload.num_forwards} forwards, {workload.generated_tokens} tokens generated, "
           f"budget {args.budget}, tau {args.tau}; {device.describe()}")
     rows = []

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from browser import check_page
 
 torch = pytest.importorskip("torch")
 
@@ -98,6 +99,24 @@ def test_validate_writes_table_json_parquet_and_figure(tiny_trace: Path, tiny_pr
     assert list(table["config"]) == [r["config"] for r in data["rows"]]
     assert (out / "predicted_vs_measured.png").read_bytes()[:4] == b"\x89PNG"
     assert data["setup"]["layers_note"] == "the whole model runs"
+    page = (out / "index.html").read_text()
+    assert "tide B=6 tau=2" in page and "data:image/png;base64," in page and 'href="results.parquet"' in page
+    check_page(out / "index.html", tmp_path / "browser", figures=1, tables=1)
+
+
+def test_validate_default_tau_follows_the_rule(tiny_trace: Path, tiny_profile_path: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from tidesim.default_tau import best_tau
+    from tidesim.hardware import get_profile
+    from tidesim.trace.io import read_trace
+    from tidesim.workload import workload_from_trace
+
+    expected = best_tau(workload_from_trace(read_trace(tiny_trace)), get_profile(str(tiny_profile_path)), 6, "sync")
+    out = tmp_path / "results"
+    assert main(["validate", "--trace", str(tiny_trace), "--hw", str(tiny_profile_path), "--budgets", "6",
+                 "--policies", "tide", "--device", "cpu", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert expected.line in text and f"tide B=6 tau={expected.tau}" in text
 
 
 def test_validate_layers_and_forwards_limit_the_run(tiny_trace: Path, tiny_profile_path: Path, tmp_path: Path,
@@ -118,6 +137,7 @@ def test_validate_layers_and_forwards_limit_the_run(tiny_trace: Path, tiny_profi
     (["--layers", "9"], "--layers must lie in 1..3"),
     (["--repeats", "0"], "--repeats"),
     (["--policies", "planned"], "--plan"),
+    (["--cpu-workers", "3"], "differs from the profile's 8 worker"),   # the simulator would use 8
 ])
 def test_validate_bad_input_fails_before_work(tiny_trace: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                               args: list[str], words: str) -> None:

@@ -88,3 +88,24 @@ def test_simulate_refuses_a_plan_for_another_model(tmp_path: Path, capsys: pytes
     assert main(["simulate", "--trace", "llada2-mini_prefix_g256", "--hw", "h100-sxm-pcie5", "--plan", str(out),
                  "--engine", "analytic"]) == 2
     assert "made for model 'tiny'" in capsys.readouterr().err
+
+
+def test_plan_and_simulate_state_the_same_slot_count(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`plan` and `simulate --plan` name the slots the budgets use and the slots the memory holds alike,
+    and the planner's Lagrangian bound is not called an oracle (that is a policy)."""
+    trace = write_tiny_trace(tmp_path)
+    out = tmp_path / "plan.json"
+    assert main(plan_args(trace, out)) == 0
+    captured = capsys.readouterr()
+    planned = captured.out
+    # not a terminal: one line when the work starts, one with a summary when it ends
+    err = captured.err.splitlines()
+    assert len(err) == 2 and err[0].startswith("tidesim plan: cost table, MILP and Lagrangian bound")
+    assert err[1].startswith("tidesim plan: done in ") and "expert slots" in err[1]
+    plan = load_plan(out)
+    slots = f"{sum(plan.budget)} of 24 expert slots"
+    assert slots in planned and "Lagrangian lower bound" in planned and "oracle lower bound" not in planned
+    assert main(["simulate", "--trace", str(trace), "--hw", "h100-sxm-pcie5", "--plan", str(out)]) == 0
+    assert slots in capsys.readouterr().out
+    assert main(["simulate", "--trace", str(trace), "--hw", "h100-sxm-pcie5", "--plan", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["inputs"]["expert_slots"] == slots

@@ -8,6 +8,7 @@ import json
 import pandas as pd
 import pytest
 import yaml
+from browser import check_page
 
 from tidesim.cli import main
 
@@ -84,6 +85,11 @@ def test_sweep_writes_table_and_figures(tmp_path, capsys):
         with open(path, "rb") as fh:
             data = fh.read()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000
+    # the figures folder has a page to open, with every figure, the summary and a link to the table
+    page = tmp_path / "r.figures" / "index.html"
+    assert report["report"] == str(page)
+    check_page(page, tmp_path / "browser", figures=4, tables=1)
+    assert 'href="../r.parquet"' in page.read_text()
     # table mode: the per-policy summary, and a rerun of a finished sweep evaluates every point again
     assert main(["sweep", str(grid), "-o", str(out), "--workers", "1"]) == 0
     text = capsys.readouterr().out

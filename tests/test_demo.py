@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from browser import check_page
 
 from tidesim.cli import main
 from tidesim.demo import DEFAULT_CASES, demo_profiles, run_demo, table_rows
@@ -51,6 +52,16 @@ def test_demo_writes_report(small_trace: Path, tmp_path: Path) -> None:
     assert summary[0]["best_baseline"] == best
     plan = json.loads((out / "plan_llada2-mini_h100-sxm-pcie5.json").read_text())
     assert len(plan["tau"]) == PRESETS["llada2-mini"].num_moe_layers
+    # the default-tau rule with a plan: the plan's best single tau, stated with its reason
+    assert r.tau == plan["calibration"]["best_single_tau"]
+    assert r.tau_reason.startswith(f"tau {r.tau}: the plan's best single tau")
+    assert summary[0]["plan"]["lagrangian_bound_s"] == plan["oracle_bound_s"]
+    # one page to open: per case the policy table and the plan table, every PNG, links to the rest
+    page = out / "index.html"
+    text = page.read_text()
+    assert 'href="timeline_llada2-mini_h100-sxm-pcie5.json"' in text and 'href="summary.json"' in text
+    assert 'href="plan_llada2-mini_h100-sxm-pcie5.json"' in text and "Lagrangian bound" in text
+    check_page(page, tmp_path / "browser", figures=4 * len(results), tables=2 * len(results))
 
 
 def test_demo_is_deterministic(small_trace: Path, tmp_path: Path) -> None:
@@ -70,3 +81,43 @@ def test_default_cases_are_bundled() -> None:
 def test_bad_workers_is_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--workers", "0"]) == 2
     assert "--workers" in capsys.readouterr().err
+
+
+def _fake_cases(fail: bool):
+    """Stands in for the cases: writes part of a report, then fails (Ctrl-C) or writes summary.json."""
+    def run(out: Path, step, cases, workers):
+        (out / "plan_x.json").write_text("{}\n")
+        if fail:
+            raise KeyboardInterrupt
+        (out / "summary.json").write_text("[]\n")
+        return []
+    return run
+
+
+def test_interrupted_demo_leaves_no_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tidesim.demo as demo
+
+    monkeypatch.setattr(demo, "_run_cases", _fake_cases(fail=True))
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(tmp_path / "report")
+    assert list(tmp_path.iterdir()) == []                 # neither the report nor its temporary folder
+
+
+def test_demo_replaces_a_previous_report_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tidesim.demo as demo
+    from tidesim.errors import InputError
+
+    monkeypatch.setattr(demo, "_run_cases", _fake_cases(fail=False))
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "summary.json").write_text("old\n")
+    (out / "stale.png").write_bytes(PNG)
+    run_demo(out)
+    assert sorted(p.name for p in out.iterdir()) == ["plan_x.json", "summary.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me\n")
+    with pytest.raises(InputError, match="holds other files and no tidesim report"):
+        run_demo(mine)
+    assert (mine / "notes.txt").read_text() == "keep me\n"

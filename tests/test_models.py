@@ -7,7 +7,7 @@ from tidesim.models import PRESETS, ModelSpec, get_model
 
 
 def test_expert_sizes_match_published_figures():
-    # reference.md: 3 x hidden x moe_inter parameters; 6.3 MB (mini) and 25.2 MB (flash) in bf16
+    # docs/sources.md: 3 x hidden x moe_inter parameters; 6.3 MB (mini) and 25.2 MB (flash) in bf16
     mini, flash = PRESETS["llada2-mini"], PRESETS["llada2-flash"]
     assert mini.expert_params == 3 * 2048 * 512
     assert mini.expert_bytes == 3 * 2048 * 512 * 2 == 6_291_456

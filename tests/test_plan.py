@@ -19,9 +19,11 @@ from tidesim.plan import (
     load_plan,
     model_fingerprint,
     profile_fingerprint,
+    sha256_bytes,
 )
 
 MINI = PRESETS["llada2-mini"]
+TRACE_SHA, PROFILE_SHA = sha256_bytes(b"trace"), sha256_bytes(b"profile")
 
 
 def make_plan(**changes: object) -> Plan:
@@ -30,7 +32,7 @@ def make_plan(**changes: object) -> Plan:
         model="llada2-mini", hw="h100-sxm-pcie5", trace="t.parquet", mode="per-layer", gpu_mem_gib=20.0,
         expert_slots=2432, tau=[2] * layers, budget=[128] * layers, objective_s=1.5, oracle_bound_s=1.2,
         gap=0.25, solver=SolverInfo("cbc", "optimal", True, 0.01, None, 1.5),
-        fingerprints=Fingerprints("a" * 64, "b" * 64, model_fingerprint(MINI)), taus=[1, 2], budgets=[64, 128],
+        fingerprints=Fingerprints(TRACE_SHA, PROFILE_SHA, model_fingerprint(MINI)), taus=[1, 2], budgets=[64, 128],
         heldout=Evaluation([2, 3], "analytic", 100, 1.0, 100.0, 2, 128, 1.1, 90.9, 1.1),
     )
     values.update(changes)
@@ -112,3 +114,42 @@ def test_model_check() -> None:
 
 def test_memory_bytes() -> None:
     assert make_plan().memory_bytes(MINI) == 128 * 19 * MINI.expert_bytes + MINI.non_expert_bytes
+
+
+@pytest.mark.parametrize("name", ["trace_sha256", "profile_sha256", "model_sha256"])
+def test_placeholder_fingerprints_refused(tmp_path: Path, name: str) -> None:
+    data = make_plan().to_dict()
+    data["fingerprints"][name] = "0" * 64
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(InputError, match=f"fingerprints.{name} is a placeholder"):
+        load_plan(path)
+
+
+def test_model_message_names_what_differs() -> None:
+    plan = make_plan()
+    wider = PRESETS["llada2-mini"].to_dict() | {"hidden_size": 1024}
+    from tidesim.models import ModelSpec
+    with pytest.raises(InputError) as err:
+        plan.check_model(ModelSpec.from_dict(wider))
+    message = str(err.value)
+    assert "hidden_size is 1024 (the plan's: 2048)" in message
+    assert message.count("llada2-mini") == 1
+
+
+def test_plan_on_other_inputs_refused_or_warned(tmp_path: Path) -> None:
+    trace = tmp_path / "t.bin"
+    trace.write_bytes(b"trace")                  # the plan's trace fingerprint is sha256(b"trace")
+    other = tmp_path / "u.bin"
+    other.write_bytes(b"another trace")
+    plan = make_plan()
+    hw = get_profile("h100-sxm-pcie5")
+    plan.fingerprints.profile_sha256 = profile_fingerprint(hw)
+    assert plan.check_inputs(MINI, trace, hw) == []
+    with pytest.raises(InputError, match="made from trace .* not from .*u.bin.*--force"):
+        plan.check_inputs(MINI, other, hw)
+    a100 = get_profile("a100-80gb-pcie4")
+    with pytest.raises(InputError, match="hardware profile 'h100-sxm-pcie5' .* not 'a100-80gb-pcie4'"):
+        plan.check_inputs(MINI, trace, a100)
+    warnings = plan.check_inputs(MINI, other, a100, force=True)
+    assert len(warnings) == 2 and "u.bin" in warnings[0] and "a100-80gb-pcie4" in warnings[1]

@@ -105,7 +105,7 @@ def test_layer_model_matches_the_simulator(w, data) -> None:  # type: ignore[no-
     free = (s.resident_before() & (w.expert_tokens > 0)).sum(axis=2).reshape(-1)
     split = (s.placement == GPU).sum(axis=2).reshape(-1)
     mine = layer_times(counts, r.order.reshape(f * l, e), active, free, split, w.model, hw).reshape(f, l)
-    assert np.allclose((mine + costs.layer_fixed[:, None]).sum(axis=0), simulate(costs).layer_time,
+    assert np.allclose((mine + costs.gpu.layer_fixed[:, None]).sum(axis=0), simulate(costs).layer_time,
                        rtol=1e-9, atol=1e-12)
 
 

@@ -7,7 +7,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tidesim_runtime.calibrate import Grid, _monotone, calibrate, model_bytes_factor, stat  # noqa: E402
+from tidesim_runtime.calib_timer import monotone as _monotone  # noqa: E402
+from tidesim_runtime.calibrate import Grid, calibrate, model_bytes_factor, stat  # noqa: E402
 from tidesim_runtime.device import select_device  # noqa: E402
 
 from tidesim.hardware import load_profile  # noqa: E402

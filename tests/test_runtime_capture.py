@@ -11,19 +11,19 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from official_rules import official_config  # noqa: E402
 from tidesim_runtime.capture import CaptureSettings, GateRecorder, HFForward, capture_trace, prompt_fingerprint  # noqa: E402,I001
 from tidesim_runtime.gate import route  # noqa: E402
 from tidesim_runtime.generate import DecodeConfig  # noqa: E402
 from tidesim_runtime.model import build_model  # noqa: E402
 
 from tidesim.cli import main  # noqa: E402
+from tidesim.models import PRESETS  # noqa: E402
 from tidesim.trace.io import read_trace, write_trace  # noqa: E402
 from tidesim.trace.validate import validate_trace  # noqa: E402
-from tidesim.models import PRESETS  # noqa: E402
-
 
 SPEC = PRESETS["tiny"]
-PROMPTS = [[3, 1, 4, 1, 5, 9], [2, 7, 1, 8]]
+PROMPTS = [[3, 1, 4, 1, 5, 9] * 3, [2, 7, 1, 8]]  # 18 tokens: one whole block of 16 and 2 more; 4
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,9 @@ def test_captured_traces_are_valid_and_counts_sum_to_tokens_times_top_k(traces, 
         back = read_trace(write_trace(trace, tmp_path / f"{kv}.parquet"))
         assert np.array_equal(back.expert_tokens, trace.expert_tokens)
         assert set(trace.forwards["phase"]) == ({"step"} if kv == "none" else {"prefill", "step", "commit"})
+        # prefill only for a prompt holding a whole block: prompt 0 (18 tokens), not prompt 1 (4)
+        prefills = trace.forwards[trace.forwards.phase == "prefill"]
+        assert prefills["prompt"].tolist() == ([] if kv == "none" else [0]) and set(prefills["tokens"]) <= {16}
 
 
 def test_metadata_is_complete(traces):
@@ -61,7 +64,9 @@ def test_metadata_is_complete(traces):
     m = trace.meta
     assert m.source == "captured" and m.kv_cache == "prefix" and m.seed == 21 and m.model == SPEC
     assert (m.block_length, m.threshold, m.gen_length) == (16, 0.9, 32)
-    assert m.prompts[0]["sha256"] == hashlib.sha256(b"3 1 4 1 5 9").hexdigest()
+    assert m.prompts[0]["sha256"] == hashlib.sha256(b" ".join([b"3 1 4 1 5 9"] * 3)).hexdigest()
+    assert len(m.prompts[0]["steps_per_block"]) <= 3  # blocks 1..3 of ceil((18 + 32) / 16) = 4
+    assert m.generator["decode"]["steps"] == 32 and m.generator["decode"]["do_sample"] is False
     assert m.prompts[1]["tokens"] == 4 and m.prompts[1]["generated"] <= 32
     assert m.generator["weights"] == "random (seed 21)" and m.generator["token_level"] is True
     assert "random weights" in m.notes
@@ -74,20 +79,20 @@ def test_both_modes_decode_alike_and_route_the_prefix_alike(traces):
     sn, sp = (t.forwards[t.forwards.phase == "step"] for t in (tn, tp))
     assert sn["committed"].tolist() == sp["committed"].tolist()
     layers = SPEC.num_moe_layers
-    P = len(PROMPTS[0])
-    # no cache: the prompt is routed identically in every forward (it never sees generated blocks),
-    # and exactly as in the prefix-mode prefill
+    # no cache: the prompt's whole block [0, 16) is routed identically in every forward (it never
+    # sees later blocks), and exactly as in the prefix-mode prefill
     first = [i for i in range(tn.num_forwards) if tn.forwards.prompt[i] == 0]
     for layer in range(layers):
         ref = tp.topk_ids[0 * layers + layer]  # prefill of prompt 0
         for fw in first:
-            assert np.array_equal(np.sort(tn.topk_ids[fw * layers + layer][:P], 1), np.sort(ref, 1))
-    # block 0 as committed to the cache routes like block 0 in the no-cache forwards of block 1
+            assert np.array_equal(np.sort(tn.topk_ids[fw * layers + layer][:16], 1), np.sort(ref, 1))
+    # the first decoded block [16, 32) as committed to the cache routes like those positions in
+    # the no-cache forwards of the next block
     commit = int(np.flatnonzero((tp.forwards.phase == "commit") & (tp.forwards.prompt == 0))[0])
     later = int(np.flatnonzero((tn.forwards.block == 1) & (tn.forwards.prompt == 0))[0])
     for layer in range(layers):
         a = tp.topk_ids[commit * layers + layer]
-        b = tn.topk_ids[later * layers + layer][P:P + 16]
+        b = tn.topk_ids[later * layers + layer][16:32]
         assert np.array_equal(np.sort(a, 1), np.sort(b, 1))
 
 
@@ -176,7 +181,12 @@ def test_capture_command_prompt_files(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("content, extra, word", [
-    ("1 2 x\n", [], "line 1"), ("[[1, 2], [99999]]", [], "outside [0, 512)"), ("[[511]]", [], "mask token"),
+    ("1 2 x\n", [], "is text, but there is no tokenizer.json"), ("[[1, 2], [99999]]", [], "outside [0, 512)"),
+    ("[[511]]", [], "mask token"), ("[[1], []]", [], "prompt 1 is empty"),
+    ("1 2\n", ["--temperature", "nan"], "--temperature must be a finite number"),
+    ("1 2\n", ["--minimal-topk", "17"], "--minimal-topk 17 exceeds --gen-length 16"),
+    ("1 2\n", ["--top-p", "inf"], "--top-p"), ("1 2\n", ["--steps", "0"], "--steps"),
+    ("1 2\n", ["--top-k", "513"], "--top-k 513 exceeds the vocabulary"),
     ("", [], "holds no prompt"), ("1 2\n", ["--threshold", "2"], "--threshold"),
     ("1 2\n", ["--layers", "1"], "no MoE layer"), ("1 2\n", ["--gen-length", "0"], "--gen-length"),
 ])
@@ -191,6 +201,19 @@ def test_capture_command_bad_input_exit_2(tmp_path, capsys, content, extra, word
     assert not out.exists()
 
 
+def test_capture_command_refuses_a_sequence_beyond_max_position_embeddings(tmp_path, capsys):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(official_config(SPEC, max_position_embeddings=40)))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("1 2 3\n" + " ".join(["7"] * 30) + "\n")
+    out = tmp_path / "t.parquet"
+    rc = main(["trace", "capture", "--config", str(cfg), "--prompts", str(prompts), "--gen-length", "16",
+               "--block-length", "8", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "prompt 1: 30 prompt tokens + gen length 16, padded to 48 positions" in err
+    assert "max_position_embeddings 40" in err and err.count("\n") == 1 and not out.exists()
+
+
 def test_capture_command_without_torch_says_how_to_install(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
     rc, out = run_cli(tmp_path)
@@ -199,13 +222,16 @@ def test_capture_command_without_torch_says_how_to_install(tmp_path, capsys, mon
     assert not out.exists()
 
 
-def test_capture_command_config_path_with_more_layers(tmp_path, capsys):
+def test_capture_command_config_path_honours_flags_and_refuses_more_layers(tmp_path, capsys):
     cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps(SPEC.to_hf_dict()))
+    cfg.write_text(json.dumps(official_config(SPEC, use_bias=True)))
     out = tmp_path / "t.parquet"
     rc = main(["trace", "capture", "--config", str(cfg), "--layers", "5", "--prompt-tokens", "4", "--gen-length", "8",
+               "--block-length", "8", "-o", str(out)])
+    assert rc == 2 and "--layers 5 exceeds the 4 layers" in capsys.readouterr().err and not out.exists()
+    rc = main(["trace", "capture", "--config", str(cfg), "--layers", "3", "--prompt-tokens", "4", "--gen-length", "8",
                "--block-length", "8", "-o", str(out), "--json"])
     assert rc == 0
     t = read_trace(out)
-    assert t.meta.model.num_layers == 5 and t.expert_tokens.shape[1] == 4
+    assert t.meta.model.num_layers == 3 and t.expert_tokens.shape[1] == 2
     assert json.loads(capsys.readouterr().out)["model"] == t.meta.model.name

@@ -21,7 +21,6 @@ from tidesim_runtime.deploy import (  # noqa: E402
     check_deploy_memory,
     decision_counts,
     deploy_memory,
-    pinned_size,
     predicted_forwards,
 )
 from tidesim_runtime.device import select_device  # noqa: E402
@@ -66,7 +65,7 @@ def decode_plain(cfg: DecodeConfig):  # type: ignore[no-untyped-def]
 def decode_live(name: str, cfg: DecodeConfig, options: PolicyOptions):  # type: ignore[no-untyped-def]
     model = build_model(SPEC, torch.float32, seed=3)
     device = select_device("cpu", 1)
-    banks = bind_host_experts(model, pin=False)
+    banks = bind_host_experts(model)
     engine = LiveEngine(model, online_policy(name, SPEC, options), device, banks, max_tokens=64, max_context=64)
     return engine.run(PROMPTS, cfg, SETTINGS, seed=None)
 
@@ -132,7 +131,6 @@ def test_forward_tracker_names_prefill_steps_and_commits() -> None:
 
 
 def test_memory_needs_and_refusals() -> None:
-    assert pinned_size(1) == 1 and pinned_size(1000) == 1024 and pinned_size(1024) == 1024
     mini = get_model("llada2-mini")
     cpu = select_device("cpu", 1)
     need = deploy_memory(mini, cpu, uniform(64, mini.num_moe_layers), 64, 512)

@@ -6,8 +6,6 @@ without a GPU.
 
 from __future__ import annotations
 
-import threading
-import time
 from dataclasses import replace
 
 import numpy as np
@@ -17,12 +15,11 @@ torch = pytest.importorskip("torch")
 
 from tidesim_runtime import device as device_mod  # noqa: E402
 from tidesim_runtime import executor as executor_mod  # noqa: E402
-from tidesim_runtime.cpu_pool import CPUPool, ExpertTask  # noqa: E402
 from tidesim_runtime.device import select_device  # noqa: E402
 from tidesim_runtime.executor import Executor, LayerRouting, check_memory, first_layers, replay_routing  # noqa: E402
-from tidesim_runtime.kernels import grouped_experts, swiglu  # noqa: E402
-from tidesim_runtime.streams import D2H, H2D, HostBackend, Marker  # noqa: E402
-from tidesim_runtime.weights import AFTER_GROUPED, ExpertBank, plan_slots  # noqa: E402
+from tidesim_runtime.kernels import swiglu  # noqa: E402
+from tidesim_runtime.streams import D2H, H2D  # noqa: E402
+from tidesim_runtime.weights import AFTER_GROUPED, FREE, after_on_demand, plan_slots  # noqa: E402
 
 from tidesim.errors import InputError  # noqa: E402
 from tidesim.hardware import get_profile  # noqa: E402
@@ -91,7 +88,8 @@ def test_slot_plan_on_demand_passes_through_when_budget_is_short() -> None:
     s = manual_schedule(placement=[[GPU, GPU, GPU]], copy=[[COPY_ON_DEMAND] * 3],
                         resident=[[False, False, True]], initial=[False, False, False], budget=1)
     lp = plan_slots(s).layers[0][0]
-    assert [(op.expert, op.slot, op.wait) for op in lp.on_demand] == [(0, 0, -2), (1, 0, 0), (2, 0, 1)]
+    assert [(op.expert, op.slot, op.wait) for op in lp.on_demand] == [(0, 0, FREE), (1, 0, after_on_demand(0)),
+                                                                         (2, 0, after_on_demand(1))]
 
 
 def test_slot_plan_async_copy_waits_for_the_leaving_experts_last_run() -> None:
@@ -124,56 +122,6 @@ def test_slot_plan_keeps_residents_in_distinct_slots(policy: str, refresh: str) 
             assert len(slots) == len(set(slots))
             assert sorted([e for e, _ in lp.grouped] + [op.expert for op in lp.on_demand] + lp.cpu) == \
                 np.flatnonzero(wl.expert_tokens[f, layer]).tolist()
-
-
-# ----- kernels, copy engine, CPU pool ---------------------------------------------------------------
-def test_grouped_experts_equals_one_swiglu_per_expert() -> None:
-    gen = torch.Generator().manual_seed(0)
-    bank = ExpertBank.empty(SPEC, 5, torch.device("cpu"), torch.float32)
-    bank.flat.copy_(torch.randn(bank.flat.shape, generator=gen))
-    x = torch.randn(7, SPEC.hidden_size, generator=gen)
-    counts, slots = [3, 0, 4], [4, 1, 2]
-    y = grouped_experts(x, counts, slots, bank.w13, bank.w2, "loop")
-    want = torch.cat([swiglu(x[:3], bank.w13[4], bank.w2[4]), swiglu(x[3:], bank.w13[2], bank.w2[2])])
-    torch.testing.assert_close(y, want)
-
-
-def test_host_copy_engine_serves_demand_before_background() -> None:
-    """While the engine is held, a background copy then a demand copy into the same buffer are
-    queued; demand goes first, so the background value is the one left (FIFO would leave 2)."""
-    be = HostBackend()
-    try:
-        gate = threading.Event()
-        held = be.copy(torch.empty(1), torch.empty(1), H2D, after=[Marker(flag=gate)])
-        dst = torch.zeros(4)
-        bg = be.copy(dst, torch.full((4,), 1.0), H2D, background=True)
-        demand = be.copy(dst, torch.full((4,), 2.0), D2H)
-        time.sleep(0.02)
-        assert not bg.done() and not demand.done()
-        gate.set()
-        for m in (held, demand, bg):
-            be.host_wait(m)
-        assert torch.equal(dst, torch.full((4,), 1.0))
-        busy = be.copy_busy_s()
-        assert busy[H2D] > 0 and busy[D2H] > 0
-    finally:
-        be.close()
-
-
-def test_cpu_pool_runs_longest_first_and_waits_for_activations() -> None:
-    pool = CPUPool(workers=1, threads=1)
-    try:
-        seen: list[int] = []
-        ready = threading.Event()
-        tasks = [ExpertTask(3, 0, 1), ExpertTask(1, 1, 5), ExpertTask(2, 5, 7), ExpertTask(0, 7, 11)]
-        job = pool.submit(tasks, lambda t: seen.append(t.expert), before=ready.wait)
-        time.sleep(0.05)
-        assert seen == []  # nothing ran before the activations arrived
-        ready.set()
-        job.wait()
-        assert seen == [0, 1, 2, 3]  # 4 tokens (id 0), 4 tokens (id 1), 2 tokens, 1 token
-    finally:
-        pool.close()
 
 
 # ----- replay ----------------------------------------------------------------------------------
@@ -273,7 +221,7 @@ def test_cuda_requested_without_a_gpu_is_an_input_error() -> None:
 
 
 def test_cpu_as_gpu_device_splits_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(device_mod, "usable_cores", lambda: 8)
+    monkeypatch.setattr(device_mod, "cpu_placement", lambda bus_id=None: device_mod.CpuPlacement(tuple(range(8)), None))
     dev = select_device("cpu", cpu_workers=2)
     assert dev.kind == "cpu-as-gpu" and dev.dtype == torch.float32
     assert dev.gpu_threads == 1 and dev.cpu_workers == 2 and dev.cpu_threads_per_worker == 3
@@ -346,3 +294,165 @@ def test_lossless_check_detects_a_wrong_expert_weight(tiny_model) -> None:
         mp.setattr(live, "stacked_experts", corrupted)
         result = live.lossless_check(tiny_model, [5, 17, 42, 99, 7, 3], cfg, "cpu-routing", opts, select_device("cpu"))
     assert not result.identical and result.problems
+
+
+# ----- GPU readiness on the shared paths -----------------------------------------------------------
+def fake_cuda_device() -> device_mod.DeviceInfo:
+    """A CUDA DeviceInfo for the sizing logic (no CUDA call is made before the pinned check)."""
+    return device_mod.DeviceInfo("cuda", torch.device("cpu"), torch.bfloat16, "test GPU", 80 * 2**30, 0, 1, 4)
+
+
+def test_memory_needs_count_spare_slots_routing_and_pinned_pages() -> None:
+    mini = PRESETS["llada2-mini"]
+    dev = fake_cuda_device()
+    eb = 3 * mini.hidden_size * mini.moe_intermediate_size * 2
+    base = executor_mod.memory_needs(mini, 2, dev, 4, 32, 512, forward_fixed=False)
+    spare = executor_mod.memory_needs(mini, 2, dev, [5, 6], 32, 512, forward_fixed=False)
+    assert spare["device"] - base["device"] == 3 * eb            # 1 + 2 spare slots
+    routed = executor_mod.memory_needs(mini, 2, dev, 4, 32, 512, forward_fixed=False, routing_pairs=1000)
+    assert routed["device"] - base["device"] == 1000 * (8 + 2)   # int64 token + bf16 weight per pair
+    staging = 32 * mini.top_k * mini.hidden_size * 2             # one pinned staging buffer
+    assert base["pinned"] == 2 * 256 * eb + 2 * staging           # whole pages already: no rounding
+    assert base["host"] == 2 * 256 * eb + 2 * staging
+    ws = executor_mod.workspace_bytes(mini, 32, 512, 2)
+    assert ws > 4 * 32 * mini.top_k * mini.hidden_size * 2       # at least the four pair buffers
+    assert base["device"] > 2 * 4 * eb + ws
+    assert executor_mod.memory_needs(mini, 2, select_device("cpu"), 4, 32, 512)["pinned"] == 0
+
+
+def test_pinned_memory_is_capped_below_host_ram(monkeypatch: pytest.MonkeyPatch) -> None:
+    mini = PRESETS["llada2-mini"]
+    monkeypatch.setattr(executor_mod, "host_memory_available", lambda: 60 * 2**30)
+    monkeypatch.setattr(executor_mod, "host_memory_total", lambda: 64 * 2**30)
+    # a layer bank is 1.61 GB (1.5 GiB) pinned; half of 64 GiB holds 21 of them less the staging
+    with pytest.raises(InputError, match=r"pinned host memory.*--layers 21 or fewer"):
+        check_memory(mini, 23, fake_cuda_device(), slots_per_layer=16, max_tokens=32, max_context=512)
+
+
+def test_on_demand_expert_launches_the_runtimes_count(tiny_executor) -> None:
+    """The runtime's on-demand path launches ONDEMAND_LAUNCHES kernels per expert (the model's
+    ONDEMAND_LAUNCHES_PER_EXPERT must match it); counted at torch's dispatcher."""
+    from test_runtime_kernels import count_kernels
+
+    ex, wl = tiny_executor
+    s = manual_schedule(placement=[[GPU, GPU, GPU] + [IDLE] * 13], copy=[[COPY_ON_DEMAND] * 3 + [0] * 13],
+                        resident=[[False, False, True] + [False] * 13], initial=[False] * 16, budget=1)
+    plan = plan_slots(s)
+    lp = plan.layers[0][0]
+    assert [op.wait for op in lp.on_demand] == [FREE, after_on_demand(0), after_on_demand(1)]
+    sub = replace(SPEC, num_layers=1, first_dense_layers=0)
+    with Executor(sub, 1, select_device("cpu"), 8, 24, forward_fixed=False) as one:
+        one.prepare_slots(plan)
+        one.begin()
+        x = torch.randn(8, SPEC.hidden_size)
+        counts = np.array([3, 2, 4] + [0] * 13, dtype=np.int64)
+        r = replay_routing(counts, 8, SPEC.top_k, torch.device("cpu"), torch.float32)
+        with torch.inference_mode():
+            st = one._front(x, 0, 0, r, lp, moe_in=x)
+            one._sync_refresh(st)
+            one._start_cpu(st)
+            one._issue_on_demand(st, FREE)
+            one._grouped(st)
+            ops = count_kernels(lambda: one._on_demand(st))
+            out = one._combine(st)
+        one.finish()
+        assert len(ops) == executor_mod.ONDEMAND_LAUNCHES * 3
+        want = torch.zeros(8, SPEC.hidden_size)
+        offs = r.offsets
+        for e in range(3):
+            tok = r.tokens[offs[e]:offs[e + 1]]
+            want.index_add_(0, tok, swiglu(x[tok], one.host[0].w13[e], one.host[0].w2[e]) / SPEC.top_k)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_results_copy_waits_for_the_gpu_to_read_the_last_results(tiny_executor) -> None:
+    """The H2D of CPU results into the device buffer is ordered after the compute stream's work
+    so far (the previous layer read the same buffer), and the activations' D2H likewise."""
+    ex, wl = tiny_executor
+    s = schedule_for("cpu-routing", wl, budget=3)
+    calls: list[tuple[int, str, int]] = []
+    real = ex.backend.copy
+
+    def spy(dst, src, direction, background=False, after=None):  # type: ignore[no-untyped-def]
+        calls.append((dst.data_ptr(), direction, len(after or [])))
+        return real(dst, src, direction, background=background, after=after)
+
+    ex.backend.copy = spy  # type: ignore[method-assign]
+    try:
+        ex.replay(wl, s, warmup=0)
+    finally:
+        del ex.backend.copy
+    results = [c for c in calls if c[0] == ex.res_dev.data_ptr()]
+    down = [c for c in calls if c[0] == ex.act_host.data_ptr()]
+    assert results and all(direction == H2D and waits == 1 for _, direction, waits in results)
+    assert down and all(direction == D2H and waits == 1 for _, direction, waits in down)
+
+
+def test_live_mode_uses_the_models_dtype_for_staging(tiny_model) -> None:
+    from tidesim_runtime.live import live_device, stacked_experts
+    from tidesim_runtime.weights import host_experts_from
+
+    dev = replace(select_device("cpu"), dtype=torch.bfloat16)
+    live = live_device(tiny_model, dev)
+    assert live.dtype == tiny_model.dtype
+    (_, block), *_ = tiny_model.moe_blocks()
+    banks = host_experts_from(SPEC, [stacked_experts(block)], torch.bfloat16)
+    assert banks[0].flat.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype"):
+        Executor(SPEC, 1, select_device("cpu"), 8, 24, forward_fixed=False, host_experts=banks)
+
+
+def copies_of(ex: Executor, lp, x, counts) -> list[tuple[str, bool, list]]:  # type: ignore[no-untyped-def]
+    """Run one layer with `lp` and return every copy issued: (direction, background, after)."""
+    calls: list[tuple[str, bool, list]] = []
+    real = ex.backend.copy
+
+    def spy(dst, src, direction, background=False, after=None):  # type: ignore[no-untyped-def]
+        calls.append((direction, background, list(after or [])))
+        return real(dst, src, direction, background=background, after=after)
+
+    ex.backend.copy = spy  # type: ignore[method-assign]
+    try:
+        r = replay_routing(counts, 8, SPEC.top_k, torch.device("cpu"), torch.float32)
+        ex.begin()
+        with torch.inference_mode():
+            ex.moe_layer(x, 0, 0, r, lp, moe_in=x)
+        ex.finish()
+    finally:
+        del ex.backend.copy
+    return calls
+
+
+def test_on_demand_copy_into_a_slot_that_frees_later_waits_for_its_last_run() -> None:
+    """Simulator/runtime difference (a): budget 1, three on-demand experts pass through slot 0;
+    copy k+1 is issued only after expert k has run and waits for that run (its marker)."""
+    s = manual_schedule(placement=[[GPU, GPU, GPU] + [IDLE] * 13], copy=[[COPY_ON_DEMAND] * 3 + [0] * 13],
+                        resident=[[False, False, True] + [False] * 13], initial=[False] * 16, budget=1)
+    plan = plan_slots(s)
+    sub = replace(SPEC, num_layers=1, first_dense_layers=0)
+    with Executor(sub, 1, select_device("cpu"), 8, 24, forward_fixed=False) as ex:
+        ex.prepare_slots(plan)
+        calls = copies_of(ex, plan.layers[0][0], torch.randn(8, SPEC.hidden_size),
+                          np.array([3, 2, 4] + [0] * 13, dtype=np.int64))
+    h2d = [c for c in calls if c[0] == H2D]
+    assert len(h2d) == 3 and not any(bg for _, bg, _ in h2d)
+    assert h2d[0][2] == []                              # slot 0 free at the start
+    assert len(h2d[1][2]) == 1 and len(h2d[2][2]) == 1  # each waits for the previous expert's run
+    assert h2d[1][2][0] is not h2d[2][2][0]
+
+
+def test_async_copy_into_a_replaced_slot_waits_for_the_grouped_kernel() -> None:
+    """Simulator/runtime difference (b): expert 0 is resident and runs in the grouped kernel;
+    expert 1 replaces it asynchronously: the background copy waits for the grouped kernel."""
+    s = manual_schedule(placement=[[GPU, CPU] + [IDLE] * 14], copy=[[0, COPY_ASYNC_REFRESH] + [0] * 14],
+                        resident=[[False, True] + [False] * 14], initial=[True] + [False] * 15, budget=1)
+    plan = plan_slots(s)
+    lp = plan.layers[0][0]
+    assert [(op.expert, op.slot, op.wait) for op in lp.background] == [(1, 0, AFTER_GROUPED)]
+    sub = replace(SPEC, num_layers=1, first_dense_layers=0)
+    with Executor(sub, 1, select_device("cpu"), 8, 24, forward_fixed=False) as ex:
+        ex.prepare_slots(plan)
+        calls = copies_of(ex, lp, torch.randn(8, SPEC.hidden_size), np.array([5, 3] + [0] * 14, dtype=np.int64))
+    background = [c for c in calls if c[1]]
+    assert len(background) == 1 and background[0][0] == H2D
+    assert len(background[0][2]) == 1   # the grouped kernel's marker

@@ -97,7 +97,22 @@ def test_gate_module_output_signature_and_fp32_routing():
     assert logits.dtype == torch.float32 and w.dtype == torch.float32
     assert torch.allclose(w.sum(1), torch.full((10,), 2.5), atol=1e-5)
     assert set(gate.state_dict()) == {"weight", "expert_bias"}
-    assert gate.expert_bias.dtype == torch.float32
+    assert gate.expert_bias.dtype == torch.bfloat16  # held in the model dtype, added in float32
+
+
+def test_top1_weight_is_the_raw_score_times_the_scaling_factor():
+    logits = torch.tensor([[0.3, -1.0, 2.0, 0.1]])
+    idx, w = route(logits, None, top_k=1, n_group=1, topk_group=1, routed_scaling_factor=2.5)
+    assert idx.tolist() == [[2]]
+    assert w.item() == pytest.approx(2.5 / (1 + np.exp(-2.0)), rel=1e-6)  # not normalised to 2.5
+    _, w2 = route(logits, None, top_k=2, n_group=1, topk_group=1, routed_scaling_factor=2.5)
+    assert w2.sum().item() == pytest.approx(2.5, rel=1e-6)
+
+
+def test_bf16_bias_is_rounded_then_added_in_float32():
+    gate = SigmoidGroupGate(4, 4, 1, 1, 1, 1.0, dtype=torch.bfloat16)
+    gate.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 1.0 / 3.0]))
+    assert gate.expert_bias[3].item() == float(torch.tensor(1.0 / 3.0).to(torch.bfloat16))
 
 
 def test_impossible_routing_shapes_are_rejected():

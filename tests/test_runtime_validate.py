@@ -93,14 +93,16 @@ def test_validate_predicts_with_the_profiles_contention_term(workload) -> None:
         plain = run(one, schedule, base, engine="sim")
         adjusted = run(one, schedule, hw, engine="sim")
         costs = schedule_costs(one, schedule, base)
-        gpu_work = float(costs.grouped[0] + costs.od_compute_sum[0])
-        cpu_work = float(lpt_makespans(costs.cpu_g, costs.cpu_time, costs.cpu_expert, 1, costs.workers)[0])
+        gpu_work = float(costs.gpu.grouped[0] + costs.gpu.od_compute_sum[0])
+        items = costs.items
+        cpu_work = float(lpt_makespans(items.cpu_g, items.cpu_time, items.cpu_expert, 1, costs.rates.workers)[0])
         if policy == "all-gpu":
             assert adjusted.total_time_s == pytest.approx(plain.total_time_s)
         else:
             assert cpu_work > 0 and gpu_work > 0
             gpu_end = gpu_work + s * min(gpu_work, cpu_work)
-            cpu_end = float(costs.act_d2h[0]) + cpu_work + s * min(gpu_work, cpu_work) + float(costs.res_h2d[0])
-            plain_end = max(gpu_work, float(costs.act_d2h[0]) + cpu_work + float(costs.res_h2d[0]))
+            act, res = float(costs.copies.act_d2h[0]), float(costs.copies.res_h2d[0])
+            cpu_end = act + cpu_work + s * min(gpu_work, cpu_work) + res
+            plain_end = max(gpu_work, act + cpu_work + res)
             want = plain.total_time_s - plain_end + max(gpu_end, cpu_end)
             assert adjusted.total_time_s == pytest.approx(want, rel=1e-9)

@@ -13,7 +13,7 @@ from simkit import MS, all_cpu, blank, profile, random_schedule, workload
 from tidesim.hardware import HardwareProfile
 from tidesim.run import run
 from tidesim.schedule import CPU, GPU
-from tidesim.sim.costs import charge_contention, schedule_costs
+from tidesim.sim.costs import schedule_costs
 
 
 def with_contention(hw: HardwareProfile, s: float) -> HardwareProfile:
@@ -41,8 +41,8 @@ def test_zero_contention_changes_nothing(engine: str) -> None:
     # dense 1 + layer 0: 1 + max(GPU 0.8, CPU 0.125 + 3 + 0.125) + layer 1: 1
     assert plain.total_time_s == pytest.approx((1 + 1 + 3.25 + 1) * MS)
     costs = schedule_costs(w, s, hw)
-    assert costs.contention == 0.0 and not costs.slow_extra.any()
-    assert costs.cpu_time.tolist() == pytest.approx([3 * MS])
+    assert costs.rates.contention == 0.0 and not costs.gpu.slow_extra.any()
+    assert costs.items.cpu_time.tolist() == pytest.approx([3 * MS])
 
 
 @pytest.mark.parametrize("engine", ["sim", "analytic"])
@@ -73,8 +73,8 @@ def test_longest_first_makespan_is_stretched_on_two_workers() -> None:
     m = run(w, s, hw)
     assert m.total_time_s == pytest.approx((1 + 1 + 0.75 + 8.5 + 0.75 + 1) * MS)
     costs = schedule_costs(w, s, hw)
-    assert costs.slow_extra[0] == pytest.approx(1.5 * MS)
-    assert costs.cpu_time.tolist() == pytest.approx([x * 8.5 / 7 * MS for x in (5, 3, 4)])
+    assert costs.gpu.slow_extra[0] == pytest.approx(1.5 * MS)
+    assert costs.items.cpu_time.tolist() == pytest.approx([x * 8.5 / 7 * MS for x in (5, 3, 4)])
 
 
 def test_no_overlap_no_charge() -> None:
@@ -85,18 +85,14 @@ def test_no_overlap_no_charge() -> None:
         run(w, all_cpu(w), hw).total_time_s)
 
 
-def test_explicit_span_equals_the_computed_one() -> None:
+def test_contention_stretches_the_sparse_tasks_like_the_sums() -> None:
     w = workload([[[1, 0, 2, 3], [0, 3, 1, 1]], [[2, 2, 0, 1], [1, 0, 4, 1]]])
     sched = random_schedule(w, budget=2, seed=3)
-    hw = profile(workers=2)
-    a, b = schedule_costs(w, sched, hw), schedule_costs(w, sched, hw)
-    from tidesim.sim.lpt import lpt_makespans
-
-    span = lpt_makespans(b.cpu_g, b.cpu_time, b.cpu_expert, b.groups, b.workers)
-    charge_contention(a, 0.7)
-    charge_contention(b, 0.7, span)
-    np.testing.assert_allclose(a.slow_extra, b.slow_extra)
-    np.testing.assert_allclose(a.cpu_sum, b.cpu_sum)
+    plain = schedule_costs(w, sched, profile(workers=2))
+    hot = schedule_costs(w, sched, with_contention(profile(workers=2), 0.7))
+    np.testing.assert_allclose(np.bincount(hot.items.cpu_g, weights=hot.items.cpu_time, minlength=hot.groups),
+                               hot.cpu.total)
+    assert (hot.cpu.total >= plain.cpu.total).all() and (hot.gpu.slow_extra >= plain.gpu.slow_extra).all()
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -110,3 +106,21 @@ def test_simulator_and_analytic_agree_with_one_worker(seed: int) -> None:
         sim, ana = run(w, sched, hw), run(w, sched, hw, engine="analytic")
         assert ana.total_time_s == pytest.approx(sim.total_time_s, rel=1e-9)
         assert sim.total_time_s >= run(w, sched, profile(workers=1, engines=engines)).total_time_s
+
+
+def test_cached_cell_costs_equal_fresh_ones() -> None:
+    """Costs of one workload object come from a per-workload cache of cell times (per GPU and CPU
+    curves); they must equal those of a fresh copy, also after other profiles were costed."""
+    w = workload([[[1, 0, 2, 3], [0, 3, 1, 1]], [[2, 2, 0, 1], [1, 0, 4, 1]]])
+    sched = random_schedule(w, budget=2, seed=5)
+    hw, other = profile(workers=2), with_contention(profile(workers=1, gbs=0.001), 0.3)
+    first = schedule_costs(w, sched, hw)
+    schedule_costs(w, sched, other)
+    again = schedule_costs(w, sched, hw)
+    fresh = schedule_costs(dataclasses.replace(w), sched, hw)
+    for got in (again, fresh):
+        for part in ("gpu", "copies", "cpu"):
+            for name, value in vars(getattr(first, part)).items():
+                if value is not None:
+                    np.testing.assert_array_equal(getattr(getattr(got, part), name), value)
+        assert got.counts == first.counts and got.flags == first.flags

@@ -121,7 +121,7 @@ BAD = [
     ({"parameters": {"tau": {"from": 5, "to": 1}}}, "empty range"),
     ({"parameters": {"pcie_gbs": {"linspace": [1, 2, 0]}}}, "empty range"),
     ({"parameters": {"pcie_gbs": "fast"}}, "expected a number, got 'fast'"),
-    ({"parameters": {"tau": 1.5}}, "expected a whole number, got 1.5"),
+    ({"parameters": {"tau": 1.5}}, "expected a whole number or best, got 1.5"),
     ({"parameters": {"tau": True}}, "expected a whole number"),
     ({"parameters": {"tau": 0}}, "must be >= 1"),
     ({"parameters": {"threshold": 1.0}}, "must be <= "),
@@ -145,7 +145,7 @@ BAD = [
     ({"parameters": {"tau": 1}, "models": {"big": {"base": "llada2-flash", "hidden": 1}}},
      "unknown model field 'hidden'"),
     ({"parameters": {"tau": 1}, "models": {"big": {"base": "gpt"}}}, "unknown preset 'gpt'"),
-    ({"parameters": {"tau": 1}, "models": {"big": {"base": "tiny", "num_layers": "4"}}}, "expected int"),
+    ({"parameters": {"tau": 1}, "models": {"big": {"base": "tiny", "num_layers": "4"}}}, "expected a whole number"),
     ([1, 2], "expected a YAML mapping"),
 ]
 

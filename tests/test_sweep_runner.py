@@ -81,7 +81,7 @@ def test_one_row_per_point_every_input_and_metric_a_column(tmp_path):
     ok = df[df["error"].isna()]
     assert len(ok) == 6 and (ok["gpu_memory_gib"] == 80).all()
     # hand-computed: 10 x typical pinned bandwidth of the generation + tau
-    expected = ok["pcie_gen"].map({3: 12.0, 4: 25.0, 5: 50.0}) * 10 + ok["tau"]
+    expected = ok["pcie_gen"].map({3: 12.0, 4: 25.0, 5: 50.0}) * 10 + ok["tau"].astype(int)   # a number or "best"
     assert np.allclose(ok["tokens_per_s"], expected)
     bad = df[df["error"].notna()]
     assert len(bad) == 6 and report.errors == 6
@@ -236,10 +236,15 @@ def test_real_evaluation_matches_a_direct_run(tmp_path):
     workload = workload_from_trace(read_trace(traces[0]))
     hw = build_hardware(point.params)
     layers = workload.num_layers
-    schedule = build_schedule("tide", workload, PolicyOptions(budget=uniform(6, layers), tau=uniform(2, layers),
+    row = df[df["point_id"] == point.id].iloc[0]
+    # the grid leaves tau at its default, `best`: the default-tau rule of every command
+    from tidesim.default_tau import best_tau
+
+    tau = best_tau(workload, hw, 6, "sync").tau
+    assert row["tau"] == "best" and row["tau_used"] == tau
+    schedule = build_schedule("tide", workload, PolicyOptions(budget=uniform(6, layers), tau=uniform(tau, layers),
                                                               hw=hw))
     direct = run(workload, schedule, hw, engine="sim")
-    row = df[df["point_id"] == point.id].iloc[0]
     assert row["tokens_per_s"] == direct.tokens_per_s and row["total_time_s"] == direct.total_time_s
     assert row["h2d_bytes"] == direct.h2d_bytes and row["cpu_tokens"] == direct.cpu_tokens
     # a second sweep into the same folder reuses the cached trace and gives the same bytes
@@ -272,8 +277,10 @@ def test_default_evaluator_is_the_real_one():
     assert inspect.signature(run_sweep).parameters["evaluator"].default is evaluate_point
 
 
-def test_schedules_are_reused_only_when_the_policy_ignored_the_hardware(tmp_path):
+def test_schedules_are_reused_only_when_the_policy_ignored_the_hardware(tmp_path, monkeypatch):
     from tidesim.sweep import runner
+
+    monkeypatch.setattr(runner, "_MAX_HW_SCHEDULES", 8)
 
     g = parse_grid({"parameters": {"model": "tiny", "gen_length": 64, "prompts": 2, "prompt_length": 40,
                                    "budget": 6, "pcie_gbs": [4, 64], "cpu_cores_scale": [0.25, 4],
@@ -281,14 +288,18 @@ def test_schedules_are_reused_only_when_the_policy_ignored_the_hardware(tmp_path
     uncached = {}
     for point in g.points:
         runner._SCHEDULES.clear()
+        runner._HW_SCHEDULES.clear()
         uncached[point.id] = runner.evaluate_row(point, tmp_path, evaluate_point)
     runner._SCHEDULES.clear()
+    runner._HW_SCHEDULES.clear()
     cached = {p.id: runner.evaluate_row(p, tmp_path, evaluate_point) for p in g.points}
     assert cached == uncached
-    policies = [json.loads(key[:key.rindex("]") + 1])[1] for key in runner._SCHEDULES]
+    keys = [*runner._SCHEDULES, *runner._HW_SCHEDULES]
+    policies = [json.loads(key[:key.rindex("]") + 1])[1] for key in keys]
     # cpu-routing never reads the profile: one schedule for all four hardware variants;
-    # fiddler compares CPU and copy costs: one per profile
+    # fiddler compares CPU and copy costs: one per profile, kept apart from the reusable ones
     assert policies.count("cpu-routing") == 1 and policies.count("fiddler") == 4
+    assert all("fiddler" in key for key in runner._HW_SCHEDULES)
 
 
 def test_planned_point_runs_the_solved_per_layer_plan(tmp_path):

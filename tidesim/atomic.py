@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -43,3 +43,72 @@ def write_text(target: str | Path, text: str) -> None:
 def write_bytes(target: str | Path, data: bytes) -> None:
     with atomic_path(target) as tmp:
         tmp.write_bytes(data)
+
+
+# ----- the output-path guard: checked before any work -----------------------------------------------
+def check_output_path(target: str | Path, *, flag: str = "--output", inputs: Iterable[str | Path] = (),
+                      folder: bool = False, suffixes: tuple[str, ...] = (), contents: Iterable[str] = ()) -> Path:
+    """Refuse, with one InputError line, an output path that cannot be written or that would write
+    over an input: a file where a folder is wanted (or the reverse), a parent that is a file, a folder
+    without write permission, a wrong suffix, or the same file as one of `inputs`. `contents` are
+    file names written inside a `folder` output; each is checked against the inputs too."""
+    from tidesim.errors import InputError
+
+    path = Path(target)
+    if not str(target).strip():
+        raise InputError(f"{flag}: empty path; give a file name")
+    if folder:
+        if path.exists() and not path.is_dir():
+            raise InputError(f"{flag} {path}: exists and is a file, not a folder; give a folder name")
+    else:
+        if path.is_dir():
+            raise InputError(f"{flag} {path}: is a folder; give a file name")
+        if suffixes and path.suffix.lower() not in suffixes:
+            raise InputError(f"{flag} must end in one of {', '.join(suffixes)}, got {path}")
+    _check_parent(path, flag)
+    written = [path] if not folder else [path / name for name in contents]
+    for inp in inputs:
+        for out in written:
+            if _same_file(out, Path(inp)):
+                raise InputError(f"{flag} {target}: would write over the input {inp}; give another name")
+        if folder and _inside(Path(inp), path):
+            raise InputError(f"{flag} {target}: the input {inp} lies inside this output folder; "
+                             "give another folder")
+    return path
+
+
+def _check_parent(path: Path, flag: str) -> None:
+    from tidesim.errors import InputError
+
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {path}: no permission to write in the folder {parent}")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        return False
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _inside(inner: Path, folder: Path) -> bool:
+    inner_real, folder_real = Path(os.path.realpath(inner)), Path(os.path.realpath(folder))
+    return inner_real != folder_real and folder_real in inner_real.parents
+
+
+def input_files(values: Iterable[object]) -> list[Path]:
+    """The values (flag values, file names) that name an existing file: a command's inputs."""
+    out = []
+    for value in values:
+        items = value if isinstance(value, list | tuple) else [value]
+        for item in items:
+            if isinstance(item, str | Path) and str(item) and os.path.isfile(item):
+                out.append(Path(item))
+    return out

@@ -45,5 +45,5 @@ def memory_for_budget(model: ModelSpec, per_layer: int) -> float:
     return max(weights + 1.5e9, weights / 0.9) / GIB
 
 
-# Per-layer caps the public TIDE code's evaluation scripts use (reference.md).
+# Per-layer caps the public TIDE code's evaluation scripts use (docs/sources.md).
 TIDE_MAX_EXPERTS_PER_LAYER = {"llada2-mini": 128, "llada2-flash": 96}

@@ -7,8 +7,9 @@ model, but replaces the two things that need events by formulas:
   or with equal tasks; otherwise at most the LPT makespan);
 - asynchronous refresh copies by a fluid queue on the H2D engine that uses the engine's idle
   time between demand copies (stall when a layer's copies are not done by the next forward).
-Everything else (sync phase, on-demand copy/compute pipeline as a two-stage flow shop, the
-results copy queueing behind on-demand copies) is exact. docs/costmodel.md lists the cases.
+Everything else (sync phase, the on-demand copy/compute pipeline with its slot waits, the results
+copy queueing behind on-demand copies) is exact: the per-layer-forward phases are the layer
+model's (tidesim.layermodel.layer_phases). docs/costmodel.md lists the cases.
 
 lower_bound(): no execution of the schedule can beat it (per layer the busiest chain, and over
 the run the busiest copy engine); the simulator is always at or above it.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from tidesim.layermodel import FREE_NOW, OnDemand, cpu_pool_bound, layer_phases, sync_phase
 from tidesim.metrics import Metrics
 from tidesim.schedule import Schedule
 from tidesim.sim.accounting import RunTimes, build_metrics
@@ -25,62 +27,17 @@ from tidesim.sim.costs import ScheduleCosts
 from tidesim.workload import Workload
 
 
-def _sync_phase(c: ScheduleCosts) -> np.ndarray:
-    return np.maximum(c.sync_h2d, c.demote_d2h) if c.engines == 2 else c.sync_h2d + c.demote_d2h
-
-
-def _cpu_pool_bound(c: ScheduleCosts) -> np.ndarray:
-    """No pool of `workers` finishes a layer's CPU tasks sooner than the mean load, the longest
-    task, or ceil(n / workers) rounds of the shortest one."""
-    if c.workers == 1:
-        return c.cpu_sum
-    rounds = np.ceil(c.cpu_n / c.workers) * c.cpu_min
-    return np.maximum.reduce([c.cpu_sum / c.workers, c.cpu_max, rounds])
-
-
-def _flow_shop(c: ScheduleCosts) -> np.ndarray:
-    """[G] max over k of (k copies + compute of on-demand experts k..n): the time from the first
-    on-demand copy's start to the last on-demand expert's end when the GPU is free."""
-    out = np.zeros(c.groups)
-    n = c.od_g.size
-    if n == 0:
-        return out
-    ptr = c.group_ptr(c.od_g)
-    start = ptr[c.od_g]
-    k = np.arange(n) - start + 1
-    cum = np.cumsum(c.od_compute)
-    before = np.concatenate([[0.0], cum])[start]           # compute of earlier groups
-    prefix_excl = cum - c.od_compute - before
-    total = c.od_compute_sum[c.od_g]
-    value = k * c.expert_copy_s + (total - prefix_excl)
-    np.maximum.at(out, c.od_g, value)
-    return out
-
-
-def _layer_parts(c: ScheduleCosts, async_wait: np.ndarray, block: np.ndarray | None = None
-                 ) -> dict[str, np.ndarray]:
-    """Per layer-forward: fixed, sync phase, GPU side end and CPU side end (from the sync end).
-    block: expected wait of a demand copy behind a background copy already on the engine."""
-    block = np.zeros(c.groups) if block is None else block
-    fixed = np.repeat(c.layer_fixed, c.layers)
-    sync = _sync_phase(c) + np.where(c.sync_h2d > 0, block, 0.0)
-    s0 = (c.act_d2h if c.engines == 1 else np.zeros(c.groups)) + block   # on-demand copies queue behind activations
-    has_cpu = c.cpu_n > 0
-    has_od = c.od_n > 0
-    cpu_end = c.act_d2h + _cpu_pool_bound(c)
-    copies_end = np.where(has_od, s0 + c.od_copy_sum, 0.0)
-    res_end = np.where(has_cpu, np.maximum(cpu_end, copies_end) + block + c.res_h2d, 0.0)
-    gpu_work = c.grouped + c.slow_extra + c.od_compute_sum
-    gpu_end = np.maximum(async_wait + gpu_work, np.where(has_od, s0 + _flow_shop(c), 0.0))
-    side = np.maximum(gpu_end, res_end)
-    return {"fixed": fixed, "sync": sync, "gpu_work": gpu_work, "gpu_end": gpu_end, "res_end": res_end,
-            "side": side, "layer": fixed + sync + side}
+def _layer_parts(c: ScheduleCosts, od: OnDemand | None, async_wait: np.ndarray | None = None,
+                 block: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Per layer-forward phases from the layer model, with the CPU pool at its bound."""
+    return layer_phases(c.rates, c.gpu, c.copies, c.cpu.n, cpu_pool_bound(c.rates, c.cpu), od, c.layers,
+                        async_wait, block)
 
 
 def _demand_after_sync(c: ScheduleCosts) -> np.ndarray:
     """[G] demand time on the engine that carries H2D copies, after the sync phase."""
-    h2d = c.od_copy_sum + c.res_h2d
-    return h2d + c.act_d2h if c.engines == 1 else h2d
+    h2d = c.copies.od_copy_sum + c.copies.res_h2d
+    return h2d + c.copies.act_d2h if c.rates.engines == 1 else h2d
 
 
 def _async_wait(c: ScheduleCosts, parts: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, float]:
@@ -96,11 +53,16 @@ def _async_wait(c: ScheduleCosts, parts: dict[str, np.ndarray]) -> tuple[np.ndar
     E_k = max(E_(k-1), deficit_k - slack_k): a running maximum, restarted where the backlog empties.
     """
     G, L = c.groups, c.layers
-    a = c.async_h2d
-    # idle engine time from this layer-forward's expert start to the next one's
+    a = c.copies.async_h2d
+    # idle engine time from this layer-forward's expert start to the next one's; copies whose slot
+    # frees only after the grouped kernel cannot use the idle time before it (first order: the
+    # layer's own copies are then the only ones that could use it)
     head = parts["fixed"].copy()
-    head[::L] += c.fwd_fixed
-    cap = np.maximum(parts["side"] - _demand_after_sync(c), 0.0) + np.concatenate([head[1:], [0.0]])
+    head[::L] += c.gpu.fwd_fixed
+    late = np.bincount(c.items.async_g[c.items.async_release != FREE_NOW], minlength=G) > 0
+    lost = np.where(late, np.minimum(c.gpu.grouped + c.gpu.slow_extra, parts["side"]), 0.0)
+    cap = (np.maximum(parts["side"] - lost - _demand_after_sync(c), 0.0)
+           + np.concatenate([head[1:], [0.0]]))
     s = np.cumsum(a - cap)
     queue = s - np.minimum(np.minimum.accumulate(s), 0.0)
     issued = np.cumsum(a)
@@ -126,58 +88,64 @@ def _async_wait(c: ScheduleCosts, parts: dict[str, np.ndarray]) -> tuple[np.ndar
     # a demand copy that arrives while background copies are queued waits for the one in progress:
     # on average half a copy (copies are not preempted)
     backlog = np.concatenate([[0.0], queue[:-1]]) > 0.0
-    block = np.where(backlog, 0.5 * c.expert_copy_s, 0.0)
+    block = np.where(backlog, 0.5 * c.rates.expert_copy_s, 0.0)
     return wait, block, tail
 
 
 def estimate(c: ScheduleCosts) -> RunTimes:
     """The analytic estimate of a run: total, breakdown and per-layer times."""
-    wait = np.zeros(c.groups)
+    return _estimate(c)[0]
+
+
+def _estimate(c: ScheduleCosts) -> tuple[RunTimes, float]:
+    """The estimate and the lower bound it was checked against."""
     tail = 0.0
-    parts = _layer_parts(c, wait)
-    if c.n_async.any():
+    od = c.ondemand() if c.items.od_g.size else None
+    parts = _layer_parts(c, od)
+    if c.copies.n_async.any():
         wait, block, tail = _async_wait(c, parts)
-        parts = _layer_parts(c, wait, block)
+        parts = _layer_parts(c, od, wait, block)
     layer = parts["layer"]
-    total = float(c.fwd_fixed.sum() + layer.sum() + tail)
+    total = float(c.gpu.fwd_fixed.sum() + layer.sum() + tail)
     bound = lower_bound(c)
     if total < bound:           # the fluid queue can undercount a saturated copy engine
         tail += bound - total
         total = bound
     gpu_end, res_end = parts["gpu_end"], parts["res_end"]
     breakdown = {
-        "gpu_fixed": float(c.fwd_fixed.sum() + parts["fixed"].sum()),
+        "gpu_fixed": float(c.gpu.fwd_fixed.sum() + parts["fixed"].sum()),
         "sync_refresh": float(parts["sync"].sum()),
         "gpu_experts": float(parts["gpu_work"].sum()),
         "copy_stall": float((gpu_end - parts["gpu_work"]).sum() + tail),
         "cpu_wait": float(np.maximum(res_end - gpu_end, 0.0).sum()),
     }
     layer_time = layer.reshape(c.forwards, c.layers).sum(axis=0) if c.groups else np.zeros(c.layers)
-    return RunTimes(total_s=total, breakdown=breakdown, layer_time=layer_time)
+    return RunTimes(total_s=total, breakdown=breakdown, layer_time=layer_time), bound
 
 
 def lower_bound(c: ScheduleCosts) -> float:
     """No execution of this schedule is faster: per layer, fixed work + sync phase + the longest
     of (GPU expert work, on-demand copies then the cheapest on-demand expert, the CPU chain, the
     H2D engine's demand copies); over the run, neither copy engine can be busier than the total."""
-    fixed = np.repeat(c.layer_fixed, c.layers)
-    has_cpu = c.cpu_n > 0
-    cpu_bound = _cpu_pool_bound(c)
-    cpu_chain = np.where(has_cpu, c.act_d2h + cpu_bound + c.res_h2d, 0.0)
+    r, g, cp = c.rates, c.gpu, c.copies
+    fixed = np.repeat(g.layer_fixed, c.layers)
+    cpu_chain = np.where(c.cpu.n > 0, cp.act_d2h + cpu_pool_bound(r, c.cpu) + cp.res_h2d, 0.0)
     od_min = np.full(c.groups, np.inf)
-    if c.od_g.size:
-        np.minimum.at(od_min, c.od_g, c.od_compute)
-    od_chain = np.where(c.od_n > 0, c.od_copy_sum + od_min, 0.0)
-    h2d_chain = c.od_copy_sum + c.res_h2d + (c.act_d2h if c.engines == 1 else 0.0)
-    gpu = c.grouped + c.slow_extra + c.od_compute_sum
-    per_layer = fixed + _sync_phase(c) + np.maximum.reduce([gpu, od_chain, cpu_chain, h2d_chain])
-    layered = float(c.fwd_fixed.sum() + per_layer.sum())
-    h2d_all = float(c.sync_h2d.sum() + c.async_h2d.sum() + c.od_copy_sum.sum() + c.res_h2d.sum())
-    d2h_all = float(c.demote_d2h.sum() + c.act_d2h.sum())
-    engines = [h2d_all + d2h_all] if c.engines == 1 else [h2d_all, d2h_all]
+    if c.items.od_g.size:
+        np.minimum.at(od_min, c.items.od_g, c.items.od_compute)
+    od_chain = np.where(cp.od_n > 0, cp.od_copy_sum + od_min, 0.0)
+    h2d_chain = cp.od_copy_sum + cp.res_h2d + (cp.act_d2h if r.engines == 1 else 0.0)
+    gpu = g.grouped + g.slow_extra + g.od_compute_sum
+    per_layer = fixed + sync_phase(r, cp.sync_h2d, cp.demote_d2h) + np.maximum.reduce([gpu, od_chain, cpu_chain,
+                                                                                       h2d_chain])
+    layered = float(g.fwd_fixed.sum() + per_layer.sum())
+    h2d_all = float(cp.sync_h2d.sum() + cp.async_h2d.sum() + cp.od_copy_sum.sum() + cp.res_h2d.sum())
+    d2h_all = float(cp.demote_d2h.sum() + cp.act_d2h.sum())
+    engines = [h2d_all + d2h_all] if r.engines == 1 else [h2d_all, d2h_all]
     return max([layered, *engines])
 
 
 def analytic_metrics(workload: Workload, schedule: Schedule, costs: ScheduleCosts) -> Metrics:
     """Metrics of the analytic model (same names as the simulator's)."""
-    return build_metrics("analytic", workload, schedule, costs, estimate(costs), lower_bound(costs))
+    times, bound = _estimate(costs)
+    return build_metrics("analytic", workload, schedule, costs, times, bound)

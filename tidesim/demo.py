@@ -13,6 +13,8 @@ import concurrent.futures
 import json
 import multiprocessing
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +26,16 @@ from tidesim.atomic import write_text
 from tidesim.budget import TIDE_MAX_EXPERTS_PER_LAYER, budget_for_memory, memory_for_budget
 from tidesim.bundled.paths import resolve_trace
 from tidesim.cli.output import to_jsonable
+from tidesim.default_tau import CANDIDATE_TAUS, plan_tau
 from tidesim.demo_figures import tau_figure, throughput_figure, timeline_figure
+from tidesim.errors import InputError
 from tidesim.hardware import HardwareProfile, bundled_profiles, get_profile, load_profile
 from tidesim.metrics import Metrics
 from tidesim.plan import Plan
 from tidesim.planner import make_plan, split_prompts
 from tidesim.policies import PolicyOptions, build_schedule, policy_names, uniform
-from tidesim.report import Comparison, breakdown_figure, compare, kind_of
+from tidesim.procs import die_with_parent
+from tidesim.report import Comparison, breakdown_figure, compare, kind_of, plan_slots
 from tidesim.run import run
 from tidesim.sim.timeline import Timeline
 from tidesim.trace.io import read_trace
@@ -39,7 +44,7 @@ from tidesim.workload import Workload, workload_from_trace
 
 DEFAULT_CASES = (("llada2-mini", "llada2-mini_none_g1024"), ("llada2-flash", "llada2-flash_none_g256"))
 DEFAULT_PROFILE = "h100-sxm-pcie5"
-PLAN_TAUS = [1, 2, 3, 4, 6, 8, 12, 16]
+PLAN_TAUS = list(CANDIDATE_TAUS)      # the same candidates as the default-tau rule of every command
 # Per-layer budget candidates around the TIDE budget u (the planner's default grid runs u/4..2u;
 # the demo keeps the part of it that the plans actually use, to stay within a minute).
 PLAN_BUDGET_FACTORS = (0.5, 0.75, 0.875, 1.0, 1.125, 1.25, 1.5)
@@ -55,6 +60,7 @@ class CaseResult:
     hw: str
     budget: int
     tau: int
+    tau_reason: str
     prompts: list[int]
     comparison: Comparison
     plan: Plan
@@ -104,7 +110,8 @@ def run_case(model_name: str, trace_name: str, hw: HardwareProfile, out: Path,
                         budgets=budgets)
     tag = f"{model_name}_{hw.name}"
     outcome.plan.save(out / f"plan_{tag}.json")
-    tau = min(outcome.tau_sweep, key=lambda t: (outcome.tau_sweep[t], t))
+    choice = plan_tau(outcome.plan)      # the one default-tau rule: with a plan, the plan's best single tau
+    tau = choice.tau
     held_w = workload.select_prompts(held or calib)
     metrics = []
     for policy in policy_names():
@@ -115,14 +122,16 @@ def run_case(model_name: str, trace_name: str, hw: HardwareProfile, out: Path,
     tau_tps = tau_sweep(held_w, hw, budget)
     tau_hit = hit_ratio_vs_tau(held_w, budget, PLAN_TAUS)
     result = CaseResult(model=model_name, trace=trace_name, hw=hw.name, budget=budget, tau=tau,
-                        prompts=held or calib, comparison=comparison, plan=outcome.plan,
+                        tau_reason=choice.line, prompts=held or calib, comparison=comparison, plan=outcome.plan,
                         tau_tokens_per_s=tau_tps, tau_hit_ratio=tau_hit)
     step(f"{model_name}: figures")
-    title = f"{model_name}, {hw.name}, budget {budget}/layer, tau {tau} (held-out prompts {result.prompts})"
+    setting = f"{model_name}, {hw.name}, budget {budget}/layer, held-out prompts {result.prompts}"
+    title = f"{setting}; tide and tide-reference at tau {tau}"
     result.figures = [
         str(throughput_figure(comparison, out / f"throughput_{tag}.png", title)),
         str(breakdown_figure(comparison, out / f"breakdown_{tag}.png", title)),
-        str(tau_figure(tau_tps, tau_hit, out / f"tau_{tag}.png", title)),
+        str(tau_figure(tau_tps, tau_hit, out / f"tau_{tag}.png", f"tide against the refresh interval: {setting}",
+                       chosen=tau)),
         *timeline_excerpt(held_w, hw, budget, tau, out, tag),
     ]
     return result
@@ -182,6 +191,7 @@ def result_json(result: CaseResult) -> dict[str, Any]:
     plan = result.plan
     return {
         "model": result.model, "trace": result.trace, "hw": result.hw, "budget": result.budget, "tau": result.tau,
+        "tau_reason": result.tau_reason,
         "heldout_prompts": result.prompts, "best_baseline": result.comparison.best_baseline,
         "policies": [
             {"policy": m.policy, "kind": kind_of(m), "tokens_per_s": m.tokens_per_s,
@@ -190,8 +200,9 @@ def result_json(result: CaseResult) -> dict[str, Any]:
              "total_time_s": m.total_time_s, "feasible": m.feasible}
             for m in result.comparison.metrics
         ],
-        "plan": {"tau": plan.tau, "budget": plan.budget, "objective_s": plan.objective_s,
-                 "oracle_bound_s": plan.oracle_bound_s, "gap": plan.gap, "solver_status": plan.solver.status},
+        "plan": {"tau": plan.tau, "budget": plan.budget, "expert_slots": plan_slots(plan),
+                 "objective_s": plan.objective_s, "lagrangian_bound_s": plan.oracle_bound_s, "gap": plan.gap,
+                 "solver_status": plan.solver.status},
         "tau_tokens_per_s": result.tau_tokens_per_s, "tau_hit_ratio": result.tau_hit_ratio,
         "figures": [Path(f).name for f in result.figures],
     }
@@ -204,8 +215,52 @@ def _run_case_job(job: tuple[str, str, str, str]) -> CaseResult:
 
 def run_demo(out: Path, step: Callable[[str], None] = lambda _: None,
              cases: tuple[tuple[str, str], ...] = DEFAULT_CASES, workers: int | None = None) -> list[CaseResult]:
-    """Every (profile, case) pair, in parallel processes (results do not depend on the order)."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Every (profile, case) pair, in parallel processes (results do not depend on the order). The
+    report is written into a temporary folder beside `out` and renamed to `out` at the end, so an
+    interrupted or failed demo leaves no half-written report; a previous report at `out` is replaced."""
+    check_report_folder(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        results = _run_cases(tmp, step, cases, workers)
+        _replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for r in results:
+        r.figures = [str(out / Path(f).name) for f in r.figures]
+    return results
+
+
+def check_report_folder(out: Path) -> None:
+    """`out` may be new, empty, or a previous report (which the demo replaces); anything else is refused,
+    so the demo never deletes a folder of other files."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is a file, not a folder; give a folder name")
+    if out.is_dir() and any(out.iterdir()) and not (out / "summary.json").is_file():
+        raise InputError(f"--out {out}: the folder holds other files and no tidesim report (summary.json); give a "
+                         "new folder name")
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    if not target.exists():
+        os.rename(new, target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.rename(target, old)
+    os.rename(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _run_cases(out: Path, step: Callable[[str], None], cases: tuple[tuple[str, str], ...],
+               workers: int | None) -> list[CaseResult]:
     profiles = demo_profiles()
     jobs = [(model, trace, _profile_ref(hw), str(out)) for hw in profiles for model, trace in cases]
     workers = workers or min(len(jobs), os.cpu_count() or 1)
@@ -213,11 +268,66 @@ def run_demo(out: Path, step: Callable[[str], None] = lambda _: None,
         results = [run_case(m, t, get_profile(h), out, step) for m, t, h, _ in jobs]
     else:
         ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx, initializer=die_with_parent,
+                                                    initargs=(os.getpid(),)) as pool:
             futures = [pool.submit(_run_case_job, job) for job in jobs]
             for done, _ in enumerate(concurrent.futures.as_completed(futures), start=1):
                 step(f"{done}/{len(jobs)} cases done")
             results = [f.result() for f in futures]
     write_text(out / "summary.json", json.dumps(to_jsonable([result_json(r) for r in results]), indent=2,
                                                 sort_keys=True) + "\n")
+    write_index(out, results)
     return results
+
+
+FOOTNOTES = [
+    "speedup: tokens/s over the best baseline (full-swap, cpu-routing, fiddler); bounds are limits, not "
+    "deployable policies; bound tok/s: no schedule beats the busiest resource.",
+    "oracle (a row of the table) is a policy that knows each forward's routing in advance and prefetches for "
+    "free: an upper limit on what any expert placement can reach with this budget.",
+    "Lagrangian bound (in the plan line) is the planner's lower bound on the time of any interval-refresh "
+    "schedule with the plan's budgets; the gap says how far the plan could still improve within TIDE's method.",
+]
+
+
+def case_lines(r: CaseResult) -> list[str]:
+    """What the demo says about one case, under its table (the command and the HTML page alike)."""
+    plan = r.plan
+    lines = [f"trace {r.trace}, held-out prompts {r.prompts}, budget {r.budget} experts/layer (as the public TIDE "
+             f"code sizes it); {r.tau_reason}"]
+    tide = r.comparison.by_policy("tide")
+    best = r.comparison.best_baseline
+    if tide and best:
+        lines.append(f"tide vs best baseline ({best}): {r.comparison.speedup(tide):.2f}x; "
+                     + ", ".join(f"vs {b}: {r.comparison.speedup_over('tide', b):.2f}x"
+                                 for b in ("full-swap", "cpu-routing", "fiddler") if r.comparison.by_policy(b)))
+    gap = f", gap to the Lagrangian bound {100 * plan.gap:.1f}%" if plan.gap is not None else ""
+    lines.append(f"plan: {plan.mode}, tau {min(plan.tau)}..{max(plan.tau)}, budget {min(plan.budget)}.."
+                 f"{max(plan.budget)} per layer ({plan_slots(plan)}), solver {plan.solver.status}{gap}")
+    return lines
+
+
+def write_index(out: Path, results: list[CaseResult]) -> Path:
+    """index.html of the report folder: per case the table, the figures, the plan and the timeline."""
+    from tidesim.html_report import Link, Report, Section, Table, timeline_link, write_report
+
+    sections = []
+    for r in results:
+        tag = f"{r.model}_{r.hw}"
+        names = [Path(f).name for f in r.figures]
+        plan = r.plan
+        sections.append(Section(
+            r.label, paragraphs=case_lines(r),
+            tables=[Table(TABLE_COLUMNS, table_rows(r), "policies (simulated, held-out prompts)")],
+            figures=[n for n in names if n.endswith(".png")],
+            links=[timeline_link(n) for n in names if n.endswith(".json")]))
+        sections.append(Section(
+            f"{r.label}: the per-layer plan",
+            tables=[Table(["MoE layer", "tau", "budget"],
+                          [[i, t, b] for i, (t, b) in enumerate(zip(plan.tau, plan.budget, strict=True))],
+                          f"{plan_slots(plan)}")],
+            links=[Link(f"plan_{tag}.json", f"plan_{tag}.json", "the plan file, for tidesim simulate --plan")]))
+    sections.append(Section("files", links=[Link("summary.json", "summary.json", "every number above, as JSON")]))
+    report = Report("tidesim demo: expert-offload policies on the bundled LLaDA2.0 traces",
+                    intro=FOOTNOTES, sections=sections)
+    return write_report(report, out)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -53,7 +54,10 @@ class Curve:
             raise InputError(f"{where}: x and time_us must be non-empty and of equal length")
         if any(b <= a for a, b in zip(self.x, self.x[1:], strict=False)):
             raise InputError(f"{where}: x must be strictly increasing")
-        if any(v < 0 for v in [*self.x, *self.time_us, *self.spread_us]):
+        values = [*self.x, *self.time_us, *self.spread_us]
+        if not all(_is_number(v) and math.isfinite(v) for v in values):
+            raise InputError(f"{where}: x, time_us and spread_us must be finite numbers")
+        if any(v < 0 for v in values):
             raise InputError(f"{where}: values must not be negative")
 
     def interpolate(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -290,7 +294,8 @@ class HardwareProfile:
     # ----- variants for what-if studies ---------------------------------------------------
     def scaled(self, pcie: float = 1.0, gpu_speed: float = 1.0, cpu_cores: float = 1.0,
                cpu_mem_bw: float = 1.0, gpu_memory_gib: float | None = None) -> HardwareProfile:
-        """A what-if copy: bandwidths and speeds multiplied; measured curves scaled alike."""
+        """A what-if copy: bandwidths and speeds multiplied; measured curves scaled alike. The copy is
+        not range-checked (tests scale made-up profiles); check_ranges tells whether it is plausible."""
         data = self.to_dict()
         data["name"] = f"{self.name}*"
         g, p, c = data["gpu"], data["pcie"], data["cpu"]
@@ -315,7 +320,7 @@ class HardwareProfile:
         cpu_factor = min(cpu_cores, cpu_mem_bw)
         for ec in c["expert_ffn"]:
             ec["curve"]["time_us"] = [t / cpu_factor for t in ec["curve"]["time_us"]]
-        return profile_from_dict(data, source=self.name)
+        return profile_from_dict(data, source=self.name, plausible=False)
 
     # ----- (de)serialisation --------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -354,6 +359,8 @@ def _build(cls: type, data: Any, where: str, nested: dict[str, Any] | None = Non
             value = nested[name](value, f"{where}.{name}")
         elif isinstance(value, bool):
             pass
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"{where}.{name}: must be a finite number, got {value}")
         elif isinstance(value, int | float) and value < 0:
             raise InputError(f"{where}.{name}: must not be negative, got {value}")
         values[name] = value
@@ -376,37 +383,131 @@ def _provenance(data: Any, where: str) -> Provenance:
 def _expert_curves(data: Any, where: str) -> list[ExpertCurve]:
     if not isinstance(data, list):
         raise InputError(f"{where}: expected a list")
-    return [_build(ExpertCurve, d, f"{where}[{i}]", {"curve": _curve}) for i, d in enumerate(data)]
+    curves = [_build(ExpertCurve, d, f"{where}[{i}]", {"curve": _curve}) for i, d in enumerate(data)]
+    for i, c in enumerate(curves):
+        for name in ("hidden", "intermediate", "workers"):
+            _in_range(getattr(c, name), (1, 1 << 20, True), f"{where}[{i}].{name}")
+    return curves
 
 
-def _positive(obj: Any, names: list[str], where: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-            raise InputError(f"{where}.{name}: must be a positive number, got {value!r}")
+def _attention_grids(data: Any, where: str) -> list[dict[str, Any]]:
+    """Measured attention grids: increasing finite tokens and context, a finite non-negative time
+    for every (tokens, context) pair."""
+    if not isinstance(data, list):
+        raise InputError(f"{where}: expected a list")
+    for i, grid in enumerate(data):
+        at = f"{where}[{i}]"
+        if not isinstance(grid, dict) or not {"tokens", "context", "time_us"} <= set(grid):
+            raise InputError(f"{at}: needs tokens, context and time_us")
+        for key in ("hidden", "heads", "kv_heads", "head_dim"):
+            if key in grid:
+                _in_range(grid[key], (1, 1 << 20, True), f"{at}.{key}")
+        for key in ("tokens", "context"):
+            xs = grid[key]
+            if (not isinstance(xs, list) or not xs or not all(_is_number(v) and math.isfinite(v) and v >= 0
+                                                              for v in xs)
+                    or any(b <= a for a, b in zip(xs, xs[1:], strict=False))):
+                raise InputError(f"{at}.{key}: must be a non-empty increasing list of finite numbers >= 0")
+        table = grid["time_us"]
+        rows_ok = isinstance(table, list) and len(table) == len(grid["tokens"]) and all(
+            isinstance(r, list) and len(r) == len(grid["context"]) for r in table)
+        if not rows_ok:
+            raise InputError(f"{at}.time_us: must be a {len(grid['tokens'])} x {len(grid['context'])} table")
+        if not all(_is_number(v) and math.isfinite(v) and v >= 0 for r in table for v in r):
+            raise InputError(f"{at}.time_us: every time must be a finite number >= 0")
+    return data
 
 
-def profile_from_dict(data: Any, source: str = "profile") -> HardwareProfile:
+# Physically plausible range of every numeric field: (low, high, whole number). Wide enough for a
+# CPU playing the GPU (tens of GFLOP/s) and for hardware years ahead; docs/hardware-profiles.md lists them.
+RANGES: dict[str, dict[str, tuple[float, float, bool]]] = {
+    "gpu": {
+        "memory_gib": (0.25, 4096, False),
+        "mem_bandwidth_gbs": (1e-3, 100_000, False),
+        "bf16_tflops": (1e-3, 100_000, False),
+        "mem_efficiency": (1e-3, 1.0, False),
+        "compute_efficiency": (1e-3, 1.0, False),
+        "launch_overhead_us": (0.0, 100_000, False),
+        "layer_overhead_us": (0.0, 1_000_000, False),
+    },
+    "pcie": {
+        "generation": (1, 7, True),
+        "h2d_gbs": (0.01, 10_000, False),
+        "d2h_gbs": (0.01, 10_000, False),
+        "copy_overhead_us": (0.0, 1_000_000, False),
+        "copy_engines": (1, 16, True),
+        "copy_slows_compute": (0.0, 10.0, False),
+    },
+    "cpu": {
+        "cores": (1, 4096, True),
+        "workers": (1, 4096, True),
+        "mem_bandwidth_gbs": (1e-3, 100_000, False),
+        "gflops": (1e-3, 10_000_000, False),
+        "mem_efficiency": (1e-3, 1.0, False),
+        "compute_efficiency": (1e-3, 1.0, False),
+        "task_overhead_us": (0.0, 1_000_000, False),
+        "gpu_contention": (0.0, 10.0, False),
+    },
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _in_range(value: Any, bounds: tuple[float, float, bool], where: str) -> None:
+    low, high, whole = bounds
+    if whole and not (isinstance(value, int) and not isinstance(value, bool)):
+        raise InputError(f"{where}: must be a whole number in {low:g}..{high:g}, got {value!r}")
+    if not _is_number(value) or not math.isfinite(value):
+        raise InputError(f"{where}: must be a finite number in {low:g}..{high:g}, got {value!r}")
+    if not low <= value <= high:
+        raise InputError(f"{where}: {value:g} is outside the plausible range {low:g}..{high:g} "
+                         "(see docs/hardware-profiles.md)")
+
+
+def check_ranges(prof: HardwareProfile, source: str) -> None:
+    """Every numeric field of the profile finite and inside its plausible range (RANGES)."""
+    for part, names in RANGES.items():
+        obj = getattr(prof, part)
+        for name, bounds in names.items():
+            _in_range(getattr(obj, name), bounds, f"{source}.{part}.{name}")
+
+
+def profile_from_dict(data: Any, source: str = "profile", plausible: bool = True) -> HardwareProfile:
+    """A profile from its mapping, every field checked; `plausible` also checks RANGES (off only for
+    what-if variants made by `scaled`, whose callers check the result themselves)."""
     if not isinstance(data, dict):
         raise InputError(f"{source}: expected a YAML mapping at the top level")
     version = data.get("schema_version", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:
         raise InputError(f"{source}: schema_version {version} is not supported (this tidesim reads "
                          f"{SCHEMA_VERSION})")
-    gpu = lambda d, w: _build(GPUProfile, d, w, {"expert_ffn": _expert_curves})  # noqa: E731
+    gpu = lambda d, w: _build(GPUProfile, d, w, {"expert_ffn": _expert_curves,  # noqa: E731
+                                                 "attention": _attention_grids})
     pcie = lambda d, w: _build(PCIeProfile, d, w, {"h2d": _curve, "d2h": _curve})  # noqa: E731
     cpu = lambda d, w: _build(CPUProfile, d, w, {"expert_ffn": _expert_curves})  # noqa: E731
     prof = _build(HardwareProfile, data, source,
                   {"provenance": _provenance, "gpu": gpu, "pcie": pcie, "cpu": cpu})
-    _positive(prof.gpu, ["memory_gib", "mem_bandwidth_gbs", "bf16_tflops", "mem_efficiency",
-                         "compute_efficiency"], f"{source}.gpu")
-    _positive(prof.pcie, ["h2d_gbs", "d2h_gbs", "copy_engines", "generation"], f"{source}.pcie")
-    _positive(prof.cpu, ["cores", "workers", "mem_bandwidth_gbs", "gflops", "mem_efficiency",
-                         "compute_efficiency"], f"{source}.cpu")
-    for eff in ("mem_efficiency", "compute_efficiency"):
-        if getattr(prof.gpu, eff) > 1 or getattr(prof.cpu, eff) > 1:
-            raise InputError(f"{source}: {eff} must lie in (0, 1]")
+    if plausible:
+        check_ranges(prof, source)
     return prof
+
+
+def not_this_machine(prof: HardwareProfile) -> str | None:
+    """Why the profile does not describe the machine this runs on (None when it may): a datasheet
+    estimate, or more CPU cores than this machine has. `validate` compares a measurement on this
+    machine with the profile's prediction, so a profile of another machine makes the error meaningless."""
+    from tidesim.limits import usable_cores
+
+    if prof.provenance.kind != "measured":
+        return (f"profile {prof.name!r} is a datasheet estimate, not a measurement of this machine: the "
+                "errors below compare this machine with another; measure it with `tidesim calibrate`")
+    cores = usable_cores()
+    if prof.cpu.cores > cores:
+        return (f"profile {prof.name!r} describes a CPU with {prof.cpu.cores} cores, this machine has {cores}: "
+                "it was measured elsewhere; measure this machine with `tidesim calibrate`")
+    return None
 
 
 def load_profile(path: str | Path) -> HardwareProfile:

@@ -154,17 +154,62 @@ class Plan:
             value = getattr(self.fingerprints, name)
             if not (isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)):
                 out.append(f"fingerprints.{name} must be a sha256 hex digest")
+            elif len(set(value)) == 1:
+                out.append(f"fingerprints.{name} is a placeholder ({value[:8]}...), not the digest of a real "
+                           "input; make the plan with `tidesim plan`")
         return out
 
     def check_model(self, model: ModelSpec) -> None:
-        """Refuse to run a plan on a model it was not made for."""
+        """Refuse to run a plan on a model it was not made for, naming what differs."""
         if model_fingerprint(model) != self.fingerprints.model_sha256 or model.num_moe_layers != self.num_layers:
-            raise InputError(
-                f"the plan was made for model {self.model!r} ({self.num_layers} MoE layers), not "
-                f"{model.name!r} ({model.num_moe_layers} MoE layers); make a plan with `tidesim plan` for this trace"
-            )
+            raise InputError(f"the plan was made for model {self.model!r}, not for this trace's: "
+                             f"{self.model_difference(model)}; make a plan with `tidesim plan` for this trace")
         if any(b > model.num_experts for b in self.budget):
             raise InputError(f"the plan's budgets exceed the model's {model.num_experts} experts per layer")
+
+    def model_difference(self, model: ModelSpec) -> str:
+        """What differs between the model the plan was made for and `model`, in words."""
+        if model.name != self.model:
+            return f"the trace's model is {model.name!r} ({model.num_moe_layers} MoE layers, the plan has " \
+                   f"{self.num_layers})"
+        if model.num_moe_layers != self.num_layers:
+            return f"the plan has {self.num_layers} MoE layers, the model {model.num_moe_layers}"
+        from tidesim.models import PRESETS
+
+        preset = PRESETS.get(self.model)
+        if preset is not None and model_fingerprint(preset) == self.fingerprints.model_sha256:
+            theirs, ours = preset.to_dict(), model.to_dict()
+            changed = [k for k in sorted(ours) if theirs.get(k) != ours[k]]
+            return "same name, but " + ", ".join(f"{k} is {ours[k]!r} (the plan's: {theirs.get(k)!r})"
+                                                 for k in changed[:3])
+        return (f"same name and {model.num_moe_layers} MoE layers, but another model spec (sha256 "
+                f"{model_fingerprint(model)[:12]}, the plan's {self.fingerprints.model_sha256[:12]})")
+
+    def input_differences(self, trace_path: str | Path, hw: HardwareProfile) -> list[str]:
+        """The inputs this plan is used on that differ from those it was made from (trace file bytes,
+        hardware profile), each in words; empty when they are the same."""
+        out = []
+        trace_sha = file_fingerprint(trace_path)
+        if trace_sha != self.fingerprints.trace_sha256:
+            out.append(f"the plan was made from trace {self.trace!r} (sha256 {self.fingerprints.trace_sha256[:12]}), "
+                       f"not from {str(trace_path)!r} (sha256 {trace_sha[:12]})")
+        hw_sha = profile_fingerprint(hw)
+        if hw_sha != self.fingerprints.profile_sha256:
+            what = "another version of it" if hw.name == self.hw else repr(hw.name)
+            out.append(f"the plan was made for hardware profile {self.hw!r} (sha256 "
+                       f"{self.fingerprints.profile_sha256[:12]}), not {what} (sha256 {hw_sha[:12]})")
+        return out
+
+    def check_inputs(self, model: ModelSpec, trace_path: str | Path, hw: HardwareProfile, force: bool = False
+                     ) -> list[str]:
+        """Refuse a plan used on another model (always), trace or profile (unless `force`); returns the
+        warnings to show when forced."""
+        self.check_model(model)
+        differences = self.input_differences(trace_path, hw)
+        if differences and not force:
+            raise InputError(f"{differences[0]}; make a plan for these inputs with `tidesim plan`, or pass --force "
+                             "to use it anyway")
+        return differences
 
     # ----- (de)serialisation -------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

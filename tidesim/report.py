@@ -14,18 +14,17 @@ from typing import Any
 from tidesim.atomic import atomic_path
 from tidesim.errors import InputError
 from tidesim.metrics import Metrics
+from tidesim.plan import Plan
 from tidesim.sim.accounting import BREAKDOWN_KEYS
 
 BASELINES = ("full-swap", "cpu-routing", "fiddler")
 FIGURE_SUFFIXES = (".png", ".svg", ".pdf")
-BREAKDOWN_LABELS = {
-    "gpu_fixed": "GPU fixed (attention, shared expert, gate, dense, lm_head)",
-    "gpu_experts": "GPU experts",
-    "copy_stall": "waiting for expert copies",
-    "sync_refresh": "synchronous refresh",
-    "cpu_wait": "waiting for CPU experts",
-    "other": "other",
-}
+
+
+def plan_slots(plan: Plan) -> str:
+    """The one way every command states a plan's GPU expert slots: used by its budgets, out of what
+    its memory budget holds (the two differ when no candidate budget fills the last few slots)."""
+    return f"{sum(plan.budget)} of {plan.expert_slots} expert slots"
 
 
 def kind_of(m: Metrics) -> str:
@@ -92,8 +91,43 @@ def comparison_json(comp: Comparison) -> dict[str, Any]:
     return out
 
 
+def build_breakdown_figure(comp: Comparison, title: str = "") -> Any:
+    """Stacked bars (zero-based): per policy, ms per generated token by where the time goes, with
+    tokens/s on top; colours and labels from tidesim.palette, the legend under the chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tidesim.palette import legend_below, policy_label, time_color, time_label
+
+    ms = comp.metrics
+    names = [policy_label(m.policy, m.is_bound) for m in ms]
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(ms) + 2), 5.4), layout="constrained")
+    bottom = [0.0] * len(ms)
+    per_token = {key: [1e3 * max(m.breakdown_s.get(key, 0.0), 0.0) / max(m.generated_tokens, 1) for m in ms]
+                 for key in BREAKDOWN_KEYS}
+    tallest = max((sum(v) for v in zip(*per_token.values(), strict=True)), default=0.0)
+    handles, labels = [], []
+    for key in BREAKDOWN_KEYS:
+        vals = per_token[key]
+        if not any(v > 1e-6 * tallest for v in vals):
+            continue
+        handles.append(ax.bar(names, vals, bottom=bottom, color=time_color(key)))
+        labels.append(time_label(key))
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    for x, (m, top) in enumerate(zip(ms, bottom, strict=True)):
+        ax.text(x, top, f"{m.tokens_per_s:.1f} tok/s", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("ms per generated token")
+    ax.set_ylim(0, tallest * 1.12 if tallest > 0 else 1.0)
+    ax.set_title(title or "where decoding time goes", fontsize=9)
+    ax.tick_params(axis="x", rotation=20)
+    legend_below(fig, handles, labels)
+    return fig
+
+
 def breakdown_figure(comp: Comparison, path: str | Path, title: str = "") -> Path:
-    """Stacked bars: per policy, seconds per generated token by category, with tokens/s on top."""
+    """Write build_breakdown_figure to PNG, SVG or PDF, with no dates in the file."""
     path = Path(path)
     if path.suffix.lower() not in FIGURE_SUFFIXES:
         raise InputError(f"figure file {path} must end in one of {', '.join(FIGURE_SUFFIXES)}")
@@ -103,31 +137,9 @@ def breakdown_figure(comp: Comparison, path: str | Path, title: str = "") -> Pat
     import matplotlib.pyplot as plt
 
     matplotlib.rcParams["svg.hashsalt"] = "tidesim"      # stable SVG ids
-
-    ms = comp.metrics
-    names = [m.policy + (" (bound)" if m.is_bound else "") for m in ms]
-    fig, ax = plt.subplots(figsize=(max(7.0, 1.1 * len(ms) + 2), 5.0))
-    bottom = [0.0] * len(ms)
-    colors = plt.get_cmap("tab10")
-    per_token = {key: [1e3 * max(m.breakdown_s.get(key, 0.0), 0.0) / max(m.generated_tokens, 1) for m in ms]
-                 for key in BREAKDOWN_KEYS}
-    tallest = max((sum(v) for v in zip(*per_token.values(), strict=True)), default=0.0)
-    for i, key in enumerate(BREAKDOWN_KEYS):
-        vals = per_token[key]
-        if not any(v > 1e-6 * tallest for v in vals):
-            continue
-        ax.bar(names, vals, bottom=bottom, label=BREAKDOWN_LABELS[key], color=colors(i))
-        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-    for x, (m, top) in enumerate(zip(ms, bottom, strict=True)):
-        ax.text(x, top, f"{m.tokens_per_s:.1f} tok/s", ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("ms per generated token")
-    ax.set_ylim(0, tallest * 1.12 if tallest > 0 else 1.0)
-    ax.set_title(title or "where decoding time goes", fontsize=9)
-    ax.tick_params(axis="x", rotation=20)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
+    fig = build_breakdown_figure(comp, title)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format=path.suffix.lstrip(".").lower(), dpi=120, bbox_inches="tight",
-                    metadata=_fixed_metadata(path))
+        fig.savefig(tmp, format=path.suffix.lstrip(".").lower(), dpi=120, metadata=_fixed_metadata(path))
     plt.close(fig)
     return path
 

@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from tidesim.cli.decode_args import layout
 from tidesim.errors import InputError
 from tidesim.models import ModelSpec
 from tidesim.trace.schema import Trace, TraceMeta
@@ -29,6 +30,26 @@ from tidesim_runtime.generate import DecodeConfig, ForwardFn, ForwardRecord, gen
 
 GATE_CLASS_NAMES = ("LLaDA2MoeGate", "SigmoidGroupGate")
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], spec: ModelSpec, cfg: DecodeConfig,
+                  max_positions: int | None = None, where: str = "prompt") -> None:
+    """Refuse, before any decoding, a prompt the decode cannot take: empty, a token outside the
+    vocabulary, the mask token inside it, or a padded sequence ceil((P + G) / L) x L longer than
+    `max_positions` (the config's max_position_embeddings; None: no limit)."""
+    for i, q in enumerate(prompts):
+        if len(q) == 0:
+            raise InputError(f"{where} {i} is empty")
+        for t in q:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < spec.vocab_size:
+                raise InputError(f"{where} {i} has token {t!r} outside [0, {spec.vocab_size})")
+            if t == spec.mask_token_id:
+                raise InputError(f"{where} {i} holds the mask token {t}")
+        _, total = layout(len(q), cfg.gen_length, cfg.block_length)
+        if max_positions is not None and total * cfg.block_length > max_positions:
+            raise InputError(f"{where} {i}: {len(q)} prompt tokens + gen length {cfg.gen_length}, padded to "
+                             f"{total * cfg.block_length} positions in blocks of {cfg.block_length}, exceed the "
+                             f"model's max_position_embeddings {max_positions}; shorten the prompt or the gen length")
 
 
 def prompt_fingerprint(tokens: Sequence[int]) -> str:
@@ -155,12 +176,17 @@ def capture_trace(
     seed: int | None,
     forward: ForwardFn | None = None,
     blocks: Callable[[int], Callable[[Iterable[int]], Iterator[int]]] | None = None,
+    prompt_text: Sequence[str | None] | None = None,
 ) -> tuple[Trace, list[list[int]]]:
     """Decode every prompt with gate hooks on `model`; return the validated trace and the
-    generated tokens per prompt. `forward` drives the model (default: the model itself, a
-    LLaDA2Model); `blocks(prompt_id)` may wrap each prompt's block loop (progress bars)."""
+    generated tokens per prompt (counted as the official generate counts them: cut after the
+    first EOS, which is included). `forward` drives the model (default: the model itself, a
+    LLaDA2Model); `blocks(prompt_id)` may wrap each prompt's block loop (progress bars);
+    `prompt_text` (the decoded text of each prompt) is kept in the trace's prompt metadata."""
     if cfg.kv_cache == "prefix" and isinstance(forward, HFForward):
         raise InputError("the Hugging Face model is driven with --kv-cache none only")
+    if prompt_text is not None and len(prompt_text) != len(prompts):
+        raise ValueError("prompt_text needs one entry per prompt")
     drive: ForwardFn = forward if forward is not None else model  # type: ignore[assignment]
     rows: list[dict[str, Any]] = []
     counts: list[np.ndarray] = []
@@ -185,18 +211,21 @@ def capture_trace(
             result = generate(drive, prompt, cfg, spec.mask_token_id, spec.eos_token_id, on_forward,
                               blocks(pid) if blocks is not None else None)
             outputs.append(result.generated)
-            prompts_meta.append({
+            entry: dict[str, Any] = {
                 "id": pid, "tokens": len(prompt), "sha256": prompt_fingerprint(prompt),
                 "generated": len(result.generated), "denoising_steps": result.denoising_steps,
-                "stopped_at_eos": result.stopped_at_eos,
-            })
+                "steps_per_block": list(result.steps_per_block), "stopped_at_eos": result.stopped_at_eos,
+            }
+            if prompt_text is not None and prompt_text[pid] is not None:
+                entry["text"] = prompt_text[pid]
+            prompts_meta.append(entry)
     meta = TraceMeta(
         model=spec, block_length=cfg.block_length, threshold=float(cfg.threshold), kv_cache=cfg.kv_cache,
         gen_length=cfg.gen_length, source="captured", seed=seed, prompts=prompts_meta,
         generator={
             "tool": "tidesim_runtime.capture", "weights": settings.weights, "compute_dtype": settings.compute_dtype,
-            "token_level": settings.token_level, "temperature": cfg.temperature, "eos_stop": cfg.eos_stop,
-            "decode_seed": cfg.seed, "torch_version": torch.__version__.split("+")[0],
+            "token_level": settings.token_level, "decode": cfg.to_dict(),
+            "torch_version": torch.__version__.split("+")[0],
             "hooks": "forward hooks on " + "/".join(GATE_CLASS_NAMES) + " modules", **settings.extra,
         },
         notes=("random weights: routing has the model's shapes but no trained behaviour"

@@ -32,7 +32,7 @@ class ExpertTask:
 class LayerJob:
     """The CPU side of one layer-forward; wait() returns when every task has run."""
 
-    def __init__(self, tasks: list[ExpertTask], run: Callable[[ExpertTask], None],
+    def __init__(self, tasks: list[ExpertTask], run: Callable[[ExpertTask], object],
                  before: Callable[[], None] | None) -> None:
         self.remaining = len(tasks)
         self.run = run
@@ -98,7 +98,7 @@ class CPUPool:
             if finished:
                 job.done.set()
 
-    def submit(self, tasks: list[ExpertTask], run: Callable[[ExpertTask], None],
+    def submit(self, tasks: list[ExpertTask], run: Callable[[ExpertTask], object],
                before: Callable[[], None] | None = None) -> LayerJob:
         """Queue tasks longest first; `before` (waiting for the activations) runs once, first."""
         order = sorted(tasks, key=lambda t: (-(t.stop - t.start), t.expert))
@@ -115,7 +115,7 @@ class CPUPool:
 
 
 def expert_task_runner(x_host: torch.Tensor, out_host: torch.Tensor, w13: torch.Tensor,
-                       w2: torch.Tensor) -> Callable[[ExpertTask], None]:
+                       w2: torch.Tensor) -> Callable[[ExpertTask], object]:
     """A task body: SwiGLU of one expert from host weights on host activations."""
     def run(task: ExpertTask) -> None:
         out_host[task.start:task.stop] = swiglu(x_host[task.start:task.stop], w13[task.expert], w2[task.expert])

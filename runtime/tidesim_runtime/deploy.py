@@ -40,6 +40,7 @@ from tidesim_runtime.device import DeviceInfo, host_memory_available
 from tidesim_runtime.executor import Executor, LayerRouting, RunRecord, memory_needs
 from tidesim_runtime.generate import DecodeConfig
 from tidesim_runtime.model import MLP, LLaDA2Model, SparseMoeBlock
+from tidesim_runtime.pinned import pinned_bytes
 from tidesim_runtime.weights import (
     ExpertBank,
     LayerPlan,
@@ -88,7 +89,7 @@ class ForwardTracker:
         if self.block is None:
             meta = ForwardMeta(self.index, self.prompt, -1, 0, "prefill")
         else:
-            commit = self.cfg.kv_cache == "prefix" and past is not None and logits_last == 1 and (
+            commit = self.cfg.kv_cache == "prefix" and logits_last == 1 and (
                 self.cfg.block_length > 1 or not bool((input_ids == self.mask_id).any()))
             meta = ForwardMeta(self.index, self.prompt, self.block, self.step, "commit" if commit else "step")
             self.step += 1
@@ -177,23 +178,17 @@ def decision_counts(schedule: Schedule, expert_tokens: np.ndarray) -> dict[str, 
 
 
 # ----- memory, before anything is loaded ----------------------------------------------------------------
-def pinned_size(nbytes: int) -> int:
-    """Bytes torch's CUDA host allocator really takes for a pinned buffer of `nbytes`: it rounds
-    every request up to a power of two (CUDAHostAllocator's size classes)."""
-    return 1 << max(int(nbytes) - 1, 0).bit_length() if nbytes > 0 else 0
-
-
 def deploy_memory(spec: ModelSpec, device: DeviceInfo, budget: np.ndarray, max_tokens: int, max_context: int
                   ) -> dict[str, int]:
     """Bytes generate needs on the host and on the device (0 for cpu-as-gpu, which keeps all on
-    the host): the routed experts in host banks (pinned on CUDA, at the allocator's rounded size,
+    the host): the routed experts in host banks (pinned on CUDA over exactly their pages, pinned.py;
     one bank per MoE layer), the model's other weights (on the device), the executor's slots and
     buffers (executor.memory_needs), and the model's keys/values. The banks are counted with one
     more layer's bank: the peak while the model's experts are moved into them."""
     layers = spec.num_moe_layers
     el = torch.empty(0, dtype=device.dtype).element_size()
     bank = spec.num_experts * expert_bytes(spec, device.dtype)
-    banks = layers * (pinned_size(bank) if device.is_cuda else bank)
+    banks = layers * (pinned_bytes(bank) if device.is_cuda else bank)
     non_expert = spec.non_expert_params * el
     slots = int(np.asarray(budget).max(initial=0))
     ex = memory_needs(spec, layers, device, slots, max_tokens, max_context, forward_fixed=False)
@@ -228,10 +223,11 @@ def check_deploy_memory(spec: ModelSpec, device: DeviceInfo, budget: np.ndarray,
 
 
 # ----- the engine ----------------------------------------------------------------------------------------
-def bind_host_experts(model: LLaDA2Model, pin: bool) -> list[ExpertBank]:
+def bind_host_experts(model: LLaDA2Model) -> list[ExpertBank]:
     """Host banks of every MoE layer's experts; the model's expert weights become views of them
     (each expert is held once, and the plain decode still runs the same numbers). Experts are
-    moved one at a time, so the peak is the model plus one layer's bank."""
+    moved one at a time, so the peak is the model plus one layer's bank. The banks are page-aligned
+    host memory; on CUDA the executor pins them at their exact size."""
     banks: list[ExpertBank] = []
     spec = model.spec
     i = spec.moe_intermediate_size
@@ -239,7 +235,7 @@ def bind_host_experts(model: LLaDA2Model, pin: bool) -> list[ExpertBank]:
         first = block.experts[0]
         assert isinstance(first, MLP)
         dtype = first.gate_proj.weight.dtype
-        bank = ExpertBank.empty(spec, len(block.experts), torch.device("cpu"), dtype, pin=pin, zero=False)
+        bank = ExpertBank.empty(spec, len(block.experts), torch.device("cpu"), dtype, zero=False)
         for e, m in enumerate(block.experts):
             assert isinstance(m, MLP)
             for proj, view in ((m.gate_proj, bank.w13[e, :i]), (m.up_proj, bank.w13[e, i:]), (m.down_proj, bank.w2[e])):

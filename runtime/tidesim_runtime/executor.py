@@ -7,14 +7,17 @@ charges (docs/costmodel.md), in the same order:
    context); the router's per-expert counts are read on the host (one sync, as any runtime that
    splits tokens between devices must);
 2. synchronous refresh copies (H2D) and demotions (D2H) of the layer; the GPU waits for them;
-3. activations of CPU-placed experts go to the host (D2H), the CPU pool computes those experts
-   longest first while the GPU works; on-demand copies are issued at once;
+3. every routed pair's input is gathered once (pair order); activations of CPU-placed experts go
+   to the host (D2H), the CPU pool computes those experts longest first while the GPU works;
+   on-demand copies whose slot is free are issued at once;
 4. the GPU waits for the layer's asynchronous refresh copies still in flight (from the previous
    forward), runs every expert resident at the gate as ONE grouped kernel, then each on-demand
-   expert after its copy lands;
-5. the layer's asynchronous refresh copies are queued in the background (low priority);
+   expert after its copy lands (ONDEMAND_LAUNCHES kernels each); an on-demand copy into a slot
+   that frees later in the layer waits for that (named in the slot plan, weights.SlotWait);
+5. the layer's asynchronous refresh copies are queued in the background (served one at a time,
+   streams.BackgroundFeeder), each after the grouped kernel that last used its slot;
 6. CPU results come back (H2D) and are added; the layer ends.
-Then the final norm and lm_head.
+Then the final norm and lm_head. Executor.moe_layer runs these phases, one method each.
 
 Routing: in trace replay the tokens per expert come from the trace (the router still runs, for
 its cost); in live mode (tidesim_runtime.live) the model's own router decides and the executor
@@ -39,7 +42,7 @@ from tidesim.models import ModelSpec
 from tidesim.schedule import Schedule, schedule_problems
 from tidesim.workload import Workload
 from tidesim_runtime.cpu_pool import CPUPool, ExpertTask, LayerJob, expert_task_runner
-from tidesim_runtime.device import DeviceInfo, host_memory_available
+from tidesim_runtime.device import DeviceInfo, PinnedThreads, host_memory_available, host_memory_total
 from tidesim_runtime.gate import route
 from tidesim_runtime.kernels import (
     KVBuffer,
@@ -53,11 +56,27 @@ from tidesim_runtime.kernels import (
     random_matrix,
     rms_norm,
     rotary_tables,
-    swiglu,
+    swiglu_into,
 )
+from tidesim_runtime.pinned import PINNED_SHARE, HostPinning, pinned_bytes
 from tidesim_runtime.streams import D2H, H2D, Backend, Marker, make_backend
-from tidesim_runtime.weights import AFTER_GROUPED, ExpertBank, LayerPlan, SlotPlan, expert_bytes, plan_slots
+from tidesim_runtime.weights import (
+    AFTER_GROUPED,
+    FREE,
+    CopyOp,
+    ExpertBank,
+    LayerPlan,
+    SlotPlan,
+    SlotWait,
+    after_on_demand,
+    expert_bytes,
+    plan_slots,
+    random_host_experts,
+)
 
+# Kernels the runtime launches per on-demand expert (swiglu_into: gate/up GEMM, SiLU, product,
+# down GEMM written in place); the simulator's ONDEMAND_LAUNCHES_PER_EXPERT should match it.
+ONDEMAND_LAUNCHES = 4
 BREAKDOWN_KEYS = ("gpu_fixed", "gpu_experts", "copy_stall", "cpu_wait", "sync_refresh", "other")
 GIB = 2**30
 
@@ -68,7 +87,7 @@ class LayerRouting:
     and tokens per expert (host)."""
 
     tokens: torch.Tensor      # int64 [P] on the device
-    weights: torch.Tensor     # [P] on the device, compute dtype
+    weights: torch.Tensor     # [P] on the device, any float dtype (combined in float32)
     counts: np.ndarray        # int64 [E]
 
     @property
@@ -88,6 +107,29 @@ def replay_routing(counts: np.ndarray, tokens: int, top_k: int, device: torch.de
 
 
 @dataclass
+class LayerStep:
+    """The state one MoE layer-forward passes from phase to phase."""
+
+    layer: int
+    plan: LayerPlan
+    r: LayerRouting
+    moe_in: torch.Tensor
+    base: torch.Tensor | None       # residual + shared expert (trace replay); None in live mode
+    offs: np.ndarray                # pair offsets per expert
+    x_sorted: torch.Tensor          # gathered inputs, pair order
+    y_sorted: torch.Tensor          # expert outputs, pair order
+    slots: ExpertBank
+    host: ExpertBank
+    busy: dict[int, list[Marker]]   # slot -> what must finish before it is overwritten
+    t0: Any
+    tp: Any = None
+    job: LayerJob | None = None
+    pos_cpu: torch.Tensor | None = None
+    n_cpu: int = 0
+    od_marks: dict[int, Marker] = field(default_factory=dict)
+
+
+@dataclass
 class RunRecord:
     """What one run measured, before it becomes Metrics."""
 
@@ -102,37 +144,74 @@ class RunRecord:
     notes: list[str] = field(default_factory=list)
 
 
-def memory_needs(spec: ModelSpec, layers: int, device: DeviceInfo, slots_per_layer: int, max_tokens: int,
-                 max_context: int, forward_fixed: bool = True) -> dict[str, int]:
-    """Bytes the executor allocates: host (all routed experts of `layers` layers, plus the
-    GPU side when the CPU plays the GPU) and device (slots, non-expert weights, KV buffers)."""
+def workspace_bytes(spec: ModelSpec, max_tokens: int, max_context: int, el: int) -> int:
+    """Device bytes of one layer-forward's transient tensors at the largest forward: the pair
+    buffers (gathered inputs, CPU activations and results, expert outputs), the grouped kernel's
+    intermediates, the float32 weighted combine, attention (QKV and, as an upper bound, float32
+    scores when SDPA falls back to its math kernel) and the rotary tables."""
+    t, h, i = max_tokens, spec.hidden_size, spec.moe_intermediate_size
+    p = t * spec.top_k
+    pair_buffers = 4 * p * h * el
+    grouped = p * (3 * i + h) * el
+    combine = (t * h + 2 * p * h) * 4
+    attention = (t * (spec.num_heads + 2 * spec.num_kv_heads) * spec.head_dim * el
+                 + spec.num_heads * t * max_context * 4 + 2 * t * h * el)
+    rotary = 2 * max_context * spec.head_dim * 4
+    return int(pair_buffers + grouped + combine + attention + rotary + t * h * el)
+
+
+def memory_needs(spec: ModelSpec, layers: int, device: DeviceInfo, slots_per_layer: int | list[int],
+                 max_tokens: int, max_context: int, forward_fixed: bool = True, routing_pairs: int = 0
+                 ) -> dict[str, int]:
+    """Bytes the executor allocates: host (all routed experts of `layers` layers and the pinned
+    staging buffers, plus the GPU side when the CPU plays the GPU), of which `pinned` is
+    page-locked (CUDA only, whole pages), and device (slot pools with their spare slots,
+    non-expert weights, KV buffers, per-forward routing tensors kept for the run, workspaces).
+
+    slots_per_layer: one count for every layer, or each layer's pool size (budget + spare);
+    routing_pairs: routed (token, expert) pairs of every forward and layer held on the device.
+    """
     eb = expert_bytes(spec, device.dtype)
     el = torch.empty(0, dtype=device.dtype).element_size()
-    host_experts = layers * spec.num_experts * eb
+    pools = [slots_per_layer] * layers if isinstance(slots_per_layer, int) else list(slots_per_layer)
+    bank = spec.num_experts * eb
+    staging = 2 * max(1, max_tokens) * spec.top_k * spec.hidden_size * el
+    host_experts = layers * bank
     per_layer_weights = (spec.attention_params + spec.shared_expert_params) * el + spec.gate_params * 4
     fixed = 0
     if forward_fixed:
         fixed = spec.first_dense_layers * (spec.attention_params + spec.dense_mlp_params) * el
         fixed += spec.vocab_size * spec.hidden_size * el
     kv = (layers + spec.first_dense_layers) * 2 * spec.num_kv_heads * spec.head_dim * max_context * el
-    act = 16 * max_tokens * spec.hidden_size * 4 * spec.top_k
-    device_bytes = layers * (slots_per_layer * eb + per_layer_weights) + fixed + kv + act
-    host = host_experts + (0 if device.is_cuda else device_bytes)
-    return {"host": int(host), "device": int(device_bytes if device.is_cuda else 0)}
+    routing = routing_pairs * (8 + el)
+    device_bytes = (sum(max(n, 1) for n in pools) * eb + layers * per_layer_weights + fixed + kv + routing
+                    + workspace_bytes(spec, max_tokens, max_context, el))
+    pinned = layers * pinned_bytes(bank) + 2 * pinned_bytes(staging // 2) if device.is_cuda else 0
+    host = host_experts + staging + (0 if device.is_cuda else device_bytes)
+    return {"host": int(host), "pinned": int(pinned), "device": int(device_bytes if device.is_cuda else 0)}
 
 
-def check_memory(spec: ModelSpec, layers: int, device: DeviceInfo, slots_per_layer: int, max_tokens: int,
-                 max_context: int, forward_fixed: bool = True) -> None:
-    """InputError (before anything is allocated) when host or GPU memory is too small."""
-    need = memory_needs(spec, layers, device, slots_per_layer, max_tokens, max_context, forward_fixed)
+def check_memory(spec: ModelSpec, layers: int, device: DeviceInfo, slots_per_layer: int | list[int],
+                 max_tokens: int, max_context: int, forward_fixed: bool = True, routing_pairs: int = 0) -> None:
+    """InputError (before anything is allocated) when host, pinned or GPU memory is too small."""
+    need = memory_needs(spec, layers, device, slots_per_layer, max_tokens, max_context, forward_fixed,
+                        routing_pairs)
     avail = host_memory_available()
+    per_layer = spec.num_experts * expert_bytes(spec, device.dtype)
     if avail and need["host"] > 0.9 * avail:
-        per_layer = spec.num_experts * expert_bytes(spec, device.dtype)
         fit = max(0, int((0.9 * avail - (need["host"] - layers * per_layer)) // per_layer))
         raise InputError(
             f"{layers} MoE layers of {spec.name} need {need['host'] / GIB:.1f} GiB of host memory "
             f"({device.dtype_name}) but {avail / GIB:.1f} GiB is available; use --layers {max(fit, 1)} or fewer"
             + ("" if device.is_cuda else " (cpu-as-gpu keeps the GPU side in host memory too)"))
+    cap = PINNED_SHARE * host_memory_total()
+    if need["pinned"] and cap and need["pinned"] > cap:
+        staging = need["pinned"] - layers * pinned_bytes(per_layer)
+        fit = max(1, int((cap - staging) // pinned_bytes(per_layer)))
+        raise InputError(
+            f"{layers} MoE layers of {spec.name} need {need['pinned'] / GIB:.1f} GiB of pinned host memory, "
+            f"more than {PINNED_SHARE:.0%} of this host's {host_memory_total() / GIB:.0f} GiB; use --layers {fit} "
+            "or fewer")
     if device.is_cuda:
         free, _ = torch.cuda.mem_get_info(device.torch_device)
         if need["device"] > 0.95 * free:
@@ -144,7 +223,10 @@ def check_memory(spec: ModelSpec, layers: int, device: DeviceInfo, slots_per_lay
 class Executor:
     """Owns the weights, the slot pools, the streams and the CPU pool for one model shape.
 
-    host_experts: per MoE layer bank of all experts (random when not given). Call close() when done.
+    host_experts: per MoE layer bank of all experts, in the executor's dtype (random when not
+    given); on CUDA the executor pins them (exactly their pages, pinned.py) and unpins them in
+    close(). The calling thread and the threads started here run on device.cpu_set (physical
+    cores of one NUMA node) until close(). Call close() when done.
     """
 
     def __init__(self, spec: ModelSpec, layers: int, device: DeviceInfo, max_tokens: int, max_context: int,
@@ -158,14 +240,18 @@ class Executor:
         self.forward_fixed = forward_fixed
         self.max_tokens = max(1, max_tokens)
         self.max_context = max(self.max_tokens, max_context)
+        if host_experts is not None and any(b.flat.dtype != self.dtype for b in host_experts):
+            raise ValueError(f"host expert banks must be in the executor's dtype {device.dtype_name}")
         gen = torch.Generator().manual_seed(seed)
         self._threads_before = torch.get_num_threads()
+        self._affinity = PinnedThreads(device.cpu_set)   # first: banks are first-touched on the node
         if not device.is_cuda:
             torch.set_num_threads(device.gpu_threads)
-        from tidesim_runtime.weights import random_host_experts
-
+        self.pinning = HostPinning(device.is_cuda)
         self.host = host_experts if host_experts is not None else random_host_experts(
-            spec, layers, self.dtype, pin=device.is_cuda, seed=seed + 1)
+            spec, layers, self.dtype, seed=seed + 1)
+        for bank in self.host:
+            self.pinning.pin(bank.flat)
         self.lw = layer_weights if layer_weights is not None else [
             random_layer_weights(spec, self.dev, self.dtype, gen) for _ in range(layers)]
         self.dense_lw = [random_layer_weights(spec, self.dev, self.dtype, gen, dense=True)
@@ -178,11 +264,12 @@ class Executor:
         self.cos, self.sin = rotary_tables(spec, self.max_context, self.dev)
         self.inputs = (torch.randn(self.max_tokens, spec.hidden_size, generator=gen)).to(self.dev, self.dtype)
         pairs = self.max_tokens * spec.top_k
-        self.act_host = torch.zeros((pairs, spec.hidden_size), dtype=self.dtype, pin_memory=device.is_cuda)
-        self.res_host = torch.zeros((pairs, spec.hidden_size), dtype=self.dtype, pin_memory=device.is_cuda)
-        self.act_dev = torch.zeros((pairs, spec.hidden_size), dtype=self.dtype, device=self.dev)
-        self.res_dev = torch.zeros_like(self.act_dev)
-        self.y_dev = torch.zeros_like(self.act_dev)
+        self.act_host = self.pinning.empty((pairs, spec.hidden_size), self.dtype).zero_()
+        self.res_host = self.pinning.empty((pairs, spec.hidden_size), self.dtype).zero_()
+        self.x_dev = torch.zeros((pairs, spec.hidden_size), dtype=self.dtype, device=self.dev)
+        self.act_dev = torch.zeros_like(self.x_dev)
+        self.res_dev = torch.zeros_like(self.x_dev)
+        self.y_dev = torch.zeros_like(self.x_dev)
         self.backend: Backend = make_backend(self.dev)
         self.pool = CPUPool(device.cpu_workers, device.cpu_threads_per_worker)
         self.impl = grouped_impl(self.dev, self.dtype)
@@ -194,6 +281,8 @@ class Executor:
     def close(self) -> None:
         self.pool.close()
         self.backend.close()
+        self.pinning.release()
+        self._affinity.restore()
         torch.set_num_threads(self._threads_before)
 
     def __enter__(self) -> Executor:
@@ -319,128 +408,153 @@ class Executor:
             F.linear(rms_norm(x, self.final_norm, self.spec.rms_norm_eps), self.lm_head)
         self._span("gpu_fixed", tp)
 
-    # ----- one MoE layer ----------------------------------------------------------------------
+    # ----- one MoE layer: one method per phase (module docstring) -------------------------------
     def moe_layer(self, x: torch.Tensor, layer: int, ctx: int, r: LayerRouting, plan: LayerPlan,
                   moe_in: torch.Tensor | None = None) -> torch.Tensor:
         """Run one MoE layer; returns the layer output (or, when `moe_in` is given, only the
         routed experts' weighted sum for those normalised inputs: live mode)."""
-        be, spec = self.backend, self.spec
-        t0 = be.timepoint()
-        base_given = moe_in is None
+        st = self._front(x, layer, ctx, r, plan, moe_in)
+        self._sync_refresh(st)
+        self._start_cpu(st)
+        self._issue_on_demand(st, FREE)
+        self._grouped(st)
+        self._on_demand(st)
+        self._background(st)
+        return self._combine(st)
+
+    def _front(self, x: torch.Tensor, layer: int, ctx: int, r: LayerRouting, plan: LayerPlan,
+               moe_in: torch.Tensor | None) -> LayerStep:
+        """Phase 1: attention, shared expert and router (trace replay), the host reads the split;
+        every routed pair's input is gathered once, in pair order."""
+        spec = self.spec
+        t0 = self.backend.timepoint()
         if moe_in is None:
             _, moe_in, out = layer_front(x, self.lw[layer], self.kv[layer], ctx, spec, self.cos, self.sin)
             logits = gate_logits(moe_in, self.lw[layer])
             idx, _ = route(logits, self.lw[layer].gate_bias, spec.top_k, spec.n_group, spec.topk_group,
                            spec.routed_scaling_factor)
             torch.bincount(idx.reshape(-1), minlength=spec.num_experts).cpu()  # the host reads the split
+            base: torch.Tensor | None = out
         else:
-            out = moe_in
-        tp = self._span("gpu_fixed", t0)
-        slots = self.slots[layer]
-        host = self.host[layer]
-        busy = self._slot_busy[layer]
-        eb = self.expert_bytes_model
-
-        # 2. synchronous refresh and demotions
-        sync_marks: list[Marker] = []
-        for e, s in plan.demotes:
-            m = be.copy(host.flat[e], slots.flat[s], D2H, after=busy.get(s, []))
-            busy[s] = [m]
-            sync_marks.append(m)
-            self._counts["d2h"] += eb
-        for op in plan.sync:
-            m = be.copy(slots.flat[op.slot], host.flat[op.expert], H2D, after=busy.get(op.slot, []))
-            busy[op.slot] = [m]
-            sync_marks.append(m)
-            self._counts["h2d"] += eb
-            self._counts["copies"] += 1
-            self._counts["refresh"] += 1
-        if sync_marks:
-            be.compute_wait(sync_marks)
-        tp = self._span("sync_refresh", tp)
-
+            base = None
         offs = r.offsets
-        y_sorted = self.y_dev[:int(offs[-1])]  # expert outputs, in the routing's pair order
-        # 3. CPU side: activations down, the pool computes, results come back later
-        job: LayerJob | None = None
-        n_cpu = 0
-        pos_cpu: torch.Tensor | None = None
-        if plan.cpu:
-            rows = np.concatenate([np.arange(offs[e], offs[e + 1]) for e in plan.cpu])
-            pos_cpu = torch.from_numpy(rows).to(self.dev, non_blocking=True)
-            n_cpu = int(rows.size)
-            self.act_dev[:n_cpu] = moe_in[r.tokens[pos_cpu]]
-            down = be.copy(self.act_host[:n_cpu], self.act_dev[:n_cpu], D2H, after=[be.mark()])
-            self._counts["d2h"] += n_cpu * spec.activation_bytes_per_token
-            tasks, start = [], 0
-            for e in plan.cpu:
-                c = int(r.counts[e])
-                tasks.append(ExpertTask(e, start, start + c))
-                start += c
-            job = self.pool.submit(tasks, expert_task_runner(self.act_host, self.res_host, host.w13, host.w2),
-                                   before=lambda m=down: be.host_wait(m))
-        od_marks: dict[int, Marker] = {}
+        pairs = int(offs[-1])
+        x_sorted = self.x_dev[:pairs]
+        torch.index_select(moe_in, 0, r.tokens, out=x_sorted)
+        st = LayerStep(layer, plan, r, moe_in, base, offs, x_sorted, self.y_dev[:pairs],
+                       self.slots[layer], self.host[layer], self._slot_busy[layer], t0)
+        st.tp = self._span("gpu_fixed", t0)
+        return st
 
-        def issue_on_demand(wait: int) -> None:
-            for k, op in enumerate(plan.on_demand):
-                if op.wait == wait:
-                    m = be.copy(slots.flat[op.slot], host.flat[op.expert], H2D, after=busy.get(op.slot, []))
-                    busy[op.slot] = [m]
-                    od_marks[k] = m
-                    self._counts["h2d"] += eb
-                    self._counts["copies"] += 1
+    def _sync_refresh(self, st: LayerStep) -> None:
+        """Phase 2: demotions (D2H) and synchronous refresh copies (H2D); the GPU waits for them."""
+        be, eb = self.backend, self.expert_bytes_model
+        marks: list[Marker] = []
+        for e, s in st.plan.demotes:
+            m = be.copy(st.host.flat[e], st.slots.flat[s], D2H, after=st.busy.get(s, []))
+            st.busy[s] = [m]
+            marks.append(m)
+            self._counts["d2h"] += eb
+        for op in st.plan.sync:
+            marks.append(self._copy_in(st, op))
+            self._counts["refresh"] += 1
+        if marks:
+            be.compute_wait(marks)
+        st.tp = self._span("sync_refresh", st.tp)
 
-        issue_on_demand(-2)
+    def _copy_in(self, st: LayerStep, op: CopyOp, background: bool = False) -> Marker:
+        """One expert H2D into its slot, after whatever last used that slot."""
+        m = self.backend.copy(st.slots.flat[op.slot], st.host.flat[op.expert], H2D, background=background,
+                              after=st.busy.get(op.slot, []))
+        st.busy[op.slot] = [m]
+        self._counts["h2d"] += self.expert_bytes_model
+        self._counts["copies"] += 1
+        return m
 
-        # 4. GPU: wait for last forward's background copies of this layer, grouped kernel, on-demand
-        if self._pending[layer]:
-            be.compute_wait(self._pending[layer])
-            self._pending[layer] = []
-            tp = self._span("copy_stall", tp)
+    def _start_cpu(self, st: LayerStep) -> None:
+        """Phase 3: activations of CPU-placed experts go to the host; the pool computes them,
+        longest first, once they have landed."""
+        plan, offs, be = st.plan, st.offs, self.backend
+        if not plan.cpu:
+            return
+        rows = np.concatenate([np.arange(offs[e], offs[e + 1]) for e in plan.cpu])
+        st.pos_cpu = torch.from_numpy(rows).to(self.dev, non_blocking=True)
+        st.n_cpu = n = int(rows.size)
+        torch.index_select(st.x_sorted, 0, st.pos_cpu, out=self.act_dev[:n])
+        down = be.copy(self.act_host[:n], self.act_dev[:n], D2H, after=[be.mark()])
+        self._counts["d2h"] += n * self.spec.activation_bytes_per_token
+        tasks, start = [], 0
+        for e in plan.cpu:
+            c = int(st.r.counts[e])
+            tasks.append(ExpertTask(e, start, start + c))
+            start += c
+        st.job = self.pool.submit(tasks, expert_task_runner(self.act_host, self.res_host, st.host.w13, st.host.w2),
+                                  before=lambda: be.host_wait(down))
+
+    def _issue_on_demand(self, st: LayerStep, when: SlotWait) -> None:
+        """Phase 3/4: issue the on-demand copies whose slot frees at `when` (FREE: at once)."""
+        for k, op in enumerate(st.plan.on_demand):
+            if op.wait == when:
+                st.od_marks[k] = self._copy_in(st, op)
+
+    def _grouped(self, st: LayerStep) -> None:
+        """Phase 4a: wait for the previous forward's background copies of this layer, then every
+        expert resident at the gate as ONE grouped kernel."""
+        be, plan, offs = self.backend, st.plan, st.offs
+        pending = self._pending[st.layer]
+        if pending:
+            be.compute_wait(pending)
+            self._pending[st.layer] = []
+            st.tp = self._span("copy_stall", st.tp)
         if plan.grouped:
             experts = [e for e, _ in plan.grouped]
             rows = np.concatenate([np.arange(offs[e], offs[e + 1]) for e in experts])
             pos = torch.from_numpy(rows).to(self.dev, non_blocking=True)
-            y_sorted[pos] = grouped_experts(moe_in[r.tokens[pos]], [int(r.counts[e]) for e in experts],
-                                            [s for _, s in plan.grouped], slots.w13, slots.w2, self.impl)
+            st.y_sorted[pos] = grouped_experts(st.x_sorted[pos], [int(st.r.counts[e]) for e in experts],
+                                               [s for _, s in plan.grouped], st.slots.w13, st.slots.w2, self.impl)
             done = be.mark()
             for _, s in plan.grouped:
-                busy[s] = [done]
-            tp = self._span("gpu_experts", tp)
-        issue_on_demand(AFTER_GROUPED)
-        for k, op in enumerate(plan.on_demand):
-            be.compute_wait([od_marks[k]])
-            tp = self._span("copy_stall", tp)
-            a, b = int(offs[op.expert]), int(offs[op.expert + 1])
-            y_sorted[a:b] = swiglu(moe_in[r.tokens[a:b]], slots.w13[op.slot], slots.w2[op.slot])
-            busy[op.slot] = [be.mark()]
-            tp = self._span("gpu_experts", tp)
-            issue_on_demand(k)
+                st.busy[s] = [done]
+            st.tp = self._span("gpu_experts", st.tp)
+        self._issue_on_demand(st, AFTER_GROUPED)
 
-        # 5. asynchronous refresh: background copies, usable from the next forward
-        for op in plan.background:
-            wait = busy.get(op.slot, [])
-            m = be.copy(slots.flat[op.slot], host.flat[op.expert], H2D, background=True, after=wait)
-            busy[op.slot] = [m]
-            self._pending[layer].append(m)
-            self._counts["h2d"] += eb
-            self._counts["copies"] += 1
+    def _on_demand(self, st: LayerStep) -> None:
+        """Phase 4b: each on-demand expert once its copy lands: ONDEMAND_LAUNCHES kernels, reading
+        its rows of the gathered inputs and writing its rows of the outputs in place."""
+        be = self.backend
+        for k, op in enumerate(st.plan.on_demand):
+            be.compute_wait([st.od_marks[k]])
+            st.tp = self._span("copy_stall", st.tp)
+            a, b = int(st.offs[op.expert]), int(st.offs[op.expert + 1])
+            swiglu_into(st.x_sorted[a:b], st.slots.w13[op.slot], st.slots.w2[op.slot], st.y_sorted[a:b])
+            st.busy[op.slot] = [be.mark()]
+            st.tp = self._span("gpu_experts", st.tp)
+            self._issue_on_demand(st, after_on_demand(k))
+
+    def _background(self, st: LayerStep) -> None:
+        """Phase 5: asynchronous refresh copies, served in the background, usable next forward."""
+        for op in st.plan.background:
+            self._pending[st.layer].append(self._copy_in(st, op, background=True))
             self._counts["refresh"] += 1
 
-        # 6. CPU results back, then every pair's weighted output is added, in pair order (expert
-        # by expert, float32 accumulation: the reference model's order)
-        if job is not None and pos_cpu is not None:
-            job.wait()
-            up = be.copy(self.res_dev[:n_cpu], self.res_host[:n_cpu], H2D)
-            self._counts["h2d"] += n_cpu * spec.activation_bytes_per_token
+    def _combine(self, st: LayerStep) -> torch.Tensor:
+        """Phase 6: CPU results come back (the copy waits until the GPU has read the previous
+        layer's results from the same buffer), then every pair's weighted output is added, in
+        pair order (expert by expert, float32 accumulation: the reference model's order)."""
+        be = self.backend
+        if st.job is not None and st.pos_cpu is not None:
+            st.job.wait()
+            n = st.n_cpu
+            up = be.copy(self.res_dev[:n], self.res_host[:n], H2D, after=[be.mark()])
+            self._counts["h2d"] += n * self.spec.activation_bytes_per_token
             be.compute_wait([up])
-            y_sorted[pos_cpu] = self.res_dev[:n_cpu]
-            tp = self._span("cpu_wait", tp)
-        routed = torch.zeros(moe_in.shape, dtype=torch.float32, device=self.dev)
-        routed.index_add_(0, r.tokens, y_sorted.float() * r.weights.float()[:, None])
-        out = out + routed.to(out.dtype) if base_given else routed.to(moe_in.dtype)
-        tp = self._span("gpu_fixed", tp)
-        self._layer_spans.append((layer, t0, tp))
+            st.y_sorted[st.pos_cpu] = self.res_dev[:n]
+            st.tp = self._span("cpu_wait", st.tp)
+        routed = torch.zeros(st.moe_in.shape, dtype=torch.float32, device=self.dev)
+        routed.index_add_(0, st.r.tokens, st.y_sorted.float() * st.r.weights.float()[:, None])
+        out = st.base + routed.to(st.base.dtype) if st.base is not None else routed.to(st.moe_in.dtype)
+        st.tp = self._span("gpu_fixed", st.tp)
+        self._layer_spans.append((st.layer, st.t0, st.tp))
         return out
 
     # ----- results ------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 Selection and weighting are deliberately separated: the bias (trained for load balance) only
 decides *which* experts a token goes to; the weights are the unbiased sigmoid scores of the
-chosen experts, normalised to sum 1 and multiplied by routed_scaling_factor. Routing runs in
-float32 whatever the model dtype, as in the official model.
+chosen experts, normalised to sum 1 when top_k > 1 (a single expert keeps its raw score), and
+multiplied by routed_scaling_factor. Routing runs in float32 whatever the model dtype, as in the
+official model; the bias is held in the model dtype (bf16 rounds it) and added in float32.
 """
 
 from __future__ import annotations
@@ -48,17 +49,21 @@ def route(
     biased = scores if expert_bias is None else scores + expert_bias.float()
     idx = group_limited_topk(biased, top_k, n_group, topk_group)
     chosen = scores.gather(1, idx)
-    weights = chosen / (chosen.sum(dim=-1, keepdim=True) + 1e-20) * routed_scaling_factor
-    return idx, weights
+    if top_k > 1:
+        chosen = chosen / (chosen.sum(dim=-1, keepdim=True) + 1e-20)
+    return idx, chosen * routed_scaling_factor
 
 
 class SigmoidGroupGate(nn.Module):
-    """Router of one MoE layer; state_dict keys `weight` (experts x hidden) and `expert_bias`.
+    """Router of one MoE layer; state_dict keys `weight` (experts x hidden) and `expert_bias`
+    (both in the model dtype, as the official model loaded in that dtype holds them).
 
     forward(hidden [..., hidden]) -> (topk_idx [tokens, top_k], topk_weight [tokens, top_k],
     logits [tokens, experts]), tokens flattened over batch and sequence: the output signature
     of the official LLaDA2MoeGate, so capture hooks treat both alike.
     """
+
+    expert_bias: torch.Tensor     # a registered buffer (selection bias), typed for mypy
 
     def __init__(
         self,
@@ -78,7 +83,7 @@ class SigmoidGroupGate(nn.Module):
         self.topk_group = topk_group
         self.routed_scaling_factor = routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=dtype))
-        self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=dtype))
         nn.init.normal_(self.weight, std=hidden_size ** -0.5)
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,46 +1,47 @@
-"""Block-diffusion decoding (LLaDA2.0 style) with two KV-cache modes that give the same tokens.
+"""Block-diffusion decoding by the rules of the official LLaDA2.0 `generate` (docs/capture.md).
 
-Layout of one sequence: the prompt (P tokens) then gen_length generated positions, all starting
-as the mask token. Block ids: every prompt position has block id 0 (the whole prompt is ONE block,
-attending to itself bidirectionally); generated position j (0-based) has block id 1 + j // L for
-block_length L, so generated block b (0-based, as written in traces) has block id b + 1. A token
-may attend to a key iff the key's block id is <= its own (block-causal): it sees its own block and
-all earlier ones. A last block shorter than L is allowed when gen_length is not a multiple of L.
+Layout (absolute blocks): with prompt length P, generation length G and block length L the
+sequence has N = ceil((P + G) / L) x L positions, the prompt then the mask id; block b is
+positions [bL, (b+1)L), and a position attends to keys of its own block and of earlier blocks
+(the prompt's blocks too). Position ids are absolute. Decoding starts at block P // L, whose
+first P mod L positions are prompt tokens that stay fixed; the last block is decoded in full
+(its padding too) and the output is cut at G.
 
-Each denoising step runs the model, and every masked position of the current block whose top-1
-probability exceeds the threshold is committed; if none does, the single most confident one is.
-The mask token is never a valid prediction (its logit is excluded). Temperature 0 (argmax) is
-the default; with temperature > 0 tokens are sampled from a torch.Generator seeded by `seed`.
-After a block is complete, decoding stops if it holds the end-of-sequence token.
+Steps: each block runs at most S = min(steps, G // minimal_topk) denoising steps, with the quota
+num_transfer[s] (tidesim.cli.decode_args.transfer_schedule). At a step, over the block's L
+positions, logits are tempered and filtered (top-k, top-p), turned into probabilities over the
+whole vocabulary (mask id included: committing it leaves the position masked), and a token is
+taken (argmax, or drawn when do_sample); the still-masked positions whose token probability
+exceeds the threshold are committed if there are at least num_transfer[s] of them, else the
+num_transfer[s] most confident masked ones. A block ends when nothing is masked or its steps are
+used up; decoding stops after a block holding an EOS past the prompt (or, with eos_early_stop,
+right after a step that commits an EOS with nothing masked between the prompt and it).
 
-KV-cache modes:
-- none: every step runs prompt + earlier blocks + current block (the public TIDE code).
-- prefix: one prefill forward of the prompt; each step runs only the current block against the
-  cached keys/values; once a block is complete one extra `commit` forward runs it to append its
-  keys/values to the cache (after every block, the last one too, as docs/trace-format.md and the
-  synthetic generator count it; an engine may skip the last one).
-With the block-causal mask, the prefix never attends to the current block, so both modes compute
-the same function: tokens agree up to floating point (tests use float32, where rounding
-differences do not flip an argmax or a threshold decision).
+KV-cache modes share the layout and the commit rule:
+- none (the official code): every step of block b runs positions [0, (b+1)L).
+- prefix (dInfer / Fast-dLLM style): one prefill forward of the prompt's whole blocks [0, (P//L)L)
+  (none when P < L); each step runs the block's L positions against cached keys/values; after a
+  block one `commit` forward runs it once more to append its keys/values (after the last block
+  too, as the trace format counts it). Block-causal attention makes the prefix independent of
+  later blocks, so both modes compute the same function up to floating point.
 
-Trace bookkeeping (docs/trace-format.md): every forward gets (block, step, phase, tokens, context,
-committed). The prefill is block -1, step 0; a block's denoising steps are steps 0, 1, ...; its
-commit forward takes the next step number. `tokens` = positions run, `context` = keys attended by
-the last position.
+Trace bookkeeping (docs/trace-format.md): every forward gets (block, step, phase, tokens,
+context, committed), block counted from the first decoded block (0) and -1 for the prefill;
+`committed` counts positions that stopped being masked at that step.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
+from tidesim.cli.decode_args import KV_MODES, check_decode, effective_steps, layout, transfer_schedule
 from tidesim.errors import InputError
 
-KV_MODES = ("none", "prefix")
+__all__ = ["KV_MODES", "DecodeConfig", "DecodeResult", "ForwardRecord", "generate", "sample_tokens"]
 
 
 class ForwardFn(Protocol):
@@ -54,7 +55,12 @@ class ForwardFn(Protocol):
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Decode settings; invalid values raise InputError."""
+    """Decode settings, with the official `generate` defaults; invalid values raise InputError.
+
+    temperature divides the logits unless it is 0 or 1; tokens are the argmax unless do_sample
+    (then drawn from a torch.Generator seeded by `seed`). eos_stop (default True, as the official
+    code) stops after the block in which an EOS appears; False decodes every block.
+    """
 
     gen_length: int
     block_length: int = 32
@@ -63,27 +69,39 @@ class DecodeConfig:
     temperature: float = 0.0
     eos_stop: bool = True
     seed: int = 0
+    steps: int = 32
+    top_k: int | None = None
+    top_p: float | None = None
+    do_sample: bool = False
+    minimal_topk: int = 1
+    eos_early_stop: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.gen_length, int) or self.gen_length <= 0:
-            raise InputError(f"gen_length must be a positive integer, got {self.gen_length!r}")
-        if not isinstance(self.block_length, int) or self.block_length <= 0:
-            raise InputError(f"block_length must be a positive integer, got {self.block_length!r}")
-        if not 0 < self.threshold <= 1:
-            raise InputError(f"threshold must lie in (0, 1], got {self.threshold!r}")
-        if self.kv_cache not in KV_MODES:
-            raise InputError(f"kv_cache must be one of {', '.join(KV_MODES)}, got {self.kv_cache!r}")
-        if self.temperature < 0:
-            raise InputError(f"temperature must be >= 0, got {self.temperature!r}")
+        check_decode(self.gen_length, self.block_length, self.steps, self.threshold, self.minimal_topk,
+                     self.eos_early_stop, self.kv_cache, self.temperature, self.top_k, self.top_p,
+                     self.do_sample, self.seed)
 
     @property
     def num_blocks(self) -> int:
-        return math.ceil(self.gen_length / self.block_length)
+        """Blocks decoded when the prompt length is a multiple of the block length."""
+        return -(-self.gen_length // self.block_length)
+
+    def decoded_blocks(self, prompt_len: int) -> int:
+        """Blocks decoded at most for a prompt of `prompt_len` tokens."""
+        first, total = layout(prompt_len, self.gen_length, self.block_length)
+        return total - first
+
+    @property
+    def max_steps(self) -> int:
+        """Denoising steps per block at most (the official cap)."""
+        return effective_steps(self.gen_length, self.steps, self.minimal_topk)
 
     def to_dict(self) -> dict[str, object]:
         return {"gen_length": self.gen_length, "block_length": self.block_length, "threshold": self.threshold,
                 "kv_cache": self.kv_cache, "temperature": self.temperature, "eos_stop": self.eos_stop,
-                "seed": self.seed}
+                "seed": self.seed, "steps": self.steps, "top_k": self.top_k, "top_p": self.top_p,
+                "do_sample": self.do_sample, "minimal_topk": self.minimal_topk,
+                "eos_early_stop": self.eos_early_stop}
 
 
 @dataclass(frozen=True)
@@ -100,35 +118,62 @@ class ForwardRecord:
 
 @dataclass
 class DecodeResult:
-    """Tokens and forwards of one prompt's decode."""
+    """Tokens and forwards of one prompt's decode.
+
+    `sequence`: the G positions after the prompt as decoding left them (mask id where never
+    committed); `output`: what the official generate returns (cut after the first EOS, which
+    it includes, else at G; with eos_early_stop, up to the EOS that stopped it).
+    """
 
     prompt: list[int]
     sequence: list[int]
     forwards: list[ForwardRecord] = field(default_factory=list)
     stopped_at_eos: bool = False
     eos_token_id: int | None = None
+    output: list[int] = field(default_factory=list)
+    steps_per_block: list[int] = field(default_factory=list)
 
     @property
     def generated(self) -> list[int]:
-        """Generated tokens up to (not including) the first end-of-sequence token."""
-        if self.eos_token_id is not None and self.eos_token_id in self.sequence:
-            return self.sequence[: self.sequence.index(self.eos_token_id)]
-        return list(self.sequence)
+        """The generated tokens, counted as the official generate counts them (EOS included)."""
+        return list(self.output)
 
     @property
     def denoising_steps(self) -> int:
         return sum(1 for f in self.forwards if f.phase == "step")
 
 
-def block_ids(prompt_len: int, gen_length: int, block_length: int) -> torch.Tensor:
-    """Block id of every position: 0 for the prompt, 1 + j // block_length for generated j."""
-    gen = 1 + torch.arange(gen_length) // block_length
-    return torch.cat([torch.zeros(prompt_len, dtype=torch.long), gen])
+def block_ids(total_length: int, block_length: int) -> torch.Tensor:
+    """Absolute block id of every position: position // block_length."""
+    return torch.arange(total_length) // block_length
 
 
 def block_causal_mask(query_blocks: torch.Tensor, key_blocks: torch.Tensor) -> torch.Tensor:
     """[queries, keys] bool: a query sees keys of its own block and of every earlier block."""
     return key_blocks[None, :] <= query_blocks[:, None]
+
+
+def sample_tokens(logits: torch.Tensor, cfg: DecodeConfig, gen: torch.Generator | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token, its probability) per row of logits [positions, vocab], by the official sampling
+    rule: temper (T not 0 or 1), keep the top_k best logits (ties kept), keep the smallest
+    best-first prefix whose probability mass exceeds top_p (the best token always), softmax
+    over the whole vocabulary, then argmax or a draw."""
+    lg = logits.float()
+    if cfg.temperature > 0 and cfg.temperature != 1.0:
+        lg = lg / cfg.temperature
+    if cfg.top_k is not None and cfg.top_k > 0:
+        kth = torch.topk(lg, min(cfg.top_k, lg.shape[-1]), dim=-1).values[:, -1:]
+        lg = lg.masked_fill(lg < kth, float("-inf"))
+    if cfg.top_p is not None and cfg.top_p < 1.0:
+        ordered, order = torch.sort(lg, dim=-1, descending=True)
+        mass_before = torch.cumsum(torch.softmax(ordered, dim=-1), dim=-1)
+        drop = torch.zeros_like(mass_before, dtype=torch.bool)
+        drop[:, 1:] = mass_before[:, :-1] > cfg.top_p
+        lg = lg.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    probs = torch.softmax(lg, dim=-1)
+    tokens = torch.multinomial(probs, 1, generator=gen)[:, 0] if cfg.do_sample else torch.argmax(probs, dim=-1)
+    return tokens, probs.gather(1, tokens[:, None])[:, 0]
 
 
 def generate(
@@ -149,19 +194,24 @@ def generate(
 
 
 class _Decoder:
-    """State of one decode: the sequence, the block ids, the prefix cache, the records."""
+    """State of one decode: the padded sequence, the prefix cache, the records."""
 
     def __init__(self, model: ForwardFn, prompt: list[int], cfg: DecodeConfig, mask_id: int,
                  eos_id: int | None, on_forward: Callable[[ForwardRecord], None] | None) -> None:
         self.model, self.cfg, self.mask_id, self.eos_id = model, cfg, mask_id, eos_id
         self.on_forward = on_forward
-        self.P = len(prompt)
-        self.x = torch.tensor(prompt + [mask_id] * cfg.gen_length, dtype=torch.long)
-        self.blk = block_ids(self.P, cfg.gen_length, cfg.block_length)
-        self.pos = torch.arange(len(self.x))
+        self.P, self.L = len(prompt), cfg.block_length
+        self.first, self.nblocks = layout(self.P, cfg.gen_length, self.L)
+        total = self.nblocks * self.L
+        self.x = torch.full((total,), mask_id, dtype=torch.long)
+        self.x[: self.P] = torch.tensor(prompt, dtype=torch.long)
+        self.blk = block_ids(total, self.L)
+        self.pos = torch.arange(total)
         self.cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.quota = transfer_schedule(self.L, cfg.max_steps)
         self.result = DecodeResult(prompt=prompt, sequence=[], eos_token_id=eos_id)
+        self.early = False
 
     def record(self, rec: ForwardRecord) -> None:
         self.result.forwards.append(rec)
@@ -170,58 +220,83 @@ class _Decoder:
 
     def run(self, blocks: Callable[[Iterable[int]], Iterator[int]] | None) -> DecodeResult:
         prefix = self.cfg.kv_cache == "prefix"
-        step = 0
-        if prefix:
-            _, self.cache = self._forward(0, self.P, past_len=0, logits_last=1)
-            self.record(ForwardRecord(-1, 0, "prefill", self.P, self.P, 0))
-        order = range(self.cfg.num_blocks)
+        if prefix and self.first > 0:
+            end = self.first * self.L
+            _, self.cache = self._forward(0, end, logits_last=1)
+            self.record(ForwardRecord(-1, 0, "prefill", end, end, 0))
+        order = range(self.first, self.nblocks)
         for b in (blocks(order) if blocks is not None else order):
-            start = self.P + b * self.cfg.block_length
-            end = min(start + self.cfg.block_length, len(self.x))
-            while bool((self.x[start:end] == self.mask_id).any()):
-                if prefix:
-                    logits, _ = self._forward(start, end, past_len=start)
-                    tokens = end - start
-                else:
-                    logits, _ = self._forward(0, end, past_len=0, logits_last=end - start)
-                    tokens = end
-                n = self._commit(start, end, logits[0])
-                self.record(ForwardRecord(b, step, "step", tokens, end, n))
-                step += 1
-            if prefix:
-                _, self.cache = self._forward(start, end, past_len=start, logits_last=1)
-                self.record(ForwardRecord(b, step, "commit", end - start, end, 0))
+            start, end = b * self.L, (b + 1) * self.L
             step = 0
-            done = self.x[start:end].tolist()
-            self.result.sequence.extend(done)
-            if self.cfg.eos_stop and self.eos_id is not None and self.eos_id in done:
+            for quota in self.quota:
+                masked = self.x[start:end] == self.mask_id
+                if not bool(masked.any()):
+                    break
+                logits, _ = self._forward(start if prefix else 0, end, logits_last=self.L)
+                tokens, probs = sample_tokens(logits[0], self.cfg, self.gen)
+                chosen = self._choose(masked, probs, quota)
+                self.x[start:end][chosen] = tokens[chosen]
+                unmasked = int((chosen & (tokens != self.mask_id)).sum())
+                self.record(ForwardRecord(b - self.first, step, "step", end - start if prefix else end, end,
+                                          unmasked))
+                step += 1
+                if self._early_stop(tokens[chosen], end):
+                    self.result.steps_per_block.append(step)
+                    return self._finish()
+            self.result.steps_per_block.append(step)
+            if prefix:
+                _, self.cache = self._forward(start, end, logits_last=1)
+                self.record(ForwardRecord(b - self.first, step, "commit", end - start, end, 0))
+            if self.cfg.eos_stop and self._has_eos(self.P, end):
                 self.result.stopped_at_eos = True
                 break
-        return self.result
+        return self._finish()
 
-    def _forward(self, start: int, end: int, past_len: int, logits_last: int | None = None
+    def _choose(self, masked: torch.Tensor, probs: torch.Tensor, quota: int) -> torch.Tensor:
+        """The official commit rule: every masked position above the threshold if there are at
+        least `quota` of them, else the `quota` most confident masked ones."""
+        conf = torch.where(masked, probs, torch.full_like(probs, float("-inf")))
+        high = conf > self.cfg.threshold
+        if int(high.sum()) >= quota:
+            return high
+        chosen = torch.zeros_like(masked)
+        chosen[torch.topk(conf, k=min(quota, int(masked.sum()))).indices] = True
+        return chosen
+
+    def _has_eos(self, start: int, end: int) -> bool:
+        return self.eos_id is not None and bool((self.x[start:end] == self.eos_id).any())
+
+    def _early_stop(self, committed: torch.Tensor, end: int) -> bool:
+        """eos_early_stop: the step committed an EOS, and the first EOS of the window [0, end)
+        has no masked position between the prompt's end and it (the official test; an EOS
+        inside the prompt counts as the first one, giving an empty output)."""
+        if not self.cfg.eos_early_stop or self.eos_id is None or not bool((committed == self.eos_id).any()):
+            return False
+        where = torch.nonzero(self.x[:end] == self.eos_id)
+        first = int(where[0, 0])
+        if bool((self.x[self.P:first] == self.mask_id).any()):
+            return False
+        self.result.stopped_at_eos = self.early = True
+        self.result.output = self.x[self.P:first + 1].tolist()
+        return True
+
+    def _finish(self) -> DecodeResult:
+        res = self.result
+        res.sequence = self.x[self.P:self.P + self.cfg.gen_length].tolist()
+        if not self.early:
+            res.output = _cut_after_eos(res.sequence, self.eos_id)
+        return res
+
+    def _forward(self, start: int, end: int, logits_last: int
                  ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Run positions [start, end) against cached keys [0, past_len) (past_len == start)."""
+        """Run positions [start, end) against the cached keys of [0, start) (start 0: no cache)."""
         mask = block_causal_mask(self.blk[start:end], self.blk[:end])
-        past = self.cache if past_len else None
-        last = logits_last if logits_last is not None else end - start
-        return self.model(self.x[None, start:end], self.pos[start:end], mask, past, last)
+        past = self.cache if start else None
+        return self.model(self.x[None, start:end], self.pos[start:end], mask, past, logits_last)
 
-    def _commit(self, start: int, end: int, logits: torch.Tensor) -> int:
-        """Commit masked positions of the block from logits [block positions, vocab]."""
-        lg = logits.float().clone()
-        lg[:, self.mask_id] = float("-inf")
-        if self.cfg.temperature > 0:
-            probs = torch.softmax(lg / self.cfg.temperature, dim=-1)
-            pred = torch.multinomial(probs, 1, generator=self.gen)[:, 0]
-            conf = probs.gather(1, pred[:, None])[:, 0]
-        else:
-            conf, pred = torch.softmax(lg, dim=-1).max(dim=-1)
-        block = self.x[start:end]
-        masked = block == self.mask_id
-        conf = torch.where(masked, conf, torch.full_like(conf, -1.0))
-        chosen = masked & (conf > self.cfg.threshold)
-        if not bool(chosen.any()):
-            chosen[int(torch.argmax(conf))] = True
-        block[chosen] = pred[chosen]
-        return int(chosen.sum())
+
+def _cut_after_eos(tokens: list[int], eos_id: int | None) -> list[int]:
+    """Tokens up to and including the first EOS (all of them when there is none)."""
+    if eos_id is not None and eos_id in tokens:
+        return tokens[: tokens.index(eos_id) + 1]
+    return list(tokens)

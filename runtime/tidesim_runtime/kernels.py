@@ -26,6 +26,14 @@ def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor
     return F.linear(F.silu(gu[:, :inter]) * gu[:, inter:], w2)
 
 
+def swiglu_into(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """swiglu(x, w13, w2) written into `out` (contiguous rows): four kernels (gate/up GEMM, SiLU,
+    product, down GEMM) and no copy. The on-demand path, where every launch is paid per expert."""
+    gu = F.linear(x, w13)
+    inter = w2.shape[1]
+    return torch.matmul(F.silu(gu[:, :inter]) * gu[:, inter:], w2.t(), out=out)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)

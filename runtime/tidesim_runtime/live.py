@@ -16,7 +16,8 @@ Any difference is a lossless failure (a pair computed twice, dropped, or with ot
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from tidesim_runtime.capture import CaptureSettings, capture_trace
 from tidesim_runtime.device import DeviceInfo
 from tidesim_runtime.executor import Executor, LayerRouting
 from tidesim_runtime.generate import DecodeConfig, ForwardRecord, generate
-from tidesim_runtime.model import LLaDA2Model, SparseMoeBlock
+from tidesim_runtime.model import ExpertRunner, LLaDA2Model, SparseMoeBlock
 from tidesim_runtime.weights import host_experts_from, plan_slots
 
 
@@ -53,42 +54,84 @@ class LosslessResult:
 
 def stacked_experts(block: SparseMoeBlock) -> tuple[torch.Tensor, torch.Tensor]:
     """The block's experts as w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I]."""
-    w13 = torch.stack([torch.cat([m.gate_proj.weight, m.up_proj.weight], dim=0) for m in block.experts])
-    w2 = torch.stack([m.down_proj.weight for m in block.experts])
+    def weight(m: Any, name: str) -> torch.Tensor:
+        return cast(torch.Tensor, getattr(m, name).weight)
+
+    w13 = torch.stack([torch.cat([weight(m, "gate_proj"), weight(m, "up_proj")], dim=0) for m in block.experts])
+    w2 = torch.stack([weight(m, "down_proj") for m in block.experts])
     return w13.detach(), w2.detach()
 
 
-def reference_decode(model: LLaDA2Model, prompt: Sequence[int], cfg: DecodeConfig) -> tuple[list[int], Workload]:
-    """Tokens of a plain decode and the workload of its routing."""
+class DeviceForward:
+    """The model run on `device`: decoding (generate.py) keeps its token ids and masks on the
+    host, so each forward moves its inputs and cache to the model's device and returns the
+    logits on the host. The cache stays on the device between forwards."""
+
+    def __init__(self, model: LLaDA2Model, device: torch.device) -> None:
+        self.model = model
+        self.device = device
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                 past: list[tuple[torch.Tensor, torch.Tensor]] | None = None, logits_last: int | None = None
+                 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        d = self.device
+        moved = [(k.to(d), v.to(d)) for k, v in past] if past is not None else None
+        logits, cache = self.model(input_ids.to(d), positions.to(d), mask.to(d), moved, logits_last)
+        return logits.cpu(), cache
+
+
+def model_on(model: LLaDA2Model, device: DeviceInfo) -> LLaDA2Model:
+    """The model on the device's torch device (the same object when it is already there)."""
+    return model.to(device.torch_device) if device.is_cuda else model
+
+
+def reference_decode(model: LLaDA2Model, prompt: Sequence[int], cfg: DecodeConfig,
+                     device: DeviceInfo | None = None) -> tuple[list[int], Workload]:
+    """Tokens of a plain decode (on `device` when it is CUDA) and the workload of its routing."""
     settings = CaptureSettings(weights="reference model", compute_dtype=str(model.dtype).replace("torch.", ""))
-    trace, outputs = capture_trace(model, model.spec, [list(prompt)], cfg, settings, seed=None)
+    forward = DeviceForward(model_on(model, device), device.torch_device) if device and device.is_cuda else None
+    trace, outputs = capture_trace(model, model.spec, [list(prompt)], cfg, settings, seed=None, forward=forward)
     return outputs[0], workload_from_trace(trace)
+
+
+def live_device(model: LLaDA2Model, device: DeviceInfo) -> DeviceInfo:
+    """The executor's device for live mode: the device, in the model's dtype (so the executor's
+    staging banks, slots and kernels compute what the model computes)."""
+    return replace(device, dtype=model.dtype)
 
 
 def live_decode(model: LLaDA2Model, prompt: Sequence[int], cfg: DecodeConfig, workload: Workload,
                 schedule: Schedule, device: DeviceInfo) -> tuple[list[int], Metrics]:
-    """Decode through the executor with `schedule`'s placement; returns tokens and measured metrics."""
+    """Decode through the executor with `schedule`'s placement; returns tokens and measured metrics.
+
+    On CUDA the model runs on the GPU (DeviceForward); on either path the expert runner moves
+    the hidden states, expert ids and weights it is given to the executor's device and returns
+    the result on the caller's device and dtype."""
     spec = model.spec
+    dev = live_device(model, device)
+    model = model_on(model, device)
     blocks = model.moe_blocks()
-    host = host_experts_from(spec, [stacked_experts(b) for _, b in blocks], pin=device.is_cuda)
+    host = host_experts_from(spec, [stacked_experts(b) for _, b in blocks], dev.dtype)
     plan = plan_slots(schedule)
-    executor = Executor(spec, len(blocks), device, max_tokens=int(workload.tokens.max()),
+    executor = Executor(spec, len(blocks), dev, max_tokens=int(workload.tokens.max()),
                         max_context=int(workload.context.max()), forward_fixed=False, host_experts=host)
     state = {"forward": 0}
     saved = [b.expert_runner for _, b in blocks]
+    target = dev.torch_device
 
-    def runner_for(layer: int):  # type: ignore[no-untyped-def]
+    def runner_for(layer: int) -> ExpertRunner:
         def run(block: SparseMoeBlock, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             f = state["forward"]
             flat = idx.reshape(-1)
-            order = torch.argsort(flat, stable=True)
             counts = torch.bincount(flat, minlength=spec.num_experts).cpu().numpy().astype(np.int64)
             if f >= workload.num_forwards or not np.array_equal(counts, workload.expert_tokens[f, layer]):
                 raise RoutingMismatch(f"forward {f} MoE layer {layer}: the live routing differs from the "
                                       "routing the schedule was made for")
-            routing = LayerRouting(tokens=order // idx.shape[1], weights=w.reshape(-1)[order].to(x.dtype),
-                                   counts=counts)
-            return executor.moe_layer(x, layer, 0, routing, plan.layers[f][layer], moe_in=x)
+            order = torch.argsort(flat, stable=True)
+            routing = LayerRouting(tokens=(order // idx.shape[1]).to(target),
+                                   weights=w.reshape(-1)[order].to(target), counts=counts)
+            y = executor.moe_layer(x, layer, 0, routing, plan.layers[f][layer], moe_in=x.to(target, dev.dtype))
+            return y.to(x.device, x.dtype)
         return run
 
     def on_forward(_: ForwardRecord) -> None:
@@ -99,7 +142,9 @@ def live_decode(model: LLaDA2Model, prompt: Sequence[int], cfg: DecodeConfig, wo
         for i, (_, block) in enumerate(blocks):
             block.expert_runner = runner_for(i)
         executor.begin()
-        result = generate(model, list(prompt), cfg, spec.mask_token_id, spec.eos_token_id, on_forward)
+        # TODO(#11): when generate takes a device, pass it instead of wrapping the model here.
+        drive = DeviceForward(model, target) if dev.is_cuda else model
+        result = generate(drive, list(prompt), cfg, spec.mask_token_id, spec.eos_token_id, on_forward)
         record = executor.finish()
     finally:
         for (_, block), fn in zip(blocks, saved, strict=True):
@@ -111,7 +156,7 @@ def live_decode(model: LLaDA2Model, prompt: Sequence[int], cfg: DecodeConfig, wo
 def lossless_check(model: LLaDA2Model, prompt: Sequence[int], cfg: DecodeConfig, policy: str,
                    options: PolicyOptions, device: DeviceInfo) -> LosslessResult:
     """Plain decode vs live decode through the executor under `policy`."""
-    ref_tokens, workload = reference_decode(model, prompt, cfg)
+    ref_tokens, workload = reference_decode(model, prompt, cfg, device)
     schedule = build_schedule(policy, workload, options)
     problems: list[str] = []
     try:

@@ -1,46 +1,84 @@
-"""A LLaDA2.0-architecture model in plain torch, built from a tidesim ModelSpec.
+"""A LLaDA2.0-architecture model in plain torch, built from a tidesim ModelSpec and ModelFlags.
 
 Module names follow the official Hugging Face implementation (model_type `llada2_moe`), so the
 state_dict keys *are* the checkpoint's parameter names (model.word_embeddings.weight,
 model.layers.i.attention.query_key_value.weight, model.layers.i.mlp.experts.e.up_proj.weight, ...)
 and loading a checkpoint is a rename-free mapping (see checkpoint.py).
 
-Conventions where the public facts leave a choice (documented in docs/capture.md):
-- The fused QKV rows are [queries (heads x head_dim) | keys (kv_heads x head_dim) | values].
-- Queries and keys are RMS-normalised over head_dim before the rotary embedding.
-- The rotary embedding acts on the first rotary_dim = head_dim x partial_rotary_factor channels of
-  each head, in the half-split (rotate-half) layout; the other channels pass through.
-- Attention takes a boolean mask [queries, keys] (True = may attend), built by generate.py from
-  block ids; the model itself knows nothing about blocks.
+Numerics follow the official modeling code (github.com/ims-kdks/TIDE, model/modeling_llada2_moe.py;
+docs/capture.md lists each rule):
+- fused QKV rows are [queries | keys | values]; with use_qk_norm, queries and keys are
+  RMS-normalised over head_dim before the rotary embedding;
+- the rotary embedding acts on the first head_dim x partial_rotary_factor channels of each head
+  (rotate-half layout); its cos/sin are computed in float32 once per forward and then applied in
+  the model dtype; rope_scaling `linear` and `dynamic` are implemented;
+- RMSNorm normalises in float32, casts back to the input dtype, then multiplies by its weight;
+- the router runs in float32; the selection bias is held in the model dtype;
+- biases exist where use_bias (attention output) and use_qkv_bias (fused QKV) say.
+Attention takes a boolean mask [queries, keys] (True = may attend), built by generate.py from
+block ids; the model itself knows nothing about blocks.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tidesim.errors import InputError
 from tidesim.models import ModelSpec
 from tidesim_runtime.gate import SigmoidGroupGate
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+Rope = tuple[torch.Tensor, torch.Tensor]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ROPE_SCALINGS = ("linear", "dynamic")
 
 
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype for a ModelSpec/CLI dtype name."""
-    from tidesim.errors import InputError
-
     if name not in DTYPES:
         raise InputError(f"dtype {name!r} is not supported by the reference model; use one of {', '.join(DTYPES)}")
     return DTYPES[name]
 
 
+@dataclass(frozen=True)
+class ModelFlags:
+    """The official config's switches that change the module tree or the numerics, beyond the
+    shapes in ModelSpec. Defaults are those of the released LLaDA2.0 checkpoints."""
+
+    use_bias: bool = False
+    use_qkv_bias: bool = False
+    use_qk_norm: bool = True
+    rope_scaling: str | None = None
+    rope_factor: float = 1.0
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rope_scaling is not None and self.rope_scaling not in ROPE_SCALINGS:
+            raise InputError(f"rope_scaling type {self.rope_scaling!r} is not supported; the reference model "
+                             f"implements {', '.join(ROPE_SCALINGS)}")
+        if not (math.isfinite(self.rope_factor) and self.rope_factor >= 1.0 if self.rope_scaling else True):
+            raise InputError(f"rope_scaling factor must be a finite number >= 1, got {self.rope_factor!r}")
+        if self.max_position_embeddings <= 0:
+            raise InputError(f"max_position_embeddings must be positive, got {self.max_position_embeddings}")
+
+    def to_hf_dict(self) -> dict[str, object]:
+        """These flags as config.json fields."""
+        return {"use_bias": self.use_bias, "use_qkv_bias": self.use_qkv_bias, "use_qk_norm": self.use_qk_norm,
+                "rope_scaling": None if self.rope_scaling is None else
+                {"type": self.rope_scaling, "factor": self.rope_factor},
+                "max_position_embeddings": self.max_position_embeddings,
+                "tie_word_embeddings": self.tie_word_embeddings}
+
+
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32 (as LLaDA2.0 does) and cast back."""
+    """x / rms(x) computed in float32, cast back to x's dtype, times weight (the official order)."""
 
     def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
         super().__init__()
@@ -50,49 +88,86 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        return self.weight * xf.to(x.dtype)
 
 
-def rotary_cos_sin(positions: torch.Tensor, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [positions, rotary_dim] in the half-split layout (frequencies repeated twice)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
-    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
+def inverse_frequencies(rotary_dim: int, theta: float) -> torch.Tensor:
+    """1 / theta^(2i / rotary_dim) for i < rotary_dim / 2, in float32."""
+    return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").float() / rotary_dim))
+
+
+def rotary_cos_sin(positions: torch.Tensor, rotary_dim: int, theta: float,
+                   inv_freq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [positions, rotary_dim] in float32, half-split layout (frequencies twice)."""
+    freq = inverse_frequencies(rotary_dim, theta) if inv_freq is None else inv_freq
+    angles = positions.float()[:, None] * freq.to(positions.device)[None, :]
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    return angles.cos(), angles.sin()
 
 
 def apply_partial_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first cos.shape[-1] channels of x [batch, heads, seq, head_dim]; keep the rest."""
+    """Rotate the first cos.shape[-1] channels of x [batch, heads, seq, head_dim] in x's dtype
+    (cos/sin cast to it first, as the official code does); keep the rest."""
     rd = cos.shape[-1]
-    rot, rest = x[..., :rd].float(), x[..., rd:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    rot, rest = x[..., :rd], x[..., rd:]
     half = rd // 2
     rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
-    out = rot * cos + rotated * sin
-    return torch.cat([out.to(x.dtype), rest], dim=-1)
+    return torch.cat([rot * cos + rotated * sin, rest], dim=-1)
+
+
+class Rotary:
+    """Rotary tables of one model, with rope_scaling. `dynamic` rescales theta once the longest
+    position run exceeds max_position_embeddings and keeps the longest length seen (reset when a
+    run fits again), as transformers' dynamic NTK update does for the official model."""
+
+    def __init__(self, spec: ModelSpec, flags: ModelFlags) -> None:
+        self.dim = int(spec.head_dim * spec.partial_rotary_factor) // 2 * 2
+        self.theta, self.flags = spec.rope_theta, flags
+        self.base_inv = inverse_frequencies(self.dim, self.theta) if self.dim else torch.zeros(0, device="cpu")
+        if flags.rope_scaling == "linear":
+            self.base_inv = self.base_inv / flags.rope_factor
+        self.inv = self.base_inv
+        self.cached_len = flags.max_position_embeddings
+
+    def __call__(self, positions: torch.Tensor) -> Rope:
+        if self.flags.rope_scaling == "dynamic":
+            self._dynamic_update(int(positions.max()) + 1)
+        return rotary_cos_sin(positions, self.dim, self.theta, self.inv)
+
+    def _dynamic_update(self, seq_len: int) -> None:
+        original, factor = self.flags.max_position_embeddings, self.flags.rope_factor
+        if seq_len > self.cached_len:
+            theta = self.theta * ((factor * seq_len / original) - (factor - 1)) ** (self.dim / (self.dim - 2))
+            self.inv = inverse_frequencies(self.dim, theta)
+            self.cached_len = seq_len
+        elif seq_len < original and self.cached_len > original:
+            self.inv, self.cached_len = self.base_inv, original
 
 
 class Attention(nn.Module):
     """Grouped-query attention with fused QKV, qk RMSNorm and partial rotary embedding."""
 
-    def __init__(self, spec: ModelSpec, dtype: torch.dtype) -> None:
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, flags: ModelFlags) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
-        self.rotary_dim = int(spec.head_dim * spec.partial_rotary_factor) // 2 * 2
-        self.theta = spec.rope_theta
         rows = (self.heads + 2 * self.kv_heads) * self.head_dim
-        self.query_key_value = nn.Linear(spec.hidden_size, rows, bias=False, dtype=dtype)
-        self.dense = nn.Linear(self.heads * self.head_dim, spec.hidden_size, bias=False, dtype=dtype)
-        self.query_layernorm = RMSNorm(self.head_dim, spec.rms_norm_eps, dtype)
-        self.key_layernorm = RMSNorm(self.head_dim, spec.rms_norm_eps, dtype)
+        self.query_key_value = nn.Linear(spec.hidden_size, rows, bias=flags.use_qkv_bias, dtype=dtype)
+        self.dense = nn.Linear(self.heads * self.head_dim, spec.hidden_size, bias=flags.use_bias, dtype=dtype)
+        self.query_layernorm: RMSNorm | None = None
+        self.key_layernorm: RMSNorm | None = None
+        if flags.use_qk_norm:
+            self.query_layernorm = RMSNorm(self.head_dim, spec.rms_norm_eps, dtype)
+            self.key_layernorm = RMSNorm(self.head_dim, spec.rms_norm_eps, dtype)
 
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
+        rope: Rope,
         mask: torch.Tensor,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """x [batch, seq, hidden]; positions [seq]; mask [seq, past + seq] bool.
+        """x [batch, seq, hidden]; rope (cos, sin) [seq, rotary_dim] float32; mask [seq, past + seq] bool.
 
         Returns the output and this call's keys and values (post-rotary) with the past ones
         prepended, so a caller can keep them as a prefix cache.
@@ -100,12 +175,11 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         qkv = self.query_key_value(x).view(b, t, self.heads + 2 * self.kv_heads, self.head_dim)
         q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=2)
-        q = self.query_layernorm(q).transpose(1, 2)
-        k = self.key_layernorm(k).transpose(1, 2)
-        v = v.transpose(1, 2)
-        if self.rotary_dim:
-            cos, sin = rotary_cos_sin(positions, self.rotary_dim, self.theta)
-            q, k = apply_partial_rotary(q, cos, sin), apply_partial_rotary(k, cos, sin)
+        if self.query_layernorm is not None and self.key_layernorm is not None:
+            q, k = self.query_layernorm(q), self.key_layernorm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if rope[0].shape[-1]:
+            q, k = apply_partial_rotary(q, *rope), apply_partial_rotary(k, *rope)
         if past is not None:
             k = torch.cat([past[0], k], dim=2)
             v = torch.cat([past[1], v], dim=2)
@@ -186,10 +260,10 @@ class SparseMoeBlock(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attention(norm(x)), then x + mlp(norm(x)); mlp dense or MoE."""
 
-    def __init__(self, spec: ModelSpec, layer: int, dtype: torch.dtype) -> None:
+    def __init__(self, spec: ModelSpec, layer: int, dtype: torch.dtype, flags: ModelFlags) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
-        self.attention = Attention(spec, dtype)
+        self.attention = Attention(spec, dtype, flags)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
         self.mlp: nn.Module = (
             MLP(spec.hidden_size, spec.dense_intermediate_size, dtype) if layer < spec.first_dense_layers
@@ -197,10 +271,10 @@ class DecoderLayer(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+        self, x: torch.Tensor, rope: Rope, mask: torch.Tensor,
         past: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        attn, kv = self.attention(self.input_layernorm(x), positions, mask, past)
+        attn, kv = self.attention(self.input_layernorm(x), rope, mask, past)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, kv
@@ -209,22 +283,27 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     """`model.*` of the checkpoint: word_embeddings, layers, norm."""
 
-    def __init__(self, spec: ModelSpec, dtype: torch.dtype) -> None:
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, flags: ModelFlags) -> None:
         super().__init__()
         self.word_embeddings = nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(DecoderLayer(spec, i, dtype) for i in range(spec.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(spec, i, dtype, flags) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps, dtype)
 
 
 class LLaDA2Model(nn.Module):
-    """The whole model: `model` (Backbone) and an untied `lm_head`."""
+    """The whole model: `model` (Backbone) and `lm_head` (its weight shared with the word
+    embeddings when flags.tie_word_embeddings)."""
 
-    def __init__(self, spec: ModelSpec, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype = torch.float32, flags: ModelFlags | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.dtype = dtype
-        self.model = Backbone(spec, dtype)
+        self.flags = flags if flags is not None else ModelFlags()
+        self.model = Backbone(spec, dtype, self.flags)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, dtype=dtype)
+        if self.flags.tie_word_embeddings:
+            self.lm_head.weight = self.model.word_embeddings.weight
+        self.rotary = Rotary(spec, self.flags)
 
     def forward(
         self,
@@ -240,9 +319,10 @@ class LLaDA2Model(nn.Module):
         input_ids [batch, seq]; positions [seq] absolute; mask [seq, past_len + seq] bool.
         """
         x = self.model.word_embeddings(input_ids)
+        rope = self.rotary(positions)
         present: KVCache = []
         for i, layer in enumerate(self.model.layers):
-            x, kv = layer(x, positions, mask, past[i] if past is not None else None)
+            x, kv = layer(x, rope, mask, past[i] if past is not None else None)
             present.append(kv)
         if logits_last is not None:
             x = x[:, -logits_last:]
@@ -312,9 +392,12 @@ def _init_experts(block: SparseMoeBlock, gen: torch.Generator) -> None:
             w.data.mul_(signs)
 
 
-def build_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, seed: int | None = 0) -> LLaDA2Model:
+def build_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, seed: int | None = 0,
+                flags: ModelFlags | None = None) -> LLaDA2Model:
     """A model for `spec`; random weights from `seed`, or uninitialised (seed None, for loading)."""
     with torch.device("meta"):
-        model = LLaDA2Model(spec, dtype)
+        model = LLaDA2Model(spec, dtype, flags)
     model = model.to_empty(device="cpu")
+    if model.flags.tie_word_embeddings:
+        model.lm_head.weight = model.model.word_embeddings.weight
     return (model if seed is None else init_random(model, seed)).eval()

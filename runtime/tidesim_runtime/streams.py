@@ -3,8 +3,13 @@
 The executor issues work in one order and waits on markers; the backend decides what that means:
 
 - CudaBackend: the compute stream runs kernels asynchronously; copies go on their own streams
-  (H2D demand, H2D background at low priority, D2H) and order themselves with CUDA events; the
-  host blocks only where it must read something. Phase boundaries are CUDA timing events.
+  (H2D demand, H2D background, D2H) and order themselves with CUDA events; the host blocks only
+  where it must read something. Phase boundaries are CUDA timing events. Stream priorities order
+  kernels, not copies: two H2D streams share the link and the copy engines serve them in no
+  promised order. So background copies are not all handed to CUDA at once: a feeder thread
+  (BackgroundFeeder) holds them in a host-side queue and issues the next one only when the one
+  in flight has finished. A demand copy therefore queues behind at most one background copy,
+  the one in progress, as the simulator's copy engine assumes (docs/runtime.md).
 - HostBackend (cpu-as-gpu): "GPU" work runs synchronously in the calling thread; a copy thread
   plays the copy engine, serving demand copies before background ones (a copy in progress is
   never interrupted, as on a DMA engine); markers are threading events; times are host clock.
@@ -16,6 +21,7 @@ import heapq
 import itertools
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,13 +36,72 @@ class Marker:
     """A point in some stream's work: done once everything issued before it there is done."""
 
     event: Any = None                     # torch.cuda.Event (CUDA)
-    flag: threading.Event | None = None   # host backend
+    flag: threading.Event | None = None   # host backend; on CUDA: set once `event` is recorded
     error: list[BaseException] = field(default_factory=list)
 
     def done(self) -> bool:
-        if self.flag is not None:
-            return self.flag.is_set()
-        return bool(self.event.query()) if self.event is not None else True
+        if self.event is not None:
+            return (self.flag is None or self.flag.is_set()) and bool(self.event.query())
+        return self.flag.is_set() if self.flag is not None else True
+
+
+class BackgroundFeeder:
+    """Serves background copies one at a time from a host-side queue (see the module docstring).
+
+    `issue(job)` hands one copy to the device and returns a handle; `wait(handle)` blocks until
+    that copy has finished. A thread issues the first queued job, waits for it, then issues the
+    next: at most one background copy is ever in flight, whatever the queue holds.
+    """
+
+    def __init__(self, issue: Callable[[Any], Any], wait: Callable[[Any], None],
+                 setup: Callable[[], None] | None = None) -> None:
+        self._issue, self._wait, self._setup = issue, wait, setup
+        self._queue: deque[Any] = deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._idle = True
+        self.errors: list[BaseException] = []
+        self._thread = threading.Thread(target=self._serve, name="tidesim-background-copies", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Any) -> None:
+        with self._cv:
+            self._queue.append(job)
+            self._idle = False
+            self._cv.notify_all()
+
+    def drain(self) -> None:
+        """Block until every submitted job has been issued and has finished."""
+        with self._cv:
+            while self._queue or not self._idle:
+                self._cv.wait()
+        if self.errors:
+            raise self.errors[0]
+
+    def _serve(self) -> None:
+        if self._setup is not None:
+            self._setup()
+        while True:
+            with self._cv:
+                while not self._queue and not self._closed:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+                job = self._queue.popleft()
+            try:
+                self._wait(self._issue(job))
+            except BaseException as exc:  # surfaced by drain() in the issuing thread
+                self.errors.append(exc)
+            with self._cv:
+                if not self._queue:
+                    self._idle = True
+                self._cv.notify_all()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout=10)
 
 
 class Backend:
@@ -55,6 +120,11 @@ class Backend:
         raise NotImplementedError
 
     def host_wait(self, marker: Marker) -> None:
+        raise NotImplementedError
+
+    def copy_queue_s(self, dst: torch.Tensor, src: torch.Tensor, direction: str, n: int) -> float:
+        """Seconds per copy of `n` copies queued back to back on the demand path, timed on the
+        device (no host launch-and-sync round trip per copy, which queued copies never pay)."""
         raise NotImplementedError
 
     def timepoint(self) -> Any:
@@ -85,39 +155,78 @@ class CudaBackend(Backend):
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.compute = torch.cuda.current_stream(device)
-        lo, hi = torch.cuda.Stream.priority_range()  # (lowest, highest), numerically hi < lo
-        self.h2d = torch.cuda.Stream(device, priority=hi)
-        self.h2d_bg = torch.cuda.Stream(device, priority=lo)
-        self.d2h = torch.cuda.Stream(device, priority=hi)
+        self.h2d = torch.cuda.Stream(device)
+        self.h2d_bg = torch.cuda.Stream(device)
+        self.d2h = torch.cuda.Stream(device)
         self._copy_events: list[tuple[str, Any, Any]] = []
+        self._feeder = BackgroundFeeder(self._issue_background, lambda ev: ev.synchronize(), self._feeder_setup)
+
+    def _feeder_setup(self) -> None:
+        torch.cuda.set_device(self.device)
+        torch.autograd.grad_mode.inference_mode(True).__enter__()  # thread-local, as the caller's
+
+    def _issue(self, stream: Any, dst: torch.Tensor, src: torch.Tensor, direction: str,
+               after: list[Marker], end: Any) -> None:
+        for m in after:
+            if m.event is not None:
+                if m.flag is not None:
+                    m.flag.wait()  # a background copy not issued yet: its event is not recorded
+                stream.wait_event(m.event)
+        start = torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(stream):
+            start.record(stream)
+            dst.copy_(src, non_blocking=True)
+            end.record(stream)
+        self._copy_events.append((direction, start, end))
+
+    def _issue_background(self, job: tuple[torch.Tensor, torch.Tensor, list[Marker], Marker]) -> Any:
+        dst, src, after, marker = job
+        try:
+            self._issue(self.h2d_bg, dst, src, H2D, after, marker.event)
+        finally:
+            assert marker.flag is not None
+            marker.flag.set()
+        return marker.event
 
     def mark(self) -> Marker:
         ev = torch.cuda.Event()
         ev.record(self.compute)
         return Marker(event=ev)
 
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, direction: str, background: bool = False,
+             after: list[Marker] | None = None) -> Marker:
+        end = torch.cuda.Event(enable_timing=True)
+        if background and direction == H2D:
+            marker = Marker(event=end, flag=threading.Event())
+            self._feeder.submit((dst, src, list(after or []), marker))
+            return marker
+        self._issue(self.d2h if direction == D2H else self.h2d, dst, src, direction, list(after or []), end)
+        return Marker(event=end)
+
     def compute_wait(self, markers: list[Marker]) -> None:
         for m in markers:
             if m.event is not None:
+                if m.flag is not None:
+                    m.flag.wait()
                 self.compute.wait_event(m.event)
-
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, direction: str, background: bool = False,
-             after: list[Marker] | None = None) -> Marker:
-        stream = self.d2h if direction == D2H else (self.h2d_bg if background else self.h2d)
-        for m in after or []:
-            if m.event is not None:
-                stream.wait_event(m.event)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.stream(stream):
-            start.record(stream)
-            dst.copy_(src, non_blocking=True)
-            end.record(stream)
-        self._copy_events.append((direction, start, end))
-        return Marker(event=end)
 
     def host_wait(self, marker: Marker) -> None:
         if marker.event is not None:
+            if marker.flag is not None:
+                marker.flag.wait()
             marker.event.synchronize()
+
+    def copy_queue_s(self, dst: torch.Tensor, src: torch.Tensor, direction: str, n: int) -> float:
+        stream = self.d2h if direction == D2H else self.h2d
+        self.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(stream):
+            a.record(stream)
+            for _ in range(n):
+                dst.copy_(src, non_blocking=True)
+            b.record(stream)
+        b.synchronize()
+        return float(a.elapsed_time(b)) / 1e3 / max(n, 1)
 
     def timepoint(self) -> Any:
         ev = torch.cuda.Event(enable_timing=True)
@@ -128,6 +237,7 @@ class CudaBackend(Backend):
         return float(a.elapsed_time(b)) / 1e3
 
     def synchronize(self) -> None:
+        self._feeder.drain()
         torch.cuda.synchronize(self.device)
 
     def copy_busy_s(self) -> dict[str, float]:
@@ -139,6 +249,9 @@ class CudaBackend(Backend):
 
     def reset_counters(self) -> None:
         self._copy_events.clear()
+
+    def close(self) -> None:
+        self._feeder.close()
 
 
 class HostBackend(Backend):
@@ -179,16 +292,23 @@ class HostBackend(Backend):
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, direction: str, background: bool = False,
              after: list[Marker] | None = None) -> Marker:
+        def body() -> None:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            self._busy[direction] += time.perf_counter() - t0
+
+        return self._submit(body, background, list(after or []))
+
+    def _submit(self, body: Callable[[], None] | None, background: bool, deps: list[Marker]) -> Marker:
+        """Queue `body` (None: a fence) after `deps`; demand jobs before background ones."""
         marker = Marker(flag=threading.Event())
-        deps = list(after or [])
 
         def job() -> None:
             try:
                 for m in deps:
                     self.host_wait(m)
-                t0 = time.perf_counter()
-                dst.copy_(src)
-                self._busy[direction] += time.perf_counter() - t0
+                if body is not None:
+                    body()
             except BaseException as exc:  # surfaced by host_wait in the issuing thread
                 marker.error.append(exc)
             finally:
@@ -206,6 +326,13 @@ class HostBackend(Backend):
         if marker.error:
             raise marker.error[0]
 
+    def copy_queue_s(self, dst: torch.Tensor, src: torch.Tensor, direction: str, n: int) -> float:
+        self.synchronize()
+        t0 = time.perf_counter()
+        marks = [self.copy(dst, src, direction) for _ in range(n)]
+        self.host_wait(marks[-1])
+        return (time.perf_counter() - t0) / max(n, 1)
+
     def timepoint(self) -> Any:
         return time.perf_counter()
 
@@ -213,8 +340,7 @@ class HostBackend(Backend):
         return float(b - a)
 
     def synchronize(self) -> None:
-        done = self.copy(torch.empty(0), torch.empty(0), H2D, background=True)
-        self.host_wait(done)
+        self.host_wait(self._submit(None, background=True, deps=[]))
 
     def copy_busy_s(self) -> dict[str, float]:
         self.synchronize()

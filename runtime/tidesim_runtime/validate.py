@@ -117,8 +117,10 @@ def build(config: Config, workload: Workload, hw: HardwareProfile, plan: Plan | 
     if config.policy == "planned":
         if plan is None:
             raise InputError("the planned policy needs --plan FILE (from `tidesim plan`)")
+        # the plan was checked against the whole model (validate_cmd); the run may be its first
+        # layers (--layers), so its per-layer settings are passed as given rather than the plan
         opts = PolicyOptions(budget=plan.budget_array()[:layers], tau=plan.tau_array()[:layers], hw=hw,
-                             refresh=plan.refresh, extra={"plan": plan})
+                             refresh=plan.refresh)
     else:
         opts = PolicyOptions(budget=uniform(config.budget, layers), tau=uniform(config.tau or 1, layers), hw=hw,
                              refresh=config.refresh)
@@ -127,14 +129,18 @@ def build(config: Config, workload: Workload, hw: HardwareProfile, plan: Plan | 
 
 def validate(workload: Workload, hw: HardwareProfile, configs: list[Config], device: DeviceInfo,
              repeats: int = 1, plan: Plan | None = None, seed: int = 0,
-             on_done: Callable[[Config], None] | None = None) -> list[Outcome]:
+             on_done: Callable[[Config], object] | None = None) -> list[Outcome]:
     """Predict and measure every configuration; repeats are interleaved over configurations (so
     a slow spell of the machine does not land on one of them) and the median run is kept."""
     schedules = [(c, build(c, workload, hw, plan)) for c in configs]
+    pools = {c: plan_slots(s).pool_size for c, s in schedules}
+    check_memory(workload.model, workload.num_layers, device, largest_pools(list(pools.values())),
+                 int(workload.tokens.max()), int(workload.context.max()),
+                 routing_pairs=int(workload.expert_tokens.sum()))
     predicted = {c: run(workload, s, hw, engine="sim") for c, s in schedules}
     runs: dict[Config, list[Metrics]] = {c: [] for c in configs}
     # the executor's largest slot pool first, so later configurations reuse or shrink memory
-    order = sorted(schedules, key=lambda cs: -sum(plan_slots(cs[1]).pool_size))
+    order = sorted(schedules, key=lambda cs: -sum(pools[cs[0]]))
     with Executor(workload.model, workload.num_layers, device, int(workload.tokens.max()),
                   int(workload.context.max()), seed=seed) as ex:
         for r in range(max(repeats, 1)):
@@ -147,6 +153,12 @@ def validate(workload: Workload, hw: HardwareProfile, configs: list[Config], dev
         ms = sorted(runs[c], key=lambda m: m.total_time_s)
         out.append(Outcome(c, predicted[c], ms[len(ms) // 2], [m.step_time_s for m in runs[c]]))
     return out
+
+
+def largest_pools(pools: list[list[int]]) -> list[int]:
+    """Per layer, the largest slot pool (budget + spare slots) any configuration needs: the
+    executor frees one configuration's pools before allocating the next one's."""
+    return [max(p[layer] for p in pools) for layer in range(len(pools[0]))] if pools else []
 
 
 def summary(outcomes: list[Outcome]) -> dict[str, float]:

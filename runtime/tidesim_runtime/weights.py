@@ -1,5 +1,5 @@
-"""Routed-expert weights: every expert in (pinned) host memory, a fixed pool of GPU slots per layer,
-and the slot plan that says which slot each copy of a Schedule lands in.
+"""Routed-expert weights: every expert in host memory (pinned by the executor on CUDA), a fixed
+pool of GPU slots per layer, and the slot plan that says which slot each copy of a Schedule lands in.
 
 The slot pool is preallocated once from the Schedule's budget (plus spare slots only where the
 Schedule needs more experts on the GPU at one moment than its budget, which the plan counts and
@@ -18,8 +18,28 @@ import torch
 from tidesim.errors import InputError
 from tidesim.models import ModelSpec
 from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, COPY_SYNC_REFRESH, GPU, Schedule
+from tidesim_runtime.pinned import page_aligned_empty
 
-AFTER_GROUPED = -1  # a slot freed once the layer's grouped kernel has run
+
+@dataclass(frozen=True)
+class SlotWait:
+    """When the slot a copy lands in is free: FREE (now), AFTER_GROUPED (once the layer's
+    grouped kernel has run: its expert runs there), or after_on_demand(k) (once the k-th
+    on-demand expert of this layer-forward, which passed through that slot, has run)."""
+
+    state: str                 # "free", "after-grouped" or "after-on-demand"
+    on_demand: int | None = None
+
+    def __str__(self) -> str:
+        return self.state if self.on_demand is None else f"{self.state} {self.on_demand}"
+
+
+FREE = SlotWait("free")
+AFTER_GROUPED = SlotWait("after-grouped")
+
+
+def after_on_demand(k: int) -> SlotWait:
+    return SlotWait("after-on-demand", k)
 
 
 def expert_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:
@@ -37,18 +57,21 @@ class ExpertBank:
     w2: torch.Tensor
 
     @classmethod
-    def empty(cls, spec: ModelSpec, n: int, device: torch.device, dtype: torch.dtype, pin: bool = False,
+    def empty(cls, spec: ModelSpec, n: int, device: torch.device, dtype: torch.dtype,
               zero: bool = True) -> ExpertBank:
-        """zero=True touches every page now (slot pools: no page faults while timing)."""
+        """zero=True touches every page now (slot pools: no page faults while timing). Host banks
+        start on a page boundary, so the executor can pin them at their exact size (pinned.py)."""
         h, i = spec.hidden_size, spec.moe_intermediate_size
-        flat = torch.empty((max(n, 1), 3 * i * h), dtype=dtype, device=device, pin_memory=pin)
+        shape = (max(n, 1), 3 * i * h)
+        flat = (page_aligned_empty(shape, dtype) if device.type == "cpu"
+                else torch.empty(shape, dtype=dtype, device=device))
         if zero:
             flat.zero_()
         return cls(flat, flat[:, :2 * i * h].view(-1, 2 * i, h), flat[:, 2 * i * h:].view(-1, h, i))
 
 
-def random_host_experts(spec: ModelSpec, layers: int, dtype: torch.dtype, pin: bool, seed: int) -> list[ExpertBank]:
-    """All routed experts of `layers` MoE layers in host memory (pinned for CUDA DMA), random.
+def random_host_experts(spec: ModelSpec, layers: int, dtype: torch.dtype, seed: int) -> list[ExpertBank]:
+    """All routed experts of `layers` MoE layers in host memory, random.
 
     Timing depends on shapes, not values: one random expert per layer is generated and copied
     into every expert of that layer, so each expert has its own memory (the working set is the
@@ -58,7 +81,7 @@ def random_host_experts(spec: ModelSpec, layers: int, dtype: torch.dtype, pin: b
     gen = torch.Generator().manual_seed(seed)
     banks = []
     for _ in range(layers):
-        bank = ExpertBank.empty(spec, spec.num_experts, torch.device("cpu"), dtype, pin, zero=False)
+        bank = ExpertBank.empty(spec, spec.num_experts, torch.device("cpu"), dtype, zero=False)
         w13 = torch.randn(2 * i, h, generator=gen) / math.sqrt(h)
         w2 = torch.randn(h, i, generator=gen) / math.sqrt(i)
         row = torch.cat([w13.reshape(-1), w2.reshape(-1)]).to(dtype)
@@ -67,12 +90,13 @@ def random_host_experts(spec: ModelSpec, layers: int, dtype: torch.dtype, pin: b
     return banks
 
 
-def host_experts_from(spec: ModelSpec, per_layer: list[tuple[torch.Tensor, torch.Tensor]], pin: bool
+def host_experts_from(spec: ModelSpec, per_layer: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype
                       ) -> list[ExpertBank]:
-    """Host banks from given weights per layer: w13 [E, 2I, H], w2 [E, H, I]."""
+    """Host banks from given weights per layer (w13 [E, 2I, H], w2 [E, H, I]), stored in `dtype`,
+    the executor's staging dtype, so a copy into a slot is a plain byte copy."""
     banks = []
     for w13, w2 in per_layer:
-        bank = ExpertBank.empty(spec, w13.shape[0], torch.device("cpu"), w13.dtype, pin, zero=False)
+        bank = ExpertBank.empty(spec, w13.shape[0], torch.device("cpu"), dtype, zero=False)
         bank.w13.copy_(w13)
         bank.w2.copy_(w2)
         banks.append(bank)
@@ -81,12 +105,11 @@ def host_experts_from(spec: ModelSpec, per_layer: list[tuple[torch.Tensor, torch
 
 @dataclass
 class CopyOp:
-    """One expert copy into `slot`; `wait` is -2 (slot free now), AFTER_GROUPED, or k >= 0 (the
-    slot frees after the k-th on-demand expert of this layer-forward has run)."""
+    """One expert copy into `slot`, issued once the slot is free (`wait`)."""
 
     expert: int
     slot: int
-    wait: int = -2
+    wait: SlotWait = FREE
 
 
 @dataclass
@@ -146,7 +169,7 @@ def _plan_layer_forward(plan: LayerPlan, schedule: Schedule, fw: int, layer: int
     after = schedule.resident[fw, layer]
     demote = schedule.demote[fw, layer]
     runs_gpu = place == GPU
-    deferred: list[tuple[int, int]] = []   # (slot, wait tag), in the order they free
+    deferred: list[tuple[int, SlotWait]] = []   # (slot, when it frees), in the order they free
     using: dict[int, int] = {}             # expert -> slot for this forward's GPU runs
     for e in np.flatnonzero(before & ~after).tolist():
         s = slot_of.pop(e)
@@ -159,32 +182,32 @@ def _plan_layer_forward(plan: LayerPlan, schedule: Schedule, fw: int, layer: int
             free.append(s)
     free.sort()
 
-    def take(allow_deferred: bool) -> tuple[int, int]:
+    def take(allow_deferred: bool) -> tuple[int, SlotWait]:
         nonlocal size
         if free:
-            return free.pop(0), -2
+            return free.pop(0), FREE
         if allow_deferred and deferred:
             return deferred.pop(0)
         size += 1
-        return size - 1, -2
+        return size - 1, FREE
 
     for e in np.flatnonzero(copy == COPY_SYNC_REFRESH).tolist():
         s, _ = take(allow_deferred=False)
         plan.sync.append(CopyOp(e, s))
         slot_of[e] = s
     for e in np.flatnonzero(runs_gpu & (copy != COPY_ON_DEMAND)).tolist():
-        s = slot_of.get(e, using.get(e))
-        if s is None:
+        slot = slot_of.get(e, using.get(e))
+        if slot is None:
             raise InputError(f"forward {fw} MoE layer {layer} expert {e} runs on the GPU without a slot; "
                              "the schedule is inconsistent (check it with schedule_problems)")
-        plan.grouped.append((e, s))
+        plan.grouped.append((e, slot))
     for k, e in enumerate(np.flatnonzero(copy == COPY_ON_DEMAND).tolist()):
         s, wait = take(allow_deferred=True)
         plan.on_demand.append(CopyOp(e, s, wait))
         if after[e]:
             slot_of[e] = s
         else:
-            deferred.append((s, k))
+            deferred.append((s, after_on_demand(k)))
     for e in np.flatnonzero(copy == COPY_ASYNC_REFRESH).tolist():
         s, wait = take(allow_deferred=True)
         plan.background.append(CopyOp(e, s, wait))

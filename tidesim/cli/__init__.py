@@ -10,9 +10,11 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from tidesim import __version__
-from tidesim.errors import InputError
+from tidesim.cli.guard import check_numbers, check_outputs
+from tidesim.errors import InputError, describe_os_error
 
 # Command modules, in the order their commands are listed by --help.
 COMMAND_MODULES = [
@@ -30,10 +32,23 @@ COMMAND_MODULES = [
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports usage errors as one line with exit status 2."""
+    """argparse that reports usage errors as one line with exit status 2, pointing to the help of
+    the (sub)command that was run."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise InputError(f"{message} (see `{self.prog} --help`)")
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        ns, extras = super().parse_known_args(args, namespace)
+        if not hasattr(ns, "_help_prog"):     # the innermost subcommand parses first
+            ns._help_prog = self.prog
+        return ns, extras
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> Any:
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            raise InputError(f"unrecognized arguments: {' '.join(extras)} (see `{ns._help_prog} --help`)")
+        return ns
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,13 +75,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help()
             return 0
+        check_numbers(args)
+        check_outputs(args)
         result = args.func(args)
         return int(result or 0)
     except InputError as exc:
         print(f"tidesim: error: {exc}", file=sys.stderr)
         return 2
+    except MemoryError:
+        print("tidesim: error: out of memory; make the input smaller (see docs/limits.md)", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if isinstance(exc, BrokenPipeError):
+            return 0
+        print(f"tidesim: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("tidesim: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0

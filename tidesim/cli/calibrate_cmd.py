@@ -14,8 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from tidesim.cli.guard import Output, declare_outputs
 from tidesim.cli.output import format_table, print_json, progress
 from tidesim.errors import InputError
+from tidesim.limits import check_cpu_workers
 from tidesim.models import ModelSpec, get_model
 
 INSTALL_HINT = "this command needs torch: pip install 'tidesim[runtime]'"
@@ -45,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="profile to write (.yaml)")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of a table")
     p.set_defaults(func=run)
+    declare_outputs(p, Output("output", "--output", (".yaml", ".yml")))
 
 
 def parse_models(text: str) -> list[ModelSpec]:
@@ -60,8 +63,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.suffix not in (".yaml", ".yml"):
         raise InputError(f"--output {out}: give a .yaml file name")
-    if args.cpu_workers is not None and args.cpu_workers < 1:
-        raise InputError("--cpu-workers must be at least 1")
+    check_cpu_workers(args.cpu_workers)
     from tidesim_runtime.calibrate import calibrate
     from tidesim_runtime.device import select_device
 

@@ -7,8 +7,9 @@ import sys
 import time
 from pathlib import Path
 
-from tidesim.cli.output import format_table, print_json
-from tidesim.demo import TABLE_COLUMNS, result_json, run_demo, table_rows
+from tidesim.cli.guard import Output, declare_outputs
+from tidesim.cli.output import announce, format_table, print_json
+from tidesim.demo import FOOTNOTES, TABLE_COLUMNS, case_lines, result_json, run_demo, table_rows
 from tidesim.errors import InputError
 
 
@@ -24,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, metavar="N", help="processes (default: one per case, up to the cores)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=main)
+    declare_outputs(p, Output("out", "--out", folder=True))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -38,28 +40,22 @@ def main(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         raise InputError("--workers must be at least 1")
     step("running the cases")
-    results = run_demo(out, step, workers=args.workers)
+    with announce("demo", f"planning and simulating every policy on the bundled cases into {out}/") as done:
+        results = run_demo(out, step, workers=args.workers)
+        done.summary = f"{len(results)} cases; report {out / 'index.html'}"
     if tty:
         print("\r\033[K", end="", file=sys.stderr)
     if args.json:
         print_json([result_json(r) for r in results])
         return 0
     for r in results:
-        plan = r.plan
-        print(f"{r.label}: trace {r.trace}, held-out prompts {r.prompts}, budget {r.budget} experts/layer "
-              f"(as the public TIDE code sizes it), tide tau {r.tau}")
+        print(f"{r.label}:")
         print(format_table(TABLE_COLUMNS, table_rows(r)))
-        tide = r.comparison.by_policy("tide")
-        best = r.comparison.best_baseline
-        if tide and best:
-            print(f"tide vs best baseline ({best}): {r.comparison.speedup(tide):.2f}x; "
-                  + ", ".join(f"vs {b}: {r.comparison.speedup_over('tide', b):.2f}x"
-                              for b in ("full-swap", "cpu-routing", "fiddler") if r.comparison.by_policy(b)))
-        gap = f", gap to oracle bound {100 * plan.gap:.1f}%" if plan.gap is not None else ""
-        print(f"plan: {plan.mode}, tau {min(plan.tau)}..{max(plan.tau)}, budget {min(plan.budget)}.."
-              f"{max(plan.budget)} per layer, solver {plan.solver.status} in {plan.solver.wall_time_s:.2f} s{gap}")
+        for line in case_lines(r):
+            print(line)
         print()
-    print("speedup: tokens/s over the best baseline; bounds are limits, not deployable policies; "
-          "bound tok/s: no schedule beats the busiest resource")
-    print(f"report: {out.resolve()} (figures, plans, timelines that open in Perfetto, summary.json)")
+    for line in FOOTNOTES:
+        print(line)
+    print(f"report: {(out / 'index.html').resolve()} (open it in a browser: tables, figures, plans, timelines "
+          "that open in Perfetto)")
     return 0

@@ -71,9 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-# ----- seam: the decode flags and prompt reading of `trace capture` ------------------------------------
-# The decode issue (#11) moves these into tidesim/cli/decode_args.py and tidesim_runtime/prompts.py;
-# until that lands, generate uses the capture command's flags and token-id prompt reader.
+# ----- seam: the decode flags ----------------------------------------------------------------------
+# The decode issue (#11) put the shared decode flags into tidesim/cli/decode_args.py; generate still
+# has its own subset (to be replaced by add_decode_args / decode_kwargs).
 def add_decode_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding (as `tidesim trace capture`)")
     g.add_argument("--gen-length", type=int, default=64, metavar="G", help="tokens to generate (64)")
@@ -98,28 +98,19 @@ def decode_config(args: argparse.Namespace) -> Any:
                         kv_cache=args.kv_cache, temperature=args.temperature, seed=args.seed)
 
 
-def read_prompt_tokens(path: str, spec: Any, model_dir: str | None) -> tuple[list[list[int]], list[str | None], Any]:
-    """(token ids, prompt text or None, tokenizer or None) per prompt. With the decode issue's
-    prompt module (tidesim_runtime.prompts: text through the checkpoint's tokenizer and chat
-    template) when it is installed; else token ids only, as `trace capture` reads them."""
-    import importlib.util
-
-    from tidesim.cli.trace_capture import read_prompts
-
-    if importlib.util.find_spec("tidesim_runtime.prompts") is None:
-        prompts = read_prompts(path, spec)
-        return prompts, [None] * len(prompts), None
+def read_prompt_tokens(path: str, spec: Any, model_dir: str | None, cfg: Any
+                       ) -> tuple[list[list[int]], list[str | None], Any]:
+    """(token ids, prompt text or None, tokenizer or None) per prompt: token ids, or text through
+    the checkpoint's tokenizer and chat template (tidesim_runtime.prompts, as `trace capture`)."""
     from tidesim_runtime import prompts as prompt_module
+    from tidesim_runtime.capture import check_prompts
 
     tokenizer = prompt_module.load_tokenizer(model_dir)
     prepared = prompt_module.prepare_prompts(prompt_module.read_prompt_file(path), tokenizer,
                                              where=f"--prompts {path}")
-    for i, q in enumerate(prepared):
-        bad = [t for t in q.tokens if not 0 <= t < spec.vocab_size or t == spec.mask_token_id]
-        if not q.tokens or bad:
-            raise InputError(f"--prompts {path}: prompt {i} is empty or holds token {bad[0] if bad else None!r} "
-                             f"(outside [0, {spec.vocab_size}) or the mask token)")
-    return [list(q.tokens) for q in prepared], [q.text for q in prepared], tokenizer
+    tokens = [list(q.tokens) for q in prepared]
+    check_prompts(tokens, spec, cfg, None, where=f"--prompts {path}: prompt")
+    return tokens, [q.text for q in prepared], tokenizer
 
 
 # ----- checks ---------------------------------------------------------------------------------------
@@ -194,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         spec = with_layers(get_model(args.config), args.layers, at_most_spec=False)
         weights = f"random (seed {args.seed})"
-    prompts, texts, tokenizer = read_prompt_tokens(args.prompts, spec, args.model_dir)
+    prompts, texts, tokenizer = read_prompt_tokens(args.prompts, spec, args.model_dir, cfg)
     hw = get_profile(args.hw) if args.hw else None
     name, options = policy_options(args, spec, hw)
     from tidesim.policies.base import online_policy
@@ -209,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = (load_checkpoint(args.model_dir, device.dtype, args.layers) if args.model_dir is not None
              else build_model(spec, device.dtype, seed=args.seed))
-    banks = bind_host_experts(model, pin=device.is_cuda)
+    banks = bind_host_experts(model)
     load_s = time.perf_counter() - t0
     settings = CaptureSettings(weights=weights, compute_dtype=device.dtype_name,
                                extra={"prompt_source": Path(args.prompts).name, "engine": "tidesim generate",

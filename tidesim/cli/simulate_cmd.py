@@ -16,17 +16,20 @@ import numpy as np
 from tqdm import tqdm
 
 from tidesim.budget import TIDE_MAX_EXPERTS_PER_LAYER, budget_for_memory
-from tidesim.cli.output import format_table, print_json
+from tidesim.cli.guard import Output, declare_outputs, number
+from tidesim.cli.output import announce, format_table, print_json
+from tidesim.default_tau import TauChoice, choose_tau
 from tidesim.errors import InputError
 from tidesim.hardware import HardwareProfile, get_profile
 from tidesim.metrics import Metrics
 from tidesim.plan import Plan, load_plan
 from tidesim.policies.base import REFRESH_MODES, PolicyOptions, build_schedule, policy_names, uniform
+from tidesim.report import plan_slots
 from tidesim.run import ENGINES, run
 from tidesim.workload import Workload
 
-DEFAULT_TAU = 2          # the public TIDE notebook's setting (reference.md)
 NEEDS_CPU = {"cpu-routing", "fiddler", "tide", "tide-reference", "oracle"}
+USES_TAU = {"tide", "tide-reference"}      # policies that run with the uniform --tau
 
 
 @dataclass
@@ -42,6 +45,7 @@ class Setup:
     refresh: str
     engine: str
     plan: Plan | None = None         # --plan: per-layer tau and budget for the planned policy
+    tau_choice: TauChoice | None = None   # where tau came from (None: no policy run uses it)
 
     def options(self, policy: str = "planned") -> PolicyOptions:
         """The plan's per-layer settings for `planned`; the uniform budget and tau for the others."""
@@ -57,9 +61,16 @@ class Setup:
         return {"trace": self.trace, "model": w.model.name, "kv_cache": w.kv_cache, "forwards": w.num_forwards,
                 "generated_tokens": w.generated_tokens, "prompts": sorted({int(p) for p in w.prompt}),
                 "hw": self.hw.name, "budget": self.budget, "budget_source": self.budget_source, "tau": self.tau,
+                "tau_choice": self.tau_choice.to_dict() if self.tau_choice else None,
                 "refresh": self.refresh, "engine": self.engine,
-                **({"budget": f"per layer, {sum(self.plan.budget)} slots", "budget_source": "--plan",
-                    "tau": "per layer (plan)", "refresh": self.plan.refresh} if self.plan else {})}
+                **({"expert_slots": plan_slots(self.plan)} if self.plan else {}),
+                **({"budget": "per layer (plan)", "budget_source": "--plan", "tau": "per layer (plan)",
+                    "refresh": self.plan.refresh} if self.plan and self.tau_choice is None else {})}
+
+    @property
+    def tau_line(self) -> str | None:
+        """The printed tau and its reason, when a policy that was run uses it."""
+        return self.tau_choice.line if self.tau_choice else None
 
 
 def add_input_args(p: argparse.ArgumentParser) -> None:
@@ -68,11 +79,13 @@ def add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hw", required=True, metavar="H", help="hardware profile name (`tidesim hw list`) or YAML path")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--budget", type=int, metavar="B", help="GPU expert slots per MoE layer")
-    group.add_argument("--gpu-mem-gib", type=float, metavar="G",
+    group.add_argument("--gpu-mem-gib", type=number(float, 0, 4096, low_open=True), metavar="G",
                        help="size the budget for this much GPU memory, as the TIDE code does "
                             "(default: the profile's GPU memory)")
-    p.add_argument("--tau", type=int, default=DEFAULT_TAU, metavar="N",
-                   help=f"refresh interval in denoising steps for tide policies (default {DEFAULT_TAU})")
+    p.add_argument("--tau", type=int, default=None, metavar="N",
+                   help="refresh interval in denoising steps for tide and tide-reference (default: the plan's "
+                        "best single tau with --plan, else the best single tau for this trace, profile and "
+                        "budget by the analytic model; printed with its reason)")
     p.add_argument("--refresh", choices=REFRESH_MODES, default="sync",
                    help="tide refresh copies: sync (block the step, as the public TIDE code) or async")
     p.add_argument("--engine", choices=ENGINES, default="sim",
@@ -85,7 +98,7 @@ def add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-def load_setup(args: argparse.Namespace, policies: list[str]) -> Setup:
+def load_setup(args: argparse.Namespace, policies: list[str], plan: Plan | None = None) -> Setup:
     """Resolve and check the inputs; every problem is an InputError (exit 2, one line)."""
     from tidesim.bundled.paths import resolve_trace
     from tidesim.models import get_model
@@ -96,16 +109,20 @@ def load_setup(args: argparse.Namespace, policies: list[str]) -> Setup:
     trace = read_trace(path)
     model = get_model(args.model) if args.model else None
     workload = workload_from_trace(trace, model)
-    if args.prompts:
+    if args.prompts is not None:              # an empty --prompts= is refused, not "all prompts"
         workload = workload.select_prompts(_prompt_ids(args.prompts, trace.prompt_ids))
     hw = get_profile(args.hw)
-    if args.tau < 1:
+    if args.tau is not None and args.tau < 1:
         raise InputError(f"--tau must be at least 1, got {args.tau}")
+    if plan is not None:         # another model: refused; another trace or profile: refused unless --force
+        warn(plan.check_inputs(workload.model, path, hw, force=getattr(args, "force", False)))
     budget, source = _budget(args, workload, hw)
     if not args.allow_roofline:
         _check_curves(hw, workload, policies)
-    return Setup(trace=str(path), workload=workload, hw=hw, budget=budget, budget_source=source, tau=args.tau,
-                 refresh=args.refresh, engine=args.engine)
+    choice = choose_tau(workload, hw, budget, args.refresh, args.tau, plan) if USES_TAU & set(policies) else None
+    return Setup(trace=str(path), workload=workload, hw=hw, budget=budget, budget_source=source,
+                 tau=choice.tau if choice else 1, refresh=args.refresh, engine=args.engine, plan=plan,
+                 tau_choice=choice)
 
 
 def _prompt_ids(text: str, available: list[int]) -> list[int]:
@@ -113,8 +130,10 @@ def _prompt_ids(text: str, available: list[int]) -> list[int]:
         ids = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise InputError(f"--prompts must be comma-separated prompt ids, got {text!r}") from None
+    if not ids:
+        raise InputError("--prompts is empty; give prompt ids such as 0,1 or leave the flag out for all prompts")
     missing = [i for i in ids if i not in available]
-    if not ids or missing:
+    if missing:
         raise InputError(f"--prompts: prompt {missing[0] if missing else text!r} is not in the trace "
                          f"(it has {', '.join(map(str, available))})")
     return ids
@@ -152,6 +171,12 @@ def _check_curves(hw: HardwareProfile, workload: Workload, policies: list[str]) 
                              "--allow-roofline")
 
 
+def warn(lines: list[str]) -> None:
+    """Warnings (a forced plan on other inputs) on stderr, one line each."""
+    for line in lines:
+        print(f"tidesim: warning: {line}", file=sys.stderr)
+
+
 def check_policies(names: list[str]) -> list[str]:
     known = policy_names()
     for name in names:
@@ -175,11 +200,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "where the time goes, hit ratio, copies. --timeline writes a Chrome trace "
                                    "(open it in https://ui.perfetto.dev).")
     add_input_args(p)
-    p.add_argument("--policy", metavar="P", help="offload policy (`tidesim compare` runs them all)")
+    names = ", ".join(n for n in policy_names() if n != "planned")
+    p.add_argument("--policy", metavar="P",
+                   help=f"offload policy: {names} (planned: give --plan; `tidesim compare` runs them all)")
     p.add_argument("--plan", metavar="FILE", help="run policy planned with this plan's per-layer tau and budget "
                                                   "(from `tidesim plan`)")
+    p.add_argument("--force", action="store_true",
+                   help="use --plan although it was made from another trace or hardware profile (warns)")
     p.add_argument("--timeline", metavar="FILE", help="write a Chrome trace JSON of the run (simulator only)")
     p.set_defaults(func=main)
+    declare_outputs(p, Output("timeline", "--timeline", (".json",)))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -190,19 +220,18 @@ def main(args: argparse.Namespace) -> int:
         raise InputError("give --policy P, or --plan FILE for the planned policy (make one with `tidesim plan`)")
     args.policy = args.policy or "planned"
     check_policies([args.policy])
-    setup = load_setup(args, [args.policy])
-    if plan is not None:
-        plan.check_model(setup.workload.model)
-        setup.plan = plan
-    if args.timeline and setup.engine != "sim":
+    if args.timeline and args.engine != "sim":
         raise InputError("--timeline needs the simulator (--engine sim)")
+    setup = load_setup(args, [args.policy], plan)
     bar = tqdm(total=setup.workload.num_forwards, desc=f"simulating {args.policy}", unit="fwd", leave=False,
                disable=not sys.stderr.isatty() or setup.engine != "sim")
     def advance(_: int) -> None:
         bar.update(1)
 
-    with bar:
+    work = f"{args.policy} on {setup.workload.num_forwards} forwards ({setup.engine})"
+    with announce("simulate", work) as done, bar:
         metrics = run_policy(setup, args.policy, timeline=args.timeline, on_forward=advance)
+        done.summary = f"{metrics.tokens_per_s:.2f} tokens/s"
     if args.json:
         out = {"inputs": setup.describe(), "metrics": metrics.to_dict()}
         if args.timeline:
@@ -217,9 +246,11 @@ def main(args: argparse.Namespace) -> int:
 
 def render(setup: Setup, m: Metrics) -> str:
     d = setup.describe()
+    budget = (f"budget per layer from the plan ({d['expert_slots']})" if "expert_slots" in d
+              else f"budget {d['budget']} experts/layer [{d['budget_source']}]")
+    tau = f"tau {d['tau']}, " if setup.tau_choice or setup.plan else ""
     head = (f"{m.policy} on {d['model']} ({d['kv_cache']} KV cache, {d['generated_tokens']} tokens, "
-            f"{d['forwards']} forwards), {d['hw']}, budget {d['budget']} experts/layer [{d['budget_source']}], "
-            f"tau {d['tau']}, refresh {d['refresh']}, engine {d['engine']}")
+            f"{d['forwards']} forwards), {d['hw']}, {budget}, {tau}refresh {d['refresh']}, engine {d['engine']}")
     kind = "bound (not deployable)" if m.is_bound else "policy"
     if not m.feasible:
         kind += "; does not fit the GPU"
@@ -243,6 +274,6 @@ def render(setup: Setup, m: Metrics) -> str:
     layer = np.asarray(m.layer_time_s)
     if layer.size:
         rows.append(["slowest MoE layer (index, s)", f"{int(layer.argmax())}, {layer.max():.4f}"])
-    lines = [head, format_table(["metric", "value"], rows)]
+    lines = [head, *([setup.tau_line] if setup.tau_line else []), format_table(["metric", "value"], rows)]
     lines += [f"note: {n}" for n in m.notes]
     return "\n".join(lines)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from tidesim.cli.output import format_table, print_json, progress
+from tidesim.cli.guard import Output, declare_outputs
+from tidesim.cli.output import announce, format_table, print_json, progress
+from tidesim.html_report import Link, Report, Section, Table, write_report
 from tidesim.sweep.figures import speedup_table, write_figures
 from tidesim.sweep.grid import load_grid
 from tidesim.sweep.runner import EXECUTORS, SweepPaths, SweepReport, run_sweep
@@ -33,24 +36,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="check the grid and list its points; run nothing")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
+    declare_outputs(p, Output("output", "--output", (".parquet",)))
 
 
 def run(args: argparse.Namespace) -> int:
     grid = load_grid(args.grid)
     if args.dry_run:
         return _dry_run(grid.points, grid.axes, args.json)
-    report = run_sweep(grid, args.output, executor=args.executor, workers=args.workers, scheduler=args.scheduler,
-                       fresh=args.fresh, progress=lambda items, desc, total: progress(items, desc, total))
+    # lazy: the start line waits for the first point, so the sweep's own input checks stay one line
+    with announce("sweep", f"{grid.name}: {len(grid.points)} points into {args.output}", lazy=True) as done:
+        report = run_sweep(grid, args.output, executor=args.executor, workers=args.workers,
+                           scheduler=args.scheduler, fresh=args.fresh,
+                           progress=lambda items, desc, total: done.wrap(progress(items, desc, total)))
+        done.summary = f"{report.evaluated} evaluated, {report.reused} resumed, {report.errors} with an error"
     figures = [] if args.no_figures else write_figures(pd.read_parquet(report.results),
                                                       SweepPaths(report.results).figures)
     summary = _summary(report)
+    headline = (f"{grid.name}: {report.points} points ({report.evaluated} evaluated, {report.reused} resumed, "
+                f"{report.errors} with an error), {report.traces_made} traces synthesized")
+    page = write_page(SweepPaths(report.results).figures, Path(report.results), headline, summary, figures) \
+        if figures else None
     if args.json:
         print_json({"results": str(report.results), "figures": [str(f) for f in figures],
                     "points": report.points, "evaluated": report.evaluated, "reused": report.reused,
-                    "errors": report.errors, "traces_synthesized": report.traces_made, "policies": summary})
+                    "errors": report.errors, "traces_synthesized": report.traces_made, "policies": summary,
+                    "report": str(page) if page else None})
         return 0
-    print(f"{grid.name}: {report.points} points ({report.evaluated} evaluated, {report.reused} resumed, "
-          f"{report.errors} with an error), {report.traces_made} traces synthesized")
+    print(headline)
     if summary:
         cols = list(summary[0])
         print(format_table(cols, [[row[c] for c in cols] for row in summary]))
@@ -60,7 +72,22 @@ def run(args: argparse.Namespace) -> int:
     print(f"results: {report.results}")
     if figures:
         print(f"figures: {SweepPaths(report.results).figures}/ ({', '.join(f.name for f in figures)})")
+        print(f"report page: {page}")
     return 0
+
+
+def write_page(folder: Path, results: Path, headline: str, summary: list[dict[str, Any]],
+               figures: list[Path]) -> Path:
+    """index.html in the figures folder: the summary table, every figure, a link to the results."""
+    cols = list(summary[0]) if summary else []
+    rel = os.path.relpath(results, folder)
+    section = Section("summary per policy", paragraphs=[
+        headline, "speedup: the best tide (or planned) tokens/s over the best baseline at each setting; "
+                  "figures hold the axes they do not show at the grid's first point (said in each title)."],
+        tables=[Table(cols, [[row[c] for c in cols] for row in summary])] if summary else [],
+        figures=[f.name for f in figures],
+        links=[Link(rel, results.name, "one row per point, every input and metric a column (pandas.read_parquet)")])
+    return write_report(Report(f"tidesim sweep: {headline.split(':')[0]}", sections=[section]), folder)
 
 
 def _summary(report: SweepReport) -> list[dict[str, Any]]:
@@ -89,7 +116,12 @@ def _summary(report: SweepReport) -> list[dict[str, Any]]:
     return out
 
 
+DRY_RUN_LIST = 200      # a dry run lists up to this many points; a bigger grid gets a summary
+
+
 def _dry_run(points: list[Any], axes: list[str], as_json: bool) -> int:
+    if len(points) > DRY_RUN_LIST:
+        return _dry_run_summary(points, axes, as_json)
     if as_json:
         print_json([{"point_id": p.id, **p.params} for p in points])
         return 0
@@ -97,6 +129,24 @@ def _dry_run(points: list[Any], axes: list[str], as_json: bool) -> int:
     print(format_table(cols, [[p.id, *[_cell(p.params[a]) for a in axes]] for p in points]))
     print(f"{len(points)} points")
     return 0
+
+
+def _dry_run_summary(points: list[Any], axes: list[str], as_json: bool) -> int:
+    """A big grid: how many points, and the values of each axis (first and last few), not every point."""
+    values = {a: list(dict.fromkeys(_cell(p.params[a]) for p in points)) for a in axes}
+    if as_json:
+        print_json({"points": len(points), "axes": values})
+        return 0
+    rows = [[a, len(v), _shorten(v)] for a, v in values.items()]
+    print(format_table(["axis", "values", "which"], rows))
+    print(f"{len(points):,} points (more than {DRY_RUN_LIST}: axes shown, not every point; --json gives the "
+          "axes' values)")
+    return 0
+
+
+def _shorten(values: list[Any]) -> str:
+    shown = [str(v) for v in values]
+    return ", ".join(shown) if len(shown) <= 8 else ", ".join([*shown[:4], "...", *shown[-3:]])
 
 
 def _cell(value: Any) -> Any:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from tidesim.cli.guard import Output, declare_outputs
+
 # Subcommand modules of `tidesim trace`, each with register(trace_subparsers).
 TRACE_MODULES: list[str] = [
     "tidesim.cli.trace_list",
@@ -21,4 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     trace_sub = parser.add_subparsers(dest="trace_command", metavar="SUBCOMMAND",
                                       parser_class=type(parser))
     register_modules(trace_sub, TRACE_MODULES)
+    # The trace files these subcommands write, checked by the output guard before they start.
+    for name in ("synth", "capture"):
+        if name in trace_sub.choices:
+            declare_outputs(trace_sub.choices[name], Output("output", "--output", (".parquet",)))
     parser.set_defaults(func=lambda args: parser.print_help())

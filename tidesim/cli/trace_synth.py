@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tidesim.cli.output import format_table, print_json, progress
 from tidesim.errors import InputError
+from tidesim.limits import check_synth
 from tidesim.models import get_model
 from tidesim.trace.io import write_trace
 from tidesim.trace.synth import GENERATOR_VERSION, SynthConfig, synthesize
@@ -42,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
         block_length=args.block_length, threshold=args.threshold, kv_cache=args.kv_cache,
         prompt_length=args.prompt_length, seed=args.seed, token_level=args.token_level,
     )
+    check_synth(cfg.model, cfg.prompts, cfg.gen_length, cfg.block_length, cfg.prompt_length, cfg.kv_cache,
+                cfg.token_level)
     trace = synthesize(cfg, progress=lambda it: progress(it, desc="prompts", total=cfg.prompts))
     write_trace(trace, out)
     f = trace.forwards

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,11 +21,14 @@ from typing import Any
 import numpy as np
 
 from tidesim.cli.calibrate_cmd import require_runtime
+from tidesim.cli.guard import Output, declare_outputs
 from tidesim.cli.output import format_table, print_json, progress, to_jsonable
 from tidesim.errors import InputError
+from tidesim.limits import check_cpu_workers
 from tidesim.policies.base import REFRESH_MODES
 
 DEFAULT_POLICIES = "cpu-routing,fiddler,tide,full-swap,all-gpu"
+RESULT_FILES = ("results.json", "results.parquet", "predicted_vs_measured.png")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,7 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"policies to validate (default {DEFAULT_POLICIES})")
     p.add_argument("--budgets", default=None, metavar="B1,B2",
                    help="GPU expert slots per MoE layer (default: half the experts)")
-    p.add_argument("--taus", default="2,4", metavar="T1,T2", help="refresh intervals for tide policies (2,4)")
+    p.add_argument("--taus", default=None, metavar="T1,T2",
+                   help="refresh intervals for tide policies (default: one, by the rule of every command: the "
+                        "plan's best single tau with --plan, else the analytic best for this trace and profile)")
     p.add_argument("--refresh", choices=REFRESH_MODES, default="sync", help="tide refresh copies (sync)")
     p.add_argument("--plan", metavar="FILE", help="also validate the planned policy with this plan")
     p.add_argument("--layers", type=int, default=None, metavar="N",
@@ -50,13 +56,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="the GPU side: cuda, cpu (the CPU plays the GPU) or auto")
     p.add_argument("--cpu-workers", type=int, default=None, metavar="N",
-                   help="CPU worker pool size (default: as the profile says)")
+                   help="CPU worker pool size; must equal the profile's (the default), which the simulator uses")
     p.add_argument("--repeats", type=int, default=1, metavar="R",
                    help="measure each configuration R times, interleaved; the median run is kept (1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (0)")
     p.add_argument("-o", "--output", required=True, metavar="RESULTS_DIR", help="results folder")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
+    declare_outputs(p, Output("output", "--output", folder=True, contents=RESULT_FILES))
 
 
 def int_list(text: str, flag: str) -> list[int]:
@@ -76,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from tidesim_runtime.validate import Config, check_inputs, configurations, figure, summary, validate
 
     from tidesim.bundled.paths import resolve_trace
-    from tidesim.hardware import get_profile
+    from tidesim.hardware import get_profile, not_this_machine
     from tidesim.plan import load_plan
     from tidesim.policies import policy_names
     from tidesim.trace.io import read_trace
@@ -90,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"unknown policy {bad[0] if bad else args.policies!r}; use some of {', '.join(known)}")
     if args.repeats < 1:
         raise InputError("--repeats must be at least 1")
+    check_cpu_workers(args.cpu_workers)
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise InputError(f"--output {out} exists and is not a folder")
@@ -97,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     trace = read_trace(trace_path)
     workload = workload_from_trace(trace)
     full_model = workload.model
-    if args.prompts:
+    if args.prompts is not None:              # an empty --prompts= is refused, not "all prompts"
         ids = int_list(args.prompts, "--prompts")
         missing = [i for i in ids if i not in trace.prompt_ids]
         if missing:
@@ -117,14 +125,31 @@ def run(args: argparse.Namespace) -> int:
     if args.layers is not None:
         workload = first_layers(workload, args.layers)
     hw = get_profile(args.hw)
-    device = select_device(args.device, args.cpu_workers or hw.cpu.workers)
+    not_here = not_this_machine(hw)       # warnings, shown once every input is checked
+    warnings = ([not_here] if not_here else []) + (plan.input_differences(trace_path, hw) if plan else [])
+    if args.cpu_workers is not None and args.cpu_workers != hw.cpu.workers:
+        raise InputError(f"--cpu-workers {args.cpu_workers} differs from the profile's {hw.cpu.workers} worker(s), "
+                         "which the simulator uses and its CPU curve was measured with; leave it out, or "
+                         f"calibrate with --cpu-workers {args.cpu_workers}")
+    device = select_device(args.device, hw.cpu.workers)
     experts = workload.num_experts
-    budgets = int_list(args.budgets, "--budgets") if args.budgets else [experts // 2]
-    taus = int_list(args.taus, "--taus")
+    budgets = int_list(args.budgets, "--budgets") if args.budgets is not None else [experts // 2]
+    tau_choice = None
+    if args.taus is not None:
+        taus = int_list(args.taus, "--taus")
+    elif {"tide", "tide-reference"} & set(policies) and 0 <= budgets[0] <= experts:   # else check_inputs says why
+        from tidesim.default_tau import choose_tau
+
+        tau_choice = choose_tau(workload, hw, budgets[0], args.refresh, plan=plan)
+        taus = [tau_choice.tau]
+    else:
+        taus = [1]      # no policy here refreshes on an interval
     configs = configurations([p for p in policies if p != "planned"], budgets, taus, args.refresh, experts)
     if plan is not None:
         configs.append(Config("planned", max(plan.budget[:workload.num_layers]), None, plan.refresh))
     check_inputs(workload, configs, device, plan)
+    for line in warnings:
+        print(f"tidesim: warning: {line}", file=sys.stderr)
 
     # ----- work -------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -142,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
                        "the whole model runs",
         "hw": hw.name, "hw_provenance": hw.provenance.kind, "device": device.describe(),
         "repeats": args.repeats, "seed": args.seed, "seconds": round(elapsed, 1),
+        "tau_choice": tau_choice.to_dict() if tau_choice else None, "hw_warning": not_here,
     }
     result = {"setup": setup, "summary": stats, "rows": rows,
               "configurations": [{"config": o.config.label, "predicted": o.predicted.to_dict(),
@@ -155,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"validated {len(configs)} configurations on {device.describe()} in {elapsed:.0f} s; "
           f"{setup['layers_note']}")
+    if tau_choice is not None:
+        print(tau_choice.line)
     cols = ["config", "predicted_step_ms", "measured_step_ms", "error", "hit_ratio", "expert_copies"]
     heads = ["configuration", "predicted ms", "measured ms", "error", "hit ratio", "copies"]
     print(format_table(heads, [[r[c] for c in cols] for r in rows]))
@@ -176,6 +204,25 @@ def write_results(out: Path, result: dict[str, Any], outcomes: list[Any], figure
         (tmp / "results.json").write_text(json.dumps(to_jsonable(result), indent=2, sort_keys=True) + "\n")
         pd.DataFrame(result["rows"]).to_parquet(tmp / "results.parquet", index=False)
         figure(outcomes, tmp / "predicted_vs_measured.png", title)
+        write_page(tmp, result, title)
         out.mkdir(parents=True, exist_ok=True)
-        for f in ("results.json", "results.parquet", "predicted_vs_measured.png"):
+        for f in ("results.json", "results.parquet", "predicted_vs_measured.png", "index.html"):
             shutil.move(str(tmp / f), str(out / f))
+
+
+def write_page(folder: Path, result: dict[str, Any], title: str) -> Path:
+    """index.html of the results folder: the configurations table, the figure, the files."""
+    from tidesim.html_report import Link, Report, Section, Table, write_report
+
+    cols = ["config", "predicted_step_ms", "measured_step_ms", "error", "hit_ratio", "expert_copies"]
+    heads = ["configuration", "predicted ms", "measured ms", "error", "hit ratio", "copies"]
+    stats = result["summary"]
+    section = Section("predicted vs measured", paragraphs=[
+        f"{result['setup']['device']}; {result['setup']['layers_note']}",
+        f"median |error| {stats['median_abs_error']:.1%}, max {stats['max_abs_error']:.1%}; "
+        "error = (predicted - measured) / measured step time"],
+        tables=[Table(heads, [[r[c] for c in cols] for r in result["rows"]])],
+        figures=["predicted_vs_measured.png"],
+        links=[Link("results.json", "results.json", "everything, including both sides' metrics"),
+               Link("results.parquet", "results.parquet", "one row per configuration")])
+    return write_report(Report(f"tidesim validate: {title}", sections=[section]), folder)

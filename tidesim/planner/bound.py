@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tidesim.hardware import US, HardwareProfile
+from tidesim.hardware import HardwareProfile
+from tidesim.layermodel import Rates, grouped_share, per_count
 from tidesim.workload import Workload
 
 # ----- oracle bound -------------------------------------------------------------------------------
@@ -16,8 +17,9 @@ from tidesim.workload import Workload
 @dataclass(frozen=True)
 class OracleCosts:
     """What any refresh schedule pays per (forward, MoE layer, expert), as lower bounds of what
-    the cost model charges: GPU time of the expert's tokens without the kernel launch, CPU time
-    on one worker, one expert's H2D copy; plus the work no schedule changes."""
+    the cost model charges (tidesim.layermodel's terms): GPU time of the expert's tokens without
+    the kernel launch, CPU time on one worker, one expert's H2D copy; plus the work no schedule
+    changes."""
 
     layer_fixed_s: np.ndarray    # [F] attention + shared expert + gate of one MoE layer
     gpu_s: np.ndarray            # [F, L, E] (0 where no tokens are routed)
@@ -30,21 +32,16 @@ class OracleCosts:
 def oracle_costs(workload: Workload, hw: HardwareProfile) -> OracleCosts:
     """Charge every activated (forward, layer, expert) once on each side, from the profile."""
     spec = workload.model
+    r = Rates.of(hw, spec)
     tokens = workload.tokens.astype(float)
     context = workload.context.astype(float)
-    et = workload.expert_tokens.astype(np.int64)
-    present = np.unique(et[et > 0])
-    launch = hw.gpu.launch_overhead_us * US
-    gpu_table = np.zeros(int(et.max()) + 1)
-    cpu_table = np.zeros(int(et.max()) + 1)
-    if present.size:
-        gpu_table[present] = np.maximum(hw.gpu_expert_time(present, spec) - launch, 0.0)
-        cpu_table[present] = hw.cpu_expert_time(present, spec)
+    et = workload.expert_tokens
+    gpu_s = np.where(et > 0, grouped_share(r, per_count(lambda t: hw.gpu_expert_time(t, spec), et)), 0.0)
+    cpu_s = per_count(lambda t: hw.cpu_expert_time(t, spec), et)
     fixed = np.broadcast_to(np.asarray(hw.gpu_layer_fixed_time(tokens, context, spec), float),
                             tokens.shape).copy()
     other = np.broadcast_to(np.asarray(hw.gpu_forward_fixed_time(tokens, context, spec), float), tokens.shape)
-    return OracleCosts(fixed, gpu_table[et], cpu_table[et], max(int(hw.cpu.workers), 1),
-                       float(hw.h2d_time(float(spec.expert_bytes))), float(other.sum()))
+    return OracleCosts(fixed, gpu_s, cpu_s, r.workers, r.expert_copy_s, float(other.sum()))
 
 
 @dataclass

@@ -40,6 +40,9 @@ def default_budgets(slots: int, layers: int, experts: int) -> list[int]:
     return sorted(values)
 
 
+MAX_LIST_VALUES = 10_000      # candidate intervals, budgets or prompt ids in one list (docs/limits.md)
+
+
 def parse_int_list(text: str, name: str, allow_zero: bool = False) -> list[int]:
     """'1..32', '1,2,4,8' or '8..64:8' (start..stop:step) -> sorted unique positive integers
     (non-negative with allow_zero, for prompt ids)."""
@@ -50,7 +53,11 @@ def parse_int_list(text: str, name: str, allow_zero: bool = False) -> list[int]:
             if ".." in part:
                 rng, _, step = part.partition(":")
                 lo, hi = (int(v) for v in rng.split(".."))
-                out.update(range(lo, hi + 1, int(step) if step else 1))
+                values = range(lo, hi + 1, int(step) if step else 1)
+                if len(values) > MAX_LIST_VALUES:
+                    raise InputError(f"{name}: {part} gives {len(values):,} values, more than the limit of "
+                                     f"{MAX_LIST_VALUES:,} (docs/limits.md)")
+                out.update(values)
             elif part:
                 out.add(int(part))
     except ValueError:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tidesim.errors import InputError
-from tidesim.hardware import US, HardwareProfile
+from tidesim.hardware import HardwareProfile
 from tidesim.models import ModelSpec
 from tidesim.planner.bound import oracle_costs
 from tidesim.workload import Workload
@@ -118,6 +118,8 @@ class _TideInputs:
     """Per (forward, layer, expert) what the cost model charges an expert on either side."""
 
     activated: np.ndarray        # bool [F, L, E]
+    counts: np.ndarray           # int [F, L, E] tokens per expert
+    order: np.ndarray            # int [F, L, E] experts by rank
     rank: np.ndarray             # int [F, L, E] rank by tokens (ties: lower id first)
     gpu_s: np.ndarray            # [F, L, E] expert on the GPU, kernel launch excluded
     cpu_s: np.ndarray            # [F, L, E] expert on one CPU worker
@@ -132,19 +134,19 @@ class _TideInputs:
         from tidesim.policies.residency import rank_experts
 
         oc = oracle_costs(workload, hw)
-        return cls(workload.activated, rank_experts(workload.expert_tokens).rank, oc.gpu_s, oc.cpu_s,
+        ranking = rank_experts(workload.expert_tokens)
+        return cls(workload.activated, workload.expert_tokens, ranking.order, ranking.rank, oc.gpu_s, oc.cpu_s,
                    workload.expert_tokens.astype(float), oc.layer_fixed_s, oc.other_s, hw, workload.model)
 
 
 def _tide_layer_times(inp: _TideInputs, workload: Workload, options: list[tuple[int, int]]) -> np.ndarray:
     """[options, L] seconds per MoE layer over the workload, for tide (sync) with each (tau, B).
 
-    The refresh rule is tide's: the target is the top-B activated experts; when B or more experts
-    are activated the new set is exactly the top B, otherwise all activated ones plus the residents
-    with no tokens that fit, lowest id first (what keeping the best B of residents and target by
-    rank amounts to). Only per-layer-forward sums are kept; the cost model turns them into times.
+    The refresh rule is tide's own (tidesim.policies.tide.refreshed_residents), applied to all
+    options at once. Only per-layer-forward sums are kept; the layer model turns them into times.
     """
     from tidesim.policies.residency import refresh_steps
+    from tidesim.policies.tide import refreshed_residents
 
     f_count, layers, experts = inp.activated.shape
     n = len(options)
@@ -162,12 +164,8 @@ def _tide_layer_times(inp: _TideInputs, workload: Workload, options: list[tuple[
         rows = np.flatnonzero(refresh[f])
         if rows.size:
             old = current[rows]
-            b = budget[rows]                                                      # [r, 1]
-            n_act = act.sum(axis=-1)[None, :]                                     # [1, L]
-            idle = old & ~act
-            room = (b - n_act)[..., None]
-            keep_idle = idle & (np.cumsum(idle, axis=-1) <= room)
-            new = np.where((n_act >= b)[..., None], inp.rank[f][None] < b[..., None], act | keep_idle)
+            b = np.broadcast_to(budget[rows], (rows.size, layers))               # [r, L]
+            new = refreshed_residents(old, inp.counts[f], inp.order[f], inp.rank[f], b)
             copies[f, rows] = (new & ~old).sum(axis=-1)
             current[rows] = new
         on_cpu = act & ~current
@@ -207,41 +205,36 @@ def _cpu_makespans(inp: _TideInputs, on_cpu: np.ndarray, cpu_sum: np.ndarray, f:
 def _sync_layer_time(inp: _TideInputs, copies: np.ndarray, gpu_sum: np.ndarray, gpu_n: np.ndarray,
                      cpu_sum: np.ndarray, cpu_max: np.ndarray, cpu_min: np.ndarray, cpu_n: np.ndarray,
                      cpu_tok: np.ndarray, span: np.ndarray | None = None) -> np.ndarray:
-    """[n, L] per-layer totals from the cost model itself (tidesim.costmodel.estimate): the sums
-    are packed into its ScheduleCosts, with the n options' layers as n x L virtual layers (exact
+    """[n, L] per-layer totals from the layer model's phases (tidesim.layermodel.layer_phases, as
+    the analytic model charges them): the n options' layers are n x L virtual layers (exact
     because with synchronous copies only, a layer-forward's time depends on its own sums).
-    span: [F, n, L] CPU pool makespans, for cpu.gpu_contention (charged like schedule_costs does)."""
-    from tidesim.costmodel import estimate
-    from tidesim.sim.costs import ScheduleCosts, charge_contention
+    span: [F, n, L] CPU pool makespans, for cpu.gpu_contention."""
+    from tidesim.layermodel import (
+        CopyCosts,
+        CpuCosts,
+        GpuCosts,
+        Rates,
+        activation_copies,
+        charge_contention,
+        copy_slowdown,
+        cpu_pool_bound,
+        grouped_kernel,
+        layer_phases,
+    )
 
-    hw = inp.hw
+    r = Rates.of(inp.hw, inp.model)
     f_count, n, layers = copies.shape
     g = f_count * n * layers
     flat = lambda a: np.ascontiguousarray(a, dtype=float).reshape(g)  # noqa: E731
-    launch = hw.gpu.launch_overhead_us * US
-    act_bytes = flat(cpu_tok) * inp.model.activation_bytes_per_token
-    res_h2d = np.asarray(hw.h2d_time(act_bytes), float)
-    grouped = flat(gpu_sum) + np.where(flat(gpu_n) > 0, launch, 0.0)
-    slows = float(hw.pcie.copy_slows_compute)
-    expert_copy = float(hw.h2d_time(float(inp.model.expert_bytes)))
+    act_d2h, res_h2d = activation_copies(r, inp.hw, flat(cpu_tok))
+    grouped = grouped_kernel(r, flat(gpu_sum), flat(gpu_n))
     zeros = np.zeros(g)
-    none_i = np.zeros(0, dtype=np.int64)
-    none_f = np.zeros(0)
-    costs = ScheduleCosts(
-        forwards=f_count, layers=n * layers, experts=inp.activated.shape[2], workers=max(int(hw.cpu.workers), 1),
-        engines=1 if hw.pcie.copy_engines <= 1 else 2, slows=slows, launch_s=launch,
-        expert_copy_s=expert_copy, expert_demote_s=float(hw.d2h_time(float(inp.model.expert_bytes))),
-        fwd_fixed=np.zeros(f_count), layer_fixed=inp.layer_fixed_s.astype(float),
-        sync_h2d=flat(copies) * expert_copy, demote_d2h=zeros, async_h2d=zeros, n_async=zeros,
-        act_d2h=np.asarray(hw.d2h_time(act_bytes), float), res_h2d=res_h2d, grouped=grouped,
-        slow_extra=slows * np.minimum(grouped, res_h2d) if slows > 0 else zeros,
-        cpu_sum=flat(cpu_sum), cpu_max=flat(cpu_max), cpu_min=flat(cpu_min), cpu_n=flat(cpu_n),
-        od_copy_sum=zeros, od_compute_sum=zeros, od_n=zeros,
-        cpu_g=none_i, cpu_expert=none_i, cpu_time=none_f, od_g=none_i, od_expert=none_i, od_compute=none_f,
-        gpu_g=none_i, gpu_expert=none_i, gpu_time=none_f, async_g=none_i, async_expert=none_i,
-    )
+    gpu = GpuCosts(fwd_fixed=np.zeros(f_count), layer_fixed=inp.layer_fixed_s.astype(float), grouped=grouped,
+                   od_compute_sum=zeros, slow_extra=copy_slowdown(r, grouped, res_h2d))
+    moves = CopyCosts(sync_h2d=flat(copies) * r.expert_copy_s, demote_d2h=zeros, async_h2d=zeros, n_async=zeros,
+                      act_d2h=act_d2h, res_h2d=res_h2d, od_n=zeros, od_copy_sum=zeros)
+    cpu = CpuCosts(total=flat(cpu_sum), longest=flat(cpu_max), shortest=flat(cpu_min), n=flat(cpu_n))
     if span is not None:
-        charge_contention(costs, float(hw.cpu.gpu_contention), flat(span))
-    layer_time = estimate(costs).layer_time
-    assert layer_time is not None
-    return np.asarray(layer_time, dtype=float).reshape(n, layers)
+        charge_contention(r, gpu, cpu, flat(span))
+    layer = layer_phases(r, gpu, moves, cpu.n, cpu_pool_bound(r, cpu), None, n * layers)["layer"]
+    return layer.reshape(f_count, n, layers).sum(axis=0)

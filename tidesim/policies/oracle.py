@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from tidesim.hardware import US, HardwareProfile
+from tidesim import layermodel as lm
+from tidesim.hardware import HardwareProfile
 from tidesim.models import ModelSpec
 from tidesim.policies.base import PolicyOptions, register_policy
-from tidesim.policies.residency import by_count, int_list, keep_best, make_schedule, rank_experts, top_activated
+from tidesim.policies.residency import int_list, keep_best, make_schedule, rank_experts, top_activated
 from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, NO_COPY, Schedule
 from tidesim.sim.lpt import lpt_makespans
 from tidesim.workload import Workload
@@ -55,33 +56,36 @@ def split_estimates(counts_sorted: np.ndarray, n_free: np.ndarray, spec: ModelSp
 
 def _expert_costs(counts: np.ndarray, spec: ModelSpec, hw: HardwareProfile) -> tuple[np.ndarray, np.ndarray]:
     """(GPU FFN time with its launch, CPU FFN time) per entry; 0 where no tokens."""
-    return (by_count(lambda t: hw.gpu_expert_time(t, spec), counts),
-            by_count(lambda t: hw.cpu_expert_time(t, spec), counts))
+    return (lm.per_count(lambda t: hw.gpu_expert_time(t, spec), counts),
+            lm.per_count(lambda t: hw.cpu_expert_time(t, spec), counts))
 
 
 def _estimates(counts: np.ndarray, gpu_full: np.ndarray, cpu: np.ndarray, n_free: np.ndarray, spec: ModelSpec,
                hw: HardwareProfile) -> np.ndarray:
-    """split_estimates on a position-major layout: counts [K, N] -> estimates [K + 1, N]."""
+    """split_estimates on a position-major layout: counts [K, N] -> estimates [K + 1, N], with the
+    layer model's terms: the grouped kernel of the first min(j, n_free), then the on-demand
+    pipeline of the rest (copies from the sync end, staged), against the CPU side's pool bound."""
     k, n = counts.shape
-    launch = hw.gpu.launch_overhead_us * US
-    gpu = np.maximum(gpu_full - launch, 0.0)
-    copy = float(hw.h2d_time(float(spec.expert_bytes)))
-    finish = np.zeros((k + 1, n))
-    for p in range(k):
-        prev = finish[p]
-        finish[p + 1] = np.where(p < n_free, prev, np.maximum(prev, (p - n_free + 1) * copy)) + gpu[p]
-    finish[1:] += launch
+    r = lm.Rates.of(hw, spec)
+    in_group = np.arange(k)[:, None] < n_free[None, :]
+    grouped_prefix = np.zeros((k + 1, n))
+    grouped_prefix[1:] = np.cumsum(np.where(in_group, lm.grouped_share(r, gpu_full), 0.0), axis=0)
+    finish = lm.grouped_kernel(r, grouped_prefix, np.minimum(np.arange(k + 1)[:, None], n_free[None, :]))
+    od = lm.OnDemand(np.arange(n), np.where(in_group, 0.0, lm.ondemand_compute(r, gpu_full)),
+                     np.full((k, n), lm.FREE_NOW), ~in_group)
+    grouped_end = finish[np.minimum(n_free, k), np.arange(n)]
+    _, _, _, ends = lm.ondemand_pipeline(r.expert_copy_s, np.zeros(n), grouped_end, od)
+    finish[1:] = np.where(~in_group, ends, finish[1:])
     cpu_rest = np.zeros((k + 1, n))
     cpu_rest[:k] = np.cumsum(cpu[::-1], axis=0)[::-1]
     pairs_rest = np.zeros((k + 1, n), dtype=np.int64)
     pairs_rest[:k] = np.cumsum(counts[::-1], axis=0, dtype=np.int64)[::-1]
     longest = np.zeros((k + 1, n))
     longest[:k] = cpu
-    act = spec.activation_bytes_per_token
-    moves = by_count(lambda m: hw.d2h_time(m * act) + hw.h2d_time(m * act), pairs_rest)
-    makespan = np.maximum(cpu_rest / max(hw.cpu.workers, 1), longest)
-    cpu_side = np.where(pairs_rest > 0, moves + makespan, 0.0)
-    return np.maximum(finish, cpu_side)
+    moves = lm.per_count(lambda m: np.add(*lm.activation_copies(r, hw, m)), pairs_rest)
+    none = np.zeros((k + 1, n))
+    pool = lm.cpu_pool_bound(r, lm.CpuCosts(total=cpu_rest, longest=longest, shortest=none, n=none))
+    return np.maximum(finish, np.where(pairs_rest > 0, moves + pool, 0.0))
 
 
 def layer_times(counts: np.ndarray, experts: np.ndarray, n_active: np.ndarray, n_free: np.ndarray,
@@ -92,52 +96,40 @@ def layer_times(counts: np.ndarray, experts: np.ndarray, n_active: np.ndarray, n
     charged background copies, so every layer-forward stands alone.
 
     counts/experts [N, K]: tokens and expert ids in rank order. The first min(split, n_free) run
-    in the grouped kernel, positions n_free .. split-1 are copied on demand (one after another on
-    the H2D engine, each FFN with its own launch once copied), the rest up to n_active run on the
-    CPU pool (activations D2H, longest-first pool, results H2D, which queue behind the on-demand
-    copies; with one copy engine the on-demand copies also wait for the activations).
+    in the grouped kernel, positions n_free .. split-1 are copied on demand (through staging
+    slots, so no copy waits for a slot), the rest up to n_active run on the CPU pool with the
+    exact longest-first makespan; the phases are the layer model's (tidesim.layermodel).
     `costs`: the (GPU, CPU) expert times of `counts` when already known.
     """
     n, k = counts.shape
     pos = np.arange(k)[None, :]
-    launch = hw.gpu.launch_overhead_us * US
+    r = lm.Rates.of(hw, spec)
     gpu_full, cpu_times = costs if costs is not None else _expert_costs(counts, spec, hw)
-    grouped_part = np.maximum(gpu_full - launch, 0.0)
     in_group = pos < np.minimum(split, n_free)[:, None]
     on_demand = (pos >= n_free[:, None]) & (pos < split[:, None])
     on_cpu = (pos >= split[:, None]) & (pos < n_active[:, None])
-    grouped = np.where(in_group, grouped_part, 0.0).sum(axis=1) + np.where(in_group.any(axis=1), launch, 0.0)
-    copy = float(hw.h2d_time(float(spec.expert_bytes)))
-    m = on_demand.sum(axis=1)
+    share = np.where(in_group, lm.grouped_share(r, gpu_full), 0.0).sum(axis=1)
+    grouped = lm.grouped_kernel(r, share, in_group.sum(axis=1))
+    od_rows, od_cols = np.nonzero(on_demand)
+    od_time = lm.ondemand_compute(r, gpu_full[od_rows, od_cols])
+    od = lm.OnDemand.pad(od_rows, od_time, np.full(od_rows.size, lm.FREE_NOW))   # staged: slots never wait
+    od_n = on_demand.sum(axis=1)
+    od_sum = np.bincount(od_rows, weights=od_time, minlength=n)
 
     rows, cols = np.nonzero(on_cpu)
-    makespan = lpt_makespans(rows, cpu_times[rows, cols], experts[rows, cols], n, max(int(hw.cpu.workers), 1))
-    pairs = np.where(on_cpu, counts, 0).sum(axis=1)
-    has_cpu = on_cpu.any(axis=1)
-    nbytes = pairs * spec.activation_bytes_per_token
-    act, res = np.asarray(hw.d2h_time(nbytes), float), np.asarray(hw.h2d_time(nbytes), float)
-
-    od_compute = np.where(on_demand, gpu_full, 0.0).sum(axis=1)
-    slows = float(hw.pcie.copy_slows_compute)
-    slow = slows * np.minimum(grouped + od_compute, m * copy + res) if slows > 0 else 0.0
-    contention = float(hw.cpu.gpu_contention)
-    if contention > 0:   # tidesim.sim.costs.charge_contention: both sides grow by s x their overlap
-        overlap = np.minimum(grouped + od_compute, makespan)
-        slow = slow + contention * overlap
-        makespan = makespan + contention * overlap
-    shared_engine = hw.pcie.copy_engines <= 1
-    od_start = np.where(shared_engine & has_cpu, act, 0.0)
-    gpu_end = grouped + slow
-    t = np.where(m > 0, np.maximum(gpu_end, od_start), gpu_end)
-    od_rank = np.cumsum(on_demand, axis=1)
-    for p in range(k):
-        col = on_demand[:, p]
-        if col.any():
-            ready = od_start + od_rank[:, p] * copy
-            t = np.where(col, np.maximum(t, ready) + gpu_full[:, p], t)
-    res_start = np.maximum(act + makespan, np.where(m > 0, od_start + m * copy, 0.0))
-    cpu_end = np.where(has_cpu, res_start + res, 0.0)
-    return np.maximum(t, cpu_end)
+    cpu_rows = cpu_times[rows, cols]
+    span = lpt_makespans(rows, cpu_rows, experts[rows, cols], n, r.workers)
+    act, res = lm.activation_copies(r, hw, np.where(on_cpu, counts, 0).sum(axis=1))
+    zeros = np.zeros(n)
+    gpu = lm.GpuCosts(fwd_fixed=zeros, layer_fixed=zeros, grouped=grouped, od_compute_sum=od_sum,
+                      slow_extra=lm.copy_slowdown(r, grouped + od_sum, od_n * r.expert_copy_s + res))
+    copies = lm.CopyCosts(sync_h2d=zeros, demote_d2h=zeros, async_h2d=zeros, n_async=zeros, act_d2h=act,
+                          res_h2d=res, od_n=od_n, od_copy_sum=od_n * r.expert_copy_s)
+    cpu = lm.CpuCosts(total=np.bincount(rows, weights=cpu_rows, minlength=n), longest=zeros, shortest=zeros,
+                      n=on_cpu.sum(axis=1))
+    lm.charge_contention(r, gpu, cpu, span)
+    assert cpu.span is not None
+    return lm.layer_phases(r, gpu, copies, cpu.n, cpu.span, od, 1)["side"]
 
 
 def best_split(counts_sorted: np.ndarray, experts_sorted: np.ndarray, n_active: np.ndarray, n_free: np.ndarray,

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from tidesim.errors import InputError
-from tidesim.schedule import CPU, GPU, IDLE, Schedule
+from tidesim.schedule import CPU, GPU, Schedule
 from tidesim.workload import Workload
 
 
@@ -43,18 +43,19 @@ def rank_experts(counts: np.ndarray) -> Ranking:
 def keep_best(candidates: np.ndarray, order: np.ndarray, rank: np.ndarray, budget: np.ndarray) -> np.ndarray:
     """bool [L, E]: at most budget[l] candidates of each layer, the best ones by rank.
 
-    order [L, E] lists each layer's experts from best to worst; rank is its inverse.
+    order [L, E] lists each layer's experts from best to worst; rank is its inverse. Leading axes
+    of `candidates` and `budget` (several options at once) broadcast over order and rank.
     """
-    in_order = np.take_along_axis(candidates, order, axis=-1)
+    in_order = np.take_along_axis(candidates, np.broadcast_to(order, candidates.shape), axis=-1)
     # Positions before `limit` hold at most budget candidates (the running count is monotone).
-    limit = (np.cumsum(in_order, axis=-1) <= budget[:, None]).sum(axis=-1)
-    return candidates & (rank < limit[:, None])
+    limit = (np.cumsum(in_order, axis=-1) <= budget[..., None]).sum(axis=-1)
+    return candidates & (rank < limit[..., None])
 
 
 def top_activated(counts: np.ndarray, rank: np.ndarray, budget: np.ndarray) -> np.ndarray:
     """bool [..., L, E]: the top-budget experts by tokens, experts with no tokens excluded
     (the target set of a TIDE refresh)."""
-    return (rank < budget[:, None]) & (counts > 0)
+    return (rank < budget[..., None]) & (counts > 0)
 
 
 def refresh_sets(current: np.ndarray, counts: np.ndarray, budget: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -162,7 +163,9 @@ def refresh_rule(first_block: np.ndarray | bool, step: np.ndarray | int, commit:
 
 def placement_from(activated: np.ndarray, gpu: np.ndarray) -> np.ndarray:
     """int8 placement: activated experts on the GPU where `gpu`, else on the CPU; idle otherwise."""
-    return np.where(activated, np.where(gpu, GPU, CPU), IDLE).astype(np.int8)
+    act = np.asarray(activated, dtype=bool).view(np.int8)
+    on_gpu = np.asarray(gpu, dtype=bool).view(np.int8)
+    return act * (np.int8(CPU) - (np.int8(CPU) - np.int8(GPU)) * on_gpu)   # int8 throughout: IDLE = 0
 
 
 def make_schedule(policy: str, workload: Workload, budget: np.ndarray, initial: np.ndarray,
@@ -186,14 +189,11 @@ def make_schedule(policy: str, workload: Workload, budget: np.ndarray, initial: 
 
 
 def by_count(fn: Callable[[np.ndarray], np.ndarray], counts: np.ndarray) -> np.ndarray:
-    """fn applied to every entry of an integer array through a table over 0 .. max (fn(0) is
-    taken as 0): the cost curves are evaluated once per distinct count, not per entry."""
-    counts = np.asarray(counts)
-    top = int(counts.max()) if counts.size else 0
-    table = np.zeros(top + 1)
-    if top:
-        table[1:] = fn(np.arange(1, top + 1))
-    return table[counts]
+    """fn applied to every entry of an integer array, evaluated once per distinct count (fn(0) is
+    taken as 0): the layer model's per_count."""
+    from tidesim.layermodel import per_count
+
+    return per_count(fn, counts)
 
 
 def int_list(values: np.ndarray) -> list[int]:

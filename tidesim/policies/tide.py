@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from tidesim.policies.base import register_policy
-from tidesim.policies.residency import int_list, refresh_rule, refresh_sets
+from tidesim.policies.residency import int_list, keep_best, refresh_rule, refresh_sets, top_activated
 from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, placement_of
 from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_SYNC_REFRESH, NO_COPY
 
@@ -41,6 +41,17 @@ class RefreshCount:
     def note(self, meta: ForwardMeta, refresh: np.ndarray) -> None:
         if refresh.any():
             self.forwards.add(meta.index)
+
+
+def refreshed_residents(current: np.ndarray, counts: np.ndarray, order: np.ndarray, rank: np.ndarray,
+                        budget: np.ndarray) -> np.ndarray:
+    """TIDE's refresh rule, the one place it is written: bool [..., L, E] resident after a refresh
+    of `current` with one forward's counts/order/rank [L, E] and budget [..., L]: the top-budget
+    activated experts, then residents by rank while slots remain. Leading axes are options (the
+    planner's cost table refreshes many (tau, budget) candidates at once). The online step uses
+    residency.refresh_sets, the same rule computed with one sort per layer (tests check they agree)."""
+    target = top_activated(counts, rank, budget)
+    return keep_best(current | target, order, rank, budget)
 
 
 @register_policy("tide", "TIDE: refresh the top-budget experts every tau steps, copying only the difference; "

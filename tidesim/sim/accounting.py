@@ -27,12 +27,13 @@ class RunTimes:
 def busy_per_resource(costs: ScheduleCosts) -> dict[str, float]:
     """Work per resource, the same for every engine: GPU seconds, copy-engine seconds per
     direction, and CPU worker-seconds divided by the number of workers (mean per worker)."""
-    c = costs
-    gpu = (c.fwd_fixed.sum() + c.layer_fixed.sum() * c.layers + c.grouped.sum() + c.slow_extra.sum()
-           + c.od_compute_sum.sum())
+    g, c = costs.gpu, costs.copies
+    gpu = (g.fwd_fixed.sum() + g.layer_fixed.sum() * costs.layers + g.grouped.sum() + g.slow_extra.sum()
+           + g.od_compute_sum.sum())
     h2d = c.sync_h2d.sum() + c.async_h2d.sum() + c.od_copy_sum.sum() + c.res_h2d.sum()
     d2h = c.demote_d2h.sum() + c.act_d2h.sum()
-    return {"gpu": float(gpu), "h2d": float(h2d), "d2h": float(d2h), "cpu": float(c.cpu_sum.sum() / c.workers)}
+    return {"gpu": float(gpu), "h2d": float(h2d), "d2h": float(d2h),
+            "cpu": float(costs.cpu.total.sum() / costs.rates.workers)}
 
 
 def build_metrics(engine: str, workload: Workload, schedule: Schedule, costs: ScheduleCosts, times: RunTimes,

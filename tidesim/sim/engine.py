@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 import simpy
 
+from tidesim.layermodel import AFTER_GROUPED, FREE_NOW, OnDemand, ondemand_pipeline
 from tidesim.sim.accounting import BREAKDOWN_KEYS, RunTimes
 from tidesim.sim.costs import ScheduleCosts
-from tidesim.sim.lpt import lpt_assign, lpt_makespans
+from tidesim.sim.lpt import lpt_assign
 from tidesim.sim.timeline import GPU_ROW, Timeline
 
 DEMAND, BACKGROUND = 0, 1
@@ -58,33 +59,35 @@ class Simulator:
         self.tl = timeline
         self.env = simpy.Environment()
         self.h2d = CopyEngine(self.env)
-        self.d2h = self.h2d if costs.engines == 1 else CopyEngine(self.env)
-        self.h2d_row = "copy engine (H2D+D2H)" if costs.engines == 1 else "H2D copy engine"
-        self.d2h_row = self.h2d_row if costs.engines == 1 else "D2H copy engine"
+        self.d2h = self.h2d if costs.rates.engines == 1 else CopyEngine(self.env)
+        self.h2d_row = "copy engine (H2D+D2H)" if costs.rates.engines == 1 else "H2D copy engine"
+        self.d2h_row = self.h2d_row if costs.rates.engines == 1 else "D2H copy engine"
         self.pending: list[list[simpy.Process]] = [[] for _ in range(costs.layers)]
         self.acc = dict.fromkeys(BREAKDOWN_KEYS, 0.0)
         self.layer_time = np.zeros(costs.layers)
+        items = costs.items
         # plain Python lists: per-layer slicing is much faster than on numpy arrays
-        self.cpu_span = lpt_makespans(costs.cpu_g, costs.cpu_time, costs.cpu_expert, costs.groups,
-                                      costs.workers).tolist()
-        self.od_ptr = costs.group_ptr(costs.od_g).tolist()
-        self.od_compute = costs.od_compute.tolist()
-        self.od_expert = costs.od_expert.tolist()
-        self.layer_fixed = costs.layer_fixed.tolist()
-        self.fwd_fixed = costs.fwd_fixed.tolist()
-        names = ("sync_h2d", "demote_d2h", "act_d2h", "res_h2d", "grouped", "slow_extra", "cpu_n", "od_n",
-                 "n_async")
-        self.g = {n: getattr(costs, n).tolist() for n in names}
+        self.cpu_span = costs.cpu_span().tolist()
+        self.od_expert = items.od_expert.tolist()
+        self.od_ptr = costs.group_ptr(items.od_g).tolist()
+        self.async_ptr = costs.group_ptr(items.async_g).tolist()
+        self.async_release = items.async_release.tolist()
+        self.layer_fixed = costs.gpu.layer_fixed.tolist()
+        self.fwd_fixed = costs.gpu.fwd_fixed.tolist()
+        g, cp = costs.gpu, costs.copies
+        self.g = {"sync_h2d": cp.sync_h2d.tolist(), "demote_d2h": cp.demote_d2h.tolist(),
+                  "act_d2h": cp.act_d2h.tolist(), "res_h2d": cp.res_h2d.tolist(), "od_n": cp.od_n.tolist(),
+                  "n_async": cp.n_async.tolist(), "grouped": g.grouped.tolist(), "slow_extra": g.slow_extra.tolist(),
+                  "cpu_n": costs.cpu.n.tolist()}
         if timeline is not None:
             timeline.row(GPU_ROW)
             timeline.row(self.h2d_row)
             timeline.row(self.d2h_row)
-            for w in range(costs.workers):
+            for w in range(costs.rates.workers):
                 timeline.row(f"CPU worker {w}")
-            self.async_ptr = costs.group_ptr(costs.async_g).tolist()
-            self.cpu_ptr = costs.group_ptr(costs.cpu_g).tolist()
-            self.cpu_time = costs.cpu_time.tolist()
-            self.cpu_expert = costs.cpu_expert.tolist()
+            self.cpu_ptr = costs.group_ptr(items.cpu_g).tolist()
+            self.cpu_time = items.cpu_time.tolist()
+            self.cpu_expert = items.cpu_expert.tolist()
 
     # ----- driver -------------------------------------------------------------------------
     def run(self, on_forward: Callable[[int], None] | None = None) -> RunTimes:
@@ -135,13 +138,14 @@ class Simulator:
         # demand traffic is requested first at t_sync (fixed order: CPU side, on-demand copies),
         # background refresh copies last
         cpu = env.process(self._cpu_side(f, layer, gi)) if G["cpu_n"][gi] else None
-        od_started: simpy.Event | None = None
+        od: tuple[simpy.Event, simpy.Event] | None = None
         if G["od_n"][gi]:
-            od_started = env.event()
-            env.process(self._on_demand_copies(f, layer, gi, od_started))
-        gpu = env.process(self._gpu_side(f, layer, gi, pending, od_started))
+            od = (env.event(), env.event())
+            env.process(self._on_demand_copies(f, layer, gi, *od))
+        released = env.event()    # the GPU side tells copies waiting for a slot when it frees
+        gpu = env.process(self._gpu_side(f, layer, gi, pending, od, released))
         if G["n_async"][gi]:
-            self.pending[layer].append(env.process(self._background(f, layer, gi)))
+            self.pending[layer].append(env.process(self._background(f, layer, gi, released)))
         yield gpu
         t_gpu = env.now
         if cpu is not None:
@@ -150,7 +154,9 @@ class Simulator:
         self.layer_time[layer] += env.now - t0
 
     def _gpu_side(self, f: int, layer: int, gi: int, pending: list[simpy.Process],
-                  od_started: simpy.Event | None) -> Proc:
+                  od: tuple[simpy.Event, simpy.Event] | None, released: simpy.Event) -> Proc:
+        """Wait for earlier background copies of this layer, run the grouped kernel, then the
+        on-demand experts as the layer model's pipeline places them (tidesim.layermodel)."""
         env = self.env
         start = env.now
         if pending:
@@ -160,21 +166,28 @@ class Simulator:
         if work > 0:
             self._mark(GPU_ROW, f"f{f} moe{layer}: resident experts (grouped)", env.now, work, "gpu_experts")
             yield env.timeout(work)
-        if od_started is not None:
-            s0 = yield od_started
-            t = env.now
-            ready = s0
+        grouped_end = env.now
+        ends: list[float] = []
+        if od is not None:
+            started, copies_end = od
+            s0 = yield started
             a, b = self.od_ptr[gi], self.od_ptr[gi + 1]
-            for i in range(a, b):
-                ready += self.c.expert_copy_s
-                if ready > t:
-                    stall += ready - t
-                    t = ready
-                self._mark(GPU_ROW, f"f{f} moe{layer}: expert {self.od_expert[i]} (copied on demand)", t,
-                           self.od_compute[i], "gpu_experts")
-                t += self.od_compute[i]
-                work += self.od_compute[i]
-            yield env.timeout(t - env.now)
+            one = OnDemand.single(gi, self.c.items.od_compute[a:b], self.c.items.od_release[a:b])
+            engine, end, starts, finish = ondemand_pipeline(self.c.rates.expert_copy_s, np.array([s0]),
+                                                            np.array([grouped_end]), one)
+            n = b - a
+            compute = one.compute[:, 0].tolist()
+            ends = finish[:, 0].tolist()
+            copies_end.succeed((float(engine[0]), starts[:, 0].tolist()))
+            for k in range(n):
+                self._mark(GPU_ROW, f"f{f} moe{layer}: expert {self.od_expert[self.od_ptr[gi] + k]} (copied on demand)",
+                           ends[k] - compute[k], compute[k], "gpu_experts")
+            work += sum(compute)
+            stall += float(end[0]) - grouped_end - sum(compute)
+            released.succeed((grouped_end, ends))
+            yield env.timeout(float(end[0]) - env.now)
+        else:
+            released.succeed((grouped_end, ends))
         self.acc["copy_stall"] += stall
         self.acc["gpu_experts"] += work
 
@@ -186,35 +199,60 @@ class Simulator:
             a, b = self.cpu_ptr[gi], self.cpu_ptr[gi + 1]
             times, keys = self.cpu_time[a:b], self.cpu_expert[a:b]
             start = env.now
-            for job in lpt_assign(times, keys, self.c.workers):
+            for job in lpt_assign(times, keys, self.c.rates.workers):
                 self.tl.add(f"CPU worker {job.worker}", f"f{f} moe{layer}: expert {keys[job.task]}",
                             start + job.start, job.duration, "cpu")
         yield env.timeout(self.cpu_span[gi])
         yield from self._copy(self.h2d, self.g["res_h2d"][gi], self.h2d_row, f"f{f} moe{layer}: CPU results to GPU",
                               "cpu")
 
-    def _on_demand_copies(self, f: int, layer: int, gi: int, started: simpy.Event) -> Proc:
-        """All on-demand copies of a layer are requested together at the same instant, so holding
-        the engine for their sum is the same as queueing them one by one."""
+    def _on_demand_copies(self, f: int, layer: int, gi: int, started: simpy.Event, copies_end: simpy.Event
+                          ) -> Proc:
+        """All on-demand copies of a layer are requested together at the same instant; the engine
+        is held from the first copy's start to the last one's end (an in-order copy stream: a copy
+        whose slot is not free yet holds up the ones behind it). The GPU side computes the copy
+        times with the layer model's pipeline once the grouped kernel is done."""
         env = self.env
-        n = self.g["od_n"][gi]
         with self.h2d.request(priority=DEMAND) as req:
             yield req
             started.succeed(env.now)
+            end, starts = yield copies_end
             if self.tl is not None:
                 a = self.od_ptr[gi]
-                for k in range(n):
+                for k, t in enumerate(starts):
                     self.tl.add(self.h2d_row, f"f{f} moe{layer}: expert {self.od_expert[a + k]} on demand",
-                                env.now + k * self.c.expert_copy_s, self.c.expert_copy_s, "on_demand")
-            yield env.timeout(n * self.c.expert_copy_s)
+                                t, self.c.rates.expert_copy_s, "on_demand")
+            if end > env.now:
+                yield env.timeout(end - env.now)
 
-    def _background(self, f: int, layer: int, gi: int) -> Proc:
-        """Asynchronous refresh copies of one layer-forward: a low-priority batch that yields the
-        engine to demand traffic between two expert copies."""
-        env, dur, engine = self.env, self.c.expert_copy_s, self.h2d
-        experts = (self.c.async_expert[self.async_ptr[gi]:self.async_ptr[gi + 1]].tolist()
-                   if self.tl is not None else [])
-        done, total = 0, self.g["n_async"][gi]
+    def _background(self, f: int, layer: int, gi: int, released: simpy.Event) -> Proc:
+        """Asynchronous refresh copies of one layer-forward, in order: those with a free slot at
+        once, the others once their slot is released (after the grouped kernel or an on-demand
+        expert: tidesim.layermodel.copy_releases); each run is a low-priority batch."""
+        a, b = self.async_ptr[gi], self.async_ptr[gi + 1]
+        tags = self.async_release[a:b]
+        experts = self.c.items.async_expert[a:b].tolist() if self.tl is not None else []
+        done = 0
+        while done < len(tags):
+            tag = tags[done]
+            count = 1
+            while done + count < len(tags) and tags[done + count] == tag:
+                count += 1
+            if tag != FREE_NOW:
+                if not released.triggered:
+                    yield released
+                grouped_end, ends = released.value  # type: ignore[misc]
+                at = grouped_end if tag == AFTER_GROUPED else ends[tag]
+                if at > self.env.now:
+                    yield self.env.timeout(at - self.env.now)
+            yield from self._batch(f, layer, gi, experts[done:done + count] if experts else [], count)
+            done += count
+
+    def _batch(self, f: int, layer: int, gi: int, experts: list[int], total: int) -> Proc:
+        """`total` background copies: hold the engine until a demand request arrives, then finish
+        the copy in progress (no preemption within an expert's copy) and queue again."""
+        env, dur, engine = self.env, self.c.rates.expert_copy_s, self.h2d
+        done = 0
         while done < total:
             # priority 1 + issue order: batches stay first-in first-out even after yielding
             with engine.request(priority=BACKGROUND + gi) as req:

@@ -19,8 +19,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
 from tidesim.atomic import atomic_path  # noqa: E402
+from tidesim.palette import HEATMAP_CMAP, legend_below, policy_color, time_color, time_label  # noqa: E402
 
 TIDE_FAMILY = ("tide", "planned")
 NOT_BASELINES = ("tide", "tide-reference", "planned")
@@ -83,23 +85,45 @@ def _title(ax: plt.Axes, text: str, held: str) -> None:
     ax.set_title(text + (f"\n(at {held})" if held else ""), fontsize=10)
 
 
+def throughput_axes(df: pd.DataFrame) -> list[str]:
+    """The numeric axes that get a throughput figure."""
+    return [c for c in varying(df, axis_columns(df) + ["tau"]) if c in NUMERIC]
+
+
+def build_throughput_figure(df: pd.DataFrame, axis: str) -> plt.Figure:
+    """tokens/s (zero-based) against one axis, one line per policy in its palette colour, the other
+    axes held at the grid's first point (said in the title), the legend under the chart."""
+    data, held = _slice(df, [axis, "policy"])
+    fig, ax = plt.subplots(figsize=(7, 4.8), layout="constrained")
+    lines, names = [], []
+    for policy, rows in data.groupby("policy", sort=False):
+        x = _numeric_axis(rows, axis)
+        order = np.argsort(x, kind="stable")
+        (line,) = ax.plot(x[order], rows["tokens_per_s"].to_numpy(float)[order], marker="o",
+                          color=policy_color(str(policy)))
+        lines.append(line)
+        names.append(str(policy))
+    ax.set_xlabel(LABELS.get(axis, axis))
+    ax.set_ylabel("throughput (tokens/s)")
+    top = float(data["tokens_per_s"].max()) if len(data) else 0.0
+    ax.set_ylim(0, top * 1.1 if top > 0 else 1.0)
+    ax.grid(alpha=0.3)
+    legend_below(fig, lines, names, ncol=min(4, max(len(names), 1)))
+    _title(ax, f"throughput vs {LABELS.get(axis, axis)}", held)
+    return fig
+
+
+def _numeric_axis(rows: pd.DataFrame, axis: str) -> np.ndarray:
+    """An axis as numbers. tau is read from `tau_used` (what the point ran with) when the table has it,
+    since the grid's tau may be the word `best`."""
+    if axis == "tau" and "tau_used" in rows:
+        return rows["tau_used"].to_numpy(float)
+    return pd.to_numeric(rows[axis], errors="coerce").to_numpy(float)
+
+
 def throughput_figures(df: pd.DataFrame, out: Path) -> list[Path]:
     """tokens/s vs each numeric axis, one line per policy (tide at each tau when tau varies)."""
-    paths = []
-    for axis in [c for c in varying(df, axis_columns(df) + ["tau"]) if c in NUMERIC]:
-        keep = [axis, "policy"]
-        data, held = _slice(df, keep)
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for policy, rows in data.groupby("policy", sort=False):
-            rows = rows.sort_values(axis)
-            ax.plot(rows[axis].to_numpy(float), rows["tokens_per_s"].to_numpy(float), marker="o", label=policy)
-        ax.set_xlabel(LABELS.get(axis, axis))
-        ax.set_ylabel("throughput (tokens/s)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        _title(ax, f"throughput vs {LABELS.get(axis, axis)}", held)
-        paths.append(_save(fig, out / f"throughput_vs_{axis}.png"))
-    return paths
+    return [_save(build_throughput_figure(df, axis), out / f"throughput_vs_{axis}.png") for axis in throughput_axes(df)]
 
 
 def speedup_table(df: pd.DataFrame, policy: str) -> pd.DataFrame:
@@ -137,8 +161,9 @@ def speedup_figures(df: pd.DataFrame, out: Path) -> list[Path]:
             j = xs.index(row[x_col]) if x_col else 0
             grid[i, j] = row["speedup"]
         fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(xs), 1.6 + 0.6 * len(ys)))
-        image = ax.imshow(grid, cmap="RdYlGn", vmin=min(0.5, np.nanmin(grid)), vmax=max(2.0, np.nanmax(grid)),
-                          aspect="auto", origin="lower")
+        # centred on 1 (no speedup): red where the policy loses to the best baseline, green where it wins
+        norm = TwoSlopeNorm(vcenter=1.0, vmin=min(0.5, float(np.nanmin(grid))), vmax=max(2.0, float(np.nanmax(grid))))
+        image = ax.imshow(grid, cmap=HEATMAP_CMAP, norm=norm, aspect="auto", origin="lower")
         for i in range(len(ys)):
             for j in range(len(xs)):
                 if np.isfinite(grid[i, j]):
@@ -147,7 +172,7 @@ def speedup_figures(df: pd.DataFrame, out: Path) -> list[Path]:
         ax.set_yticks(range(len(ys)), [_fmt(v) for v in ys], fontsize=8)
         ax.set_xlabel(LABELS.get(x_col, x_col) if x_col else "")
         ax.set_ylabel(LABELS.get(y_col, y_col) if y_col else "")
-        fig.colorbar(image, ax=ax, label="speedup (x)")
+        fig.colorbar(image, ax=ax, label="speedup over the best baseline (x; 1 = equal)")
         _title(ax, f"{policy} over the best baseline", held)
         fig.tight_layout()
         paths.append(_save(fig, out / f"speedup_{policy}.png"))
@@ -173,19 +198,29 @@ def breakdown_figure(df: pd.DataFrame, out: Path) -> list[Path]:
     if not cols:
         return []
     data, held = _slice(df, ["policy"])
+    return [_save(build_breakdown_figure(data, cols, held), out / "time_breakdown.png")]
+
+
+def build_breakdown_figure(data: pd.DataFrame, cols: list[str], held: str) -> plt.Figure:
+    """Stacked bars (zero-based) of seconds by where the time goes, palette colours and labels."""
     data = data.groupby("policy", sort=False)[cols].first()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7, 5.0), layout="constrained")
     bottom = np.zeros(len(data))
+    handles, labels = [], []
     for col in cols:
         values = data[col].fillna(0.0).to_numpy(float)
-        ax.bar(data.index.tolist(), values, bottom=bottom, label=col[len(BREAKDOWN_PREFIX):-2])
+        if not values.any():
+            continue
+        key = col[len(BREAKDOWN_PREFIX):-2]
+        handles.append(ax.bar(data.index.tolist(), values, bottom=bottom, color=time_color(key)))
+        labels.append(time_label(key))
         bottom += values
     ax.set_ylabel("time (s)")
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, float(bottom.max()) * 1.1 if len(bottom) and bottom.max() > 0 else 1.0)
     ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+    legend_below(fig, handles, labels)
     _title(ax, "where the time goes", held)
-    fig.tight_layout()
-    return [_save(fig, out / "time_breakdown.png")]
+    return fig
 
 
 def write_figures(results: pd.DataFrame, out: str | Path) -> list[Path]:

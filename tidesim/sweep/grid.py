@@ -28,17 +28,26 @@ import numpy as np
 
 from tidesim.budget import TIDE_MAX_EXPERTS_PER_LAYER
 from tidesim.errors import InputError, parse_yaml, read_input_text
+from tidesim.limits import (
+    MAX_BLOCK_LENGTH,
+    MAX_GEN_LENGTH,
+    MAX_PROMPT_LENGTH,
+    MAX_PROMPTS,
+    MAX_SWEEP_POINTS,
+    available_memory_bytes,
+    check_synth,
+)
 from tidesim.models import PRESETS, ModelSpec
 from tidesim.plan import file_fingerprint
 
-# Typical pinned host-to-device bandwidth of an x16 link per PCIe generation (reference.md).
+# Typical pinned host-to-device bandwidth of an x16 link per PCIe generation (docs/sources.md).
 PCIE_GEN_GBS = {3: 12.0, 4: 25.0, 5: 50.0}
 KV_CACHE_MODES = ("none", "prefix")
 REFRESH_MODES = ("sync", "async")
 ENGINES = ("analytic", "sim")
 PLANNED = "planned"
 TOP_KEYS = ("name", "description", "models", "parameters")
-MAX_POINTS = 1_000_000
+MAX_POINTS = MAX_SWEEP_POINTS
 
 
 @dataclass(frozen=True)
@@ -61,23 +70,24 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("trace", "str", None, "trace",
           "a fixed trace (bundled name or .parquet path); unset: synthesize one per decode setting"),
     Param("model", "str", "llada2-mini", "decode", "model preset or a name declared under `models`"),
-    Param("prompts", "int", 4, "decode", "prompts per synthesized trace", low=1),
-    Param("prompt_length", "int", 300, "decode", "prompt tokens per synthesized prompt", low=1),
-    Param("gen_length", "int", 256, "decode", "generated tokens per prompt", low=1),
-    Param("block_length", "int", 32, "decode", "tokens per diffusion block", low=1),
+    Param("prompts", "int", 4, "decode", "prompts per synthesized trace", low=1, high=MAX_PROMPTS),
+    Param("prompt_length", "int", 300, "decode", "prompt tokens per synthesized prompt", low=1,
+          high=MAX_PROMPT_LENGTH),
+    Param("gen_length", "int", 256, "decode", "generated tokens per prompt", low=1, high=MAX_GEN_LENGTH),
+    Param("block_length", "int", 32, "decode", "tokens per diffusion block", low=1, high=MAX_BLOCK_LENGTH),
     Param("threshold", "float", 0.95, "decode", "confidence threshold that commits a token",
           low=0.0, low_open=True, high=0.999999),
     Param("kv_cache", "str", "prefix", "decode", "KV-cache mode", choices=KV_CACHE_MODES),
     Param("seed", "int", 0, "decode", "seed of the trace generator", low=0),
     Param("hw", "str", "h100-sxm-pcie5", "hardware", "base hardware profile (bundled name or YAML path)"),
     Param("pcie_gbs", "float", None, "hardware", "host-to-device bandwidth in GB/s (D2H scaled alike)",
-          low=0.0, low_open=True),
+          low=0.0, low_open=True, high=10_000),
     Param("pcie_gen", "int", None, "hardware", "PCIe generation, typical pinned x16 bandwidth",
           choices=tuple(PCIE_GEN_GBS)),
     Param("pcie_scale", "float", None, "hardware", "factor on the profile's PCIe bandwidth",
           low=0.0, low_open=True),
     Param("gpu_memory_gib", "float", None, "hardware", "GPU memory (default: the profile's)",
-          low=0.0, low_open=True),
+          low=0.0, low_open=True, high=4096),
     Param("gpu_speed", "float", 1.0, "hardware", "factor on GPU memory bandwidth and FLOP/s",
           low=0.0, low_open=True),
     Param("cpu_cores_scale", "float", 1.0, "hardware", "factor on CPU cores, workers and FLOP/s",
@@ -85,7 +95,9 @@ PARAMS: dict[str, Param] = {p.name: p for p in [
     Param("cpu_mem_bw_scale", "float", 1.0, "hardware", "factor on CPU memory bandwidth",
           low=0.0, low_open=True),
     Param("policy", "str", "tide", "policy", "offload policy (see `tidesim compare`), or `planned`"),
-    Param("tau", "int", 2, "policy", "refresh interval in denoising steps", low=1),
+    Param("tau", "int", "best", "policy",
+          "refresh interval in denoising steps, or `best`: the best single tau for the point by the analytic "
+          "model (the default of every command)", low=1, words=("best",)),
     Param("refresh", "str", "sync", "policy", "refresh copies block the step or overlap",
           choices=REFRESH_MODES),
     Param("budget", "int", "memory", "policy",
@@ -149,6 +161,11 @@ class Grid:
     def __len__(self) -> int:
         return len(self.points)
 
+    def input_files(self) -> list[Path]:
+        """The files the grid reads: itself, and its fixed traces and profile files (not bundled names)."""
+        names = {self.source} | {str(p.params[k]) for p in self.points for k in ("trace", "hw") if p.params[k]}
+        return sorted(Path(n) for n in names if Path(n).is_file())
+
 
 # ----- loading ----------------------------------------------------------------------------------------
 def load_grid(path: str | Path, check_policies: bool = True) -> Grid:
@@ -197,7 +214,8 @@ def _parse(data: Any, source: str, base_dir: Path, check_policies: bool) -> Grid
         axes = _parse_section(section, where)
         combos = math.prod(len(v) for v in axes.values())
         if len(points) + combos > MAX_POINTS:
-            raise InputError(f"the grid has more than {MAX_POINTS} points; split it")
+            raise InputError(f"the grid has {len(points) + combos:,} points, more than the limit of "
+                             f"{MAX_POINTS:,} (docs/limits.md); split it")
         names = list(axes)
         for values in itertools.product(*(axes[n] for n in names)):
             point = resolver.point(dict(zip(names, values, strict=True)), len(points))
@@ -240,7 +258,7 @@ def _parse_models(models: Any) -> dict[str, dict[str, Any]]:
                 raise InputError(f"models.{name}: unknown model field {key!r}{_suggest(str(key), fields)}")
             if type(value) is not type(fields[key]) and not (isinstance(fields[key], float)
                                                              and type(value) is int):
-                raise InputError(f"models.{name}.{key}: expected {type(fields[key]).__name__}, got {value!r}")
+                raise InputError(f"models.{name}.{key}: expected {_kind_words(fields[key])}, got {value!r}")
             fields[key] = float(value) if isinstance(fields[key], float) else value
         fields["name"] = name
         ModelSpec.from_dict(fields)          # raises InputError on an inconsistent shape
@@ -331,6 +349,17 @@ def _range(param: Param, raw: dict[str, Any], where: str) -> list[Any]:
     return values
 
 
+def _kind_words(example: Any) -> str:
+    """What kind of value `example` is, in words (not a Python type name)."""
+    if isinstance(example, bool):
+        return "true or false"
+    if isinstance(example, int):
+        return "a whole number"
+    if isinstance(example, float):
+        return "a number"
+    return "text" if isinstance(example, str) else "a value like the preset's"
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -380,6 +409,17 @@ class _Resolver:
         self._traces: dict[str, TraceInfo] = {}
         self._profiles: dict[str, tuple[str, str]] = {}
         self._policies: list[str] | None = None
+        self._sizes_checked: set[str] = set()
+        self._available = available_memory_bytes()
+
+    def synth_fits(self, spec: dict[str, Any], params: dict[str, Any]) -> None:
+        """A synthesized trace of this point within the limits and this machine's memory (once per setting)."""
+        names = ("prompts", "gen_length", "block_length", "prompt_length", "kv_cache")
+        key = json.dumps([spec["name"], *(params[n] for n in names)])
+        if key not in self._sizes_checked:
+            check_synth(ModelSpec.from_dict(spec), params["prompts"], params["gen_length"], params["block_length"],
+                        params["prompt_length"], params["kv_cache"], available=self._available)
+            self._sizes_checked.add(key)
 
     def point(self, given: dict[str, Any], index: int) -> Point:
         params = {name: given.get(name, p.default) for name, p in PARAMS.items()}
@@ -397,6 +437,7 @@ class _Resolver:
             if params["gen_length"] % params["block_length"]:
                 raise InputError(f"gen_length {params['gen_length']} is not a multiple of block_length "
                                  f"{params['block_length']}")
+            self.synth_fits(spec, params)
         params["hw"], hw_sha = self.profile(params["hw"])
         self.policy(params["policy"])
         if isinstance(params["budget"], int) and params["budget"] > spec["num_experts"]:
@@ -479,7 +520,8 @@ def trace_info(path: Path) -> TraceInfo:
         schema = pq.read_schema(path)
         meta = TraceMeta.from_dict(json.loads((schema.metadata or {})[METADATA_KEY]))
     except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
-        raise InputError(f"trace {path}: not a tidesim trace ({type(exc).__name__})") from None
+        why = "no tidesim metadata" if isinstance(exc, KeyError) else "not a readable Parquet file"
+        raise InputError(f"trace {path}: not a tidesim trace ({why})") from None
     digest = file_fingerprint(path)
     prompts = len(meta.prompts) if meta.prompts else 0
     return TraceInfo(path=str(path), sha256=digest, model=meta.model, prompts=prompts, gen_length=meta.gen_length,

@@ -16,6 +16,7 @@ distributed cluster. All run the same function on the same points, so results ar
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -34,12 +35,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tidesim import __version__
-from tidesim.atomic import atomic_path, write_text
+from tidesim.atomic import atomic_path, check_output_path, write_text
 from tidesim.errors import InputError
-from tidesim.hardware import HardwareProfile, get_profile
+from tidesim.hardware import HardwareProfile, check_ranges, get_profile
 from tidesim.metrics import Metrics
 from tidesim.models import ModelSpec
 from tidesim.policies.base import PolicyOptions
+from tidesim.procs import die_with_parent
 from tidesim.schedule import Schedule
 from tidesim.sweep.grid import PARAMS, PCIE_GEN_GBS, PLANNED, Grid, Point
 from tidesim.workload import Workload
@@ -99,7 +101,7 @@ def evaluate_point(point: Point, cache_dir: Path) -> Evaluation:
             slots = budget_for_memory(model, hw.gpu.memory_gib, cap)
         else:
             slots = int(p["budget"])
-        tau, budget = uniform(p["tau"], layers), uniform(slots, layers)
+        tau, budget = uniform(point_tau(p, workload, hw, slots), layers), uniform(slots, layers)
         policy = p["policy"]
     derived["budget_used"] = float(np.mean(budget))
     derived["tau_used"] = float(np.mean(tau))
@@ -109,6 +111,19 @@ def evaluate_point(point: Point, cache_dir: Path) -> Evaluation:
     metrics = run(workload, schedule, hw, engine=p["engine"], check=fresh)
     metrics.policy = policy
     return Evaluation(metrics=metrics, derived=derived)
+
+
+def point_tau(p: dict[str, Any], workload: Workload, hw: HardwareProfile, slots: int) -> int:
+    """The point's tau; `best` follows the default-tau rule of every command (tidesim.default_tau):
+    the analytic best single tau for this workload, profile, budget and refresh mode. Policies that
+    do not refresh on an interval ignore tau, so they skip the search."""
+    if p["tau"] != "best":
+        return int(p["tau"])
+    if p["policy"] not in ("tide", "tide-reference"):
+        return 1
+    from tidesim.default_tau import best_tau
+
+    return best_tau(workload, hw, slots, p["refresh"]).tau
 
 
 PLAN_TAUS = list(range(1, 33))      # the candidate intervals the planner chooses from (TIDE swept 1..31)
@@ -151,9 +166,11 @@ def pcie_factor(params: dict[str, Any], base: HardwareProfile) -> float:
 def build_hardware(params: dict[str, Any]) -> HardwareProfile:
     """The what-if variant of the point's base profile."""
     base = _base_profile(params["hw"])
-    return base.scaled(pcie=pcie_factor(params, base), gpu_speed=params["gpu_speed"],
-                       cpu_cores=params["cpu_cores_scale"], cpu_mem_bw=params["cpu_mem_bw_scale"],
-                       gpu_memory_gib=params["gpu_memory_gib"])
+    hw = base.scaled(pcie=pcie_factor(params, base), gpu_speed=params["gpu_speed"],
+                     cpu_cores=params["cpu_cores_scale"], cpu_mem_bw=params["cpu_mem_bw_scale"],
+                     gpu_memory_gib=params["gpu_memory_gib"])
+    check_ranges(hw, "the what-if hardware")            # out of the plausible ranges: an error row
+    return hw
 
 
 def hardware_columns(hw: HardwareProfile) -> dict[str, Any]:
@@ -254,8 +271,10 @@ class _WatchedOptions(PolicyOptions):
         return super().__getattribute__(name)
 
 
-_SCHEDULES: OrderedDict[str, Schedule] = OrderedDict()
-_MAX_SCHEDULES = 8
+_SCHEDULES: OrderedDict[str, Schedule] = OrderedDict()     # schedules that did not read the profile
+_HW_SCHEDULES: OrderedDict[str, Schedule] = OrderedDict()  # those that did (rarely reused: a grid's
+_MAX_SCHEDULES = 16                                        # profiles differ point to point)
+_MAX_HW_SCHEDULES = 2
 
 
 def cached_schedule(policy: str, wkey: str, workload: Workload, options: PolicyOptions) -> tuple[Schedule, bool]:
@@ -269,17 +288,19 @@ def cached_schedule(policy: str, wkey: str, workload: Workload, options: PolicyO
                        options.warmup_fraction])
     per_hw = base + options.hw.fingerprint()
     with _LOCK:
-        for key in (base, per_hw):
-            if key in _SCHEDULES:
-                _SCHEDULES.move_to_end(key)
-                return _SCHEDULES[key], False
+        for key, cache in ((base, _SCHEDULES), (per_hw, _HW_SCHEDULES)):
+            if key in cache:
+                cache.move_to_end(key)
+                return cache[key], False
     watched = _WatchedOptions(budget=options.budget, tau=options.tau, hw=options.hw, refresh=options.refresh,
                               warmup_fraction=options.warmup_fraction)
     schedule = build_schedule(policy, workload, watched)
     with _LOCK:
-        _SCHEDULES[per_hw if getattr(watched, "hw_read", False) else base] = schedule
-        while len(_SCHEDULES) > _MAX_SCHEDULES:
-            _SCHEDULES.popitem(last=False)
+        read_hw = getattr(watched, "hw_read", False)
+        cache, size = (_HW_SCHEDULES, _MAX_HW_SCHEDULES) if read_hw else (_SCHEDULES, _MAX_SCHEDULES)
+        cache[per_hw if read_hw else base] = schedule
+        while len(cache) > size:
+            cache.popitem(last=False)
     return schedule, True
 
 
@@ -388,10 +409,12 @@ class InlineExecutor:
 
 
 class LocalExecutor:
-    """A process pool on this machine; results come back as they finish."""
+    """A process pool on this machine; results come back as they finish. Its workers end with this
+    process, even when it is killed with SIGKILL (tidesim.procs)."""
 
     def __init__(self, workers: int) -> None:
-        self.pool = ProcessPoolExecutor(max_workers=workers)
+        self.pool = ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent,
+                                        initargs=(os.getpid(),))
         self.workers = workers
 
     def __enter__(self) -> LocalExecutor:
@@ -417,6 +440,29 @@ class LocalExecutor:
                     pending.add(self.pool.submit(fn, nxt, *args))
 
 
+DASK_CONNECT_TIMEOUT_S = 10.0
+
+
+def check_scheduler(address: str, timeout_s: float) -> None:
+    """InputError unless a Dask scheduler at `address` answers an identity request within timeout_s
+    (the Client itself can wait forever on an address that accepts and says nothing)."""
+    import asyncio
+
+    from distributed.core import rpc
+
+    async def identity() -> Any:
+        async with rpc(address) as remote:
+            return await remote.identity()
+
+    try:
+        info = asyncio.run(asyncio.wait_for(identity(), timeout_s))
+    except Exception:          # refused, timed out, garbage from something that is not a scheduler
+        info = None
+    if not isinstance(info, dict):
+        raise InputError(f"the Dask scheduler {address!r} did not answer within {timeout_s:g} s; check the address "
+                         "and that the scheduler runs")
+
+
 class DaskExecutor:
     """A Dask distributed cluster: an existing scheduler, or a local cluster started here."""
 
@@ -426,9 +472,11 @@ class DaskExecutor:
         except ImportError:
             raise InputError("the dask executor needs dask[distributed]: pip install 'tidesim[dask]'") from None
         self.cluster = None
+        if scheduler:
+            check_scheduler(scheduler, DASK_CONNECT_TIMEOUT_S)
         try:
             if scheduler:
-                self.client = Client(scheduler, timeout=30)
+                self.client = Client(scheduler, timeout=DASK_CONNECT_TIMEOUT_S)
             else:
                 self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                             dashboard_address=None)
@@ -528,8 +576,7 @@ def run_sweep(grid: Grid, results: str | Path, *, executor: str = "local", worke
               progress: Callable[[Iterable[Any], str, int], Iterable[Any]] | None = None) -> SweepReport:
     """Evaluate every point not already finished, then merge all rows into `results`."""
     paths = SweepPaths(Path(results))
-    if paths.results.exists() and paths.results.is_dir():
-        raise InputError(f"{paths.results}: is a folder; give a .parquet file name")
+    check_output_path(paths.results, flag="--output", inputs=grid.input_files())
     if fresh and paths.parts.exists():
         shutil.rmtree(paths.parts)
     workers = (os.cpu_count() or 1) if workers is None else workers
@@ -537,22 +584,32 @@ def run_sweep(grid: Grid, results: str | Path, *, executor: str = "local", worke
     by_id = {p.id: p for p in grid.points}
     done = read_parts(paths.parts, set(by_id))
     todo = [p for p in grid.points if p.id not in done]
-    paths.parts.mkdir(parents=True, exist_ok=True)    # RESULTS.traces/ appears when a trace is synthesized
     show = progress or (lambda items, desc, total: items)
     made = 0
     if todo:
-        with make_executor(executor, workers, scheduler) as ex:
-            made = _prepare_traces(ex, todo, paths.traces, evaluator, show)
-            rows = ex.unordered(evaluate_row, todo, paths.traces, evaluator)
-            for row in show(rows, "sweep", len(todo)):
-                write_text(paths.parts / f"{row['point_id']}.json", json.dumps(row, sort_keys=True))
-                done[row["point_id"]] = row
+        try:
+            with make_executor(executor, workers, scheduler) as ex:
+                paths.parts.mkdir(parents=True, exist_ok=True)   # RESULTS.traces/ appears when a trace is made
+                made = _prepare_traces(ex, todo, paths.traces, evaluator, show)
+                rows = ex.unordered(evaluate_row, todo, paths.traces, evaluator)
+                for row in show(rows, "sweep", len(todo)):
+                    write_text(paths.parts / f"{row['point_id']}.json", json.dumps(row, sort_keys=True))
+                    done[row["point_id"]] = row
+        except BaseException:
+            _remove_if_empty(paths.parts)      # finished points stay for a resume; an empty folder goes
+            _remove_if_empty(paths.traces)
+            raise
     all_rows = [done[p.id] for p in grid.points]
     write_results(all_rows, grid, paths.results)
     shutil.rmtree(paths.parts, ignore_errors=True)
     return SweepReport(results=paths.results, points=len(grid.points), evaluated=len(todo),
                        reused=len(grid.points) - len(todo), errors=sum(1 for r in all_rows if r.get("error")),
                        traces_made=made, rows=all_rows)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        folder.rmdir()                          # only succeeds when empty
 
 
 def _prepare_traces(ex: InlineExecutor | LocalExecutor | DaskExecutor, todo: list[Point], cache_dir: Path,

@@ -95,7 +95,7 @@ def read_trace(path: str | Path, validate: bool = True) -> Trace:
 
 
 def _short(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    return str(exc).strip().splitlines()[0][:160] if str(exc).strip() else "unreadable"
 
 
 def table_to_trace(table: pa.Table) -> Trace:
@@ -115,12 +115,13 @@ def table_to_trace(table: pa.Table) -> Trace:
         )
     if not isinstance(meta_dict.get("model", {}), dict):
         raise InputError("metadata field 'model' must be an object (a model spec), "
-                         f"got {type(meta_dict['model']).__name__}")
+                         f"got {meta_dict['model']!r:.40}")
     meta = TraceMeta.from_dict(meta_dict)
     needed = ["forward", *FORWARD_COLUMNS, "layer", "expert_tokens"]
     missing = [c for c in needed if c not in table.column_names]
     if missing:
         raise InputError(f"column {missing[0]!r} is missing (trace format v1 needs {', '.join(needed)})")
+    _check_column_types(table, needed)
     layers = meta.model.num_moe_layers
     n_exp = meta.num_experts
     rows = table.num_rows
@@ -140,20 +141,63 @@ def table_to_trace(table: pa.Table) -> Trace:
     if not (pa.types.is_list(et_col.type) or pa.types.is_fixed_size_list(et_col.type)
             or pa.types.is_large_list(et_col.type)):
         raise InputError(f"column 'expert_tokens' must hold a list of {n_exp} counts per row, got {et_col.type}")
-    if et_col.null_count:
+    if et_col.null_count or pa.compute.list_flatten(et_col).null_count:
         raise InputError("expert_tokens has missing values")
+    if not pa.types.is_integer(et_col.type.value_type):
+        got = _type_words(et_col.type.value_type)
+        raise InputError(f"column 'expert_tokens' must hold whole-number counts, got {got}")
     values = pa.compute.list_flatten(et_col).to_numpy(zero_copy_only=False)
     lengths = pa.compute.list_value_length(et_col).to_numpy(zero_copy_only=False)
     if (lengths != n_exp).any():
         bad = int(np.argmax(lengths != n_exp))
         raise InputError(f"row {bad}: expert_tokens has {lengths[bad]} entries, expected {n_exp}")
+    if values.size and (values.max() > np.iinfo(np.int32).max or values.min() < np.iinfo(np.int32).min):
+        raise InputError("expert_tokens holds a count beyond the 32-bit range")
     expert_tokens = values.astype(np.int32).reshape(n_fwd, layers, n_exp)
-    first_rows = table.take(pa.array(np.arange(n_fwd) * layers))
-    forwards = pd.DataFrame({c: first_rows.column(c).to_numpy(zero_copy_only=False) for c in FORWARD_COLUMNS})
+    forwards = pd.DataFrame({c: _per_forward(table, c, n_fwd, layers) for c in FORWARD_COLUMNS})
     topk_ids = _read_ragged(table, "topk_ids", meta.top_k, np.int16)
     topk_weights = _read_ragged(table, "topk_weights", meta.top_k, np.float32)
     return Trace(meta=meta, forwards=forwards, expert_tokens=expert_tokens,
                  topk_ids=topk_ids, topk_weights=topk_weights)
+
+
+def _type_words(typ: pa.DataType) -> str:
+    if pa.types.is_floating(typ):
+        return "fractional numbers"
+    if pa.types.is_string(typ) or pa.types.is_large_string(typ):
+        return "text"
+    if pa.types.is_boolean(typ):
+        return "true/false values"
+    return f"values of type {typ}"
+
+
+def _check_column_types(table: pa.Table, needed: list[str]) -> None:
+    """Every row of every column: integer columns hold integers, phase holds text, nothing missing."""
+    for name in needed:
+        if name == "expert_tokens":
+            continue
+        col = table.column(name)
+        if name == "phase":
+            if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+                raise InputError(f"column 'phase' must hold text, got {_type_words(col.type)}")
+        elif not pa.types.is_integer(col.type):
+            raise InputError(f"column {name!r} must hold whole numbers, got {_type_words(col.type)}")
+        if col.null_count:
+            row = int(np.argmax(col.is_null().to_numpy(zero_copy_only=False)))
+            raise InputError(f"row {row}: column {name!r} has a missing value")
+
+
+def _per_forward(table: pa.Table, name: str, n_fwd: int, layers: int) -> np.ndarray:
+    """A per-forward column, checked to be the same on every layer row of each forward."""
+    values = table.column(name).to_numpy(zero_copy_only=False).reshape(n_fwd, layers)
+    differs = (values != values[:, :1]).any(axis=1)
+    if differs.any():
+        fw = int(np.argmax(differs))
+        layer = int(np.argmax(values[fw] != values[fw, 0]))
+        raise InputError(f"forward {fw}: column {name!r} differs between its layer rows "
+                         f"({values[fw, 0]!r} on the first, {values[fw, layer]!r} on row {fw * layers + layer}); "
+                         "per-forward columns repeat the same value on every layer row")
+    return values[:, 0]
 
 
 def _read_ragged(table: pa.Table, name: str, k: int, dtype: Any) -> list[np.ndarray] | None:

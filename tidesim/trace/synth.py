@@ -2,7 +2,7 @@
 
 Real LLaDA2.0 traces cannot be captured here (no weights), so this generator models the
 mechanisms that shape them, each with a parameter in SynthParams (docs/traces.md explains the
-calibration against the published statistics in reference.md):
+calibration against the published statistics in docs/sources.md):
 
 - Decoding: a block of `block_length` masked positions is committed over a varying number of
   steps. Each masked position has a confidence (a logit) that grows with the step and with the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 
 from tidesim.errors import InputError
 from tidesim.trace.schema import FORMAT_VERSION, KV_CACHE_MODES, PHASES, SOURCES, Trace, TraceMeta
@@ -51,6 +52,9 @@ def trace_problems(trace: Trace) -> list[str]:
         return [f"{len(f)} forwards but {et.shape[0]} rows of expert counts"]
     if len(f) == 0:
         return ["the trace holds no forward passes"]
+    types = _type_problems(trace)
+    if types:
+        return types
     if (et < 0).any():
         fw, layer, e = np.argwhere(et < 0)[0]
         return [f"forward {fw} layer {meta.model.moe_layer_ids[layer]}: negative count for expert {e}"]
@@ -76,6 +80,28 @@ def trace_problems(trace: Trace) -> list[str]:
         return out
     out.extend(_token_routing_problems(trace))
     return out
+
+
+INTEGER_COLUMNS = ("prompt", "block", "step", "tokens", "context", "committed")
+
+
+def _type_problems(trace: Trace) -> list[str]:
+    """Every per-forward column and the counts hold integers (no NaN, no fractions, no text), and
+    the ids are not negative."""
+    f = trace.forwards
+    missing = [c for c in (*INTEGER_COLUMNS, "phase") if c not in f.columns]
+    if missing:
+        return [f"forward column {missing[0]!r} is missing"]
+    for name in INTEGER_COLUMNS:
+        if not pd.api.types.is_integer_dtype(f[name].dtype):
+            return [f"column {name!r} must hold whole numbers, got {f[name].dtype} values"]
+    if not np.issubdtype(trace.expert_tokens.dtype, np.integer):
+        return [f"expert_tokens must hold whole-number counts, got {trace.expert_tokens.dtype}"]
+    for name, low in (("prompt", 0), ("block", -1), ("step", 0)):   # block -1: a prefill
+        values = f[name].to_numpy()
+        if (values < low).any():
+            return [f"forward {int(np.argmax(values < low))}: {name} must be at least {low}"]
+    return []
 
 
 def _ordering_problems(trace: Trace) -> list[str]:
@@ -119,8 +145,12 @@ def _token_routing_problems(trace: Trace) -> list[str]:
         counts = np.bincount(ids.ravel(), minlength=meta.num_experts)
         if not np.array_equal(counts, trace.expert_tokens[fw, layer]):
             return [f"{where}: token-level routing disagrees with the expert counts"]
-        if trace.topk_weights is not None and trace.topk_weights[i].shape != ids.shape:
-            return [f"{where}: topk_weights shape differs from topk_ids"]
+        if trace.topk_weights is not None:
+            weights = trace.topk_weights[i]
+            if weights.shape != ids.shape:
+                return [f"{where}: topk_weights shape differs from topk_ids"]
+            if weights.size and (not np.isfinite(weights).all() or (weights < 0).any()):
+                return [f"{where}: topk_weights must be finite and not negative"]
     return []
 
 

@@ -1,0 +1,442 @@
+"""The prepared GPU measurement: one call on a lent GPU machine measures everything tidesim needs.
+
+Steps (each a subprocess or function, each with its share of the wall-clock budget; one that
+fails or runs out of time is recorded and the rest still run):
+
+1. install   the project and the carried wheels (simpy, pulp) into a scratch folder, no network;
+2. traces    the mini traces bundled with tidesim (the dry run synthesizes tiny ones);
+3. calibrate `tidesim calibrate --quick` -> profile.yaml;
+4. validate  `tidesim validate` over policies x budgets (64, 128) for both KV-cache modes on the
+             first MoE layers (as many as host memory allows; --layers);
+5. plan      `tidesim plan` at budget 128 on the calibrated profile;
+6. throughput every policy at budget 128 (tide sync and async, planned), measured;
+7. live      the live decode on mini shapes with random weights through the executor, against
+             the plain decode (tidesim_runtime.live.lossless_check).
+             TODO(#11): switch this step to `tidesim generate` once that command exists.
+
+Everything goes to --out (at most 8 files: env.json, profile.yaml, validate_prefix.json,
+validate_none.json, throughput.json, live.json, summary.txt, log.txt) with the provenance
+(machine, driver, torch, commit or source digest, command lines); a short table prints last.
+
+--dry-run runs the same steps and writes the same files on the CPU at tiny sizes (the tiny model
+preset, synthesized traces, budgets 4 and 8 of its 16 experts); tests/test_bench_gpu.py runs it.
+See docs/validation.md for how to run it on a lent machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+OUTPUT_FILES = ("env.json", "profile.yaml", "validate_prefix.json", "validate_none.json", "throughput.json",
+                "live.json", "summary.txt", "log.txt")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What one run measures: the real sizes on a GPU, tiny ones for the dry run."""
+
+    model: str
+    device: str
+    traces: dict[str, str]            # kv mode -> bundled trace name (None: synthesize)
+    budgets: tuple[int, int]          # the two budgets validated; the second is the throughput budget
+    layers: int
+    forwards: int
+    policies: str
+    taus: str
+    plan_taus: str
+    live_layers: int
+    live_gen: int
+    live_prompt: int
+    live_policies: tuple[str, ...]
+
+
+GPU = Sizes(model="llada2-mini", device="cuda",
+            traces={"prefix": "llada2-mini_prefix_g256", "none": "llada2-mini_none_g1024"},
+            budgets=(64, 128), layers=8, forwards=48, policies="cpu-routing,fiddler,tide,full-swap,all-gpu",
+            taus="4", plan_taus="1,2,4,8", live_layers=2, live_gen=64, live_prompt=32,
+            live_policies=("tide", "full-swap", "fiddler", "cpu-routing"))
+DRY = Sizes(model="tiny", device="cpu", traces={}, budgets=(4, 8), layers=1, forwards=4,
+            policies="cpu-routing,fiddler,tide,full-swap,all-gpu", taus="4", plan_taus="1,2",
+            live_layers=2, live_gen=16, live_prompt=6, live_policies=("tide", "cpu-routing"))
+
+
+@dataclass
+class Run:
+    """The state of one measurement run: where things go, the clock, the log."""
+
+    out: Path
+    work: Path
+    sizes: Sizes
+    dry: bool
+    budget_s: float
+    site: Path
+    t0: float = field(default_factory=time.monotonic)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    log_lines: list[str] = field(default_factory=list)
+
+    def left(self) -> float:
+        return self.budget_s - (time.monotonic() - self.t0)
+
+    def log(self, text: str) -> None:
+        line = f"[{time.monotonic() - self.t0:7.1f}s] {text}"
+        self.log_lines.append(line)
+        print(line, flush=True)
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(self.site)
+        env["PYTHONUNBUFFERED"] = "1"
+        env.setdefault("MPLBACKEND", "Agg")
+        return env
+
+    def tidesim(self, args: list[str], share: float) -> subprocess.CompletedProcess[str]:
+        """Run `python -m tidesim ARGS` from the installed copy with `share` of the time left."""
+        cmd = [sys.executable, "-m", "tidesim", *args]
+        timeout = max(10.0, self.left() * share)
+        self.log("$ " + " ".join(cmd) + f"   (timeout {timeout:.0f} s)")
+        proc = subprocess.run(cmd, env=self.env(), cwd=self.work, capture_output=True, text=True, timeout=timeout,
+                              check=False)
+        for line in (proc.stdout + proc.stderr).splitlines()[-40:]:
+            self.log("  " + line)
+        if proc.returncode != 0:
+            raise RuntimeError(f"exit {proc.returncode}: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+        return proc
+
+
+def step(run: Run, name: str, fn: Callable[[], Any]) -> Any:
+    """Run one step; record its time and outcome; never raise (the next steps still run)."""
+    t0 = time.monotonic()
+    run.log(f"== {name}")
+    record: dict[str, Any] = {"step": name}
+    try:
+        result = fn()
+        record["status"] = "ok"
+        return result
+    except subprocess.TimeoutExpired:
+        record["status"] = "timed out"
+    except Exception as exc:  # recorded, not fatal: one loan is all there is
+        record["status"] = f"failed: {type(exc).__name__}: {exc}"
+    finally:
+        record["seconds"] = round(time.monotonic() - t0, 1)
+        run.steps.append(record)
+        run.log(f"== {name}: {record['status']} in {record['seconds']} s")
+    return None
+
+
+# ----- the steps --------------------------------------------------------------------------------
+def install(run: Run, wheels: Path) -> None:
+    """pip install the carried wheels and the working tree into run.site, without network."""
+    found = sorted(str(p) for p in wheels.glob("*.whl")) if wheels.is_dir() else []
+    if not found:
+        run.log(f"no wheels in {wheels}: simpy and pulp must already be installed")
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-build-isolation",
+           "--no-compile", "--disable-pip-version-check", "--target", str(run.site), *found, str(REPO)]
+    run.log("$ " + " ".join(cmd))
+    with tempfile.TemporaryDirectory() as tmp:   # setuptools' build folder stays out of the tree
+        env = dict(os.environ, TMPDIR=tmp)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=max(30.0, run.left() * 0.2),
+                              check=False)
+    if proc.returncode != 0:
+        errors = [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if "error" in line.lower()]
+        raise RuntimeError("pip failed: " + " | ".join(errors[-4:] or ["no message"]))
+    check = subprocess.run([sys.executable, "-c", "import tidesim, tidesim_runtime, simpy, pulp, torch; "
+                            "print(tidesim.__file__, torch.__version__)"], env=run.env(), cwd=run.work,
+                           capture_output=True, text=True, check=False, timeout=120)
+    if check.returncode != 0 or str(run.site) not in check.stdout:
+        raise RuntimeError(f"the installed project does not import: {check.stderr.strip()[-300:]}")
+    run.log("installed: " + check.stdout.strip())
+
+
+def traces(run: Run) -> dict[str, str]:
+    """Trace per KV mode: bundled names on the GPU; synthesized tiny traces in the dry run."""
+    if run.sizes.traces:
+        return dict(run.sizes.traces)
+    out = {}
+    for kv in ("prefix", "none"):
+        path = run.work / f"{run.sizes.model}_{kv}.parquet"
+        run.tidesim(["trace", "synth", "--model", run.sizes.model, "--prompts", "2", "--gen-length", "32",
+                     "--prompt-length", "8", "--block-length", "16", "--kv-cache", kv, "-o", str(path)], 0.1)
+        out[kv] = str(path)
+    return out
+
+
+def calibrate(run: Run) -> Path:
+    prof = run.work / "profile.yaml"
+    run.tidesim(["calibrate", "--quick", "--models", run.sizes.model, "--device", run.sizes.device,
+                 "-o", str(prof)], 0.25)
+    shutil.copyfile(prof, run.out / "profile.yaml")
+    return prof
+
+
+def validate(run: Run, trace: str, profile: Path, name: str, extra: list[str], share: float) -> dict[str, Any]:
+    """One `tidesim validate` run; its results.json is kept as `name`."""
+    folder = run.work / name.replace(".json", "")
+    s = run.sizes
+    run.tidesim(["validate", "--trace", trace, "--hw", str(profile), "--layers", str(s.layers),
+                 "--forwards", str(s.forwards), "--taus", s.taus, "--device", s.device, "-o", str(folder),
+                 *extra], share)
+    data: dict[str, Any] = json.loads((folder / "results.json").read_text())
+    return data
+
+
+MEMORY_FOR_BUDGET = r"""
+import sys
+from tidesim.models import get_model
+from tidesim.planner.candidates import expert_slots, uniform_budget
+spec, budget = get_model(sys.argv[1]), int(sys.argv[2])
+
+def holds(gib):
+    try:
+        return uniform_budget(expert_slots(spec, gib), spec.num_moe_layers, spec.num_experts) >= budget
+    except Exception:
+        return False
+
+lo, hi = 0.0, 4096.0   # bisection: the least memory whose even share is `budget` experts per layer
+for _ in range(80):
+    mid = (lo + hi) / 2
+    lo, hi = (lo, mid) if holds(mid) else (mid, hi)
+print(repr(hi))
+"""
+
+
+def plan(run: Run, trace: str, profile: Path) -> Path:
+    """A plan whose memory holds exactly the second budget per layer when shared evenly (so the
+    planned policy is compared at that budget), with budget and tau per layer chosen by the MILP."""
+    path = run.work / "plan.json"
+    b = str(run.sizes.budgets[1])
+    proc = subprocess.run([sys.executable, "-c", MEMORY_FOR_BUDGET, run.sizes.model, b], env=run.env(),
+                          cwd=run.work, capture_output=True, text=True, timeout=120, check=True)
+    gib = proc.stdout.strip().splitlines()[-1]
+    run.log(f"GPU memory that holds {b} experts per layer next to the rest: {gib} GiB")
+    run.tidesim(["plan", "--trace", trace, "--hw", str(profile), "--gpu-mem-gib", gib,
+                 "--budgets", str(run.sizes.budgets[1]), "--taus", run.sizes.plan_taus, "--time-limit", "30",
+                 "-o", str(path)], 0.15)
+    return path
+
+
+def throughput(run: Run, trace: str, profile: Path, plan_path: Path | None) -> dict[str, Any]:
+    """Measured tokens/s of every policy at the second budget: sync refresh (with the plan when
+    there is one), then tide with asynchronous refresh."""
+    b = str(run.sizes.budgets[1])
+    sync_args = ["--policies", run.sizes.policies.replace(",all-gpu", ""), "--budgets", b, "--refresh", "sync"]
+    if plan_path is not None:
+        sync_args += ["--plan", str(plan_path)]
+    sync = validate(run, trace, profile, "throughput_sync.json", sync_args, 0.5)
+    asyn = validate(run, trace, profile, "throughput_async.json",
+                    ["--policies", "tide", "--budgets", b, "--refresh", "async"], 0.9)
+    rows = []
+    for data, refresh in ((sync, "sync"), (asyn, "async")):
+        for c in data["configurations"]:
+            m = c["measured"]
+            rows.append({"config": c["config"], "refresh": refresh, "tokens_per_s": m["tokens_per_s"],
+                         "step_ms": m["step_time_s"] * 1e3, "predicted_step_ms": c["predicted"]["step_time_s"] * 1e3,
+                         "hit_ratio": m["hit_ratio"], "expert_copies": m["expert_copies"]})
+    return {"setup": sync["setup"], "rows": rows, "sync": sync, "async": asyn}
+
+
+LIVE_SCRIPT = r"""
+import json, sys
+from dataclasses import replace
+import torch
+from tidesim.models import get_model
+from tidesim.policies import PolicyOptions, uniform
+from tidesim.hardware import get_profile
+from tidesim_runtime.device import select_device
+from tidesim_runtime.generate import DecodeConfig
+from tidesim_runtime.live import lossless_check
+from tidesim_runtime.model import build_model
+
+a = json.loads(sys.argv[1])
+spec = get_model(a["model"])
+spec = replace(spec, name=f"{spec.name}[{a['layers']} layers]", num_layers=a["layers"] + spec.first_dense_layers)
+device = select_device(a["device"])
+dtype = torch.bfloat16 if device.is_cuda else torch.float32
+model = build_model(spec, dtype=dtype, seed=0)
+hw = get_profile(a["profile"])
+layers = spec.num_moe_layers
+opts = PolicyOptions(budget=uniform(a["budget"], layers), tau=uniform(4, layers), hw=hw, refresh="sync")
+cfg = DecodeConfig(gen_length=a["gen"], block_length=min(32, a["gen"]), kv_cache="prefix")
+prompt = [(7 * i + 3) % (spec.vocab_size - 2) for i in range(a["prompt"])]
+rows = []
+for policy in a["policies"]:
+    r = lossless_check(model, prompt, cfg, policy, opts, device)
+    m = r.metrics
+    rows.append({"policy": policy, "identical": r.identical, "problems": r.problems, "forwards": r.forwards,
+                 "tokens": len(r.live_tokens), "tokens_per_s": m.tokens_per_s if m else None,
+                 "step_ms": m.step_time_s * 1e3 if m else None, "hit_ratio": m.hit_ratio if m else None,
+                 "expert_copies": m.expert_copies if m else None})
+print(json.dumps({"model": spec.name, "dtype": str(dtype), "device": device.describe(), "budget": a["budget"],
+                  "gen_length": a["gen"], "prompt_length": a["prompt"], "kv_cache": "prefix", "rows": rows}))
+"""
+
+
+def live(run: Run, profile: Path) -> dict[str, Any]:
+    """The live decode (random weights, mini shapes) through the executor for a few policies."""
+    # TODO(#11): when `tidesim generate` lands, run it here instead of LIVE_SCRIPT, e.g.
+    #   run.tidesim(["generate", "--config", s.model, "--layers", str(s.live_layers), "--policy", policy,
+    #                "--budget", str(s.budgets[1]), "--hw", str(profile), "--device", s.device, ...], share)
+    # and keep live.json's fields (policy, identical, tokens, tokens_per_s, step_ms, hit_ratio).
+    s = run.sizes
+    args = {"model": s.model, "layers": s.live_layers, "device": s.device, "profile": str(profile),
+            "budget": s.budgets[1], "gen": s.live_gen, "prompt": s.live_prompt, "policies": list(s.live_policies)}
+    cmd = [sys.executable, "-c", LIVE_SCRIPT, json.dumps(args)]
+    run.log(f"$ python -c LIVE_SCRIPT '{json.dumps(args)}'")
+    proc = subprocess.run(cmd, env=run.env(), cwd=run.work, capture_output=True, text=True,
+                          timeout=max(10.0, run.left() * 0.9), check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.strip()[-500:])
+    data: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return data
+
+
+# ----- provenance and summary -------------------------------------------------------------------
+def source_digest() -> str:
+    """git commit when the tree has its .git, else a digest of the sources that ran."""
+    try:
+        proc = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=False)
+        if proc.returncode == 0 and proc.stdout.strip():
+            dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True,
+                                   text=True, timeout=10, check=False).stdout.strip()
+            return proc.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    h = hashlib.sha256()
+    for folder in ("tidesim", "runtime", "bench/gpu"):
+        for p in sorted((REPO / folder).rglob("*.py")):
+            h.update(p.relative_to(REPO).as_posix().encode())
+            h.update(p.read_bytes())
+    return "sources sha256 " + h.hexdigest()[:16]
+
+
+def environment(run: Run) -> dict[str, Any]:
+    facts: dict[str, Any] = {
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
+        "python": sys.version.split()[0], "platform": platform.platform(), "source": source_digest(),
+        "dry_run": run.dry, "sizes": run.sizes.__dict__, "command": " ".join(sys.argv),
+        "cpu_count": os.cpu_count(),
+    }
+    probe = subprocess.run([sys.executable, "-c", "import json, torch; print(json.dumps({'torch': torch.__version__, "
+                            "'cuda': torch.version.cuda, 'gpu': torch.cuda.get_device_name(0) "
+                            "if torch.cuda.is_available() else None}))"], capture_output=True, text=True,
+                           check=False, timeout=120)
+    facts["torch"] = json.loads(probe.stdout) if probe.returncode == 0 else probe.stderr[-300:]
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        q = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total,pcie.link.gen.max,"
+                            "pcie.link.width.max,clocks.max.sm", "--format=csv"], capture_output=True, text=True,
+                           check=False, timeout=30)
+        facts["nvidia_smi"] = q.stdout.strip()
+    try:
+        with open("/proc/meminfo") as fh:
+            facts["meminfo"] = fh.readline().strip()
+    except OSError:
+        pass
+    return facts
+
+
+def summary_table(run: Run, results: dict[str, Any]) -> str:
+    lines = [f"tidesim GPU measurement ({'DRY RUN, CPU, tiny sizes' if run.dry else 'GPU'}), "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {run.sizes.model}"]
+    lines.append("steps: " + ", ".join(f"{s['step']} {s['status']} ({s['seconds']} s)" for s in run.steps))
+    for kv in ("prefix", "none"):
+        data = results.get(f"validate_{kv}")
+        if data:
+            sm = data["summary"]
+            lines.append(f"validate {kv}: {int(sm['configurations'])} configurations, median |error| "
+                         f"{sm['median_abs_error']:.1%}, max {sm['max_abs_error']:.1%}")
+    tp = results.get("throughput")
+    if tp:
+        lines.append(f"{'configuration':32} {'refresh':7} {'tok/s':>9} {'step ms':>9} {'pred ms':>9} {'hit':>5}")
+        for r in tp["rows"]:
+            lines.append(f"{r['config']:32} {r['refresh']:7} {r['tokens_per_s']:9.1f} {r['step_ms']:9.2f} "
+                         f"{r['predicted_step_ms']:9.2f} {r['hit_ratio']:5.2f}")
+    lv = results.get("live")
+    if lv:
+        for r in lv["rows"]:
+            lines.append(f"live {r['policy']:12} identical={r['identical']} tokens={r['tokens']} "
+                         f"tok/s={r['tokens_per_s'] or 0:.1f}")
+    return "\n".join(lines) + "\n"
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.environ.get("OUT", ""), help="output folder (default $OUT)")
+    p.add_argument("--dry-run", action="store_true", help="same steps and files on the CPU at tiny sizes")
+    p.add_argument("--wheels", default=str(REPO / "bench/gpu/wheels"), help="folder of carried wheels")
+    p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget (480 on a GPU, 900 dry)")
+    p.add_argument("--layers", type=int, default=None, help="MoE layers validated (GPU default 8)")
+    p.add_argument("--forwards", type=int, default=None, help="forwards validated per trace (GPU default 48)")
+    args = p.parse_args(argv)
+    if not args.out:
+        p.error("give --out DIR (or set OUT)")
+    sizes = DRY if args.dry_run else GPU
+    if args.layers:
+        sizes = Sizes(**{**sizes.__dict__, "layers": args.layers})
+    if args.forwards:
+        sizes = Sizes(**{**sizes.__dict__, "forwards": args.forwards})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    budget = args.budget_s or (900.0 if args.dry_run else 480.0)
+    with tempfile.TemporaryDirectory(prefix="tidesim-gpu-") as tmp:
+        work = Path(tmp)
+        run = Run(out=out, work=work, sizes=sizes, dry=args.dry_run, budget_s=budget, site=work / "site")
+        results: dict[str, Any] = {}
+        write_json(out / "env.json", environment(run))
+        step(run, "install", lambda: install(run, Path(args.wheels)))
+        tr = step(run, "traces", lambda: traces(run)) or {}
+        prof = step(run, "calibrate", lambda: calibrate(run))
+        if prof is not None:
+            for kv in ("prefix", "none"):
+                if kv in tr:
+                    extra = ["--budgets", ",".join(map(str, sizes.budgets)), "--policies", sizes.policies]
+                    data = step(run, f"validate {kv}",
+                                lambda kv=kv, extra=extra: validate(run, tr[kv], prof, f"validate_{kv}.json", extra,
+                                                                    0.3))
+                    if data is not None:
+                        results[f"validate_{kv}"] = data
+                        write_json(out / f"validate_{kv}.json", data)
+            if "prefix" in tr:
+                plan_path = step(run, "plan", lambda: plan(run, tr["prefix"], prof))
+                tp = step(run, "throughput", lambda: throughput(run, tr["prefix"], prof, plan_path))
+                if tp is not None:
+                    results["throughput"] = tp
+                    write_json(out / "throughput.json", tp)
+            lv = step(run, "live", lambda: live(run, prof))
+            if lv is not None:
+                results["live"] = lv
+                write_json(out / "live.json", lv)
+        env = json.loads((out / "env.json").read_text())
+        env["steps"] = run.steps
+        env["seconds"] = round(time.monotonic() - run.t0, 1)
+        write_json(out / "env.json", env)
+        table = summary_table(run, results)
+        (out / "summary.txt").write_text(table)
+        (out / "log.txt").write_text("\n".join(run.log_lines) + "\n")
+        print(table, end="")
+    return 0 if all(s["status"] == "ok" for s in run.steps) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
