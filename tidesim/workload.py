@@ -28,6 +28,7 @@ class Workload:
     block: np.ndarray           # int64 [F] block index within the prompt's generation (-1: prefill)
     step: np.ndarray            # int64 [F] denoising step within the block
     expert_tokens: np.ndarray   # int32 [F, L, E]
+    phase: np.ndarray | None = None  # str [F] "prefill" / "step" / "commit" (traces carry it; None: inferred)
 
     @property
     def num_forwards(self) -> int:
@@ -62,7 +63,7 @@ class Workload:
             model=self.model, kv_cache=self.kv_cache, tokens=self.tokens[forwards],
             context=self.context[forwards], committed=self.committed[forwards],
             prompt=self.prompt[forwards], block=self.block[forwards], step=self.step[forwards],
-            expert_tokens=self.expert_tokens[forwards],
+            expert_tokens=self.expert_tokens[forwards], phase=None if self.phase is None else self.phase[forwards],
         )
 
     def select_prompts(self, prompts: list[int]) -> Workload:
@@ -83,7 +84,7 @@ def workload_from_trace(trace: Trace, model: ModelSpec | None = None) -> Workloa
     return Workload(
         model=model or spec, kv_cache=trace.meta.kv_cache, tokens=col("tokens"), context=col("context"),
         committed=col("committed"), prompt=col("prompt"), block=col("block"), step=col("step"),
-        expert_tokens=trace.expert_tokens,
+        expert_tokens=trace.expert_tokens, phase=f["phase"].to_numpy().astype(str),
     )
 
 

@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "tidesim.cli.sweep_cmd",
     "tidesim.cli.calibrate_cmd",
     "tidesim.cli.validate_cmd",
+    "tidesim.cli.generate_cmd",
 ]
 
 

@@ -2,7 +2,8 @@
 
 The budget is the number of experts per layer whatever the options say; the schedule is marked
 infeasible when the model's weights plus the memory reserve do not fit the profile's GPU, and
-it is always a bound, never a deployment.
+it is always a bound, never a deployment. It still has an online step (every expert on the GPU
+from the start), so a small model can be decoded that way.
 """
 
 from __future__ import annotations
@@ -10,27 +11,30 @@ from __future__ import annotations
 import numpy as np
 
 from tidesim.budget import expert_memory_bytes
+from tidesim.models import ModelSpec
 from tidesim.policies.base import PolicyOptions, register_policy, uniform
-from tidesim.policies.residency import make_schedule
-from tidesim.schedule import NO_COPY, Schedule
-from tidesim.workload import Workload
+from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, no_copies, placement_of
 
 
-def fits_gpu(workload: Workload, options: PolicyOptions) -> bool:
+def fits_gpu(model: ModelSpec, layers: int, options: PolicyOptions) -> bool:
     """Whether all routed experts, the non-expert weights and the reserve fit the GPU (sized the
     same way as tidesim.budget, so all-gpu is feasible exactly when that budget is every expert)."""
-    model = workload.model
-    need = model.expert_bytes * workload.num_experts * workload.num_layers
+    need = model.expert_bytes * model.num_experts * layers
     return bool(expert_memory_bytes(model, options.hw.gpu.memory_gib) >= need)
 
 
 @register_policy("all-gpu", "every expert resident on the GPU (upper bound; infeasible when it does not fit)")
-def all_gpu(workload: Workload, options: PolicyOptions) -> Schedule:
-    f, l, e = workload.expert_tokens.shape
-    activated = workload.activated
-    feasible = fits_gpu(workload, options)
-    return make_schedule(
-        "all-gpu", workload, budget=uniform(e, l), initial=np.ones((l, e), dtype=bool),
-        gpu=activated, copy=np.full((f, l, e), NO_COPY, dtype=np.int8), resident=np.ones((f, l, e), dtype=bool),
-        params={"budget": e}, is_bound=True, feasible=feasible,
-    )
+class AllGpu(PolicyStep):
+    is_bound = True
+
+    def __init__(self, setup: Setup) -> None:
+        super().__init__(setup, initial=np.ones((setup.layers, setup.experts), dtype=bool))
+        self.budget = uniform(setup.experts, setup.layers)
+        self.feasible = fits_gpu(setup.model, setup.layers, setup.options)
+
+    def decide(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
+        gpu = np.ones(counts.shape, dtype=bool)
+        return (placement_of(counts, gpu), no_copies(counts), np.zeros(counts.shape, dtype=bool), gpu)
+
+    def params(self) -> dict[str, object]:
+        return {"budget": self.setup.experts}

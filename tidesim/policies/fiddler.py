@@ -13,7 +13,7 @@ static set. The streaming slot comes out of the budget: the static set has budge
 the budget is 0). A given static set (options.static_resident) may hold at most `budget`
 experts per layer; a layer whose given set fills its budget has no streaming slot (its misses
 all run on the CPU). The static set comes from a warm-up prefix like cpu-routing's (profiling-run
-assumption).
+assumption); online it must be given (step.static_for).
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ import numpy as np
 
 from tidesim.hardware import HardwareProfile
 from tidesim.models import ModelSpec
-from tidesim.policies.base import PolicyOptions, register_policy
-from tidesim.policies.residency import by_count, int_list, make_schedule, static_set, warmup_forwards
-from tidesim.schedule import COPY_ON_DEMAND, NO_COPY, Schedule
-from tidesim.workload import Workload
+from tidesim.policies.base import register_policy
+from tidesim.policies.cpu_routing import static_params
+from tidesim.policies.residency import by_count, int_list
+from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, placement_of, static_for
+from tidesim.schedule import COPY_ON_DEMAND, NO_COPY
 
 
 def copy_is_cheaper(tokens: np.ndarray, spec: ModelSpec, hw: HardwareProfile) -> np.ndarray:
@@ -43,21 +44,39 @@ def static_size(budget: np.ndarray, experts: int) -> np.ndarray:
     return np.where(budget >= experts, experts, np.maximum(budget - 1, 0))
 
 
+class CheapCopies:
+    """copy_is_cheaper as a table over token counts, grown on demand (the cost curves are
+    evaluated once per count, not once per forward)."""
+
+    def __init__(self, spec: ModelSpec, hw: HardwareProfile, top: int) -> None:
+        self.spec, self.hw = spec, hw
+        self.table = copy_is_cheaper(np.arange(max(top, 1) + 1), spec, hw)
+
+    def __call__(self, counts: np.ndarray) -> np.ndarray:
+        top = int(counts.max(initial=0))
+        if top >= self.table.size:
+            self.table = copy_is_cheaper(np.arange(max(top, 2 * self.table.size) + 1), self.spec, self.hw)
+        return self.table[counts]
+
+
 @register_policy("fiddler", "static popular experts; each miss on the CPU or copied in, whichever is cheaper")
-def fiddler(workload: Workload, options: PolicyOptions) -> Schedule:
-    f, l, e = workload.expert_tokens.shape
-    budget = np.asarray(options.budget, dtype=np.int64)
-    size = budget if options.static_resident is not None else static_size(budget, e)
-    static = static_set(workload, options.static_resident, size, options.warmup_fraction)
-    streaming = static.sum(axis=1) < budget                          # [L]: a free slot to stream through
-    activated = workload.activated
-    miss = activated & ~static[None]
-    stream = miss & streaming[None, :, None] & copy_is_cheaper(workload.expert_tokens, workload.model, options.hw)
-    copy = np.where(stream, COPY_ON_DEMAND, NO_COPY).astype(np.int8)
-    return make_schedule(
-        "fiddler", workload, budget=budget, initial=static, gpu=(activated & static[None]) | stream, copy=copy,
-        resident=np.broadcast_to(static, (f, l, e)).copy(),
-        params={"budget": int_list(budget), "static_experts": int_list(static.sum(axis=1)),
-                "static_given": options.static_resident is not None,
-                "warmup_forwards": warmup_forwards(workload, options.warmup_fraction)},
-    )
+class Fiddler(PolicyStep):
+    def __init__(self, setup: Setup) -> None:
+        options = setup.options
+        budget = np.asarray(options.budget, dtype=np.int64)
+        size = budget if options.static_resident is not None else static_size(budget, setup.experts)
+        super().__init__(setup, static_for(setup, size, "fiddler"))
+        self.streaming = self.initial.sum(axis=1) < budget               # [L]: a free slot to stream through
+        top = int(setup.workload.expert_tokens.max(initial=0)) if setup.workload is not None else 64
+        self.cheap = CheapCopies(setup.model, options.hw, top)
+
+    def decide(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
+        static = self.initial[rows]
+        activated = counts > 0
+        stream = activated & ~static & self.streaming[rows, None] & self.cheap(counts)
+        copy = np.where(stream, COPY_ON_DEMAND, NO_COPY).astype(np.int8)
+        return (placement_of(counts, (activated & static) | stream), copy,
+                        np.zeros(counts.shape, dtype=bool), static.copy())
+
+    def params(self) -> dict[str, object]:
+        return {**static_params(self), "static_experts": int_list(self.initial.sum(axis=1))}

@@ -14,56 +14,71 @@ from __future__ import annotations
 import numpy as np
 
 from tidesim.errors import InputError
-from tidesim.policies.base import PolicyOptions, register_policy
-from tidesim.policies.residency import int_list, make_schedule
-from tidesim.schedule import COPY_ON_DEMAND, NO_COPY, Schedule
-from tidesim.workload import Workload
+from tidesim.policies.base import register_policy
+from tidesim.policies.residency import int_list
+from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, placement_of
+from tidesim.schedule import COPY_ON_DEMAND, NO_COPY
 
 
 def lru_step(resident: np.ndarray, stamp: np.ndarray, activated: np.ndarray, now: int,
              budget: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One forward of the LRU caches of all layers: (resident at the end, updated stamps).
+    """One forward of the LRU caches of the given layers: (resident at the end, updated stamps).
 
     stamp[l, e] is the last use (larger = more recent); the forward's uses get now + position.
     The cache then holds the `budget` most recently used experts among those it held and those
-    it just used (an LRU cache always holds the most recent distinct items).
+    it just used (an LRU cache always holds the most recent distinct items): the last `budget`
+    experts used in this forward, and when fewer were used, the most recent earlier residents in
+    the slots left (stamps are distinct, so "most recent" has no ties).
     """
-    experts = resident.shape[1]
     hit = activated & resident
     miss = activated & ~resident
+    n_act = activated.sum(axis=1)
     position = np.where(hit, np.cumsum(hit, axis=1) - 1,
                         hit.sum(axis=1, keepdims=True) + np.cumsum(miss, axis=1) - 1)
     stamp = np.where(activated, now + position, stamp)
     candidates = resident | activated
-    key = np.where(candidates, stamp, -(2**62))  # non-candidates last; -key must not overflow
-    newest_first = np.argsort(-key, axis=1, kind="stable")
-    recency = np.empty_like(newest_first)
-    np.put_along_axis(recency, newest_first, np.broadcast_to(np.arange(experts), key.shape), axis=1)
-    return candidates & (recency < budget[:, None]), stamp
+    over = candidates.sum(axis=1) > budget
+    if not over.any():  # every layer's cache holds all its candidates: nothing to evict
+        return candidates, stamp
+    after = candidates & ~over[:, None]
+    after |= over[:, None] & activated & (position >= (n_act - budget)[:, None])
+    some_old = over & (n_act < budget)   # slots left for earlier residents, fewer than there are
+    if some_old.any():
+        old = resident[some_old] & ~activated[some_old]
+        key = np.where(old, stamp[some_old], -(2**62))  # not old: last; -key must not overflow
+        newest = -np.sort(-key, axis=1)  # descending
+        left = (budget[some_old] - n_act[some_old])[:, None]
+        threshold = np.take_along_axis(newest, left - 1, axis=1)
+        after[some_old] |= old & (key >= threshold)
+    return after, stamp
 
 
 @register_policy("full-swap", "copy every missing expert to the GPU on demand; per-layer LRU cache of the budget")
-def full_swap(workload: Workload, options: PolicyOptions) -> Schedule:
-    f, l, e = workload.expert_tokens.shape
-    budget = np.asarray(options.budget, dtype=np.int64)
-    if (budget < 1).any():
-        raise InputError("full-swap runs every expert on the GPU and needs at least 1 expert slot per MoE layer; "
-                         "give a budget of 1 or more")
-    initial = (np.zeros((l, e), dtype=bool) if options.static_resident is None
-               else np.asarray(options.static_resident, dtype=bool))
-    if initial.shape != (l, e) or (initial.sum(axis=1) > budget).any():
-        raise InputError(f"the warm-start resident set must be [{l}, {e}] with at most budget experts per layer")
-    activated = workload.activated
-    # Never-used initial residents are older than any use; lower ids are older among them.
-    stamp = np.broadcast_to(np.arange(e, dtype=np.int64) - e, (l, e)).copy()
-    resident = np.zeros((f, l, e), dtype=bool)
-    copy = np.full((f, l, e), NO_COPY, dtype=np.int8)
-    current = initial.copy()
-    for fw in range(f):
-        copy[fw][activated[fw] & ~current] = COPY_ON_DEMAND
-        current, stamp = lru_step(current, stamp, activated[fw], fw * e, budget)
-        resident[fw] = current
-    return make_schedule(
-        "full-swap", workload, budget=budget, initial=initial, gpu=activated, copy=copy, resident=resident,
-        params={"budget": int_list(budget), "warm_start": options.static_resident is not None},
-    )
+class FullSwap(PolicyStep):
+    """State: the resident set and the last-use stamps of every layer's LRU cache."""
+
+    def __init__(self, setup: Setup) -> None:
+        l, e = setup.layers, setup.experts
+        options = setup.options
+        budget = np.asarray(options.budget, dtype=np.int64)
+        if (budget < 1).any():
+            raise InputError("full-swap runs every expert on the GPU and needs at least 1 expert slot per MoE layer; "
+                             "give a budget of 1 or more")
+        initial = (np.zeros((l, e), dtype=bool) if options.static_resident is None
+                   else np.asarray(options.static_resident, dtype=bool))
+        if initial.shape != (l, e) or (initial.sum(axis=1) > budget).any():
+            raise InputError(f"the warm-start resident set must be [{l}, {e}] with at most budget experts per layer")
+        super().__init__(setup, initial)
+        # Never-used initial residents are older than any use; lower ids are older among them.
+        self.stamp = np.broadcast_to(np.arange(e, dtype=np.int64) - e, (l, e)).copy()
+
+    def decide(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
+        activated = counts > 0
+        current = self.current[rows]
+        copy = np.where(activated & ~current, COPY_ON_DEMAND, NO_COPY).astype(np.int8)
+        after, self.stamp[rows] = lru_step(current, self.stamp[rows], activated, meta.index * self.setup.experts,
+                                           self.budget[rows])
+        return (placement_of(counts, activated), copy, np.zeros(counts.shape, dtype=bool), after)
+
+    def params(self) -> dict[str, object]:
+        return {"budget": int_list(self.budget), "warm_start": self.setup.options.static_resident is not None}

@@ -11,34 +11,38 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import numpy as np
-
 from tidesim.errors import InputError
+from tidesim.models import ModelSpec
 from tidesim.plan import Plan
 from tidesim.policies.base import PolicyOptions, register_policy
-from tidesim.policies.tide import tide
-from tidesim.schedule import Schedule
-from tidesim.workload import Workload
+from tidesim.policies.step import Setup
+from tidesim.policies.tide import Tide
 
 
-def plan_options(options: PolicyOptions, plan: Plan, workload: Workload) -> PolicyOptions:
-    """The options with the plan's tau, budget and refresh mode, after checking it fits the model."""
-    plan.check_model(workload.model)
-    return replace(options, tau=plan.tau_array(), budget=plan.budget_array(), refresh=plan.refresh)
+def plan_options(options: PolicyOptions, plan: Plan, model: ModelSpec, layers: int) -> PolicyOptions:
+    """The options with the plan's tau, budget and refresh mode for the first `layers` MoE layers,
+    after checking the plan was made for this model."""
+    plan.check_model(model)
+    return replace(options, tau=plan.tau_array()[:layers], budget=plan.budget_array()[:layers],
+                   refresh=plan.refresh)
 
 
 @register_policy("planned", "tide with a plan's per-layer intervals and budgets (`tidesim plan`, --plan)")
-def planned(workload: Workload, options: PolicyOptions) -> Schedule:
-    plan = options.extra.get("plan")
-    if plan is not None:
-        if not isinstance(plan, Plan):
-            raise InputError("options.extra['plan'] must be a tidesim.plan.Plan (load it with load_plan)")
-        options = plan_options(options, plan, workload)
-        options.check(workload)
-    schedule = tide(workload, options)
-    schedule.policy = "planned"
-    schedule.params = {**schedule.params, "per_layer": True,
-                       "plan": None if plan is None else {"trace": plan.trace, "mode": plan.mode,
-                                                          "objective_s": plan.objective_s},
-                       "budget_total": int(np.asarray(options.budget).sum())}
-    return schedule
+class Planned(Tide):
+    def __init__(self, setup: Setup) -> None:
+        plan = setup.options.extra.get("plan")
+        if plan is not None:
+            if not isinstance(plan, Plan):
+                raise InputError("options.extra['plan'] must be a tidesim.plan.Plan (load it with load_plan)")
+            options = plan_options(setup.options, plan, setup.model, setup.layers)
+            options.check_shape(setup.layers, setup.experts)
+            setup = replace(setup, options=options)
+        super().__init__(setup)
+        self.plan = plan
+
+    def params(self) -> dict[str, object]:
+        plan = self.plan
+        return {**super().params(), "per_layer": True,
+                "plan": None if plan is None else {"trace": plan.trace, "mode": plan.mode,
+                                                   "objective_s": plan.objective_s},
+                "budget_total": int(self.budget.sum())}

@@ -58,6 +58,34 @@ def top_activated(counts: np.ndarray, rank: np.ndarray, budget: np.ndarray) -> n
     return (rank < budget[..., None]) & (counts > 0)
 
 
+def refresh_sets(current: np.ndarray, counts: np.ndarray, budget: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(target, refreshed), bool [n, E] for n layers: the target of a TIDE refresh
+    (top_activated) and the resident set after it (keep_best of current | target), computed in
+    rank order with one sort: the online step's fast path, equal to those two functions. One
+    layer (the live engine's call) takes 1-D indexing, which numpy does with less overhead."""
+    n, e = counts.shape
+    order = np.argsort(-counts, axis=-1, kind="stable")
+    target = np.empty((n, e), dtype=bool)
+    refreshed = np.empty((n, e), dtype=bool)
+    if n == 1:
+        o, b = order[0], int(budget[0])
+        target_o = counts[0][o] > 0
+        target_o[b:] = False
+        cand_o = current[0][o] | target_o
+        kept_o = cand_o & (np.cumsum(cand_o) <= b)
+        target[0][o] = target_o
+        refreshed[0][o] = kept_o
+        return target, refreshed
+    rows = np.arange(n)[:, None]
+    limit = budget[:, None]
+    target_o = (np.arange(e) < limit) & (counts[rows, order] > 0)
+    cand_o = current[rows, order] | target_o
+    kept_o = cand_o & (np.cumsum(cand_o, axis=-1) <= limit)
+    target[rows, order] = target_o
+    refreshed[rows, order] = kept_o
+    return target, refreshed
+
+
 def warmup_forwards(workload: Workload, fraction: float) -> int:
     """Forwards in the profiling prefix: floor(fraction x forwards), at least 1."""
     return max(1, int(fraction * workload.num_forwards))
@@ -76,8 +104,12 @@ def static_set(workload: Workload, given: np.ndarray | None, size: np.ndarray, f
     """The static resident set: the one given (checked against `size`), else the popular set."""
     if given is None:
         return popular_set(workload, size, fraction)
+    return checked_static_set(given, (workload.num_layers, workload.num_experts), size)
+
+
+def checked_static_set(given: np.ndarray, shape: tuple[int, int], size: np.ndarray) -> np.ndarray:
+    """A given static resident set, after checking its shape and that it fits `size` per layer."""
     given = np.asarray(given)
-    shape = (workload.num_layers, workload.num_experts)
     if given.shape != shape or given.dtype != np.bool_:
         raise InputError(f"the static resident set must be a bool array of shape {shape}")
     too_many = given.sum(axis=1) > size
@@ -111,9 +143,22 @@ def refresh_steps(workload: Workload, tau: np.ndarray) -> np.ndarray:
     never refreshes (its routing is not that of a denoising step, and the next block's step 0
     refreshes anyway).
     """
-    periodic = (workload.step[:, None] % tau[None, :]) == 0
-    refresh = workload.first_block[:, None] | periodic
-    return refresh & ~commit_forwards(workload)[:, None]
+    return refresh_rule(workload.first_block, workload.step, commit_forwards(workload), tau)
+
+
+def refresh_rule(first_block: np.ndarray | bool, step: np.ndarray | int, commit: np.ndarray | bool,
+                 tau: np.ndarray) -> np.ndarray:
+    """TIDE's refresh rule, the one place it is written: bool [..., L] for forwards described by
+    first_block, step and commit (arrays [...] or scalars: one forward, the online step) and
+    intervals tau [L]: refresh in the first block or when step is a multiple of tau, never in a
+    commit forward."""
+    if np.ndim(step) == 0 and np.ndim(first_block) == 0 and np.ndim(commit) == 0:
+        if commit:
+            return np.zeros(tau.shape, dtype=bool)
+        return np.ones(tau.shape, dtype=bool) if first_block else (int(step) % tau) == 0
+    first = np.asarray(first_block, dtype=bool)[..., None]
+    periodic = (np.asarray(step)[..., None] % tau) == 0
+    return (first | periodic) & ~np.asarray(commit, dtype=bool)[..., None]
 
 
 def placement_from(activated: np.ndarray, gpu: np.ndarray) -> np.ndarray:

@@ -13,16 +13,34 @@ refresh="async": the copies (copy=3) overlap with compute and the new experts ar
 the next forward; this forward still uses the old resident set (the experts being replaced stay
 usable until it ends, so in-flight copies need staging memory beyond the budget).
 Between refreshes, tokens for non-resident experts run on the CPU. The GPU starts empty.
+The policy is an online step (tidesim.policies.step): it decides each (forward, layer) from that
+forward's routing and the resident set so far.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from tidesim.policies.base import PolicyOptions, register_policy
-from tidesim.policies.residency import int_list, keep_best, make_schedule, rank_experts, refresh_steps, top_activated
-from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_SYNC_REFRESH, NO_COPY, Schedule
-from tidesim.workload import Workload
+from tidesim.policies.base import register_policy
+from tidesim.policies.residency import int_list, keep_best, refresh_rule, refresh_sets, top_activated
+from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, placement_of
+from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_SYNC_REFRESH, NO_COPY
+
+
+def refreshes(meta: ForwardMeta, tau: np.ndarray) -> np.ndarray:
+    """bool [n]: which of the layers (intervals `tau`) refresh in this forward (residency.refresh_rule)."""
+    return refresh_rule(meta.first_block, meta.step, meta.is_commit, tau)
+
+
+class RefreshCount:
+    """Forwards in which at least one layer refreshed (Schedule.params refresh_forwards)."""
+
+    def __init__(self) -> None:
+        self.forwards: set[int] = set()
+
+    def note(self, meta: ForwardMeta, refresh: np.ndarray) -> None:
+        if refresh.any():
+            self.forwards.add(meta.index)
 
 
 def refreshed_residents(current: np.ndarray, counts: np.ndarray, order: np.ndarray, rank: np.ndarray,
@@ -30,38 +48,37 @@ def refreshed_residents(current: np.ndarray, counts: np.ndarray, order: np.ndarr
     """TIDE's refresh rule, the one place it is written: bool [..., L, E] resident after a refresh
     of `current` with one forward's counts/order/rank [L, E] and budget [..., L]: the top-budget
     activated experts, then residents by rank while slots remain. Leading axes are options (the
-    planner's cost table refreshes many (tau, budget) candidates at once)."""
+    planner's cost table refreshes many (tau, budget) candidates at once). The online step uses
+    residency.refresh_sets, the same rule computed with one sort per layer (tests check they agree)."""
     target = top_activated(counts, rank, budget)
     return keep_best(current | target, order, rank, budget)
 
 
 @register_policy("tide", "TIDE: refresh the top-budget experts every tau steps, copying only the difference; "
                          "misses on the CPU")
-def tide(workload: Workload, options: PolicyOptions) -> Schedule:
-    f, l, e = workload.expert_tokens.shape
-    budget = np.asarray(options.budget, dtype=np.int64)
-    tau = np.asarray(options.tau, dtype=np.int64)
-    sync = options.refresh == "sync"
-    counts = workload.expert_tokens
-    activated = workload.activated
-    ranking = rank_experts(counts)
-    refresh = refresh_steps(workload, tau)
-    copy_kind = COPY_SYNC_REFRESH if sync else COPY_ASYNC_REFRESH
+class Tide(PolicyStep):
+    def __init__(self, setup: Setup) -> None:
+        super().__init__(setup)
+        self.tau = np.asarray(setup.options.tau, dtype=np.int64)
+        self.sync = setup.options.refresh == "sync"
+        self.refreshed = RefreshCount()
 
-    resident = np.zeros((f, l, e), dtype=bool)
-    copy = np.full((f, l, e), NO_COPY, dtype=np.int8)
-    gpu = np.zeros((f, l, e), dtype=bool)
-    current = np.zeros((l, e), dtype=bool)
-    for fw in range(f):
-        refreshed = refreshed_residents(current, counts[fw], ranking.order[fw], ranking.rank[fw], budget)
-        after = np.where(refresh[fw][:, None], refreshed, current)
-        copy[fw][after & ~current] = copy_kind
-        gpu[fw] = activated[fw] & (after if sync else current)
-        resident[fw] = after
-        current = after
-    return make_schedule(
-        "tide", workload, budget=budget, initial=np.zeros((l, e), dtype=bool), gpu=gpu, copy=copy,
-        resident=resident,
-        params={"budget": int_list(budget), "tau": int_list(tau), "refresh": options.refresh,
-                "refresh_forwards": int(refresh.any(axis=1).sum())},
-    )
+    def decide(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
+        current = self.current[rows]
+        refresh = refreshes(meta, self.tau[rows])
+        self.refreshed.note(meta, refresh)
+        if not refresh.any():
+            gpu = current
+            copy = np.full(counts.shape, NO_COPY, dtype=np.int8)
+            after = current
+        else:
+            _, refreshed = refresh_sets(current, counts, self.budget[rows])
+            after = np.where(refresh[:, None], refreshed, current)
+            copy = np.where(after & ~current, COPY_SYNC_REFRESH if self.sync else COPY_ASYNC_REFRESH,
+                            NO_COPY).astype(np.int8)
+            gpu = after if self.sync else current
+        return (placement_of(counts, gpu), copy, np.zeros(counts.shape, dtype=bool), after.copy())
+
+    def params(self) -> dict[str, object]:
+        return {"budget": int_list(self.budget), "tau": int_list(self.tau), "refresh": self.setup.options.refresh,
+                "refresh_forwards": len(self.refreshed.forwards)}

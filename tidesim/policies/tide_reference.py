@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from tidesim.policies.base import PolicyOptions, register_policy
-from tidesim.policies.residency import int_list, make_schedule, rank_experts, refresh_steps, top_activated
-from tidesim.schedule import COPY_SYNC_REFRESH, NO_COPY, Schedule
-from tidesim.workload import Workload
+from tidesim.policies.base import register_policy
+from tidesim.policies.residency import int_list, refresh_sets
+from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, no_copies, placement_of
+from tidesim.policies.tide import RefreshCount, refreshes
+from tidesim.schedule import COPY_SYNC_REFRESH, NO_COPY
 
 
 def reference_initial(budget: np.ndarray, experts: int) -> np.ndarray:
@@ -38,32 +39,28 @@ def reference_refresh(current: np.ndarray, target: np.ndarray) -> tuple[np.ndarr
 
 
 @register_policy("tide-reference", "the public TIDE code: synchronous promotions, demotions capped at promotions")
-def tide_reference(workload: Workload, options: PolicyOptions) -> Schedule:
-    f, l, e = workload.expert_tokens.shape
-    budget = np.asarray(options.budget, dtype=np.int64)
-    tau = np.asarray(options.tau, dtype=np.int64)
-    counts = workload.expert_tokens
-    activated = workload.activated
-    ranking = rank_experts(counts)
-    refresh = refresh_steps(workload, tau)
-    initial = reference_initial(budget, e)
+class TideReference(PolicyStep):
+    def __init__(self, setup: Setup) -> None:
+        budget = np.asarray(setup.options.budget, dtype=np.int64)
+        super().__init__(setup, reference_initial(budget, setup.experts))
+        self.tau = np.asarray(setup.options.tau, dtype=np.int64)
+        self.refreshed = RefreshCount()
 
-    resident = np.zeros((f, l, e), dtype=bool)
-    copy = np.full((f, l, e), NO_COPY, dtype=np.int8)
-    demote = np.zeros((f, l, e), dtype=bool)
-    current = initial.copy()
-    for fw in range(f):
-        target = top_activated(counts[fw], ranking.rank[fw], budget) & refresh[fw][:, None]
-        rows = refresh[fw][:, None]
+    def decide(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
+        current = self.current[rows]
+        refresh = refreshes(meta, self.tau[rows])
+        self.refreshed.note(meta, refresh)
+        if not refresh.any():
+            return (placement_of(counts, current), no_copies(counts),
+                            np.zeros(counts.shape, dtype=bool), current.copy())
+        on = refresh[:, None]
+        target, _ = refresh_sets(current, counts, self.budget[rows])
+        target &= on
         after, promote, demoted = reference_refresh(current, target)
-        after = np.where(rows, after, current)
-        copy[fw][promote & rows] = COPY_SYNC_REFRESH
-        demote[fw] = demoted & rows
-        resident[fw] = after
-        current = after
-    return make_schedule(
-        "tide-reference", workload, budget=budget, initial=initial, gpu=activated & resident, copy=copy,
-        resident=resident, demote=demote,
-        params={"budget": int_list(budget), "tau": int_list(tau), "refresh": "sync",
-                "refresh_forwards": int(refresh.any(axis=1).sum())},
-    )
+        after = np.where(on, after, current)
+        copy = np.where(promote & on, COPY_SYNC_REFRESH, NO_COPY).astype(np.int8)
+        return (placement_of(counts, after), copy, demoted & on, after)
+
+    def params(self) -> dict[str, object]:
+        return {"budget": int_list(self.budget), "tau": int_list(self.tau), "refresh": "sync",
+                "refresh_forwards": len(self.refreshed.forwards)}
