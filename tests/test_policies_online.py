@@ -23,24 +23,25 @@ from tidesim.trace.io import read_trace
 from tidesim.workload import Workload, workload_from_trace
 
 # (trace, forwards, policy, budget, tau, refresh, digest of the schedule the vectorised builders
-# made before the policies became online steps; h100-sxm-pcie5 profile)
+# made before the policies became online steps, main at 783fa8c, on the traces regenerated for
+# issue 16; h100-sxm-pcie5 profile)
 PINNED = [
-    ("llada2-mini_prefix_g256", 120, "all-gpu", 256, 1, "sync", "c30fe782545ded6a"),
-    ("llada2-mini_prefix_g256", 120, "full-swap", 32, 1, "sync", "d550900c70aa6ac5"),
-    ("llada2-mini_prefix_g256", 120, "cpu-routing", 64, 1, "sync", "950226b534089e4c"),
-    ("llada2-mini_prefix_g256", 120, "fiddler", 64, 1, "sync", "917a4c0ffe7503f1"),
-    ("llada2-mini_prefix_g256", 120, "tide", 64, 2, "sync", "d31f98bc8ca1f204"),
-    ("llada2-mini_prefix_g256", 120, "tide", 32, 3, "async", "a881e76568df048f"),
-    ("llada2-mini_prefix_g256", 120, "tide-reference", 64, 2, "sync", "5dd18c3231b25480"),
-    ("llada2-mini_prefix_g256", 120, "planned", 48, 4, "async", "842ebdd047b38247"),
-    ("llada2-mini_none_g1024", 80, "all-gpu", 256, 1, "sync", "52242d7ad600eb22"),
-    ("llada2-mini_none_g1024", 80, "full-swap", 32, 1, "sync", "01b1977460456e55"),
-    ("llada2-mini_none_g1024", 80, "cpu-routing", 64, 1, "sync", "27ca373550f28666"),
-    ("llada2-mini_none_g1024", 80, "fiddler", 64, 1, "sync", "9f696d4bc511e917"),
-    ("llada2-mini_none_g1024", 80, "tide", 64, 2, "sync", "b5d017f94e46b7cc"),
-    ("llada2-mini_none_g1024", 80, "tide", 32, 3, "async", "a13d808df6b0813a"),
-    ("llada2-mini_none_g1024", 80, "tide-reference", 64, 2, "sync", "eb6c2e2c64cf11d4"),
-    ("llada2-mini_none_g1024", 80, "planned", 48, 4, "async", "7deb4868a41509c6"),
+    ("llada2-mini_prefix_g1024", 120, "all-gpu", 256, 1, "sync", "0febe2d8cf9dace6"),
+    ("llada2-mini_prefix_g1024", 120, "full-swap", 32, 1, "sync", "4d2f72d7859e89cf"),
+    ("llada2-mini_prefix_g1024", 120, "cpu-routing", 64, 1, "sync", "f1aacabe46296951"),
+    ("llada2-mini_prefix_g1024", 120, "fiddler", 64, 1, "sync", "6991b78974abbfe2"),
+    ("llada2-mini_prefix_g1024", 120, "tide", 64, 2, "sync", "a64f07c545797fc5"),
+    ("llada2-mini_prefix_g1024", 120, "tide", 32, 3, "async", "418447cf24cdd0b8"),
+    ("llada2-mini_prefix_g1024", 120, "tide-reference", 64, 2, "sync", "40330aa06a7d478c"),
+    ("llada2-mini_prefix_g1024", 120, "planned", 48, 4, "async", "c42176c6ebffa88a"),
+    ("llada2-mini_none_g1024", 80, "all-gpu", 256, 1, "sync", "6f1a08dca4924586"),
+    ("llada2-mini_none_g1024", 80, "full-swap", 32, 1, "sync", "53cdd478a175af60"),
+    ("llada2-mini_none_g1024", 80, "cpu-routing", 64, 1, "sync", "0846694c1562d017"),
+    ("llada2-mini_none_g1024", 80, "fiddler", 64, 1, "sync", "268efc805bc70095"),
+    ("llada2-mini_none_g1024", 80, "tide", 64, 2, "sync", "baa75fc7675680da"),
+    ("llada2-mini_none_g1024", 80, "tide", 32, 3, "async", "2de7a2fe2997d24e"),
+    ("llada2-mini_none_g1024", 80, "tide-reference", 64, 2, "sync", "d97fe02e618e0fe6"),
+    ("llada2-mini_none_g1024", 80, "planned", 48, 4, "async", "4e1eb40fe72a4a5a"),
     ("llada2-mini-4layer_captured_prefix_g256", 163, "all-gpu", 256, 1, "sync", "830953ff612db8db"),
     ("llada2-mini-4layer_captured_prefix_g256", 163, "full-swap", 32, 1, "sync", "b180f0def222d9ed"),
     ("llada2-mini-4layer_captured_prefix_g256", 163, "cpu-routing", 64, 1, "sync", "e2ab498e69be086e"),
