@@ -140,7 +140,7 @@ def test_on_demand_expert_pays_its_launches(engine: str) -> None:
     m = run(w, s, hw, engine=engine)
     fixed = m.breakdown_s["gpu_fixed"] / MS
     assert m.total_time_s == pytest.approx((fixed + 3 + expert) * MS)
-    assert ONDEMAND_LAUNCHES_PER_EXPERT == 6
+    assert ONDEMAND_LAUNCHES_PER_EXPERT == 4
 
 
 def test_pipeline_by_hand() -> None:

@@ -21,10 +21,12 @@ from tidesim.hardware import US, HardwareProfile
 from tidesim.models import ModelSpec
 from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, COPY_SYNC_REFRESH, GPU, Schedule
 
-# Kernel launches the runtime issues for one on-demand expert (gather of its tokens, the two
-# expert GEMMs, the activation, the weighted scatter back, and the copy-done wait): the model
-# charges that many launch overheads instead of the one inside gpu_expert_time.
-ONDEMAND_LAUNCHES_PER_EXPERT = 6
+# Kernel launches the runtime issues for one on-demand expert (runtime executor, swiglu_into: the
+# gate/up GEMM, SiLU, the product, the down GEMM written in place; the layer's tokens are gathered
+# and its outputs combined once per layer, with the grouped experts): the model charges that many
+# launch overheads instead of the one inside gpu_expert_time. The runtime imports this constant,
+# and a test counts its kernels at torch's dispatcher.
+ONDEMAND_LAUNCHES_PER_EXPERT = 4
 
 # When the slot a copy writes into is free (docs/costmodel.md, "Slots"): at once, after the
 # layer's grouped kernel (it reads the expert leaving that slot), or, for k >= 0, after the k-th

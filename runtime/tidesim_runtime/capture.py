@@ -187,7 +187,7 @@ def capture_trace(
         raise InputError("the Hugging Face model is driven with --kv-cache none only")
     if prompt_text is not None and len(prompt_text) != len(prompts):
         raise ValueError("prompt_text needs one entry per prompt")
-    drive: ForwardFn = forward if forward is not None else model  # type: ignore[assignment]
+    drive: ForwardFn = forward if forward is not None else model
     rows: list[dict[str, Any]] = []
     counts: list[np.ndarray] = []
     ids: list[np.ndarray] = []

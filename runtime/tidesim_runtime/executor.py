@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from tidesim.errors import InputError
+from tidesim.layermodel import ONDEMAND_LAUNCHES_PER_EXPERT
 from tidesim.metrics import Metrics
 from tidesim.models import ModelSpec
 from tidesim.schedule import Schedule, schedule_problems
@@ -75,8 +76,8 @@ from tidesim_runtime.weights import (
 )
 
 # Kernels the runtime launches per on-demand expert (swiglu_into: gate/up GEMM, SiLU, product,
-# down GEMM written in place); the simulator's ONDEMAND_LAUNCHES_PER_EXPERT should match it.
-ONDEMAND_LAUNCHES = 4
+# down GEMM written in place): the layer model's figure, one constant for both.
+ONDEMAND_LAUNCHES = ONDEMAND_LAUNCHES_PER_EXPERT
 BREAKDOWN_KEYS = ("gpu_fixed", "gpu_experts", "copy_stall", "cpu_wait", "sync_refresh", "other")
 GIB = 2**30
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from tidesim.cli.calibrate_cmd import require_runtime
+from tidesim.cli.decode_args import add_decode_args, decode_kwargs
 from tidesim.cli.output import format_table, print_json, progress, to_jsonable
 from tidesim.errors import InputError
 from tidesim.policies.base import REFRESH_MODES
@@ -45,7 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--config", metavar="NAME", help="preset (tiny, llada2-mini, ...) with random weights from --seed")
     p.add_argument("--layers", type=int, metavar="N", help="keep only the first N layers (less memory)")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights and sampling (0)")
-    p.add_argument("--prompts", required=True, metavar="FILE", help="prompts file (token ids; see docs/runtime.md)")
+    p.add_argument("--prompts", required=True, metavar="FILE",
+                   help="prompts file: text (through the checkpoint's tokenizer and chat template) or token ids "
+                        "(docs/capture.md)")
     pol = p.add_mutually_exclusive_group(required=True)
     pol.add_argument("--policy", metavar="NAME", help="online policy: all-gpu, full-swap, cpu-routing, fiddler, tide, "
                                                       "tide-reference, planned")
@@ -59,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(or a previous run folder), as chosen offline from a warm-up prefix")
     p.add_argument("--warmup-fraction", type=float, default=0.1, metavar="X",
                    help="share of --static-from's forwards that choose the static set (0.1)")
-    add_decode_flags(p)
+    add_decode_args(p)
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="the GPU side: cuda, cpu (the CPU plays the GPU) or auto")
     p.add_argument("--cpu-workers", type=int, default=None, metavar="N", help="CPU worker pool size (profile's, or 1)")
@@ -71,31 +74,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-# ----- seam: the decode flags ----------------------------------------------------------------------
-# The decode issue (#11) put the shared decode flags into tidesim/cli/decode_args.py; generate still
-# has its own subset (to be replaced by add_decode_args / decode_kwargs).
-def add_decode_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("decoding (as `tidesim trace capture`)")
-    g.add_argument("--gen-length", type=int, default=64, metavar="G", help="tokens to generate (64)")
-    g.add_argument("--block-length", type=int, default=32, metavar="L", help="block length (32)")
-    g.add_argument("--threshold", type=float, default=0.95, help="commit confidence threshold (0.95)")
-    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: argmax)")
-    g.add_argument("--kv-cache", choices=["none", "prefix"], default="none",
-                   help="none: recompute the prefix every step; prefix: cache it per block (none)")
-
-
 def decode_config(args: argparse.Namespace) -> Any:
+    """The DecodeConfig of the shared decode flags (the same flags and checks as `trace capture`)."""
     from tidesim_runtime.generate import DecodeConfig
 
-    for flag, value in (("--gen-length", args.gen_length), ("--block-length", args.block_length)):
-        if value < 1:
-            raise InputError(f"{flag} must be a positive integer, got {value}")
-    if not np.isfinite(args.threshold) or not 0 < args.threshold <= 1:
-        raise InputError(f"--threshold must lie in (0, 1], got {args.threshold}")
-    if not np.isfinite(args.temperature) or args.temperature < 0:
-        raise InputError(f"--temperature must be a finite number >= 0, got {args.temperature}")
-    return DecodeConfig(gen_length=args.gen_length, block_length=args.block_length, threshold=args.threshold,
-                        kv_cache=args.kv_cache, temperature=args.temperature, seed=args.seed)
+    return DecodeConfig(**decode_kwargs(args))
 
 
 def read_prompt_tokens(path: str, spec: Any, model_dir: str | None, cfg: Any

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from tidesim.cli.output import format_table, print_json, progress
@@ -54,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
         prompt_length=args.prompt_length, seed=args.seed, token_level=args.token_level, steps=args.steps,
         minimal_topk=args.minimal_topk, eos=args.eos, answer_length=args.answer_length,
     )
-    check_synth(cfg.model, cfg.prompts, cfg.gen_length, cfg.block_length, cfg.prompt_length, cfg.kv_cache,
+    longest_prompt = cfg.prompt_length or math.ceil(cfg.params.prompt_max)   # drawn: size for the longest
+    check_synth(cfg.model, cfg.prompts, cfg.gen_length, cfg.block_length, longest_prompt, cfg.kv_cache,
                 cfg.token_level)
     trace = synthesize(cfg, progress=lambda it: progress(it, desc="prompts", total=cfg.prompts))
     write_trace(trace, out)
