@@ -1,5 +1,6 @@
 """A normal (non-editable) install finds the bundled traces and profiles from any directory."""
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -13,8 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_wheel_ships_bundled_data(tmp_path):
+    # build from a clean copy: setuptools' build/ folder keeps files deleted since the last build
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                                                ".mypy_cache", ".ruff_cache", ".pytest_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(tmp_path / "dist"), str(ROOT)], check=True, capture_output=True)
+                    "-w", str(tmp_path / "dist"), str(source)], check=True, capture_output=True)
     wheel = next((tmp_path / "dist").glob("tidesim-*.whl"))
     target = tmp_path / "site"
     with zipfile.ZipFile(wheel) as zf:
