@@ -40,7 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what")
     d = sub.add_parser("decide")
-    d.add_argument("trace", nargs="?", default="llada2-mini_prefix_g256")
+    d.add_argument("trace", nargs="?", default="llada2-mini_prefix_g1024")
     d.add_argument("--budget", type=int, default=64)
     d.add_argument("--tau", type=int, default=2)
     d.add_argument("--hw", default="h100-sxm-pcie5")

@@ -1,6 +1,7 @@
 """The docs cannot drift from the code: every `tidesim` command in a ```sh block of README.md or
 docs/*.md runs and exits 0. A command marked `# slow` (minutes of work) is only parsed, so its
-flags must still exist. Commands run in a scratch folder, with the repository's traces/, hwprofiles/
+flags must still exist. A comment line `# -> TEXT` right under a command is output the doc shows:
+the command's output must contain TEXT. Commands run in a scratch folder, with the repository's traces/, hwprofiles/
 and docs/ reachable under the same relative names."""
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCK = re.compile(r"```sh\n(.*?)```", re.S)
 
 
-def doc_commands(doc: Path) -> list[tuple[str, bool]]:
-    out = []
+def doc_commands(doc: Path) -> list[tuple[str, bool, list[str]]]:
+    """(command, slow, the output lines the doc shows for it) per command."""
+    out: list[tuple[str, bool, list[str]]] = []
     for block in BLOCK.findall(doc.read_text()):
         for raw in block.splitlines():
             line = raw.strip()
             if line.startswith("tidesim "):
-                out.append((line.split(" #", 1)[0].strip(), line.endswith("# slow")))
+                out.append((line.split(" #", 1)[0].strip(), line.endswith("# slow"), []))
+            elif line.startswith("# -> ") and out:
+                out[-1][2].append(line[len("# -> "):])
     return out
 
 
@@ -44,14 +48,17 @@ def test_doc_commands_run(doc, tmp_path):
     for name in ("traces", "hwprofiles", "docs"):
         (tmp_path / name).symlink_to(ROOT / name)
     env = {**os.environ, "MPLBACKEND": "Agg"}
-    for command, slow in doc_commands(doc):
+    for command, slow, shown in doc_commands(doc):
         argv = shlex.split(command)[1:]
         if slow:
+            assert not shown, f"{doc.name}: `{command}` is marked slow but shows output to check"
             build_parser().parse_args(argv)
             continue
         proc = subprocess.run([sys.executable, "-m", "tidesim", *argv], cwd=tmp_path, capture_output=True,
                               text=True, timeout=300, env=env)
         assert proc.returncode == 0, f"{doc.name}: `{command}` exited {proc.returncode}: {proc.stderr[-500:]}"
+        for text in shown:
+            assert text in proc.stdout + proc.stderr, f"{doc.name}: `{command}` no longer prints {text!r}"
 
 
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
