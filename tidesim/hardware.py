@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import yaml
@@ -25,6 +26,7 @@ from tidesim.models import ModelSpec
 SCHEMA_VERSION = 1
 PROVENANCE_KINDS = ("measured", "datasheet")
 US = 1e-6
+T = TypeVar("T")
 
 
 @dataclass
@@ -146,10 +148,13 @@ class HardwareProfile:
     # ----- costs (seconds), vectorised over numpy arrays ---------------------------------
     def gpu_expert_time(self, tokens: np.ndarray, spec: ModelSpec) -> np.ndarray:
         """One expert's FFN on the GPU for the given token counts, one kernel launch included."""
-        roof = self._roofline(tokens, spec, self.gpu.mem_bandwidth_gbs * self.gpu.mem_efficiency,
-                              self.gpu.bf16_tflops * 1e3 * self.gpu.compute_efficiency,
-                              self.gpu.launch_overhead_us)
+        roof = self._roofline(tokens, spec, *self._gpu_expert_roof())
         return self._from_curves(self.gpu.expert_ffn, tokens, spec, roof, "gpu.expert_ffn")
+
+    def _gpu_expert_roof(self) -> tuple[float, float, float]:
+        """The GPU expert roofline's bandwidth (GB/s), GFLOP/s and overhead (us)."""
+        return (self.gpu.mem_bandwidth_gbs * self.gpu.mem_efficiency,
+                self.gpu.bf16_tflops * 1e3 * self.gpu.compute_efficiency, self.gpu.launch_overhead_us)
 
     def gpu_grouped_experts_time(self, tokens: np.ndarray, spec: ModelSpec) -> float:
         """Several GPU-resident experts of one layer run as one grouped kernel: the per-expert
@@ -164,10 +169,37 @@ class HardwareProfile:
 
     def cpu_expert_time(self, tokens: np.ndarray, spec: ModelSpec) -> np.ndarray:
         """One expert's FFN on one CPU worker (cores / workers threads, bandwidth shared)."""
-        w = max(self.cpu.workers, 1)
-        roof = self._roofline(tokens, spec, self.cpu.mem_bandwidth_gbs * self.cpu.mem_efficiency / w,
-                              self.cpu.gflops * self.cpu.compute_efficiency / w, self.cpu.task_overhead_us)
+        roof = self._roofline(tokens, spec, *self._cpu_expert_roof())
         return self._from_curves(self.cpu.expert_ffn, tokens, spec, roof, "cpu.expert_ffn")
+
+    def _cpu_expert_roof(self) -> tuple[float, float, float]:
+        """The CPU expert roofline's bandwidth (GB/s), GFLOP/s and overhead (us), per worker."""
+        w = max(self.cpu.workers, 1)
+        return (self.cpu.mem_bandwidth_gbs * self.cpu.mem_efficiency / w,
+                self.cpu.gflops * self.cpu.compute_efficiency / w, self.cpu.task_overhead_us)
+
+    def expert_time_key(self, side: str, spec: ModelSpec) -> str:
+        """Everything gpu_expert_time ("gpu") or cpu_expert_time ("cpu") reads for this expert
+        shape: the measured curve when one matches, else the roofline's constants. Profiles with
+        equal keys give equal times and flags (a what-if's PCIe, memory or core count often leaves
+        them unchanged), so per-count time tables can be shared between them."""
+        curves, roof = ((self.gpu.expert_ffn, self._gpu_expert_roof()) if side == "gpu"
+                        else (self.cpu.expert_ffn, self._cpu_expert_roof()))
+        match = [c for c in curves if c.matches(spec)]
+        shape = f"{spec.hidden_size}x{spec.moe_intermediate_size}/{spec.expert_bytes}/{spec.expert_flops_per_token}"
+        return f"{side} {shape} " + (f"curve {match[0].curve!r}" if match else f"roofline {roof!r}")
+
+    def noting(self, fn: Callable[[], T]) -> tuple[T, frozenset[str]]:
+        """fn() and the flags it raised on this profile, whether or not the profile carried them
+        already (caches replay them on the profiles that reuse the result)."""
+        before = set(self.flags)
+        self.flags.clear()
+        try:
+            value = fn()
+        finally:
+            raised = frozenset(self.flags)
+            self.flags.update(before)
+        return value, raised
 
     def cpu_expert_latency(self, tokens: np.ndarray, spec: ModelSpec) -> np.ndarray:
         """One expert computed with the whole CPU (every worker's cores and DRAM bandwidth), the

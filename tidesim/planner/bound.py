@@ -33,15 +33,23 @@ def oracle_costs(workload: Workload, hw: HardwareProfile) -> OracleCosts:
     """Charge every activated (forward, layer, expert) once on each side, from the profile."""
     spec = workload.model
     r = Rates.of(hw, spec)
-    tokens = workload.tokens.astype(float)
-    context = workload.context.astype(float)
     et = workload.expert_tokens
     gpu_s = np.where(et > 0, grouped_share(r, per_count(lambda t: hw.gpu_expert_time(t, spec), et)), 0.0)
     cpu_s = per_count(lambda t: hw.cpu_expert_time(t, spec), et)
+    fixed, other = fixed_costs(workload, hw)
+    return OracleCosts(fixed, gpu_s, cpu_s, r.workers, r.expert_copy_s, other)
+
+
+def fixed_costs(workload: Workload, hw: HardwareProfile) -> tuple[np.ndarray, float]:
+    """What no placement changes: [F] the GPU work of one MoE layer outside its experts, and the
+    seconds outside the MoE layers over the workload."""
+    spec = workload.model
+    tokens = workload.tokens.astype(float)
+    context = workload.context.astype(float)
     fixed = np.broadcast_to(np.asarray(hw.gpu_layer_fixed_time(tokens, context, spec), float),
                             tokens.shape).copy()
     other = np.broadcast_to(np.asarray(hw.gpu_forward_fixed_time(tokens, context, spec), float), tokens.shape)
-    return OracleCosts(fixed, gpu_s, cpu_s, r.workers, r.expert_copy_s, float(other.sum()))
+    return fixed, float(other.sum())
 
 
 @dataclass

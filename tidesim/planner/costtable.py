@@ -11,7 +11,8 @@ import numpy as np
 from tidesim.errors import InputError
 from tidesim.hardware import HardwareProfile
 from tidesim.models import ModelSpec
-from tidesim.planner.bound import oracle_costs
+from tidesim.planner.bound import fixed_costs
+from tidesim.planner.occupancy import CellPairs, Residency
 from tidesim.workload import Workload
 
 # ----- cost table ---------------------------------------------------------------------------------
@@ -84,131 +85,119 @@ def cost_table(workload: Workload, hw: HardwareProfile, taus: list[int], budgets
 
     With synchronous refresh the analytic model is additive over MoE layers (a layer-forward's
     time depends on that layer's schedule only; docs/planner.md section 2) and `tide` decides each
-    layer alone, so all options are stepped through the forwards together, vectorised over
-    (option, layer, expert), keeping only the per-layer-forward sums the cost model needs.
+    layer alone. Which experts are resident does not depend on the profile: tide's residency per
+    option is stepped once per workload (tidesim.planner.occupancy, kept for later profiles), then
+    the profile's charges turn its per-layer-forward sums into times (layer model phases).
     tests/test_planner.py checks every entry against `tide` + `run(engine="analytic")`.
-    max_cells bounds options x layers x experts per step (memory).
+    max_cells bounds options x layers x experts per step, and options x activated cells (memory).
     """
+    from tidesim.planner.occupancy import residencies
+
     if not taus or not budgets:
         raise InputError("give at least one candidate tau and one candidate budget")
     if max(budgets) > workload.num_experts or min(budgets) < 0:
         raise InputError(f"candidate budgets must lie in 0..{workload.num_experts} (experts per layer)")
     same = distinct_taus(workload, taus)
     options = [(tau, b) for tau in sorted(set(same.values())) for b in budgets]
-    per_chunk = max(1, min(max_cells // max(1, workload.num_layers * workload.num_experts),
-                           max_cells // 4 // max(1, workload.num_forwards * workload.num_layers)))
-    chunks = [options[i:i + per_chunk] for i in range(0, len(options), per_chunk)]
-    inputs = _TideInputs.of(workload, hw)
-    found: dict[tuple[int, int], np.ndarray] = {}
-    indices: Iterable[int] = range(len(chunks))
-    if progress is not None:
-        indices = progress(indices)
-    for i in indices:
-        times = _tide_layer_times(inputs, workload, chunks[i])
-        for k, option in enumerate(chunks[i]):
-            found[option] = times[k]
+    found = dict(zip(options, residencies(workload, options, max_cells, progress), strict=True))
+    layer_fixed, other = fixed_costs(workload, hw)
+    times = _option_layer_times(workload, hw, [found[o] for o in options], layer_fixed, max_cells)
+    by_option = dict(zip(options, times, strict=True))
     sorted_taus = sorted(taus)
-    cost = np.stack([np.stack([found[(same[t], b)] for b in budgets], axis=1) for t in sorted_taus], axis=1)
+    cost = np.stack([np.stack([by_option[(same[t], b)] for b in budgets], axis=1) for t in sorted_taus], axis=1)
     return CostTable(taus=np.array(sorted_taus, dtype=np.int64), budgets=np.array(budgets, dtype=np.int64),
-                     layer_cost_s=cost, other_s=inputs.other_s, generated_tokens=workload.generated_tokens)
+                     layer_cost_s=cost, other_s=other, generated_tokens=workload.generated_tokens)
 
 
 @dataclass(frozen=True)
-class _TideInputs:
-    """Per (forward, layer, expert) what the cost model charges an expert on either side."""
+class _Charges:
+    """What the profile charges the experts of every (layer-forward, token count) pair."""
 
-    activated: np.ndarray        # bool [F, L, E]
-    counts: np.ndarray           # int [F, L, E] tokens per expert
-    order: np.ndarray            # int [F, L, E] experts by rank
-    rank: np.ndarray             # int [F, L, E] rank by tokens (ties: lower id first)
-    gpu_s: np.ndarray            # [F, L, E] expert on the GPU, kernel launch excluded
-    cpu_s: np.ndarray            # [F, L, E] expert on one CPU worker
-    tokens: np.ndarray           # [F, L, E]
+    gpu_s: np.ndarray            # [P] one expert's grouped share on the GPU
+    cpu_s: np.ndarray            # [P] one expert on one CPU worker
     layer_fixed_s: np.ndarray    # [F]
-    other_s: float
     hw: HardwareProfile
     model: ModelSpec
 
-    @classmethod
-    def of(cls, workload: Workload, hw: HardwareProfile) -> _TideInputs:
-        from tidesim.policies.residency import rank_experts
 
-        oc = oracle_costs(workload, hw)
-        ranking = rank_experts(workload.expert_tokens)
-        return cls(workload.activated, workload.expert_tokens, ranking.order, ranking.rank, oc.gpu_s, oc.cpu_s,
-                   workload.expert_tokens.astype(float), oc.layer_fixed_s, oc.other_s, hw, workload.model)
+def _option_layer_times(workload: Workload, hw: HardwareProfile, res: list[Residency], layer_fixed: np.ndarray,
+                        max_cells: int) -> list[np.ndarray]:
+    """[L] seconds per MoE layer for each option's residency, costed a few options at a time."""
+    from tidesim.layermodel import Rates, grouped_share, per_count
+    from tidesim.planner.occupancy import cell_pairs
 
-
-def _tide_layer_times(inp: _TideInputs, workload: Workload, options: list[tuple[int, int]]) -> np.ndarray:
-    """[options, L] seconds per MoE layer over the workload, for tide (sync) with each (tau, B).
-
-    The refresh rule is tide's own (tidesim.policies.tide.refreshed_residents), applied to all
-    options at once. Only per-layer-forward sums are kept; the layer model turns them into times.
-    """
-    from tidesim.policies.residency import refresh_steps
-    from tidesim.policies.tide import refreshed_residents
-
-    f_count, layers, experts = inp.activated.shape
-    n = len(options)
-    tau = np.array([t for t, _ in options], dtype=np.int64)
-    budget = np.array([b for _, b in options], dtype=np.int64)[:, None]          # [n, 1]
-    refresh = refresh_steps(workload, tau)                                        # [F, n]
-    current = np.zeros((n, layers, experts), dtype=bool)
-    shape = (f_count, n, layers)
-    copies, gpu_sum, gpu_n = np.zeros(shape), np.zeros(shape), np.zeros(shape)
-    cpu_sum, cpu_max, cpu_min = np.zeros(shape), np.zeros(shape), np.zeros(shape)
-    cpu_n, cpu_tok = np.zeros(shape), np.zeros(shape)
-    span = _contention_span(inp, shape)
-    for f in range(f_count):
-        act = inp.activated[f]
-        rows = np.flatnonzero(refresh[f])
-        if rows.size:
-            old = current[rows]
-            b = np.broadcast_to(budget[rows], (rows.size, layers))               # [r, L]
-            new = refreshed_residents(old, inp.counts[f], inp.order[f], inp.rank[f], b)
-            copies[f, rows] = (new & ~old).sum(axis=-1)
-            current[rows] = new
-        on_cpu = act & ~current
-        on_gpu = act & current
-        cpu_part = np.where(on_cpu, inp.cpu_s[f], np.inf)
-        gpu_sum[f] = np.einsum("nle,le->nl", on_gpu, inp.gpu_s[f])
-        gpu_n[f] = on_gpu.sum(axis=-1)
-        cpu_n[f] = on_cpu.sum(axis=-1)
-        cpu_sum[f] = np.einsum("nle,le->nl", on_cpu, inp.cpu_s[f])
-        low = cpu_part.min(axis=-1)
-        cpu_min[f] = np.where(np.isfinite(low), low, 0.0)
-        cpu_max[f] = np.where(on_cpu, inp.cpu_s[f], 0.0).max(axis=-1)
-        cpu_tok[f] = np.einsum("nle,le->nl", on_cpu, inp.tokens[f])
-        if span is not None:
-            span[f] = _cpu_makespans(inp, on_cpu, cpu_sum[f], f)
-    return _sync_layer_time(inp, copies, gpu_sum, gpu_n, cpu_sum, cpu_max, cpu_min, cpu_n, cpu_tok, span)
+    pairs = cell_pairs(workload)
+    spec = workload.model
+    r = Rates.of(hw, spec)
+    charges = _Charges(grouped_share(r, per_count(lambda t: hw.gpu_expert_time(t, spec), pairs.count)),
+                       per_count(lambda t: hw.cpu_expert_time(t, spec), pairs.count), layer_fixed, hw, spec)
+    per_chunk = max(1, max_cells // max(1, pairs.g.size))
+    out: list[np.ndarray] = []
+    for i in range(0, len(res), per_chunk):
+        out.extend(_layer_times(charges, pairs, res[i:i + per_chunk], workload.num_layers))
+    return out
 
 
-def _contention_span(inp: _TideInputs, shape: tuple[int, int, int]) -> np.ndarray | None:
-    """Room for the CPU pool's makespans, which cpu.gpu_contention needs (None when it is 0)."""
-    return np.zeros(shape) if inp.hw.cpu.gpu_contention > 0 else None
+def _layer_times(c: _Charges, pairs: CellPairs, res: list[Residency], layers: int) -> np.ndarray:
+    """[n, L] seconds per MoE layer over the workload for n options: the per-layer-forward sums
+    the layer model needs, by (layer-forward, token count) pair."""
+    n, groups = len(res), pairs.n_active.size
+    gpu_mult = np.stack([x.gpu_mult for x in res]).astype(float)                  # [n, P]
+    cpu_mult = pairs.mult - gpu_mult
+    on_cpu = cpu_mult > 0
+
+    def per_group(values: np.ndarray, ufunc: np.ufunc = np.add) -> np.ndarray:
+        out = np.zeros((n, groups))
+        if pairs.starts.size:
+            out[:, pairs.groups] = ufunc.reduceat(values, pairs.starts, axis=1)
+        return out
+
+    stack = lambda name: np.stack([getattr(x, name) for x in res]).astype(float)  # noqa: E731
+    gpu_n, gpu_tokens = stack("gpu_n"), stack("gpu_tokens")
+    low = per_group(np.where(on_cpu, c.cpu_s, np.inf), np.minimum)
+    sums = _Sums(copies=stack("copies"), gpu_sum=per_group(gpu_mult * c.gpu_s), gpu_n=gpu_n,
+                 cpu_sum=per_group(cpu_mult * c.cpu_s), cpu_max=per_group(np.where(on_cpu, c.cpu_s, 0.0), np.maximum),
+                 cpu_min=np.where(np.isfinite(low), low, 0.0), cpu_n=pairs.n_active - gpu_n,
+                 cpu_tok=pairs.tokens - gpu_tokens)
+    span = _cpu_makespans(c, pairs, res, sums.cpu_sum) if c.hw.cpu.gpu_contention > 0 else None
+    return _sync_layer_time(c, sums, layers, span)
 
 
-def _cpu_makespans(inp: _TideInputs, on_cpu: np.ndarray, cpu_sum: np.ndarray, f: int) -> np.ndarray:
-    """[n, L] longest-first makespans of forward f's CPU tasks (the simulator's rule and sums)."""
+@dataclass(frozen=True)
+class _Sums:
+    """Per option and layer-forward [n, G] (g = f * L + l): what the layer model's phases read."""
+
+    copies: np.ndarray
+    gpu_sum: np.ndarray
+    gpu_n: np.ndarray
+    cpu_sum: np.ndarray
+    cpu_max: np.ndarray
+    cpu_min: np.ndarray
+    cpu_n: np.ndarray
+    cpu_tok: np.ndarray
+
+
+def _cpu_makespans(c: _Charges, pairs: CellPairs, res: list[Residency], cpu_sum: np.ndarray) -> np.ndarray:
+    """[n, G] longest-first makespans of the CPU tasks (the simulator's rule and sums), which
+    cpu.gpu_contention needs."""
     from tidesim.sim.lpt import lpt_makespans
 
-    workers = max(int(inp.hw.cpu.workers), 1)
+    workers = max(int(c.hw.cpu.workers), 1)
     if workers == 1:
         return cpu_sum
-    n, layers, _ = on_cpu.shape
-    opt, layer, expert = np.nonzero(on_cpu)
-    span = lpt_makespans(opt * layers + layer, inp.cpu_s[f][layer, expert], expert, n * layers, workers)
-    return span.reshape(n, layers)
+    out = np.zeros_like(cpu_sum)
+    for k, x in enumerate(res):
+        on_cpu = ~x.gpu_cells(pairs.cells.size)
+        g, expert = np.divmod(pairs.cells[on_cpu], pairs.experts)
+        out[k] = lpt_makespans(g, c.cpu_s[pairs.cell_pair[on_cpu]], expert, cpu_sum.shape[1], workers)
+    return out
 
 
-def _sync_layer_time(inp: _TideInputs, copies: np.ndarray, gpu_sum: np.ndarray, gpu_n: np.ndarray,
-                     cpu_sum: np.ndarray, cpu_max: np.ndarray, cpu_min: np.ndarray, cpu_n: np.ndarray,
-                     cpu_tok: np.ndarray, span: np.ndarray | None = None) -> np.ndarray:
+def _sync_layer_time(c: _Charges, sums: _Sums, layers: int, span: np.ndarray | None = None) -> np.ndarray:
     """[n, L] per-layer totals from the layer model's phases (tidesim.layermodel.layer_phases, as
     the analytic model charges them): the n options' layers are n x L virtual layers (exact
     because with synchronous copies only, a layer-forward's time depends on its own sums).
-    span: [F, n, L] CPU pool makespans, for cpu.gpu_contention."""
+    span: [n, G] CPU pool makespans, for cpu.gpu_contention."""
     from tidesim.layermodel import (
         CopyCosts,
         CpuCosts,
@@ -222,18 +211,22 @@ def _sync_layer_time(inp: _TideInputs, copies: np.ndarray, gpu_sum: np.ndarray, 
         layer_phases,
     )
 
-    r = Rates.of(inp.hw, inp.model)
-    f_count, n, layers = copies.shape
+    r = Rates.of(c.hw, c.model)
+    n, groups = sums.copies.shape
+    f_count = groups // layers
     g = f_count * n * layers
-    flat = lambda a: np.ascontiguousarray(a, dtype=float).reshape(g)  # noqa: E731
-    act_d2h, res_h2d = activation_copies(r, inp.hw, flat(cpu_tok))
-    grouped = grouped_kernel(r, flat(gpu_sum), flat(gpu_n))
+    # forward-major (f, option, layer): each forward's n x L virtual layers share its fixed work
+    flat = lambda a: np.ascontiguousarray(  # noqa: E731
+        np.asarray(a, dtype=float).reshape(n, f_count, layers).transpose(1, 0, 2)).reshape(g)
+    act_d2h, res_h2d = activation_copies(r, c.hw, flat(sums.cpu_tok))
+    grouped = grouped_kernel(r, flat(sums.gpu_sum), flat(sums.gpu_n))
     zeros = np.zeros(g)
-    gpu = GpuCosts(fwd_fixed=np.zeros(f_count), layer_fixed=inp.layer_fixed_s.astype(float), grouped=grouped,
+    gpu = GpuCosts(fwd_fixed=np.zeros(f_count), layer_fixed=c.layer_fixed_s.astype(float), grouped=grouped,
                    od_compute_sum=zeros, slow_extra=copy_slowdown(r, grouped, res_h2d))
-    moves = CopyCosts(sync_h2d=flat(copies) * r.expert_copy_s, demote_d2h=zeros, async_h2d=zeros, n_async=zeros,
-                      act_d2h=act_d2h, res_h2d=res_h2d, od_n=zeros, od_copy_sum=zeros)
-    cpu = CpuCosts(total=flat(cpu_sum), longest=flat(cpu_max), shortest=flat(cpu_min), n=flat(cpu_n))
+    moves = CopyCosts(sync_h2d=flat(sums.copies) * r.expert_copy_s, demote_d2h=zeros, async_h2d=zeros,
+                      n_async=zeros, act_d2h=act_d2h, res_h2d=res_h2d, od_n=zeros, od_copy_sum=zeros)
+    cpu = CpuCosts(total=flat(sums.cpu_sum), longest=flat(sums.cpu_max), shortest=flat(sums.cpu_min),
+                   n=flat(sums.cpu_n))
     if span is not None:
         charge_contention(r, gpu, cpu, flat(span))
     layer = layer_phases(r, gpu, moves, cpu.n, cpu_pool_bound(r, cpu), None, n * layers)["layer"]

@@ -112,8 +112,8 @@ class _WorkloadCache:
     tokens: np.ndarray
     g: np.ndarray
     n_active: np.ndarray
-    gpu: OrderedDict[str, tuple[np.ndarray, np.ndarray, set[str]]] = field(default_factory=OrderedDict)
-    cpu: OrderedDict[str, tuple[np.ndarray, set[str]]] = field(default_factory=OrderedDict)
+    gpu: OrderedDict[str, tuple[np.ndarray, np.ndarray, frozenset[str]]] = field(default_factory=OrderedDict)
+    cpu: OrderedDict[str, tuple[np.ndarray, frozenset[str]]] = field(default_factory=OrderedDict)
 
 
 _CACHE: dict[int, _WorkloadCache] = {}
@@ -134,19 +134,21 @@ def _cells(workload: Workload, hw: HardwareProfile, r: Rates) -> _Cells:
         _CACHE[id(workload)] = entry
         weakref.finalize(workload, _CACHE.pop, id(workload), None)
     groups = workload.num_forwards * workload.num_layers
-    gkey, ckey = repr(hw.gpu), repr(hw.cpu)
+    # keyed by what the curves read (the share also reads the launch overhead it removes)
+    gkey = f"{hw.expert_time_key('gpu', spec)} launch {r.launch_s!r}"
+    ckey = hw.expert_time_key("cpu", spec)
     if gkey not in entry.gpu:
-        before = set(hw.flags)
-        gpu_full = per_count(lambda t: hw.gpu_expert_time(t, spec), entry.tokens)
+        gpu_full, gflags = hw.noting(lambda: per_count(lambda t: hw.gpu_expert_time(t, spec), entry.tokens))
         share = np.bincount(entry.g, weights=grouped_share(r, gpu_full), minlength=groups)
-        entry.gpu[gkey] = (gpu_full, share, set(hw.flags) - before)
+        entry.gpu[gkey] = (gpu_full, share, gflags)
         while len(entry.gpu) > _PER_SIDE:
             entry.gpu.popitem(last=False)
     if ckey not in entry.cpu:
-        before = set(hw.flags)
-        entry.cpu[ckey] = (per_count(lambda t: hw.cpu_expert_time(t, spec), entry.tokens), set(hw.flags) - before)
+        entry.cpu[ckey] = hw.noting(lambda: per_count(lambda t: hw.cpu_expert_time(t, spec), entry.tokens))
         while len(entry.cpu) > _PER_SIDE:
             entry.cpu.popitem(last=False)
+    entry.gpu.move_to_end(gkey)
+    entry.cpu.move_to_end(ckey)
     gpu_full, share, gflags = entry.gpu[gkey]
     cpu, cflags = entry.cpu[ckey]
     hw.flags.update(gflags | cflags)

@@ -101,7 +101,7 @@ def evaluate_point(point: Point, cache_dir: Path) -> Evaluation:
             slots = budget_for_memory(model, hw.gpu.memory_gib, cap)
         else:
             slots = int(p["budget"])
-        tau, budget = uniform(point_tau(p, workload, hw, slots), layers), uniform(slots, layers)
+        tau, budget = uniform(point_tau(p, workload, hw, slots, workload_key(point)), layers), uniform(slots, layers)
         policy = p["policy"]
     derived["budget_used"] = float(np.mean(budget))
     derived["tau_used"] = float(np.mean(tau))
@@ -113,17 +113,38 @@ def evaluate_point(point: Point, cache_dir: Path) -> Evaluation:
     return Evaluation(metrics=metrics, derived=derived)
 
 
-def point_tau(p: dict[str, Any], workload: Workload, hw: HardwareProfile, slots: int) -> int:
+def point_tau(p: dict[str, Any], workload: Workload, hw: HardwareProfile, slots: int, wkey: str | None = None) -> int:
     """The point's tau; `best` follows the default-tau rule of every command (tidesim.default_tau):
     the analytic best single tau for this workload, profile, budget and refresh mode. Policies that
-    do not refresh on an interval ignore tau, so they skip the search."""
+    do not refresh on an interval ignore tau, so they skip the search. With `wkey` (the point's
+    workload_key) the choice is kept per process for points with the same inputs (tide and
+    tide-reference on one profile search once)."""
     if p["tau"] != "best":
         return int(p["tau"])
     if p["policy"] not in ("tide", "tide-reference"):
         return 1
     from tidesim.default_tau import best_tau
 
-    return best_tau(workload, hw, slots, p["refresh"]).tau
+    if wkey is None:
+        return best_tau(workload, hw, slots, p["refresh"]).tau
+    key = json.dumps([wkey, hw.fingerprint(), slots, p["refresh"]])
+    with _LOCK:
+        known = _TAUS.get(key)
+        if known is not None:
+            _TAUS.move_to_end(key)
+    if known is None:
+        choice, raised = hw.noting(lambda: best_tau(workload, hw, slots, p["refresh"]))
+        known = (choice.tau, raised)
+        with _LOCK:
+            _TAUS[key] = known
+            while len(_TAUS) > _MAX_TAUS:
+                _TAUS.popitem(last=False)
+    hw.flags.update(known[1])             # the search's notes on the profile, as if it ran here
+    return known[0]
+
+
+_TAUS: OrderedDict[str, tuple[int, frozenset[str]]] = OrderedDict()   # best tau and the notes it added
+_MAX_TAUS = 256
 
 
 PLAN_TAUS = list(range(1, 33))      # the candidate intervals the planner chooses from (TIDE swept 1..31)
