@@ -183,7 +183,8 @@ def charge_contention(r: Rates, gpu: GpuCosts, cpu: CpuCosts, span: np.ndarray) 
 # ----- slots: when a copy may start -------------------------------------------------------------
 
 
-def copy_releases(schedule: Schedule, copy_idx: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def copy_releases(schedule: Schedule, copy_idx: np.ndarray | None = None, copy_kind: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Release tags (FREE_NOW, AFTER_GROUPED or k) of the on-demand and the asynchronous copies,
     each in (forward, layer, expert) order: the slot rule of the runtime's slot plan.
 
@@ -192,14 +193,14 @@ def copy_releases(schedule: Schedule, copy_idx: np.ndarray | None = None) -> tup
     now), else the slot of a leaving expert that runs in the grouped kernel (AFTER_GROUPED), else
     the slot of an earlier on-demand expert that only passes through (its index k), else a spare
     slot (free; the pool keeps it). A bound with free prefetches (the oracle) stages every copy:
-    all FREE_NOW. copy_idx: the flat indices of the schedule's copies, when the caller has them.
-    Only layer-forwards with copies are looked at.
+    all FREE_NOW. copy_idx, copy_kind: the flat indices of the schedule's copies and their kinds,
+    when the caller has them. Only layer-forwards with copies are looked at.
     """
     F, L, E = schedule.copy.shape
     flat_copy = schedule.copy.reshape(-1)
     if copy_idx is None:
         copy_idx = np.flatnonzero(flat_copy != 0)
-    kind = flat_copy[copy_idx]
+    kind = flat_copy[copy_idx] if copy_kind is None else copy_kind
     od_idx, as_idx = copy_idx[kind == COPY_ON_DEMAND], copy_idx[kind == COPY_ASYNC_REFRESH]
     if schedule.free_async_copies or od_idx.size + as_idx.size == 0:
         return np.full(od_idx.size, FREE_NOW, np.int64), np.full(as_idx.size, FREE_NOW, np.int64)

@@ -97,9 +97,13 @@ class _Cells:
     tokens: np.ndarray
     gpu_full: np.ndarray         # one expert on the GPU, its launch included
     cpu: np.ndarray              # one expert on one CPU worker
+    share: np.ndarray            # one expert's share of the grouped kernel (its GPU time without launch)
     share_sum: np.ndarray        # [G] grouped shares of all activated experts
     n_active: np.ndarray         # [G] activated experts
     tokens_sum: float
+    position: np.ndarray         # int32 [F * L * E]: each activated cell's position in idx, -1 elsewhere
+    fwd_fixed: np.ndarray        # [F] GPU work outside the MoE layers
+    layer_fixed: np.ndarray      # [F] GPU work of one MoE layer outside its experts
 
 
 @dataclass
@@ -112,8 +116,39 @@ class _WorkloadCache:
     tokens: np.ndarray
     g: np.ndarray
     n_active: np.ndarray
-    gpu: OrderedDict[str, tuple[np.ndarray, np.ndarray, frozenset[str]]] = field(default_factory=OrderedDict)
+    tokens_sum: float
+    position: np.ndarray
+    gpu: OrderedDict[str, tuple[np.ndarray, np.ndarray, np.ndarray, frozenset[str]]] = field(
+        default_factory=OrderedDict)
     cpu: OrderedDict[str, tuple[np.ndarray, frozenset[str]]] = field(default_factory=OrderedDict)
+    fixed: OrderedDict[str, tuple[np.ndarray, np.ndarray, frozenset[str]]] = field(default_factory=OrderedDict)
+
+
+def _new_entry(workload: Workload) -> _WorkloadCache:
+    flat = workload.expert_tokens.reshape(-1)
+    idx = np.flatnonzero(flat)
+    g = idx // workload.num_experts
+    tokens = flat[idx].astype(np.int64)
+    position = np.full(flat.size, -1, np.int32 if idx.size < 2**31 else np.int64)
+    position[idx] = np.arange(idx.size)
+    n_active = np.bincount(g, minlength=flat.size // workload.num_experts)
+    return _WorkloadCache(weakref.ref(workload), idx, tokens, g, n_active, float(tokens.sum()), position)
+
+
+def _fixed_times(workload: Workload, hw: HardwareProfile) -> tuple[np.ndarray, np.ndarray, frozenset[str]]:
+    """[F] per forward: GPU work outside the MoE layers, and that of one MoE layer outside its experts."""
+    spec = workload.model
+    f_count = workload.num_forwards
+    tokens = workload.tokens.astype(float)
+    context = workload.context.astype(float)
+
+    def both() -> tuple[np.ndarray, np.ndarray]:
+        fwd = np.broadcast_to(np.asarray(hw.gpu_forward_fixed_time(tokens, context, spec), float), (f_count,)).copy()
+        layer = np.broadcast_to(np.asarray(hw.gpu_layer_fixed_time(tokens, context, spec), float), (f_count,)).copy()
+        return fwd, layer
+
+    (fwd, layer), flags = hw.noting(both)
+    return fwd, layer, flags
 
 
 _CACHE: dict[int, _WorkloadCache] = {}
@@ -126,11 +161,7 @@ def _cells(workload: Workload, hw: HardwareProfile, r: Rates) -> _Cells:
     spec = workload.model
     entry = _CACHE.get(id(workload))
     if entry is None or entry.ref() is not workload:
-        flat = workload.expert_tokens.reshape(-1)
-        idx = np.flatnonzero(flat)
-        g = idx // workload.num_experts
-        entry = _WorkloadCache(weakref.ref(workload), idx, flat[idx].astype(np.int64), g,
-                               np.bincount(g, minlength=flat.size // workload.num_experts))
+        entry = _new_entry(workload)
         _CACHE[id(workload)] = entry
         weakref.finalize(workload, _CACHE.pop, id(workload), None)
     groups = workload.num_forwards * workload.num_layers
@@ -139,20 +170,27 @@ def _cells(workload: Workload, hw: HardwareProfile, r: Rates) -> _Cells:
     ckey = hw.expert_time_key("cpu", spec)
     if gkey not in entry.gpu:
         gpu_full, gflags = hw.noting(lambda: per_count(lambda t: hw.gpu_expert_time(t, spec), entry.tokens))
-        share = np.bincount(entry.g, weights=grouped_share(r, gpu_full), minlength=groups)
-        entry.gpu[gkey] = (gpu_full, share, gflags)
+        share = grouped_share(r, gpu_full)
+        entry.gpu[gkey] = (gpu_full, share, np.bincount(entry.g, weights=share, minlength=groups), gflags)
         while len(entry.gpu) > _PER_SIDE:
             entry.gpu.popitem(last=False)
     if ckey not in entry.cpu:
         entry.cpu[ckey] = hw.noting(lambda: per_count(lambda t: hw.cpu_expert_time(t, spec), entry.tokens))
         while len(entry.cpu) > _PER_SIDE:
             entry.cpu.popitem(last=False)
-    entry.gpu.move_to_end(gkey)
-    entry.cpu.move_to_end(ckey)
-    gpu_full, share, gflags = entry.gpu[gkey]
+    fkey = repr(hw.gpu)                     # the fixed work reads only the GPU's fields
+    if fkey not in entry.fixed:
+        entry.fixed[fkey] = _fixed_times(workload, hw)
+        while len(entry.fixed) > _PER_SIDE:
+            entry.fixed.popitem(last=False)
+    for cache, key in ((entry.gpu, gkey), (entry.cpu, ckey), (entry.fixed, fkey)):
+        cache.move_to_end(key)
+    gpu_full, share, share_sum, gflags = entry.gpu[gkey]
     cpu, cflags = entry.cpu[ckey]
-    hw.flags.update(gflags | cflags)
-    return _Cells(entry.idx, entry.tokens, gpu_full, cpu, share, entry.n_active, float(entry.tokens.sum()))
+    fwd_fixed, layer_fixed, fflags = entry.fixed[fkey]
+    hw.flags.update(gflags | cflags | fflags)
+    return _Cells(entry.idx, entry.tokens, gpu_full, cpu, share, share_sum, entry.n_active, entry.tokens_sum,
+                  entry.position, fwd_fixed, layer_fixed)
 
 
 def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) -> ScheduleCosts:
@@ -161,28 +199,26 @@ def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) 
     F, L, E = workload.expert_tokens.shape
     G = F * L
     r = Rates.of(hw, spec)
-    tokens = workload.tokens.astype(float)
-    context = workload.context.astype(float)
-    fwd_fixed = np.broadcast_to(np.asarray(hw.gpu_forward_fixed_time(tokens, context, spec), float), (F,)).copy()
-    layer_fixed = np.broadcast_to(np.asarray(hw.gpu_layer_fixed_time(tokens, context, spec), float), (F,)).copy()
-
     cells = _cells(workload, hw, r)
-    # dense scans only where they are cheap (bool), the rest on the few cells that differ
-    copy_flat = schedule.copy.reshape(-1)
-    copy_idx = np.flatnonzero(copy_flat != 0)
-    copy_kind = copy_flat[copy_idx]
-    on_cpu = np.flatnonzero(schedule.placement.reshape(-1).take(cells.idx) == CPU)
-    od = np.searchsorted(cells.idx, copy_idx[copy_kind == COPY_ON_DEMAND])   # always run on the GPU
-    cpu_g, cpu_e = np.divmod(cells.idx[on_cpu], E)
+    # the dense arrays are scanned once, a word of 8 cells at a time; the rest runs on the few cells found
+    copy_idx = byte_cells(schedule.copy)
+    copy_kind = schedule.copy.reshape(-1)[copy_idx]
+    cpu_cells = byte_cells(schedule.placement, CPU)
+    on_cpu = cells.position[cpu_cells]
+    if on_cpu.size and on_cpu.min() < 0:                 # only activated experts run anywhere
+        cpu_cells, on_cpu = cpu_cells[on_cpu >= 0], on_cpu[on_cpu >= 0]
+    is_od = copy_kind == COPY_ON_DEMAND
+    od = np.searchsorted(cells.idx, copy_idx[is_od]) if is_od.any() else np.zeros(0, np.int64)   # run on the GPU
+    cpu_g = cpu_cells // E
+    cpu_e = cpu_cells - cpu_g * E
     cpu_tok = cells.tokens[on_cpu]
     cpu_time = cells.cpu[on_cpu]
     od_g, od_e = np.divmod(cells.idx[od], E)
-    od_full = cells.gpu_full[od]
-    od_time = ondemand_compute(r, od_full)
+    od_time = ondemand_compute(r, cells.gpu_full[od])
     # grouped kernel: every activated expert's share minus those on the CPU or on demand
-    off = np.concatenate([on_cpu, od])
-    off_g = cells.idx[off] // E
-    grp_sum = cells.share_sum - np.bincount(off_g, weights=grouped_share(r, cells.gpu_full[off]), minlength=G)
+    off_g = np.concatenate([cpu_g, od_g])
+    off_share = cells.share[np.concatenate([on_cpu, od])]
+    grp_sum = cells.share_sum - np.bincount(off_g, weights=off_share, minlength=G)
     grp_n = cells.n_active - np.bincount(off_g, minlength=G)
     grp_sum = np.where(grp_n > 0, np.maximum(grp_sum, 0.0), 0.0)
     grouped = grouped_kernel(r, grp_sum, grp_n)
@@ -190,22 +226,23 @@ def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) 
     cpu_pairs = np.bincount(cpu_g, weights=cpu_tok, minlength=G)
     act_d2h, res_h2d = activation_copies(r, hw, cpu_pairs)
 
+    is_async = copy_kind == COPY_ASYNC_REFRESH
     sync = np.bincount(copy_idx[copy_kind == COPY_SYNC_REFRESH] // E, minlength=G)
-    async_g, async_e = np.divmod(copy_idx[copy_kind == COPY_ASYNC_REFRESH], E)
-    od_release, async_release = copy_releases(schedule, copy_idx)
+    async_g, async_e = np.divmod(copy_idx[is_async], E)
+    od_release, async_release = copy_releases(schedule, copy_idx, copy_kind)
     n_async = np.bincount(async_g, minlength=G)
-    n_async_counted = int(n_async.sum())
+    n_async_counted = int(async_g.size)
     if schedule.free_async_copies:      # a bound's ideal prefetch: counted, never charged
         n_async = np.zeros(G, dtype=np.int64)
         async_g = async_e = async_release = np.zeros(0, dtype=np.int64)
-    n_demote = (np.bincount(np.flatnonzero(schedule.demote.reshape(-1)) // E, minlength=G)
-                if schedule.demote.any() else np.zeros(G, np.int64))
+    demoted = byte_cells(schedule.demote)
+    n_demote = np.bincount(demoted // E, minlength=G)
     od_n = np.bincount(od_g, minlength=G)
     od_sum = np.bincount(od_g, weights=od_time, minlength=G)
 
     h2d_overlap = od_n * r.expert_copy_s + n_async * r.expert_copy_s + res_h2d
-    gpu = GpuCosts(fwd_fixed=fwd_fixed, layer_fixed=layer_fixed, grouped=grouped, od_compute_sum=od_sum,
-                   slow_extra=copy_slowdown(r, grouped + od_sum, h2d_overlap))
+    gpu = GpuCosts(fwd_fixed=cells.fwd_fixed.copy(), layer_fixed=cells.layer_fixed.copy(), grouped=grouped,
+                   od_compute_sum=od_sum, slow_extra=copy_slowdown(r, grouped + od_sum, h2d_overlap))
     copies = CopyCosts(sync_h2d=sync * r.expert_copy_s, demote_d2h=n_demote * r.expert_demote_s,
                        async_h2d=n_async * r.expert_copy_s, n_async=n_async, act_d2h=act_d2h, res_h2d=res_h2d,
                        od_n=od_n, od_copy_sum=od_n * r.expert_copy_s)
@@ -215,17 +252,18 @@ def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) 
                         async_expert=async_e, async_release=async_release)
 
     expert_bytes = float(spec.expert_bytes)
-    act_bytes = float(cpu_tok.sum()) * r.act_bytes_per_pair
-    all_copies = int(sync.sum()) + n_async_counted + int(od_n.sum())
     cpu_tokens = float(cpu_tok.sum())
+    act_bytes = cpu_tokens * r.act_bytes_per_pair
+    n_sync = int(sync.sum())
+    all_copies = n_sync + n_async_counted + int(od_g.size)
     counts = {
         "gpu_tokens": cells.tokens_sum - cpu_tokens,
         "cpu_tokens": cpu_tokens,
         "routed_pairs": cells.tokens_sum,
         "h2d_bytes": all_copies * expert_bytes + act_bytes,
-        "d2h_bytes": float(n_demote.sum()) * expert_bytes + act_bytes,
+        "d2h_bytes": float(demoted.size) * expert_bytes + act_bytes,
         "expert_copies": float(all_copies),
-        "refresh_copies": float(int(sync.sum()) + n_async_counted),
+        "refresh_copies": float(n_sync + n_async_counted),
     }
     costs = ScheduleCosts(forwards=F, layers=L, experts=E, rates=r, gpu=gpu, copies=copies, cpu=cpu, items=items,
                           counts=counts, flags=sorted(hw.flags))
@@ -233,6 +271,27 @@ def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) 
         factor = charge_contention(r, gpu, cpu, costs.cpu_span())
         items.cpu_time = items.cpu_time * factor[cpu_g]
     return costs
+
+
+def byte_cells(a: np.ndarray, value: int | None = None) -> np.ndarray:
+    """Flat indices (ascending) of the cells of a one-byte array (int8, bool) that are nonzero, or
+    equal to `value`. A plain scan costs about 0.4 ns a cell; schedules mark few cells, so 8 cells
+    are tested per uint64 word first and only the words that may hold one are looked at."""
+    flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    head = flat.size - flat.size % 8
+    words = flat[:head].view(np.uint64)
+    if value is not None:          # a byte equal to value != 0 shares a set bit with it
+        words = words & np.uint64(int.from_bytes(bytes([value]) * 8, "little"))
+    hot = np.flatnonzero(words != 0)
+    if 4 * hot.size > words.size:                          # not sparse: the plain scan is cheaper
+        return np.flatnonzero(flat != 0 if value is None else flat == value)
+    found = flat[:head].view(np.uint64)[hot].view(np.uint8)     # the hot words' 8 cells each
+    k = np.flatnonzero(found != 0 if value is None else found == value)
+    out = hot[k >> 3] * 8 + (k & 7)
+    if head == flat.size:
+        return out
+    rest = flat[head:]
+    return np.concatenate([out, head + np.flatnonzero(rest != 0 if value is None else rest == value)])
 
 
 def _cpu_costs(cpu_g: np.ndarray, cpu_time: np.ndarray, groups: int) -> CpuCosts:
