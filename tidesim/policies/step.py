@@ -23,7 +23,7 @@ from tidesim.errors import InputError
 from tidesim.models import ModelSpec
 from tidesim.policies.base import PolicyOptions
 from tidesim.policies.residency import checked_static_set, commit_forwards, static_set
-from tidesim.schedule import CPU, GPU, IDLE, NO_COPY, Schedule
+from tidesim.schedule import CPU, GPU, IDLE, NO_COPY, Schedule, SparseCells
 from tidesim.workload import Workload
 
 PHASES = ("prefill", "step", "commit")
@@ -216,11 +216,12 @@ class ScheduleRecorder:
         """The Schedule of every forward recorded so far."""
         shape = (0, self.layers, self.experts)
         stack = lambda xs, dt: np.stack(xs) if xs else np.zeros(shape, dtype=dt)  # noqa: E731
+        placement, copy, demote = stack(self.placement, np.int8), stack(self.copy, np.int8), stack(self.demote, bool)
         out = Schedule(
             policy=policy.name, budget=policy.budget.copy(), initial_resident=policy.initial.copy(),
-            placement=stack(self.placement, np.int8), copy=stack(self.copy, np.int8),
-            demote=stack(self.demote, bool), resident=stack(self.resident, bool), params=policy.params(),
-            is_bound=policy.is_bound, feasible=policy.feasible,
+            placement=placement, copy=copy, demote=demote, resident=stack(self.resident, bool),
+            params=policy.params(), is_bound=policy.is_bound, feasible=policy.feasible,
+            cells=SparseCells.of(copy, placement, demote),
         )
         return policy.finish(out)
 

@@ -31,7 +31,7 @@ from tidesim.layermodel import (
     ondemand_compute,
     per_count,
 )
-from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, COPY_SYNC_REFRESH, CPU, Schedule
+from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, COPY_SYNC_REFRESH, Schedule
 from tidesim.sim.lpt import lpt_makespans
 from tidesim.workload import Workload
 
@@ -200,10 +200,9 @@ def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) 
     G = F * L
     r = Rates.of(hw, spec)
     cells = _cells(workload, hw, r)
-    # the dense arrays are scanned once, a word of 8 cells at a time; the rest runs on the few cells found
-    copy_idx = byte_cells(schedule.copy)
-    copy_kind = schedule.copy.reshape(-1)[copy_idx]
-    cpu_cells = byte_cells(schedule.placement, CPU)
+    # the few cells with work off the grouped kernel (Schedule.sparse: the builder's, or one scan)
+    sparse = schedule.sparse()
+    copy_idx, copy_kind, cpu_cells = sparse.copy, sparse.copy_kind, sparse.cpu
     on_cpu = cells.position[cpu_cells]
     if on_cpu.size and on_cpu.min() < 0:                 # only activated experts run anywhere
         cpu_cells, on_cpu = cpu_cells[on_cpu >= 0], on_cpu[on_cpu >= 0]
@@ -235,7 +234,7 @@ def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) 
     if schedule.free_async_copies:      # a bound's ideal prefetch: counted, never charged
         n_async = np.zeros(G, dtype=np.int64)
         async_g = async_e = async_release = np.zeros(0, dtype=np.int64)
-    demoted = byte_cells(schedule.demote)
+    demoted = sparse.demote
     n_demote = np.bincount(demoted // E, minlength=G)
     od_n = np.bincount(od_g, minlength=G)
     od_sum = np.bincount(od_g, weights=od_time, minlength=G)
@@ -271,27 +270,6 @@ def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) 
         factor = charge_contention(r, gpu, cpu, costs.cpu_span())
         items.cpu_time = items.cpu_time * factor[cpu_g]
     return costs
-
-
-def byte_cells(a: np.ndarray, value: int | None = None) -> np.ndarray:
-    """Flat indices (ascending) of the cells of a one-byte array (int8, bool) that are nonzero, or
-    equal to `value`. A plain scan costs about 0.4 ns a cell; schedules mark few cells, so 8 cells
-    are tested per uint64 word first and only the words that may hold one are looked at."""
-    flat = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-    head = flat.size - flat.size % 8
-    words = flat[:head].view(np.uint64)
-    if value is not None:          # a byte equal to value != 0 shares a set bit with it
-        words = words & np.uint64(int.from_bytes(bytes([value]) * 8, "little"))
-    hot = np.flatnonzero(words != 0)
-    if 4 * hot.size > words.size:                          # not sparse: the plain scan is cheaper
-        return np.flatnonzero(flat != 0 if value is None else flat == value)
-    found = flat[:head].view(np.uint64)[hot].view(np.uint8)     # the hot words' 8 cells each
-    k = np.flatnonzero(found != 0 if value is None else found == value)
-    out = hot[k >> 3] * 8 + (k & 7)
-    if head == flat.size:
-        return out
-    rest = flat[head:]
-    return np.concatenate([out, head + np.flatnonzero(rest != 0 if value is None else rest == value)])
 
 
 def _cpu_costs(cpu_g: np.ndarray, cpu_time: np.ndarray, groups: int) -> CpuCosts:
