@@ -27,11 +27,10 @@ from tidesim.sim.costs import ScheduleCosts
 from tidesim.workload import Workload
 
 
-def _layer_parts(c: ScheduleCosts, od: OnDemand | None, async_wait: np.ndarray | None = None,
+def _layer_parts(c: ScheduleCosts, od: OnDemand | None, pool: np.ndarray, async_wait: np.ndarray | None = None,
                  block: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Per layer-forward phases from the layer model, with the CPU pool at its bound."""
-    return layer_phases(c.rates, c.gpu, c.copies, c.cpu.n, cpu_pool_bound(c.rates, c.cpu), od, c.layers,
-                        async_wait, block)
+    """Per layer-forward phases from the layer model, with the CPU pool at its bound `pool`."""
+    return layer_phases(c.rates, c.gpu, c.copies, c.cpu.n, pool, od, c.layers, async_wait, block)
 
 
 def _demand_after_sync(c: ScheduleCosts) -> np.ndarray:
@@ -101,13 +100,14 @@ def _estimate(c: ScheduleCosts) -> tuple[RunTimes, float]:
     """The estimate and the lower bound it was checked against."""
     tail = 0.0
     od = c.ondemand() if c.items.od_g.size else None
-    parts = _layer_parts(c, od)
+    pool = cpu_pool_bound(c.rates, c.cpu)
+    parts = _layer_parts(c, od, pool)
     if c.copies.n_async.any():
         wait, block, tail = _async_wait(c, parts)
-        parts = _layer_parts(c, od, wait, block)
+        parts = _layer_parts(c, od, pool, wait, block)
     layer = parts["layer"]
     total = float(c.gpu.fwd_fixed.sum() + layer.sum() + tail)
-    bound = lower_bound(c)
+    bound = _lower_bound(c, pool, parts["fixed"], parts["gpu_work"])
     if total < bound:           # the fluid queue can undercount a saturated copy engine
         tail += bound - total
         total = bound
@@ -127,17 +127,23 @@ def lower_bound(c: ScheduleCosts) -> float:
     """No execution of this schedule is faster: per layer, fixed work + sync phase + the longest
     of (GPU expert work, on-demand copies then the cheapest on-demand expert, the CPU chain, the
     H2D engine's demand copies); over the run, neither copy engine can be busier than the total."""
+    g = c.gpu
+    return _lower_bound(c, cpu_pool_bound(c.rates, c.cpu), np.repeat(g.layer_fixed, c.layers),
+                        g.grouped + g.slow_extra + g.od_compute_sum)
+
+
+def _lower_bound(c: ScheduleCosts, pool: np.ndarray, fixed: np.ndarray, gpu: np.ndarray) -> float:
+    """lower_bound with the CPU pool's bound, the fixed work and the GPU expert work per
+    layer-forward as the layer phases have them already."""
     r, g, cp = c.rates, c.gpu, c.copies
-    fixed = np.repeat(g.layer_fixed, c.layers)
-    cpu_chain = np.where(c.cpu.n > 0, cp.act_d2h + cpu_pool_bound(r, c.cpu) + cp.res_h2d, 0.0)
-    od_min = np.full(c.groups, np.inf)
-    if c.items.od_g.size:
-        np.minimum.at(od_min, c.items.od_g, c.items.od_compute)
-    od_chain = np.where(cp.od_n > 0, cp.od_copy_sum + od_min, 0.0)
+    cpu_chain = np.where(c.cpu.n > 0, cp.act_d2h + pool + cp.res_h2d, 0.0)
     h2d_chain = cp.od_copy_sum + cp.res_h2d + (cp.act_d2h if r.engines == 1 else 0.0)
-    gpu = g.grouped + g.slow_extra + g.od_compute_sum
-    per_layer = fixed + sync_phase(r, cp.sync_h2d, cp.demote_d2h) + np.maximum.reduce([gpu, od_chain, cpu_chain,
-                                                                                       h2d_chain])
+    chains = [gpu, cpu_chain, h2d_chain]
+    if c.items.od_g.size:          # all chains are >= 0: without on-demand copies this one is all 0
+        od_min = np.full(c.groups, np.inf)
+        np.minimum.at(od_min, c.items.od_g, c.items.od_compute)
+        chains.append(np.where(cp.od_n > 0, cp.od_copy_sum + od_min, 0.0))
+    per_layer = fixed + sync_phase(r, cp.sync_h2d, cp.demote_d2h) + np.maximum.reduce(chains)
     layered = float(g.fwd_fixed.sum() + per_layer.sum())
     h2d_all = float(cp.sync_h2d.sum() + cp.async_h2d.sum() + cp.od_copy_sum.sum() + cp.res_h2d.sum())
     d2h_all = float(cp.demote_d2h.sum() + cp.act_d2h.sum())

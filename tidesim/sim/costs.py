@@ -202,32 +202,28 @@ def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) 
     cells = _cells(workload, hw, r)
     # the few cells with work off the grouped kernel (Schedule.sparse: the builder's, or one scan)
     sparse = schedule.sparse()
-    copy_idx, copy_kind, cpu_cells = sparse.copy, sparse.copy_kind, sparse.cpu
-    on_cpu = cells.position[cpu_cells]
-    if on_cpu.size and on_cpu.min() < 0:                 # only activated experts run anywhere
-        cpu_cells, on_cpu = cpu_cells[on_cpu >= 0], on_cpu[on_cpu >= 0]
-    is_od = copy_kind == COPY_ON_DEMAND
-    od = np.searchsorted(cells.idx, copy_idx[is_od]) if is_od.any() else np.zeros(0, np.int64)   # run on the GPU
-    cpu_g = cpu_cells // E
-    cpu_e = cpu_cells - cpu_g * E
-    cpu_tok = cells.tokens[on_cpu]
-    cpu_time = cells.cpu[on_cpu]
-    od_g, od_e = np.divmod(cells.idx[od], E)
+    copy_idx, copy_kind = sparse.copy, sparse.copy_kind
+    cs = _cpu_side(cells, sparse.cpu, E, G)
+    cpu_g, cpu_time = cs.g, cs.time
+    kinds = np.bincount(copy_kind, minlength=4)
+    od = (np.searchsorted(cells.idx, copy_idx[copy_kind == COPY_ON_DEMAND]) if kinds[COPY_ON_DEMAND]
+          else np.zeros(0, np.int64))                                  # on-demand experts run on the GPU
+    od_g, od_e = _split(cells.idx[od], E)
     od_time = ondemand_compute(r, cells.gpu_full[od])
+    od_n = np.bincount(od_g, minlength=G)
+    od_sum = np.bincount(od_g, weights=od_time, minlength=G)
     # grouped kernel: every activated expert's share minus those on the CPU or on demand
-    off_g = np.concatenate([cpu_g, od_g])
-    off_share = cells.share[np.concatenate([on_cpu, od])]
-    grp_sum = cells.share_sum - np.bincount(off_g, weights=off_share, minlength=G)
-    grp_n = cells.n_active - np.bincount(off_g, minlength=G)
+    off_share = np.concatenate([cs.share, cells.share[od]])
+    grp_sum = cells.share_sum - np.bincount(np.concatenate([cpu_g, od_g]), weights=off_share, minlength=G)
+    grp_n = cells.n_active - cs.costs.n - od_n
     grp_sum = np.where(grp_n > 0, np.maximum(grp_sum, 0.0), 0.0)
     grouped = grouped_kernel(r, grp_sum, grp_n)
+    act_d2h, res_h2d = activation_copies(r, hw, cs.pairs)
 
-    cpu_pairs = np.bincount(cpu_g, weights=cpu_tok, minlength=G)
-    act_d2h, res_h2d = activation_copies(r, hw, cpu_pairs)
-
-    is_async = copy_kind == COPY_ASYNC_REFRESH
-    sync = np.bincount(copy_idx[copy_kind == COPY_SYNC_REFRESH] // E, minlength=G)
-    async_g, async_e = np.divmod(copy_idx[is_async], E)
+    sync_idx = copy_idx if kinds[COPY_SYNC_REFRESH] == copy_idx.size else copy_idx[copy_kind == COPY_SYNC_REFRESH]
+    sync = np.bincount(_split(sync_idx, E)[0], minlength=G)
+    async_g, async_e = (_split(copy_idx[copy_kind == COPY_ASYNC_REFRESH], E) if kinds[COPY_ASYNC_REFRESH]
+                        else (np.zeros(0, np.int64), np.zeros(0, np.int64)))
     od_release, async_release = copy_releases(schedule, copy_idx, copy_kind)
     n_async = np.bincount(async_g, minlength=G)
     n_async_counted = int(async_g.size)
@@ -235,9 +231,7 @@ def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) 
         n_async = np.zeros(G, dtype=np.int64)
         async_g = async_e = async_release = np.zeros(0, dtype=np.int64)
     demoted = sparse.demote
-    n_demote = np.bincount(demoted // E, minlength=G)
-    od_n = np.bincount(od_g, minlength=G)
-    od_sum = np.bincount(od_g, weights=od_time, minlength=G)
+    n_demote = np.bincount(_split(demoted, E)[0], minlength=G)
 
     h2d_overlap = od_n * r.expert_copy_s + n_async * r.expert_copy_s + res_h2d
     gpu = GpuCosts(fwd_fixed=cells.fwd_fixed.copy(), layer_fixed=cells.layer_fixed.copy(), grouped=grouped,
@@ -245,13 +239,13 @@ def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) 
     copies = CopyCosts(sync_h2d=sync * r.expert_copy_s, demote_d2h=n_demote * r.expert_demote_s,
                        async_h2d=n_async * r.expert_copy_s, n_async=n_async, act_d2h=act_d2h, res_h2d=res_h2d,
                        od_n=od_n, od_copy_sum=od_n * r.expert_copy_s)
-    cpu = _cpu_costs(cpu_g, cpu_time, G)
-    items = ExpertItems(cpu_g=cpu_g, cpu_expert=cpu_e, cpu_time=cpu_time, od_g=od_g, od_expert=od_e,
+    cpu = cs.costs
+    items = ExpertItems(cpu_g=cpu_g, cpu_expert=cs.expert, cpu_time=cpu_time, od_g=od_g, od_expert=od_e,
                         od_compute=od_time, od_release=od_release, async_g=async_g,
                         async_expert=async_e, async_release=async_release)
 
     expert_bytes = float(spec.expert_bytes)
-    cpu_tokens = float(cpu_tok.sum())
+    cpu_tokens = cs.tokens
     act_bytes = cpu_tokens * r.act_bytes_per_pair
     n_sync = int(sync.sum())
     all_copies = n_sync + n_async_counted + int(od_g.size)
@@ -272,13 +266,43 @@ def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) 
     return costs
 
 
-def _cpu_costs(cpu_g: np.ndarray, cpu_time: np.ndarray, groups: int) -> CpuCosts:
-    """Per layer-forward sum, longest, shortest and count of the CPU tasks."""
-    longest = np.zeros(groups)
-    shortest = np.zeros(groups)
-    if cpu_g.size:
-        starts = np.flatnonzero(np.concatenate([[True], cpu_g[1:] != cpu_g[:-1]]))
-        longest[cpu_g[starts]] = np.maximum.reduceat(cpu_time, starts)
-        shortest[cpu_g[starts]] = np.minimum.reduceat(cpu_time, starts)
-    return CpuCosts(total=np.bincount(cpu_g, weights=cpu_time, minlength=groups), longest=longest,
-                    shortest=shortest, n=np.bincount(cpu_g, minlength=groups))
+@dataclass
+class _CpuSide:
+    """The experts that run on the CPU: per task (sorted by g, expert) and per layer-forward."""
+
+    g: np.ndarray
+    expert: np.ndarray
+    time: np.ndarray             # one worker
+    share: np.ndarray            # their grouped-kernel shares (not run on the GPU)
+    pairs: np.ndarray            # [G] routed (token, expert) pairs
+    tokens: float
+    costs: CpuCosts
+
+
+def _cpu_side(cells: _Cells, cpu_cells: np.ndarray, experts: int, groups: int) -> _CpuSide:
+    """Per layer-forward count, sum, longest and shortest of the CPU tasks, and their routed pairs;
+    the float sums in task order (bincount), as every engine has charged them."""
+    at = cells.position[cpu_cells]
+    if at.size and at.min() < 0:                       # only activated experts run anywhere
+        cpu_cells, at = cpu_cells[at >= 0], at[at >= 0]
+    g, expert = _split(cpu_cells, experts)
+    time, tok = cells.cpu[at], cells.tokens[at]
+    n = np.zeros(groups, np.int64)
+    longest, shortest, pairs = np.zeros(groups), np.zeros(groups), np.zeros(groups)
+    if g.size:
+        starts = np.flatnonzero(np.concatenate([[True], g[1:] != g[:-1]]))
+        gid = g[starts]
+        n[gid] = np.diff(np.append(starts, g.size))
+        longest[gid] = np.maximum.reduceat(time, starts)
+        shortest[gid] = np.minimum.reduceat(time, starts)
+        pairs[gid] = np.add.reduceat(tok, starts)      # integers: exact in any order
+    costs = CpuCosts(total=np.bincount(g, weights=time, minlength=groups), longest=longest, shortest=shortest, n=n)
+    return _CpuSide(g, expert, time, cells.share[at], pairs, float(tok.sum()), costs)
+
+
+def _split(flat: np.ndarray, experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """(layer-forward, expert) of flat cell indices; shifts when the experts are a power of two."""
+    if experts & (experts - 1) == 0:
+        shift = experts.bit_length() - 1
+        return flat >> shift, flat & (experts - 1)
+    return np.divmod(flat, experts)
