@@ -244,6 +244,40 @@ def test_cost_table_equals_tide_runs_through_the_cost_model(hw: HardwareProfile)
                                                                                          rel=1e-12)
 
 
+def test_residency_pass_is_tide_sync_schedule() -> None:
+    # the hardware-independent pass (planner.occupancy) keeps exactly the experts tide runs on the
+    # GPU and counts exactly its refresh copies, for every (tau, budget) stepped together
+    from tidesim.planner.occupancy import cell_pairs, residencies
+    from tidesim.schedule import COPY_SYNC_REFRESH, GPU
+
+    w = tiny_workload()
+    options = [(1, 1), (2, 4), (3, 9), (20, 16), (2, 0)]
+    pairs = cell_pairs(w)
+    for (tau, b), res in zip(options, residencies(w, options, max_cells=300), strict=True):
+        s = build_schedule("tide", w, PolicyOptions(budget=uniform(b, w.num_layers), tau=uniform(tau, w.num_layers),
+                                                    hw=h100()))
+        on_gpu = s.placement.reshape(-1)[pairs.cells] == GPU
+        np.testing.assert_array_equal(res.gpu_cells(pairs.cells.size), on_gpu)
+        np.testing.assert_array_equal(res.gpu_mult, np.bincount(pairs.cell_pair[on_gpu], minlength=pairs.g.size))
+        np.testing.assert_array_equal(res.copies, (s.copy == COPY_SYNC_REFRESH).sum(axis=2).reshape(-1))
+
+
+def test_cost_table_reuses_the_residency_for_other_profiles() -> None:
+    # a second profile on the same workload object reads the kept residency: the same table as on
+    # a fresh workload object, and a profile that differs only in PCIe changes only the copies
+    import dataclasses
+
+    w = tiny_workload()
+    taus, budgets = [1, 2, 3, 32], [2, 6]
+    slow = get_profile("h100-sxm-pcie5").scaled(pcie=0.25, cpu_cores=2.0)
+    cost_table(w, h100(), taus, budgets)
+    for hw in (slow, h100(workers=1), _contended()):
+        again = cost_table(w, hw, taus, budgets)
+        fresh = cost_table(dataclasses.replace(w), hw, taus, budgets)
+        np.testing.assert_array_equal(again.layer_cost_s, fresh.layer_cost_s)
+        assert again.other_s == fresh.other_s
+
+
 @given(st.lists(st.sampled_from([1, 2, 5]), min_size=3, max_size=3),
        st.lists(st.sampled_from([2, 6, 12]), min_size=3, max_size=3))
 def test_layers_are_additive(taus: list[int], budgets: list[int]) -> None:

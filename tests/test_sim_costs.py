@@ -8,11 +8,13 @@ import dataclasses
 
 import numpy as np
 import pytest
-from simkit import MS, all_cpu, blank, profile, random_schedule, workload
+from simkit import MS, SPEC, all_cpu, blank, profile, random_schedule, workload
 
-from tidesim.hardware import HardwareProfile
+from tidesim.hardware import HardwareProfile, get_profile
+from tidesim.models import PRESETS
+from tidesim.policies import PolicyOptions, build_schedule, uniform
 from tidesim.run import run
-from tidesim.schedule import CPU, GPU
+from tidesim.schedule import CPU, GPU, SparseCells, byte_cells
 from tidesim.sim.costs import schedule_costs
 
 
@@ -124,3 +126,78 @@ def test_cached_cell_costs_equal_fresh_ones() -> None:
                 if value is not None:
                     np.testing.assert_array_equal(getattr(getattr(got, part), name), value)
         assert got.counts == first.counts and got.flags == first.flags
+
+
+def test_curve_keys_ignore_what_the_curves_do_not_read() -> None:
+    """The per-workload cell times are shared between profiles with equal expert-time keys: a
+    what-if's PCIe bandwidth or GPU memory leaves both keys alone, anything a curve reads does not."""
+    base = get_profile("h100-sxm-pcie5")
+    spec = PRESETS["llada2-flash"]
+    same = base.scaled(pcie=0.25, gpu_memory_gib=48)
+    for side in ("gpu", "cpu"):
+        assert base.expert_time_key(side, spec) == same.expert_time_key(side, spec)
+    assert base.expert_time_key("cpu", spec) != base.scaled(cpu_cores=2).expert_time_key("cpu", spec)
+    assert base.expert_time_key("gpu", spec) == base.scaled(cpu_cores=2).expert_time_key("gpu", spec)
+    assert base.expert_time_key("gpu", spec) != base.scaled(gpu_speed=2).expert_time_key("gpu", spec)
+    workers = dataclasses.replace(base, cpu=dataclasses.replace(base.cpu, workers=base.cpu.workers + 1))
+    assert base.expert_time_key("cpu", spec) != workers.expert_time_key("cpu", spec)
+    # a measured curve: its points are the key, the roofline constants no longer matter
+    hw = profile()
+    measured = dataclasses.replace(hw, gpu=dataclasses.replace(hw.gpu, bf16_tflops=1.0))
+    assert hw.expert_time_key("gpu", SPEC) == measured.expert_time_key("gpu", SPEC)
+    slower = hw.scaled(gpu_speed=0.5)
+    assert hw.expert_time_key("gpu", SPEC) != slower.expert_time_key("gpu", SPEC)
+
+
+def test_cached_costs_follow_the_curves_and_replay_their_flags() -> None:
+    """Profiles that differ only where the curves do not read share the cached times; those that
+    differ where they read get their own; every profile reports the flags its costs raise, also
+    when it carried some of them already when the times were first evaluated."""
+    w = workload([[[1, 0, 2, 3], [0, 3, 1, 1]], [[2, 2, 0, 1], [1, 0, 4, 1]]])
+    sched = random_schedule(w, budget=2, seed=5)
+    hw = profile(workers=2)
+    roofline = dataclasses.replace(hw, cpu=dataclasses.replace(hw.cpu, expert_ffn=[]), flags=set())   # estimated
+    costed = [roofline.scaled(pcie=4.0), roofline.scaled(cpu_cores=2.0), hw]
+    roofline.flags.add("cpu.expert_ffn[16x8]: roofline estimate (shape not measured)")   # carried already
+    schedule_costs(w, sched, roofline)
+    for other in costed:
+        got, fresh = schedule_costs(w, sched, other), schedule_costs(dataclasses.replace(w), sched, other)
+        np.testing.assert_array_equal(got.cpu.total, fresh.cpu.total)
+        np.testing.assert_array_equal(got.items.cpu_time, fresh.items.cpu_time)
+        assert got.flags == fresh.flags
+    assert any(f.startswith("cpu.expert_ffn") for f in schedule_costs(w, sched, costed[0]).flags)
+    assert not any(f.startswith("cpu.expert_ffn") for f in schedule_costs(w, sched, hw).flags)
+
+
+@pytest.mark.parametrize("value", [None, 1, 2, 3])
+@pytest.mark.parametrize("size", [0, 5, 64, 1001])
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.3, 1.0])
+def test_byte_cells_equals_a_plain_scan(value: int | None, size: int, density: float) -> None:
+    rng = np.random.default_rng(size)
+    a = np.where(rng.random(size) < density, rng.integers(1, 4, size), 0).astype(np.int8)
+    want = np.flatnonzero(a) if value is None else np.flatnonzero(a == value)
+    np.testing.assert_array_equal(byte_cells(a, value), want)
+    np.testing.assert_array_equal(byte_cells(a.reshape(1, -1)[:, ::-1].copy()[:, ::-1], value), want)
+    np.testing.assert_array_equal(byte_cells(a != 0), np.flatnonzero(a))
+
+
+@pytest.mark.parametrize("policy", ["tide", "fiddler", "full-swap"])
+def test_builder_record_equals_a_scan_and_guards_its_arrays(policy: str) -> None:
+    """The builder's sparse record (Schedule.cells) is what a scan finds; the arrays it indexes are
+    read-only, and a schedule given other arrays is scanned again."""
+    w = workload([[[1, 0, 2, 3], [0, 3, 1, 1]], [[2, 2, 0, 1], [1, 0, 4, 1]], [[0, 2, 2, 1], [1, 1, 4, 0]]])
+    hw = profile(workers=2)
+    s = build_schedule(policy, w, PolicyOptions(budget=uniform(2, 2), tau=uniform(1, 2), hw=hw))
+    assert s.cells is not None and s.sparse() is s.cells
+    scan = SparseCells.scan(s.copy, s.placement, s.demote)
+    for name in ("copy", "copy_kind", "cpu", "demote"):
+        np.testing.assert_array_equal(getattr(s.cells, name), getattr(scan, name))
+    with pytest.raises(ValueError):
+        s.placement[0, 0, 0] = CPU
+    changed = dataclasses.replace(s, placement=s.placement.copy())
+    changed.placement[w.expert_tokens > 0] = CPU
+    assert changed.sparse() is not s.cells
+    np.testing.assert_array_equal(changed.sparse().cpu, np.flatnonzero(w.expert_tokens > 0))
+    plain = dataclasses.replace(s, cells=None)
+    for engine in ("sim", "analytic"):
+        assert run(w, plain, hw, engine=engine) == run(w, s, hw, engine=engine)

@@ -329,3 +329,25 @@ def test_planned_point_runs_the_solved_per_layer_plan(tmp_path):
     # in-sample the plan is never slower than tide at tau 2 with the same memory's uniform budget
     assert df.loc["tide", "budget_used"] == plan["slots"] // model.num_moe_layers < model.num_experts
     assert df.loc["planned", "tokens_per_s"] >= df.loc["tide", "tokens_per_s"] * (1 - 1e-9)
+
+
+def test_best_tau_is_searched_once_per_workload_profile_and_budget(tmp_path, monkeypatch):
+    # tide and tide-reference on one profile share the search; rows equal those evaluated with
+    # nothing kept, flags (notes) included
+    import tidesim.default_tau
+    from tidesim.sweep import runner
+
+    g = parse_grid({"parameters": {"model": "tiny", "gen_length": 64, "prompts": 2, "prompt_length": 40,
+                                   "budget": 6, "pcie_gbs": [4, 64], "policy": ["tide", "tide-reference"]}})
+    calls = []
+    search = tidesim.default_tau.best_tau
+    monkeypatch.setattr(tidesim.default_tau, "best_tau", lambda *a, **k: calls.append(a[1]) or search(*a, **k))
+    uncached = {}
+    for point in g.points:
+        runner._TAUS.clear()
+        uncached[point.id] = runner.evaluate_row(point, tmp_path, evaluate_point)
+    assert len(calls) == len(g.points)
+    calls.clear()
+    runner._TAUS.clear()
+    cached = {p.id: runner.evaluate_row(p, tmp_path, evaluate_point) for p in g.points}
+    assert cached == uncached and len(calls) == 2
