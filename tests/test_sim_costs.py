@@ -189,7 +189,7 @@ def test_builder_record_equals_a_scan_and_guards_its_arrays(policy: str) -> None
     hw = profile(workers=2)
     s = build_schedule(policy, w, PolicyOptions(budget=uniform(2, 2), tau=uniform(1, 2), hw=hw))
     assert s.cells is not None and s.sparse() is s.cells
-    scan = SparseCells.scan(s.copy, s.placement, s.demote)
+    scan = SparseCells.scan(s)
     for name in ("copy", "copy_kind", "cpu", "demote"):
         np.testing.assert_array_equal(getattr(s.cells, name), getattr(scan, name))
     with pytest.raises(ValueError):

@@ -201,10 +201,14 @@ def copy_releases(schedule: Schedule, copy_idx: np.ndarray | None = None, copy_k
     if copy_idx is None:
         copy_idx = np.flatnonzero(flat_copy != 0)
     kind = flat_copy[copy_idx] if copy_kind is None else copy_kind
-    od_idx, as_idx = copy_idx[kind == COPY_ON_DEMAND], copy_idx[kind == COPY_ASYNC_REFRESH]
+    is_od, is_as = kind == COPY_ON_DEMAND, kind == COPY_ASYNC_REFRESH
+    od_idx, as_idx = copy_idx[is_od], copy_idx[is_as]
     if schedule.free_async_copies or od_idx.size + as_idx.size == 0:
         return np.full(od_idx.size, FREE_NOW, np.int64), np.full(as_idx.size, FREE_NOW, np.int64)
-    rows = np.unique(copy_idx // E)                       # layer-forwards with any copy, in g order
+    copy_g = copy_idx // E                                # ascending (copy_idx is)
+    first = np.concatenate([[True], copy_g[1:] != copy_g[:-1]])
+    rows = copy_g[first]                                  # layer-forwards with any copy, in g order
+    row_of = np.cumsum(first) - 1                         # each copy's position in rows
     f, layer = np.divmod(rows, L)
     resident = schedule.resident.reshape(F * L, E)
     before = np.where((f > 0)[:, None], resident[np.maximum(rows - L, 0)], schedule.initial_resident[layer])
@@ -217,8 +221,7 @@ def copy_releases(schedule: Schedule, copy_idx: np.ndarray | None = None, copy_k
     free_base = (leaving & ~in_grouped).sum(axis=1) - n_before            # free slots = size + this
     n_sync = (copy == COPY_SYNC_REFRESH).sum(axis=1)
     deferred = in_grouped.sum(axis=1)
-    od_g = np.searchsorted(rows, od_idx // E)
-    as_g = np.searchsorted(rows, as_idx // E)
+    od_g, as_g = row_of[is_od], row_of[is_as]
     passing = ~after[od_g, od_idx % E]
     by_layer = np.lexsort((f, layer))                     # the pool of a layer carries over forwards
     size = size0.copy()
@@ -326,7 +329,9 @@ class OnDemand:
     def pad(cls, g_sorted: np.ndarray, compute: np.ndarray, release: np.ndarray) -> OnDemand:
         """From sparse lists sorted by g; columns ordered by how many experts they hold (most
         first, ties by g), so that the pipeline's k-th step reads a leading slice."""
-        rows, inverse, count = np.unique(g_sorted, return_inverse=True, return_counts=True)
+        first = np.concatenate([[True], g_sorted[1:] != g_sorted[:-1]]) if g_sorted.size else np.zeros(0, bool)
+        rows, inverse = g_sorted[first], np.cumsum(first) - 1
+        count = np.diff(np.append(np.flatnonzero(first), g_sorted.size))
         order = np.argsort(-count, kind="stable")
         col = np.empty_like(order)
         col[order] = np.arange(order.size)

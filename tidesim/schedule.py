@@ -23,8 +23,9 @@ forward starts. Executors count their bytes and copies but charge no time for th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -32,6 +33,7 @@ from tidesim.workload import Workload
 
 IDLE, GPU, CPU = 0, 1, 2
 NO_COPY, COPY_ON_DEMAND, COPY_SYNC_REFRESH, COPY_ASYNC_REFRESH = 0, 1, 2, 3
+T = TypeVar("T")
 
 
 @dataclass
@@ -55,9 +57,9 @@ class Schedule:
         """The cells of the copies, the CPU runs and the demotions: those the builder recorded
         (SparseCells.of) while the arrays are still the very, read-only, ones it indexed; else one
         scan of the arrays as they are now (not kept: they may change)."""
-        if self.cells is not None and self.cells.indexes(self.copy, self.placement, self.demote):
+        if self.cells is not None and self.cells.indexes(self):
             return self.cells
-        return SparseCells.scan(self.copy, self.placement, self.demote)
+        return SparseCells.scan(self)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -100,25 +102,40 @@ class SparseCells:
     copy_kind: np.ndarray
     cpu: np.ndarray
     demote: np.ndarray
-    arrays: tuple[np.ndarray, ...] = field(repr=False, compare=False)   # (copy, placement, demote) indexed
+    arrays: tuple[np.ndarray, ...] = field(repr=False, compare=False)   # the schedule's arrays it describes
+    derived: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)   # see memo()
+
+    @staticmethod
+    def _arrays(s: Schedule) -> tuple[np.ndarray, ...]:
+        return s.copy, s.placement, s.demote, s.resident, s.initial_resident, s.budget
 
     @classmethod
-    def scan(cls, copy: np.ndarray, placement: np.ndarray, demote: np.ndarray) -> SparseCells:
-        idx = byte_cells(copy)
-        return cls(idx, copy.reshape(-1)[idx], byte_cells(placement, CPU), byte_cells(demote),
-                   (copy, placement, demote))
+    def scan(cls, s: Schedule) -> SparseCells:
+        idx = byte_cells(s.copy)
+        return cls(idx, s.copy.reshape(-1)[idx], byte_cells(s.placement, CPU), byte_cells(s.demote), cls._arrays(s))
 
     @classmethod
-    def of(cls, copy: np.ndarray, placement: np.ndarray, demote: np.ndarray) -> SparseCells:
-        """The builder's record: the arrays become read-only, so that it stays true."""
-        for a in (copy, placement, demote):
+    def of(cls, s: Schedule) -> SparseCells:
+        """The builder's record of its new schedule: the arrays become read-only, so that it stays true."""
+        for a in cls._arrays(s):
             a.flags.writeable = False
-        return cls.scan(copy, placement, demote)
+        return cls.scan(s)
 
-    def indexes(self, copy: np.ndarray, placement: np.ndarray, demote: np.ndarray) -> bool:
-        """Whether this record still describes these arrays: the same objects, never writable since."""
-        return all(a is b and not a.flags.writeable for a, b in zip((copy, placement, demote), self.arrays,
-                                                                     strict=True))
+    def indexes(self, s: Schedule) -> bool:
+        """Whether this record still describes the schedule's arrays: the same objects, never
+        writable since."""
+        return all(a is b and not a.flags.writeable for a, b in zip(self._arrays(s), self.arrays, strict=True))
+
+    def memo(self, key: str, fn: Callable[[], T]) -> T:
+        """fn(), kept with the record: for what follows from the (frozen) arrays alone, such as the
+        copies' slot releases, which every profile of a sweep would otherwise derive again."""
+        if key not in self.derived:
+            value = fn()
+            for a in value if isinstance(value, tuple) else (value,):
+                if isinstance(a, np.ndarray):
+                    a.flags.writeable = False          # shared by every caller from now on
+            self.derived[key] = value
+        return self.derived[key]
 
 
 def byte_cells(a: np.ndarray, value: int | None = None) -> np.ndarray:

@@ -221,8 +221,8 @@ class ScheduleRecorder:
             policy=policy.name, budget=policy.budget.copy(), initial_resident=policy.initial.copy(),
             placement=placement, copy=copy, demote=demote, resident=stack(self.resident, bool),
             params=policy.params(), is_bound=policy.is_bound, feasible=policy.feasible,
-            cells=SparseCells.of(copy, placement, demote),
         )
+        out.cells = SparseCells.of(out)
         return policy.finish(out)
 
 

@@ -224,7 +224,11 @@ def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) 
     sync = np.bincount(_split(sync_idx, E)[0], minlength=G)
     async_g, async_e = (_split(copy_idx[copy_kind == COPY_ASYNC_REFRESH], E) if kinds[COPY_ASYNC_REFRESH]
                         else (np.zeros(0, np.int64), np.zeros(0, np.int64)))
-    od_release, async_release = copy_releases(schedule, copy_idx, copy_kind)
+    if kinds[COPY_ON_DEMAND] + kinds[COPY_ASYNC_REFRESH]:      # the slot rule follows from the schedule alone
+        od_release, async_release = sparse.memo(f"releases {schedule.free_async_copies}",
+                                                lambda: copy_releases(schedule, copy_idx, copy_kind))
+    else:
+        od_release = async_release = np.zeros(0, np.int64)
     n_async = np.bincount(async_g, minlength=G)
     n_async_counted = int(async_g.size)
     if schedule.free_async_copies:      # a bound's ideal prefetch: counted, never charged
