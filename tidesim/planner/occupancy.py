@@ -68,11 +68,12 @@ def residencies(workload: Workload, options: list[tuple[int, int]], max_cells: i
                 progress: Callable[[Iterable[int]], Iterable[int]] | None = None) -> list[Residency]:
     """tide's residency for every (tau, budget) option, from the per-workload cache where an earlier
     call stepped it (a sweep asks again for each profile); new ones are stepped together, vectorised
-    over (option, layer, expert), at most max_cells options x layers x experts per step."""
+    over (option, layer, expert), at most max_cells options x layers x experts per step (and
+    8 x max_cells options x activated cells)."""
     entry = _entry(workload)
     missing = [o for o in dict.fromkeys(options) if o not in entry.options]
     per_chunk = max(1, min(max_cells // max(1, workload.num_layers * workload.num_experts),
-                           max_cells // max(1, entry.pairs.cells.size)))
+                           8 * max_cells // max(1, entry.pairs.cells.size)))     # bool per option and cell
     chunks = [missing[i:i + per_chunk] for i in range(0, len(missing), per_chunk)]
     indices: Iterable[int] = range(len(chunks))
     if progress is not None:

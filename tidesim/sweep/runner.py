@@ -344,6 +344,28 @@ def evaluate_row(point: Point, cache_dir: Path, evaluator: Evaluator) -> dict[st
     return row
 
 
+def evaluate_rows(points: list[Point], cache_dir: Path, evaluator: Evaluator) -> list[dict[str, Any]]:
+    """Executor task: a few points, one after another in one worker (see point_batches)."""
+    return [evaluate_row(p, cache_dir, evaluator) for p in points]
+
+
+BATCH_POINTS = 8
+
+
+def point_batches(points: list[Point], workers: int) -> list[list[Point]]:
+    """The points as executor tasks: points that differ only in their policy go to one worker
+    together (at most BATCH_POINTS at a time), since they share the workload, the profile, the
+    budget and the best-tau search, which a worker keeps; one point per task when that would leave
+    fewer than two tasks per worker."""
+    groups: dict[str, list[Point]] = {}
+    for p in points:
+        rest = {k: v for k, v in p.params.items() if k != "policy"}
+        key = json.dumps([p.model_spec, p.trace_sha256, rest], sort_keys=True, default=str)
+        groups.setdefault(key, []).append(p)
+    batches = [g[i:i + BATCH_POINTS] for g in groups.values() for i in range(0, len(g), BATCH_POINTS)]
+    return batches if len(batches) >= 2 * workers else [[p] for p in points]
+
+
 def param_columns(point: Point) -> dict[str, Any]:
     out = {}
     for name, param in PARAMS.items():
@@ -612,7 +634,8 @@ def run_sweep(grid: Grid, results: str | Path, *, executor: str = "local", worke
             with make_executor(executor, workers, scheduler) as ex:
                 paths.parts.mkdir(parents=True, exist_ok=True)   # RESULTS.traces/ appears when a trace is made
                 made = _prepare_traces(ex, todo, paths.traces, evaluator, show)
-                rows = ex.unordered(evaluate_row, todo, paths.traces, evaluator)
+                batches = ex.unordered(evaluate_rows, point_batches(todo, workers), paths.traces, evaluator)
+                rows = (row for batch in batches for row in batch)
                 for row in show(rows, "sweep", len(todo)):
                     write_text(paths.parts / f"{row['point_id']}.json", json.dumps(row, sort_keys=True))
                     done[row["point_id"]] = row
