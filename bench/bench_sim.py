@@ -5,7 +5,10 @@ preset h100-sxm-pcie5. Goals: the simulator within 2 s; the analytic model at le
 Both engines start from the same per-expert costs (tidesim.sim.costs.schedule_costs, shared), so
 the table reports that step, each engine alone, and end to end (the workload's cell times are
 kept per workload object, so repeated runs reuse them; analytic_first_costing_s is a run on a
-fresh workload object, which evaluates them).
+fresh workload object, which evaluates them). The policy's builder records the schedule's sparse
+cells (copies, CPU runs, demotions; Schedule.sparse) when it builds it, so costing does not scan
+the dense [F, L, E] arrays; analytic_scanned_s is a run on the same arrays without that record
+(a schedule loaded from a file or made by hand), which scans them.
 
 Agreement (--agreement): simulator vs analytic total time for every policy on every bundled trace
 (all prompts) with the H100 and A100 presets; the table docs/costmodel.md quotes.
@@ -78,6 +81,10 @@ def speed(repeats: int) -> dict[str, Any]:
         # the first costing of a workload object also evaluates its cell times (kept for later schedules)
         "analytic_first_costing_s": median_time(
             lambda: run(dataclasses.replace(w), sched, hw, engine="analytic", check=False), repeats),
+        # the same schedule without the builder's sparse record: costing scans its arrays
+        "analytic_scanned_s": median_time(
+            lambda: run(w, dataclasses.replace(sched, cells=None), hw, engine="analytic", check=False),
+            max(repeats, 20)),
     }
     for clock in ("wall", "cpu"):
         out[f"engine_ratio_{clock}"] = out["sim_engine_s"][clock] / out["analytic_engine_s"][clock]
