@@ -393,23 +393,29 @@ def layer_phases(r: Rates, gpu: GpuCosts, copies: CopyCosts, cpu_n: np.ndarray, 
     makespan or its bound); async_wait: the GPU's wait for earlier background copies; block: a
     demand copy's expected wait behind a background copy already on the engine."""
     groups = copies.sync_h2d.size
-    async_wait = np.zeros(groups) if async_wait is None else async_wait
-    block = np.zeros(groups) if block is None else block
     fixed = np.repeat(gpu.layer_fixed, layers)
-    sync = sync_phase(r, copies.sync_h2d, copies.demote_d2h) + np.where(copies.sync_h2d > 0, block, 0.0)
-    s0 = (copies.act_d2h if r.engines == 1 else np.zeros(groups)) + block   # behind the activations
+    sync = sync_phase(r, copies.sync_h2d, copies.demote_d2h)
     gpu_work = gpu.grouped + gpu.slow_extra + gpu.od_compute_sum
-    grouped_end = async_wait + gpu.grouped + gpu.slow_extra
+    grouped_end = gpu.grouped + gpu.slow_extra
+    # no wait and no block (the common case): the terms below are all 0, and all others are >= 0
+    if async_wait is not None:
+        grouped_end = async_wait + gpu.grouped + gpu.slow_extra
+    if block is not None:
+        sync = sync + np.where(copies.sync_h2d > 0, block, 0.0)
     gpu_end = grouped_end
-    copies_end = np.zeros(groups)
+    cpu_end = copies.act_d2h + pool
     if od is not None and od.rows.size:
+        zero = np.zeros(groups)
+        s0 = (copies.act_d2h if r.engines == 1 else zero) + (zero if block is None else block)  # behind activations
         engine, od_end, _, _ = ondemand_pipeline(r.expert_copy_s, s0[od.rows], grouped_end[od.rows], od)
         gpu_end = grouped_end.copy()
         gpu_end[od.rows] = od_end
+        copies_end = np.zeros(groups)
         copies_end[od.rows] = engine
-    has_cpu = cpu_n > 0
-    cpu_end = copies.act_d2h + pool
-    res_end = np.where(has_cpu, np.maximum(cpu_end, copies_end) + block + copies.res_h2d, 0.0)
+        cpu_end = np.maximum(cpu_end, copies_end)
+    if block is not None:
+        cpu_end = cpu_end + block
+    res_end = np.where(cpu_n > 0, cpu_end + copies.res_h2d, 0.0)
     side = np.maximum(gpu_end, res_end)
     return {"fixed": fixed, "sync": sync, "gpu_work": gpu_work, "gpu_end": gpu_end, "res_end": res_end,
             "side": side, "layer": fixed + sync + side}

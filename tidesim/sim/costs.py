@@ -102,7 +102,6 @@ class _Cells:
     n_active: np.ndarray         # [G] activated experts
     tokens_sum: float
     position: np.ndarray         # int32 [F * L * E]: each activated cell's position in idx, -1 elsewhere
-    cpu_side: np.ndarray         # [N, 3] per cell: cpu, share, tokens (one gather for a CPU task's charges)
     fwd_fixed: np.ndarray        # [F] GPU work outside the MoE layers
     layer_fixed: np.ndarray      # [F] GPU work of one MoE layer outside its experts
 
@@ -123,7 +122,6 @@ class _WorkloadCache:
         default_factory=OrderedDict)
     cpu: OrderedDict[str, tuple[np.ndarray, frozenset[str]]] = field(default_factory=OrderedDict)
     fixed: OrderedDict[str, tuple[np.ndarray, np.ndarray, frozenset[str]]] = field(default_factory=OrderedDict)
-    packed: OrderedDict[tuple[str, str], np.ndarray] = field(default_factory=OrderedDict)
 
 
 def _new_entry(workload: Workload) -> _WorkloadCache:
@@ -187,17 +185,12 @@ def _cells(workload: Workload, hw: HardwareProfile, r: Rates) -> _Cells:
             entry.fixed.popitem(last=False)
     gpu_full, share, share_sum, gflags = entry.gpu[gkey]
     cpu, cflags = entry.cpu[ckey]
-    if (gkey, ckey) not in entry.packed:
-        entry.packed[(gkey, ckey)] = np.stack([cpu, share, entry.tokens.astype(float)], axis=1)
-        while len(entry.packed) > _PER_SIDE:
-            entry.packed.popitem(last=False)
     for cache, key in ((entry.gpu, gkey), (entry.cpu, ckey), (entry.fixed, fkey)):
         cache.move_to_end(key)
-    entry.packed.move_to_end((gkey, ckey))
     fwd_fixed, layer_fixed, fflags = entry.fixed[fkey]
     hw.flags.update(gflags | cflags | fflags)
     return _Cells(entry.idx, entry.tokens, gpu_full, cpu, share, share_sum, entry.n_active, entry.tokens_sum,
-                  entry.position, entry.packed[(gkey, ckey)], fwd_fixed, layer_fixed)
+                  entry.position, fwd_fixed, layer_fixed)
 
 
 def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) -> ScheduleCosts:
@@ -212,7 +205,9 @@ def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) 
     copy_idx, copy_kind = sparse.copy, sparse.copy_kind
     cs = _cpu_side(cells, sparse.cpu, E, G)
     cpu_g, cpu_time = cs.g, cs.time
-    kinds = {k: np.count_nonzero(copy_kind == k) for k in (COPY_ON_DEMAND, COPY_SYNC_REFRESH, COPY_ASYNC_REFRESH)}
+    kinds = {COPY_SYNC_REFRESH: int(np.count_nonzero(copy_kind == COPY_SYNC_REFRESH))}
+    for k in (COPY_ON_DEMAND, COPY_ASYNC_REFRESH):          # none when every copy is a sync refresh
+        kinds[k] = 0 if kinds[COPY_SYNC_REFRESH] == copy_kind.size else int(np.count_nonzero(copy_kind == k))
     od = (np.searchsorted(cells.idx, copy_idx[copy_kind == COPY_ON_DEMAND]) if kinds[COPY_ON_DEMAND]
           else np.zeros(0, np.int64))                                  # on-demand experts run on the GPU
     od_g, od_e = _split(cells.idx[od], E)
@@ -293,12 +288,11 @@ class _CpuSide:
 def _cpu_side(cells: _Cells, cpu_cells: np.ndarray, experts: int, groups: int) -> _CpuSide:
     """Per layer-forward count, sum, longest and shortest of the CPU tasks, and their routed pairs;
     the float sums in task order (bincount), as every engine has charged them."""
-    at = cells.position[cpu_cells]
+    at = np.take(cells.position, cpu_cells)            # (take gathers faster than indexing)
     if at.size and at.min() < 0:                       # only activated experts run anywhere
         cpu_cells, at = cpu_cells[at >= 0], at[at >= 0]
     g, expert = _split(cpu_cells, experts)
-    charges = np.take(cells.cpu_side, at, axis=0)      # one gather (row indexing is slower)
-    time, tok = charges[:, 0].copy(), charges[:, 2]
+    time, tok = np.take(cells.cpu, at), np.take(cells.tokens, at)
     n = np.zeros(groups, np.int64)
     longest, shortest, pairs = np.zeros(groups), np.zeros(groups), np.zeros(groups)
     if g.size:
@@ -307,9 +301,9 @@ def _cpu_side(cells: _Cells, cpu_cells: np.ndarray, experts: int, groups: int) -
         n[gid] = np.diff(np.append(starts, g.size))
         longest[gid] = np.maximum.reduceat(time, starts)
         shortest[gid] = np.minimum.reduceat(time, starts)
-        pairs[gid] = np.add.reduceat(tok, starts)      # whole numbers: exact in any order
+        pairs[gid] = np.add.reduceat(tok, starts)      # integers: exact in any order
     costs = CpuCosts(total=np.bincount(g, weights=time, minlength=groups), longest=longest, shortest=shortest, n=n)
-    return _CpuSide(g, expert, time, charges[:, 1].copy(), pairs, float(tok.sum()), costs)
+    return _CpuSide(g, expert, time, np.take(cells.share, at), pairs, float(tok.sum()), costs)
 
 
 def _split(flat: np.ndarray, experts: int) -> tuple[np.ndarray, np.ndarray]:
