@@ -103,6 +103,7 @@ class PolicyStep:
         self.current = self.initial.copy()
         self.feasible = True
         self._all = np.arange(setup.layers, dtype=np.int64)
+        self._all_rows = as_rows(self._all)
 
     @property
     def all_layers(self) -> np.ndarray:
@@ -115,7 +116,7 @@ class PolicyStep:
         counts = np.asarray(counts)
         if counts.shape != (index.size, self.setup.experts):
             raise InputError(f"routing counts must have shape {(index.size, self.setup.experts)}, got {counts.shape}")
-        rows = as_rows(index)
+        rows = self._all_rows if layers is None else as_rows(index)
         placement, copy, demote, resident = self.decide(meta, rows, counts)
         self.current[rows] = resident
         return Decision(index, rows, placement, copy, demote, resident)
@@ -216,21 +217,30 @@ class ScheduleRecorder:
         """The Schedule of every forward recorded so far."""
         shape = (0, self.layers, self.experts)
         stack = lambda xs, dt: np.stack(xs) if xs else np.zeros(shape, dtype=dt)  # noqa: E731
-        placement, copy, demote = stack(self.placement, np.int8), stack(self.copy, np.int8), stack(self.demote, bool)
-        out = Schedule(
-            policy=policy.name, budget=policy.budget.copy(), initial_resident=policy.initial.copy(),
-            placement=placement, copy=copy, demote=demote, resident=stack(self.resident, bool),
-            params=policy.params(), is_bound=policy.is_bound, feasible=policy.feasible,
-        )
-        out.cells = SparseCells.of(out)
-        return policy.finish(out)
+        return assembled(policy, stack(self.placement, np.int8), stack(self.copy, np.int8), stack(self.demote, bool),
+                         stack(self.resident, bool))
+
+
+def assembled(policy: PolicyStep, placement: np.ndarray, copy: np.ndarray, demote: np.ndarray,
+              resident: np.ndarray) -> Schedule:
+    """The policy's Schedule from its [F, L, E] decisions, with the builder's sparse record."""
+    out = Schedule(
+        policy=policy.name, budget=policy.budget.copy(), initial_resident=policy.initial.copy(),
+        placement=placement, copy=copy, demote=demote, resident=resident,
+        params=policy.params(), is_bound=policy.is_bound, feasible=policy.feasible,
+    )
+    out.cells = SparseCells.of(out)
+    return policy.finish(out)
 
 
 def offline_schedule(policy: PolicyStep, workload: Workload) -> Schedule:
-    """The policy's step looped over every forward of the workload, all layers at once."""
-    rec = ScheduleRecorder(workload.num_layers, workload.num_experts)
+    """The policy's step looped over every forward of the workload, all layers at once (what a
+    ScheduleRecorder collects, written straight into the [F, L, E] arrays)."""
     counts = workload.expert_tokens
+    placement, copy = np.zeros(counts.shape, np.int8), np.zeros(counts.shape, np.int8)
+    demote, resident = np.zeros(counts.shape, bool), np.zeros(counts.shape, bool)
     for meta in forward_metas(workload):
-        rec.begin_forward()
-        rec.add(policy.step(meta, counts[meta.index]))
-    return rec.schedule(policy)
+        d = policy.step(meta, counts[meta.index])
+        f = meta.index
+        placement[f], copy[f], demote[f], resident[f] = d.placement, d.copy, d.demote, d.resident
+    return assembled(policy, placement, copy, demote, resident)
