@@ -173,7 +173,7 @@ def schedule_problems(schedule: Schedule, workload: Workload) -> list[str]:
         return ["lossless: every expert with routed tokens must run exactly once (GPU or CPU), "
                 "and no idle expert may run"]
     before = schedule.resident_before()
-    loaded_now = np.isin(schedule.copy, (COPY_ON_DEMAND, COPY_SYNC_REFRESH))
+    loaded_now = (schedule.copy == COPY_ON_DEMAND) | (schedule.copy == COPY_SYNC_REFRESH)
     usable = before | loaded_now
     if (schedule.on_gpu() & ~usable).any():
         fw, layer, ex = np.argwhere(schedule.on_gpu() & ~usable)[0]

@@ -208,8 +208,8 @@ def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) 
     kinds = {COPY_SYNC_REFRESH: int(np.count_nonzero(copy_kind == COPY_SYNC_REFRESH))}
     for k in (COPY_ON_DEMAND, COPY_ASYNC_REFRESH):          # none when every copy is a sync refresh
         kinds[k] = 0 if kinds[COPY_SYNC_REFRESH] == copy_kind.size else int(np.count_nonzero(copy_kind == k))
-    od = (np.searchsorted(cells.idx, copy_idx[copy_kind == COPY_ON_DEMAND]) if kinds[COPY_ON_DEMAND]
-          else np.zeros(0, np.int64))                                  # on-demand experts run on the GPU
+    od = (_ondemand_cells(cells, copy_idx[copy_kind == COPY_ON_DEMAND]) if kinds[COPY_ON_DEMAND]
+          else np.zeros(0, np.int64))
     od_g, od_e = _split(cells.idx[od], E)
     od_time = ondemand_compute(r, cells.gpu_full[od])
     od_n = np.bincount(od_g, minlength=G)
@@ -304,6 +304,16 @@ def _cpu_side(cells: _Cells, cpu_cells: np.ndarray, experts: int, groups: int) -
         pairs[gid] = np.add.reduceat(tok, starts)      # integers: exact in any order
     costs = CpuCosts(total=np.bincount(g, weights=time, minlength=groups), longest=longest, shortest=shortest, n=n)
     return _CpuSide(g, expert, time, np.take(cells.share, at), pairs, float(tok.sum()), costs)
+
+
+def _ondemand_cells(cells: _Cells, flat: np.ndarray) -> np.ndarray:
+    """Positions among the activated cells of the on-demand copies (their experts run on the GPU;
+    a copy of an idle expert, which no valid schedule has, takes the next activated cell)."""
+    at = np.take(cells.position, flat).astype(np.int64)
+    idle = at < 0
+    if idle.any():
+        at[idle] = np.searchsorted(cells.idx, flat[idle])
+    return at
 
 
 def _split(flat: np.ndarray, experts: int) -> tuple[np.ndarray, np.ndarray]:
