@@ -329,26 +329,51 @@ class OnDemand:
     def pad(cls, g_sorted: np.ndarray, compute: np.ndarray, release: np.ndarray) -> OnDemand:
         """From sparse lists sorted by g; columns ordered by how many experts they hold (most
         first, ties by g), so that the pipeline's k-th step reads a leading slice."""
-        first = np.concatenate([[True], g_sorted[1:] != g_sorted[:-1]]) if g_sorted.size else np.zeros(0, bool)
-        rows, inverse = g_sorted[first], np.cumsum(first) - 1
-        count = np.diff(np.append(np.flatnonzero(first), g_sorted.size))
-        order = np.argsort(-count, kind="stable")
-        col = np.empty_like(order)
-        col[order] = np.arange(order.size)
-        k = _rank(g_sorted)
-        width = int(count.max()) if count.size else 0
-        out = cls(rows[order], np.zeros((width, rows.size)), np.full((width, rows.size), FREE_NOW, np.int64),
-                  np.zeros((width, rows.size), bool))
-        out.compute[k, col[inverse]] = compute
-        out.release[k, col[inverse]] = release
-        out.valid[k, col[inverse]] = True
-        return out
+        return OnDemandLayout.of(g_sorted, release).fill(compute)
+
 
     @classmethod
     def single(cls, g: int, compute: np.ndarray, release: np.ndarray) -> OnDemand:
         """One layer-forward's on-demand experts (the simulator's case)."""
         return cls(np.array([g]), np.asarray(compute, float)[:, None], np.asarray(release, np.int64)[:, None],
                    np.ones((len(compute), 1), bool))
+
+
+@dataclass(frozen=True)
+class OnDemandLayout:
+    """OnDemand's padding of sparse lists sorted by g, and their release tags: what does not
+    depend on the profile (a schedule's costing keeps it for the next profile)."""
+
+    g: np.ndarray                # the layer-forwards it was made from
+    rows: np.ndarray             # [R]
+    k: np.ndarray                # each entry's position within its layer-forward
+    col: np.ndarray              # each entry's column
+    release: np.ndarray          # [K, R]
+    valid: np.ndarray            # [K, R] bool
+
+    @classmethod
+    def of(cls, g_sorted: np.ndarray, release: np.ndarray) -> OnDemandLayout:
+        first = np.concatenate([[True], g_sorted[1:] != g_sorted[:-1]]) if g_sorted.size else np.zeros(0, bool)
+        rows, inverse = g_sorted[first], np.cumsum(first) - 1
+        count = np.diff(np.append(np.flatnonzero(first), g_sorted.size))
+        order = np.argsort(-count, kind="stable")
+        col = np.empty_like(order)
+        col[order] = np.arange(order.size)
+        k, at = _rank(g_sorted), col[inverse]
+        width = int(count.max()) if count.size else 0
+        tags, valid = np.full((width, rows.size), FREE_NOW, np.int64), np.zeros((width, rows.size), bool)
+        tags[k, at] = release
+        valid[k, at] = True
+        out = cls(g_sorted.copy(), rows[order], k, at, tags, valid)
+        for a in (out.g, out.rows, out.k, out.col, out.release, out.valid):
+            a.flags.writeable = False                # shared by every OnDemand it fills
+        return out
+
+    def fill(self, compute: np.ndarray) -> OnDemand:
+        """The padded arrays with these compute times (release tags and validity shared, read-only)."""
+        out = np.zeros(self.valid.shape)
+        out[self.k, self.col] = compute
+        return OnDemand(self.rows, out, self.release, self.valid)
 
 
 def ondemand_pipeline(copy_s: float, copy_start: np.ndarray, grouped_end: np.ndarray, od: OnDemand

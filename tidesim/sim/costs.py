@@ -21,6 +21,7 @@ from tidesim.layermodel import (
     CpuCosts,
     GpuCosts,
     OnDemand,
+    OnDemandLayout,
     Rates,
     activation_copies,
     charge_contention,
@@ -31,7 +32,7 @@ from tidesim.layermodel import (
     ondemand_compute,
     per_count,
 )
-from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, COPY_SYNC_REFRESH, Schedule
+from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, COPY_SYNC_REFRESH, Schedule, SparseCells
 from tidesim.sim.lpt import lpt_makespans
 from tidesim.workload import Workload
 
@@ -66,6 +67,7 @@ class ScheduleCosts:
     items: ExpertItems
     counts: dict[str, float] = field(default_factory=dict)   # what every executor reports the same way
     flags: list[str] = field(default_factory=list)
+    od_layout: OnDemandLayout | None = None                  # ondemand()'s padding, when kept with the schedule
 
     @property
     def groups(self) -> int:
@@ -77,6 +79,8 @@ class ScheduleCosts:
 
     def ondemand(self) -> OnDemand:
         """The on-demand experts padded per layer-forward (the layer model's pipeline input)."""
+        if self.od_layout is not None:
+            return self.od_layout.fill(self.items.od_compute)
         return OnDemand.pad(self.items.od_g, self.items.od_compute, self.items.od_release)
 
     def cpu_span(self) -> np.ndarray:
@@ -265,7 +269,8 @@ def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) 
         "refresh_copies": float(n_sync + n_async_counted),
     }
     costs = ScheduleCosts(forwards=F, layers=L, experts=E, rates=r, gpu=gpu, copies=copies, cpu=cpu, items=items,
-                          counts=counts, flags=sorted(hw.flags))
+                          counts=counts, flags=sorted(hw.flags),
+                          od_layout=_od_layout(sparse, schedule, od_g, od_release))
     if r.contention > 0 and cpu_time.size:
         factor = charge_contention(r, gpu, cpu, costs.cpu_span())
         items.cpu_time = items.cpu_time * factor[cpu_g]
@@ -304,6 +309,16 @@ def _cpu_side(cells: _Cells, cpu_cells: np.ndarray, experts: int, groups: int) -
         pairs[gid] = np.add.reduceat(tok, starts)      # integers: exact in any order
     costs = CpuCosts(total=np.bincount(g, weights=time, minlength=groups), longest=longest, shortest=shortest, n=n)
     return _CpuSide(g, expert, time, np.take(cells.share, at), pairs, float(tok.sum()), costs)
+
+
+def _od_layout(sparse: SparseCells, schedule: Schedule, od_g: np.ndarray, od_release: np.ndarray
+               ) -> OnDemandLayout | None:
+    """The on-demand pipeline's padding, kept with the schedule's sparse record: it follows from the
+    copies and their slot releases, whatever the profile (checked against this costing's rows)."""
+    if not od_g.size:
+        return None
+    layout = sparse.memo(f"od layout {schedule.free_async_copies}", lambda: OnDemandLayout.of(od_g, od_release))
+    return layout if layout.g is od_g or np.array_equal(layout.g, od_g) else None
 
 
 def _ondemand_cells(cells: _Cells, flat: np.ndarray) -> np.ndarray:
