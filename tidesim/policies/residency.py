@@ -76,13 +76,14 @@ def refresh_sets(current: np.ndarray, counts: np.ndarray, budget: np.ndarray) ->
         target[0][o] = target_o
         refreshed[0][o] = kept_o
         return target, refreshed
-    rows = np.arange(n)[:, None]
+    flat = (order + (np.arange(n) * e)[:, None]).reshape(-1)      # (1-D take and put beat 2-D indexing)
     limit = budget[:, None]
-    target_o = (np.arange(e) < limit) & (counts[rows, order] > 0)
-    cand_o = current[rows, order] | target_o
+    # in rank order the activated experts come first: the target is the first min(budget, activated)
+    target_o = np.arange(e) < np.minimum(limit, (counts > 0).sum(axis=1)[:, None])
+    cand_o = np.take(current, flat).reshape(n, e) | target_o
     kept_o = cand_o & (np.cumsum(cand_o, axis=-1) <= limit)
-    target[rows, order] = target_o
-    refreshed[rows, order] = kept_o
+    target.reshape(-1)[flat] = target_o.reshape(-1)
+    refreshed.reshape(-1)[flat] = kept_o.reshape(-1)
     return target, refreshed
 
 
