@@ -13,6 +13,7 @@ from tidesim.policies.residency import (
     keep_best,
     popular_set,
     rank_experts,
+    refresh_sets,
     refresh_steps,
     static_set,
     top_activated,
@@ -101,3 +102,18 @@ def test_commit_rule_matches_the_phase_column_of_bundled_traces() -> None:
         phase = trace.forwards["phase"].to_numpy()
         w = workload_from_trace(trace)
         assert np.array_equal(commit_forwards(w), phase == "commit"), name
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_refresh_sets_is_top_activated_then_keep_best(seed: int) -> None:
+    # the online step's one-sort fast path equals the rule as written (tide.refreshed_residents)
+    rng = np.random.default_rng(seed)
+    n, e = (1, 9) if seed % 3 == 0 else (int(rng.integers(2, 6)), int(rng.integers(1, 40)))
+    counts = np.where(rng.random((n, e)) < 0.5, rng.integers(1, 4, (n, e)), 0)
+    current = rng.random((n, e)) < 0.4
+    budget = rng.integers(0, e + 2, n)
+    ranking = rank_experts(counts)
+    target = top_activated(counts, ranking.rank, budget)
+    got_target, got = refresh_sets(current, counts, budget)
+    np.testing.assert_array_equal(got_target, target)
+    np.testing.assert_array_equal(got, keep_best(current | target, ranking.order, ranking.rank, budget))
