@@ -212,15 +212,14 @@ def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) 
     kinds = {COPY_SYNC_REFRESH: int(np.count_nonzero(copy_kind == COPY_SYNC_REFRESH))}
     for k in (COPY_ON_DEMAND, COPY_ASYNC_REFRESH):          # none when every copy is a sync refresh
         kinds[k] = 0 if kinds[COPY_SYNC_REFRESH] == copy_kind.size else int(np.count_nonzero(copy_kind == k))
-    od = (_ondemand_cells(cells, copy_idx[copy_kind == COPY_ON_DEMAND]) if kinds[COPY_ON_DEMAND]
-          else np.zeros(0, np.int64))
-    od_g, od_e = _split(cells.idx[od], E)
-    od_time = ondemand_compute(r, cells.gpu_full[od])
+    od_g, od_e, od_time, od_share = _ondemand_side(cells, r, copy_idx[copy_kind == COPY_ON_DEMAND]
+                                                   if kinds[COPY_ON_DEMAND] else None, E)
     od_n = np.bincount(od_g, minlength=G)
     od_sum = np.bincount(od_g, weights=od_time, minlength=G)
     # grouped kernel: every activated expert's share minus those on the CPU or on demand
-    off_share = np.concatenate([cs.share, cells.share[od]])
-    grp_sum = cells.share_sum - np.bincount(np.concatenate([cpu_g, od_g]), weights=off_share, minlength=G)
+    off_g, off_share = ((np.concatenate([cpu_g, od_g]), np.concatenate([cs.share, od_share])) if od_g.size
+                        else (cpu_g, cs.share))
+    grp_sum = cells.share_sum - np.bincount(off_g, weights=off_share, minlength=G)
     grp_n = cells.n_active - cs.costs.n - od_n
     grp_sum = np.where(grp_n > 0, np.maximum(grp_sum, 0.0), 0.0)
     grouped = grouped_kernel(r, grp_sum, grp_n)
@@ -243,9 +242,10 @@ def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) 
     demoted = sparse.demote
     n_demote = np.bincount(_split(demoted, E)[0], minlength=G)
 
-    h2d_overlap = od_n * r.expert_copy_s + n_async * r.expert_copy_s + res_h2d
+    slow = (copy_slowdown(r, grouped + od_sum, od_n * r.expert_copy_s + n_async * r.expert_copy_s + res_h2d)
+            if r.slows > 0 else np.zeros(G))
     gpu = GpuCosts(fwd_fixed=cells.fwd_fixed.copy(), layer_fixed=cells.layer_fixed.copy(), grouped=grouped,
-                   od_compute_sum=od_sum, slow_extra=copy_slowdown(r, grouped + od_sum, h2d_overlap))
+                   od_compute_sum=od_sum, slow_extra=slow)
     copies = CopyCosts(sync_h2d=sync * r.expert_copy_s, demote_d2h=n_demote * r.expert_demote_s,
                        async_h2d=n_async * r.expert_copy_s, n_async=n_async, act_d2h=act_d2h, res_h2d=res_h2d,
                        od_n=od_n, od_copy_sum=od_n * r.expert_copy_s)
@@ -321,14 +321,20 @@ def _od_layout(sparse: SparseCells, schedule: Schedule, od_g: np.ndarray, od_rel
     return layout if layout.g is od_g or np.array_equal(layout.g, od_g) else None
 
 
-def _ondemand_cells(cells: _Cells, flat: np.ndarray) -> np.ndarray:
-    """Positions among the activated cells of the on-demand copies (their experts run on the GPU;
-    a copy of an idle expert, which no valid schedule has, takes the next activated cell)."""
+def _ondemand_side(cells: _Cells, r: Rates, flat: np.ndarray | None, experts: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(layer-forward, expert, compute time, grouped share) of the on-demand experts, which run on
+    the GPU, from their copies' flat cells (None: there are none). A copy of an idle expert, which
+    no valid schedule has, takes the next activated cell."""
+    if flat is None:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, np.zeros(0), np.zeros(0)
     at = np.take(cells.position, flat).astype(np.int64)
     idle = at < 0
     if idle.any():
         at[idle] = np.searchsorted(cells.idx, flat[idle])
-    return at
+    g, expert = _split(cells.idx[at], experts)
+    return g, expert, ondemand_compute(r, cells.gpu_full[at]), cells.share[at]
 
 
 def _split(flat: np.ndarray, experts: int) -> tuple[np.ndarray, np.ndarray]:
