@@ -12,8 +12,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tidesim_runtime.capture import CaptureSettings, capture_trace  # noqa: E402
-from tidesim_runtime.deploy import (  # noqa: E402
+from tidesim_runtime.engine.device import select_device  # noqa: E402
+from tidesim_runtime.engine.slots import plan_slots  # noqa: E402
+from tidesim_runtime.measure.deploy import (  # noqa: E402
     ForwardTracker,
     LiveEngine,
     OnlineSlots,
@@ -23,10 +24,9 @@ from tidesim_runtime.deploy import (  # noqa: E402
     deploy_memory,
     predicted_forwards,
 )
-from tidesim_runtime.device import select_device  # noqa: E402
-from tidesim_runtime.generate import DecodeConfig  # noqa: E402
-from tidesim_runtime.model import build_model  # noqa: E402
-from tidesim_runtime.weights import plan_slots  # noqa: E402
+from tidesim_runtime.reference.capture import CaptureSettings, capture_trace  # noqa: E402
+from tidesim_runtime.reference.generate import DecodeConfig  # noqa: E402
+from tidesim_runtime.reference.model import build_model  # noqa: E402
 
 from tidesim.bundled.paths import bundled_traces  # noqa: E402
 from tidesim.errors import InputError  # noqa: E402

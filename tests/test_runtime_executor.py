@@ -13,13 +13,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tidesim_runtime import device as device_mod  # noqa: E402
-from tidesim_runtime import executor as executor_mod  # noqa: E402
-from tidesim_runtime.device import select_device  # noqa: E402
-from tidesim_runtime.executor import Executor, LayerRouting, check_memory, first_layers, replay_routing  # noqa: E402
-from tidesim_runtime.kernels import swiglu  # noqa: E402
-from tidesim_runtime.streams import D2H, H2D  # noqa: E402
-from tidesim_runtime.weights import AFTER_GROUPED, FREE, after_on_demand, plan_slots  # noqa: E402
+from tidesim_runtime.engine import device as device_mod  # noqa: E402
+from tidesim_runtime.engine import executor as executor_mod  # noqa: E402
+from tidesim_runtime.engine.device import select_device  # noqa: E402
+from tidesim_runtime.engine.executor import Executor, LayerRouting, check_memory, first_layers, replay_routing  # noqa: E402
+from tidesim_runtime.engine.kernels import swiglu  # noqa: E402
+from tidesim_runtime.engine.slots import AFTER_GROUPED, FREE, after_on_demand, plan_slots  # noqa: E402
+from tidesim_runtime.engine.streams import D2H, H2D  # noqa: E402
 
 from tidesim.errors import InputError  # noqa: E402
 from tidesim.hardware import get_profile  # noqa: E402
@@ -241,7 +241,7 @@ def test_replay_on_cuda_matches_simulator_counts() -> None:
 # ----- live mode: the lossless check -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_model():
-    from tidesim_runtime.model import build_model
+    from tidesim_runtime.reference.model import build_model
 
     return build_model(SPEC, seed=0)
 
@@ -255,8 +255,8 @@ LIVE_POLICIES = [("all-gpu", "sync"), ("full-swap", "sync"), ("cpu-routing", "sy
 def test_lossless_live_decode_for_every_policy(tiny_model, kv_cache: str) -> None:
     """Decoding through the executor gives exactly the plain decode's tokens, for every policy,
     with placements that really use the GPU, the CPU and copies."""
-    from tidesim_runtime.generate import DecodeConfig
-    from tidesim_runtime.live import lossless_check
+    from tidesim_runtime.measure.live import lossless_check
+    from tidesim_runtime.reference.generate import DecodeConfig
 
     from tidesim.policies import policy_names
 
@@ -278,8 +278,8 @@ def test_lossless_live_decode_for_every_policy(tiny_model, kv_cache: str) -> Non
 
 def test_lossless_check_detects_a_wrong_expert_weight(tiny_model) -> None:
     """A corrupted host copy of one expert changes the output: the check must catch it."""
-    from tidesim_runtime import live
-    from tidesim_runtime.generate import DecodeConfig
+    from tidesim_runtime.measure import live
+    from tidesim_runtime.reference.generate import DecodeConfig
 
     cfg = DecodeConfig(gen_length=8, block_length=8, kv_cache="prefix")
     L = SPEC.num_moe_layers
@@ -389,8 +389,8 @@ def test_results_copy_waits_for_the_gpu_to_read_the_last_results(tiny_executor) 
 
 
 def test_live_mode_uses_the_models_dtype_for_staging(tiny_model) -> None:
-    from tidesim_runtime.live import live_device, stacked_experts
-    from tidesim_runtime.weights import host_experts_from
+    from tidesim_runtime.engine.slots import host_experts_from
+    from tidesim_runtime.measure.live import live_device, stacked_experts
 
     dev = replace(select_device("cpu"), dtype=torch.bfloat16)
     live = live_device(tiny_model, dev)

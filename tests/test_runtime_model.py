@@ -10,8 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from official_rules import official_config, official_forward  # noqa: E402
-from tidesim_runtime.generate import block_causal_mask, block_ids  # noqa: E402
-from tidesim_runtime.model import (  # noqa: E402
+from tidesim_runtime.reference.generate import block_causal_mask, block_ids  # noqa: E402
+from tidesim_runtime.reference.model import (  # noqa: E402
     ModelFlags,
     RMSNorm,
     Rotary,

@@ -8,7 +8,7 @@ the MoE layers; every policy here decides each layer from that layer's state and
 so one call for all layers and one call per layer give the same decisions.
 
 The offline builder (tidesim.policies.build_schedule) is `step` looped over the forwards of a
-trace with all layers at once (offline_schedule); the live engine (tidesim_runtime.deploy) calls
+trace with all layers at once (offline_schedule); the live engine (tidesim_runtime.measure.deploy) calls
 it layer by layer while the model decodes. Bounds (oracle) need the future and have no step.
 """
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from tidesim.errors import InputError
 from tidesim.models import ModelSpec
-from tidesim_runtime.gate import SigmoidGroupGate
+from tidesim_runtime.reference.gate import SigmoidGroupGate
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 Rope = tuple[torch.Tensor, torch.Tensor]

@@ -35,19 +35,19 @@ from tidesim.policies.step import ForwardMeta, PolicyStep, ScheduleRecorder
 from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, COPY_SYNC_REFRESH, Schedule, schedule_problems
 from tidesim.trace.schema import Trace
 from tidesim.workload import Workload, workload_from_trace
-from tidesim_runtime.capture import CaptureSettings, capture_trace
-from tidesim_runtime.device import DeviceInfo, host_memory_available
-from tidesim_runtime.executor import Executor, LayerRouting, RunRecord, memory_needs
-from tidesim_runtime.generate import DecodeConfig
-from tidesim_runtime.model import MLP, LLaDA2Model, SparseMoeBlock
-from tidesim_runtime.pinned import pinned_bytes
-from tidesim_runtime.weights import (
+from tidesim_runtime.engine.device import DeviceInfo, host_memory_available
+from tidesim_runtime.engine.executor import Executor, LayerRouting, RunRecord, memory_needs
+from tidesim_runtime.engine.pinned import pinned_bytes
+from tidesim_runtime.engine.slots import (
     ExpertBank,
     LayerPlan,
     SlotPlan,
     _plan_layer_forward,
     expert_bytes,
 )
+from tidesim_runtime.reference.capture import CaptureSettings, capture_trace
+from tidesim_runtime.reference.generate import DecodeConfig
+from tidesim_runtime.reference.model import MLP, LLaDA2Model, SparseMoeBlock
 
 GIB = 2**30
 
@@ -99,7 +99,7 @@ class ForwardTracker:
 
 # ----- slots, assigned one layer-forward at a time -----------------------------------------------------
 class OnlineSlots:
-    """The replay's slot rule (weights.plan_slots: lowest free slot first, a copy waits for a slot
+    """The replay's slot rule (slots.plan_slots: lowest free slot first, a copy waits for a slot
     that frees later in the forward, a spare slot only when none does) applied incrementally, one
     (forward, layer) decision at a time, as the live engine learns them. Spare slots grow the
     layer's pool on the spot (counted in `spare`)."""
