@@ -388,6 +388,14 @@ class Executor:
         return RunRecord(total, breakdown, layer_time, busy, self._counts["h2d"], self._counts["d2h"],
                          int(self._counts["copies"]), int(self._counts["refresh"]), notes)
 
+    def span_mark(self) -> int:
+        """A mark in the list of timed phases (for span_seconds)."""
+        return len(self._spans)
+
+    def span_seconds(self, mark: int) -> float:
+        """Seconds of the phases timed since `mark` (the backend is synchronized by the caller)."""
+        return float(sum(self.backend.elapsed(a, b) for _, a, b in self._spans[mark:]))
+
     def _span(self, cat: str, a: Any) -> Any:
         b = self.backend.timepoint()
         self._spans.append((cat, a, b))
