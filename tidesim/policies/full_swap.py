@@ -17,7 +17,7 @@ from tidesim.errors import InputError
 from tidesim.policies.base import register_policy
 from tidesim.policies.residency import int_list
 from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, copies
-from tidesim.schedule import COPY_ON_DEMAND, GPU
+from tidesim.schedule import COPY_ON_DEMAND
 
 
 def lru_step(resident: np.ndarray, stamp: np.ndarray, activated: np.ndarray, now: int,
@@ -99,7 +99,7 @@ class FullSwap(PolicyStep):
         copy = copies(activated > current, COPY_ON_DEMAND)  # the misses
         after, self.stamp[rows] = lru_step(current, self.stamp[rows], activated, meta.index * self.setup.experts,
                                            self.budget[rows])
-        placement = activated.view(np.int8) * np.int8(GPU)  # every activated expert runs on the GPU
+        placement = activated.view(np.int8)  # every activated expert runs on the GPU (GPU is 1: step checks)
         return (placement, copy, np.zeros(counts.shape, dtype=bool), after)
 
     def params(self) -> dict[str, object]:
