@@ -96,13 +96,13 @@ def decide(args: argparse.Namespace) -> None:
 
 def engine(args: argparse.Namespace) -> None:
     import torch
-    from tidesim_runtime.capture import CaptureSettings
-    from tidesim_runtime.checkpoint import with_layers
-    from tidesim_runtime.deploy import LiveEngine, bind_host_experts
-    from tidesim_runtime.device import select_device
-    from tidesim_runtime.executor import Executor
-    from tidesim_runtime.generate import DecodeConfig
-    from tidesim_runtime.model import build_model
+    from tidesim_runtime.engine.device import select_device
+    from tidesim_runtime.engine.executor import Executor
+    from tidesim_runtime.measure.deploy import LiveEngine, bind_host_experts
+    from tidesim_runtime.reference.capture import CaptureSettings
+    from tidesim_runtime.reference.checkpoint import with_layers
+    from tidesim_runtime.reference.generate import DecodeConfig
+    from tidesim_runtime.reference.model import build_model
 
     from tidesim.models import get_model
 

@@ -18,9 +18,9 @@ import statistics
 import time
 
 import numpy as np
-from tidesim_runtime.device import select_device
-from tidesim_runtime.executor import Executor, check_memory, first_layers
-from tidesim_runtime.weights import plan_slots
+from tidesim_runtime.engine.device import select_device
+from tidesim_runtime.engine.executor import Executor, check_memory, first_layers
+from tidesim_runtime.engine.slots import plan_slots
 
 from tidesim.bundled.paths import resolve_trace
 from tidesim.hardware import get_profile

@@ -1,6 +1,6 @@
 """A plain, literal transcription of the official LLaDA2.0 `generate` rules (github.com/ims-kdks/TIDE,
 model/modeling_llada2_moe.py: generate, _sample_with_temperature_topk_topp, _get_num_transfer_tokens),
-written for the tests independently of tidesim_runtime.generate: simple loops over the whole
+written for the tests independently of tidesim_runtime.reference.generate: simple loops over the whole
 padded sequence, no KV cache, the attention mask built from a block-level lower-triangular matrix.
 
 Also: an official-format config.json for a tiny spec (every field the released config has) and a

@@ -159,7 +159,7 @@ def test_validate_refuses_too_many_layers_for_host_memory(mini_trace: Path, tmp_
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     """All 19 mini layers need far more host memory than a test machine gives a float32 run
     (19 x 256 experts x 12.6 MB, plus the slots): refused before anything is allocated."""
-    from tidesim_runtime.device import host_memory_available
+    from tidesim_runtime.engine.device import host_memory_available
 
     if host_memory_available() > 200 * 2**30:
         pytest.skip("this machine has enough memory for the whole model")

@@ -115,7 +115,7 @@ def test_an_input_inside_the_output_folder_is_refused(tmp_path: Path, prompts: P
 
 def test_a_model_that_does_not_fit_names_the_option(tmp_path: Path, prompts: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    from tidesim_runtime.device import host_memory_available
+    from tidesim_runtime.engine.device import host_memory_available
 
     if host_memory_available() > 60 * 2**30:
         pytest.skip("this machine holds mini's experts in float32")

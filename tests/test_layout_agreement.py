@@ -14,9 +14,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tidesim_runtime.capture import CaptureSettings, capture_trace  # noqa: E402
-from tidesim_runtime.generate import DecodeConfig  # noqa: E402
-from tidesim_runtime.model import build_model  # noqa: E402
+from tidesim_runtime.reference.capture import CaptureSettings, capture_trace  # noqa: E402
+from tidesim_runtime.reference.generate import DecodeConfig  # noqa: E402
+from tidesim_runtime.reference.model import build_model  # noqa: E402
 
 from tidesim.models import PRESETS  # noqa: E402
 from tidesim.trace.layout import BlockLayout, effective_steps, forward_structure, layout_problems  # noqa: E402

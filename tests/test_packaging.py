@@ -29,7 +29,9 @@ def test_wheel_ships_bundled_data(tmp_path):
     traces = [n for n in names if n.startswith("tidesim/bundled/traces/") and n.endswith(".parquet")]
     assert len(profiles) == len(list((ROOT / "hwprofiles").glob("*.yaml")))
     assert len(traces) == len(list((ROOT / "traces").glob("*.parquet")))
-    assert any(n.startswith("tidesim_runtime/") for n in names)
+    for part in ("reference", "engine", "measure"):
+        assert f"tidesim_runtime/{part}/__init__.py" in names
+    assert "tidesim_runtime/engine/executor.py" in names
     # -S: no site processing, so the editable install's import hook is not there; the wheel's folder
     # comes first and site-packages (dependencies only) after it.
     site_packages = sysconfig.get_paths()["purelib"]

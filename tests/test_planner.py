@@ -35,6 +35,7 @@ from tidesim.planner import (
     split_prompts,
     uniform_budget,
 )
+from tidesim.planner.milp import _relaxation_bound, _solve_cbc
 from tidesim.policies import PolicyOptions, build_schedule, uniform
 from tidesim.run import run
 
@@ -111,8 +112,43 @@ def test_time_limit_reports_status_and_bound() -> None:
     rng = np.random.default_rng(0)
     table = CostTable(np.arange(1, 5), np.arange(1, 40), rng.random((30, 4, 39)), 0.5, 1)
     result = solve_plan(table, slots=30 * 20, time_limit_s=5)
-    assert result.status in ("optimal", "feasible")
-    assert result.bound_s <= result.objective_s + 1e-9
+    assert result.status == "optimal" and result.proven_optimal
+    assert result.bound_s == result.objective_s
+    # CBC under a limit: whatever it returns is never better than the exact optimum, and its bound
+    # (its proof, or the LP relaxation) is never above it.
+    stopped = _solve_cbc(table, 30 * 20, time_limit_s=5)
+    assert stopped.status in ("optimal", "feasible")
+    assert stopped.objective_s >= result.objective_s - 1e-9
+    assert stopped.bound_s <= result.objective_s + 1e-9
+    assert _relaxation_bound(table, 30 * 20) <= result.objective_s + 1e-9
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dp_matches_cbc_proven_optimum(seed: int) -> None:
+    """The exact DP against CBC's proven optimum on random tables too large to enumerate."""
+    rng = np.random.default_rng(seed)
+    layers, n_tau = int(rng.integers(4, 9)), int(rng.integers(1, 4))
+    budgets = np.sort(rng.choice(np.arange(1, 30), size=int(rng.integers(2, 7)), replace=False))
+    cost = rng.integers(0, 1000, size=(layers, n_tau, len(budgets))) * 1e-4
+    table = CostTable(np.arange(1, n_tau + 1), budgets, cost, 0.25, 1)
+    slots = int(rng.integers(layers * budgets[0], layers * budgets[-1] + 3))
+    cbc_result = _solve_cbc(table, slots)
+    assert cbc_result.proven_optimal
+    for global_tau in (False, True):
+        result = solve_plan(table, slots, global_tau=global_tau)
+        assert result.proven_optimal and int(result.budget.sum()) <= slots
+        if not global_tau:
+            assert result.objective_s == pytest.approx(cbc_result.objective_s, abs=1e-9)
+        assert result.objective_s == pytest.approx(table.total_s(result.tau, result.budget))
+        again = solve_plan(table, slots, global_tau=global_tau)
+        assert again.tau.tolist() == result.tau.tolist() and again.budget.tolist() == result.budget.tolist()
+
+
+def test_dp_ties_go_to_fewest_slots_and_first_tau() -> None:
+    # Both layers cost the same with every budget: the plan takes the smallest budgets and tau.
+    table = CostTable(np.array([1, 2]), np.array([2, 4, 6]), np.ones((2, 2, 3)), 0.0, 1)
+    result = solve_plan(table, slots=12)
+    assert result.budget.tolist() == [2, 2] and result.tau.tolist() == [1, 1]
 
 
 def test_expert_slots_and_infeasible_memory() -> None:

@@ -7,9 +7,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tidesim_runtime.calib_timer import monotone as _monotone  # noqa: E402
-from tidesim_runtime.calibrate import Grid, calibrate, model_bytes_factor, stat  # noqa: E402
-from tidesim_runtime.device import select_device  # noqa: E402
+from tidesim_runtime.engine.device import select_device  # noqa: E402
+from tidesim_runtime.measure.calibrate import Grid, calibrate, model_bytes_factor, stat  # noqa: E402
+from tidesim_runtime.measure.timer import monotone as _monotone  # noqa: E402
 
 from tidesim.hardware import load_profile  # noqa: E402
 from tidesim.models import PRESETS  # noqa: E402
@@ -104,7 +104,7 @@ def test_calibrate_on_cuda_measures_the_gpu() -> None:
 def test_measured_contention_goes_into_the_profile_field() -> None:
     """calibrate's GPU-side/CPU-pool contention is cpu.gpu_contention (what the cost model reads),
     rounded like the other ratios, and survives a save and load."""
-    from tidesim_runtime.calibrate import Calibration, build_profile
+    from tidesim_runtime.measure.calibrate import Calibration, build_profile
 
     from tidesim.hardware import Curve, ExpertCurve, profile_from_dict
 

@@ -12,10 +12,16 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from official_rules import official_config  # noqa: E402
-from tidesim_runtime.capture import CaptureSettings, GateRecorder, HFForward, capture_trace, prompt_fingerprint  # noqa: E402,I001
-from tidesim_runtime.gate import route  # noqa: E402
-from tidesim_runtime.generate import DecodeConfig  # noqa: E402
-from tidesim_runtime.model import build_model  # noqa: E402
+from tidesim_runtime.reference.capture import (  # noqa: E402,I001
+    CaptureSettings,
+    GateRecorder,
+    HFForward,
+    capture_trace,
+    prompt_fingerprint,
+)
+from tidesim_runtime.reference.gate import route  # noqa: E402
+from tidesim_runtime.reference.generate import DecodeConfig  # noqa: E402
+from tidesim_runtime.reference.model import build_model  # noqa: E402
 
 from tidesim.cli import main  # noqa: E402
 from tidesim.models import PRESETS  # noqa: E402

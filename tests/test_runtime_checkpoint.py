@@ -11,9 +11,9 @@ torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from official_rules import official_config  # noqa: E402
-from tidesim_runtime.checkpoint import expected_shapes, inspect_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
-from tidesim_runtime.generate import DecodeConfig, generate  # noqa: E402
-from tidesim_runtime.model import ModelFlags, build_model  # noqa: E402
+from tidesim_runtime.reference.checkpoint import expected_shapes, inspect_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from tidesim_runtime.reference.generate import DecodeConfig, generate  # noqa: E402
+from tidesim_runtime.reference.model import ModelFlags, build_model  # noqa: E402
 
 from tidesim.cli import main  # noqa: E402
 from tidesim.errors import InputError  # noqa: E402

@@ -11,8 +11,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tidesim_runtime.cpu_pool import CPUPool, ExpertTask, expert_task_runner  # noqa: E402
-from tidesim_runtime.device import PinnedThreads  # noqa: E402
+from tidesim_runtime.engine.cpu_pool import CPUPool, ExpertTask, expert_task_runner  # noqa: E402
+from tidesim_runtime.engine.device import PinnedThreads  # noqa: E402
 
 
 def test_cpu_pool_runs_longest_first_and_waits_for_activations() -> None:
@@ -59,7 +59,7 @@ def test_expert_task_runner_computes_its_rows() -> None:
         pool.submit([ExpertTask(2, 0, 2), ExpertTask(0, 2, 5)], expert_task_runner(x, out, w13, w2)).wait()
     finally:
         pool.close()
-    from tidesim_runtime.kernels import swiglu
+    from tidesim_runtime.engine.kernels import swiglu
 
     assert torch.equal(out[:2], swiglu(x[:2], w13[2], w2[2]))
     assert torch.equal(out[2:], swiglu(x[2:], w13[0], w2[0]))

@@ -12,21 +12,23 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tidesim_runtime.capture import CaptureSettings, capture_trace  # noqa: E402
-from tidesim_runtime.deploy import (  # noqa: E402
+from tidesim_runtime.engine.device import select_device  # noqa: E402
+from tidesim_runtime.engine.executor import BREAKDOWN_KEYS, RunRecord  # noqa: E402
+from tidesim_runtime.engine.slots import plan_slots  # noqa: E402
+from tidesim_runtime.measure.deploy import (  # noqa: E402
     ForwardTracker,
     LiveEngine,
     OnlineSlots,
+    attribute_model_time,
     bind_host_experts,
     check_deploy_memory,
     decision_counts,
     deploy_memory,
     predicted_forwards,
 )
-from tidesim_runtime.device import select_device  # noqa: E402
-from tidesim_runtime.generate import DecodeConfig  # noqa: E402
-from tidesim_runtime.model import build_model  # noqa: E402
-from tidesim_runtime.weights import plan_slots  # noqa: E402
+from tidesim_runtime.reference.capture import CaptureSettings, capture_trace  # noqa: E402
+from tidesim_runtime.reference.generate import DecodeConfig  # noqa: E402
+from tidesim_runtime.reference.model import build_model  # noqa: E402
 
 from tidesim.bundled.paths import bundled_traces  # noqa: E402
 from tidesim.errors import InputError  # noqa: E402
@@ -94,6 +96,26 @@ def test_live_decode_is_lossless_and_runs_the_offline_schedule(name: str, kv_cac
     assert frame["expert_copies"].tolist() == (offline.copy != NO_COPY).sum(axis=(1, 2)).tolist()
     assert int(frame["gpu_tokens"].sum()) == live.metrics.gpu_tokens
     assert (frame["time_s"] > 0).all() and len(frame) == workload.num_forwards
+
+
+def test_model_module_time_is_charged_as_fixed_gpu_work() -> None:
+    """The model's own modules run outside the executor's phases: their time moves from `other`
+    to `gpu_fixed` (and GPU busy), never more than `other` holds."""
+    rec = RunRecord(10.0, {**dict.fromkeys(BREAKDOWN_KEYS, 0.0), "gpu_experts": 3.0, "other": 7.0}, [], {"gpu": 3.0},
+                    0.0, 0.0, 0, 0)
+    attribute_model_time(rec, 5.5)
+    assert rec.breakdown["gpu_fixed"] == 5.5 and rec.breakdown["other"] == 1.5 and rec.busy["gpu"] == 8.5
+    attribute_model_time(rec, 4.0)       # more than is left: capped
+    assert rec.breakdown["other"] == 0.0 and rec.breakdown["gpu_fixed"] == 7.0
+
+
+def test_live_breakdown_adds_up_and_puts_the_model_in_gpu_fixed() -> None:
+    live = decode_live("tide", DecodeConfig(gen_length=12, block_length=4, kv_cache="prefix"), options_for("tide"))
+    b = live.metrics.breakdown_s
+    assert sum(b.values()) == pytest.approx(live.metrics.total_time_s, rel=1e-9)
+    assert b["other"] >= 0.0
+    # attention, dense layers and lm_head are most of a tiny model's forward; the decoder's host work is not
+    assert b["gpu_fixed"] > b["other"]
 
 
 def test_online_slots_equal_the_replay_slot_plan() -> None:

@@ -10,8 +10,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tidesim_runtime import device as device_mod  # noqa: E402
-from tidesim_runtime.device import (  # noqa: E402
+from tidesim_runtime.engine import device as device_mod  # noqa: E402
+from tidesim_runtime.engine.device import (  # noqa: E402
     PinnedThreads,
     cpu_placement,
     generation_from_link_speed,

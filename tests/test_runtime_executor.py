@@ -1,4 +1,4 @@
-"""The runtime executor: slot plans, copy engine, CPU pool, replay metrics and the lossless check.
+"""The runtime executor: replay, copy engine waits, CPU pool, replay metrics, memory sizing.
 
 Everything runs with the GPU side on the CPU (cpu-as-gpu) on tiny shapes; the CUDA test skips
 without a GPU.
@@ -13,115 +13,20 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tidesim_runtime import device as device_mod  # noqa: E402
-from tidesim_runtime import executor as executor_mod  # noqa: E402
-from tidesim_runtime.device import select_device  # noqa: E402
-from tidesim_runtime.executor import Executor, LayerRouting, check_memory, first_layers, replay_routing  # noqa: E402
-from tidesim_runtime.kernels import swiglu  # noqa: E402
-from tidesim_runtime.streams import D2H, H2D  # noqa: E402
-from tidesim_runtime.weights import AFTER_GROUPED, FREE, after_on_demand, plan_slots  # noqa: E402
+from runtime_cases import SPEC, manual_schedule, schedule_for, tiny_workload  # noqa: E402
+from tidesim_runtime.engine import device as device_mod  # noqa: E402
+from tidesim_runtime.engine import executor as executor_mod  # noqa: E402
+from tidesim_runtime.engine.device import select_device  # noqa: E402
+from tidesim_runtime.engine.executor import Executor, LayerRouting, check_memory, first_layers, replay_routing  # noqa: E402
+from tidesim_runtime.engine.kernels import swiglu  # noqa: E402
+from tidesim_runtime.engine.slots import AFTER_GROUPED, FREE, after_on_demand, plan_slots  # noqa: E402
+from tidesim_runtime.engine.streams import D2H, H2D  # noqa: E402
 
 from tidesim.errors import InputError  # noqa: E402
 from tidesim.hardware import get_profile  # noqa: E402
 from tidesim.models import PRESETS  # noqa: E402
-from tidesim.policies import PolicyOptions, build_schedule, uniform  # noqa: E402
 from tidesim.run import run  # noqa: E402
-from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, COPY_SYNC_REFRESH, CPU, GPU, IDLE, Schedule  # noqa: E402
-from tidesim.workload import Workload  # noqa: E402
-
-SPEC = PRESETS["tiny"]
-
-
-def tiny_workload(forwards: int = 6, tokens: int = 8, seed: int = 0) -> Workload:
-    """Each token picks top_k distinct experts, skewed toward low ids; prefix-cache-like forwards."""
-    rng = np.random.default_rng(seed)
-    L, E, k = SPEC.num_moe_layers, SPEC.num_experts, SPEC.top_k
-    et = np.zeros((forwards, L, E), dtype=np.int32)
-    p = np.linspace(2.0, 0.5, E)
-    p /= p.sum()
-    for f in range(forwards):
-        for layer in range(L):
-            for _ in range(tokens):
-                et[f, layer, rng.choice(E, size=k, replace=False, p=p)] += 1
-    ar = np.arange(forwards, dtype=np.int64)
-    return Workload(model=SPEC, kv_cache="prefix", tokens=np.full(forwards, tokens), context=np.full(forwards, 24),
-                    committed=np.full(forwards, 2), prompt=np.zeros(forwards, np.int64), block=ar // 3,
-                    step=ar % 3, expert_tokens=et)
-
-
-def schedule_for(policy: str, wl: Workload, budget: int = 6, refresh: str = "sync") -> Schedule:
-    hw = get_profile("h100-sxm-pcie5")
-    opts = PolicyOptions(budget=uniform(budget, wl.num_layers), tau=uniform(2, wl.num_layers), hw=hw,
-                         refresh=refresh)
-    return build_schedule(policy, wl, opts)
-
-
-def manual_schedule(placement: list[list[int]], copy: list[list[int]], resident: list[list[bool]],
-                    initial: list[bool], budget: int, demote: list[list[bool]] | None = None) -> Schedule:
-    """A one-layer schedule from per-forward rows."""
-    pl = np.array(placement, dtype=np.int8)[:, None, :]
-    f, _, e = pl.shape
-    return Schedule(policy="manual", budget=np.array([budget]), initial_resident=np.array([initial]),
-                    placement=pl, copy=np.array(copy, dtype=np.int8)[:, None, :],
-                    demote=np.zeros((f, 1, e), bool) if demote is None else np.array(demote)[:, None, :],
-                    resident=np.array(resident)[:, None, :])
-
-
-# ----- slot plan ------------------------------------------------------------------------------
-def test_slot_plan_sync_refresh_reuses_the_freed_slot() -> None:
-    # experts 0,1 resident in slots 0,1; forward 0 drops 1 (demoted) and refreshes 2 in; 1 runs on CPU
-    s = manual_schedule(placement=[[GPU, CPU, GPU, IDLE]], copy=[[0, 0, COPY_SYNC_REFRESH, 0]],
-                        resident=[[True, False, True, False]], initial=[True, True, False, False], budget=2,
-                        demote=[[False, True, False, False]])
-    plan = plan_slots(s)
-    lp = plan.layers[0][0]
-    assert plan.initial_slots == [{0: 0, 1: 1}]
-    assert lp.demotes == [(1, 1)]
-    assert [(op.expert, op.slot) for op in lp.sync] == [(2, 1)]
-    assert lp.grouped == [(0, 0), (2, 1)]
-    assert lp.cpu == [1]
-    assert plan.pool_size == [2] and plan.spare == [0]
-
-
-def test_slot_plan_on_demand_passes_through_when_budget_is_short() -> None:
-    # budget 1, three experts copied on demand in one forward: slot 0 serves them one after another
-    s = manual_schedule(placement=[[GPU, GPU, GPU]], copy=[[COPY_ON_DEMAND] * 3],
-                        resident=[[False, False, True]], initial=[False, False, False], budget=1)
-    lp = plan_slots(s).layers[0][0]
-    assert [(op.expert, op.slot, op.wait) for op in lp.on_demand] == [(0, 0, FREE), (1, 0, after_on_demand(0)),
-                                                                         (2, 0, after_on_demand(1))]
-
-
-def test_slot_plan_async_copy_waits_for_the_leaving_experts_last_run() -> None:
-    # expert 0 resident and used this forward, replaced asynchronously by expert 1
-    s = manual_schedule(placement=[[GPU, CPU]], copy=[[0, COPY_ASYNC_REFRESH]], resident=[[False, True]],
-                        initial=[True, False], budget=1)
-    lp = plan_slots(s).layers[0][0]
-    assert lp.grouped == [(0, 0)]
-    assert [(op.expert, op.slot, op.wait) for op in lp.background] == [(1, 0, AFTER_GROUPED)]
-
-
-def test_slot_plan_counts_spare_slots_beyond_the_budget() -> None:
-    # two synchronous copies into a budget of 1 (an over-full schedule): one spare slot
-    s = manual_schedule(placement=[[GPU, GPU]], copy=[[COPY_SYNC_REFRESH, COPY_SYNC_REFRESH]],
-                        resident=[[True, False]], initial=[False, False], budget=1)
-    plan = plan_slots(s)
-    assert plan.pool_size == [2] and plan.spare == [1]
-
-
-@pytest.mark.parametrize("policy,refresh", [("full-swap", "sync"), ("tide", "sync"), ("tide", "async"),
-                                            ("fiddler", "sync"), ("cpu-routing", "sync")])
-def test_slot_plan_keeps_residents_in_distinct_slots(policy: str, refresh: str) -> None:
-    wl = tiny_workload()
-    s = schedule_for(policy, wl, budget=4, refresh=refresh)
-    plan = plan_slots(s)
-    for f in range(wl.num_forwards):
-        for layer in range(wl.num_layers):
-            lp = plan.layers[f][layer]
-            slots = [sl for _, sl in lp.grouped]
-            assert len(slots) == len(set(slots))
-            assert sorted([e for e, _ in lp.grouped] + [op.expert for op in lp.on_demand] + lp.cpu) == \
-                np.flatnonzero(wl.expert_tokens[f, layer]).tolist()
+from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, CPU, GPU, IDLE  # noqa: E402
 
 
 # ----- replay ----------------------------------------------------------------------------------
@@ -238,64 +143,6 @@ def test_replay_on_cuda_matches_simulator_counts() -> None:
     assert sum(m.breakdown_s.values()) == pytest.approx(m.total_time_s, rel=1e-6)
 
 
-# ----- live mode: the lossless check -----------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_model():
-    from tidesim_runtime.model import build_model
-
-    return build_model(SPEC, seed=0)
-
-
-LIVE_POLICIES = [("all-gpu", "sync"), ("full-swap", "sync"), ("cpu-routing", "sync"), ("fiddler", "sync"),
-                 ("tide", "sync"), ("tide", "async"), ("tide-reference", "sync"), ("tide-reference", "async"),
-                 ("oracle", "sync")]
-
-
-@pytest.mark.parametrize("kv_cache", ["none", "prefix"])
-def test_lossless_live_decode_for_every_policy(tiny_model, kv_cache: str) -> None:
-    """Decoding through the executor gives exactly the plain decode's tokens, for every policy,
-    with placements that really use the GPU, the CPU and copies."""
-    from tidesim_runtime.generate import DecodeConfig
-    from tidesim_runtime.live import lossless_check
-
-    from tidesim.policies import policy_names
-
-    assert {p for p, _ in LIVE_POLICIES} >= set(policy_names()) - {"planned"}
-    cfg = DecodeConfig(gen_length=16, block_length=8, kv_cache=kv_cache)
-    dev = select_device("cpu")
-    L = SPEC.num_moe_layers
-    hw = get_profile("h100-sxm-pcie5")
-    seen_cpu = seen_copies = False
-    for policy, refresh in LIVE_POLICIES:
-        opts = PolicyOptions(budget=uniform(5, L), tau=uniform(2, L), hw=hw, refresh=refresh)
-        result = lossless_check(tiny_model, [5, 17, 42, 99, 7, 3], cfg, policy, opts, dev)
-        assert result.identical, (policy, refresh, result.problems)
-        assert len(result.live_tokens) > 0 and result.metrics is not None
-        seen_cpu |= result.metrics.cpu_tokens > 0
-        seen_copies |= result.metrics.expert_copies > 0
-    assert seen_cpu and seen_copies
-
-
-def test_lossless_check_detects_a_wrong_expert_weight(tiny_model) -> None:
-    """A corrupted host copy of one expert changes the output: the check must catch it."""
-    from tidesim_runtime import live
-    from tidesim_runtime.generate import DecodeConfig
-
-    cfg = DecodeConfig(gen_length=8, block_length=8, kv_cache="prefix")
-    L = SPEC.num_moe_layers
-    opts = PolicyOptions(budget=uniform(0, L), tau=uniform(2, L), hw=get_profile("h100-sxm-pcie5"))
-    real = live.stacked_experts
-
-    def corrupted(block):  # type: ignore[no-untyped-def]
-        w13, w2 = real(block)
-        return w13, w2 * 3.0
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(live, "stacked_experts", corrupted)
-        result = live.lossless_check(tiny_model, [5, 17, 42, 99, 7, 3], cfg, "cpu-routing", opts, select_device("cpu"))
-    assert not result.identical and result.problems
-
-
 # ----- GPU readiness on the shared paths -----------------------------------------------------------
 def fake_cuda_device() -> device_mod.DeviceInfo:
     """A CUDA DeviceInfo for the sizing logic (no CUDA call is made before the pinned check)."""
@@ -386,20 +233,6 @@ def test_results_copy_waits_for_the_gpu_to_read_the_last_results(tiny_executor) 
     down = [c for c in calls if c[0] == ex.act_host.data_ptr()]
     assert results and all(direction == H2D and waits == 1 for _, direction, waits in results)
     assert down and all(direction == D2H and waits == 1 for _, direction, waits in down)
-
-
-def test_live_mode_uses_the_models_dtype_for_staging(tiny_model) -> None:
-    from tidesim_runtime.live import live_device, stacked_experts
-    from tidesim_runtime.weights import host_experts_from
-
-    dev = replace(select_device("cpu"), dtype=torch.bfloat16)
-    live = live_device(tiny_model, dev)
-    assert live.dtype == tiny_model.dtype
-    (_, block), *_ = tiny_model.moe_blocks()
-    banks = host_experts_from(SPEC, [stacked_experts(block)], torch.bfloat16)
-    assert banks[0].flat.dtype == torch.bfloat16
-    with pytest.raises(ValueError, match="dtype"):
-        Executor(SPEC, 1, select_device("cpu"), 8, 24, forward_fixed=False, host_experts=banks)
 
 
 def copies_of(ex: Executor, lp, x, counts) -> list[tuple[str, bool, list]]:  # type: ignore[no-untyped-def]

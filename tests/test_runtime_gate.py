@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
-from tidesim_runtime.gate import SigmoidGroupGate, check_routing_shape, group_limited_topk, route  # noqa: E402
+from tidesim_runtime.reference.gate import SigmoidGroupGate, check_routing_shape, group_limited_topk, route  # noqa: E402
 
 from tidesim.errors import InputError  # noqa: E402
 

@@ -10,9 +10,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from official_rules import RoutingHooks, official_generate, quota_schedule  # noqa: E402
-from tidesim_runtime.capture import CaptureSettings, capture_trace  # noqa: E402
-from tidesim_runtime.generate import DecodeConfig, generate, sample_tokens  # noqa: E402
-from tidesim_runtime.model import build_model  # noqa: E402
+from tidesim_runtime.reference.capture import CaptureSettings, capture_trace  # noqa: E402
+from tidesim_runtime.reference.generate import DecodeConfig, generate, sample_tokens  # noqa: E402
+from tidesim_runtime.reference.model import build_model  # noqa: E402
 
 from tidesim.cli.decode_args import transfer_schedule  # noqa: E402
 from tidesim.errors import InputError  # noqa: E402

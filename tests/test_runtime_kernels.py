@@ -8,8 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tidesim_runtime.kernels import grouped_experts, swiglu, swiglu_into  # noqa: E402
-from tidesim_runtime.weights import ExpertBank  # noqa: E402
+from tidesim_runtime.engine.kernels import grouped_experts, swiglu, swiglu_into  # noqa: E402
+from tidesim_runtime.engine.slots import ExpertBank  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from tidesim.models import PRESETS  # noqa: E402

@@ -10,8 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from official_rules import official_config, official_forward  # noqa: E402
-from tidesim_runtime.generate import block_causal_mask, block_ids  # noqa: E402
-from tidesim_runtime.model import (  # noqa: E402
+from tidesim_runtime.reference.generate import block_causal_mask, block_ids  # noqa: E402
+from tidesim_runtime.reference.model import (  # noqa: E402
     ModelFlags,
     RMSNorm,
     Rotary,
@@ -135,11 +135,19 @@ def test_logits_match_the_official_forward_written_out(flags, dtype):
     want = official_forward(m.state_dict(), cfg, ids, torch.arange(10) + 30, mask, dtype)
     if dtype == torch.float32:
         assert torch.allclose(got, want, atol=1e-4)
-    else:  # attention (SDPA here, eager there) and expert sums run in another order, so bf16 rounding
-        # differs a little and a random model amplifies it (measured: 1.4-3.8% mean, >= 9 of 10 argmax)
-        diff = (got - want).abs()
-        assert diff.mean() < 0.05 * want.abs().mean()
-        assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.8
+        return
+    # bf16: attention (SDPA here, eager there) and expert sums round in another order, and a random
+    # model amplifies it, so both are held against the same bf16 weights computed in float32: ours
+    # must be close to it and no further from it than the official forward is (measured: ours
+    # 1.1% mean with torch 2.13, 2.6% with 2.11; the official eager forward 3.7% and 16%)
+    m32 = build_model(SPEC, torch.float32, seed=None, flags=mflags)
+    m32.load_state_dict({k: v.float() for k, v in m.state_dict().items()})
+    truth = m32(torch.tensor([ids]), torch.arange(10) + 30, mask)[0][0]
+    ours = (got - truth).abs().mean() / truth.abs().mean()
+    official = (want - truth).abs().mean() / truth.abs().mean()
+    assert ours < 0.05
+    assert ours <= official * 1.25
+    assert (got.argmax(-1) == truth.argmax(-1)).float().mean() >= 0.8
 
 
 def _logits(model, ids, positions=None, blocks=None):

@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tidesim_runtime.pinned import PAGE, HostPinning, page_aligned_empty, pinned_bytes  # noqa: E402
+from tidesim_runtime.engine.pinned import PAGE, HostPinning, page_aligned_empty, pinned_bytes  # noqa: E402
 
 
 def test_pinned_bytes_round_to_pages_not_powers_of_two() -> None:

@@ -10,9 +10,9 @@ torch = pytest.importorskip("torch")
 tokenizers = pytest.importorskip("tokenizers")
 
 from official_rules import official_generate, write_official_checkpoint  # noqa: E402
-from tidesim_runtime.checkpoint import load_checkpoint  # noqa: E402
-from tidesim_runtime.model import build_model  # noqa: E402
-from tidesim_runtime.prompts import (  # noqa: E402
+from tidesim_runtime.reference.checkpoint import load_checkpoint  # noqa: E402
+from tidesim_runtime.reference.model import build_model  # noqa: E402
+from tidesim_runtime.reference.prompts import (  # noqa: E402
     RawPrompt,
     load_tokenizer,
     prepare_prompts,

@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tidesim_runtime.streams import D2H, H2D, BackgroundFeeder, HostBackend, Marker, make_backend  # noqa: E402
+from tidesim_runtime.engine.streams import D2H, H2D, BackgroundFeeder, HostBackend, Marker, make_backend  # noqa: E402
 
 
 class FakeLink:

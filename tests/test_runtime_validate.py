@@ -7,9 +7,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tidesim_runtime import executor as executor_mod  # noqa: E402
-from tidesim_runtime.device import select_device  # noqa: E402
-from tidesim_runtime.validate import Config, build, check_inputs, configurations, figure, summary, validate  # noqa: E402
+from tidesim_runtime.engine import executor as executor_mod  # noqa: E402
+from tidesim_runtime.engine.device import select_device  # noqa: E402
+from tidesim_runtime.measure.validate import Config, build, check_inputs, configurations, figure, summary, validate  # noqa: E402
 
 from tidesim.errors import InputError  # noqa: E402
 from tidesim.hardware import get_profile  # noqa: E402
@@ -79,7 +79,7 @@ def test_validate_predicts_with_the_profiles_contention_term(workload) -> None:
     a CPU-bound layer grows by s x (GPU expert work)."""
     import dataclasses
 
-    from tidesim_runtime.executor import first_layers
+    from tidesim_runtime.engine.executor import first_layers
 
     from tidesim.sim.costs import schedule_costs
     from tidesim.sim.lpt import lpt_makespans

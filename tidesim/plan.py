@@ -54,7 +54,7 @@ class Fingerprints:
 
 @dataclass
 class SolverInfo:
-    """What CBC reported. wall_time_s is measured, the one field that varies between runs."""
+    """What the solver reported. wall_time_s is measured, the one field that varies between runs."""
 
     solver: str
     status: str

@@ -3,16 +3,16 @@
 Steps (each a subprocess or function, each with its share of the wall-clock budget; one that
 fails or runs out of time is recorded and the rest still run):
 
-1. install   the project and the carried wheels (simpy, pulp) into a scratch folder, no network;
+1. install   the carried wheels (simpy, pulp) into a scratch folder, no network; the project runs
+             from this tree (PYTHONPATH), so nothing needs to be built on the machine;
 2. traces    the mini traces bundled with tidesim (the dry run synthesizes tiny ones);
 3. calibrate `tidesim calibrate --quick` -> profile.yaml;
 4. validate  `tidesim validate` over policies x budgets (64, 128) for both KV-cache modes on the
              first MoE layers (as many as host memory allows; --layers);
 5. plan      `tidesim plan` at budget 128 on the calibrated profile;
 6. throughput every policy at budget 128 (tide sync and async, planned), measured;
-7. live      the live decode on mini shapes with random weights through the executor, against
-             the plain decode (tidesim_runtime.live.lossless_check).
-             TODO(#11): switch this step to `tidesim generate` once that command exists.
+7. live      `tidesim generate` on mini shapes with random weights (the first layers), one run per
+             policy, each checked against the plain decode (--check-lossless) and predicted.
 
 Everything goes to --out (at most 8 files: env.json, profile.yaml, validate_prefix.json,
 validate_none.json, throughput.json, live.json, summary.txt, log.txt) with the provenance
@@ -58,7 +58,7 @@ class Sizes:
     policies: str
     taus: str
     plan_taus: str
-    live_layers: int
+    live_layers: int                  # layers kept by `generate --layers` (dense included)
     live_gen: int
     live_prompt: int
     live_policies: tuple[str, ...]
@@ -67,11 +67,11 @@ class Sizes:
 GPU = Sizes(model="llada2-mini", device="cuda",
             traces={"prefix": "llada2-mini_prefix_g1024", "none": "llada2-mini_none_g1024"},
             budgets=(64, 128), layers=8, forwards=48, policies="cpu-routing,fiddler,tide,full-swap,all-gpu",
-            taus="4", plan_taus="1,2,4,8", live_layers=2, live_gen=64, live_prompt=32,
+            taus="4", plan_taus="1,2,4,8", live_layers=3, live_gen=64, live_prompt=32,
             live_policies=("tide", "full-swap", "fiddler", "cpu-routing"))
 DRY = Sizes(model="tiny", device="cpu", traces={}, budgets=(4, 8), layers=1, forwards=4,
             policies="cpu-routing,fiddler,tide,full-swap,all-gpu", taus="4", plan_taus="1,2",
-            live_layers=2, live_gen=16, live_prompt=6, live_policies=("tide", "cpu-routing"))
+            live_layers=3, live_gen=16, live_prompt=6, live_policies=("tide", "cpu-routing"))
 
 
 @dataclass
@@ -98,7 +98,7 @@ class Run:
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env["PYTHONPATH"] = str(self.site)
+        env["PYTHONPATH"] = os.pathsep.join([str(self.site), str(REPO), str(REPO / "runtime")])
         env["PYTHONUNBUFFERED"] = "1"
         env.setdefault("MPLBACKEND", "Agg")
         return env
@@ -139,26 +139,25 @@ def step(run: Run, name: str, fn: Callable[[], Any]) -> Any:
 
 # ----- the steps --------------------------------------------------------------------------------
 def install(run: Run, wheels: Path) -> None:
-    """pip install the carried wheels and the working tree into run.site, without network."""
+    """pip install the carried wheels into run.site, without network; the project itself runs from
+    this tree through PYTHONPATH (run.env), so the machine needs no build tools for it."""
     found = sorted(str(p) for p in wheels.glob("*.whl")) if wheels.is_dir() else []
     if not found:
         run.log(f"no wheels in {wheels}: simpy and pulp must already be installed")
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-build-isolation",
-           "--no-compile", "--disable-pip-version-check", "--target", str(run.site), *found, str(REPO)]
-    run.log("$ " + " ".join(cmd))
-    with tempfile.TemporaryDirectory() as tmp:   # setuptools' build folder stays out of the tree
-        env = dict(os.environ, TMPDIR=tmp)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=max(30.0, run.left() * 0.2),
-                              check=False)
-    if proc.returncode != 0:
-        errors = [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if "error" in line.lower()]
-        raise RuntimeError("pip failed: " + " | ".join(errors[-4:] or ["no message"]))
+    else:
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+               "--disable-pip-version-check", "--target", str(run.site), *found]
+        run.log("$ " + " ".join(cmd))
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(30.0, run.left() * 0.2), check=False)
+        if proc.returncode != 0:
+            errors = [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if "error" in line.lower()]
+            raise RuntimeError("pip failed: " + " | ".join(errors[-4:] or ["no message"]))
     check = subprocess.run([sys.executable, "-c", "import tidesim, tidesim_runtime, simpy, pulp, torch; "
                             "print(tidesim.__file__, torch.__version__)"], env=run.env(), cwd=run.work,
                            capture_output=True, text=True, check=False, timeout=120)
-    if check.returncode != 0 or str(run.site) not in check.stdout:
-        raise RuntimeError(f"the installed project does not import: {check.stderr.strip()[-300:]}")
-    run.log("installed: " + check.stdout.strip())
+    if check.returncode != 0 or str(REPO) not in check.stdout:
+        raise RuntimeError(f"the project does not import from {REPO}: {check.stderr.strip()[-300:]}")
+    run.log("imports: " + check.stdout.strip())
 
 
 def traces(run: Run) -> dict[str, str]:
@@ -248,59 +247,36 @@ def throughput(run: Run, trace: str, profile: Path, plan_path: Path | None) -> d
     return {"setup": sync["setup"], "rows": rows, "sync": sync, "async": asyn}
 
 
-LIVE_SCRIPT = r"""
-import json, sys
-from dataclasses import replace
-import torch
-from tidesim.models import get_model
-from tidesim.policies import PolicyOptions, uniform
-from tidesim.hardware import get_profile
-from tidesim_runtime.device import select_device
-from tidesim_runtime.generate import DecodeConfig
-from tidesim_runtime.live import lossless_check
-from tidesim_runtime.model import build_model
-
-a = json.loads(sys.argv[1])
-spec = get_model(a["model"])
-spec = replace(spec, name=f"{spec.name}[{a['layers']} layers]", num_layers=a["layers"] + spec.first_dense_layers)
-device = select_device(a["device"])
-dtype = torch.bfloat16 if device.is_cuda else torch.float32
-model = build_model(spec, dtype=dtype, seed=0)
-hw = get_profile(a["profile"])
-layers = spec.num_moe_layers
-opts = PolicyOptions(budget=uniform(a["budget"], layers), tau=uniform(4, layers), hw=hw, refresh="sync")
-cfg = DecodeConfig(gen_length=a["gen"], block_length=min(32, a["gen"]), kv_cache="prefix")
-prompt = [(7 * i + 3) % (spec.vocab_size - 2) for i in range(a["prompt"])]
-rows = []
-for policy in a["policies"]:
-    r = lossless_check(model, prompt, cfg, policy, opts, device)
-    m = r.metrics
-    rows.append({"policy": policy, "identical": r.identical, "problems": r.problems, "forwards": r.forwards,
-                 "tokens": len(r.live_tokens), "tokens_per_s": m.tokens_per_s if m else None,
-                 "step_ms": m.step_time_s * 1e3 if m else None, "hit_ratio": m.hit_ratio if m else None,
-                 "expert_copies": m.expert_copies if m else None})
-print(json.dumps({"model": spec.name, "dtype": str(dtype), "device": device.describe(), "budget": a["budget"],
-                  "gen_length": a["gen"], "prompt_length": a["prompt"], "kv_cache": "prefix", "rows": rows}))
-"""
+STATIC_POLICIES = ("cpu-routing", "fiddler")
 
 
 def live(run: Run, profile: Path) -> dict[str, Any]:
-    """The live decode (random weights, mini shapes) through the executor for a few policies."""
-    # TODO(#11): when `tidesim generate` lands, run it here instead of LIVE_SCRIPT, e.g.
-    #   run.tidesim(["generate", "--config", s.model, "--layers", str(s.live_layers), "--policy", policy,
-    #                "--budget", str(s.budgets[1]), "--hw", str(profile), "--device", s.device, ...], share)
-    # and keep live.json's fields (policy, identical, tokens, tokens_per_s, step_ms, hit_ratio).
+    """`tidesim generate` (random weights, mini shapes, the first layers) for a few policies, each
+    with --check-lossless (a plain decode next to it) and the prediction from the calibrated profile."""
     s = run.sizes
-    args = {"model": s.model, "layers": s.live_layers, "device": s.device, "profile": str(profile),
-            "budget": s.budgets[1], "gen": s.live_gen, "prompt": s.live_prompt, "policies": list(s.live_policies)}
-    cmd = [sys.executable, "-c", LIVE_SCRIPT, json.dumps(args)]
-    run.log(f"$ python -c LIVE_SCRIPT '{json.dumps(args)}'")
-    proc = subprocess.run(cmd, env=run.env(), cwd=run.work, capture_output=True, text=True,
-                          timeout=max(10.0, run.left() * 0.9), check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr.strip()[-500:])
-    data: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return data
+    prompts = run.work / "live_prompts.txt"
+    prompts.write_text(" ".join(str((7 * i + 3) % 1000 + 2) for i in range(s.live_prompt)) + "\n")
+    rows: list[dict[str, Any]] = []
+    first = run.work / f"live_{s.live_policies[0]}"
+    for k, policy in enumerate(s.live_policies):
+        folder = run.work / f"live_{policy}"
+        share = 1.0 / (len(s.live_policies) - k)        # an even share of what is left
+        # the static policies take their GPU set from the first run's popular experts (a warm-up run)
+        static = ["--static-from", str(first)] if policy in STATIC_POLICIES and folder != first else []
+        proc = run.tidesim(["generate", "--config", s.model, "--layers", str(s.live_layers), "--seed", "0",
+                            "--prompts", str(prompts), "--policy", policy, "--budget", str(s.budgets[1]),
+                            "--tau", "4", "--gen-length", str(s.live_gen), "--block-length", str(min(32, s.live_gen)),
+                            "--kv-cache", "prefix", "--device", s.device, "--hw", str(profile), "--check-lossless",
+                            "-o", str(folder), "--json", *static], share * 0.9)
+        summary: dict[str, Any] = json.loads(proc.stdout)
+        m, lossless, pred = summary["measured"], summary.get("lossless") or {}, summary.get("prediction") or {}
+        rows.append({"policy": policy, "identical": lossless.get("identical"),
+                     "token_share": lossless.get("token_share"), "routing_share": lossless.get("routing_share"),
+                     "device": lossless.get("device"), "forwards": m["forwards"], "tokens": m["generated_tokens"],
+                     "tokens_per_s": m["tokens_per_s"], "step_ms": m["step_time_s"] * 1e3,
+                     "hit_ratio": m["hit_ratio"], "expert_copies": m["expert_copies"], "prediction": pred})
+    return {"model": s.model, "layers": s.live_layers, "device": s.device, "budget": s.budgets[1],
+            "gen_length": s.live_gen, "prompt_length": s.live_prompt, "kv_cache": "prefix", "rows": rows}
 
 
 # ----- provenance and summary -------------------------------------------------------------------
@@ -368,7 +344,8 @@ def summary_table(run: Run, results: dict[str, Any]) -> str:
     lv = results.get("live")
     if lv:
         for r in lv["rows"]:
-            lines.append(f"live {r['policy']:12} identical={r['identical']} tokens={r['tokens']} "
+            lines.append(f"live {r['policy']:12} identical={r['identical']} token share={r['token_share']} "
+                         f"tokens={r['tokens']} "
                          f"tok/s={r['tokens_per_s'] or 0:.1f}")
     return "\n".join(lines) + "\n"
 

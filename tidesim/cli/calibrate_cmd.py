@@ -64,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix not in (".yaml", ".yml"):
         raise InputError(f"--output {out}: give a .yaml file name")
     check_cpu_workers(args.cpu_workers)
-    from tidesim_runtime.calibrate import calibrate
-    from tidesim_runtime.device import select_device
+    from tidesim_runtime.engine.device import select_device
+    from tidesim_runtime.measure.calibrate import calibrate
 
     device = select_device(args.device, args.cpu_workers)
     name = args.name or out.stem

@@ -4,7 +4,7 @@ one validation).
 The flags and their defaults are those of the official LLaDA2.0 `generate` (block length 32,
 32 steps, threshold 0.95, temperature 0, no top-k / top-p, argmax unless --do-sample,
 minimal_topk 1, no EOS early stop) plus this project's --kv-cache and --seed. `check_decode`
-is the one place their values are checked; `tidesim_runtime.generate.DecodeConfig` calls it
+is the one place their values are checked; `tidesim_runtime.reference.generate.DecodeConfig` calls it
 too, so a library caller and a command line get the same one-line refusals. Imports no torch.
 """
 

@@ -76,7 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def decode_config(args: argparse.Namespace) -> Any:
     """The DecodeConfig of the shared decode flags (the same flags and checks as `trace capture`)."""
-    from tidesim_runtime.generate import DecodeConfig
+    from tidesim_runtime.reference.generate import DecodeConfig
 
     return DecodeConfig(**decode_kwargs(args))
 
@@ -84,9 +84,9 @@ def decode_config(args: argparse.Namespace) -> Any:
 def read_prompt_tokens(path: str, spec: Any, model_dir: str | None, cfg: Any
                        ) -> tuple[list[list[int]], list[str | None], Any]:
     """(token ids, prompt text or None, tokenizer or None) per prompt: token ids, or text through
-    the checkpoint's tokenizer and chat template (tidesim_runtime.prompts, as `trace capture`)."""
-    from tidesim_runtime import prompts as prompt_module
-    from tidesim_runtime.capture import check_prompts
+    the checkpoint's tokenizer and chat template (tidesim_runtime.reference.prompts, as `trace capture`)."""
+    from tidesim_runtime.reference import prompts as prompt_module
+    from tidesim_runtime.reference.capture import check_prompts
 
     tokenizer = prompt_module.load_tokenizer(model_dir)
     prepared = prompt_module.prepare_prompts(prompt_module.read_prompt_file(path), tokenizer,
@@ -147,11 +147,11 @@ def run(args: argparse.Namespace) -> int:
     check_numbers(args)
     require_runtime()
     import torch
-    from tidesim_runtime.capture import CaptureSettings
-    from tidesim_runtime.checkpoint import load_checkpoint, spec_from_checkpoint, with_layers
-    from tidesim_runtime.deploy import LiveEngine, bind_host_experts, check_deploy_memory, move_non_experts
-    from tidesim_runtime.device import select_device
-    from tidesim_runtime.model import build_model
+    from tidesim_runtime.engine.device import select_device
+    from tidesim_runtime.measure.deploy import LiveEngine, bind_host_experts, check_deploy_memory, move_non_experts
+    from tidesim_runtime.reference.capture import CaptureSettings
+    from tidesim_runtime.reference.checkpoint import load_checkpoint, spec_from_checkpoint, with_layers
+    from tidesim_runtime.reference.model import build_model
 
     from tidesim.hardware import get_profile
     from tidesim.models import get_model
@@ -270,7 +270,7 @@ def decode_sizes(cfg: Any, prompt_lengths: list[int]) -> tuple[int, int]:
 
 
 def predict(result: Any, hw: Any) -> dict[str, Any]:
-    from tidesim_runtime.deploy import predicted_forwards
+    from tidesim_runtime.measure.deploy import predicted_forwards
 
     from tidesim.workload import workload_from_trace
 
@@ -293,7 +293,7 @@ def predict(result: Any, hw: Any) -> dict[str, Any]:
 
 def plain_decode(model: Any, spec: Any, prompts: list[list[int]], cfg: Any, settings: Any) -> Any:
     """(trace, tokens) of a plain decode: the model's own expert loop on the host."""
-    from tidesim_runtime.capture import capture_trace
+    from tidesim_runtime.reference.capture import capture_trace
 
     return capture_trace(model, spec, prompts, cfg, settings, seed=None)
 

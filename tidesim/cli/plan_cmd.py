@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "plan", help="choose per-layer refresh intervals and GPU expert budgets (MILP) -> plan.json",
         description="Build a cost table of `tide` per MoE layer, interval and budget with the analytic cost "
                     "model on the calibration prompts, pick one (tau, budget) per layer under the GPU memory "
-                    "budget with a MILP (PuLP + CBC), bound it from below with a Lagrangian bound over every "
+                    "budget with a multiple-choice knapsack solved exactly (a dynamic program over the "
+                    "slots), bound it from below with a Lagrangian bound over every "
                     "refresh schedule with these budgets (not the `oracle` policy, which may also copy on "
                     "demand and prefetch for free), and evaluate it on the held-out prompts. See docs/planner.md.")
     p.add_argument("--trace", required=True, metavar="T", help="trace file, or a bundled trace name")
@@ -35,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="candidate budgets per layer, e.g. 42,84,126 or 21..168:21 (default: a grid from a "
                         "quarter to twice the uniform budget that fits)")
     p.add_argument("--time-limit", type=float, metavar="S",
-                   help="CBC time limit in seconds (default: none)")
+                   help="accepted for old commands and recorded in the plan, but unused: the exact solver "
+                        "needs no time limit")
     p.add_argument("--calibrate-prompts", metavar="0,1",
                    help="prompts the plan is chosen on (default: the first half); the rest are held out")
     p.add_argument("--engine", choices=ENGINES, default="analytic",
@@ -92,8 +94,8 @@ def print_report(outcome: PlanOutcome, output: Path) -> None:
     s = p.solver
     print(f"{p.model} on {p.hw}, {p.gpu_mem_gib:g} GiB: the plan uses {plan_slots(p)} "
           f"(uniform budget {outcome.uniform_budget} per layer); mode {p.mode}")
-    print(f"solver: {s.status} in {s.wall_time_s:.2f} s; predicted {p.objective_s:.4f} s on the calibration prompts "
-          f"(MILP bound {s.milp_bound_s:.4f} s)")
+    print(f"solver: {s.status} in {s.wall_time_s:.2f} s ({s.solver}); predicted {p.objective_s:.4f} s on the "
+          f"calibration prompts (MILP bound {s.milp_bound_s:.4f} s)")
     gap = "-" if p.gap is None else f"{100 * p.gap:.1f}%"
     print(f"Lagrangian lower bound (no refresh schedule with these budgets is faster; not the oracle policy): "
           f"{p.oracle_bound_s:.4f} s; gap {gap}")

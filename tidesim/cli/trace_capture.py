@@ -83,8 +83,8 @@ def random_prompts(spec: ModelSpec, tokens: int, count: int, seed: int) -> list[
 def _model_source(args: argparse.Namespace) -> tuple[ModelSpec, Any, str, Path | None]:
     """(spec, flags, weights label, tokenizer folder) from --model-dir or --config; every
     config and tensor check happens here, before any weight is read."""
-    from tidesim_runtime.checkpoint import inspect_checkpoint, read_config, read_config_file, with_layers
-    from tidesim_runtime.model import ModelFlags
+    from tidesim_runtime.reference.checkpoint import inspect_checkpoint, read_config, read_config_file, with_layers
+    from tidesim_runtime.reference.model import ModelFlags
 
     if args.model_dir is not None:
         conf = read_config(args.model_dir, args.layers)
@@ -104,11 +104,11 @@ def run(args: argparse.Namespace) -> int:
         import torch  # noqa: F401  (only to say how to install it when missing)
     except ImportError:
         raise InputError(f"trace capture needs torch; install it with: {INSTALL_HINT}") from None
-    from tidesim_runtime.capture import CaptureSettings, capture_trace, check_prompts
-    from tidesim_runtime.checkpoint import load_checkpoint
-    from tidesim_runtime.generate import DecodeConfig
-    from tidesim_runtime.model import build_model, torch_dtype
-    from tidesim_runtime.prompts import load_tokenizer, prepare_prompts, read_prompt_file
+    from tidesim_runtime.reference.capture import CaptureSettings, capture_trace, check_prompts
+    from tidesim_runtime.reference.checkpoint import load_checkpoint
+    from tidesim_runtime.reference.generate import DecodeConfig
+    from tidesim_runtime.reference.model import build_model, torch_dtype
+    from tidesim_runtime.reference.prompts import load_tokenizer, prepare_prompts, read_prompt_file
 
     from tidesim.trace.io import write_trace
 

@@ -78,9 +78,9 @@ def int_list(text: str, flag: str) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     require_runtime()
-    from tidesim_runtime.device import select_device
-    from tidesim_runtime.executor import first_layers
-    from tidesim_runtime.validate import Config, check_inputs, configurations, figure, summary, validate
+    from tidesim_runtime.engine.device import select_device
+    from tidesim_runtime.engine.executor import first_layers
+    from tidesim_runtime.measure.validate import Config, check_inputs, configurations, figure, summary, validate
 
     from tidesim.bundled.paths import resolve_trace
     from tidesim.hardware import get_profile, not_this_machine

@@ -3,7 +3,7 @@
 docs/planner.md has the formulation. In short: a cost table C[l, tau, B] (predicted seconds of MoE
 layer l when `tide` runs it with interval tau and budget B) is computed once from the analytic cost
 model, then a multiple-choice knapsack picks one (tau, B) per layer under the memory row, solved
-exactly by CBC through PuLP. A Lagrangian lower bound over all refresh schedules with the chosen
+exactly by a dynamic program over the slots used. A Lagrangian lower bound over all refresh schedules with the chosen
 budgets says how far the plan can be from any policy of that kind.
 """
 
@@ -30,7 +30,7 @@ from tidesim.plan import (
 from tidesim.planner.bound import OracleBound, OracleCosts, oracle_bound, oracle_costs
 from tidesim.planner.candidates import default_budgets, expert_slots, parse_int_list, uniform_budget
 from tidesim.planner.costtable import CostTable, _index_of, cost_table, distinct_taus
-from tidesim.planner.milp import MilpResult, cbc, solve_plan
+from tidesim.planner.milp import SOLVER_NAME, MilpResult, cbc, solve_plan
 from tidesim.workload import Workload
 
 # ----- evaluation and the whole planning run ------------------------------------------------------
@@ -185,7 +185,7 @@ def make_plan(trace_path: Path, trace_name: str, hw: HardwareProfile, gpu_mem_gi
         tau=[int(t) for t in result.tau], budget=[int(b) for b in result.budget],
         objective_s=result.objective_s, oracle_bound_s=bound.bound_s,
         gap=result.objective_s / bound.bound_s - 1 if bound.bound_s > 0 else None,
-        solver=SolverInfo("cbc (PuLP)", result.status, result.proven_optimal, result.wall_time_s, time_limit_s,
+        solver=SolverInfo(SOLVER_NAME, result.status, result.proven_optimal, result.wall_time_s, time_limit_s,
                           result.bound_s),
         fingerprints=Fingerprints(file_fingerprint(trace_path), profile_fingerprint(hw), model_fingerprint(model)),
         taus=[int(t) for t in table.taus], budgets=[int(b) for b in table.budgets],

@@ -13,7 +13,7 @@ import numpy as np
 from tidesim.budget import expert_memory_bytes
 from tidesim.models import ModelSpec
 from tidesim.policies.base import PolicyOptions, register_policy, uniform
-from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, no_copies, placement_of
+from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, cpu_code, no_copies
 
 
 def fits_gpu(model: ModelSpec, layers: int, options: PolicyOptions) -> bool:
@@ -31,10 +31,11 @@ class AllGpu(PolicyStep):
         super().__init__(setup, initial=np.ones((setup.layers, setup.experts), dtype=bool))
         self.budget = uniform(setup.experts, setup.layers)
         self.feasible = fits_gpu(setup.model, setup.layers, setup.options)
+        self.code = cpu_code(self.initial)  # the GPU set never changes: placement = activated x code
 
     def decide(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
-        gpu = np.ones(counts.shape, dtype=bool)
-        return (placement_of(counts, gpu), no_copies(counts), np.zeros(counts.shape, dtype=bool), gpu)
+        return ((counts > 0).view(np.int8) * self.code[rows], no_copies(counts), np.zeros(counts.shape, dtype=bool),
+                np.ones(counts.shape, dtype=bool))
 
     def params(self) -> dict[str, object]:
         return {"budget": self.setup.experts}

@@ -14,7 +14,7 @@ import numpy as np
 
 from tidesim.policies.base import register_policy
 from tidesim.policies.residency import int_list, warmup_forwards
-from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, no_copies, placement_of, static_for
+from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, cpu_code, no_copies, static_for
 
 
 def static_params(step: PolicyStep) -> dict[str, object]:
@@ -30,11 +30,11 @@ class CpuRouting(PolicyStep):
     def __init__(self, setup: Setup) -> None:
         budget = np.asarray(setup.options.budget, dtype=np.int64)
         super().__init__(setup, static_for(setup, budget, "cpu-routing"))
+        self.code = cpu_code(self.initial)  # the GPU set never changes: placement = activated x code
 
     def decide(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
-        static = self.initial[rows]
-        return (placement_of(counts, static), no_copies(counts), np.zeros(counts.shape, dtype=bool),
-                        static.copy())
+        return ((counts > 0).view(np.int8) * self.code[rows], no_copies(counts), np.zeros(counts.shape, dtype=bool),
+                self.initial[rows].copy())
 
     def params(self) -> dict[str, object]:
         return static_params(self)

@@ -25,8 +25,8 @@ from tidesim.models import ModelSpec
 from tidesim.policies.base import register_policy
 from tidesim.policies.cpu_routing import static_params
 from tidesim.policies.residency import by_count, int_list
-from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, placement_of, static_for
-from tidesim.schedule import COPY_ON_DEMAND, NO_COPY
+from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, copies, placement_of, static_for
+from tidesim.schedule import COPY_ON_DEMAND
 
 
 def copy_is_cheaper(tokens: np.ndarray, spec: ModelSpec, hw: HardwareProfile) -> np.ndarray:
@@ -53,10 +53,12 @@ class CheapCopies:
         self.table = copy_is_cheaper(np.arange(max(top, 1) + 1), spec, hw)
 
     def __call__(self, counts: np.ndarray) -> np.ndarray:
-        top = int(counts.max(initial=0))
-        if top >= self.table.size:
+        try:
+            return self.table[counts]
+        except IndexError:  # a count beyond the table: grow it (rare, so not checked up front)
+            top = int(counts.max(initial=0))
             self.table = copy_is_cheaper(np.arange(max(top, 2 * self.table.size) + 1), self.spec, self.hw)
-        return self.table[counts]
+            return self.table[counts]
 
 
 @register_policy("fiddler", "static popular experts; each miss on the CPU or copied in, whichever is cheaper")
@@ -67,16 +69,15 @@ class Fiddler(PolicyStep):
         size = budget if options.static_resident is not None else static_size(budget, setup.experts)
         super().__init__(setup, static_for(setup, size, "fiddler"))
         self.streaming = self.initial.sum(axis=1) < budget               # [L]: a free slot to stream through
+        self.may_stream = ~self.initial & self.streaming[:, None]         # [L, E]: not static, a slot to stream through
         top = int(setup.workload.expert_tokens.max(initial=0)) if setup.workload is not None else 64
         self.cheap = CheapCopies(setup.model, options.hw, top)
 
     def decide(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
         static = self.initial[rows]
-        activated = counts > 0
-        stream = activated & ~static & self.streaming[rows, None] & self.cheap(counts)
-        copy = np.where(stream, COPY_ON_DEMAND, NO_COPY).astype(np.int8)
-        return (placement_of(counts, (activated & static) | stream), copy,
-                        np.zeros(counts.shape, dtype=bool), static.copy())
+        stream = self.may_stream[rows] & self.cheap(counts)  # cheap is False where there are no tokens
+        return (placement_of(counts, static | stream), copies(stream, COPY_ON_DEMAND),
+                np.zeros(counts.shape, dtype=bool), static.copy())
 
     def params(self) -> dict[str, object]:
         return {**static_params(self), "static_experts": int_list(self.initial.sum(axis=1))}

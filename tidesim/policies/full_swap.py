@@ -16,8 +16,8 @@ import numpy as np
 from tidesim.errors import InputError
 from tidesim.policies.base import register_policy
 from tidesim.policies.residency import int_list
-from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, placement_of
-from tidesim.schedule import COPY_ON_DEMAND, NO_COPY
+from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, copies
+from tidesim.schedule import COPY_ON_DEMAND
 
 
 def lru_step(resident: np.ndarray, stamp: np.ndarray, activated: np.ndarray, now: int,
@@ -30,6 +30,8 @@ def lru_step(resident: np.ndarray, stamp: np.ndarray, activated: np.ndarray, now
     experts used in this forward, and when fewer were used, the most recent earlier residents in
     the slots left (stamps are distinct, so "most recent" has no ties).
     """
+    if resident.shape[0] == 1:
+        return lru_step_one(resident, stamp, activated, now, int(budget[0]))
     hit = activated & resident
     miss = activated & ~resident
     n_act = activated.sum(axis=1)
@@ -51,6 +53,25 @@ def lru_step(resident: np.ndarray, stamp: np.ndarray, activated: np.ndarray, now
         threshold = np.take_along_axis(newest, left - 1, axis=1)
         after[some_old] |= old & (key >= threshold)
     return after, stamp
+
+
+def lru_step_one(resident: np.ndarray, stamp: np.ndarray, activated: np.ndarray, now: int,
+                 budget: int) -> tuple[np.ndarray, np.ndarray]:
+    """lru_step for one layer (the live engine's call), on the experts used instead of masks."""
+    act, res = activated[0], resident[0]
+    used = np.concatenate(((act & res).nonzero()[0], (act > res).nonzero()[0]))  # hits, then misses, by id
+    stamp = stamp.copy()
+    stamp[0, used] = np.arange(now, now + used.size)
+    candidates = res | act
+    if np.count_nonzero(candidates) <= budget:  # the cache holds all its candidates: nothing to evict
+        return candidates[None], stamp
+    after = np.zeros(candidates.shape, dtype=bool)
+    after[used[max(used.size - budget, 0):]] = True  # the last `budget` experts used
+    left = budget - used.size
+    if left > 0:  # slots left for earlier residents, fewer than there are: the most recent
+        old = (res > act).nonzero()[0]
+        after[old[np.argsort(stamp[0, old])[old.size - left:]]] = True
+    return after[None], stamp
 
 
 @register_policy("full-swap", "copy every missing expert to the GPU on demand; per-layer LRU cache of the budget")
@@ -75,10 +96,11 @@ class FullSwap(PolicyStep):
     def decide(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
         activated = counts > 0
         current = self.current[rows]
-        copy = np.where(activated & ~current, COPY_ON_DEMAND, NO_COPY).astype(np.int8)
+        copy = copies(activated > current, COPY_ON_DEMAND)  # the misses
         after, self.stamp[rows] = lru_step(current, self.stamp[rows], activated, meta.index * self.setup.experts,
                                            self.budget[rows])
-        return (placement_of(counts, activated), copy, np.zeros(counts.shape, dtype=bool), after)
+        placement = activated.view(np.int8)  # every activated expert runs on the GPU (GPU is 1: step checks)
+        return (placement, copy, np.zeros(counts.shape, dtype=bool), after)
 
     def params(self) -> dict[str, object]:
         return {"budget": int_list(self.budget), "warm_start": self.setup.options.static_resident is not None}

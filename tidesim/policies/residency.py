@@ -64,15 +64,14 @@ def refresh_sets(current: np.ndarray, counts: np.ndarray, budget: np.ndarray) ->
     rank order with one sort: the online step's fast path, equal to those two functions. One
     layer (the live engine's call) takes 1-D indexing, which numpy does with less overhead."""
     n, e = counts.shape
-    order = np.argsort(-counts, axis=-1, kind="stable")
+    order = (-counts).argsort(axis=-1, kind="stable")
     target = np.empty((n, e), dtype=bool)
     refreshed = np.empty((n, e), dtype=bool)
     if n == 1:
         o, b = order[0], int(budget[0])
         target_o = counts[0][o] > 0
         target_o[b:] = False
-        cand_o = current[0][o] | target_o
-        kept_o = cand_o & (np.cumsum(cand_o) <= b)
+        kept_o = first_true(current[0][o] | target_o, b)
         target[0][o] = target_o
         refreshed[0][o] = kept_o
         return target, refreshed
@@ -85,6 +84,14 @@ def refresh_sets(current: np.ndarray, counts: np.ndarray, budget: np.ndarray) ->
     target.reshape(-1)[flat] = target_o.reshape(-1)
     refreshed.reshape(-1)[flat] = kept_o.reshape(-1)
     return target, refreshed
+
+
+def first_true(row: np.ndarray, limit: int) -> np.ndarray:
+    """1-D bool `row` with only its first `limit` True entries left, cut in place and returned:
+    row & (cumsum(row) <= limit), with one count instead of a running sum (one layer's step)."""
+    if np.count_nonzero(row) > limit:
+        row[row.nonzero()[0][limit]:] = False
+    return row
 
 
 def warmup_forwards(workload: Workload, fraction: float) -> int:

@@ -8,7 +8,7 @@ the MoE layers; every policy here decides each layer from that layer's state and
 so one call for all layers and one call per layer give the same decisions.
 
 The offline builder (tidesim.policies.build_schedule) is `step` looped over the forwards of a
-trace with all layers at once (offline_schedule); the live engine (tidesim_runtime.deploy) calls
+trace with all layers at once (offline_schedule); the live engine (tidesim_runtime.measure.deploy) calls
 it layer by layer while the model decodes. Bounds (oracle) need the future and have no step.
 """
 
@@ -61,7 +61,7 @@ Choice = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 """What a policy decides for the selected layers: (placement, copy, demote, resident)."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Decision:
     """One forward's decisions for the MoE layers `layers`: arrays [len(layers), E] with the
     Schedule's encoding (tidesim.schedule). `rows` selects those layers (a slice when contiguous)."""
@@ -104,6 +104,7 @@ class PolicyStep:
         self.feasible = True
         self._all = np.arange(setup.layers, dtype=np.int64)
         self._all_rows = as_rows(self._all)
+        self._experts = setup.experts
 
     @property
     def all_layers(self) -> np.ndarray:
@@ -112,14 +113,24 @@ class PolicyStep:
     def step(self, meta: ForwardMeta, counts: np.ndarray, layers: np.ndarray | None = None) -> Decision:
         """Decide forward `meta` for `layers` (default all, in any order) from their routing,
         counts [len(layers), E]."""
-        index = self._all if layers is None else np.asarray(layers, dtype=np.int64)
+        if layers is None:
+            index, rows = self._all, self._all_rows
+        else:
+            index = layers if type(layers) is np.ndarray and layers.dtype == np.int64 else np.asarray(layers, np.int64)
+            rows = as_rows(index)
+            if not self._in_range(index, rows):
+                raise InputError(f"MoE layers must lie in 0..{self.setup.layers - 1}, got {index.tolist()}")
         counts = np.asarray(counts)
-        if counts.shape != (index.size, self.setup.experts):
-            raise InputError(f"routing counts must have shape {(index.size, self.setup.experts)}, got {counts.shape}")
-        rows = self._all_rows if layers is None else as_rows(index)
+        if counts.shape != (index.size, self._experts):
+            raise InputError(f"routing counts must have shape {(index.size, self._experts)}, got {counts.shape}")
         placement, copy, demote, resident = self.decide(meta, rows, counts)
         self.current[rows] = resident
         return Decision(index, rows, placement, copy, demote, resident)
+
+    def _in_range(self, index: np.ndarray, rows: Rows) -> bool:
+        if isinstance(rows, slice):  # contiguous ascending: its ends bound it
+            return bool(rows.start >= 0 and rows.stop <= self.setup.layers)
+        return bool(index.size == 0 or (index.min() >= 0 and index.max() < self.setup.layers))
 
     def decide(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
         """(placement, copy, demote, resident) for the layers `rows`; must not change
@@ -151,21 +162,39 @@ def static_for(setup: Setup, size: np.ndarray, policy: str) -> np.ndarray:
 
 def as_rows(index: np.ndarray) -> Rows:
     """A slice for contiguous ascending layers (views instead of copies), else the index."""
+    if index.size == 1:  # one layer (the live engine's call)
+        i = int(index[0])
+        return slice(i, i + 1)
     if index.size and int(index[-1]) - int(index[0]) == index.size - 1 and (
             index.size == 1 or bool((np.diff(index) == 1).all())):
         return slice(int(index[0]), int(index[-1]) + 1)
     return index
 
 
-def placement_of(counts: np.ndarray, gpu: np.ndarray) -> np.ndarray:
-    """int8 placement of one decision: activated experts on the GPU where `gpu`, else the CPU
-    (idle = 0, GPU = 1, CPU = 2, so placement = activated x (2 - gpu))."""
-    assert (IDLE, GPU, CPU) == (0, 1, 2)
-    return (counts > 0).view(np.int8) * (2 - gpu.view(np.int8))
+assert (IDLE, GPU, CPU) == (0, 1, 2) and NO_COPY == 0  # the encodings the helpers below compute with
+
+
+def placement_of(counts: np.ndarray, gpu: np.ndarray, activated: np.ndarray | None = None) -> np.ndarray:
+    """int8 placement of one decision: activated experts (counts > 0, or `activated` when the
+    caller has it) on the GPU where `gpu`, else the CPU (idle = 0, GPU = 1, CPU = 2, so
+    placement = activated x (2 - gpu))."""
+    act = counts > 0 if activated is None else activated
+    return act.view(np.int8) * cpu_code(gpu)
+
+
+def cpu_code(gpu: np.ndarray) -> np.ndarray:
+    """int8 2 - gpu: the placement of an activated expert, GPU (1) where `gpu`, else CPU (2). A
+    policy whose GPU set is fixed keeps it as a constant (placement = activated x code)."""
+    return 2 - gpu.view(np.int8)
 
 
 def no_copies(counts: np.ndarray) -> np.ndarray:
-    return np.full(counts.shape, NO_COPY, dtype=np.int8)
+    return np.zeros(counts.shape, dtype=np.int8)  # NO_COPY is 0
+
+
+def copies(mask: np.ndarray, code: int) -> np.ndarray:
+    """int8 copy array: `code` where `mask`, NO_COPY (0) elsewhere."""
+    return mask.view(np.int8) * np.int8(code)
 
 
 def forward_metas(workload: Workload) -> list[ForwardMeta]:

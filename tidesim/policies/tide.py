@@ -23,8 +23,8 @@ import numpy as np
 
 from tidesim.policies.base import register_policy
 from tidesim.policies.residency import int_list, keep_best, refresh_rule, refresh_sets, top_activated
-from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, placement_of
-from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_SYNC_REFRESH, NO_COPY
+from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, copies, no_copies, placement_of
+from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_SYNC_REFRESH
 
 
 def refreshes(meta: ForwardMeta, tau: np.ndarray) -> np.ndarray:
@@ -33,14 +33,32 @@ def refreshes(meta: ForwardMeta, tau: np.ndarray) -> np.ndarray:
 
 
 class RefreshCount:
-    """Forwards in which at least one layer refreshed (Schedule.params refresh_forwards)."""
+    """Which layers refresh in a forward, and the forwards in which at least one did
+    (Schedule.params refresh_forwards). The rule is evaluated once per forward for every layer
+    and kept: the live engine asks layer by layer, once per MoE layer with the same meta."""
 
-    def __init__(self) -> None:
+    def __init__(self, tau: np.ndarray) -> None:
+        self.tau = tau
         self.forwards: set[int] = set()
+        self._meta: ForwardMeta | None = None
+        self._flags = np.zeros(tau.shape, dtype=bool)
+        self._listed: list[bool] = []
 
-    def note(self, meta: ForwardMeta, refresh: np.ndarray) -> None:
-        if refresh.any():
+    def flags(self, meta: ForwardMeta, rows: Rows) -> tuple[np.ndarray, bool, bool]:
+        """(refresh [n] of the layers `rows`, whether any of them refreshes, whether all do);
+        a forward in which one does is counted."""
+        if meta is not self._meta:
+            self._meta = meta
+            self._flags = refreshes(meta, self.tau)
+            self._listed = self._flags.tolist()
+        flags = self._flags[rows]
+        if isinstance(rows, slice) and rows.stop - rows.start == 1:  # one layer: a plain bool
+            some = every = self._listed[rows.start]
+        else:
+            some, every = bool(flags.any()), bool(flags.all())
+        if some:
             self.forwards.add(meta.index)
+        return flags, some, every
 
 
 def refreshed_residents(current: np.ndarray, counts: np.ndarray, order: np.ndarray, rank: np.ndarray,
@@ -61,23 +79,20 @@ class Tide(PolicyStep):
         super().__init__(setup)
         self.tau = np.asarray(setup.options.tau, dtype=np.int64)
         self.sync = setup.options.refresh == "sync"
-        self.refreshed = RefreshCount()
+        self.copy_code = COPY_SYNC_REFRESH if self.sync else COPY_ASYNC_REFRESH
+        self.refreshed = RefreshCount(self.tau)
 
     def decide(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
         current = self.current[rows]
-        refresh = refreshes(meta, self.tau[rows])
-        self.refreshed.note(meta, refresh)
-        if not refresh.any():
-            gpu = current
-            copy = np.full(counts.shape, NO_COPY, dtype=np.int8)
-            after = current
-        else:
-            _, refreshed = refresh_sets(current, counts, self.budget[rows])
-            after = np.where(refresh[:, None], refreshed, current)
-            copy = np.where(after & ~current, COPY_SYNC_REFRESH if self.sync else COPY_ASYNC_REFRESH,
-                            NO_COPY).astype(np.int8)
-            gpu = after if self.sync else current
-        return (placement_of(counts, gpu), copy, np.zeros(counts.shape, dtype=bool), after.copy())
+        refresh, some, every = self.refreshed.flags(meta, rows)
+        if not some:
+            return (placement_of(counts, current), no_copies(counts), np.zeros(counts.shape, dtype=bool),
+                    current.copy())
+        _, refreshed = refresh_sets(current, counts, self.budget[rows])
+        after = refreshed if every else np.where(refresh[:, None], refreshed, current)
+        copy = copies(after > current, self.copy_code)  # copied: resident after, not before
+        gpu = after if self.sync else current
+        return (placement_of(counts, gpu), copy, np.zeros(counts.shape, dtype=bool), after)
 
     def params(self) -> dict[str, object]:
         return {"budget": int_list(self.budget), "tau": int_list(self.tau), "refresh": self.setup.options.refresh,

@@ -19,10 +19,10 @@ from __future__ import annotations
 import numpy as np
 
 from tidesim.policies.base import register_policy
-from tidesim.policies.residency import int_list, refresh_sets
-from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, no_copies, placement_of
-from tidesim.policies.tide import RefreshCount, refreshes
-from tidesim.schedule import COPY_SYNC_REFRESH, NO_COPY
+from tidesim.policies.residency import first_true, int_list, refresh_sets
+from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, copies, no_copies, placement_of
+from tidesim.policies.tide import RefreshCount
+from tidesim.schedule import COPY_SYNC_REFRESH
 
 
 def reference_initial(budget: np.ndarray, experts: int) -> np.ndarray:
@@ -31,11 +31,16 @@ def reference_initial(budget: np.ndarray, experts: int) -> np.ndarray:
 
 
 def reference_refresh(current: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(resident after, promoted, demoted) for all layers, the public code's rule."""
-    promote = target & ~current
-    can_demote = current & ~target
-    demote = can_demote & (np.cumsum(can_demote, axis=1) <= promote.sum(axis=1, keepdims=True))
-    return (current | target) & ~demote, promote, demote
+    """(resident after, promoted, demoted) for all layers, the public code's rule. A layer whose
+    target is empty (no refresh) promotes and demotes nothing and keeps `current`."""
+    promote = target > current       # target & ~current
+    can_demote = current > target    # current & ~target
+    if current.shape[0] == 1:  # one layer (the live engine's call): cut the row in place
+        demote = can_demote
+        first_true(demote[0], int(np.count_nonzero(promote)))
+    else:
+        demote = can_demote & (np.cumsum(can_demote, axis=1) <= promote.sum(axis=1, keepdims=True))
+    return (current | target) > demote, promote, demote   # (current | target) & ~demote
 
 
 @register_policy("tide-reference", "the public TIDE code: synchronous promotions, demotions capped at promotions")
@@ -44,22 +49,19 @@ class TideReference(PolicyStep):
         budget = np.asarray(setup.options.budget, dtype=np.int64)
         super().__init__(setup, reference_initial(budget, setup.experts))
         self.tau = np.asarray(setup.options.tau, dtype=np.int64)
-        self.refreshed = RefreshCount()
+        self.refreshed = RefreshCount(self.tau)
 
     def decide(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
         current = self.current[rows]
-        refresh = refreshes(meta, self.tau[rows])
-        self.refreshed.note(meta, refresh)
-        if not refresh.any():
+        refresh, some, every = self.refreshed.flags(meta, rows)
+        if not some:
             return (placement_of(counts, current), no_copies(counts),
-                            np.zeros(counts.shape, dtype=bool), current.copy())
-        on = refresh[:, None]
+                    np.zeros(counts.shape, dtype=bool), current.copy())
         target, _ = refresh_sets(current, counts, self.budget[rows])
-        target &= on
+        if not every:
+            target &= refresh[:, None]  # layers that do not refresh: no target, nothing moves
         after, promote, demoted = reference_refresh(current, target)
-        after = np.where(on, after, current)
-        copy = np.where(promote & on, COPY_SYNC_REFRESH, NO_COPY).astype(np.int8)
-        return (placement_of(counts, after), copy, demoted & on, after)
+        return (placement_of(counts, after), copies(promote, COPY_SYNC_REFRESH), demoted, after)
 
     def params(self) -> dict[str, object]:
         return {"budget": int_list(self.budget), "tau": int_list(self.tau), "refresh": "sync",

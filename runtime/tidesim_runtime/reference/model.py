@@ -31,7 +31,8 @@ from torch import nn
 
 from tidesim.errors import InputError
 from tidesim.models import ModelSpec
-from tidesim_runtime.gate import SigmoidGroupGate
+from tidesim_runtime.reference.gate import SigmoidGroupGate
+from tidesim_runtime.reference.host_memory import advise_module
 
 KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -398,6 +399,7 @@ def build_model(spec: ModelSpec, dtype: torch.dtype = torch.float32, seed: int |
     with torch.device("meta"):
         model = LLaDA2Model(spec, dtype, flags)
     model = model.to_empty(device="cpu")
+    advise_module(model)          # before the weights are first written: huge pages, far fewer faults
     if model.flags.tie_word_embeddings:
         model.lm_head.weight = model.model.word_embeddings.weight
     return (model if seed is None else init_random(model, seed)).eval()

@@ -18,7 +18,7 @@ import torch
 from tidesim.errors import InputError
 from tidesim.models import ModelSpec
 from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, COPY_SYNC_REFRESH, GPU, Schedule
-from tidesim_runtime.pinned import page_aligned_empty
+from tidesim_runtime.engine.pinned import page_aligned_empty
 
 
 @dataclass(frozen=True)

@@ -26,12 +26,12 @@ from tidesim.metrics import Metrics
 from tidesim.policies import PolicyOptions, build_schedule
 from tidesim.schedule import Schedule
 from tidesim.workload import Workload, workload_from_trace
-from tidesim_runtime.capture import CaptureSettings, capture_trace
-from tidesim_runtime.device import DeviceInfo
-from tidesim_runtime.executor import Executor, LayerRouting
-from tidesim_runtime.generate import DecodeConfig, ForwardRecord, generate
-from tidesim_runtime.model import ExpertRunner, LLaDA2Model, SparseMoeBlock
-from tidesim_runtime.weights import host_experts_from, plan_slots
+from tidesim_runtime.engine.device import DeviceInfo
+from tidesim_runtime.engine.executor import Executor, LayerRouting
+from tidesim_runtime.engine.slots import host_experts_from, plan_slots
+from tidesim_runtime.reference.capture import CaptureSettings, capture_trace
+from tidesim_runtime.reference.generate import DecodeConfig, ForwardRecord, generate
+from tidesim_runtime.reference.model import ExpertRunner, LLaDA2Model, SparseMoeBlock
 
 
 class RoutingMismatch(RuntimeError):

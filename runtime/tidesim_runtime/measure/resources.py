@@ -21,12 +21,10 @@ import torch
 from tidesim import __version__
 from tidesim.hardware import Curve, ExpertCurve, HardwareProfile, Provenance
 from tidesim.models import ModelSpec
-from tidesim_runtime.calib_timer import Timer, monotone, stat
-from tidesim_runtime.cpu_pool import CPUPool, ExpertTask, expert_task_runner
-from tidesim_runtime.device import DeviceInfo, last_level_cache_bytes, provenance_fields
-from tidesim_runtime.executor import LayerRouting
-from tidesim_runtime.gate import route
-from tidesim_runtime.kernels import (
+from tidesim_runtime.engine.cpu_pool import CPUPool, ExpertTask, expert_task_runner
+from tidesim_runtime.engine.device import DeviceInfo, last_level_cache_bytes, provenance_fields
+from tidesim_runtime.engine.executor import LayerRouting
+from tidesim_runtime.engine.kernels import (
     KVBuffer,
     attention,
     gate_logits,
@@ -38,9 +36,11 @@ from tidesim_runtime.kernels import (
     rotary_tables,
     swiglu,
 )
-from tidesim_runtime.pinned import HostPinning
-from tidesim_runtime.streams import D2H, H2D, Backend
-from tidesim_runtime.weights import ExpertBank
+from tidesim_runtime.engine.pinned import HostPinning
+from tidesim_runtime.engine.slots import ExpertBank
+from tidesim_runtime.engine.streams import D2H, H2D, Backend
+from tidesim_runtime.measure.timer import Timer, monotone, stat
+from tidesim_runtime.reference.gate import route
 
 
 @dataclass

@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tidesim_runtime.device import DeviceInfo
-from tidesim_runtime.streams import Backend
+from tidesim_runtime.engine.device import DeviceInfo
+from tidesim_runtime.engine.streams import Backend
 
 
 @dataclass

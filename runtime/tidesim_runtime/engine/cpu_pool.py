@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tidesim_runtime.kernels import swiglu
+from tidesim_runtime.engine.kernels import swiglu
 
 
 @dataclass

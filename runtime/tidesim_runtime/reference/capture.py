@@ -26,7 +26,7 @@ from tidesim.errors import InputError
 from tidesim.models import ModelSpec
 from tidesim.trace.schema import Trace, TraceMeta
 from tidesim.trace.validate import validate_trace
-from tidesim_runtime.generate import DecodeConfig, ForwardFn, ForwardRecord, generate
+from tidesim_runtime.reference.generate import DecodeConfig, ForwardFn, ForwardRecord, generate
 
 GATE_CLASS_NAMES = ("LLaDA2MoeGate", "SigmoidGroupGate")
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -223,7 +223,8 @@ def capture_trace(
         model=spec, block_length=cfg.block_length, threshold=float(cfg.threshold), kv_cache=cfg.kv_cache,
         gen_length=cfg.gen_length, source="captured", seed=seed, prompts=prompts_meta,
         generator={
-            "tool": "tidesim_runtime.capture", "weights": settings.weights, "compute_dtype": settings.compute_dtype,
+            "tool": "tidesim_runtime.reference.capture", "weights": settings.weights,
+            "compute_dtype": settings.compute_dtype,
             "token_level": settings.token_level, "decode": cfg.to_dict(),
             "torch_version": torch.__version__.split("+")[0],
             "hooks": "forward hooks on " + "/".join(GATE_CLASS_NAMES) + " modules", **settings.extra,

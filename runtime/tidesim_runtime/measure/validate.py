@@ -24,9 +24,9 @@ from tidesim.policies import PolicyOptions, build_schedule, uniform
 from tidesim.run import run
 from tidesim.schedule import Schedule
 from tidesim.workload import Workload
-from tidesim_runtime.device import DeviceInfo
-from tidesim_runtime.executor import Executor, check_memory
-from tidesim_runtime.weights import plan_slots
+from tidesim_runtime.engine.device import DeviceInfo
+from tidesim_runtime.engine.executor import Executor, check_memory
+from tidesim_runtime.engine.slots import plan_slots
 
 TAU_POLICIES = {"tide", "tide-reference"}
 

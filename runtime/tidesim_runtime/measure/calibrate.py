@@ -28,7 +28,11 @@ import torch
 from tidesim.errors import InputError
 from tidesim.hardware import HardwareProfile
 from tidesim.models import ModelSpec
-from tidesim_runtime.calib_measure import (
+from tidesim_runtime.engine.cpu_pool import CPUPool
+from tidesim_runtime.engine.device import DeviceInfo, PinnedThreads
+from tidesim_runtime.engine.streams import make_backend
+from tidesim_runtime.measure.profile import build_profile
+from tidesim_runtime.measure.resources import (
     Calibration,
     Grid,
     measure_attention,
@@ -44,11 +48,7 @@ from tidesim_runtime.calib_measure import (
     measure_task_overhead,
     model_bytes_factor,
 )
-from tidesim_runtime.calib_profile import build_profile
-from tidesim_runtime.calib_timer import Stat, Timer, monotone, stat
-from tidesim_runtime.cpu_pool import CPUPool
-from tidesim_runtime.device import DeviceInfo, PinnedThreads
-from tidesim_runtime.streams import make_backend
+from tidesim_runtime.measure.timer import Stat, Timer, monotone, stat
 
 __all__ = ["Calibration", "Grid", "Stat", "Timer", "build_profile", "calibrate", "model_bytes_factor", "monotone",
            "stat"]

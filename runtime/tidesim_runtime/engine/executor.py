@@ -13,14 +13,14 @@ charges (docs/costmodel.md), in the same order:
 4. the GPU waits for the layer's asynchronous refresh copies still in flight (from the previous
    forward), runs every expert resident at the gate as ONE grouped kernel, then each on-demand
    expert after its copy lands (ONDEMAND_LAUNCHES kernels each); an on-demand copy into a slot
-   that frees later in the layer waits for that (named in the slot plan, weights.SlotWait);
+   that frees later in the layer waits for that (named in the slot plan, slots.SlotWait);
 5. the layer's asynchronous refresh copies are queued in the background (served one at a time,
    streams.BackgroundFeeder), each after the grouped kernel that last used its slot;
 6. CPU results come back (H2D) and are added; the layer ends.
 Then the final norm and lm_head. Executor.moe_layer runs these phases, one method each.
 
 Routing: in trace replay the tokens per expert come from the trace (the router still runs, for
-its cost); in live mode (tidesim_runtime.live) the model's own router decides and the executor
+its cost); in live mode (tidesim_runtime.measure.live) the model's own router decides and the executor
 only places and computes. Either way every routed (token, expert) pair is computed exactly once.
 Times: CUDA events on the compute stream (phase boundaries) and the host clock (total); on the
 cpu-as-gpu path the host clock throughout.
@@ -42,10 +42,9 @@ from tidesim.metrics import Metrics
 from tidesim.models import ModelSpec
 from tidesim.schedule import Schedule, schedule_problems
 from tidesim.workload import Workload
-from tidesim_runtime.cpu_pool import CPUPool, ExpertTask, LayerJob, expert_task_runner
-from tidesim_runtime.device import DeviceInfo, PinnedThreads, host_memory_available, host_memory_total
-from tidesim_runtime.gate import route
-from tidesim_runtime.kernels import (
+from tidesim_runtime.engine.cpu_pool import CPUPool, ExpertTask, LayerJob, expert_task_runner
+from tidesim_runtime.engine.device import DeviceInfo, PinnedThreads, host_memory_available, host_memory_total
+from tidesim_runtime.engine.kernels import (
     KVBuffer,
     LayerWeights,
     dense_layer,
@@ -59,9 +58,8 @@ from tidesim_runtime.kernels import (
     rotary_tables,
     swiglu_into,
 )
-from tidesim_runtime.pinned import PINNED_SHARE, HostPinning, pinned_bytes
-from tidesim_runtime.streams import D2H, H2D, Backend, Marker, make_backend
-from tidesim_runtime.weights import (
+from tidesim_runtime.engine.pinned import PINNED_SHARE, HostPinning, pinned_bytes
+from tidesim_runtime.engine.slots import (
     AFTER_GROUPED,
     FREE,
     CopyOp,
@@ -74,6 +72,8 @@ from tidesim_runtime.weights import (
     plan_slots,
     random_host_experts,
 )
+from tidesim_runtime.engine.streams import D2H, H2D, Backend, Marker, make_backend
+from tidesim_runtime.reference.gate import route
 
 # Kernels the runtime launches per on-demand expert (swiglu_into: gate/up GEMM, SiLU, product,
 # down GEMM written in place): the layer model's figure, one constant for both.
@@ -387,6 +387,14 @@ class Executor:
             notes.append(f"host wall clock {wall:.6f} s")
         return RunRecord(total, breakdown, layer_time, busy, self._counts["h2d"], self._counts["d2h"],
                          int(self._counts["copies"]), int(self._counts["refresh"]), notes)
+
+    def span_mark(self) -> int:
+        """A mark in the list of timed phases (for span_seconds)."""
+        return len(self._spans)
+
+    def span_seconds(self, mark: int) -> float:
+        """Seconds of the phases timed since `mark` (the backend is synchronized by the caller)."""
+        return float(sum(self.backend.elapsed(a, b) for _, a, b in self._spans[mark:]))
 
     def _span(self, cat: str, a: Any) -> Any:
         b = self.backend.timepoint()

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from tidesim.atomic import atomic_path, write_text
 from tidesim.errors import InputError
 from tidesim.models import ModelSpec
-from tidesim_runtime.model import LLaDA2Model, ModelFlags, build_model
+from tidesim_runtime.reference.model import LLaDA2Model, ModelFlags, build_model
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

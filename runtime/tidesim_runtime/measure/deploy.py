@@ -35,19 +35,19 @@ from tidesim.policies.step import ForwardMeta, PolicyStep, ScheduleRecorder
 from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, COPY_SYNC_REFRESH, Schedule, schedule_problems
 from tidesim.trace.schema import Trace
 from tidesim.workload import Workload, workload_from_trace
-from tidesim_runtime.capture import CaptureSettings, capture_trace
-from tidesim_runtime.device import DeviceInfo, host_memory_available
-from tidesim_runtime.executor import Executor, LayerRouting, RunRecord, memory_needs
-from tidesim_runtime.generate import DecodeConfig
-from tidesim_runtime.model import MLP, LLaDA2Model, SparseMoeBlock
-from tidesim_runtime.pinned import pinned_bytes
-from tidesim_runtime.weights import (
+from tidesim_runtime.engine.device import DeviceInfo, host_memory_available
+from tidesim_runtime.engine.executor import Executor, LayerRouting, RunRecord, memory_needs
+from tidesim_runtime.engine.pinned import pinned_bytes
+from tidesim_runtime.engine.slots import (
     ExpertBank,
     LayerPlan,
     SlotPlan,
     _plan_layer_forward,
     expert_bytes,
 )
+from tidesim_runtime.reference.capture import CaptureSettings, capture_trace
+from tidesim_runtime.reference.generate import DecodeConfig
+from tidesim_runtime.reference.model import MLP, LLaDA2Model, SparseMoeBlock
 
 GIB = 2**30
 
@@ -99,7 +99,7 @@ class ForwardTracker:
 
 # ----- slots, assigned one layer-forward at a time -----------------------------------------------------
 class OnlineSlots:
-    """The replay's slot rule (weights.plan_slots: lowest free slot first, a copy waits for a slot
+    """The replay's slot rule (slots.plan_slots: lowest free slot first, a copy waits for a slot
     that frees later in the forward, a spare slot only when none does) applied incrementally, one
     (forward, layer) decision at a time, as the live engine learns them. Spare slots grow the
     layer's pool on the spot (counted in `spare`)."""
@@ -277,6 +277,7 @@ class LiveEngine:
         self._meta: ForwardMeta | None = None
         self._rows: list[dict[str, Any]] = []
         self._decide = 0.0
+        self._model_s = 0.0
 
     # per layer: the router has run; decide, assign slots, execute
     def _runner(self, layer: int) -> Callable[[SparseMoeBlock, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -321,6 +322,7 @@ class LiveEngine:
             counts0 = dict(ex._counts)
             busy0 = ex.backend.copy_busy_s()
             decide0 = self._decide
+            mark = ex.span_mark()
             t0 = time.perf_counter()
             if dev.type != "cpu":  # the decoder keeps ids, positions and masks on the host
                 input_ids, positions, mask = input_ids.to(dev), positions.to(dev), mask.to(dev)
@@ -332,6 +334,9 @@ class LiveEngine:
             if not self.recorder.complete():
                 raise RuntimeError(f"forward {meta.index}: not every MoE layer ran through the engine")
             busy = ex.backend.copy_busy_s()
+            # the model's own modules (attention, dense layers, norms, router, lm_head) ran outside
+            # the executor's phases: the layer model's fixed GPU work
+            self._model_s += max(0.0, elapsed - ex.span_seconds(mark) - (self._decide - decide0))
             self._rows.append({
                 "forward": meta.index, "prompt": meta.prompt, "block": meta.block, "step": meta.step,
                 "phase": meta.phase, "tokens": int(input_ids.shape[-1]), "time_s": elapsed,
@@ -361,6 +366,7 @@ class LiveEngine:
                 blocks=lambda pid: tracker.blocks(pid, blocks(pid) if blocks is not None else None))
             decode_s = time.perf_counter() - t0
             record: RunRecord = ex.finish()
+            attribute_model_time(record, self._model_s)
         finally:
             for (_, block), fn in zip(self.blocks, saved, strict=True):
                 block.expert_runner = fn
@@ -375,6 +381,15 @@ class LiveEngine:
         metrics = ex.metrics(workload, schedule, record, slot_plan)
         frame = forward_frame(self._rows, schedule, trace.expert_tokens, float(self.spec.expert_bytes))
         return DeployResult(trace, outputs, schedule, metrics, frame, decode_s, slot_plan.spare)
+
+
+def attribute_model_time(record: RunRecord, model_s: float) -> None:
+    """Move the model's own module time from `other` to `gpu_fixed` (where the layer model and
+    every prediction put it); `other` keeps the decoder's host work and the policy's decisions."""
+    moved = min(model_s, max(record.breakdown["other"], 0.0))
+    record.breakdown["gpu_fixed"] += moved
+    record.breakdown["other"] -= moved
+    record.busy["gpu"] += moved
 
 
 def check_names(metas: list[ForwardMeta], trace: Trace) -> None:

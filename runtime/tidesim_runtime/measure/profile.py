@@ -8,8 +8,8 @@ import torch
 from tidesim import __version__
 from tidesim.hardware import CPUProfile, GPUProfile, HardwareProfile, PCIeProfile, Provenance
 from tidesim.models import ModelSpec
-from tidesim_runtime.calib_measure import Calibration
-from tidesim_runtime.device import host_memory_total, pci_bus_id, pcie_generation, provenance_fields
+from tidesim_runtime.engine.device import host_memory_total, pci_bus_id, pcie_generation, provenance_fields
+from tidesim_runtime.measure.resources import Calibration
 
 GIB = 2**30
 
