@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from tidesim.hardware import HardwareProfile, get_profile, profile_from_dict
 from tidesim.models import ModelSpec
 from tidesim.policies import PolicyOptions, build_schedule, uniform
+from tidesim.policies.base import online_policy
+from tidesim.policies.step import ScheduleRecorder, forward_metas
 from tidesim.schedule import Schedule, schedule_problems
 from tidesim.workload import Workload
 
@@ -121,3 +123,15 @@ def workloads(draw: st.DrawFn, max_experts: int = 6) -> Workload:
     flat = draw(st.lists(st.integers(0, 6), min_size=f * layers * experts, max_size=f * layers * experts))
     counts = np.asarray(flat, dtype=np.int32).reshape(f, layers, experts)
     return workload(counts, block=block, step=step, committed=committed)
+
+
+def layer_by_layer(name: str, w: Workload, options: PolicyOptions) -> Schedule:
+    """The live engine's way: one step call per (forward, layer), in layer order."""
+    policy = online_policy(name, w.model, options, layers=w.num_layers)
+    rec = ScheduleRecorder(w.num_layers, w.num_experts)
+    for meta in forward_metas(w):
+        rec.begin_forward()
+        for layer in range(w.num_layers):
+            rec.add(policy.step(meta, w.expert_tokens[meta.index, layer][None], np.array([layer])))
+        assert rec.complete()
+    return rec.schedule(policy)

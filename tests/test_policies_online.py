@@ -11,13 +11,14 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from policy_cases import layer_by_layer
 
 from tidesim.bundled.paths import bundled_traces
 from tidesim.errors import InputError
 from tidesim.hardware import get_profile
 from tidesim.policies import PolicyOptions, build_schedule, uniform
 from tidesim.policies.base import online_policy
-from tidesim.policies.step import ForwardMeta, ScheduleRecorder, forward_metas
+from tidesim.policies.step import ForwardMeta, forward_metas
 from tidesim.schedule import COPY_SYNC_REFRESH, CPU, GPU, IDLE, Schedule
 from tidesim.trace.io import read_trace
 from tidesim.workload import Workload, workload_from_trace
@@ -78,18 +79,6 @@ def test_schedule_matches_the_former_vectorised_builder(trace: str, forwards: in
 
 
 ONLINE = ["all-gpu", "full-swap", "cpu-routing", "fiddler", "tide", "tide-reference", "planned"]
-
-
-def layer_by_layer(name: str, w: Workload, options: PolicyOptions) -> Schedule:
-    """The live engine's way: one step call per (forward, layer), in layer order."""
-    policy = online_policy(name, w.model, options, layers=w.num_layers)
-    rec = ScheduleRecorder(w.num_layers, w.num_experts)
-    for meta in forward_metas(w):
-        rec.begin_forward()
-        for layer in range(w.num_layers):
-            rec.add(policy.step(meta, w.expert_tokens[meta.index, layer][None], np.array([layer])))
-        assert rec.complete()
-    return rec.schedule(policy)
 
 
 @pytest.mark.parametrize("name", ONLINE)

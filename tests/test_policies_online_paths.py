@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from policy_cases import layer_by_layer
 
 from tidesim.bundled.paths import bundled_traces
 from tidesim.errors import InputError
@@ -17,8 +18,7 @@ from tidesim.hardware import get_profile
 from tidesim.policies import PolicyOptions, build_schedule, uniform
 from tidesim.policies.base import online_policy
 from tidesim.policies.residency import first_true
-from tidesim.policies.step import ForwardMeta, ScheduleRecorder, forward_metas
-from tidesim.schedule import Schedule
+from tidesim.policies.step import ForwardMeta
 from tidesim.trace.io import read_trace
 from tidesim.workload import Workload, workload_from_trace
 
@@ -28,16 +28,6 @@ FIELDS = ("budget", "initial_resident", "placement", "copy", "demote", "resident
 @functools.lru_cache(maxsize=1)
 def mini() -> Workload:
     return workload_from_trace(read_trace(bundled_traces()["llada2-mini_prefix_g1024"])).select(np.arange(60))
-
-
-def one_layer_at_a_time(name: str, w: Workload, options: PolicyOptions) -> Schedule:
-    policy = online_policy(name, w.model, options, layers=w.num_layers)
-    rec = ScheduleRecorder(w.num_layers, w.num_experts)
-    for meta in forward_metas(w):
-        rec.begin_forward()
-        for layer in range(w.num_layers):
-            rec.add(policy.step(meta, w.expert_tokens[meta.index, layer][None], np.array([layer])))
-    return rec.schedule(policy)
 
 
 def per_layer_budget(layers: int, experts: int) -> np.ndarray:
@@ -71,7 +61,7 @@ def test_one_layer_calls_decide_as_the_all_layers_call(name: str, budget: int, r
         warm[:, np.random.default_rng(0).permutation(experts)[:5]] = True
         options = replace(options, static_resident=warm)
     offline = build_schedule(name, w, options)
-    live = one_layer_at_a_time(name, w, options)
+    live = layer_by_layer(name, w, options)
     for f in FIELDS:
         assert np.array_equal(getattr(live, f), getattr(offline, f)), (name, f)
     assert live.params.get("refresh_forwards") == offline.params.get("refresh_forwards")
