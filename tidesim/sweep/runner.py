@@ -128,17 +128,11 @@ def point_tau(p: dict[str, Any], workload: Workload, hw: HardwareProfile, slots:
     if wkey is None:
         return best_tau(workload, hw, slots, p["refresh"]).tau
     key = json.dumps([wkey, hw.fingerprint(), slots, p["refresh"]])
-    with _LOCK:
-        known = _TAUS.get(key)
-        if known is not None:
-            _TAUS.move_to_end(key)
+    known = _kept(_TAUS, key)
     if known is None:
         choice, raised = hw.noting(lambda: best_tau(workload, hw, slots, p["refresh"]))
         known = (choice.tau, raised)
-        with _LOCK:
-            _TAUS[key] = known
-            while len(_TAUS) > _MAX_TAUS:
-                _TAUS.popitem(last=False)
+        _keep(_TAUS, key, known, _MAX_TAUS)
     hw.flags.update(known[1])             # the search's notes on the profile, as if it ran here
     return known[0]
 
@@ -206,6 +200,23 @@ _LOCK = threading.Lock()
 _MAX_WORKLOADS = 4
 
 
+def _kept(cache: OrderedDict[str, Any], key: str) -> Any | None:
+    """The value a per-process cache keeps for `key` (now its most recent), or None."""
+    with _LOCK:
+        if key not in cache:
+            return None
+        cache.move_to_end(key)
+        return cache[key]
+
+
+def _keep(cache: OrderedDict[str, Any], key: str, value: Any, size: int) -> None:
+    """Keep `value` under `key`, dropping the least recently used beyond `size` entries."""
+    with _LOCK:
+        cache[key] = value
+        while len(cache) > size:
+            cache.popitem(last=False)
+
+
 def synth_key(point: Point) -> str | None:
     """Name of the cached synthesized trace of a point (None for a fixed trace)."""
     if not point.synthesized:
@@ -265,15 +276,11 @@ def load_workload(point: Point, cache_dir: Path) -> Workload:
 
     path = ensure_trace(point, cache_dir)
     key = workload_key(point)
-    with _LOCK:
-        if key in _WORKLOADS:
-            _WORKLOADS.move_to_end(key)
-            return _WORKLOADS[key]
+    kept: Workload | None = _kept(_WORKLOADS, key)
+    if kept is not None:
+        return kept
     workload = workload_from_trace(read_trace(path), ModelSpec.from_dict(point.model_spec))
-    with _LOCK:
-        _WORKLOADS[key] = workload
-        while len(_WORKLOADS) > _MAX_WORKLOADS:
-            _WORKLOADS.popitem(last=False)
+    _keep(_WORKLOADS, key, workload, _MAX_WORKLOADS)
     return workload
 
 
@@ -308,20 +315,17 @@ def cached_schedule(policy: str, wkey: str, workload: Workload, options: PolicyO
     base = json.dumps([wkey, policy, options.budget.tolist(), options.tau.tolist(), options.refresh,
                        options.warmup_fraction])
     per_hw = base + options.hw.fingerprint()
-    with _LOCK:
-        for key, cache in ((base, _SCHEDULES), (per_hw, _HW_SCHEDULES)):
-            if key in cache:
-                cache.move_to_end(key)
-                return cache[key], False
+    for key, cache in ((base, _SCHEDULES), (per_hw, _HW_SCHEDULES)):
+        kept: Schedule | None = _kept(cache, key)
+        if kept is not None:
+            return kept, False
     watched = _WatchedOptions(budget=options.budget, tau=options.tau, hw=options.hw, refresh=options.refresh,
                               warmup_fraction=options.warmup_fraction)
     schedule = build_schedule(policy, workload, watched)
-    with _LOCK:
-        read_hw = getattr(watched, "hw_read", False)
-        cache, size = (_HW_SCHEDULES, _MAX_HW_SCHEDULES) if read_hw else (_SCHEDULES, _MAX_SCHEDULES)
-        cache[per_hw if read_hw else base] = schedule
-        while len(cache) > size:
-            cache.popitem(last=False)
+    if getattr(watched, "hw_read", False):
+        _keep(_HW_SCHEDULES, per_hw, schedule, _MAX_HW_SCHEDULES)
+    else:
+        _keep(_SCHEDULES, base, schedule, _MAX_SCHEDULES)
     return schedule, True
 
 
