@@ -6,7 +6,10 @@ each expert. Everything downstream (policies, simulator, cost model, runtime) re
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -93,3 +96,25 @@ def same_shapes(a: ModelSpec, b: ModelSpec) -> bool:
     keys = ("num_layers", "first_dense_layers", "hidden_size", "moe_intermediate_size", "num_experts",
             "top_k")
     return all(getattr(a, k) == getattr(b, k) for k in keys)
+
+
+T = TypeVar("T")
+
+
+class PerWorkload(Generic[T]):
+    """What `make` derives from one workload object, kept while that object lives: costing the same
+    workload again (another schedule, another profile of a sweep) reuses it. Keyed by identity, as
+    workloads are arrays, not values; an entry goes when its workload is collected."""
+
+    def __init__(self, make: Callable[[Workload], T]) -> None:
+        self._make = make
+        self._kept: dict[int, tuple[weakref.ref[Workload], T]] = {}
+
+    def __call__(self, workload: Workload) -> T:
+        key = id(workload)
+        kept = self._kept.get(key)
+        if kept is None or kept[0]() is not workload:
+            kept = (weakref.ref(workload), self._make(workload))
+            self._kept[key] = kept
+            weakref.finalize(workload, self._kept.pop, key, None)
+        return kept[1]

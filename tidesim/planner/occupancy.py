@@ -12,14 +12,13 @@ experts are resident.
 
 from __future__ import annotations
 
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from tidesim.workload import Workload
+from tidesim.workload import PerWorkload, Workload
 
 
 @dataclass(frozen=True)
@@ -97,7 +96,6 @@ _MAX_BYTES = 128 * 2**20     # residencies kept per workload (a sweep's: tens of
 
 @dataclass
 class _Entry:
-    ref: weakref.ref[Workload]
     pairs: CellPairs
     options: OrderedDict[tuple[int, int], Residency] = field(default_factory=OrderedDict)
     held: int = 0
@@ -112,16 +110,7 @@ class _Entry:
             self.held -= old.nbytes
 
 
-_CACHE: dict[int, _Entry] = {}
-
-
-def _entry(workload: Workload) -> _Entry:
-    entry = _CACHE.get(id(workload))
-    if entry is None or entry.ref() is not workload:
-        entry = _Entry(weakref.ref(workload), _make_pairs(workload))
-        _CACHE[id(workload)] = entry
-        weakref.finalize(workload, _CACHE.pop, id(workload), None)
-    return entry
+_entry: PerWorkload[_Entry] = PerWorkload(lambda workload: _Entry(_make_pairs(workload)))
 
 
 def _make_pairs(workload: Workload) -> CellPairs:

@@ -9,7 +9,6 @@ activated (forward, layer, expert), grouped by layer-forward g = f * L + l in ex
 
 from __future__ import annotations
 
-import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -34,7 +33,7 @@ from tidesim.layermodel import (
 )
 from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, COPY_SYNC_REFRESH, Schedule, SparseCells
 from tidesim.sim.lpt import lpt_makespans
-from tidesim.workload import Workload
+from tidesim.workload import PerWorkload, Workload
 
 
 @dataclass
@@ -115,7 +114,6 @@ class _WorkloadCache:
     """What one live workload's costing keeps: its cells, and per GPU and per CPU curves the
     cell times (a few of each: grids vary the profile point to point)."""
 
-    ref: weakref.ref[Workload]
     idx: np.ndarray
     tokens: np.ndarray
     g: np.ndarray
@@ -136,7 +134,7 @@ def _new_entry(workload: Workload) -> _WorkloadCache:
     position = np.full(flat.size, -1, np.int32 if idx.size < 2**31 else np.int64)
     position[idx] = np.arange(idx.size)
     n_active = np.bincount(g, minlength=flat.size // workload.num_experts)
-    return _WorkloadCache(weakref.ref(workload), idx, tokens, g, n_active, float(tokens.sum()), position)
+    return _WorkloadCache(idx, tokens, g, n_active, float(tokens.sum()), position)
 
 
 def _fixed_times(workload: Workload, hw: HardwareProfile) -> tuple[np.ndarray, np.ndarray, frozenset[str]]:
@@ -155,7 +153,7 @@ def _fixed_times(workload: Workload, hw: HardwareProfile) -> tuple[np.ndarray, n
     return fwd, layer, flags
 
 
-_CACHE: dict[int, _WorkloadCache] = {}
+_CACHE = PerWorkload(_new_entry)
 _PER_SIDE = 4
 
 
@@ -163,11 +161,7 @@ def _cells(workload: Workload, hw: HardwareProfile, r: Rates) -> _Cells:
     """The workload's cells with this profile's GPU and CPU times, from the cache when the same
     workload object was costed with the same curves before."""
     spec = workload.model
-    entry = _CACHE.get(id(workload))
-    if entry is None or entry.ref() is not workload:
-        entry = _new_entry(workload)
-        _CACHE[id(workload)] = entry
-        weakref.finalize(workload, _CACHE.pop, id(workload), None)
+    entry = _CACHE(workload)
     groups = workload.num_forwards * workload.num_layers
     # keyed by what the curves read (the share also reads the launch overhead it removes)
     gkey = f"{hw.expert_time_key('gpu', spec)} launch {r.launch_s!r}"
