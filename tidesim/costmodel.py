@@ -69,9 +69,9 @@ def _async_wait(c: ScheduleCosts, parts: dict[str, np.ndarray]) -> tuple[np.ndar
     layer-forward waits until the queue has served every copy up to the last one it waits for
     (tidesim.layermodel.background_waits: the copies of the experts its grouped kernel runs, and
     where it has demand copies, those whose slots they reuse). Without waits the backlog follows
-    Lindley's recursion (vectorised with cumulative sums). A wait of w at a layer with slack s (how long its CPU side outlasts its GPU work)
-    stretches the timeline by max(0, w - s), and while a backlog lasts every second of stretch
-    serves one more second of copies. So the cumulative stretch E follows
+    Lindley's recursion (vectorised with cumulative sums). A wait of w at a layer with slack s
+    (how long its CPU side outlasts its GPU work) stretches the timeline by max(0, w - s), and
+    while a backlog lasts every second of stretch serves one more second of copies. So the cumulative stretch E follows
     E_k = max(E_(k-1), deficit_k - slack_k): a running maximum, restarted where the backlog empties.
     """
     G, L = c.groups, c.layers
