@@ -267,6 +267,20 @@ PRESETS: dict[str, ModelSpec] = {
         num_kv_heads=2, head_dim=32, vocab_size=512, n_group=4, topk_group=2,
         routed_scaling_factor=2.5, dtype="float32", mask_token_id=511, eos_token_id=510,
     ),
+    # Autoregressive MoE models, with the shapes of their published config.json files
+    # (Qwen/Qwen3-30B-A3B, deepseek-ai/DeepSeek-V2-Lite on Hugging Face; tidesim.hf_config reads them).
+    "qwen3-30b-a3b": ModelSpec(
+        name="qwen3-30b-a3b", num_layers=48, first_dense_layers=0, hidden_size=2048, dense_intermediate_size=6144,
+        moe_intermediate_size=768, num_experts=128, top_k=8, num_shared_experts=0, num_heads=32, num_kv_heads=4,
+        head_dim=128, vocab_size=151936, n_group=1, topk_group=1, routed_scaling_factor=1.0,
+        rope_theta=1000000.0, partial_rotary_factor=1.0, eos_token_id=151645,
+    ),
+    "deepseek-v2-lite": ModelSpec(
+        name="deepseek-v2-lite", num_layers=27, first_dense_layers=1, hidden_size=2048,
+        dense_intermediate_size=10944, moe_intermediate_size=1408, num_experts=64, top_k=6, num_shared_experts=2,
+        num_heads=16, num_kv_heads=16, head_dim=192, vocab_size=102400, n_group=1, topk_group=1,
+        routed_scaling_factor=1.0, rope_theta=10000.0, partial_rotary_factor=1.0, eos_token_id=100001,
+    ),
 }
 
 
