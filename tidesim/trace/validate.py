@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from tidesim.errors import InputError
-from tidesim.trace.schema import FORMAT_VERSION, KV_CACHE_MODES, PHASES, SOURCES, Trace, TraceMeta
+from tidesim.trace.schema import DECODES, FORMAT_VERSION, KV_CACHE_MODES, PHASES, SOURCES, Trace, TraceMeta
 
 
 def meta_problems(meta: TraceMeta) -> list[str]:
@@ -34,6 +34,11 @@ def meta_problems(meta: TraceMeta) -> list[str]:
         out.append(f"threshold must lie in (0, 1], got {meta.threshold!r}")
     if not isinstance(meta.gen_length, int) or meta.gen_length <= 0:
         out.append(f"gen_length must be a positive integer, got {meta.gen_length!r}")
+    if meta.decode not in DECODES:
+        out.append(f"decode must be one of {', '.join(DECODES)}, got {meta.decode!r}")
+    elif meta.decode == "autoregressive" and (meta.block_length != 1 or meta.kv_cache != "prefix"):
+        out.append("an autoregressive trace has block_length 1 and kv_cache prefix, got "
+                   f"{meta.block_length} and {meta.kv_cache!r}")
     return out
 
 
@@ -110,7 +115,11 @@ def _ordering_problems(trace: Trace) -> list[str]:
     block = f["block"].to_numpy()
     step = f["step"].to_numpy()
     committed = f["committed"].to_numpy()
-    if (committed < 0).any() or (committed > trace.meta.block_length).any():
+    if trace.autoregressive:   # a batched decode forward commits one token per sequence in it
+        ar = _autoregressive_problems(f)
+        if ar:
+            return ar
+    elif (committed < 0).any() or (committed > trace.meta.block_length).any():
         return [f"forward {int(np.argmax((committed < 0) | (committed > trace.meta.block_length)))}: "
                 "committed tokens outside [0, block_length]"]
     for i in range(1, len(f)):
@@ -123,6 +132,41 @@ def _ordering_problems(trace: Trace) -> list[str]:
         if block[i] == block[i - 1] and step[i] != step[i - 1] + 1:
             return [f"forward {i}: step {step[i]} does not follow step {step[i - 1]} in prompt "
                     f"{prompt[i]} block {block[i]} (steps must be monotone, one apart)"]
+    return []
+
+
+def _autoregressive_problems(f: pd.DataFrame) -> list[str]:
+    """An autoregressive trace: per prompt, at most one prefill and it comes first, then decode
+    forwards numbered 0, 1, 2, ... in both `block` and `step`; no commit forwards; each forward
+    commits between 0 and its tokens."""
+    committed, tokens = f["committed"].to_numpy(), f["tokens"].to_numpy()
+    bad = (committed < 0) | (committed > tokens)
+    if bad.any():
+        return [f"forward {int(np.argmax(bad))}: committed tokens outside [0, tokens]"]
+    phase, block, step, prompt = (f[c].to_numpy() for c in ("phase", "block", "step", "prompt"))
+    if (phase == "commit").any():
+        return [f"forward {int(np.argmax(phase == 'commit'))}: an autoregressive trace has no commit forwards"]
+    prefill = phase == "prefill"
+    if (prefill != (block < 0)).any():
+        return [f"forward {int(np.argmax(prefill != (block < 0)))}: block -1 is the prefill and only it"]
+    start = np.r_[True, prompt[1:] != prompt[:-1]]
+    expected = np.zeros(len(f), dtype=np.int64)
+    count = 0
+    for i in range(len(f)):
+        if start[i]:
+            count = 0
+        if prefill[i]:
+            if not start[i]:
+                return [f"forward {i}: a prefill after decode forwards of prompt {prompt[i]}"]
+            expected[i] = -1
+            continue
+        expected[i] = count
+        count += 1
+    wrong = (block != expected) | (step != np.maximum(expected, 0))
+    if wrong.any():
+        i = int(np.argmax(wrong))
+        return [f"forward {i}: decode forward {expected[i]} of prompt {prompt[i]} must have block and step "
+                f"{expected[i]}, got block {block[i]} step {step[i]}"]
     return []
 
 
