@@ -77,11 +77,23 @@ def distinct_taus(workload: Workload, taus: list[int]) -> dict[int, int]:
     return out
 
 
+# Policies the planner plans for: each runs TIDE's interval refresh with per-layer tau and budget
+# (PolicyOptions.tau and .budget as [L] arrays) and is additive over MoE layers with synchronous
+# refresh. tide has a fast table (below); any other is costed by running it (_schedule_table).
+PLAN_POLICIES: tuple[str, ...] = ("tide",)
+
+
+def check_plan_policy(policy: str) -> None:
+    if policy not in PLAN_POLICIES:
+        raise InputError(f"the planner plans for {', '.join(PLAN_POLICIES)}, not {policy!r}; "
+                         "give --policy one of those")
+
+
 def cost_table(workload: Workload, hw: HardwareProfile, taus: list[int], budgets: list[int],
-               max_cells: int = 4_000_000, progress: Callable[[Iterable[int]], Iterable[int]] | None = None
-               ) -> CostTable:
-    """C[l, tau, B]: the analytic cost model's time of MoE layer l under `tide` with synchronous
-    refresh, interval tau and budget B, for every candidate pair.
+               max_cells: int = 4_000_000, progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
+               policy: str = "tide") -> CostTable:
+    """C[l, tau, B]: the analytic cost model's time of MoE layer l under `policy` (default tide)
+    with synchronous refresh, interval tau and budget B, for every candidate pair.
 
     With synchronous refresh the analytic model is additive over MoE layers (a layer-forward's
     time depends on that layer's schedule only; docs/planner.md section 2) and `tide` decides each
@@ -97,16 +109,41 @@ def cost_table(workload: Workload, hw: HardwareProfile, taus: list[int], budgets
         raise InputError("give at least one candidate tau and one candidate budget")
     if max(budgets) > workload.num_experts or min(budgets) < 0:
         raise InputError(f"candidate budgets must lie in 0..{workload.num_experts} (experts per layer)")
+    check_plan_policy(policy)
     same = distinct_taus(workload, taus)
     options = [(tau, b) for tau in sorted(set(same.values())) for b in budgets]
-    found = dict(zip(options, residencies(workload, options, max_cells, progress), strict=True))
     layer_fixed, other = fixed_costs(workload, hw)
-    times = _option_layer_times(workload, hw, [found[o] for o in options], layer_fixed, max_cells)
+    if policy == "tide":
+        found = dict(zip(options, residencies(workload, options, max_cells, progress), strict=True))
+        times = _option_layer_times(workload, hw, [found[o] for o in options], layer_fixed, max_cells)
+    else:
+        times = _schedule_table(workload, hw, options, policy, progress)
     by_option = dict(zip(options, times, strict=True))
     sorted_taus = sorted(taus)
     cost = np.stack([np.stack([by_option[(same[t], b)] for b in budgets], axis=1) for t in sorted_taus], axis=1)
     return CostTable(taus=np.array(sorted_taus, dtype=np.int64), budgets=np.array(budgets, dtype=np.int64),
                      layer_cost_s=cost, other_s=other, generated_tokens=workload.generated_tokens)
+
+
+def _schedule_table(workload: Workload, hw: HardwareProfile, options: list[tuple[int, int]], policy: str,
+                    progress: Callable[[Iterable[int]], Iterable[int]] | None) -> list[np.ndarray]:
+    """[L] seconds per MoE layer for each (tau, budget): the policy's own schedule with that tau
+    and budget in every layer, run through the analytic model (its per-layer times). Exact by
+    construction, one schedule per option; make_plan checks additivity on the plan it keeps."""
+    from tidesim.policies import PolicyOptions, build_schedule, uniform
+    from tidesim.run import run
+
+    layers = workload.num_layers
+    indices: Iterable[int] = range(len(options))
+    if progress is not None:
+        indices = progress(indices)
+    out: dict[int, np.ndarray] = {}
+    for i in indices:
+        tau, b = options[i]
+        chosen = PolicyOptions(budget=uniform(b, layers), tau=uniform(tau, layers), hw=hw, refresh="sync")
+        metrics = run(workload, build_schedule(policy, workload, chosen), hw, engine="analytic")
+        out[i] = np.asarray(metrics.layer_time_s, dtype=float)
+    return [out[i] for i in range(len(options))]
 
 
 @dataclass(frozen=True)
