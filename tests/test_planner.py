@@ -402,3 +402,23 @@ def test_split_prompts() -> None:
     assert split_prompts([0, 1, 2, 3], None) == ([0, 1], [2, 3])
     assert split_prompts([5], None) == ([5], [])
     assert split_prompts([0, 1, 2], [2]) == ([2], [0, 1])
+
+
+@pytest.mark.parametrize("max_cells", [10_000_000, 1])
+def test_schedule_table_runs_the_policy_as_virtual_layers(max_cells: int) -> None:
+    # The generic table (any plannable policy: its schedule run through the analytic model, options
+    # side by side as virtual layers) equals tide's fast table for tide, whether the options run
+    # together or one per run (max_cells 1), and each virtual layer costs its option's layer alone.
+    from tidesim.planner.costtable import _schedule_table, options_as_layers
+
+    w = tiny_workload()
+    hw = h100()
+    options = [(1, 2), (2, 6), (20, 12), (3, 0)]
+    generic = _schedule_table(w, hw, options, "tide", None, max_cells=max_cells)
+    fast = cost_table(w, hw, [1, 2, 3, 20], [0, 2, 6, 12])
+    for (tau, b), times in zip(options, generic, strict=True):
+        expected = fast.layer_cost_s[:, list(fast.taus).index(tau), list(fast.budgets).index(b)]
+        np.testing.assert_allclose(times, expected, rtol=1e-12)
+    tiled = options_as_layers(w, 3)
+    assert tiled.num_layers == 3 * w.num_layers and tiled.model.num_moe_layers == tiled.num_layers
+    np.testing.assert_array_equal(tiled.expert_tokens[:, w.num_layers:2 * w.num_layers], w.expert_tokens)

@@ -126,24 +126,48 @@ def cost_table(workload: Workload, hw: HardwareProfile, taus: list[int], budgets
 
 
 def _schedule_table(workload: Workload, hw: HardwareProfile, options: list[tuple[int, int]], policy: str,
-                    progress: Callable[[Iterable[int]], Iterable[int]] | None) -> list[np.ndarray]:
+                    progress: Callable[[Iterable[int]], Iterable[int]] | None, max_cells: int = 32_000_000
+                    ) -> list[np.ndarray]:
     """[L] seconds per MoE layer for each (tau, budget): the policy's own schedule with that tau
-    and budget in every layer, run through the analytic model (its per-layer times). Exact by
-    construction, one schedule per option; make_plan checks additivity on the plan it keeps."""
-    from tidesim.policies import PolicyOptions, build_schedule, uniform
+    and budget in every layer, run through the analytic model (its per-layer times), so the table
+    costs exactly the policy's step and the layer model's terms, with no formula of its own.
+
+    Options are run side by side as virtual layers of one workload (options_as_layers): the
+    policies the planner plans for decide each layer from its own routing and state, and with
+    synchronous refresh a layer's time depends only on its own schedule, so each virtual layer
+    costs what that layer costs under that option alone (tests check both against separate runs).
+    max_cells bounds forwards x virtual layers x experts per run (memory)."""
+    from tidesim.policies import PolicyOptions, build_schedule
     from tidesim.run import run
 
     layers = workload.num_layers
-    indices: Iterable[int] = range(len(options))
+    per_chunk = max(1, max_cells // max(1, workload.expert_tokens.size))
+    chunks = [options[i:i + per_chunk] for i in range(0, len(options), per_chunk)]
+    indices: Iterable[int] = range(len(chunks))
     if progress is not None:
         indices = progress(indices)
-    out: dict[int, np.ndarray] = {}
+    out: list[np.ndarray] = []
     for i in indices:
-        tau, b = options[i]
-        chosen = PolicyOptions(budget=uniform(b, layers), tau=uniform(tau, layers), hw=hw, refresh="sync")
-        metrics = run(workload, build_schedule(policy, workload, chosen), hw, engine="analytic")
-        out[i] = np.asarray(metrics.layer_time_s, dtype=float)
-    return [out[i] for i in range(len(options))]
+        chunk = chunks[i]
+        tiled = options_as_layers(workload, len(chunk))
+        tau = np.repeat(np.array([t for t, _ in chunk], np.int64), layers)
+        budget = np.repeat(np.array([b for _, b in chunk], np.int64), layers)
+        chosen = PolicyOptions(budget=budget, tau=tau, hw=hw, refresh="sync")
+        metrics = run(tiled, build_schedule(policy, tiled, chosen), hw, engine="analytic")
+        out.extend(np.asarray(metrics.layer_time_s, dtype=float).reshape(len(chunk), layers))
+    return out
+
+
+def options_as_layers(workload: Workload, n: int) -> Workload:
+    """The workload with its MoE layers repeated n times (layer k * L + l is layer l of option k),
+    under a model with that many MoE layers: n options of a per-layer policy in one run."""
+    import dataclasses
+
+    if n == 1:
+        return workload
+    model = workload.model
+    spec = dataclasses.replace(model, num_layers=model.first_dense_layers + n * workload.num_layers)
+    return dataclasses.replace(workload, model=spec, expert_tokens=np.tile(workload.expert_tokens, (1, n, 1)))
 
 
 @dataclass(frozen=True)
