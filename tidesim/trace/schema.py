@@ -58,6 +58,8 @@ class TraceMeta:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["model"] = self.model.to_dict()
+        if self.decode == "diffusion":   # the default: written only when it differs, so traces of
+            del out["decode"]            # diffusion decoding keep the bytes they had before the field
         return out
 
     @classmethod

@@ -171,31 +171,70 @@ def _autoregressive_problems(f: pd.DataFrame) -> list[str]:
 
 
 def _token_routing_problems(trace: Trace) -> list[str]:
+    """The first (forward, layer) whose token-level routing is wrong, in order. The checks run on all
+    entries at once (one concatenation, one bincount); the entry found is then described by
+    _routing_entry_problem, which states the checks one entry at a time."""
     if trace.topk_ids is None:
         return [] if trace.topk_weights is None else ["topk_weights given without topk_ids"]
     meta = trace.meta
     layers = meta.model.num_moe_layers
-    if len(trace.topk_ids) != trace.num_forwards * layers:
+    n = trace.num_forwards * layers
+    if len(trace.topk_ids) != n:
         return ["topk_ids must have one entry per (forward, layer)"]
-    tokens = trace.forwards["tokens"].to_numpy()
-    for i, ids in enumerate(trace.topk_ids):
-        fw, layer = divmod(i, layers)
-        where = f"forward {fw} layer {meta.model.moe_layer_ids[layer]}"
-        if ids.shape != (tokens[fw], meta.top_k):
-            return [f"{where}: topk_ids has shape {ids.shape}, expected ({tokens[fw]}, {meta.top_k})"]
-        if ids.size and (ids.min() < 0 or ids.max() >= meta.num_experts):
-            return [f"{where}: expert id {int(ids.max() if ids.max() >= meta.num_experts else ids.min())} "
-                    f"out of range [0, {meta.num_experts})"]
-        counts = np.bincount(ids.ravel(), minlength=meta.num_experts)
-        if not np.array_equal(counts, trace.expert_tokens[fw, layer]):
-            return [f"{where}: token-level routing disagrees with the expert counts"]
-        if trace.topk_weights is not None:
-            weights = trace.topk_weights[i]
-            if weights.shape != ids.shape:
-                return [f"{where}: topk_weights shape differs from topk_ids"]
-            if weights.size and (not np.isfinite(weights).all() or (weights < 0).any()):
-                return [f"{where}: topk_weights must be finite and not negative"]
+    for i in _suspect_entries(trace):
+        problem = _routing_entry_problem(trace, i)
+        if problem:
+            return [problem]
     return []
+
+
+def _suspect_entries(trace: Trace) -> list[int]:
+    """Indices of entries that may fail a check (every failing one among them), ascending."""
+    meta, ids_list, w_list = trace.meta, trace.topk_ids, trace.topk_weights
+    assert ids_list is not None
+    k, n_exp, n = meta.top_k, meta.num_experts, len(ids_list)
+    rows = np.repeat(trace.forwards["tokens"].to_numpy(), meta.model.num_moe_layers).tolist()
+    shape_ok = [a.ndim == 2 and a.shape == (r, k) and (w_list is None or w_list[i].shape == a.shape)
+                for i, (a, r) in enumerate(zip(ids_list, rows, strict=True))]
+    stop = shape_ok.index(False) if False in shape_ok else n
+    if stop == 0:
+        return [0]
+    sizes = np.array([a.size for a in ids_list[:stop]], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    values = np.concatenate([a.ravel() for a in ids_list[:stop]]).astype(np.int64)
+    out_of_range = (values < 0) | (values >= n_exp)
+    suspect = np.logical_or.reduceat(out_of_range, offsets) if values.size else np.zeros(stop, dtype=bool)
+    seg = np.repeat(np.arange(stop, dtype=np.int64), sizes)
+    counts = np.bincount(seg * n_exp + np.clip(values, 0, n_exp - 1), minlength=stop * n_exp).reshape(stop, n_exp)
+    suspect |= (counts != trace.expert_tokens.reshape(n, n_exp)[:stop]).any(axis=1)
+    if w_list is not None and values.size:
+        w = np.concatenate([a.ravel() for a in w_list[:stop]])
+        suspect |= np.logical_or.reduceat(~np.isfinite(w) | (w < 0), offsets)
+    return [*np.flatnonzero(suspect).tolist(), *([stop] if stop < n else [])]
+
+
+def _routing_entry_problem(trace: Trace, i: int) -> str:
+    """What is wrong with token-level entry i (forward i // layers, MoE layer i % layers), or ""."""
+    meta = trace.meta
+    fw, layer = divmod(i, meta.model.num_moe_layers)
+    ids = trace.topk_ids[i]  # type: ignore[index]
+    tokens = int(trace.forwards["tokens"].iloc[fw])
+    where = f"forward {fw} layer {meta.model.moe_layer_ids[layer]}"
+    if ids.shape != (tokens, meta.top_k):
+        return f"{where}: topk_ids has shape {ids.shape}, expected ({tokens}, {meta.top_k})"
+    if ids.size and (ids.min() < 0 or ids.max() >= meta.num_experts):
+        return (f"{where}: expert id {int(ids.max() if ids.max() >= meta.num_experts else ids.min())} "
+                f"out of range [0, {meta.num_experts})")
+    counts = np.bincount(ids.ravel(), minlength=meta.num_experts)
+    if not np.array_equal(counts, trace.expert_tokens[fw, layer]):
+        return f"{where}: token-level routing disagrees with the expert counts"
+    if trace.topk_weights is not None:
+        weights = trace.topk_weights[i]
+        if weights.shape != ids.shape:
+            return f"{where}: topk_weights shape differs from topk_ids"
+        if weights.size and (not np.isfinite(weights).all() or (weights < 0).any()):
+            return f"{where}: topk_weights must be finite and not negative"
+    return ""
 
 
 def validate_trace(trace: Trace, source: str = "trace") -> Trace:

@@ -35,13 +35,14 @@ def read(paths: list[Path], model: ModelSpec, prov: Provenance) -> list[EnginePa
     return _per_token(dumps, model, prov)
 
 
-def _layer_rows(arr: np.ndarray, model: ModelSpec, where: str, empty: str) -> np.ndarray:
-    """The MoE layers' rows of an array indexed by model layer; dense layers' rows must be empty."""
+def _layer_rows(arr: np.ndarray, model: ModelSpec, where: str, empty: int | None) -> np.ndarray:
+    """The MoE layers' rows of an array indexed by model layer; dense layers' rows must hold only
+    `empty` (-1 for ids, 0 for counts; None: not checked)."""
     if arr.shape[0] != model.num_layers:
         raise InputError(f"{where}: {arr.shape[0]} layers, model {model.name} has {model.num_layers}; "
                          "is it a dump of another model?")
     dense = arr[:model.first_dense_layers]
-    if dense.size and (dense != (-1 if empty == "-1" else 0)).any():
+    if empty is not None and dense.size and (dense != empty).any():
         raise InputError(f"{where}: dense layer rows hold routing; the dump's layer numbering does not match model "
                          f"{model.name} (dense layers 0..{model.first_dense_layers - 1})")
     return arr[model.first_dense_layers:]
@@ -53,7 +54,7 @@ def _physical_map(data: dict[str, Any], path: Path, model: ModelSpec, prov: Prov
     if raw is None:
         prov.infer("no last_physical_to_logical_map: expert ids taken as logical ids")
         return None
-    table = _layer_rows(as_array(raw, f"{path}: last_physical_to_logical_map"), model, str(path), "keep")
+    table = _layer_rows(as_array(raw, f"{path}: last_physical_to_logical_map"), model, str(path), None)
     if table.ndim != 2:
         raise InputError(f"{path}: last_physical_to_logical_map must be [layers, physical experts]")
     if table.shape[1] == model.num_experts and (table == np.arange(model.num_experts)).all():
@@ -78,7 +79,7 @@ def _record_pass(rec: dict[str, Any], where: str, model: ModelSpec, table: np.nd
         raise InputError(f"{where}: {topk.shape[2]} routing slots, model {model.name} routes {k}")
     if (topk[:, :, k:] != -1).any():
         raise InputError(f"{where}: slots beyond top_k {k} hold expert ids; is it a dump of another model?")
-    moe = _layer_rows(topk[:, :, :k], model, where, "-1")
+    moe = _layer_rows(topk[:, :, :k], model, where, -1)
     tokens = moe.shape[1]
     positions = as_array(rec["positions"], f"{where}: positions")
     if len(rec["input_ids"]) != tokens or positions.shape != (tokens,):
@@ -140,7 +141,7 @@ def _stat(dumps: list[tuple[Path, Any]], model: ModelSpec, prov: Provenance) -> 
         if counts.ndim != 3 or counts.shape[2] != model.num_experts:
             raise InputError(f"{path}: logical_count has shape {tuple(counts.shape)}, expected (passes, "
                              f"{model.num_layers} layers, {model.num_experts} experts) for model {model.name}")
-        moe = _layer_rows(counts.transpose(1, 0, 2), model, str(path), "0").transpose(1, 0, 2)
+        moe = _layer_rows(counts.transpose(1, 0, 2), model, str(path), 0).transpose(1, 0, 2)
         if (moe < 0).any():
             raise InputError(f"{path}: logical_count holds a negative count")
         totals = moe.sum(axis=2)
