@@ -1,0 +1,191 @@
+"""The copy-or-CPU split of a layer-forward's activated experts, searched with the layer model.
+
+One search for the two policies that make this choice per layer-forward: the oracle (a bound:
+its resident set comes from the future and its on-demand copies are staged) and tide-split
+(online: TIDE's resident set, on-demand copies through the executors' slot rule).
+
+Per layer-forward the activated experts come in a decision order: the first n_free are resident
+at the gate (they can run in the grouped kernel), the others are not (on the GPU they need an
+on-demand copy). A split j runs the first j on the GPU - the first min(j, n_free) in the grouped
+kernel, positions n_free .. j-1 copied on demand - and the rest on the CPU pool; positions at or
+past `top` (n_active unless given) never go to the GPU, and with keep_resident j < n_free is
+not considered (tide-split: the experts at the gate stay there). Every split is ranked by a quick estimate
+(the on-demand pipeline in decision order against the CPU pool's bound, all splits at once);
+then "resident only" (n_free), the estimate's best and "as many on the GPU as allowed" (top) are
+timed exactly with the layer model (layer_times) and the fastest wins, ties to the earlier of
+that list, so the split is never slower in the layer model than running every non-resident
+expert on the CPU with the same resident set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from tidesim import layermodel as lm
+from tidesim.hardware import HardwareProfile
+from tidesim.models import ModelSpec
+from tidesim.sim.lpt import lpt_makespans
+
+
+@dataclass(frozen=True)
+class Slots:
+    """Where each layer-forward's on-demand copies find a GPU slot under the executors' slot rule
+    (tidesim.layermodel.slot_tags): `free` slots at once, then `deferred` ones after the grouped
+    kernel, then those of earlier on-demand experts. n_async: asynchronous refresh copies issued
+    in the layer-forward (they add to the copy slowdown). Arrays [N]; None in place of Slots
+    means every copy is staged (free at once), as for the oracle."""
+
+    free: np.ndarray
+    deferred: np.ndarray
+    n_async: np.ndarray
+
+    def take(self, rows: np.ndarray) -> Slots:
+        return Slots(self.free[rows], self.deferred[rows], self.n_async[rows])
+
+
+def expert_costs(counts: np.ndarray, spec: ModelSpec, hw: HardwareProfile) -> tuple[np.ndarray, np.ndarray]:
+    """(GPU FFN time with its launch, CPU FFN time on one worker) per entry; 0 where no tokens."""
+    return (lm.per_count(lambda t: hw.gpu_expert_time(t, spec), counts),
+            lm.per_count(lambda t: hw.cpu_expert_time(t, spec), counts))
+
+
+def split_estimates(counts_sorted: np.ndarray, n_free: np.ndarray, spec: ModelSpec, hw: HardwareProfile
+                    ) -> np.ndarray:
+    """float [F, L, K + 1]: estimated layer time when the first j experts (in decision order) run
+    on the GPU, copies staged (K = counts_sorted.shape[2])."""
+    f, l, k = counts_sorted.shape
+    counts = np.ascontiguousarray(counts_sorted.reshape(f * l, k).T)
+    est = _estimates(counts, *_transposed(expert_costs(counts.T, spec, hw)), n_free.reshape(-1), spec, hw, None)
+    return est.T.reshape(f, l, k + 1)
+
+
+def _transposed(costs: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    return np.ascontiguousarray(costs[0].T), np.ascontiguousarray(costs[1].T)
+
+
+def _prefix_tags(n_free: np.ndarray, k: int, slots: Slots | None) -> np.ndarray:
+    """int [K, N]: the release tag of position p's copy if positions n_free .. p are all copied on
+    demand (a copy's tag depends only on the copies before it), as a position (tags >= 0 name
+    the on-demand expert whose slot it reuses, here by its position)."""
+    n = n_free.size
+    tags = np.full((k, n), lm.FREE_NOW, np.int64)
+    if slots is None or k == 0:
+        return tags
+    width = np.maximum(k - n_free, 0)
+    g = np.repeat(np.arange(n), width)
+    od, _, _ = lm.slot_tags(g, np.ones(g.size, bool), np.zeros(0, np.int64), slots.free, slots.deferred)
+    within = np.arange(g.size) - np.repeat(np.cumsum(width) - width, width)
+    pos = n_free[g] + within
+    tags[pos, g] = np.where(od >= 0, od + n_free[g], od)
+    return tags
+
+
+def _estimates(counts: np.ndarray, gpu_full: np.ndarray, cpu: np.ndarray, n_free: np.ndarray, spec: ModelSpec,
+               hw: HardwareProfile, slots: Slots | None) -> np.ndarray:
+    """Estimates on a position-major layout: counts [K, N] -> [K + 1, N], with the layer model's
+    terms: the grouped kernel of the first min(j, n_free), then the on-demand pipeline of the rest
+    (in decision order, released as the slot rule says), against the CPU side's pool bound."""
+    k, n = counts.shape
+    r = lm.Rates.of(hw, spec)
+    in_group = np.arange(k)[:, None] < n_free[None, :]
+    grouped_prefix = np.zeros((k + 1, n))
+    grouped_prefix[1:] = np.cumsum(np.where(in_group, lm.grouped_share(r, gpu_full), 0.0), axis=0)
+    finish = lm.grouped_kernel(r, grouped_prefix, np.minimum(np.arange(k + 1)[:, None], n_free[None, :]))
+    od = lm.OnDemand(np.arange(n), np.where(in_group, 0.0, lm.ondemand_compute(r, gpu_full)),
+                     _prefix_tags(n_free, k, slots), ~in_group)
+    grouped_end = finish[np.minimum(n_free, k), np.arange(n)]
+    _, _, _, ends = lm.ondemand_pipeline(r.expert_copy_s, np.zeros(n), grouped_end, od)
+    finish[1:] = np.where(~in_group, ends, finish[1:])
+    cpu_rest = np.zeros((k + 1, n))
+    cpu_rest[:k] = np.cumsum(cpu[::-1], axis=0)[::-1]
+    pairs_rest = np.zeros((k + 1, n), dtype=np.int64)
+    pairs_rest[:k] = np.cumsum(counts[::-1], axis=0, dtype=np.int64)[::-1]
+    longest = np.zeros((k + 1, n))
+    longest[:k] = np.maximum.accumulate(cpu[::-1], axis=0)[::-1]
+    moves = lm.per_count(lambda m: np.add(*lm.activation_copies(r, hw, m)), pairs_rest)
+    none = np.zeros((k + 1, n))
+    pool = lm.cpu_pool_bound(r, lm.CpuCosts(total=cpu_rest, longest=longest, shortest=none, n=none))
+    return np.maximum(finish, np.where(pairs_rest > 0, moves + pool, 0.0))
+
+
+def layer_times(counts: np.ndarray, experts: np.ndarray, n_active: np.ndarray, n_free: np.ndarray,
+                split: np.ndarray, spec: ModelSpec, hw: HardwareProfile,
+                costs: tuple[np.ndarray, np.ndarray] | None = None, slots: Slots | None = None) -> np.ndarray:
+    """float [N]: expert-phase time of each layer-forward for a given split, as the executors'
+    layer model charges it (docs/costmodel.md), without waits for earlier background copies
+    (none in a schedule without asynchronous refresh).
+
+    counts/experts [N, K]: tokens and expert ids in decision order. The first min(split, n_free)
+    run in the grouped kernel, positions n_free .. split-1 are copied on demand (in expert-id
+    order, as the executors run them, through the slots `slots` gives, staged when None), the
+    rest up to n_active run on the CPU pool with the exact longest-first makespan.
+    `costs`: the (GPU, CPU) expert times of `counts` when already known.
+    """
+    n, k = counts.shape
+    pos = np.arange(k)[None, :]
+    r = lm.Rates.of(hw, spec)
+    gpu_full, cpu_times = costs if costs is not None else expert_costs(counts, spec, hw)
+    in_group = pos < np.minimum(split, n_free)[:, None]
+    on_demand = (pos >= n_free[:, None]) & (pos < split[:, None])
+    on_cpu = (pos >= split[:, None]) & (pos < n_active[:, None])
+    share = np.where(in_group, lm.grouped_share(r, gpu_full), 0.0).sum(axis=1)
+    grouped = lm.grouped_kernel(r, share, in_group.sum(axis=1))
+    od_rows, od_cols = np.nonzero(on_demand)
+    by_id = np.lexsort((experts[od_rows, od_cols], od_rows))
+    od_rows, od_cols = od_rows[by_id], od_cols[by_id]
+    od_time = lm.ondemand_compute(r, gpu_full[od_rows, od_cols])
+    if slots is None:
+        release = np.full(od_rows.size, lm.FREE_NOW)
+    else:
+        release = lm.slot_tags(od_rows, np.ones(od_rows.size, bool), np.zeros(0, np.int64), slots.free,
+                               slots.deferred)[0]
+    od = lm.OnDemand.pad(od_rows, od_time, release)
+    od_n = on_demand.sum(axis=1)
+    od_sum = np.bincount(od_rows, weights=od_time, minlength=n)
+
+    rows, cols = np.nonzero(on_cpu)
+    cpu_rows = cpu_times[rows, cols]
+    span = lpt_makespans(rows, cpu_rows, experts[rows, cols], n, r.workers)
+    act, res = lm.activation_copies(r, hw, np.where(on_cpu, counts, 0).sum(axis=1))
+    zeros = np.zeros(n)
+    h2d = od_n * r.expert_copy_s + res + (0.0 if slots is None else slots.n_async * r.expert_copy_s)
+    gpu = lm.GpuCosts(fwd_fixed=zeros, layer_fixed=zeros, grouped=grouped, od_compute_sum=od_sum,
+                      slow_extra=lm.copy_slowdown(r, grouped + od_sum, h2d))
+    copies = lm.CopyCosts(sync_h2d=zeros, demote_d2h=zeros, async_h2d=zeros, n_async=zeros, act_d2h=act,
+                          res_h2d=res, od_n=od_n, od_copy_sum=od_n * r.expert_copy_s)
+    cpu = lm.CpuCosts(total=np.bincount(rows, weights=cpu_rows, minlength=n), longest=zeros, shortest=zeros,
+                      n=on_cpu.sum(axis=1))
+    lm.charge_contention(r, gpu, cpu, span)
+    assert cpu.span is not None
+    return lm.layer_phases(r, gpu, copies, cpu.n, cpu.span, od, 1)["side"]
+
+
+def best_split(counts_sorted: np.ndarray, experts_sorted: np.ndarray, n_active: np.ndarray, n_free: np.ndarray,
+               spec: ModelSpec, hw: HardwareProfile, slots: Slots | None = None, top: np.ndarray | None = None,
+               keep_resident: bool = False, chunk: int = 2048) -> np.ndarray:
+    """int [N]: how many of each layer-forward's activated experts (in decision order, arrays
+    [N, E]) run on the GPU; see the module docstring. keep_resident: only splits of at least
+    n_free (every expert at the gate runs there). Layer-forwards are processed in chunks of
+    similar activated counts, so arrays are only as wide as needed."""
+    top_all = n_active if top is None else top
+    out = np.zeros(n_active.size, dtype=np.int64)
+    by_width = np.argsort(n_active, kind="stable")
+    for lo in range(0, n_active.size, chunk):
+        rows = by_width[lo:lo + chunk]
+        active, free, most = n_active[rows], n_free[rows], top_all[rows]
+        k = int(active.max())
+        if k == 0:
+            continue
+        counts = counts_sorted[rows, :k]
+        gpu_full, cpu = expert_costs(counts, spec, hw)
+        part = None if slots is None else slots.take(rows)
+        est = _estimates(np.ascontiguousarray(counts.T), *_transposed((gpu_full, cpu)), free, spec, hw, part)
+        j = np.arange(k + 1)[:, None]
+        est[(j > most[None, :]) | ((j < free[None, :]) if keep_resident else False)] = np.inf
+        candidates = np.stack([free, np.argmin(est, axis=0), most])
+        times = np.stack([layer_times(counts, experts_sorted[rows, :k], active, free, c, spec, hw, (gpu_full, cpu),
+                                      part) for c in candidates])
+        out[rows] = candidates[np.argmin(times, axis=0), np.arange(rows.size)]
+    return out
