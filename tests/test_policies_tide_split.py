@@ -115,3 +115,24 @@ def test_live_layer_by_layer_equals_the_offline_builder(w, data) -> None:  # typ
     offline, live = checked("tide-split", w, opts), layer_by_layer("tide-split", w, opts)
     for f in ("placement", "copy", "demote", "resident"):
         assert np.array_equal(getattr(live, f), getattr(offline, f)), f
+
+
+@settings(max_examples=25, deadline=None)
+@given(w=workloads(), data=st.data())
+def test_async_refresh_copies_nothing_on_demand_while_refresh_copies_may_run(w, data) -> None:  # type: ignore[no-untyped-def]
+    """With asynchronous refresh, no on-demand copy in a forward in which a layer refreshes or in
+    the forward after; and the simulator runs the schedule to its end (at or above the analytic
+    model's lower bound)."""
+    from tidesim.costmodel import lower_bound
+    from tidesim.policies.step import forward_metas
+    from tidesim.policies.tide import refreshes
+    from tidesim.sim.engine import simulate
+
+    hw = _random_profile(data)
+    opts = options(w, data.draw(st.integers(1, w.num_experts)), data.draw(st.integers(1, 3)), "async", hw=hw)
+    s = checked("tide-split", w, opts)
+    busy = np.array([bool(refreshes(m, opts.tau).any()) for m in forward_metas(w)])
+    busy[1:] |= busy[:-1]
+    assert not (s.copy[busy] == COPY_ON_DEMAND).any()
+    costs = schedule_costs(w, s, hw)
+    assert simulate(costs).total_s >= lower_bound(costs) * (1 - 1e-9)

@@ -65,49 +65,74 @@ def _transposed(costs: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.nd
     return np.ascontiguousarray(costs[0].T), np.ascontiguousarray(costs[1].T)
 
 
-def _prefix_tags(n_free: np.ndarray, k: int, slots: Slots | None) -> np.ndarray:
-    """int [K, N]: the release tag of position p's copy if positions n_free .. p are all copied on
-    demand (a copy's tag depends only on the copies before it), as a position (tags >= 0 name
-    the on-demand expert whose slot it reuses, here by its position)."""
-    n = n_free.size
-    tags = np.full((k, n), lm.FREE_NOW, np.int64)
-    if slots is None or k == 0:
-        return tags
-    width = np.maximum(k - n_free, 0)
-    g = np.repeat(np.arange(n), width)
-    od, _, _ = lm.slot_tags(g, np.ones(g.size, bool), np.zeros(0, np.int64), slots.free, slots.deferred)
-    within = np.arange(g.size) - np.repeat(np.cumsum(width) - width, width)
-    pos = n_free[g] + within
-    tags[pos, g] = np.where(od >= 0, od + n_free[g], od)
-    return tags
-
-
 def _estimates(counts: np.ndarray, gpu_full: np.ndarray, cpu: np.ndarray, n_free: np.ndarray, spec: ModelSpec,
                hw: HardwareProfile, slots: Slots | None) -> np.ndarray:
     """Estimates on a position-major layout: counts [K, N] -> [K + 1, N], with the layer model's
-    terms: the grouped kernel of the first min(j, n_free), then the on-demand pipeline of the rest
-    (in decision order, released as the slot rule says), against the CPU side's pool bound."""
+    terms: the grouped kernel of the first min(j, n_free), then the on-demand experts
+    (_ondemand_ends), against the CPU side: activations out, the pool's bound, results back once
+    the copy engine is free."""
     k, n = counts.shape
     r = lm.Rates.of(hw, spec)
     in_group = np.arange(k)[:, None] < n_free[None, :]
     grouped_prefix = np.zeros((k + 1, n))
     grouped_prefix[1:] = np.cumsum(np.where(in_group, lm.grouped_share(r, gpu_full), 0.0), axis=0)
     finish = lm.grouped_kernel(r, grouped_prefix, np.minimum(np.arange(k + 1)[:, None], n_free[None, :]))
-    od = lm.OnDemand(np.arange(n), np.where(in_group, 0.0, lm.ondemand_compute(r, gpu_full)),
-                     _prefix_tags(n_free, k, slots), ~in_group)
     grouped_end = finish[np.minimum(n_free, k), np.arange(n)]
-    _, _, _, ends = lm.ondemand_pipeline(r.expert_copy_s, np.zeros(n), grouped_end, od)
+    ends, engine = _ondemand_ends(r, lm.ondemand_compute(r, gpu_full), n_free, grouped_end, slots)
     finish[1:] = np.where(~in_group, ends, finish[1:])
+    engine_end = np.zeros((k + 1, n))
+    engine_end[1:] = np.where(~in_group, engine, 0.0)
     cpu_rest = np.zeros((k + 1, n))
     cpu_rest[:k] = np.cumsum(cpu[::-1], axis=0)[::-1]
     pairs_rest = np.zeros((k + 1, n), dtype=np.int64)
     pairs_rest[:k] = np.cumsum(counts[::-1], axis=0, dtype=np.int64)[::-1]
     longest = np.zeros((k + 1, n))
     longest[:k] = np.maximum.accumulate(cpu[::-1], axis=0)[::-1]
-    moves = lm.per_count(lambda m: np.add(*lm.activation_copies(r, hw, m)), pairs_rest)
+    act = lm.per_count(lambda m: lm.activation_copies(r, hw, m)[0], pairs_rest)
+    res = lm.per_count(lambda m: lm.activation_copies(r, hw, m)[1], pairs_rest)
     none = np.zeros((k + 1, n))
     pool = lm.cpu_pool_bound(r, lm.CpuCosts(total=cpu_rest, longest=longest, shortest=none, n=none))
-    return np.maximum(finish, np.where(pairs_rest > 0, moves + pool, 0.0))
+    return np.maximum(finish, np.where(pairs_rest > 0, np.maximum(act + pool, engine_end) + res, 0.0))
+
+
+def _ondemand_ends(r: lm.Rates, compute: np.ndarray, n_free: np.ndarray, grouped_end: np.ndarray,
+                   slots: Slots | None) -> tuple[np.ndarray, np.ndarray]:
+    """([K, N] GPU end, [K, N] copy-engine end) when positions n_free .. p are copied on demand
+    (position-major; rows below n_free are unused), in decision order, without a loop over them.
+
+    The first copies go back to back: `free` of them at once, then `deferred` ones not before the
+    grouped kernel ends (all of them when staged, slots None; at least the first, which finds a
+    free or a spare slot), so on-demand expert i ends at T_i + max(grouped end, max over m <= i
+    of (landed_m - T_(m-1))), T the running sum of the on-demand compute. Each later copy is
+    taken to reuse the slot of the expert just before it (copy, run, copy, run: the slot rule
+    when the pool has no other slot to give; an overestimate where it has), so each adds a copy
+    and a run. Copies start at the sync end (activations first on one engine are left out)."""
+    k, n = compute.shape
+    c = r.expert_copy_s
+    idx = np.arange(k)[:, None] - n_free[None, :]                     # on-demand index of each position
+    is_od = idx >= 0
+    t = np.where(is_od, compute, 0.0)
+    total = np.cumsum(t, axis=0)
+    if slots is None:
+        streamed = np.full(n, k)
+        landed = (idx + 1) * c
+    else:
+        free = slots.free[None, :]
+        streamed = np.maximum(slots.free + slots.deferred, 1)
+        late = np.maximum(free * c, grouped_end[None, :]) + (idx - free + 1) * c
+        landed = np.where(idx < free, (idx + 1) * c, late)
+    head = is_od & (idx < streamed[None, :])
+    lead = np.maximum.accumulate(np.where(head, landed - (total - t), -np.inf), axis=0)
+    done = total + np.maximum(grouped_end[None, :], lead)
+    if slots is not None:
+        last = np.clip(n_free + streamed - 1, 0, k - 1)                    # the last streamed position
+        cols = np.arange(n)
+        done_s, total_s = done[last, cols], total[last, cols]
+        chained = done_s[None, :] + (idx - streamed[None, :] + 1) * c + (total - total_s[None, :])
+        done = np.where(head, done, chained)
+        before = np.vstack([np.zeros((1, n)), done[:-1]])
+        landed = np.where(head, landed, before + c)
+    return done, landed
 
 
 def layer_times(counts: np.ndarray, experts: np.ndarray, n_active: np.ndarray, n_free: np.ndarray,
@@ -164,10 +189,10 @@ def layer_times(counts: np.ndarray, experts: np.ndarray, n_active: np.ndarray, n
 
 def best_split(counts_sorted: np.ndarray, experts_sorted: np.ndarray, n_active: np.ndarray, n_free: np.ndarray,
                spec: ModelSpec, hw: HardwareProfile, slots: Slots | None = None, top: np.ndarray | None = None,
-               keep_resident: bool = False, chunk: int = 2048) -> np.ndarray:
+               keep_resident: bool = False, try_all: bool = True, chunk: int = 2048) -> np.ndarray:
     """int [N]: how many of each layer-forward's activated experts (in decision order, arrays
     [N, E]) run on the GPU; see the module docstring. keep_resident: only splits of at least
-    n_free (every expert at the gate runs there). Layer-forwards are processed in chunks of
+    n_free (every expert at the gate runs there); try_all: time "top" too. Layer-forwards are processed in chunks of
     similar activated counts, so arrays are only as wide as needed."""
     top_all = n_active if top is None else top
     out = np.zeros(n_active.size, dtype=np.int64)
@@ -184,8 +209,20 @@ def best_split(counts_sorted: np.ndarray, experts_sorted: np.ndarray, n_active: 
         est = _estimates(np.ascontiguousarray(counts.T), *_transposed((gpu_full, cpu)), free, spec, hw, part)
         j = np.arange(k + 1)[:, None]
         est[(j > most[None, :]) | ((j < free[None, :]) if keep_resident else False)] = np.inf
-        candidates = np.stack([free, np.argmin(est, axis=0), most])
-        times = np.stack([layer_times(counts, experts_sorted[rows, :k], active, free, c, spec, hw, (gpu_full, cpu),
-                                      part) for c in candidates])
-        out[rows] = candidates[np.argmin(times, axis=0), np.arange(rows.size)]
+        candidates = np.stack([free, np.argmin(est, axis=0)] + ([most] if try_all else []))
+        out[rows] = _fastest(candidates, counts, experts_sorted[rows, :k], active, free, spec, hw, (gpu_full, cpu),
+                             part)
     return out
+
+
+def _fastest(candidates: np.ndarray, counts: np.ndarray, experts: np.ndarray, active: np.ndarray, free: np.ndarray,
+             spec: ModelSpec, hw: HardwareProfile, costs: tuple[np.ndarray, np.ndarray], slots: Slots | None
+             ) -> np.ndarray:
+    """[N] the fastest of the candidate splits [C, N] by layer_times (ties: the earlier candidate),
+    every candidate timed in one call."""
+    c, n = candidates.shape
+    rep = lambda a: np.tile(a, (c, 1)) if a.ndim == 2 else np.tile(a, c)  # noqa: E731
+    tiled = None if slots is None else Slots(rep(slots.free), rep(slots.deferred), rep(slots.n_async))
+    times = layer_times(rep(counts), rep(experts), rep(active), rep(free), candidates.reshape(-1), spec, hw,
+                        (rep(costs[0]), rep(costs[1])), tiled).reshape(c, n)
+    return candidates[np.argmin(times, axis=0), np.arange(n)]

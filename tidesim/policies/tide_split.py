@@ -15,7 +15,12 @@ layer-forward is never slower than tide's with the same resident set; waits for 
 background copies (asynchronous refresh) are left out of the comparison.
 
 Experts that cannot be copied on demand here stay on the CPU: those resident before this forward
-(a sync refresh evicts them now) and those an asynchronous refresh copies in this forward. The
+(a sync refresh evicts them now) and those an asynchronous refresh copies in this forward. With
+asynchronous refresh nothing is copied on demand in a forward in which some layer refreshes, nor
+in the forward after: refresh copies are then queued behind the on-demand ones on the copy
+engine and the GPU waits for them, a cost the per-layer-forward comparison does not see (and the
+simulator holds the copy engine for a layer's on-demand copies from the first one's start, so a
+layer that also waits for its own refresh copies would deadlock there). The
 slot rule needs the pool's size: the policy keeps it per layer, as the executors' slot plan
 grows it (tidesim.layermodel.copy_releases), from the spare slots its copies took so far.
 """
@@ -29,7 +34,7 @@ from tidesim.policies.base import register_policy
 from tidesim.policies.planned import planned_setup
 from tidesim.policies.split import Slots, best_split
 from tidesim.policies.step import Choice, ForwardMeta, Rows, Setup, placement_of
-from tidesim.policies.tide import Tide
+from tidesim.policies.tide import Tide, refreshes
 from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, GPU, NO_COPY
 
 
@@ -51,6 +56,7 @@ class TideSplit(Tide):
         self.size0 = np.maximum(self.budget, self.initial.sum(axis=1))   # the slot pool, as copy_releases starts it
         self.spares = np.zeros(setup.layers, dtype=np.int64)             # spare slots taken so far, per layer
         self.on_demand = 0
+        self._refreshing = (-1, False, False)     # (forward, any layer refreshes in it, any in the one before)
 
     def decide(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
         placement, copy, demote, resident = super().decide(meta, rows, counts)
@@ -58,6 +64,8 @@ class TideSplit(Tide):
         act = counts > 0
         gate = placement == GPU
         movable = act & ~gate & ~before & (copy == NO_COPY)          # may be copied in on demand now
+        if not self.sync and self._background(meta):
+            movable[:] = False
         free_base, deferred, n_sync = lm.slot_counts(before, resident, placement, copy)
         size = np.maximum(self.size0[rows] + self.spares[rows], before.sum(axis=1))
         if movable.any():
@@ -67,11 +75,21 @@ class TideSplit(Tide):
             slots = Slots(free, deferred, (copy == COPY_ASYNC_REFRESH).sum(axis=1))
             counts_sorted = np.take_along_axis(counts, order, axis=1)
             split = best_split(counts_sorted, order, act.sum(axis=1), n_free, self.spec, self.hw, slots, top,
-                               keep_resident=True)
+                               keep_resident=True, try_all=False)
             placement, copy = self._apply(order, split, n_free, counts, copy)
             free_base, deferred, n_sync = lm.slot_counts(before, resident, placement, copy)
         self._take_spares(rows, size, free_base, deferred, n_sync, copy, resident)
         return placement, copy, demote, resident
+
+    def _background(self, meta: ForwardMeta) -> bool:
+        """Whether refresh copies may be on the copy engine in the background during this forward:
+        some layer refreshes in it or in the forward before (the refresh rule, for every layer)."""
+        index, now, before = self._refreshing
+        if meta.index != index:
+            before = now if meta.index == index + 1 else False
+            now = bool(refreshes(meta, self.tau).any())
+            self._refreshing = (meta.index, now, before)
+        return now or before
 
     def _apply(self, order: np.ndarray, split: np.ndarray, n_free: np.ndarray, counts: np.ndarray,
                copy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
