@@ -161,11 +161,11 @@ def layer_times(counts: np.ndarray, experts: np.ndarray, n_active: np.ndarray, n
     by_id = np.lexsort((experts[od_rows, od_cols], od_rows))
     od_rows, od_cols = od_rows[by_id], od_cols[by_id]
     od_time = lm.ondemand_compute(r, gpu_full[od_rows, od_cols])
+    as_g = np.zeros(0, np.int64) if slots is None else np.repeat(np.arange(n), slots.n_async)
     if slots is None:
-        release = np.full(od_rows.size, lm.FREE_NOW)
+        release, as_release = np.full(od_rows.size, lm.FREE_NOW), as_g
     else:
-        release = lm.slot_tags(od_rows, np.ones(od_rows.size, bool), np.zeros(0, np.int64), slots.free,
-                               slots.deferred)[0]
+        release, as_release, _ = lm.slot_tags(od_rows, np.ones(od_rows.size, bool), as_g, slots.free, slots.deferred)
     od = lm.OnDemand.pad(od_rows, od_time, release)
     od_n = on_demand.sum(axis=1)
     od_sum = np.bincount(od_rows, weights=od_time, minlength=n)
@@ -175,9 +175,16 @@ def layer_times(counts: np.ndarray, experts: np.ndarray, n_active: np.ndarray, n
     span = lpt_makespans(rows, cpu_rows, experts[rows, cols], n, r.workers)
     act, res = lm.activation_copies(r, hw, np.where(on_cpu, counts, 0).sum(axis=1))
     zeros = np.zeros(n)
-    h2d = od_n * r.expert_copy_s + res + (0.0 if slots is None else slots.n_async * r.expert_copy_s)
-    gpu = lm.GpuCosts(fwd_fixed=zeros, layer_fixed=zeros, grouped=grouped, od_compute_sum=od_sum,
-                      slow_extra=lm.copy_slowdown(r, grouped + od_sum, h2d))
+    slow = zeros
+    if r.slows > 0:           # the copies that run while each piece of GPU work does (layer model)
+        g_ov, od_ov = lm.copy_overlaps(r, grouped, od, as_g, as_release, act, res, span, on_cpu.sum(axis=1))
+        slow = lm.copy_slowdown(r, grouped, g_ov)
+        if od_ov is not None:
+            extra = lm.copy_slowdown(r, od.compute, od_ov) * od.valid
+            od.compute = od.compute + extra
+            od_sum = od_sum.copy()
+            od_sum[od.rows] += extra.sum(axis=0)
+    gpu = lm.GpuCosts(fwd_fixed=zeros, layer_fixed=zeros, grouped=grouped, od_compute_sum=od_sum, slow_extra=slow)
     copies = lm.CopyCosts(sync_h2d=zeros, demote_d2h=zeros, async_h2d=zeros, n_async=zeros, act_d2h=act,
                           res_h2d=res, od_n=od_n, od_copy_sum=od_n * r.expert_copy_s)
     cpu = lm.CpuCosts(total=np.bincount(rows, weights=cpu_rows, minlength=n), longest=zeros, shortest=zeros,
