@@ -51,6 +51,24 @@ def expert_costs(counts: np.ndarray, spec: ModelSpec, hw: HardwareProfile) -> tu
             lm.per_count(lambda t: hw.cpu_expert_time(t, spec), counts))
 
 
+class ExpertTimes:
+    """expert_costs as tables over token counts, grown on demand: an online policy evaluates the
+    profile's curves once per count, not once per forward."""
+
+    def __init__(self, spec: ModelSpec, hw: HardwareProfile, top: int = 64) -> None:
+        self.spec, self.hw = spec, hw
+        self._grow(top)
+
+    def _grow(self, top: int) -> None:
+        self.gpu, self.cpu = expert_costs(np.arange(top + 1), self.spec, self.hw)
+
+    def __call__(self, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        top = int(counts.max(initial=0))
+        if top >= self.gpu.size:
+            self._grow(max(top, 2 * self.gpu.size))
+        return self.gpu[counts], self.cpu[counts]
+
+
 def split_estimates(counts_sorted: np.ndarray, n_free: np.ndarray, spec: ModelSpec, hw: HardwareProfile
                     ) -> np.ndarray:
     """float [F, L, K + 1]: estimated layer time when the first j experts (in decision order) run
@@ -196,10 +214,12 @@ def layer_times(counts: np.ndarray, experts: np.ndarray, n_active: np.ndarray, n
 
 def best_split(counts_sorted: np.ndarray, experts_sorted: np.ndarray, n_active: np.ndarray, n_free: np.ndarray,
                spec: ModelSpec, hw: HardwareProfile, slots: Slots | None = None, top: np.ndarray | None = None,
-               keep_resident: bool = False, try_all: bool = True, chunk: int = 2048) -> np.ndarray:
+               keep_resident: bool = False, try_all: bool = True, times: ExpertTimes | None = None,
+               chunk: int = 2048) -> np.ndarray:
     """int [N]: how many of each layer-forward's activated experts (in decision order, arrays
     [N, E]) run on the GPU; see the module docstring. keep_resident: only splits of at least
-    n_free (every expert at the gate runs there); try_all: time "top" too. Layer-forwards are processed in chunks of
+    n_free (every expert at the gate runs there); try_all: time "top" too; times: the expert
+    times' tables, when the caller keeps them. Layer-forwards are processed in chunks of
     similar activated counts, so arrays are only as wide as needed."""
     top_all = n_active if top is None else top
     out = np.zeros(n_active.size, dtype=np.int64)
@@ -211,7 +231,7 @@ def best_split(counts_sorted: np.ndarray, experts_sorted: np.ndarray, n_active: 
         if k == 0:
             continue
         counts = counts_sorted[rows, :k]
-        gpu_full, cpu = expert_costs(counts, spec, hw)
+        gpu_full, cpu = expert_costs(counts, spec, hw) if times is None else times(counts)
         part = None if slots is None else slots.take(rows)
         est = _estimates(np.ascontiguousarray(counts.T), *_transposed((gpu_full, cpu)), free, spec, hw, part)
         j = np.arange(k + 1)[:, None]
@@ -227,6 +247,14 @@ def _fastest(candidates: np.ndarray, counts: np.ndarray, experts: np.ndarray, ac
              ) -> np.ndarray:
     """[N] the fastest of the candidate splits [C, N] by layer_times (ties: the earlier candidate),
     every candidate timed in one call."""
+    differ = (candidates != candidates[0]).any(axis=0)
+    if not differ.all():           # where every candidate is the same split there is nothing to time
+        out = candidates[0].copy()
+        if differ.any():
+            at = np.flatnonzero(differ)
+            out[at] = _fastest(candidates[:, at], counts[at], experts[at], active[at], free[at], spec, hw,
+                               (costs[0][at], costs[1][at]), None if slots is None else slots.take(at))
+        return out
     c, n = candidates.shape
     rep = lambda a: np.tile(a, (c, 1)) if a.ndim == 2 else np.tile(a, c)  # noqa: E731
     tiled = None if slots is None else Slots(rep(slots.free), rep(slots.deferred), rep(slots.n_async))

@@ -32,7 +32,7 @@ import numpy as np
 from tidesim import layermodel as lm
 from tidesim.policies.base import register_policy
 from tidesim.policies.planned import planned_setup
-from tidesim.policies.split import Slots, best_split
+from tidesim.policies.split import ExpertTimes, Slots, best_split
 from tidesim.policies.step import Choice, ForwardMeta, Rows, Setup, placement_of
 from tidesim.policies.tide import Tide, refreshes
 from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, GPU, NO_COPY
@@ -53,6 +53,7 @@ class TideSplit(Tide):
         setup, self.plan = planned_setup(setup)
         super().__init__(setup)
         self.spec, self.hw = self.setup.model, self.setup.options.hw
+        self.times = ExpertTimes(self.spec, self.hw)
         self.size0 = np.maximum(self.budget, self.initial.sum(axis=1))   # the slot pool, as copy_releases starts it
         self.spares = np.zeros(setup.layers, dtype=np.int64)             # spare slots taken so far, per layer
         self.on_demand = 0
@@ -75,7 +76,7 @@ class TideSplit(Tide):
             slots = Slots(free, deferred, (copy == COPY_ASYNC_REFRESH).sum(axis=1))
             counts_sorted = np.take_along_axis(counts, order, axis=1)
             split = best_split(counts_sorted, order, act.sum(axis=1), n_free, self.spec, self.hw, slots, top,
-                               keep_resident=True, try_all=False)
+                               keep_resident=True, try_all=False, times=self.times)
             placement, copy = self._apply(order, split, n_free, counts, copy)
             free_base, deferred, n_sync = lm.slot_counts(before, resident, placement, copy)
         self._take_spares(rows, size, free_base, deferred, n_sync, copy, resident)
