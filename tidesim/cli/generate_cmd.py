@@ -30,7 +30,7 @@ from tidesim.policies.base import REFRESH_MODES
 
 RUN_MARKER = "tidesim generate run"
 RUN_FILES = ("generations.jsonl", "forwards.parquet", "trace.parquet", "schedule.npz", "summary.json")
-HW_POLICIES = ("fiddler", "all-gpu")   # the policies whose decisions read the hardware profile
+HW_POLICIES = ("fiddler", "all-gpu", "tide-split")   # the policies whose decisions read the hardware profile
 
 
 def register(sub: argparse._SubParsersAction) -> None:

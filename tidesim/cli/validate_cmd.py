@@ -137,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
     tau_choice = None
     if args.taus is not None:
         taus = int_list(args.taus, "--taus")
-    elif {"tide", "tide-reference"} & set(policies) and 0 <= budgets[0] <= experts:   # else check_inputs says why
+    elif {"tide", "tide-reference", "tide-split"} & set(policies) and 0 <= budgets[0] <= experts:
+        # (else check_inputs says why)
         from tidesim.default_tau import choose_tau
 
         tau_choice = choose_tau(workload, hw, budgets[0], args.refresh, plan=plan)
