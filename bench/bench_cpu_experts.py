@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
-from tidesim_runtime.engine import cpu_kernels
+from tidesim_runtime.engine import cpu_kernels, kt_backend
 from tidesim_runtime.engine.device import cpu_model_name, last_level_cache_bytes
 
 from tidesim.models import PRESETS, ModelSpec
@@ -154,7 +154,8 @@ def measure_config(spec: ModelSpec, dtype: torch.dtype, threads: int, kernels: l
     bank = Bank(spec, dtype, n, gen)
     stream = torch.ones(n * per // 4, dtype=torch.float32)
     xs = {t: torch.randn(t, spec.hidden_size, generator=gen).to(dtype) for t in tokens}
-    usable = [k for k in kernels if cpu_kernels.KERNELS[k].supports(dtype)]
+    usable = [k for k in kernels
+              if cpu_kernels.KERNELS[k].supports(dtype) and not cpu_kernels.KERNELS[k].why_unusable()]
 
     def one_pass(kernel: cpu_kernels.CpuKernel, x: torch.Tensor) -> None:
         for e in range(n):
@@ -171,6 +172,7 @@ def measure_config(spec: ModelSpec, dtype: torch.dtype, threads: int, kernels: l
             for k, t in cells:
                 samples[(k, t)].append(timed(lambda k=k, t=t: one_pass(cpu_kernels.KERNELS[k], xs[t])) / n)
     cpu_kernels.PACKED.clear()
+    kt_backend.BACKEND.clear()
     read_gbs = stream.numel() * 4 / min(reads) / 1e9
     rows = []
     for (k, t), s in samples.items():
@@ -209,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{cpu_model_name()}, {usable_cores()} usable cores, working set {ws / MIB:.0f} MiB per bank, "
           f"{args.repeats} rounds, torch {torch.__version__}")
     print(table(rows))
+    for k in kernels:
+        why = cpu_kernels.KERNELS[k].why_unusable()
+        if why:
+            print(f"{k}: not measured: {why}")
     if args.json:
         setup = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "cpu": cpu_model_name(),
                  "cores": usable_cores(), "platform": platform.platform(), "torch": torch.__version__,

@@ -12,7 +12,9 @@ CPU its small-M path does not stream the weights at the memory's rate. Kernels (
 - `onednn-packed`: bfloat16 only, `F.linear`'s oneDNN GEMM on weights reordered once into
   oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`) and kept in a cache, so no
   call reorders them again; the cache holds a packed copy of every expert it has run;
-- `compiled`: `linear` through `torch.compile` (inductor's CPU code for SiLU and product).
+- `compiled`: `linear` through `torch.compile` (inductor's CPU code for SiLU and product);
+- `kt-kernel`: bfloat16 only, kTransformers' AMX MoE operator (engine/kt_backend.py), where the
+  optional package kt-kernel is installed and the CPU has AMX.
 
 Which kernel is bit-identical to `linear` in which dtype is a property of the kernel
 (`identical_to_linear`), tested in tests/test_runtime_cpu_kernels.py. The runtime uses one kernel
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from tidesim.errors import InputError
+from tidesim_runtime.engine import kt_backend
 
 Swiglu = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 SwigluInto = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -67,21 +70,22 @@ def weights_left(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.
 
 
 class PackedWeights:
-    """oneDNN-reordered copies of bf16 weights, made on first use and kept (keyed by storage
-    address, shape and strides: a bank's expert views are stable for the bank's lifetime)."""
+    """oneDNN-reordered copies of bf16 weights, made on first use and kept with the weights
+    themselves (keyed by address, shape and strides; holding the weights keeps the address from
+    being reused). For weights that never change: the host banks the CPU pool reads."""
 
     def __init__(self) -> None:
-        self._packed: dict[tuple[int, tuple[int, ...], tuple[int, ...]], torch.Tensor] = {}
+        self._packed: dict[tuple[int, tuple[int, ...], tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
         self._lock = threading.Lock()
 
     def get(self, w: torch.Tensor) -> torch.Tensor:
         key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()))
-        packed = self._packed.get(key)
-        if packed is None:
-            packed = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
+        found = self._packed.get(key)
+        if found is None:
+            found = (w, torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None))
             with self._lock:
-                self._packed[key] = packed
-        return packed
+                self._packed[key] = found
+        return found[1]
 
     def clear(self) -> None:
         with self._lock:
@@ -125,9 +129,18 @@ class CpuKernel:
     identical_to_linear: frozenset[torch.dtype]
     summary: str
     run_into: SwigluInto | None = None   # writes into rows of an output buffer without a copy
+    usable: Callable[[], tuple[bool, str]] | None = None   # an optional package: (loaded, why not)
+    caches_weights: bool = False   # keeps a packed copy per weight: only for weights that never change
 
     def supports(self, dtype: torch.dtype) -> bool:
         return dtype in self.dtypes
+
+    def why_unusable(self) -> str:
+        """'' when the kernel can run here, else why not (its optional package)."""
+        if self.usable is None:
+            return ""
+        ok, reason = self.usable()
+        return "" if ok else reason
 
     def into(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """The kernel's output written into `out` (bit-identical to run)."""
@@ -144,10 +157,14 @@ KERNELS: dict[str, CpuKernel] = {k.name: k for k in (
               linear_into),
     CpuKernel("weights-left", weights_left, FLOATS, BF16, "W @ x^T, weights as the left GEMM operand",
               weights_left_into),
-    CpuKernel("onednn-packed", onednn_packed, BF16, BF16, "oneDNN GEMM on weights packed once per expert"),
+    CpuKernel("onednn-packed", onednn_packed, BF16, BF16, "oneDNN GEMM on weights packed once per expert",
+              caches_weights=True),
     CpuKernel("compiled", Compiled(), FLOATS, frozenset(), "linear through torch.compile (inductor)"),
+    CpuKernel("kt-kernel", kt_backend.kt_swiglu, BF16, frozenset(),
+              "kTransformers' AMX bf16 MoE operator (optional package kt-kernel)", usable=kt_backend.available,
+              caches_weights=True),
 )}
-DEFAULT_KERNEL = "weights-left"
+DEFAULT_KERNEL = "weights-left"   # tidesim.cli.cpu_kernel_arg.DEFAULT_CPU_KERNEL names the same
 _current = [KERNELS[DEFAULT_KERNEL]]
 
 
@@ -161,6 +178,9 @@ def get_kernel(name: str) -> CpuKernel:
 def check_kernel(name: str, dtype: torch.dtype) -> CpuKernel:
     """The kernel, refused (InputError) when it cannot run `dtype`."""
     kernel = get_kernel(name)
+    why = kernel.why_unusable()
+    if why:
+        raise InputError(f"--cpu-kernel {name} cannot run here: {why}; pick another --cpu-kernel")
     if not kernel.supports(dtype):
         dts = ", ".join(sorted(str(d).replace("torch.", "") for d in kernel.dtypes))
         raise InputError(f"--cpu-kernel {name} runs {dts} weights only, and this run computes in "
@@ -179,18 +199,24 @@ def current() -> CpuKernel:
     return _current[0]
 
 
-def cpu_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """SwiGLU with the current kernel; `linear` where it cannot run the dtype."""
+def for_weights(dtype: torch.dtype, fixed: bool) -> CpuKernel:
+    """The current kernel for weights of `dtype`; `linear` where it cannot run the dtype, or
+    where it caches packed weights and these may change (GPU-side slots on the cpu-as-gpu path)."""
     kernel = current()
-    return kernel.run(x, w13, w2) if kernel.supports(x.dtype) else linear_swiglu(x, w13, w2)
+    if not kernel.supports(dtype) or (kernel.caches_weights and not fixed):
+        return KERNELS["linear"]
+    return kernel
 
 
-def cpu_swiglu_into(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def cpu_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, fixed: bool = False) -> torch.Tensor:
+    """SwiGLU with the current kernel (see for_weights); `fixed`: the weights never change."""
+    return for_weights(x.dtype, fixed).run(x, w13, w2)
+
+
+def cpu_swiglu_into(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, out: torch.Tensor,
+                    fixed: bool = False) -> torch.Tensor:
     """cpu_swiglu written into `out` (bit-identical to it)."""
-    kernel = current()
-    if not kernel.supports(x.dtype):
-        kernel = KERNELS["linear"]
-    return kernel.into(x, w13, w2, out)
+    return for_weights(x.dtype, fixed).into(x, w13, w2, out)
 
 
 def bit_identical(kernel: CpuKernel, dtype: torch.dtype) -> bool:

@@ -120,5 +120,5 @@ def expert_task_runner(x_host: torch.Tensor, out_host: torch.Tensor, w13: torch.
     CPU expert kernel (engine/cpu_kernels.py), written straight into the expert's output rows."""
     def run(task: ExpertTask) -> None:
         a, b = task.start, task.stop
-        cpu_swiglu_into(x_host[a:b], w13[task.expert], w2[task.expert], out_host[a:b])
+        cpu_swiglu_into(x_host[a:b], w13[task.expert], w2[task.expert], out_host[a:b], fixed=True)
     return run
