@@ -80,6 +80,18 @@ def test_vllm_json_equals_npz_and_sglang_all_layers_equals_moe_layers(tmp_path):
     np.testing.assert_array_equal(moe.expert_tokens, every.expert_tokens)
 
 
+def test_vllm_server_response_reads_one_request_per_choice(tmp_path):
+    rec = cc.recording(seed=8, prompts=(5,), decodes=(4,))
+    response = {"id": "chatcmpl-1", "prompt_routed_experts": rec.prompts[0].tolist(),
+                "choices": [{"index": 0, "message": {"content": "..."}, "routed_experts": rec.decodes[0].tolist()}]}
+    (tmp_path / "resp.json").write_text(json.dumps(response))
+    trace = convert("vllm", [tmp_path / "resp.json"], cc.MODEL)
+    np.testing.assert_array_equal(trace.expert_tokens, rec.expected_counts())
+    response["prompt_routed_experts"] = None
+    (tmp_path / "resp.json").write_text(json.dumps(response))
+    assert "no 'prompt_routed_experts'" in _bad(tmp_path, "vllm", [tmp_path / "resp.json"])
+
+
 def test_sglang_physical_ids_mapped_to_logical(tmp_path):
     """20 physical slots, 16..19 redundant copies of experts 0..3: ids recorded as 16..19 count for 0..3."""
     rec = cc.recording(seed=2)
