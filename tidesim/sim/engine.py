@@ -316,7 +316,8 @@ class Simulator:
             with engine.request(priority=BACKGROUND + gi) as req:
                 yield req
                 start = env.now
-                if engine.resource.queue and engine.resource.queue[0].priority == DEMAND:
+                ran = not (engine.resource.queue and engine.resource.queue[0].priority == DEMAND)
+                if not ran:
                     count = 0                        # a demand request arrived at this very instant
                 else:
                     self._progress(gi, (start, first + done), first + done)
@@ -333,7 +334,7 @@ class Simulator:
                     self._mark(self.h2d_row, f"f{f} moe{layer}: expert {experts[done + k] if experts else ''} "
                                "async refresh", start + k * dur, dur, "async_refresh")
                 done += count
-                if count:
+                if ran:
                     self._progress(gi, None, first + done)
 
     def _copies(self, engine: CopyEngine, row: str, name: str, experts: np.ndarray, ptr: list[int], gi: int,
