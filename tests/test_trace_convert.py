@@ -155,6 +155,19 @@ def _two_layer_config(tmp_path):
     return str(tmp_path / "config.json")
 
 
+def test_llamacpp_prefill_in_ubatches_is_one_chunked_prefill(tmp_path):
+    """An 8-token prompt run as two ubatches of 4 tokens, then 3 one-token passes: the passes of
+    several tokens are chunks of one prefill (steps 0, 1), each one-token pass a decode forward;
+    the prefill's output token is committed by its last chunk."""
+    rng = np.random.default_rng(9)
+    passes = [cc.routing(rng, n) for n in (4, 4, 1, 1, 1)]
+    (tmp_path / "t.csv").write_text("\n".join(r for ids in passes for r in cc.llamacpp_rows(ids)) + "\n")
+    f = convert("llamacpp", [tmp_path / "t.csv"], cc.MODEL).forwards
+    assert f["phase"].tolist() == ["prefill", "prefill", "step", "step", "step"]
+    assert f["block"].tolist() == [-1, -1, 0, 1, 2] and f["step"].tolist() == [0, 1, 0, 1, 2]
+    assert f["committed"].tolist() == [0, 1, 1, 1, 1] and f["context"].tolist() == [4, 8, 9, 10, 11]
+
+
 def _bad(tmp_path, engine, inputs, model="tiny"):
     """Exit 2, one line on stderr, no output (nor temporary) file."""
     out = tmp_path / "out.parquet"
