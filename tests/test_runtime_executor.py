@@ -327,3 +327,50 @@ def test_async_copy_into_a_replaced_slot_waits_for_the_grouped_kernel() -> None:
     background = [c for c in calls if c[1]]
     assert len(background) == 1 and background[0][0] == H2D
     assert len(background[0][2]) == 1   # the grouped kernel's marker
+
+
+def test_gpu_waits_only_for_the_background_copies_of_the_experts_it_runs() -> None:
+    """Forward 0 prefetches experts 1 and 2 in the background; forward 1's grouped kernel runs
+    expert 1 only: the compute stream waits for expert 1's copy (its own event) and not for
+    expert 2's; the run's end still waits for expert 2's (it is paid for)."""
+    idle = [IDLE] * 13
+    s = manual_schedule(placement=[[GPU, IDLE, IDLE] + idle, [IDLE, GPU, IDLE] + idle],
+                        copy=[[0, COPY_ASYNC_REFRESH, COPY_ASYNC_REFRESH] + [0] * 13, [0] * 16],
+                        resident=[[True, True, True] + [False] * 13] * 2, initial=[True] + [False] * 15, budget=3)
+    plan = plan_slots(s)
+    sub = replace(SPEC, num_layers=1, first_dense_layers=0)
+    with Executor(sub, 1, select_device("cpu"), 8, 24, forward_fixed=False) as ex:
+        ex.prepare_slots(plan)
+        be = ex.backend
+        issued: dict[int, object] = {}
+        waited: list[list[object]] = []
+        real_copy, real_wait = be.copy, be.compute_wait
+
+        def copy(dst, src, direction, background=False, after=None):  # type: ignore[no-untyped-def]
+            m = real_copy(dst, src, direction, background=background, after=after)
+            if background:
+                issued[len(issued) + 1] = m          # experts 1 and 2, in plan order
+            return m
+
+        def compute_wait(markers):  # type: ignore[no-untyped-def]
+            waited.append(list(markers))
+            real_wait(markers)
+
+        be.copy, be.compute_wait = copy, compute_wait  # type: ignore[method-assign]
+        try:
+            x = torch.randn(8, SPEC.hidden_size)
+            ex.begin()
+            with torch.inference_mode():
+                for f, counts in enumerate(([3] + [0] * 15, [0, 2] + [0] * 14)):
+                    r = replay_routing(np.array(counts, dtype=np.int64), 8, SPEC.top_k, torch.device("cpu"),
+                                       torch.float32)
+                    ex.moe_layer(x, 0, 0, r, plan.layers[f][0], moe_in=x)
+            before_end = list(waited)
+            ex.finish()
+        finally:
+            del be.copy, be.compute_wait
+    assert [op.expert for op in plan.layers[0][0].background] == [1, 2]
+    ids = {id(m): e for e, m in issued.items()}
+    background_waits = [[ids[id(m)] for m in w if id(m) in ids] for w in before_end]
+    assert [w for w in background_waits if w] == [[1]]        # forward 1's grouped kernel: expert 1 only
+    assert 2 in [ids.get(id(m)) for w in waited[len(before_end):] for m in w]   # the run's end drains 2's copy

@@ -10,8 +10,9 @@ charges (docs/costmodel.md), in the same order:
 3. every routed pair's input is gathered once (pair order); activations of CPU-placed experts go
    to the host (D2H), the CPU pool computes those experts longest first while the GPU works;
    on-demand copies whose slot is free are issued at once;
-4. the GPU waits for the layer's asynchronous refresh copies still in flight (from the previous
-   forward), runs every expert resident at the gate as ONE grouped kernel, then each on-demand
+4. the GPU waits for the asynchronous refresh copies (from earlier forwards) of the experts its
+   grouped kernel runs, and only those (one event per copy; a copy into a slot that a background
+   copy still writes waits for that copy, slot by slot), runs them as ONE grouped kernel, then each on-demand
    expert after its copy lands (ONDEMAND_LAUNCHES kernels each); an on-demand copy into a slot
    that frees later in the layer waits for that (named in the slot plan, slots.SlotWait);
 5. the layer's asynchronous refresh copies are queued in the background (served one at a time,
@@ -379,7 +380,8 @@ class Executor:
         self.pool.busy_s = 0.0
         self._spans: list[tuple[str, Any, Any]] = []
         self._layer_spans: list[tuple[int, Any, Any]] = []
-        self._pending: list[list[Marker]] = [[] for _ in range(self.layers)]
+        # per layer, expert -> its latest background copy: the GPU waits for those it runs
+        self._pending: list[dict[int, Marker]] = [{} for _ in range(self.layers)]
         self._slot_busy: list[dict[int, list[Marker]]] = [{} for _ in range(self.layers)]
         self._counts = {"h2d": 0.0, "d2h": 0.0, "copies": 0, "refresh": 0}
         self._wall0 = time.perf_counter()
@@ -390,7 +392,7 @@ class Executor:
         be = self.backend
         tail = be.timepoint()
         for layer in range(self.layers):
-            be.compute_wait(self._pending[layer])
+            be.compute_wait(list(self._pending[layer].values()))
         t_end = be.timepoint()
         self._spans.append(("copy_stall", tail, t_end))
         be.synchronize()
@@ -505,6 +507,8 @@ class Executor:
         m = self.backend.copy(st.slots.flat[op.slot], st.host.flat[op.expert], H2D, background=background,
                               after=st.busy.get(op.slot, []))
         st.busy[op.slot] = [m]
+        if not background:          # this copy is the one the expert's runs read from now on
+            self._pending[st.layer].pop(op.expert, None)
         self._counts["h2d"] += self.expert_bytes_model
         self._counts["copies"] += 1
         return m
@@ -540,13 +544,14 @@ class Executor:
             st.od_marks[k] = self._copy_in(st, st.plan.on_demand[k])
 
     def _grouped(self, st: LayerStep) -> None:
-        """Phase 4a: wait for the previous forward's background copies of this layer, then every
-        expert resident at the gate as ONE grouped kernel."""
+        """Phase 4a: wait for the background copies (issued by earlier forwards) of the experts this
+        grouped kernel runs, not for the others, then run every expert resident at the gate as ONE
+        grouped kernel."""
         be, plan, offs = self.backend, st.plan, st.offs
         pending = self._pending[st.layer]
-        if pending:
-            be.compute_wait(pending)
-            self._pending[st.layer] = []
+        needed = [pending.pop(e) for e, _ in plan.grouped if e in pending]
+        if needed:
+            be.compute_wait(needed)
             st.tp = self._span("copy_stall", st.tp)
         if plan.grouped:
             es = np.fromiter((e for e, _ in plan.grouped), dtype=np.int64, count=len(plan.grouped))
@@ -575,7 +580,7 @@ class Executor:
     def _background(self, st: LayerStep) -> None:
         """Phase 5: asynchronous refresh copies, served in the background, usable next forward."""
         for op in st.plan.background:
-            self._pending[st.layer].append(self._copy_in(st, op, background=True))
+            self._pending[st.layer][op.expert] = self._copy_in(st, op, background=True)
             self._counts["refresh"] += 1
 
     def _combine(self, st: LayerStep) -> torch.Tensor:
