@@ -51,6 +51,9 @@ def test_dry_run_writes_every_output_file_and_every_step_succeeds(tmp_path: Path
     live = json.loads((out / "live.json").read_text())
     assert [r["policy"] for r in live["rows"]] == ["tide", "cpu-routing"]
     assert all(r["identical"] for r in live["rows"])   # CPU: bit-identical to the plain decode
+    check = live["float32_check"]      # one plain decode, every policy through the executor, float32
+    assert [r["policy"] for r in check] == ["tide", "tide async", "full-swap", "fiddler", "cpu-routing"]
+    assert all(r["identical"] and r["tokens"] > 0 for r in check), check
     summary = (out / "summary.txt").read_text()
     assert proc.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])   # the table prints last
     assert "DRY RUN" in summary and "this run took" in summary

@@ -305,6 +305,48 @@ def throughput(run: Run, data: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+# The lossless test on the device itself: a float32 copy of the live model (mini shapes, random
+# weights, the first layers), ONE plain decode, then a decode through the executor per policy,
+# all on the same device (tidesim_runtime.measure.live.lossless_checks). A bf16 run on a GPU can
+# only report agreement (its kernels round differently from the plain decode's); this one must
+# give identical tokens.
+FLOAT32_CHECK = r"""
+import json, sys
+import torch
+from tidesim.hardware import get_profile
+from tidesim.models import get_model
+from tidesim.policies import PolicyOptions, uniform
+from tidesim_runtime.engine.device import select_device
+from tidesim_runtime.measure.live import lossless_checks
+from tidesim_runtime.reference.checkpoint import with_layers
+from tidesim_runtime.reference.generate import DecodeConfig
+from tidesim_runtime.reference.model import build_model
+name, layers, device, budget, gen, plen, profile = sys.argv[1:8]
+spec = with_layers(get_model(name), int(layers), at_most_spec=False)
+hw = get_profile(profile)
+dev = select_device(device, hw.cpu.workers)
+L, b = spec.num_moe_layers, min(int(budget), spec.num_experts)
+runs = [(p, PolicyOptions(budget=uniform(b, L), tau=uniform(4, L), hw=hw, refresh=r))
+        for p, r in (("tide", "sync"), ("tide", "async"), ("full-swap", "sync"), ("fiddler", "sync"),
+                     ("cpu-routing", "sync"))]
+cfg = DecodeConfig(gen_length=int(gen), block_length=min(32, int(gen)), kv_cache="prefix")
+prompt = [(7 * i + 3) % 1000 + 2 for i in range(int(plen))]
+out = lossless_checks(build_model(spec, torch.float32, seed=0), prompt, cfg, runs, dev, float32=True)
+print(json.dumps([{"policy": r.policy, "identical": r.identical, "problems": r.problems, "forwards": r.forwards,
+                   "tokens": len(r.live_tokens), "device": dev.describe(), "dtype": "float32"} for r in out]))
+"""
+
+
+def float32_check(run: Run, profile: Path) -> list[dict[str, Any]]:
+    """The float32 lossless check on the device (FLOAT32_CHECK): one row per policy."""
+    s = run.sizes
+    proc = run.command([sys.executable, "-c", FLOAT32_CHECK, s.model, str(s.live_layers), s.device,
+                        str(s.budgets[1]), str(s.live_gen), str(s.live_prompt), str(profile)], 0.3,
+                       "float32 lossless check, one shared plain decode")
+    rows: list[dict[str, Any]] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return rows
+
+
 STATIC_POLICIES = ("cpu-routing", "fiddler")
 
 
@@ -318,7 +360,7 @@ def live(run: Run, profile: Path) -> dict[str, Any]:
     first = run.work / f"live_{s.live_policies[0]}"
     for k, policy in enumerate(s.live_policies):
         folder = run.work / f"live_{policy}"
-        share = 1.0 / (len(s.live_policies) - k)        # an even share of what is left
+        share = 0.7 / (len(s.live_policies) - k)        # an even share of what is left (the float32 check last)
         # the static policies take their GPU set from the first run's popular experts (a warm-up run)
         static = ["--static-from", str(first)] if policy in STATIC_POLICIES and folder != first else []
         proc = run.tidesim(["generate", "--config", s.model, "--layers", str(s.live_layers), "--seed", "0",
@@ -330,11 +372,15 @@ def live(run: Run, profile: Path) -> dict[str, Any]:
         m, lossless, pred = summary["measured"], summary.get("lossless") or {}, summary.get("prediction") or {}
         rows.append({"policy": policy, "identical": lossless.get("identical"),
                      "token_share": lossless.get("token_share"), "routing_share": lossless.get("routing_share"),
+                     "routing_share_per_layer": lossless.get("routing_share_per_layer"),
                      "device": lossless.get("device"), "forwards": m["forwards"], "tokens": m["generated_tokens"],
                      "tokens_per_s": m["tokens_per_s"], "step_ms": m["step_time_s"] * 1e3,
                      "hit_ratio": m["hit_ratio"], "expert_copies": m["expert_copies"], "prediction": pred})
-    return {"model": s.model, "layers": s.live_layers, "device": s.device, "budget": s.budgets[1],
-            "gen_length": s.live_gen, "prompt_length": s.live_prompt, "kv_cache": "prefix", "rows": rows}
+    result = {"model": s.model, "layers": s.live_layers, "device": s.device, "budget": s.budgets[1],
+              "gen_length": s.live_gen, "prompt_length": s.live_prompt, "kv_cache": "prefix", "rows": rows}
+    write_json(run.out / "live.json", result)      # kept if the float32 check runs out of time
+    result["float32_check"] = float32_check(run, profile)
+    return result
 
 
 # ----- provenance and summary -------------------------------------------------------------------
@@ -402,6 +448,8 @@ def summary_table(run: Run, results: dict[str, Any]) -> str:
             lines.append(f"live {r['policy']:12} identical={r['identical']} token share={r['token_share']} "
                          f"tokens={r['tokens']} "
                          f"tok/s={r['tokens_per_s'] or 0:.1f}")
+        for r in lv.get("float32_check", []):
+            lines.append(f"lossless float32 {r['policy']:16} identical={r['identical']} on {r['device']}")
     lines.append(f"this run took {time.monotonic() - run.t0:.1f} s of wall time")
     return "\n".join(lines) + "\n"
 
