@@ -113,9 +113,13 @@ def working_set_bytes(device: DeviceInfo, side: str) -> int:
 
 
 def experts_over_cache(spec: ModelSpec, dtype: torch.dtype, device: DeviceInfo, side: str, at_least: int) -> int:
-    """How many distinct experts make a working set of working_set_bytes(device, side)."""
+    """How many distinct experts make a working set of working_set_bytes(device, side), at most
+    every routed expert of the model (a model whose experts all fit in the cache runs them from
+    the cache; timing more distinct experts than it has would overstate its time, and for a tiny
+    model would take minutes)."""
     per = 3 * spec.hidden_size * spec.moe_intermediate_size * torch.empty(0, dtype=dtype).element_size()
-    return max(at_least, math.ceil(working_set_bytes(device, side) / per))
+    model_experts = spec.num_experts * max(spec.num_moe_layers, 1)
+    return max(at_least, min(math.ceil(working_set_bytes(device, side) / per), model_experts))
 
 
 QUEUED_COPIES = 16   # copies per timed queue (fewer for big copies: at most 64 MiB a queue)
