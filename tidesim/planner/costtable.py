@@ -266,6 +266,7 @@ def _sync_layer_time(c: _Charges, sums: _Sums, layers: int, span: np.ndarray | N
         Rates,
         activation_copies,
         charge_contention,
+        copy_overlaps,
         copy_slowdown,
         cpu_pool_bound,
         grouped_kernel,
@@ -282,12 +283,17 @@ def _sync_layer_time(c: _Charges, sums: _Sums, layers: int, span: np.ndarray | N
     act_d2h, res_h2d = activation_copies(r, c.hw, flat(sums.cpu_tok))
     grouped = grouped_kernel(r, flat(sums.gpu_sum), flat(sums.gpu_n))
     zeros = np.zeros(g)
-    gpu = GpuCosts(fwd_fixed=np.zeros(f_count), layer_fixed=c.layer_fixed_s.astype(float), grouped=grouped,
-                   od_compute_sum=zeros, slow_extra=copy_slowdown(r, grouped, res_h2d))
-    moves = CopyCosts(sync_h2d=flat(sums.copies) * r.expert_copy_s, demote_d2h=zeros, async_h2d=zeros,
-                      n_async=zeros, act_d2h=act_d2h, res_h2d=res_h2d, od_n=zeros, od_copy_sum=zeros)
     cpu = CpuCosts(total=flat(sums.cpu_sum), longest=flat(sums.cpu_max), shortest=flat(sums.cpu_min),
                    n=flat(sums.cpu_n))
+    slow = zeros
+    if r.slows > 0:           # only the results copy can run while the grouped kernel does
+        none = np.zeros(0, np.int64)
+        slow = copy_slowdown(r, grouped, copy_overlaps(r, grouped, None, none, none, act_d2h, res_h2d,
+                                                       cpu_pool_bound(r, cpu), cpu.n)[0])
+    gpu = GpuCosts(fwd_fixed=np.zeros(f_count), layer_fixed=c.layer_fixed_s.astype(float), grouped=grouped,
+                   od_compute_sum=zeros, slow_extra=slow)
+    moves = CopyCosts(sync_h2d=flat(sums.copies) * r.expert_copy_s, demote_d2h=zeros, async_h2d=zeros,
+                      n_async=zeros, act_d2h=act_d2h, res_h2d=res_h2d, od_n=zeros, od_copy_sum=zeros)
     if span is not None:
         charge_contention(r, gpu, cpu, flat(span))
     layer = layer_phases(r, gpu, moves, cpu.n, cpu_pool_bound(r, cpu), None, n * layers)["layer"]

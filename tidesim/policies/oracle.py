@@ -121,8 +121,17 @@ def layer_times(counts: np.ndarray, experts: np.ndarray, n_active: np.ndarray, n
     span = lpt_makespans(rows, cpu_rows, experts[rows, cols], n, r.workers)
     act, res = lm.activation_copies(r, hw, np.where(on_cpu, counts, 0).sum(axis=1))
     zeros = np.zeros(n)
-    gpu = lm.GpuCosts(fwd_fixed=zeros, layer_fixed=zeros, grouped=grouped, od_compute_sum=od_sum,
-                      slow_extra=lm.copy_slowdown(r, grouped + od_sum, od_n * r.expert_copy_s + res))
+    slow = zeros
+    if r.slows > 0:           # the copies that run while each piece of GPU work does (layer model)
+        none = np.zeros(0, np.int64)
+        g_ov, od_ov = lm.copy_overlaps(r, grouped, od, none, none, act, res, span, on_cpu.sum(axis=1))
+        slow = lm.copy_slowdown(r, grouped, g_ov)
+        if od_ov is not None:
+            extra = lm.copy_slowdown(r, od.compute, od_ov) * od.valid
+            od.compute = od.compute + extra
+            od_sum = od_sum.copy()
+            od_sum[od.rows] += extra.sum(axis=0)
+    gpu = lm.GpuCosts(fwd_fixed=zeros, layer_fixed=zeros, grouped=grouped, od_compute_sum=od_sum, slow_extra=slow)
     copies = lm.CopyCosts(sync_h2d=zeros, demote_d2h=zeros, async_h2d=zeros, n_async=zeros, act_d2h=act,
                           res_h2d=res, od_n=od_n, od_copy_sum=od_n * r.expert_copy_s)
     cpu = lm.CpuCosts(total=np.bincount(rows, weights=cpu_rows, minlength=n), longest=zeros, shortest=zeros,

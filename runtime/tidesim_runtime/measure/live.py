@@ -27,7 +27,7 @@ from tidesim.policies import PolicyOptions, build_schedule
 from tidesim.schedule import Schedule
 from tidesim.workload import Workload, workload_from_trace
 from tidesim_runtime.engine.device import DeviceInfo
-from tidesim_runtime.engine.executor import Executor, LayerRouting
+from tidesim_runtime.engine.executor import Executor, router_routing
 from tidesim_runtime.engine.slots import host_experts_from, plan_slots
 from tidesim_runtime.reference.capture import CaptureSettings, capture_trace
 from tidesim_runtime.reference.generate import DecodeConfig, ForwardRecord, generate
@@ -122,14 +122,10 @@ def live_decode(model: LLaDA2Model, prompt: Sequence[int], cfg: DecodeConfig, wo
     def runner_for(layer: int) -> ExpertRunner:
         def run(block: SparseMoeBlock, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             f = state["forward"]
-            flat = idx.reshape(-1)
-            counts = torch.bincount(flat, minlength=spec.num_experts).cpu().numpy().astype(np.int64)
-            if f >= workload.num_forwards or not np.array_equal(counts, workload.expert_tokens[f, layer]):
+            routing = router_routing(idx, w, spec.num_experts, target)
+            if f >= workload.num_forwards or not np.array_equal(routing.counts, workload.expert_tokens[f, layer]):
                 raise RoutingMismatch(f"forward {f} MoE layer {layer}: the live routing differs from the "
                                       "routing the schedule was made for")
-            order = torch.argsort(flat, stable=True)
-            routing = LayerRouting(tokens=(order // idx.shape[1]).to(target),
-                                   weights=w.reshape(-1)[order].to(target), counts=counts)
             y = executor.moe_layer(x, layer, 0, routing, plan.layers[f][layer], moe_in=x.to(target, dev.dtype))
             return y.to(x.device, x.dtype)
         return run
