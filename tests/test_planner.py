@@ -422,3 +422,23 @@ def test_schedule_table_runs_the_policy_as_virtual_layers(max_cells: int) -> Non
     tiled = options_as_layers(w, 3)
     assert tiled.num_layers == 3 * w.num_layers and tiled.model.num_moe_layers == tiled.num_layers
     np.testing.assert_array_equal(tiled.expert_tokens[:, w.num_layers:2 * w.num_layers], w.expert_tokens)
+
+
+def test_tide_split_table_is_its_own_runs_and_never_above_tides() -> None:
+    # The table for tide-split costs tide-split's step: each entry is the layer's time in a separate
+    # tide-split run through the analytic model; with the same residents (tide's) the split never
+    # makes a layer slower than tide's all-CPU misses, so no entry is above tide's.
+    w = tiny_workload()
+    hw = h100()
+    taus, budgets = [1, 3, 20], [2, 6, 12]
+    split = cost_table(w, hw, taus, budgets, policy="tide-split")
+    tide = cost_table(w, hw, taus, budgets)
+    layers = w.num_layers
+    for ti, tau in enumerate(taus):
+        for bi, b in enumerate(budgets):
+            options = PolicyOptions(budget=uniform(b, layers), tau=uniform(tau, layers), hw=hw)
+            metrics = run(w, build_schedule("tide-split", w, options), hw, engine="analytic")
+            np.testing.assert_allclose(split.layer_cost_s[:, ti, bi], metrics.layer_time_s, rtol=1e-12)
+    assert split.other_s == tide.other_s
+    assert (split.layer_cost_s <= tide.layer_cost_s * (1 + 1e-12)).all()
+    assert (split.layer_cost_s < tide.layer_cost_s).any()

@@ -47,13 +47,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan) if args.plan else None
-    default = [n for n in policy_names() if n != "planned" or plan is not None]
+    # with a plan, its runner runs it: `planned` for a tide plan, else the plan's policy (in its own row)
+    default = [n for n in policy_names() if n != "planned" or (plan is not None and plan.runner == "planned")]
     names = [n for item in (args.policies or default) for n in item.split(",") if n]
     if not names:
         raise InputError("--policies: give at least one policy")
     check_policies(names)
-    if "planned" in names and plan is None:
-        raise InputError("policy planned needs --plan FILE (make one with `tidesim plan`)")
+    if "planned" in names and (plan is None or plan.runner != "planned"):
+        raise InputError("policy planned needs --plan FILE with a plan for tide (make one with `tidesim plan`)")
     if args.figure and not args.figure.lower().endswith(FIGURE_SUFFIXES):
         raise InputError(f"--figure must end in one of {', '.join(FIGURE_SUFFIXES)}")
     setup = load_setup(args, names, plan)
