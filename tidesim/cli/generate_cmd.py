@@ -220,7 +220,7 @@ def policy_options(args: argparse.Namespace, spec: Any, hw: Any) -> tuple[str, A
     if args.plan:
         plan = load_plan(args.plan)
         plan.check_model(spec)
-        name = "planned"
+        name = plan.runner          # planned for a tide plan, the plan's policy otherwise
         extra["plan"] = plan
     else:
         name = args.policy

@@ -134,6 +134,9 @@ def run(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan) if args.plan else None
     if plan is not None:
         plan.check_model(full_model)
+        if plan.runner != "planned":
+            raise InputError(f"validate --plan runs plans for tide (the planned policy); this plan is for "
+                             f"{plan.policy}: validate {plan.policy} with --policies and a single --taus instead")
         if "planned" not in policies:
             policies.append("planned")
     elif "planned" in policies:
