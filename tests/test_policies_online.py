@@ -17,7 +17,7 @@ from tidesim.bundled.paths import bundled_traces
 from tidesim.errors import InputError
 from tidesim.hardware import get_profile
 from tidesim.policies import PolicyOptions, build_schedule, uniform
-from tidesim.policies.base import online_policy
+from tidesim.policies.driver import online_policy
 from tidesim.policies.step import ForwardMeta, forward_metas
 from tidesim.schedule import COPY_SYNC_REFRESH, CPU, GPU, IDLE, Schedule
 from tidesim.trace.io import read_trace

@@ -34,6 +34,7 @@ from tidesim.metrics import Metrics
 from tidesim.plan import Plan
 from tidesim.planner import make_plan, split_prompts
 from tidesim.policies import PolicyOptions, build_schedule, policy_names, uniform
+from tidesim.policies.registry import baselines, traits
 from tidesim.procs import die_with_parent
 from tidesim.report import Comparison, breakdown_figure, compare, kind_of, plan_slots
 from tidesim.run import run
@@ -140,7 +141,7 @@ def run_case(model_name: str, trace_name: str, hw: HardwareProfile, out: Path,
 def simulate(workload: Workload, hw: HardwareProfile, policy: str, budget: int, tau: int, plan: Plan) -> Metrics:
     layers = workload.num_layers
     options = PolicyOptions(budget=uniform(budget, layers), tau=uniform(tau, layers), hw=hw)
-    if policy == "planned":
+    if traits(policy).needs_plan:
         options.extra["plan"] = plan
     return run(workload, build_schedule(policy, workload, options), hw, engine="sim")
 
@@ -281,7 +282,7 @@ def _run_cases(out: Path, step: Callable[[str], None], cases: tuple[tuple[str, s
 
 
 FOOTNOTES = [
-    "speedup: tokens/s over the best baseline (full-swap, cpu-routing, fiddler); bounds are limits, not "
+    f"speedup: tokens/s over the best baseline ({', '.join(baselines())}); bounds are limits, not "
     "deployable policies; bound tok/s: no schedule beats the busiest resource.",
     "oracle (a row of the table) is a policy that knows each forward's routing in advance and prefetches for "
     "free: an upper limit on what any expert placement can reach with this budget.",
@@ -300,7 +301,7 @@ def case_lines(r: CaseResult) -> list[str]:
     if tide and best:
         lines.append(f"tide vs best baseline ({best}): {r.comparison.speedup(tide):.2f}x; "
                      + ", ".join(f"vs {b}: {r.comparison.speedup_over('tide', b):.2f}x"
-                                 for b in ("full-swap", "cpu-routing", "fiddler") if r.comparison.by_policy(b)))
+                                 for b in baselines() if r.comparison.by_policy(b)))
     gap = f", gap to the Lagrangian bound {100 * plan.gap:.1f}%" if plan.gap is not None else ""
     lines.append(f"plan: {plan.mode}, tau {min(plan.tau)}..{max(plan.tau)}, budget {min(plan.budget)}.."
                  f"{max(plan.budget)} per layer ({plan_slots(plan)}), solver {plan.solver.status}{gap}")

@@ -23,13 +23,12 @@ from tidesim.errors import InputError
 from tidesim.hardware import HardwareProfile, get_profile
 from tidesim.metrics import Metrics
 from tidesim.plan import Plan, load_plan
-from tidesim.policies.base import REFRESH_MODES, PolicyOptions, build_schedule, policy_names, uniform
+from tidesim.policies.driver import build_schedule
+from tidesim.policies.options import REFRESH_MODES, PolicyOptions, uniform
+from tidesim.policies.registry import check_policies, plan_policy, policy_names, traits
 from tidesim.report import plan_slots
 from tidesim.run import ENGINES, run
 from tidesim.workload import Workload
-
-NEEDS_CPU = {"cpu-routing", "fiddler", "tide", "tide-reference", "oracle"}
-USES_TAU = {"tide", "tide-reference"}      # policies that run with the uniform --tau
 
 
 @dataclass
@@ -47,10 +46,11 @@ class Setup:
     plan: Plan | None = None         # --plan: per-layer tau and budget for the planned policy
     tau_choice: TauChoice | None = None   # where tau came from (None: no policy run uses it)
 
-    def options(self, policy: str = "planned") -> PolicyOptions:
-        """The plan's per-layer settings for `planned`; the uniform budget and tau for the others."""
+    def options(self, policy: str) -> PolicyOptions:
+        """The plan's per-layer settings for the policy that runs a plan; the uniform budget and tau
+        for the others."""
         layers = self.workload.num_layers
-        if self.plan is not None and policy == "planned":
+        if self.plan is not None and traits(policy).needs_plan:
             return PolicyOptions(budget=self.plan.budget_array(), tau=self.plan.tau_array(), hw=self.hw,
                                  refresh=self.plan.refresh, extra={"plan": self.plan})
         return PolicyOptions(budget=uniform(self.budget, layers), tau=uniform(self.tau, layers), hw=self.hw,
@@ -119,7 +119,8 @@ def load_setup(args: argparse.Namespace, policies: list[str], plan: Plan | None 
     budget, source = _budget(args, workload, hw)
     if not args.allow_roofline:
         _check_curves(hw, workload, policies)
-    choice = choose_tau(workload, hw, budget, args.refresh, args.tau, plan) if USES_TAU & set(policies) else None
+    uses_tau = any(traits(p).uses_tau for p in policies)
+    choice = choose_tau(workload, hw, budget, args.refresh, args.tau, plan) if uses_tau else None
     return Setup(trace=str(path), workload=workload, hw=hw, budget=budget, budget_source=source,
                  tau=choice.tau if choice else 1, refresh=args.refresh, engine=args.engine, plan=plan,
                  tau_choice=choice)
@@ -161,11 +162,12 @@ def _check_curves(hw: HardwareProfile, workload: Workload, policies: list[str]) 
     spec = workload.model
     shape = f"{spec.hidden_size}x{spec.moe_intermediate_size}"
     need = [("gpu", hw.gpu.expert_ffn)]
-    if NEEDS_CPU & set(policies):
+    cpu_users = sorted(p for p in policies if traits(p).needs_cpu)
+    if cpu_users:
         need.append(("cpu", hw.cpu.expert_ffn))
     for device, curves in need:
         if not any(c.matches(spec) for c in curves):
-            users = ", ".join(sorted(NEEDS_CPU & set(policies))) if device == "cpu" else "every policy"
+            users = ", ".join(cpu_users) if device == "cpu" else "every policy"
             raise InputError(f"measured profile {hw.name!r} has no {device}.expert_ffn curve for {shape} experts "
                              f"({spec.name}), which {users} needs; run `tidesim calibrate` for this model or pass "
                              "--allow-roofline")
@@ -175,14 +177,6 @@ def warn(lines: list[str]) -> None:
     """Warnings (a forced plan on other inputs) on stderr, one line each."""
     for line in lines:
         print(f"tidesim: warning: {line}", file=sys.stderr)
-
-
-def check_policies(names: list[str]) -> list[str]:
-    known = policy_names()
-    for name in names:
-        if name not in known:
-            raise InputError(f"unknown policy {name!r}; use one of {', '.join(known)}")
-    return names
 
 
 def run_policy(setup: Setup, policy: str, timeline: str | None = None,
@@ -200,11 +194,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "where the time goes, hit ratio, copies. --timeline writes a Chrome trace "
                                    "(open it in https://ui.perfetto.dev).")
     add_input_args(p)
-    names = ", ".join(n for n in policy_names() if n != "planned")
+    names = ", ".join(policy_names(needs_plan=False))
     p.add_argument("--policy", metavar="P",
-                   help=f"offload policy: {names} (planned: give --plan; `tidesim compare` runs them all)")
-    p.add_argument("--plan", metavar="FILE", help="run policy planned with this plan's per-layer tau and budget "
-                                                  "(from `tidesim plan`)")
+                   help=f"offload policy: {names} ({plan_policy()}: give --plan; `tidesim compare` runs them all)")
+    p.add_argument("--plan", metavar="FILE", help=f"run policy {plan_policy()} with this plan's per-layer tau and "
+                                                  "budget (from `tidesim plan`)")
     p.add_argument("--force", action="store_true",
                    help="use --plan although it was made from another trace or hardware profile (warns)")
     p.add_argument("--timeline", metavar="FILE", help="write a Chrome trace JSON of the run (simulator only)")
@@ -214,11 +208,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan) if args.plan else None
-    if plan is not None and args.policy not in (None, "planned"):
-        raise InputError("--plan runs the planned policy; leave out --policy")
-    if plan is None and args.policy in (None, "planned"):
-        raise InputError("give --policy P, or --plan FILE for the planned policy (make one with `tidesim plan`)")
-    args.policy = args.policy or "planned"
+    planned = plan_policy()
+    if plan is not None and args.policy not in (None, planned):
+        raise InputError(f"--plan runs the {planned} policy; leave out --policy")
+    if plan is None and args.policy in (None, planned):
+        raise InputError(f"give --policy P, or --plan FILE for the {planned} policy (make one with `tidesim plan`)")
+    args.policy = args.policy or planned
     check_policies([args.policy])
     if args.timeline and args.engine != "sim":
         raise InputError("--timeline needs the simulator (--engine sim)")

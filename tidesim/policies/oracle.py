@@ -25,7 +25,8 @@ import numpy as np
 from tidesim import layermodel as lm
 from tidesim.hardware import HardwareProfile
 from tidesim.models import ModelSpec
-from tidesim.policies.base import PolicyOptions, register_policy
+from tidesim.policies.options import PolicyOptions
+from tidesim.policies.registry import PolicyTraits, register_policy
 from tidesim.policies.residency import int_list, keep_best, make_schedule, rank_experts, top_activated
 from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, NO_COPY, Schedule
 from tidesim.sim.lpt import lpt_makespans
@@ -166,7 +167,8 @@ def best_split(counts_sorted: np.ndarray, experts_sorted: np.ndarray, n_active: 
 
 
 @register_policy("oracle", "knows the future: each forward's top experts prefetched for free, best CPU/GPU split "
-                           "(a bound)")
+                           "(a bound)",
+                 PolicyTraits(role="bound", order=80, needs_cpu=True, reads_profile=True))
 def oracle(workload: Workload, options: PolicyOptions) -> Schedule:
     f, l, e = workload.expert_tokens.shape
     budget = np.asarray(options.budget, dtype=np.int64)

@@ -14,7 +14,8 @@ from dataclasses import replace
 from tidesim.errors import InputError
 from tidesim.models import ModelSpec
 from tidesim.plan import Plan
-from tidesim.policies.base import PolicyOptions, register_policy
+from tidesim.policies.options import PolicyOptions
+from tidesim.policies.registry import PolicyTraits, register_policy
 from tidesim.policies.step import Setup
 from tidesim.policies.tide import Tide
 
@@ -27,7 +28,8 @@ def plan_options(options: PolicyOptions, plan: Plan, model: ModelSpec, layers: i
                    refresh=plan.refresh)
 
 
-@register_policy("planned", "tide with a plan's per-layer intervals and budgets (`tidesim plan`, --plan)")
+@register_policy("planned", "tide with a plan's per-layer intervals and budgets (`tidesim plan`, --plan)",
+                 PolicyTraits(role="policy", order=70, needs_cpu=True, needs_plan=True, speedup_figure=True))
 class Planned(Tide):
     def __init__(self, setup: Setup) -> None:
         plan = setup.options.extra.get("plan")
