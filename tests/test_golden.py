@@ -31,6 +31,8 @@ from tidesim.cli import main
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("TIDESIM_UPDATE_GOLDEN") == "1"
 TMP = "<tmp>"
+REPO = "<repo>"
+ROOT = str(Path(__file__).resolve().parent.parent)   # bundled traces are named by their path in this checkout
 BIG = 200_000
 
 MINI4 = "llada2-mini-4layer_captured_prefix_g256"      # 4 MoE layers, 163 forwards: the fast one
@@ -52,13 +54,13 @@ parameters:
 
 
 def _mask(value: Any, tmp: str) -> Any:
-    """The temporary folder's path becomes <tmp>; wall-clock times are dropped."""
+    """The temporary folder's path becomes <tmp>, the checkout's <repo>; wall-clock times are dropped."""
     if isinstance(value, dict):
         return {k: _mask(v, tmp) for k, v in value.items() if k != "wall_time_s"}
     if isinstance(value, list):
         return [_mask(v, tmp) for v in value]
     if isinstance(value, str):
-        return value.replace(tmp, TMP)
+        return value.replace(tmp, TMP).replace(ROOT, REPO)
     return value
 
 

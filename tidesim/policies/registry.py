@@ -65,7 +65,6 @@ class Entry:
 
 Registered = TypeVar("Registered")
 _REGISTRY: dict[str, Entry] = {}
-_NOT_POLICIES = {"driver", "options", "registry", "residency", "step"}   # the package's shared modules
 
 
 def register_policy(name: str, summary: str, traits: PolicyTraits) -> Callable[[Registered], Registered]:
@@ -82,12 +81,12 @@ def register_policy(name: str, summary: str, traits: PolicyTraits) -> Callable[[
 
 
 def _load_all() -> None:
-    """Import every policy module of tidesim.policies (each registers itself on import)."""
+    """Import every module of tidesim.policies: each policy module registers itself on import (the
+    shared ones, step, residency, ..., register nothing)."""
     import tidesim.policies as package
 
     for info in pkgutil.iter_modules(package.__path__):
-        if info.name not in _NOT_POLICIES:
-            importlib.import_module(f"{package.__name__}.{info.name}")
+        importlib.import_module(f"{package.__name__}.{info.name}")
 
 
 def entries() -> list[Entry]:
