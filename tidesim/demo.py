@@ -25,10 +25,10 @@ import numpy as np
 from tidesim.atomic import write_text
 from tidesim.budget import TIDE_MAX_EXPERTS_PER_LAYER, budget_for_memory, memory_for_budget
 from tidesim.bundled.paths import resolve_trace
-from tidesim.cli.output import to_jsonable
 from tidesim.default_tau import CANDIDATE_TAUS, plan_tau
 from tidesim.demo_figures import tau_figure, throughput_figure, timeline_figure
 from tidesim.errors import InputError
+from tidesim.formatting import to_jsonable
 from tidesim.hardware import HardwareProfile, bundled_profiles, get_profile, load_profile
 from tidesim.metrics import Metrics
 from tidesim.plan import Plan
