@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 
 from tidesim.atomic import write_text
-from tidesim.budget import TIDE_MAX_EXPERTS_PER_LAYER, budget_for_memory, memory_for_budget
+from tidesim.budget import default_budget, memory_for_budget
 from tidesim.bundled.paths import resolve_trace
-from tidesim.default_tau import CANDIDATE_TAUS, plan_tau
+from tidesim.default_tau import CANDIDATE_TAUS, plan_tau, tide_tokens_per_s
 from tidesim.demo_figures import tau_figure, throughput_figure, timeline_figure
 from tidesim.errors import InputError
 from tidesim.formatting import to_jsonable
@@ -102,7 +102,7 @@ def run_case(model_name: str, trace_name: str, hw: HardwareProfile, out: Path,
     trace = read_trace(trace_path)
     workload = workload_from_trace(trace)
     model = trace.model
-    budget = budget_for_memory(model, hw.gpu.memory_gib, TIDE_MAX_EXPERTS_PER_LAYER.get(model_name))
+    budget = default_budget(model, hw.gpu.memory_gib, hw.name).slots
     calib, held = split_prompts(trace.prompt_ids, None)
     step(f"{model_name}: planning on prompts {calib}")
     # The plan gets the memory that TIDE's uniform budget occupies, so every policy has the same memory.
@@ -149,13 +149,9 @@ def simulate(workload: Workload, hw: HardwareProfile, policy: str, budget: int, 
 
 
 def tau_sweep(workload: Workload, hw: HardwareProfile, budget: int) -> dict[int, float]:
-    """Predicted tokens/s of tide for each tau (analytic engine, fast)."""
-    layers = workload.num_layers
-    out = {}
-    for tau in PLAN_TAUS:
-        options = PolicyOptions(budget=uniform(budget, layers), tau=uniform(tau, layers), hw=hw)
-        out[tau] = run(workload, build_schedule("tide", workload, options), hw, engine="analytic").tokens_per_s
-    return out
+    """Predicted tokens/s of tide for each tau (analytic engine, sync refresh: the default-tau rule's
+    own figures)."""
+    return tide_tokens_per_s(workload, hw, budget, "sync", PLAN_TAUS)
 
 
 def timeline_excerpt(workload: Workload, hw: HardwareProfile, budget: int, tau: int, out: Path, tag: str
