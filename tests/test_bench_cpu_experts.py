@@ -31,6 +31,7 @@ def test_dry_run_measures_every_kernel_against_the_read_bandwidth(tmp_path: Path
         assert r["expert_mb"] * 1e6 == pytest.approx(per)
         assert r["experts"] == max(2, math.ceil(4 * 2**20 / per))
         assert r["gbs"] == pytest.approx(per / (r["best_us"] * 1e-6) / 1e9)
+        # one round in the dry mode: the median of paired ratios is that round's pass over its read
         assert r["ratio"] == pytest.approx(r["gbs"] / r["read_gbs"])
         assert r["best_us"] <= r["median_us"]
     printed = capsys.readouterr().out
