@@ -49,16 +49,17 @@ def test_plan_tau_is_the_plans_best_single_tau(tmp_path: Path, capsys: pytest.Ca
     assert main(["plan", "--trace", str(trace), "--hw", "h100-sxm-pcie5", "--gpu-mem-gib", str(gib_for_slots(24)),
                  "--taus", "1..6", "--budgets", "2,4,8,12", "-o", str(out)]) == 0
     plan = load_plan(out)
-    assert plan.calibration is not None
+    assert plan.heldout is not None and plan.heldout.prompts == [1, 2]
     choice = plan_tau(plan)
-    assert choice.tau == plan.calibration.best_single_tau and choice.source == "plan"
+    # the best single tau where the plan was evaluated (the held-out prompts), not where it was fit
+    assert choice.tau == plan.heldout.best_single_tau and choice.source == "plan"
     assert choose_tau(tiny_workload(), h100(), 6, plan=plan) == choice
     capsys.readouterr()
     # compare with the plan runs tide at the plan's tau and says so
     assert main(["compare", "--trace", str(trace), "--hw", "h100-sxm-pcie5", "--plan", str(out), "--budget", "6",
                  "--engine", "analytic", "--policies", "tide,planned"]) == 0
     text = capsys.readouterr().out
-    assert f"tau {choice.tau}: the plan's best single tau (calibration prompts" in text
+    assert f"tau {choice.tau}: the plan's best single tau (held-out prompts 1,2, analytic model)" in text
 
 
 def test_simulate_and_compare_print_the_same_choice(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,7 +17,7 @@ from runtime_cases import SPEC, manual_schedule, schedule_for, tiny_workload  # 
 from tidesim_runtime.engine import device as device_mod  # noqa: E402
 from tidesim_runtime.engine import executor as executor_mod  # noqa: E402
 from tidesim_runtime.engine.device import select_device  # noqa: E402
-from tidesim_runtime.engine.executor import Executor, LayerRouting, check_memory, first_layers, replay_routing  # noqa: E402
+from tidesim_runtime.engine.executor import Executor, check_memory, first_layers, replay_routing  # noqa: E402
 from tidesim_runtime.engine.kernels import swiglu  # noqa: E402
 from tidesim_runtime.engine.slots import AFTER_GROUPED, FREE, after_on_demand, plan_slots  # noqa: E402
 from tidesim_runtime.engine.streams import D2H, H2D  # noqa: E402
@@ -70,8 +70,8 @@ def test_moe_layer_output_does_not_depend_on_placement(tiny_executor) -> None:
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(8, SPEC.hidden_size, generator=gen)
     counts = wl.expert_tokens[0, 0].astype(np.int64)
-    routing = replay_routing(counts, 8, SPEC.top_k, torch.device("cpu"), torch.float32)
-    routing = LayerRouting(routing.tokens, torch.rand(routing.tokens.shape[0], generator=gen), counts)
+    routing = replay_routing(counts, 8, SPEC.top_k, torch.device("cpu"))
+    routing = replace(routing, weights=torch.rand(routing.tokens.shape[0], generator=gen))
     want = torch.zeros(8, SPEC.hidden_size)
     host = ex.host[0]
     offs = routing.offsets
@@ -193,7 +193,7 @@ def test_on_demand_expert_launches_the_runtimes_count(tiny_executor) -> None:
         one.begin()
         x = torch.randn(8, SPEC.hidden_size)
         counts = np.array([3, 2, 4] + [0] * 13, dtype=np.int64)
-        r = replay_routing(counts, 8, SPEC.top_k, torch.device("cpu"), torch.float32)
+        r = replay_routing(counts, 8, SPEC.top_k, torch.device("cpu"))
         with torch.inference_mode():
             st = one._front(x, 0, 0, r, lp, moe_in=x)
             one._sync_refresh(st)
@@ -210,6 +210,44 @@ def test_on_demand_expert_launches_the_runtimes_count(tiny_executor) -> None:
             tok = r.tokens[offs[e]:offs[e + 1]]
             want.index_add_(0, tok, swiglu(x[tok], one.host[0].w13[e], one.host[0].w2[e]) / SPEC.top_k)
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+class CountingList(list):  # type: ignore[type-arg]
+    """A list that counts how many of its items are looked at (iteration or indexing)."""
+
+    touched = 0
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        for item in super().__iter__():
+            self.touched += 1
+            yield item
+
+    def __getitem__(self, i):  # type: ignore[no-untyped-def]
+        self.touched += 1
+        return super().__getitem__(i)
+
+
+def test_on_demand_copies_are_issued_in_linear_work() -> None:
+    """K on-demand experts through one slot (each copy waits for the previous expert): the
+    executor looks at each copy a constant number of times, not once per on-demand expert."""
+    k = SPEC.num_experts
+    s = manual_schedule(placement=[[GPU] * k], copy=[[COPY_ON_DEMAND] * k], resident=[[False] * (k - 1) + [True]],
+                        initial=[False] * k, budget=1)
+    plan = plan_slots(s)
+    lp = plan.layers[0][0]
+    assert len(lp.on_demand) == k and lp.on_demand[-1].wait == after_on_demand(k - 2)
+    lp.on_demand = CountingList(lp.on_demand)
+    sub = replace(SPEC, num_layers=1, first_dense_layers=0)
+    with Executor(sub, 1, select_device("cpu"), 8, 24, forward_fixed=False) as one:
+        one.prepare_slots(plan)
+        one.begin()
+        x = torch.randn(8, SPEC.hidden_size)
+        r = replay_routing(np.full(k, 2, dtype=np.int64), 8, SPEC.top_k, torch.device("cpu"))
+        with torch.inference_mode():
+            one.moe_layer(x, 0, 0, r, lp, moe_in=x)
+        one.finish()
+    assert one._counts["copies"] == k
+    assert lp.on_demand.touched <= 3 * k     # quadratic issue would look k * (k + 2) = 288 times
 
 
 def test_results_copy_waits_for_the_gpu_to_read_the_last_results(tiny_executor) -> None:
@@ -246,7 +284,7 @@ def copies_of(ex: Executor, lp, x, counts) -> list[tuple[str, bool, list]]:  # t
 
     ex.backend.copy = spy  # type: ignore[method-assign]
     try:
-        r = replay_routing(counts, 8, SPEC.top_k, torch.device("cpu"), torch.float32)
+        r = replay_routing(counts, 8, SPEC.top_k, torch.device("cpu"))
         ex.begin()
         with torch.inference_mode():
             ex.moe_layer(x, 0, 0, r, lp, moe_in=x)
@@ -289,3 +327,49 @@ def test_async_copy_into_a_replaced_slot_waits_for_the_grouped_kernel() -> None:
     background = [c for c in calls if c[1]]
     assert len(background) == 1 and background[0][0] == H2D
     assert len(background[0][2]) == 1   # the grouped kernel's marker
+
+
+def test_gpu_waits_only_for_the_background_copies_of_the_experts_it_runs() -> None:
+    """Forward 0 prefetches experts 1 and 2 in the background; forward 1's grouped kernel runs
+    expert 1 only: the compute stream waits for expert 1's copy (its own event) and not for
+    expert 2's; the run's end still waits for expert 2's (it is paid for)."""
+    idle = [IDLE] * 13
+    s = manual_schedule(placement=[[GPU, IDLE, IDLE] + idle, [IDLE, GPU, IDLE] + idle],
+                        copy=[[0, COPY_ASYNC_REFRESH, COPY_ASYNC_REFRESH] + [0] * 13, [0] * 16],
+                        resident=[[True, True, True] + [False] * 13] * 2, initial=[True] + [False] * 15, budget=3)
+    plan = plan_slots(s)
+    sub = replace(SPEC, num_layers=1, first_dense_layers=0)
+    with Executor(sub, 1, select_device("cpu"), 8, 24, forward_fixed=False) as ex:
+        ex.prepare_slots(plan)
+        be = ex.backend
+        issued: dict[int, object] = {}
+        waited: list[list[object]] = []
+        real_copy, real_wait = be.copy, be.compute_wait
+
+        def copy(dst, src, direction, background=False, after=None):  # type: ignore[no-untyped-def]
+            m = real_copy(dst, src, direction, background=background, after=after)
+            if background:
+                issued[len(issued) + 1] = m          # experts 1 and 2, in plan order
+            return m
+
+        def compute_wait(markers):  # type: ignore[no-untyped-def]
+            waited.append(list(markers))
+            real_wait(markers)
+
+        be.copy, be.compute_wait = copy, compute_wait  # type: ignore[method-assign]
+        try:
+            x = torch.randn(8, SPEC.hidden_size)
+            ex.begin()
+            with torch.inference_mode():
+                for f, counts in enumerate(([3] + [0] * 15, [0, 2] + [0] * 14)):
+                    r = replay_routing(np.array(counts, dtype=np.int64), 8, SPEC.top_k, torch.device("cpu"))
+                    ex.moe_layer(x, 0, 0, r, plan.layers[f][0], moe_in=x)
+            before_end = list(waited)
+            ex.finish()
+        finally:
+            del be.copy, be.compute_wait
+    assert [op.expert for op in plan.layers[0][0].background] == [1, 2]
+    ids = {id(m): e for e, m in issued.items()}
+    background_waits = [[ids[id(m)] for m in w if id(m) in ids] for w in before_end]
+    assert [w for w in background_waits if w] == [[1]]        # forward 1's grouped kernel: expert 1 only
+    assert 2 in [ids.get(id(m)) for w in waited[len(before_end):] for m in w]   # the run's end drains 2's copy

@@ -1,5 +1,6 @@
-"""Streams and copy engines: the host copy engine's order, the background feeder's one-at-a-time
-rule (shared by the CUDA backend), queued copy timing; CUDA-only checks skip without a GPU."""
+"""Streams and copy engines: the host copy engine's order, the background feeder's rule (one
+copy queued behind the one running; shared by the CUDA backend), queued copy timing; CUDA-only
+checks skip without a GPU."""
 
 from __future__ import annotations
 
@@ -14,28 +15,36 @@ from tidesim_runtime.engine.streams import D2H, H2D, BackgroundFeeder, HostBacke
 
 
 class FakeLink:
-    """Plays the device for BackgroundFeeder: issue() starts a copy, wait() blocks until the test
-    lets it finish. Records how many copies were in flight at once."""
+    """Plays one device stream for BackgroundFeeder: copies run in issue order, copy k starts
+    when copy k-1 has finished, and a copy finishes when the test releases it. Records how many
+    copies the device held at once (issued and not finished)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.in_flight = 0
+        self.done: set[int] = set()
         self.most = 0
         self.issued: list[int] = []
         self.release: dict[int, threading.Event] = {}
 
+    def event(self, job: int) -> threading.Event:
+        with self.lock:
+            return self.release.setdefault(job, threading.Event())
+
     def issue(self, job: int) -> int:
         with self.lock:
-            self.in_flight += 1
-            self.most = max(self.most, self.in_flight)
             self.issued.append(job)
-            self.release.setdefault(job, threading.Event())
+            self.most = max(self.most, len(self.issued) - len(self.done))
         return job
 
-    def wait(self, job: int) -> None:
-        self.release.setdefault(job, threading.Event()).wait(5)
+    def started(self, job: int) -> None:
+        k = self.issued.index(job)
+        if k:
+            self.finished(self.issued[k - 1])
+
+    def finished(self, job: int) -> None:
+        assert self.event(job).wait(5)
         with self.lock:
-            self.in_flight -= 1
+            self.done.add(job)
 
 
 def wait_until(cond, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
@@ -45,21 +54,21 @@ def wait_until(cond, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-d
         time.sleep(0.001)
 
 
-def test_feeder_keeps_at_most_one_background_copy_in_flight() -> None:
+def test_feeder_queues_one_background_copy_behind_the_running_one() -> None:
     link = FakeLink()
-    feeder = BackgroundFeeder(link.issue, link.wait)
+    feeder = BackgroundFeeder(link.issue, link.started, link.finished)
     try:
         for job in range(4):
             feeder.submit(job)
-        wait_until(lambda: link.issued == [0])
+        wait_until(lambda: link.issued == [0, 1])   # the next is queued while the first runs
         time.sleep(0.02)
-        assert link.issued == [0], "the second copy was issued before the first finished"
+        assert link.issued == [0, 1], "a third copy was handed to the device before the first finished"
         for job in range(4):
-            link.release[job] = link.release.get(job, threading.Event())
-            link.release[job].set()
-            wait_until(lambda job=job: len(link.issued) >= min(job + 2, 4))
+            link.event(job).set()
+            wait_until(lambda job=job: len(link.issued) >= min(job + 3, 4))
         feeder.drain()
-        assert link.issued == [0, 1, 2, 3] and link.most == 1
+        assert link.issued == [0, 1, 2, 3] and link.most == 2
+        assert link.done == {0, 1, 2, 3}     # drain waited for the last one to finish
     finally:
         feeder.close()
 
@@ -68,7 +77,7 @@ def test_feeder_drain_reports_a_failed_copy() -> None:
     def issue(job: int) -> int:
         raise RuntimeError("copy failed")
 
-    feeder = BackgroundFeeder(issue, lambda h: None)
+    feeder = BackgroundFeeder(issue, lambda h: None, lambda h: None)
     try:
         feeder.submit(1)
         with pytest.raises(RuntimeError, match="copy failed"):

@@ -6,7 +6,8 @@ model, but replaces the two things that need events by formulas:
   ceil(n / workers) x shortest task) (exact with one worker, with no more tasks than workers,
   or with equal tasks; otherwise at most the LPT makespan);
 - asynchronous refresh copies by a fluid queue on the H2D engine that uses the engine's idle
-  time between demand copies (stall when a layer's copies are not done by the next forward).
+  time between demand copies (stall when the copies a layer-forward waits for, those of the
+  experts it runs and those whose slots its demand copies reuse, are not done by then).
 Everything else (sync phase, the on-demand copy/compute pipeline with its slot waits, the results
 copy queueing behind on-demand copies) is exact: the per-layer-forward phases are the layer
 model's (tidesim.layermodel.layer_phases). docs/costmodel.md lists the cases.
@@ -28,9 +29,30 @@ from tidesim.workload import Workload
 
 
 def _layer_parts(c: ScheduleCosts, od: OnDemand | None, pool: np.ndarray, async_wait: np.ndarray | None = None,
-                 block: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                 block: np.ndarray | None = None, gate_wait: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per layer-forward phases from the layer model, with the CPU pool at its bound `pool`."""
-    return layer_phases(c.rates, c.gpu, c.copies, c.cpu.n, pool, od, c.layers, async_wait, block)
+    return layer_phases(c.rates, c.gpu, c.copies, c.cpu.n, pool, od, c.layers, async_wait, block, gate_wait)
+
+
+def _slot_demand(c: ScheduleCosts) -> np.ndarray:
+    """[G] layer-forwards with demand traffic into slots (sync refresh, demotions, on-demand
+    copies): their waits for background copies come before it, at the gate."""
+    cp = c.copies
+    return (cp.sync_h2d > 0) | (cp.demote_d2h > 0) | (cp.od_n > 0)
+
+
+def _needed(c: ScheduleCosts, issued: np.ndarray) -> np.ndarray:
+    """[G] how much background copy time must have been served (FIFO, cumulative) before each
+    layer-forward may go on: up to the last copy it waits for (docs/costmodel.md), 0 if none."""
+    i = c.items
+    pos = np.arange(i.async_g.size) - c.group_ptr(i.async_g)[i.async_g]        # position in its batch
+    through = (issued - c.copies.async_h2d)[i.async_g] + (pos + 1) * c.rates.expert_copy_s
+    need = np.zeros(c.groups)
+    np.maximum.at(need, i.async_use[i.async_use >= 0], through[i.async_use >= 0])
+    demand = _slot_demand(c)
+    freed = (i.async_freed >= 0) & demand[np.maximum(i.async_freed, 0)]
+    np.maximum.at(need, i.async_freed[freed], through[freed])
+    return need
 
 
 def _demand_after_sync(c: ScheduleCosts) -> np.ndarray:
@@ -43,12 +65,13 @@ def _async_wait(c: ScheduleCosts, parts: dict[str, np.ndarray]) -> tuple[np.ndar
     """Fluid-queue estimate of the GPU's wait for asynchronous refresh copies, and the tail after
     the last forward.
 
-    The H2D engine serves background copies FIFO in the time demand copies leave it idle; copies
-    issued by layer-forward k must be done when the same layer's next forward reaches its
-    experts. Without waits the backlog follows Lindley's recursion (vectorised with cumulative
-    sums). A wait of w at a layer with slack s (how long its CPU side outlasts its GPU work)
-    stretches the timeline by max(0, w - s), and while a backlog lasts every second of stretch
-    serves one more second of copies. So the cumulative stretch E follows
+    The H2D engine serves background copies FIFO in the time demand copies leave it idle; a
+    layer-forward waits until the queue has served every copy up to the last one it waits for
+    (tidesim.layermodel.background_waits: the copies of the experts its grouped kernel runs, and
+    where it has demand copies, those whose slots they reuse). Without waits the backlog follows
+    Lindley's recursion (vectorised with cumulative sums). A wait of w at a layer with slack s
+    (how long its CPU side outlasts its GPU work) stretches the timeline by max(0, w - s), and
+    while a backlog lasts every second of stretch serves one more second of copies. So the cumulative stretch E follows
     E_k = max(E_(k-1), deficit_k - slack_k): a running maximum, restarted where the backlog empties.
     """
     G, L = c.groups, c.layers
@@ -66,15 +89,11 @@ def _async_wait(c: ScheduleCosts, parts: dict[str, np.ndarray]) -> tuple[np.ndar
     queue = s - np.minimum(np.minimum.accumulate(s), 0.0)
     issued = np.cumsum(a)
     served = issued - queue
-    # the latest earlier forward of the same layer that issued background copies
-    fwd = np.where((a > 0).reshape(c.forwards, L), np.arange(c.forwards)[:, None], -1)
-    last = np.maximum.accumulate(fwd, axis=0)
-    prev = np.vstack([np.full((1, L), -1), last[:-1]])       # strictly before this forward
-    prev_g = np.where(prev >= 0, prev * L + np.arange(L)[None, :], -1).reshape(G)
     served_before = np.concatenate([[0.0], served[:-1]])     # served by this layer's expert start
-    need = np.where(prev_g >= 0, issued[np.maximum(prev_g, 0)], 0.0)
-    deficit = np.where(prev_g >= 0, np.maximum(need - served_before, 0.0), 0.0)
-    slack = parts["side"] - parts["gpu_work"]
+    need = _needed(c, issued)
+    deficit = np.where(need > 0, np.maximum(need - served_before, 0.0), 0.0)
+    # a wait at the gate delays both sides; one before the grouped kernel only the GPU side
+    slack = np.where(_slot_demand(c), 0.0, parts["side"] - parts["gpu_work"])
     # running maximum of (deficit - slack), restarted wherever the backlog emptied
     segment = np.cumsum(queue <= 0.0)
     span = float(np.abs(deficit - slack).max()) + 1.0
@@ -104,7 +123,8 @@ def _estimate(c: ScheduleCosts) -> tuple[RunTimes, float]:
     parts = _layer_parts(c, od, pool)
     if c.copies.n_async.any():
         wait, block, tail = _async_wait(c, parts)
-        parts = _layer_parts(c, od, pool, wait, block)
+        at_gate = _slot_demand(c)
+        parts = _layer_parts(c, od, pool, np.where(at_gate, 0.0, wait), block, np.where(at_gate, wait, 0.0))
     layer = parts["layer"]
     total = float(c.gpu.fwd_fixed.sum() + layer.sum() + tail)
     bound = _lower_bound(c, pool, parts["fixed"], parts["gpu_work"])
@@ -116,7 +136,7 @@ def _estimate(c: ScheduleCosts) -> tuple[RunTimes, float]:
         "gpu_fixed": float(c.gpu.fwd_fixed.sum() + parts["fixed"].sum()),
         "sync_refresh": float(parts["sync"].sum()),
         "gpu_experts": float(parts["gpu_work"].sum()),
-        "copy_stall": float((gpu_end - parts["gpu_work"]).sum() + tail),
+        "copy_stall": float((gpu_end - parts["gpu_work"]).sum() + parts["gate"].sum() + tail),
         "cpu_wait": float(np.maximum(res_end - gpu_end, 0.0).sum()),
     }
     layer_time = layer.reshape(c.forwards, c.layers).sum(axis=0) if c.groups else np.zeros(c.layers)

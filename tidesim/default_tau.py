@@ -48,13 +48,14 @@ def given_tau(tau: int) -> TauChoice:
 
 
 def plan_tau(plan: Plan) -> TauChoice:
-    """The plan's single interval: its best single tau on the calibration prompts (what the planner
-    compares the per-layer plan with), or its one tau when it is a global-tau plan."""
-    if plan.calibration is not None:
-        ev = plan.calibration
+    """The plan's single interval: its best single tau on the prompts it was evaluated on (the
+    held-out ones, else the calibration ones: where the planner checks that the plan is not slower
+    than any single tau), or its most common tau for a plan without an evaluation."""
+    ev, which = (plan.heldout, "held-out") if plan.heldout is not None else (plan.calibration, "calibration")
+    if ev is not None:
         return TauChoice(tau=ev.best_single_tau, source="plan",
-                         reason=f"the plan's best single tau (calibration prompts {_ids(ev.prompts)}, "
-                                f"{ev.engine} model)")
+                         reason=f"the plan's best single tau ({which} prompts {_ids(ev.prompts)}, "
+                                f"{'simulator' if ev.engine == 'sim' else ev.engine + ' model'})")
     return TauChoice(tau=max(set(plan.tau), key=lambda t: (plan.tau.count(t), -t)), source="plan",
                      reason="the plan's most common per-layer tau")
 

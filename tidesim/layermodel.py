@@ -137,9 +137,65 @@ def activation_copies(r: Rates, hw: HardwareProfile, pairs: np.ndarray) -> tuple
 
 
 def copy_slowdown(r: Rates, gpu_work: np.ndarray, h2d_overlap: np.ndarray) -> np.ndarray:
-    """pcie.copy_slows_compute, first order: GPU expert work slows by that fraction for as long as
-    the layer-forward's own H2D copies (on demand, asynchronous, results) could overlap it."""
+    """pcie.copy_slows_compute: a piece of GPU expert work slows by that fraction for as long as
+    H2D copies run while it does (h2d_overlap, from copy_overlaps; capped at the work itself)."""
     return r.slows * np.minimum(gpu_work, h2d_overlap) if r.slows > 0 else np.zeros(np.shape(gpu_work))
+
+
+def copy_overlaps(r: Rates, grouped: np.ndarray, od: OnDemand | None, async_g: np.ndarray,
+                  async_release: np.ndarray, act_d2h: np.ndarray, res_h2d: np.ndarray, pool: np.ndarray,
+                  cpu_n: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """How long each piece of a layer-forward's GPU expert work runs while one of its own H2D
+    copies is on the engine: (grouped kernel [G], each on-demand expert [K, R] as `od`).
+
+    First order (docs/costmodel.md, "Copies slow compute"): on the layer-forward's own timeline
+    from the end of its sync phase, before any slowdown and without waits for other
+    layer-forwards' copies. The grouped kernel runs [0, grouped]; the on-demand copies and
+    experts as the pipeline places them; the asynchronous copies (sorted by g, in issue order)
+    after the on-demand copies, each once its slot is free; the CPU results once the pool is done
+    (pool) and the on-demand copies have left the engine. A copy that the slot rule holds until
+    after the grouped kernel does not overlap it."""
+    c = r.expert_copy_s
+    groups = grouped.size
+    s0 = act_d2h.copy() if r.engines == 1 else np.zeros(groups)    # the engine is free from here
+    engine_free = s0.copy()
+    col_of = np.full(groups, -1, np.int64)
+    x0: list[np.ndarray] = []
+    rows: list[np.ndarray] = []
+    ends = starts = a_od = np.zeros((0, 0))
+    if od is not None and od.rows.size:
+        engine, _, starts, ends = ondemand_pipeline(c, s0[od.rows], grouped[od.rows], od)
+        engine_free[od.rows] = engine
+        col_of[od.rows] = np.arange(od.rows.size)
+        a_od = ends - od.compute
+        at_k, at_col = np.nonzero(od.valid)
+        x0.append(starts[at_k, at_col])
+        rows.append(od.rows[at_col])
+    if async_g.size:
+        pos = _rank(async_g)
+        rel = np.where(async_release == AFTER_GROUPED, grouped[async_g], 0.0)
+        late = async_release >= 0
+        if late.any():
+            rel[late] = ends[async_release[late], col_of[async_g[late]]]
+        x0.append(np.maximum(engine_free[async_g], _segment_cummax(async_g, rel - pos * c)) + pos * c)
+        rows.append(async_g)
+    res = np.flatnonzero((cpu_n > 0) & (res_h2d > 0))
+    x0.append(np.maximum(act_d2h[res] + pool[res], engine_free[res]))
+    rows.append(res)
+    start, g = np.concatenate(x0), np.concatenate(rows)
+    stop = start + np.concatenate([np.full(start.size - res.size, c), res_h2d[res]])
+    grouped_ov = np.bincount(g, weights=np.clip(np.minimum(stop, grouped[g]) - np.maximum(start, 0.0), 0.0, None),
+                             minlength=groups)
+    if od is None or not od.rows.size:
+        return grouped_ov, None
+    od_ov = np.zeros(od.compute.shape)
+    col = col_of[g]
+    at = col >= 0
+    start, stop, col = start[at], stop[at], col[at]
+    for k in range(od.compute.shape[0]):
+        hit = np.clip(np.minimum(stop, ends[k, col]) - np.maximum(start, a_od[k, col]), 0.0, None)
+        od_ov[k] = np.bincount(col, weights=np.where(od.valid[k, col], hit, 0.0), minlength=od.rows.size)
+    return grouped_ov, od_ov
 
 
 def contention_overlap(gpu_work: np.ndarray, span: np.ndarray) -> np.ndarray:
@@ -214,21 +270,17 @@ def copy_releases(schedule: Schedule, copy_idx: np.ndarray | None = None, copy_k
     before = np.where((f > 0)[:, None], resident[np.maximum(rows - L, 0)], schedule.initial_resident[layer])
     after = resident[rows]
     copy = schedule.copy.reshape(F * L, E)[rows]
-    leaving = before & ~after
-    in_grouped = leaving & (schedule.placement.reshape(F * L, E)[rows] == GPU) & (copy == 0)
+    free_base, deferred, n_sync = slot_counts(before, after, schedule.placement.reshape(F * L, E)[rows], copy)
     size0 = np.maximum(schedule.budget, schedule.initial_resident.sum(axis=1))[layer]
     n_before = before.sum(axis=1)
-    free_base = (leaving & ~in_grouped).sum(axis=1) - n_before            # free slots = size + this
-    n_sync = (copy == COPY_SYNC_REFRESH).sum(axis=1)
-    deferred = in_grouped.sum(axis=1)
     od_g, as_g = row_of[is_od], row_of[is_as]
     passing = ~after[od_g, od_idx % E]
     by_layer = np.lexsort((f, layer))                     # the pool of a layer carries over forwards
     size = size0.copy()
     for _ in range(F + 1):         # the pool grows only where it must; a few rounds settle it
-        free = np.maximum(size + free_base - n_sync, 0)
+        free, sync_spare = free_slots(size, free_base, n_sync)
         od_tag, as_tag, spare = _tags(od_g, passing, as_g, free, deferred)
-        spare = spare + np.maximum(n_sync - size - free_base, 0)
+        spare = spare + sync_spare
         grown = size0.copy()
         grown[by_layer] += _segment_cumsum(layer[by_layer], spare[by_layer]) - spare[by_layer]
         grown = np.maximum(grown, n_before)
@@ -236,6 +288,67 @@ def copy_releases(schedule: Schedule, copy_idx: np.ndarray | None = None, copy_k
             break
         size = grown
     return od_tag, as_tag
+
+
+def slot_counts(before: np.ndarray, after: np.ndarray, placement: np.ndarray, copy: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per layer-forward (rows of [N, E] arrays): (free_base, deferred, n_sync) of the slot rule.
+    free_base: free slots are the pool's size plus this (leaving experts that do not run on the
+    GPU now, less the residents before); deferred: leaving experts that run in the grouped kernel
+    (their slots free after it); n_sync: synchronous refresh copies (they take free slots first)."""
+    leaving = before & ~after
+    in_grouped = leaving & (placement == GPU) & (copy == 0)
+    free_base = (leaving & ~in_grouped).sum(axis=1) - before.sum(axis=1)
+    return free_base, in_grouped.sum(axis=1), (copy == COPY_SYNC_REFRESH).sum(axis=1)
+
+
+def free_slots(size: np.ndarray, free_base: np.ndarray, n_sync: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(slots free at once for on-demand and asynchronous copies, spare slots the sync copies take)
+    of a pool of `size` slots (slot_counts gives the other two)."""
+    return np.maximum(size + free_base - n_sync, 0), np.maximum(n_sync - size - free_base, 0)
+
+
+def slot_tags(od_g: np.ndarray, passing: np.ndarray, as_g: np.ndarray, free: np.ndarray, deferred: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The slot rule's release tags of on-demand copies (layer-forward ids od_g, sorted; whether
+    each only passes through) and asynchronous ones (as_g), given each layer-forward's `free`
+    and `deferred` slots (indices into those arrays), and the spare slots each took: what
+    copy_releases computes for a whole schedule, for callers that decide forward by forward."""
+    return _tags(od_g, passing, as_g, free, deferred)
+
+
+def background_waits(schedule: Schedule, async_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Who waits for each asynchronous copy (flat indices, ascending): (use, freed), each a
+    layer-forward g or -1 (docs/costmodel.md, "Waits for background copies").
+
+    use: the first later forward of the same layer whose grouped kernel runs the copied expert;
+    the GPU waits for this copy there, and only there. freed: the forward where the expert leaves
+    the GPU without having run since; its slot frees while the copy may still be in flight, so
+    that layer-forward's demand copies and demotions wait for it. A copy whose expert stays
+    resident and idle to the end is waited for by the run's final drain only. A bound with free
+    prefetches (the oracle) charges its copies no time: all -1.
+    """
+    n = async_idx.size
+    use, freed = np.full(n, -1, np.int64), np.full(n, -1, np.int64)
+    if schedule.free_async_copies or n == 0:
+        return use, freed
+    F, L, E = schedule.copy.shape
+    f0, rest = np.divmod(async_idx, L * E)
+    layer, expert = np.divmod(rest, E)
+    open_ = np.arange(n)
+    d = 1
+    while open_.size:            # look one forward further for the copies still open
+        f = f0[open_] + d
+        alive = f < F
+        open_, f = open_[alive], f[alive]
+        li, ei = layer[open_], expert[open_]
+        runs = (schedule.placement[f, li, ei] == GPU) & (schedule.copy[f, li, ei] == 0)
+        leaves = ~schedule.resident[f, li, ei] & ~runs
+        use[open_[runs]] = (f * L + li)[runs]
+        freed[open_[leaves]] = (f * L + li)[leaves]
+        open_ = open_[~(runs | leaves)]
+        d += 1
+    return use, freed
 
 
 def _tags(od_g: np.ndarray, passing: np.ndarray, as_g: np.ndarray, free: np.ndarray, deferred: np.ndarray
@@ -294,11 +407,11 @@ def _segment_cumsum(g_sorted: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 def _segment_cummax(g_sorted: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Running maximum within each run of equal (sorted) group ids."""
+    """Running maximum within each run of equal (sorted) group ids (integers, or floats)."""
     if values.size == 0:
         return values
     run = np.cumsum(np.concatenate([[0], (g_sorted[1:] != g_sorted[:-1]).astype(np.int64)]))
-    span = int(np.abs(values).max()) + 1
+    span = np.abs(values).max() + 1
     offset = run * (2 * span)
     return np.maximum.accumulate(values + offset) - offset
 
@@ -411,14 +524,17 @@ def ondemand_pipeline(copy_s: float, copy_start: np.ndarray, grouped_end: np.nda
 
 
 def layer_phases(r: Rates, gpu: GpuCosts, copies: CopyCosts, cpu_n: np.ndarray, pool: np.ndarray, od: OnDemand | None,
-                 layers: int, async_wait: np.ndarray | None = None, block: np.ndarray | None = None
-                 ) -> dict[str, np.ndarray]:
+                 layers: int, async_wait: np.ndarray | None = None, block: np.ndarray | None = None,
+                 gate_wait: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Closed-form phases of every layer-forward [G]: fixed work, sync phase, GPU and CPU side ends
     (from the sync end) and the layer time. pool: the CPU pool's time per layer-forward (its exact
-    makespan or its bound); async_wait: the GPU's wait for earlier background copies; block: a
-    demand copy's expected wait behind a background copy already on the engine."""
+    makespan or its bound); async_wait: the GPU's wait for earlier background copies before its
+    grouped kernel; block: a demand copy's expected wait behind a background copy already on the
+    engine; gate_wait: a wait for background copies before the sync phase (where demand copies
+    reuse their slots or the GPU runs their experts; docs/costmodel.md)."""
     groups = copies.sync_h2d.size
     fixed = np.repeat(gpu.layer_fixed, layers)
+    gate = np.zeros(groups) if gate_wait is None else gate_wait
     sync = sync_phase(r, copies.sync_h2d, copies.demote_d2h)
     gpu_work = gpu.grouped + gpu.slow_extra + gpu.od_compute_sum
     grouped_end = gpu.grouped + gpu.slow_extra
@@ -442,5 +558,5 @@ def layer_phases(r: Rates, gpu: GpuCosts, copies: CopyCosts, cpu_n: np.ndarray, 
         cpu_end = cpu_end + block
     res_end = np.where(cpu_n > 0, cpu_end + copies.res_h2d, 0.0)
     side = np.maximum(gpu_end, res_end)
-    return {"fixed": fixed, "sync": sync, "gpu_work": gpu_work, "gpu_end": gpu_end, "res_end": res_end,
-            "side": side, "layer": fixed + sync + side}
+    return {"fixed": fixed, "gate": gate, "sync": sync, "gpu_work": gpu_work, "gpu_end": gpu_end,
+            "res_end": res_end, "side": side, "layer": fixed + gate + sync + side}

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tidesim.errors import InputError
+from tidesim.hf_config import hf_spec_fields
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8": 1, "int8": 1, "int4": 0.5}
 
@@ -183,7 +184,7 @@ class ModelSpec:
 
     @classmethod
     def from_hf_config(cls, path: str | Path, name: str | None = None) -> ModelSpec:
-        """Read a LLaDA2.0 Hugging Face config.json (model_type llada2_moe)."""
+        """Read a Hugging Face MoE config.json (LLaDA2.0, Qwen-MoE, Mixtral, DeepSeek, OLMoE, gpt-oss, LLaDA-MoE)."""
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
@@ -199,41 +200,8 @@ class ModelSpec:
 
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any], name: str, source: str = "config") -> ModelSpec:
-        def need(key: str) -> Any:
-            if key not in cfg:
-                raise InputError(f"{source}: config field {key!r} is missing")
-            return cfg[key]
-
-        hidden = need("hidden_size")
-        heads = need("num_attention_heads")
-        head_dim = cfg.get("head_dim") or hidden // heads
-        eos = cfg.get("eos_token_id", 156892)
-        if isinstance(eos, list):
-            eos = eos[0]
-        return cls(
-            name=name,
-            num_layers=need("num_hidden_layers"),
-            first_dense_layers=cfg.get("first_k_dense_replace", 0),
-            hidden_size=hidden,
-            dense_intermediate_size=need("intermediate_size"),
-            moe_intermediate_size=need("moe_intermediate_size"),
-            num_experts=need("num_experts"),
-            top_k=need("num_experts_per_tok"),
-            num_shared_experts=cfg.get("num_shared_experts", 0) or 0,
-            num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads", heads),
-            head_dim=head_dim,
-            vocab_size=need("vocab_size"),
-            n_group=cfg.get("n_group", 1) or 1,
-            topk_group=cfg.get("topk_group", 1) or 1,
-            routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
-            dtype=str(cfg.get("torch_dtype", "bfloat16")),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
-            partial_rotary_factor=float(cfg.get("partial_rotary_factor", 1.0)),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            mask_token_id=int(cfg.get("mask_token_id", 156895)),
-            eos_token_id=int(eos),
-        )
+        """A spec from a config.json dict of any MoE family tidesim reads (tidesim.hf_config)."""
+        return cls(name=name, **hf_spec_fields(cfg, source))
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json fields of the official LLaDA2.0 checkpoints for this spec."""
@@ -298,6 +266,20 @@ PRESETS: dict[str, ModelSpec] = {
         moe_intermediate_size=64, num_experts=16, top_k=4, num_shared_experts=1, num_heads=4,
         num_kv_heads=2, head_dim=32, vocab_size=512, n_group=4, topk_group=2,
         routed_scaling_factor=2.5, dtype="float32", mask_token_id=511, eos_token_id=510,
+    ),
+    # Autoregressive MoE models, with the shapes of their published config.json files
+    # (Qwen/Qwen3-30B-A3B, deepseek-ai/DeepSeek-V2-Lite on Hugging Face; tidesim.hf_config reads them).
+    "qwen3-30b-a3b": ModelSpec(
+        name="qwen3-30b-a3b", num_layers=48, first_dense_layers=0, hidden_size=2048, dense_intermediate_size=6144,
+        moe_intermediate_size=768, num_experts=128, top_k=8, num_shared_experts=0, num_heads=32, num_kv_heads=4,
+        head_dim=128, vocab_size=151936, n_group=1, topk_group=1, routed_scaling_factor=1.0,
+        rope_theta=1000000.0, partial_rotary_factor=1.0, eos_token_id=151645,
+    ),
+    "deepseek-v2-lite": ModelSpec(
+        name="deepseek-v2-lite", num_layers=27, first_dense_layers=1, hidden_size=2048,
+        dense_intermediate_size=10944, moe_intermediate_size=1408, num_experts=64, top_k=6, num_shared_experts=2,
+        num_heads=16, num_kv_heads=16, head_dim=192, vocab_size=102400, n_group=1, topk_group=1,
+        routed_scaling_factor=1.0, rope_theta=10000.0, partial_rotary_factor=1.0, eos_token_id=100001,
     ),
 }
 

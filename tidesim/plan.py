@@ -81,6 +81,25 @@ class Evaluation:
 
 
 @dataclass
+class CandidateTime:
+    """One plan the planner considered and its time on the evaluation prompts."""
+
+    name: str                    # "optimum", "intervals" (per-layer tau, uniform budget) or "tau N"
+    time_s: float
+
+
+@dataclass
+class Selection:
+    """How the kept plan was chosen: every candidate run by one executor on the evaluation prompts,
+    the fastest kept (docs/planner.md, "Choosing the plan")."""
+
+    prompts: list[int]
+    engine: str
+    chosen: str
+    candidates: list[CandidateTime]
+
+
+@dataclass
 class Plan:
     """Per-layer tau and budget plus everything needed to trust and reproduce it."""
 
@@ -103,6 +122,8 @@ class Plan:
     calibration: Evaluation | None = None
     heldout: Evaluation | None = None
     notes: list[str] = field(default_factory=list)
+    policy: str = "tide"         # the policy the plan's tau and budgets are for
+    selection: Selection | None = None
     format: str = PLAN_FORMAT
     version: int = PLAN_VERSION
 
@@ -150,6 +171,10 @@ class Plan:
             out.append(f"solver status must be one of {', '.join(STATUSES)}")
         if self.refresh not in ("sync", "async"):
             out.append("refresh must be sync or async")
+        if not isinstance(self.policy, str) or not self.policy:
+            out.append("policy must name the policy the plan is for, e.g. tide")
+        if self.selection is not None and self.selection.chosen not in {c.name for c in self.selection.candidates}:
+            out.append(f"selection.chosen {self.selection.chosen!r} is not among its candidates")
         for name in ("trace_sha256", "profile_sha256", "model_sha256"):
             value = getattr(self.fingerprints, name)
             if not (isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)):
@@ -240,6 +265,8 @@ class Plan:
             for key in ("calibration", "heldout"):
                 if values.get(key) is not None:
                     values[key] = Evaluation(**_fields(Evaluation, values[key], f"{source}.{key}"))
+            if values.get("selection") is not None:
+                values["selection"] = _selection(values["selection"], f"{source}.selection")
             plan = cls(**values)
         except (TypeError, KeyError) as exc:
             raise InputError(f"{source}: malformed plan ({exc})") from None
@@ -247,6 +274,15 @@ class Plan:
         if problems:
             raise InputError(f"{source}: {problems[0]}")
         return plan
+
+
+def _selection(data: Any, where: str) -> Selection:
+    values = _fields(Selection, data, where)
+    if not isinstance(values["candidates"], list):
+        raise InputError(f"{where}.candidates: expected a list")
+    values["candidates"] = [CandidateTime(**_fields(CandidateTime, c, f"{where}.candidates[{i}]"))
+                            for i, c in enumerate(values["candidates"])]
+    return Selection(**values)
 
 
 def _is_int(value: Any) -> bool:

@@ -12,7 +12,7 @@ from tidesim.cli.output import announce, format_table, print_json, progress
 from tidesim.errors import InputError
 from tidesim.hardware import get_profile
 from tidesim.plan import Evaluation
-from tidesim.planner import PlanOutcome, make_plan, parse_int_list
+from tidesim.planner import PLAN_POLICIES, PlanOutcome, make_plan, parse_int_list
 from tidesim.report import plan_slots
 from tidesim.run import ENGINES
 
@@ -20,12 +20,15 @@ from tidesim.run import ENGINES
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "plan", help="choose per-layer refresh intervals and GPU expert budgets (MILP) -> plan.json",
-        description="Build a cost table of `tide` per MoE layer, interval and budget with the analytic cost "
-                    "model on the calibration prompts, pick one (tau, budget) per layer under the GPU memory "
-                    "budget with a multiple-choice knapsack solved exactly (a dynamic program over the "
-                    "slots), bound it from below with a Lagrangian bound over every "
-                    "refresh schedule with these budgets (not the `oracle` policy, which may also copy on "
-                    "demand and prefetch for free), and evaluate it on the held-out prompts. See docs/planner.md.")
+        description="Build a cost table of the policy (default tide) per MoE layer, interval and budget with the "
+                    "analytic cost model on the calibration prompts, pick one (tau, budget) per layer under the "
+                    "GPU memory budget with a multiple-choice knapsack solved exactly (a dynamic program over "
+                    "the slots), then run that optimum, the per-layer intervals with the uniform budget and every "
+                    "single tau with the --engine executor on the evaluation prompts (the held-out ones; the "
+                    "calibration ones when none are held out) and keep the fastest, so the plan is never slower "
+                    "there than the best single tau it considered. Bound it from below with a Lagrangian bound "
+                    "over every refresh schedule with these budgets (not the `oracle` policy, which may also copy "
+                    "on demand and prefetch for free). Plans are for synchronous refresh. See docs/planner.md.")
     p.add_argument("--trace", required=True, metavar="T", help="trace file, or a bundled trace name")
     p.add_argument("--hw", required=True, metavar="H", help="hardware profile name (`tidesim hw list`) or YAML path")
     p.add_argument("--gpu-mem-gib", type=number(float, 0, 4096, low_open=True), required=True, metavar="G",
@@ -41,7 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibrate-prompts", metavar="0,1",
                    help="prompts the plan is chosen on (default: the first half); the rest are held out")
     p.add_argument("--engine", choices=ENGINES, default="analytic",
-                   help="executor for the calibration and held-out evaluation (default: analytic)")
+                   help="executor that chooses among the candidate plans on the evaluation prompts and evaluates "
+                        "the plan (default: analytic)")
+    p.add_argument("--policy", choices=PLAN_POLICIES, default="tide",
+                   help="policy to plan intervals and budgets for (default: tide; its plan runs as `planned`)")
     p.add_argument("--oracle-iterations", type=number(int, 1, 100_000), default=80, metavar="N",
                    help="subgradient steps of the Lagrangian lower bound (default: 80)")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="plan file to write (JSON)")
@@ -67,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
         outcome = make_plan(
             trace_path, args.trace, hw, args.gpu_mem_gib, global_tau=args.global_tau, taus=taus, budgets=budgets,
             time_limit_s=args.time_limit, calibrate_prompts=calibrate, engine=args.engine,
-            oracle_iterations=args.oracle_iterations,
+            oracle_iterations=args.oracle_iterations, policy=args.policy,
             progress=lambda items: done.wrap(progress(items, desc="cost table")),
         )
         done.summary = f"solver {outcome.plan.solver.status}, {plan_slots(outcome.plan)}"
@@ -92,10 +98,10 @@ def _eval_row(name: str, ev: Evaluation | None) -> list[Any]:
 def print_report(outcome: PlanOutcome, output: Path) -> None:
     p = outcome.plan
     s = p.solver
-    print(f"{p.model} on {p.hw}, {p.gpu_mem_gib:g} GiB: the plan uses {plan_slots(p)} "
+    print(f"{p.model} on {p.hw}, {p.gpu_mem_gib:g} GiB: the plan for {p.policy} uses {plan_slots(p)} "
           f"(uniform budget {outcome.uniform_budget} per layer); mode {p.mode}")
-    print(f"solver: {s.status} in {s.wall_time_s:.2f} s ({s.solver}); predicted {p.objective_s:.4f} s on the "
-          f"calibration prompts (MILP bound {s.milp_bound_s:.4f} s)")
+    print(f"solver: {s.status} in {s.wall_time_s:.2f} s ({s.solver}); knapsack optimum {s.milp_bound_s:.4f} s, "
+          f"kept plan {p.objective_s:.4f} s predicted on the calibration prompts")
     gap = "-" if p.gap is None else f"{100 * p.gap:.1f}%"
     print(f"Lagrangian lower bound (no refresh schedule with these budgets is faster; not the oracle policy): "
           f"{p.oracle_bound_s:.4f} s; gap {gap}")
@@ -106,8 +112,15 @@ def print_report(outcome: PlanOutcome, output: Path) -> None:
     print(format_table(["prompts", "ids", "plan tok/s", "best single tau", "its tok/s", "speedup"],
                        [_eval_row("calibration", p.calibration), _eval_row("held-out", p.heldout)]))
     print()
+    if p.selection is not None:
+        sel = p.selection
+        print(f"kept: {sel.chosen}, the fastest of {len(sel.candidates)} candidates on the evaluation prompts "
+              f"{','.join(map(str, sel.prompts))} ({sel.engine}); the plans among them:")
+        print(format_table(["candidate", "time s"], [[c.name, c.time_s] for c in sel.candidates
+                                                     if not c.name.startswith("tau ")]))
+        print()
     tokens = outcome.table.generated_tokens
-    print(f"single-tau tide on the calibration prompts, budget {outcome.uniform_budget} per layer:")
+    print(f"single-tau {p.policy} on the calibration prompts, budget {outcome.uniform_budget} per layer:")
     print(format_table(["tau", "time s", "tok/s"], [[t, v, tokens / v] for t, v in outcome.tau_sweep.items()]))
     for note in p.notes:
         print(f"note: {note}")

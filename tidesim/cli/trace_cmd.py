@@ -12,6 +12,7 @@ TRACE_MODULES: list[str] = [
     "tidesim.cli.trace_synth",
     "tidesim.cli.trace_stats",
     "tidesim.cli.trace_capture",
+    "tidesim.cli.trace_convert",
 ]
 
 
@@ -24,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                       parser_class=type(parser))
     register_modules(trace_sub, TRACE_MODULES)
     # The trace files these subcommands write, checked by the output guard before they start.
-    for name in ("synth", "capture"):
+    for name in ("synth", "capture", "convert"):
         if name in trace_sub.choices:
             declare_outputs(trace_sub.choices[name], Output("output", "--output", (".parquet",)))
     parser.set_defaults(func=lambda args: parser.print_help())

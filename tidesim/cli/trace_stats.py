@@ -64,10 +64,12 @@ def render(s: dict[str, Any]) -> str:
     """Readable tables: summary, similarity by distance, hit ratio by tau, per layer."""
     d = s["decode"]
     budget = int(np.asarray(s["hit_ratio"]["budget_per_layer"])[0])
-    out = [f"{s['trace']}: {s['model']}, kv-cache {s['kv_cache']}, {s['source']}, "
-           f"block {s['block_length']}, threshold {s['threshold']}, prompts {len(s['prompts'])}"]
+    ar = s.get("decode_shape") == "autoregressive"
+    head = ("autoregressive" if ar else
+            f"kv-cache {s['kv_cache']}, block {s['block_length']}, threshold {s['threshold']}")
+    out = [f"{s['trace']}: {s['model']}, {head}, {s['source']}, prompts {len(s['prompts'])}"]
     out.append(format_table(["quantity", "value"], [
-        ["forwards", d["forwards"]], ["denoising steps", d["step_forwards"]],
+        ["forwards", d["forwards"]], ["decode forwards" if ar else "denoising steps", d["step_forwards"]],
         ["steps per prompt (mean)", d["steps_per_prompt_mean"]],
         ["steps per prompt", _short(d["steps_per_prompt"])],
         ["generated tokens per prompt (mean)", d["generated_per_prompt_mean"]],
@@ -88,7 +90,8 @@ def render(s: dict[str, Any]) -> str:
         row: list[Any] = [dist, fw["pairs"][i], fw["cosine"][i], fw["jaccard"][i]]
         row += [blk["cosine"][i], blk["jaccard"][i]] if blk else ["-", "-"]
         rows.append(row)
-    out.append("\nsimilarity of expert activations d steps apart (same prompt and block)")
+    scope = "d tokens apart (same prompt)" if ar else "d steps apart (same prompt and block)"
+    out.append(f"\nsimilarity of expert activations {scope}")
     out.append(format_table(["d", "pairs", "cosine (forward)", "jaccard (forward)", "cosine (block)",
                              "jaccard (block)"], rows))
     out.append(f"block scope: {s['block_scope']}")

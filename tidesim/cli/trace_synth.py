@@ -11,7 +11,9 @@ from tidesim.errors import InputError
 from tidesim.limits import check_synth
 from tidesim.models import get_model
 from tidesim.trace.io import write_trace
+from tidesim.trace.schema import DECODES
 from tidesim.trace.synth import EOS_MODES, GENERATOR_VERSION, SynthConfig, synthesize
+from tidesim.trace.synth_ar import ArConfig, synthesize_ar
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "The generator and its calibration are described in docs/traces.md.",
     )
     p.add_argument("--model", default="llada2-mini", help="model preset or config.json (default llada2-mini)")
+    p.add_argument("--decode", choices=DECODES, default="diffusion",
+                   help="diffusion: block-diffusion decoding (LLaDA2.0); autoregressive: a prefill, then one "
+                        "forward per generated token (block length 1, KV cache; takes --prompts, --prompt-length "
+                        "(default 128), --gen-length, --seed, --token-level) (diffusion)")
     p.add_argument("--prompts", type=int, default=4, help="number of prompts decoded one after another (4)")
     p.add_argument("--gen-length", type=int, default=256,
                    help="most tokens generated per prompt; answers end earlier at their EOS (256)")
@@ -49,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.is_dir():
         raise InputError(f"{out}: is a folder; give a file name such as trace.parquet")
+    if args.decode == "autoregressive":
+        return _run_autoregressive(args, out)
     cfg = SynthConfig(
         model=get_model(args.model), prompts=args.prompts, gen_length=args.gen_length,
         block_length=args.block_length, threshold=args.threshold, kv_cache=args.kv_cache,
@@ -68,6 +76,24 @@ def run(args: argparse.Namespace) -> int:
         "tokens_per_step": trace.generated_tokens / steps,
         "generated_tokens": sum(int(m["generated"]) for m in trace.meta.prompts), "seed": cfg.seed,
         "generator_version": GENERATOR_VERSION, "bytes": out.stat().st_size,
+    }
+    if args.json:
+        print_json(summary)
+    else:
+        print(format_table(["field", "value"], [[k, v] for k, v in summary.items()]))
+    return 0
+
+
+def _run_autoregressive(args: argparse.Namespace, out: Path) -> int:
+    cfg = ArConfig(model=get_model(args.model), prompts=args.prompts, prompt_length=args.prompt_length or 128,
+                   gen_length=args.gen_length, seed=args.seed, token_level=args.token_level)
+    check_synth(cfg.model, cfg.prompts, cfg.gen_length, 1, cfg.prompt_length, "prefix", cfg.token_level)
+    trace = synthesize_ar(cfg)
+    write_trace(trace, out)
+    summary = {
+        "output": str(out), "model": cfg.model.name, "decode": "autoregressive", "prompts": cfg.prompts,
+        "prompt_length": cfg.prompt_length, "gen_length": cfg.gen_length, "forwards": trace.num_forwards,
+        "generated_tokens": trace.generated_tokens, "seed": cfg.seed, "bytes": out.stat().st_size,
     }
     if args.json:
         print_json(summary)

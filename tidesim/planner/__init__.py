@@ -1,10 +1,13 @@
 """The planner: per-layer refresh intervals and GPU expert budgets under one memory budget.
 
 docs/planner.md has the formulation. In short: a cost table C[l, tau, B] (predicted seconds of MoE
-layer l when `tide` runs it with interval tau and budget B) is computed once from the analytic cost
-model, then a multiple-choice knapsack picks one (tau, B) per layer under the memory row, solved
-exactly by a dynamic program over the slots used. A Lagrangian lower bound over all refresh schedules with the chosen
-budgets says how far the plan can be from any policy of that kind.
+layer l when the policy, `tide` by default, runs it with interval tau and budget B) is computed once
+from the analytic cost model on the calibration prompts, then a multiple-choice knapsack picks one
+(tau, B) per layer under the memory row, solved exactly by a dynamic program over the slots used.
+That optimum, the per-layer intervals with the uniform budget and every single tau are then run by
+one executor on the evaluation prompts, and the fastest is kept (planner.select). A Lagrangian lower
+bound over all refresh schedules with the chosen budgets says how far the plan can be from any
+policy of that kind.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from tidesim.plan import (
     Evaluation,
     Fingerprints,
     Plan,
+    Selection,
     SolverInfo,
     file_fingerprint,
     model_fingerprint,
@@ -29,55 +33,68 @@ from tidesim.plan import (
 )
 from tidesim.planner.bound import OracleBound, OracleCosts, oracle_bound, oracle_costs
 from tidesim.planner.candidates import default_budgets, expert_slots, parse_int_list, uniform_budget
-from tidesim.planner.costtable import CostTable, _index_of, cost_table, distinct_taus
+from tidesim.planner.costtable import PLAN_POLICIES, CostTable, _index_of, check_plan_policy, cost_table, distinct_taus
 from tidesim.planner.milp import SOLVER_NAME, MilpResult, cbc, solve_plan
+from tidesim.planner.select import INTERVALS, OPTIMUM, SINGLE, Candidate, best_tau_of, choose, plan_candidates
 from tidesim.workload import Workload
 
 # ----- evaluation and the whole planning run ------------------------------------------------------
 
 
+def plan_runner(policy: str) -> str:
+    """The registered policy that runs a plan made for `policy` (options.extra["plan"], or the
+    per-layer options): `planned` for tide, the policy itself otherwise."""
+    return "planned" if policy == "tide" else policy
+
+
 def evaluate_plan(workload: Workload, hw: HardwareProfile, tau: np.ndarray, budget: np.ndarray,
-                  engine: str = "analytic") -> Metrics:
-    """Run the `planned` policy with these per-layer settings through an executor."""
+                  engine: str = "analytic", policy: str = "tide") -> Metrics:
+    """Run the plan's runner (plan_runner) with these per-layer settings through an executor."""
     from tidesim.policies import PolicyOptions, build_schedule
     from tidesim.run import run
 
     options = PolicyOptions(budget=np.asarray(budget, np.int64), tau=np.asarray(tau, np.int64), hw=hw,
                             refresh="sync")
-    return run(workload, build_schedule("planned", workload, options), hw, engine=engine)
+    return run(workload, build_schedule(plan_runner(policy), workload, options), hw, engine=engine)
 
 
 def single_tau_sweep(workload: Workload, hw: HardwareProfile, taus: list[int], budget: int,
-                     engine: str = "analytic") -> dict[int, float]:
-    """Total time of `tide` with one tau and a uniform budget, for every candidate tau (the paper's
-    setting). Analytic: read off a one-budget cost table; sim: one simulation per distinct tau."""
+                     engine: str = "analytic", policy: str = "tide") -> dict[int, float]:
+    """Total time of the policy with one tau and a uniform budget, for every candidate tau (the
+    paper's setting). Analytic: read off a one-budget cost table; sim: one simulation per distinct
+    tau."""
     from tidesim.policies import PolicyOptions, build_schedule, uniform
     from tidesim.run import run
 
     if engine == "analytic":
-        table = cost_table(workload, hw, taus, [budget])
+        table = cost_table(workload, hw, taus, [budget], policy=policy)
         return {int(t): float(v) for t, v in zip(table.taus, table.uniform_total_s()[:, 0], strict=True)}
     same = distinct_taus(workload, taus)
     times: dict[int, float] = {}
     layers = workload.num_layers
     for tau in sorted(set(same.values())):
         options = PolicyOptions(budget=uniform(budget, layers), tau=uniform(tau, layers), hw=hw, refresh="sync")
-        times[tau] = run(workload, build_schedule("tide", workload, options), hw, engine=engine).total_time_s
+        times[tau] = run(workload, build_schedule(policy, workload, options), hw, engine=engine).total_time_s
     return {t: times[same[t]] for t in sorted(taus)}
 
 
-def compare_on(workload: Workload, hw: HardwareProfile, prompts: list[int], tau: np.ndarray, budget: np.ndarray,
-               taus: list[int], uniform_b: int, engine: str) -> Evaluation:
-    """The plan against the best single-tau tide (chosen on these same prompts) with the same memory."""
-    plan_s = evaluate_plan(workload, hw, tau, budget, engine).total_time_s
-    sweep = single_tau_sweep(workload, hw, taus, uniform_b, engine)
-    best_tau = min(sweep, key=lambda t: (sweep[t], t))
-    tokens = workload.generated_tokens
+def evaluation(prompts: list[int], engine: str, tokens: int, plan_s: float, sweep: dict[int, float],
+               budget: int) -> Evaluation:
+    """The plan's time against the best single tau of `sweep` (ties: the largest tau)."""
+    best_tau = best_tau_of(sweep)
     best_s = sweep[best_tau]
     return Evaluation(prompts=prompts, engine=engine, generated_tokens=tokens, plan_time_s=plan_s,
-                      plan_tokens_per_s=tokens / plan_s, best_single_tau=best_tau, best_single_tau_budget=uniform_b,
+                      plan_tokens_per_s=tokens / plan_s, best_single_tau=best_tau, best_single_tau_budget=budget,
                       best_single_tau_time_s=best_s, best_single_tau_tokens_per_s=tokens / best_s,
                       speedup=best_s / plan_s)
+
+
+def compare_on(workload: Workload, hw: HardwareProfile, prompts: list[int], tau: np.ndarray, budget: np.ndarray,
+               taus: list[int], uniform_b: int, engine: str, policy: str = "tide") -> Evaluation:
+    """The plan against the best single-tau policy (chosen on these same prompts) with the same memory."""
+    plan_s = evaluate_plan(workload, hw, tau, budget, engine, policy).total_time_s
+    sweep = single_tau_sweep(workload, hw, taus, uniform_b, engine, policy)
+    return evaluation(prompts, engine, workload.generated_tokens, plan_s, sweep, uniform_b)
 
 
 @dataclass
@@ -87,7 +104,7 @@ class PlanOutcome:
     plan: Plan
     table: CostTable
     uniform_budget: int
-    tau_sweep: dict[int, float]          # calibration: total time of single-tau tide, uniform budget
+    tau_sweep: dict[int, float]          # calibration: total time of the single-tau policy, uniform budget
 
 
 def split_prompts(all_prompts: list[int], calibrate: list[int] | None) -> tuple[list[int], list[int]]:
@@ -100,54 +117,50 @@ def split_prompts(all_prompts: list[int], calibrate: list[int] | None) -> tuple[
     return sorted(set(calibrate)), [p for p in all_prompts if p not in set(calibrate)]
 
 
-def robust_plan(workload: Workload, hw: HardwareProfile, calib: list[int], table: CostTable, result: MilpResult,
-                slots: int, uniform_b: int, best_tau: int, global_tau: bool, time_limit_s: float | None
-                ) -> tuple[MilpResult, str]:
-    """Keep the optimum only if it is at least as fast as the best single tau (uniform budget) on
-    every calibration prompt by itself, not just on their sum; otherwise fall back to per-layer
-    intervals with the uniform budget, and failing that to the best single tau itself.
-
-    Moving slots between layers can fit one prompt's routing and lose on the next (the gains are
-    often a fraction of a percent); this check is what keeps such plans off held-out prompts.
-    """
-    if len(calib) < 2:
-        return result, ""
-    layers = workload.num_layers
-    single = (np.full(layers, best_tau, np.int64), np.full(layers, uniform_b, np.int64))
-    per_prompt = [workload.select_prompts([p]) for p in calib]
-    base = [evaluate_plan(w, hw, *single).total_time_s for w in per_prompt]
-
-    def holds(candidate: MilpResult) -> bool:
-        return all(evaluate_plan(w, hw, candidate.tau, candidate.budget).total_time_s <= b * (1 + 1e-12)
-                   for w, b in zip(per_prompt, base, strict=True))
-
-    if holds(result):
-        return result, ""
+def fit_candidates(table: CostTable, slots: int, uniform_b: int, global_tau: bool, time_limit_s: float | None
+                   ) -> tuple[MilpResult, list[Candidate]]:
+    """The knapsack optimum on the calibration table and the plans the planner may keep instead:
+    per-layer intervals with the uniform budget (the same program with B fixed to it) and every
+    single tau with the uniform budget."""
+    result = solve_plan(table, slots, global_tau=global_tau, time_limit_s=time_limit_s)
+    if result.status not in ("optimal", "feasible"):
+        raise InputError(f"the solver found no plan ({result.status}); give a longer --time-limit")
     k = int(np.flatnonzero(table.budgets == uniform_b)[0])
     uniform_table = CostTable(table.taus, table.budgets[k:k + 1], table.layer_cost_s[:, :, k:k + 1], table.other_s,
                               table.generated_tokens)
     intervals = solve_plan(uniform_table, slots, global_tau=global_tau, time_limit_s=time_limit_s)
-    why = "the MILP optimum lost to the best single tau on a calibration prompt by itself"
-    if intervals.status in ("optimal", "feasible") and holds(intervals):
-        return intervals, f"{why}; kept per-layer intervals with the uniform budget {uniform_b}"
-    objective = table.total_s(*single)
-    fallback = MilpResult(single[0], single[1], objective, result.status, result.proven_optimal,
-                          result.wall_time_s, min(result.bound_s, objective))
-    return fallback, f"{why}, and so did per-layer intervals; kept the best single tau {best_tau}"
+    optimum = Candidate("optimum", OPTIMUM, result.tau, result.budget)
+    fallback = Candidate("intervals", INTERVALS, intervals.tau, intervals.budget)
+    return result, plan_candidates(optimum, fallback, [int(t) for t in table.taus], uniform_b, table.num_layers)
+
+
+def select_plan(workload: Workload, hw: HardwareProfile, prompts: list[int], candidates: list[Candidate],
+                uniform_b: int, engine: str, policy: str = "tide") -> tuple[Candidate, Selection, Evaluation]:
+    """Run every candidate with `engine` on these prompts and keep the fastest (planner.select);
+    returns it, the record of the choice and its evaluation against the best single tau there."""
+    singles = [int(c.tau[0]) for c in candidates if c.kind == SINGLE]
+    sweep = single_tau_sweep(workload, hw, singles, uniform_b, engine, policy)
+    times = [sweep[int(c.tau[0])] if c.kind == SINGLE else
+             evaluate_plan(workload, hw, c.tau, c.budget, engine, policy).total_time_s for c in candidates]
+    kept, record = choose(candidates, times, prompts, engine)
+    plan_s = times[candidates.index(kept)]
+    return kept, record, evaluation(prompts, engine, workload.generated_tokens, plan_s, sweep, uniform_b)
 
 
 def make_plan(trace_path: Path, trace_name: str, hw: HardwareProfile, gpu_mem_gib: float, *,
               global_tau: bool = False, taus: list[int] | None = None, budgets: list[int] | None = None,
               time_limit_s: float | None = None, calibrate_prompts: list[int] | None = None,
-              engine: str = "analytic", oracle_iterations: int = 80,
+              engine: str = "analytic", oracle_iterations: int = 80, policy: str = "tide",
               progress: Callable[[Iterable[int]], Iterable[int]] | None = None) -> PlanOutcome:
-    """Everything `tidesim plan` does: cost table on the calibration prompts, MILP, oracle bound,
-    evaluation on calibration and held-out prompts, fingerprints."""
+    """Everything `tidesim plan` does: cost table on the calibration prompts, knapsack, the choice
+    among the candidates on the evaluation prompts (the held-out ones; the calibration ones when
+    none are held out), Lagrangian bound, evaluation on both sets, fingerprints."""
     from tidesim.trace.io import read_trace
     from tidesim.workload import workload_from_trace
 
     if time_limit_s is not None and time_limit_s <= 0:
         raise InputError(f"--time-limit must be positive, got {time_limit_s}")
+    check_plan_policy(policy)
     trace = read_trace(trace_path)
     model = trace.model
     workload = workload_from_trace(trace)
@@ -160,42 +173,49 @@ def make_plan(trace_path: Path, trace_name: str, hw: HardwareProfile, gpu_mem_gi
         raise InputError(f"--budgets must not exceed the model's {experts} experts per layer")
     u = uniform_budget(slots, layers, experts)
     calib_w = workload.select_prompts(calib)
-    table = cost_table(calib_w, hw, taus, sorted(set(budgets) | {u}), progress=progress)
-    result = solve_plan(table, slots, global_tau=global_tau, time_limit_s=time_limit_s)
-    if result.status not in ("optimal", "feasible"):
-        raise InputError(f"the solver found no plan ({result.status}); give a longer --time-limit")
+    table = cost_table(calib_w, hw, taus, sorted(set(budgets) | {u}), progress=progress, policy=policy)
+    result, candidates = fit_candidates(table, slots, u, global_tau, time_limit_s)
     sweep = {int(t): float(v) for t, v in
              zip(table.taus, table.uniform_total_s()[:, int(np.flatnonzero(table.budgets == u)[0])], strict=True)}
-    best_tau = min(sweep, key=lambda t: (sweep[t], t))
-    result, robust_note = robust_plan(workload, hw, calib, table, result, slots, u, best_tau, global_tau,
-                                      time_limit_s)
-    layer_upper = table.layer_cost_s[np.arange(layers), _index_of(table.taus, result.tau, "tau"),
-                                     _index_of(table.budgets, result.budget, "budget")]
-    bound = oracle_bound(oracle_costs(calib_w, hw), result.budget, oracle_iterations, layer_upper)
-    calibration = compare_on(calib_w, hw, calib, result.tau, result.budget, taus, u, engine)
-    heldout = (compare_on(workload.select_prompts(held), hw, held, result.tau, result.budget, taus, u, engine)
-               if held else None)
-    notes = [robust_note] if robust_note else []
-    if engine == "analytic" and abs(calibration.plan_time_s - result.objective_s) > 1e-6 * result.objective_s:
+    chosen_on = held or calib
+    kept, selection, chosen_eval = select_plan(workload.select_prompts(chosen_on), hw, chosen_on, candidates, u,
+                                               engine, policy)
+    objective = table.total_s(kept.tau, kept.budget)
+    layer_upper = table.layer_cost_s[np.arange(layers), _index_of(table.taus, kept.tau, "tau"),
+                                     _index_of(table.budgets, kept.budget, "budget")]
+    bound = oracle_bound(oracle_costs(calib_w, hw), kept.budget, oracle_iterations, layer_upper)
+    calibration = chosen_eval if not held else compare_on(calib_w, hw, calib, kept.tau, kept.budget, taus, u,
+                                                          engine, policy)
+    heldout = chosen_eval if held else None
+    lost = not (np.array_equal(kept.tau, result.tau) and np.array_equal(kept.budget, result.budget))
+    notes = [] if not lost else [
+        f"kept {'the per-layer intervals' if kept.kind == INTERVALS else kept.name} with the uniform budget {u}: "
+        f"faster than the knapsack optimum on the evaluation prompts {_ids(chosen_on)} ({engine})"]
+    if engine == "analytic" and abs(calibration.plan_time_s - objective) > 1e-6 * objective:
         notes.append(f"the cost model's time of the plan ({calibration.plan_time_s:.6g} s) differs from the "
-                     f"table's prediction ({result.objective_s:.6g} s): layer additivity does not hold")
+                     f"table's prediction ({objective:.6g} s): layer additivity does not hold")
     plan = Plan(
         model=model.name, hw=hw.name, trace=trace_name, mode="global-tau" if global_tau else "per-layer",
         gpu_mem_gib=float(gpu_mem_gib), expert_slots=slots,
-        tau=[int(t) for t in result.tau], budget=[int(b) for b in result.budget],
-        objective_s=result.objective_s, oracle_bound_s=bound.bound_s,
-        gap=result.objective_s / bound.bound_s - 1 if bound.bound_s > 0 else None,
+        tau=[int(t) for t in kept.tau], budget=[int(b) for b in kept.budget],
+        objective_s=objective, oracle_bound_s=bound.bound_s,
+        gap=objective / bound.bound_s - 1 if bound.bound_s > 0 else None,
         solver=SolverInfo(SOLVER_NAME, result.status, result.proven_optimal, result.wall_time_s, time_limit_s,
                           result.bound_s),
         fingerprints=Fingerprints(file_fingerprint(trace_path), profile_fingerprint(hw), model_fingerprint(model)),
         taus=[int(t) for t in table.taus], budgets=[int(b) for b in table.budgets],
-        calibration=calibration, heldout=heldout, notes=notes,
+        calibration=calibration, heldout=heldout, notes=notes, policy=policy, selection=selection,
     )
     return PlanOutcome(plan=plan, table=table, uniform_budget=u, tau_sweep=sweep)
 
 
+def _ids(prompts: list[int]) -> str:
+    return ",".join(map(str, prompts))
+
+
 __all__ = [
-    "CostTable", "MilpResult", "OracleBound", "OracleCosts", "PlanOutcome", "cbc", "compare_on", "cost_table",
-    "default_budgets", "distinct_taus", "evaluate_plan", "expert_slots", "make_plan", "oracle_bound", "oracle_costs",
-    "parse_int_list", "robust_plan", "single_tau_sweep", "solve_plan", "split_prompts", "uniform_budget",
+    "PLAN_POLICIES", "Candidate", "CostTable", "MilpResult", "OracleBound", "OracleCosts", "PlanOutcome", "cbc",
+    "compare_on", "cost_table", "default_budgets", "distinct_taus", "evaluate_plan", "evaluation", "expert_slots",
+    "fit_candidates", "make_plan", "oracle_bound", "oracle_costs", "parse_int_list", "plan_runner", "select_plan",
+    "single_tau_sweep", "solve_plan", "split_prompts", "uniform_budget",
 ]

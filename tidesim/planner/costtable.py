@@ -77,11 +77,23 @@ def distinct_taus(workload: Workload, taus: list[int]) -> dict[int, int]:
     return out
 
 
+# Policies the planner plans for: each runs TIDE's interval refresh with per-layer tau and budget
+# (PolicyOptions.tau and .budget as [L] arrays) and is additive over MoE layers with synchronous
+# refresh. tide has a fast table (below); any other is costed by running it (_schedule_table).
+PLAN_POLICIES: tuple[str, ...] = ("tide",)
+
+
+def check_plan_policy(policy: str) -> None:
+    if policy not in PLAN_POLICIES:
+        raise InputError(f"the planner plans for {', '.join(PLAN_POLICIES)}, not {policy!r}; "
+                         "give --policy one of those")
+
+
 def cost_table(workload: Workload, hw: HardwareProfile, taus: list[int], budgets: list[int],
-               max_cells: int = 4_000_000, progress: Callable[[Iterable[int]], Iterable[int]] | None = None
-               ) -> CostTable:
-    """C[l, tau, B]: the analytic cost model's time of MoE layer l under `tide` with synchronous
-    refresh, interval tau and budget B, for every candidate pair.
+               max_cells: int = 4_000_000, progress: Callable[[Iterable[int]], Iterable[int]] | None = None,
+               policy: str = "tide") -> CostTable:
+    """C[l, tau, B]: the analytic cost model's time of MoE layer l under `policy` (default tide)
+    with synchronous refresh, interval tau and budget B, for every candidate pair.
 
     With synchronous refresh the analytic model is additive over MoE layers (a layer-forward's
     time depends on that layer's schedule only; docs/planner.md section 2) and `tide` decides each
@@ -97,16 +109,65 @@ def cost_table(workload: Workload, hw: HardwareProfile, taus: list[int], budgets
         raise InputError("give at least one candidate tau and one candidate budget")
     if max(budgets) > workload.num_experts or min(budgets) < 0:
         raise InputError(f"candidate budgets must lie in 0..{workload.num_experts} (experts per layer)")
+    check_plan_policy(policy)
     same = distinct_taus(workload, taus)
     options = [(tau, b) for tau in sorted(set(same.values())) for b in budgets]
-    found = dict(zip(options, residencies(workload, options, max_cells, progress), strict=True))
     layer_fixed, other = fixed_costs(workload, hw)
-    times = _option_layer_times(workload, hw, [found[o] for o in options], layer_fixed, max_cells)
+    if policy == "tide":
+        found = dict(zip(options, residencies(workload, options, max_cells, progress), strict=True))
+        times = _option_layer_times(workload, hw, [found[o] for o in options], layer_fixed, max_cells)
+    else:
+        times = _schedule_table(workload, hw, options, policy, progress)
     by_option = dict(zip(options, times, strict=True))
     sorted_taus = sorted(taus)
     cost = np.stack([np.stack([by_option[(same[t], b)] for b in budgets], axis=1) for t in sorted_taus], axis=1)
     return CostTable(taus=np.array(sorted_taus, dtype=np.int64), budgets=np.array(budgets, dtype=np.int64),
                      layer_cost_s=cost, other_s=other, generated_tokens=workload.generated_tokens)
+
+
+def _schedule_table(workload: Workload, hw: HardwareProfile, options: list[tuple[int, int]], policy: str,
+                    progress: Callable[[Iterable[int]], Iterable[int]] | None, max_cells: int = 32_000_000
+                    ) -> list[np.ndarray]:
+    """[L] seconds per MoE layer for each (tau, budget): the policy's own schedule with that tau
+    and budget in every layer, run through the analytic model (its per-layer times), so the table
+    costs exactly the policy's step and the layer model's terms, with no formula of its own.
+
+    Options are run side by side as virtual layers of one workload (options_as_layers): the
+    policies the planner plans for decide each layer from its own routing and state, and with
+    synchronous refresh a layer's time depends only on its own schedule, so each virtual layer
+    costs what that layer costs under that option alone (tests check both against separate runs).
+    max_cells bounds forwards x virtual layers x experts per run (memory)."""
+    from tidesim.policies import PolicyOptions, build_schedule
+    from tidesim.run import run
+
+    layers = workload.num_layers
+    per_chunk = max(1, max_cells // max(1, workload.expert_tokens.size))
+    chunks = [options[i:i + per_chunk] for i in range(0, len(options), per_chunk)]
+    indices: Iterable[int] = range(len(chunks))
+    if progress is not None:
+        indices = progress(indices)
+    out: list[np.ndarray] = []
+    for i in indices:
+        chunk = chunks[i]
+        tiled = options_as_layers(workload, len(chunk))
+        tau = np.repeat(np.array([t for t, _ in chunk], np.int64), layers)
+        budget = np.repeat(np.array([b for _, b in chunk], np.int64), layers)
+        chosen = PolicyOptions(budget=budget, tau=tau, hw=hw, refresh="sync")
+        metrics = run(tiled, build_schedule(policy, tiled, chosen), hw, engine="analytic")
+        out.extend(np.asarray(metrics.layer_time_s, dtype=float).reshape(len(chunk), layers))
+    return out
+
+
+def options_as_layers(workload: Workload, n: int) -> Workload:
+    """The workload with its MoE layers repeated n times (layer k * L + l is layer l of option k),
+    under a model with that many MoE layers: n options of a per-layer policy in one run."""
+    import dataclasses
+
+    if n == 1:
+        return workload
+    model = workload.model
+    spec = dataclasses.replace(model, num_layers=model.first_dense_layers + n * workload.num_layers)
+    return dataclasses.replace(workload, model=spec, expert_tokens=np.tile(workload.expert_tokens, (1, n, 1)))
 
 
 @dataclass(frozen=True)
@@ -205,6 +266,7 @@ def _sync_layer_time(c: _Charges, sums: _Sums, layers: int, span: np.ndarray | N
         Rates,
         activation_copies,
         charge_contention,
+        copy_overlaps,
         copy_slowdown,
         cpu_pool_bound,
         grouped_kernel,
@@ -221,12 +283,17 @@ def _sync_layer_time(c: _Charges, sums: _Sums, layers: int, span: np.ndarray | N
     act_d2h, res_h2d = activation_copies(r, c.hw, flat(sums.cpu_tok))
     grouped = grouped_kernel(r, flat(sums.gpu_sum), flat(sums.gpu_n))
     zeros = np.zeros(g)
-    gpu = GpuCosts(fwd_fixed=np.zeros(f_count), layer_fixed=c.layer_fixed_s.astype(float), grouped=grouped,
-                   od_compute_sum=zeros, slow_extra=copy_slowdown(r, grouped, res_h2d))
-    moves = CopyCosts(sync_h2d=flat(sums.copies) * r.expert_copy_s, demote_d2h=zeros, async_h2d=zeros,
-                      n_async=zeros, act_d2h=act_d2h, res_h2d=res_h2d, od_n=zeros, od_copy_sum=zeros)
     cpu = CpuCosts(total=flat(sums.cpu_sum), longest=flat(sums.cpu_max), shortest=flat(sums.cpu_min),
                    n=flat(sums.cpu_n))
+    slow = zeros
+    if r.slows > 0:           # only the results copy can run while the grouped kernel does
+        none = np.zeros(0, np.int64)
+        slow = copy_slowdown(r, grouped, copy_overlaps(r, grouped, None, none, none, act_d2h, res_h2d,
+                                                       cpu_pool_bound(r, cpu), cpu.n)[0])
+    gpu = GpuCosts(fwd_fixed=np.zeros(f_count), layer_fixed=c.layer_fixed_s.astype(float), grouped=grouped,
+                   od_compute_sum=zeros, slow_extra=slow)
+    moves = CopyCosts(sync_h2d=flat(sums.copies) * r.expert_copy_s, demote_d2h=zeros, async_h2d=zeros,
+                      n_async=zeros, act_d2h=act_d2h, res_h2d=res_h2d, od_n=zeros, od_copy_sum=zeros)
     if span is not None:
         charge_contention(r, gpu, cpu, flat(span))
     layer = layer_phases(r, gpu, moves, cpu.n, cpu_pool_bound(r, cpu), None, n * layers)["layer"]

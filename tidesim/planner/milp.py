@@ -49,8 +49,8 @@ def solve_plan(table: CostTable, slots: int, global_tau: bool = False,
     """Choose one (tau, budget) per layer minimising the predicted total under the slot limit.
 
     global_tau: one tau for all layers, solved by enumerating the distinct intervals and solving
-    the per-layer-budget knapsack for each; the best of these optima (ties to the smallest tau) is
-    the optimum of the joint program.
+    the per-layer-budget knapsack for each; the best of these optima (ties to the largest tau, as
+    in _cheapest_tau) is the optimum of the joint program.
 
     time_limit_s: only for the CBC path (`_solve_cbc`); the exact DP needs none and ignores it, so
     that no wall clock ever decides the plan.
@@ -60,10 +60,11 @@ def solve_plan(table: CostTable, slots: int, global_tau: bool = False,
         return _solve_dp(table, slots)
     start = time.perf_counter()
     c = table.layer_cost_s
-    distinct = [i for i in range(len(table.taus)) if not any(np.array_equal(c[:, i], c[:, j]) for j in range(i))]
+    n = len(table.taus)
+    distinct = [i for i in range(n) if not any(np.array_equal(c[:, i], c[:, j]) for j in range(i + 1, n))]
     results = [_solve_dp(CostTable(table.taus[i:i + 1], table.budgets, c[:, i:i + 1], table.other_s,
                                    table.generated_tokens), slots) for i in distinct]
-    best = min(results, key=lambda r: (r.objective_s, int(r.tau[0])))
+    best = min(results, key=lambda r: (r.objective_s, -int(r.tau[0])))
     return MilpResult(best.tau, best.budget, best.objective_s, "optimal", True, time.perf_counter() - start,
                       best.objective_s)
 
@@ -72,8 +73,9 @@ def _solve_dp(table: CostTable, slots: int) -> MilpResult:
     """The per-layer program, exactly: a DP over (layer, slots used), vectorised over the slots.
 
     Ties are broken deterministically: the fewest slots in all, then, going back from the last
-    layer, the smallest budget. Dominated options (a smaller budget matches or beats them) are
-    left out, as in the CBC program.
+    layer, the smallest budget, and per (layer, budget) the largest of the cheapest taus.
+    Dominated options (a smaller budget matches or beats them) are left out, as in the CBC
+    program.
     """
     start = time.perf_counter()
     best, tau_idx = _cheapest_tau(table)
@@ -126,8 +128,12 @@ def _solve_cbc(table: CostTable, slots: int, time_limit_s: float | None = None) 
 
 
 def _cheapest_tau(table: CostTable) -> tuple[np.ndarray, np.ndarray]:
-    """Per (layer, budget) the best cost over tau and the index of the first tau reaching it."""
-    idx = table.layer_cost_s.argmin(axis=1)                      # [L, K], first minimum
+    """Per (layer, budget) the best cost over tau and the index of the last (largest) tau reaching
+    it: taus of equal cost are, in practice, one schedule on the calibration prompts (every tau
+    past their longest block), and the largest keeps refreshing only at block starts on prompts
+    with longer blocks (tidesim.planner.select.best_tau_of)."""
+    taus = table.layer_cost_s.shape[1]
+    idx = taus - 1 - table.layer_cost_s[:, ::-1, :].argmin(axis=1)    # [L, K], last minimum
     best = np.take_along_axis(table.layer_cost_s, idx[:, None, :], axis=1)[:, 0, :]
     return best, idx
 

@@ -23,7 +23,9 @@ from tidesim.layermodel import (
     OnDemandLayout,
     Rates,
     activation_copies,
+    background_waits,
     charge_contention,
+    copy_overlaps,
     copy_releases,
     copy_slowdown,
     grouped_kernel,
@@ -50,6 +52,12 @@ class ExpertItems:
     async_g: np.ndarray
     async_expert: np.ndarray
     async_release: np.ndarray
+    async_use: np.ndarray        # layer-forward whose grouped kernel waits for the copy, -1: none
+    async_freed: np.ndarray      # layer-forward whose demand copies wait for it (its slot), -1: none
+    sync_g: np.ndarray           # synchronous refresh copies (one timeline slice each)
+    sync_expert: np.ndarray
+    demote_g: np.ndarray         # demotions
+    demote_expert: np.ndarray
 
 
 @dataclass
@@ -220,7 +228,8 @@ def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) 
     act_d2h, res_h2d = activation_copies(r, hw, cs.pairs)
 
     sync_idx = copy_idx if kinds[COPY_SYNC_REFRESH] == copy_idx.size else copy_idx[copy_kind == COPY_SYNC_REFRESH]
-    sync = np.bincount(_split(sync_idx, E)[0], minlength=G)
+    sync_g, sync_e = _split(sync_idx, E)
+    sync = np.bincount(sync_g, minlength=G)
     async_g, async_e = (_split(copy_idx[copy_kind == COPY_ASYNC_REFRESH], E) if kinds[COPY_ASYNC_REFRESH]
                         else (np.zeros(0, np.int64), np.zeros(0, np.int64)))
     if kinds[COPY_ON_DEMAND] + kinds[COPY_ASYNC_REFRESH]:      # the slot rule follows from the schedule alone
@@ -233,11 +242,21 @@ def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) 
     if schedule.free_async_copies:      # a bound's ideal prefetch: counted, never charged
         n_async = np.zeros(G, dtype=np.int64)
         async_g = async_e = async_release = np.zeros(0, dtype=np.int64)
+    if async_g.size:                    # who waits for each background copy
+        async_use, async_freed = sparse.memo("background waits", lambda: background_waits(
+            schedule, copy_idx[copy_kind == COPY_ASYNC_REFRESH]))
+    else:
+        async_use = async_freed = np.zeros(0, np.int64)
     demoted = sparse.demote
-    n_demote = np.bincount(_split(demoted, E)[0], minlength=G)
+    demote_g, demote_e = _split(demoted, E)
+    n_demote = np.bincount(demote_g, minlength=G)
 
-    slow = (copy_slowdown(r, grouped + od_sum, od_n * r.expert_copy_s + n_async * r.expert_copy_s + res_h2d)
-            if r.slows > 0 else np.zeros(G))
+    od_layout = _od_layout(sparse, schedule, od_g, od_release)
+    slow = np.zeros(G)
+    if r.slows > 0:
+        slow, od_time = _slowdowns(r, grouped, od_g, od_time, od_release, od_layout, async_g, async_release,
+                                   act_d2h, res_h2d, cs)
+        od_sum = np.bincount(od_g, weights=od_time, minlength=G)
     gpu = GpuCosts(fwd_fixed=cells.fwd_fixed.copy(), layer_fixed=cells.layer_fixed.copy(), grouped=grouped,
                    od_compute_sum=od_sum, slow_extra=slow)
     copies = CopyCosts(sync_h2d=sync * r.expert_copy_s, demote_d2h=n_demote * r.expert_demote_s,
@@ -246,7 +265,9 @@ def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) 
     cpu = cs.costs
     items = ExpertItems(cpu_g=cpu_g, cpu_expert=cs.expert, cpu_time=cpu_time, od_g=od_g, od_expert=od_e,
                         od_compute=od_time, od_release=od_release, async_g=async_g,
-                        async_expert=async_e, async_release=async_release)
+                        async_expert=async_e, async_release=async_release, async_use=async_use,
+                        async_freed=async_freed, sync_g=sync_g, sync_expert=sync_e, demote_g=demote_g,
+                        demote_expert=demote_e)
 
     expert_bytes = float(spec.expert_bytes)
     cpu_tokens = cs.tokens
@@ -264,11 +285,28 @@ def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) 
     }
     costs = ScheduleCosts(forwards=F, layers=L, experts=E, rates=r, gpu=gpu, copies=copies, cpu=cpu, items=items,
                           counts=counts, flags=sorted(hw.flags),
-                          od_layout=_od_layout(sparse, schedule, od_g, od_release))
+                          od_layout=od_layout)
     if r.contention > 0 and cpu_time.size:
         factor = charge_contention(r, gpu, cpu, costs.cpu_span())
         items.cpu_time = items.cpu_time * factor[cpu_g]
     return costs
+
+
+def _slowdowns(r: Rates, grouped: np.ndarray, od_g: np.ndarray, od_time: np.ndarray, od_release: np.ndarray,
+               layout: OnDemandLayout | None, async_g: np.ndarray, async_release: np.ndarray, act_d2h: np.ndarray,
+               res_h2d: np.ndarray, cs: _CpuSide) -> tuple[np.ndarray, np.ndarray]:
+    """pcie.copy_slows_compute on the grouped kernels [G] (slow_extra) and on each on-demand
+    expert (its compute time), for the copies that really run while they do (copy_overlaps)."""
+    groups = grouped.size
+    cs.costs.span = lpt_makespans(cs.g, cs.time, cs.expert, groups, r.workers)
+    if od_g.size and layout is None:
+        layout = OnDemandLayout.of(od_g, od_release)
+    od = layout.fill(od_time) if layout is not None and od_g.size else None
+    g_ov, od_ov = copy_overlaps(r, grouped, od, async_g, async_release, act_d2h, res_h2d, cs.costs.span,
+                                cs.costs.n)
+    if od_ov is not None and layout is not None:
+        od_time = od_time + copy_slowdown(r, od_time, od_ov[layout.k, layout.col])
+    return copy_slowdown(r, grouped, g_ov), od_time
 
 
 @dataclass

@@ -20,6 +20,7 @@ is fixed; no wall clock is read. docs/costmodel.md gives the full execution mode
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,17 @@ class CopyEngine:
         return req
 
 
+@dataclass
+class Flight:
+    """Progress of one layer-forward's background copies: how many have landed, the run on the
+    engine in progress (its start and the copies landed before it), and an event that fires (and
+    is replaced) whenever a run starts or ends, so a waiter learns each copy's landing time."""
+
+    changed: simpy.Event
+    done: int = 0
+    run: tuple[float, int] | None = None
+
+
 class Simulator:
     """Simulate one Schedule's costs; call run() once."""
 
@@ -62,7 +74,8 @@ class Simulator:
         self.d2h = self.h2d if costs.rates.engines == 1 else CopyEngine(self.env)
         self.h2d_row = "copy engine (H2D+D2H)" if costs.rates.engines == 1 else "H2D copy engine"
         self.d2h_row = self.h2d_row if costs.rates.engines == 1 else "D2H copy engine"
-        self.pending: list[list[simpy.Process]] = [[] for _ in range(costs.layers)]
+        self.background: list[simpy.Process] = []           # every layer-forward's background copies
+        self.flights: dict[int, Flight] = {}
         self.acc = dict.fromkeys(BREAKDOWN_KEYS, 0.0)
         self.layer_time = np.zeros(costs.layers)
         items = costs.items
@@ -72,6 +85,11 @@ class Simulator:
         self.od_ptr = costs.group_ptr(items.od_g).tolist()
         self.async_ptr = costs.group_ptr(items.async_g).tolist()
         self.async_release = items.async_release.tolist()
+        self.async_g = items.async_g.tolist()
+        self.uses = self._waiters(items.async_use)          # per layer-forward: copies its GPU waits for
+        self.freed = self._waiters(items.async_freed)       # copies whose slots its demand copies reuse
+        self.sync_ptr = costs.group_ptr(items.sync_g).tolist()
+        self.demote_ptr = costs.group_ptr(items.demote_g).tolist()
         self.layer_fixed = costs.gpu.layer_fixed.tolist()
         self.fwd_fixed = costs.gpu.fwd_fixed.tolist()
         g, cp = costs.gpu, costs.copies
@@ -88,6 +106,13 @@ class Simulator:
             self.cpu_ptr = costs.group_ptr(items.cpu_g).tolist()
             self.cpu_time = items.cpu_time.tolist()
             self.cpu_expert = items.cpu_expert.tolist()
+
+    def _waiters(self, at: np.ndarray) -> dict[int, list[int]]:
+        """{layer-forward: [background copy index]} from each copy's waiting layer-forward (-1: none)."""
+        out: dict[int, list[int]] = {}
+        for j in np.flatnonzero(at >= 0).tolist():
+            out.setdefault(int(at[j]), []).append(j)
+        return out
 
     # ----- driver -------------------------------------------------------------------------
     def run(self, on_forward: Callable[[int], None] | None = None) -> RunTimes:
@@ -106,7 +131,7 @@ class Simulator:
                 yield env.process(self._layer(f, layer))
             if on_forward is not None:
                 on_forward(f)
-        left = [p for lst in self.pending for p in lst if p.is_alive]
+        left = [p for p in self.background if p.is_alive]
         if left:  # background copies still in flight are paid for: the run ends when they land
             start = env.now
             yield env.all_of(left)
@@ -121,20 +146,27 @@ class Simulator:
         self._mark(GPU_ROW, f"f{f} moe{layer}: attention + shared expert + gate", t0, fixed, "gpu_fixed")
         yield env.timeout(fixed)
         self.acc["gpu_fixed"] += fixed
+        waits, freed = self.uses.get(gi, []), self.freed.get(gi, [])
+        if (waits or freed) and (G["sync_h2d"][gi] > 0 or G["demote_d2h"][gi] > 0 or G["od_n"][gi]):
+            # demand copies into slots: they start after the background copies this layer-forward
+            # waits for (its GPU's and those whose slots it reuses), at the gate (docs/costmodel.md)
+            start = env.now
+            for j in sorted(set(waits) | set(freed)):
+                yield from self._landed(j)
+            self.acc["copy_stall"] += env.now - start
+            waits = []
         t_gate = env.now
-        sync = []
-        if G["sync_h2d"][gi] > 0:
-            sync.append(env.process(self._copy(self.h2d, G["sync_h2d"][gi], self.h2d_row,
-                                               f"f{f} moe{layer}: sync refresh", "sync_refresh")))
-        if G["demote_d2h"][gi] > 0:
-            sync.append(env.process(self._copy(self.d2h, G["demote_d2h"][gi], self.d2h_row,
-                                               f"f{f} moe{layer}: demotions", "sync_refresh")))
+        sync = [env.process(self._copies(self.h2d, self.h2d_row, f"f{f} moe{layer}: expert {{}} sync refresh",
+                                         self.c.items.sync_expert, self.sync_ptr, gi, self.c.rates.expert_copy_s))
+                for _ in range(G["sync_h2d"][gi] > 0)]
+        sync += [env.process(self._copies(self.d2h, self.d2h_row, f"f{f} moe{layer}: expert {{}} demotion",
+                                          self.c.items.demote_expert, self.demote_ptr, gi,
+                                          self.c.rates.expert_demote_s))
+                 for _ in range(G["demote_d2h"][gi] > 0)]
         if sync:
             yield env.all_of(sync)
         t_sync = env.now
         self.acc["sync_refresh"] += t_sync - t_gate
-        pending = [p for p in self.pending[layer] if p.is_alive]
-        self.pending[layer] = []
         # demand traffic is requested first at t_sync (fixed order: CPU side, on-demand copies),
         # background refresh copies last
         cpu = env.process(self._cpu_side(f, layer, gi)) if G["cpu_n"][gi] else None
@@ -143,9 +175,10 @@ class Simulator:
             od = (env.event(), env.event())
             env.process(self._on_demand_copies(f, layer, gi, *od))
         released = env.event()    # the GPU side tells copies waiting for a slot when it frees
-        gpu = env.process(self._gpu_side(f, layer, gi, pending, od, released))
+        gpu = env.process(self._gpu_side(f, layer, gi, waits, od, released))
         if G["n_async"][gi]:
-            self.pending[layer].append(env.process(self._background(f, layer, gi, released)))
+            self.flights[gi] = Flight(env.event())
+            self.background.append(env.process(self._background(f, layer, gi, released)))
         yield gpu
         t_gpu = env.now
         if cpu is not None:
@@ -153,14 +186,15 @@ class Simulator:
         self.acc["cpu_wait"] += env.now - t_gpu
         self.layer_time[layer] += env.now - t0
 
-    def _gpu_side(self, f: int, layer: int, gi: int, pending: list[simpy.Process],
+    def _gpu_side(self, f: int, layer: int, gi: int, waits: list[int],
                   od: tuple[simpy.Event, simpy.Event] | None, released: simpy.Event) -> Proc:
-        """Wait for earlier background copies of this layer, run the grouped kernel, then the
-        on-demand experts as the layer model's pipeline places them (tidesim.layermodel)."""
+        """Wait for the earlier background copies of the experts this grouped kernel runs (only
+        those), run it, then the on-demand experts as the layer model's pipeline places them
+        (tidesim.layermodel)."""
         env = self.env
         start = env.now
-        if pending:
-            yield env.all_of(pending)
+        for j in waits:
+            yield from self._landed(j)
         stall = env.now - start
         work = self.g["grouped"][gi] + self.g["slow_extra"][gi]
         if work > 0:
@@ -245,12 +279,36 @@ class Simulator:
                 at = grouped_end if tag == AFTER_GROUPED else ends[tag]
                 if at > self.env.now:
                     yield self.env.timeout(at - self.env.now)
-            yield from self._batch(f, layer, gi, experts[done:done + count] if experts else [], count)
+            yield from self._batch(f, layer, gi, experts[done:done + count] if experts else [], count, done)
             done += count
 
-    def _batch(self, f: int, layer: int, gi: int, experts: list[int], total: int) -> Proc:
-        """`total` background copies: hold the engine until a demand request arrives, then finish
-        the copy in progress (no preemption within an expert's copy) and queue again."""
+    def _landed(self, j: int) -> Proc:
+        """Wait until background copy j (an index into the schedule's asynchronous copies) has
+        landed: at its landing time within its run on the engine, else for the next run."""
+        g = self.async_g[j]
+        fl, p = self.flights[g], j - self.async_ptr[g]
+        dur = self.c.rates.expert_copy_s
+        while fl.done <= p:
+            changed = fl.changed
+            if fl.run is None:
+                yield changed
+                continue
+            start, base = fl.run
+            lands = self.env.timeout(max(start + (p - base + 1) * dur - self.env.now, 0.0))
+            yield lands | changed
+            if lands.processed:
+                return
+
+    def _progress(self, gi: int, run: tuple[float, int] | None, done: int) -> None:
+        fl = self.flights[gi]
+        fl.run, fl.done = run, done
+        fl.changed.succeed()
+        fl.changed = self.env.event()
+
+    def _batch(self, f: int, layer: int, gi: int, experts: list[int], total: int, first: int) -> Proc:
+        """`total` background copies (from the layer-forward's copy `first` on): hold the engine
+        until a demand request arrives, then finish the copy in progress (no preemption within an
+        expert's copy) and queue again."""
         env, dur, engine = self.env, self.c.rates.expert_copy_s, self.h2d
         done = 0
         while done < total:
@@ -258,9 +316,11 @@ class Simulator:
             with engine.request(priority=BACKGROUND + gi) as req:
                 yield req
                 start = env.now
-                if engine.resource.queue and engine.resource.queue[0].priority == DEMAND:
+                ran = not (engine.resource.queue and engine.resource.queue[0].priority == DEMAND)
+                if not ran:
                     count = 0                        # a demand request arrived at this very instant
                 else:
+                    self._progress(gi, (start, first + done), first + done)
                     engine.signal = env.event()
                     finish = env.timeout((total - done) * dur)
                     yield finish | engine.signal
@@ -274,6 +334,20 @@ class Simulator:
                     self._mark(self.h2d_row, f"f{f} moe{layer}: expert {experts[done + k] if experts else ''} "
                                "async refresh", start + k * dur, dur, "async_refresh")
                 done += count
+                if ran:
+                    self._progress(gi, None, first + done)
+
+    def _copies(self, engine: CopyEngine, row: str, name: str, experts: np.ndarray, ptr: list[int], gi: int,
+                dur: float) -> Proc:
+        """A layer-forward's synchronous copies (or demotions) on one engine, back to back in
+        expert order: one demand request, one timeline slice per expert copy."""
+        a, b = ptr[gi], ptr[gi + 1]
+        with engine.request(priority=DEMAND) as req:
+            yield req
+            if self.tl is not None:
+                for k, e in enumerate(experts[a:b].tolist()):
+                    self.tl.add(row, name.format(e), self.env.now + k * dur, dur, "sync_refresh")
+            yield self.env.timeout((b - a) * dur)
 
     def _copy(self, engine: CopyEngine, duration: float, row: str, name: str, category: str) -> Proc:
         with engine.request(priority=DEMAND) as req:

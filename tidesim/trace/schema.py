@@ -22,6 +22,10 @@ METADATA_KEY = b"tidesim.trace"
 KV_CACHE_MODES = ("none", "prefix")
 SOURCES = ("captured", "synthetic", "converted")
 PHASES = ("prefill", "step", "commit")
+# diffusion: blocks of denoising steps; autoregressive: a prefill, then one forward per generated
+# token (block length 1; `block` and `step` both count the decode forwards, so TIDE's refresh
+# clock "step % tau" counts tokens). docs/trace-format.md, "Autoregressive traces".
+DECODES = ("diffusion", "autoregressive")
 FORWARD_COLUMNS = ["prompt", "block", "step", "phase", "tokens", "context", "committed"]
 
 
@@ -43,6 +47,7 @@ class TraceMeta:
     tool_version: str = __version__
     notes: str = ""
     format_version: int = FORMAT_VERSION
+    decode: str = "diffusion"
 
     def __post_init__(self) -> None:
         if not self.top_k:
@@ -53,6 +58,8 @@ class TraceMeta:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["model"] = self.model.to_dict()
+        if self.decode == "diffusion":   # the default: written only when it differs, so traces of
+            del out["decode"]            # diffusion decoding keep the bytes they had before the field
         return out
 
     @classmethod
@@ -90,6 +97,10 @@ class Trace:
     @property
     def model(self) -> ModelSpec:
         return self.meta.model
+
+    @property
+    def autoregressive(self) -> bool:
+        return self.meta.decode == "autoregressive"
 
     @property
     def num_forwards(self) -> int:

@@ -358,9 +358,12 @@ def trace_stats(trace: Trace, budget: int | Sequence[int] | np.ndarray = 128,
     a = _arrays(trace)
     meta = trace.meta
     hits = tide_hit_ratios(trace, budget, taus)
-    forward_sim = similarity_by_distance(a.counts, a.prompt, a.block, a.step, a.is_step, max_distance)
+    # autoregressive: every decode forward is its own block of one token, so similarity pairs are
+    # decode forwards of the same prompt d tokens apart (its step counter counts tokens)
+    sim_block = np.where(a.is_step, 0, a.block) if trace.autoregressive else a.block
+    forward_sim = similarity_by_distance(a.counts, a.prompt, sim_block, a.step, a.is_step, max_distance)
     out: dict[str, Any] = {
-        "model": meta.model.name, "kv_cache": meta.kv_cache, "source": meta.source,
+        "model": meta.model.name, "kv_cache": meta.kv_cache, "source": meta.source, "decode_shape": meta.decode,
         "block_length": meta.block_length, "threshold": meta.threshold, "gen_length": meta.gen_length,
         "prompts": trace.prompt_ids, "layers": meta.model.moe_layer_ids,
         "decode": decode_summary(trace),
@@ -386,7 +389,7 @@ def trace_stats(trace: Trace, budget: int | Sequence[int] | np.ndarray = 128,
                               if block_counts is not None else
                               "unavailable: no-cache trace without token-level routing")
     if block_counts is not None:
-        out["similarity"]["block"] = similarity_by_distance(block_counts, a.prompt, a.block, a.step, a.is_step,
+        out["similarity"]["block"] = similarity_by_distance(block_counts, a.prompt, sim_block, a.step, a.is_step,
                                                             max_distance)
         out["unique_experts_per_step_block_per_layer"] = unique_experts(block_counts, a.is_step)
         out["unique_experts_per_step_block"] = float(np.nanmean(out["unique_experts_per_step_block_per_layer"]))

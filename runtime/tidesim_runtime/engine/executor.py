@@ -10,8 +10,9 @@ charges (docs/costmodel.md), in the same order:
 3. every routed pair's input is gathered once (pair order); activations of CPU-placed experts go
    to the host (D2H), the CPU pool computes those experts longest first while the GPU works;
    on-demand copies whose slot is free are issued at once;
-4. the GPU waits for the layer's asynchronous refresh copies still in flight (from the previous
-   forward), runs every expert resident at the gate as ONE grouped kernel, then each on-demand
+4. the GPU waits for the asynchronous refresh copies (from earlier forwards) of the experts its
+   grouped kernel runs, and only those (one event per copy; a copy into a slot that a background
+   copy still writes waits for that copy, slot by slot), runs them as ONE grouped kernel, then each on-demand
    expert after its copy lands (ONDEMAND_LAUNCHES kernels each); an on-demand copy into a slot
    that frees later in the layer waits for that (named in the slot plan, slots.SlotWait);
 5. the layer's asynchronous refresh copies are queued in the background (served one at a time,
@@ -47,18 +48,21 @@ from tidesim_runtime.engine.device import DeviceInfo, PinnedThreads, host_memory
 from tidesim_runtime.engine.kernels import (
     KVBuffer,
     LayerWeights,
+    combine_index,
+    combine_pairs,
     dense_layer,
     gate_logits,
     grouped_experts,
     grouped_impl,
     layer_front,
+    pair_rows,
     random_layer_weights,
     random_matrix,
     rms_norm,
     rotary_tables,
     swiglu_into,
 )
-from tidesim_runtime.engine.pinned import PINNED_SHARE, HostPinning, pinned_bytes
+from tidesim_runtime.engine.pinned import PINNED_SHARE, HostPinning, IndexStaging, pinned_bytes
 from tidesim_runtime.engine.slots import (
     AFTER_GROUPED,
     FREE,
@@ -85,26 +89,50 @@ GIB = 2**30
 @dataclass
 class LayerRouting:
     """Routed pairs of one layer-forward, sorted by expert: token row and weight of each pair,
-    and tokens per expert (host)."""
+    tokens per expert (host), and each token's pairs in summation order (combine_index)."""
 
     tokens: torch.Tensor      # int64 [P] on the device
-    weights: torch.Tensor     # [P] on the device, any float dtype (combined in float32)
+    weights: torch.Tensor     # [P] on the device, float32 as the router gives them (combined in float32)
     counts: np.ndarray        # int64 [E]
+    combine: torch.Tensor     # int64 [T, k_max] on the device: pair indices per token, padded with P
 
     @property
     def offsets(self) -> np.ndarray:
         return np.concatenate([[0], np.cumsum(self.counts)])
 
 
-def replay_routing(counts: np.ndarray, tokens: int, top_k: int, device: torch.device, dtype: torch.dtype
-                   ) -> LayerRouting:
+def replay_routing(counts: np.ndarray, tokens: int, top_k: int, device: torch.device) -> LayerRouting:
     """Pairs for tokens-per-expert counts from a trace: expert e takes rows 0..c_e-1 (mod tokens),
     so no token meets the same expert twice; weights 1/top_k (values do not change timing)."""
     counts = np.asarray(counts, dtype=np.int64)
-    rows = np.concatenate([np.arange(c) % max(tokens, 1) for c in counts]) if counts.sum() else np.zeros(0, np.int64)
-    tok = torch.from_numpy(rows.astype(np.int64)).to(device)
-    w = torch.full((int(counts.sum()),), 1.0 / top_k, dtype=dtype, device=device)
-    return LayerRouting(tok, w, counts)
+    n = max(tokens, 1)
+    rows = pair_rows(np.zeros_like(counts), counts) % n
+    w = torch.full((int(counts.sum()),), 1.0 / top_k, dtype=torch.float32, device=device)
+    return LayerRouting(torch.from_numpy(rows).to(device), w, counts,
+                        torch.from_numpy(combine_index(rows, n)).to(device))
+
+
+def router_routing(idx: torch.Tensor, weights: torch.Tensor, num_experts: int, device: torch.device
+                   ) -> LayerRouting:
+    """The pairs of a live router's choice idx [T, k] with its weights (kept in float32: the
+    model sums them in float32), on `device`. The host reads the counts (one sync)."""
+    flat = idx.reshape(-1)
+    counts = torch.bincount(flat, minlength=num_experts).cpu().numpy().astype(np.int64)
+    order = torch.argsort(flat, stable=True)
+    k = idx.shape[1]
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(order.numel(), device=order.device)
+    combine = pos.view(-1, k).sort(dim=1).values   # pair order is expert order within a token
+    return LayerRouting((order // k).to(device), weights.reshape(-1)[order].float().to(device), counts,
+                        combine.to(device))
+
+
+def on_demand_by_wait(ops: list[CopyOp]) -> dict[SlotWait, list[int]]:
+    """Indices of the on-demand copies per slot wait, in issue order (one pass)."""
+    out: dict[SlotWait, list[int]] = {}
+    for k, op in enumerate(ops):
+        out.setdefault(op.wait, []).append(k)
+    return out
 
 
 @dataclass
@@ -128,6 +156,7 @@ class LayerStep:
     pos_cpu: torch.Tensor | None = None
     n_cpu: int = 0
     od_marks: dict[int, Marker] = field(default_factory=dict)
+    od_waits: dict[SlotWait, list[int]] = field(default_factory=dict)   # on-demand copies by slot wait
 
 
 @dataclass
@@ -274,6 +303,7 @@ class Executor:
         self.backend: Backend = make_backend(self.dev)
         self.pool = CPUPool(device.cpu_workers, device.cpu_threads_per_worker)
         self.impl = grouped_impl(self.dev, self.dtype)
+        self.stage = IndexStaging(pairs + spec.num_experts + 1, self.dev, self.pinning)
         self.slots: list[ExpertBank] = []
         self._slot_sizes: list[int] = []
         self.expert_bytes_model = float(spec.expert_bytes)
@@ -314,7 +344,7 @@ class Executor:
         self._check(workload, schedule)
         F_, L, _ = workload.expert_tokens.shape
         routing = [[replay_routing(workload.expert_tokens[f, l], int(workload.tokens[f]), self.spec.top_k,
-                                   self.dev, self.dtype) for l in range(L)] for f in range(F_)]
+                                   self.dev) for l in range(L)] for f in range(F_)]
         plan = plan_slots(schedule)
         if warmup > 0:
             self.prepare_slots(plan)
@@ -350,7 +380,8 @@ class Executor:
         self.pool.busy_s = 0.0
         self._spans: list[tuple[str, Any, Any]] = []
         self._layer_spans: list[tuple[int, Any, Any]] = []
-        self._pending: list[list[Marker]] = [[] for _ in range(self.layers)]
+        # per layer, expert -> its latest background copy: the GPU waits for those it runs
+        self._pending: list[dict[int, Marker]] = [{} for _ in range(self.layers)]
         self._slot_busy: list[dict[int, list[Marker]]] = [{} for _ in range(self.layers)]
         self._counts = {"h2d": 0.0, "d2h": 0.0, "copies": 0, "refresh": 0}
         self._wall0 = time.perf_counter()
@@ -361,7 +392,7 @@ class Executor:
         be = self.backend
         tail = be.timepoint()
         for layer in range(self.layers):
-            be.compute_wait(self._pending[layer])
+            be.compute_wait(list(self._pending[layer].values()))
         t_end = be.timepoint()
         self._spans.append(("copy_stall", tail, t_end))
         be.synchronize()
@@ -476,6 +507,8 @@ class Executor:
         m = self.backend.copy(st.slots.flat[op.slot], st.host.flat[op.expert], H2D, background=background,
                               after=st.busy.get(op.slot, []))
         st.busy[op.slot] = [m]
+        if not background:          # this copy is the one the expert's runs read from now on
+            self._pending[st.layer].pop(op.expert, None)
         self._counts["h2d"] += self.expert_bytes_model
         self._counts["copies"] += 1
         return m
@@ -486,8 +519,9 @@ class Executor:
         plan, offs, be = st.plan, st.offs, self.backend
         if not plan.cpu:
             return
-        rows = np.concatenate([np.arange(offs[e], offs[e + 1]) for e in plan.cpu])
-        st.pos_cpu = torch.from_numpy(rows).to(self.dev, non_blocking=True)
+        cpu = np.asarray(plan.cpu, dtype=np.int64)
+        rows = pair_rows(offs[cpu], offs[cpu + 1] - offs[cpu])
+        st.pos_cpu = self.stage(rows)
         st.n_cpu = n = int(rows.size)
         torch.index_select(st.x_sorted, 0, st.pos_cpu, out=self.act_dev[:n])
         down = be.copy(self.act_host[:n], self.act_dev[:n], D2H, after=[be.mark()])
@@ -501,26 +535,29 @@ class Executor:
                                   before=lambda: be.host_wait(down))
 
     def _issue_on_demand(self, st: LayerStep, when: SlotWait) -> None:
-        """Phase 3/4: issue the on-demand copies whose slot frees at `when` (FREE: at once)."""
-        for k, op in enumerate(st.plan.on_demand):
-            if op.wait == when:
-                st.od_marks[k] = self._copy_in(st, op)
+        """Phase 3/4: issue the on-demand copies whose slot frees at `when` (FREE: at once).
+        The copies are grouped by their wait once per layer (on_demand_by_wait), so a layer with
+        K on-demand experts looks at each copy once: O(K), not O(K^2)."""
+        if when == FREE:
+            st.od_waits = on_demand_by_wait(st.plan.on_demand)
+        for k in st.od_waits.pop(when, ()):
+            st.od_marks[k] = self._copy_in(st, st.plan.on_demand[k])
 
     def _grouped(self, st: LayerStep) -> None:
-        """Phase 4a: wait for the previous forward's background copies of this layer, then every
-        expert resident at the gate as ONE grouped kernel."""
+        """Phase 4a: wait for the background copies (issued by earlier forwards) of the experts this
+        grouped kernel runs, not for the others, then run every expert resident at the gate as ONE
+        grouped kernel."""
         be, plan, offs = self.backend, st.plan, st.offs
         pending = self._pending[st.layer]
-        if pending:
-            be.compute_wait(pending)
-            self._pending[st.layer] = []
+        needed = [pending.pop(e) for e, _ in plan.grouped if e in pending]
+        if needed:
+            be.compute_wait(needed)
             st.tp = self._span("copy_stall", st.tp)
         if plan.grouped:
-            experts = [e for e, _ in plan.grouped]
-            rows = np.concatenate([np.arange(offs[e], offs[e + 1]) for e in experts])
-            pos = torch.from_numpy(rows).to(self.dev, non_blocking=True)
-            st.y_sorted[pos] = grouped_experts(st.x_sorted[pos], [int(st.r.counts[e]) for e in experts],
-                                               [s for _, s in plan.grouped], st.slots.w13, st.slots.w2, self.impl)
+            es = np.fromiter((e for e, _ in plan.grouped), dtype=np.int64, count=len(plan.grouped))
+            ss = np.fromiter((s for _, s in plan.grouped), dtype=np.int64, count=len(plan.grouped))
+            grouped_experts(st.x_sorted, st.y_sorted, offs, es, ss, st.slots.w13, st.slots.w2, self.impl,
+                            self.stage)
             done = be.mark()
             for _, s in plan.grouped:
                 st.busy[s] = [done]
@@ -543,7 +580,7 @@ class Executor:
     def _background(self, st: LayerStep) -> None:
         """Phase 5: asynchronous refresh copies, served in the background, usable next forward."""
         for op in st.plan.background:
-            self._pending[st.layer].append(self._copy_in(st, op, background=True))
+            self._pending[st.layer][op.expert] = self._copy_in(st, op, background=True)
             self._counts["refresh"] += 1
 
     def _combine(self, st: LayerStep) -> torch.Tensor:
@@ -557,10 +594,9 @@ class Executor:
             up = be.copy(self.res_dev[:n], self.res_host[:n], H2D, after=[be.mark()])
             self._counts["h2d"] += n * self.spec.activation_bytes_per_token
             be.compute_wait([up])
-            st.y_sorted[st.pos_cpu] = self.res_dev[:n]
+            st.y_sorted.index_copy_(0, st.pos_cpu, self.res_dev[:n])
             st.tp = self._span("cpu_wait", st.tp)
-        routed = torch.zeros(st.moe_in.shape, dtype=torch.float32, device=self.dev)
-        routed.index_add_(0, st.r.tokens, st.y_sorted.float() * st.r.weights.float()[:, None])
+        routed = combine_pairs(st.y_sorted, st.r.weights, st.r.combine, self.spec.hidden_size)
         out = st.base + routed.to(st.base.dtype) if st.base is not None else routed.to(st.moe_in.dtype)
         st.tp = self._span("gpu_fixed", st.tp)
         self._layer_spans.append((st.layer, st.t0, st.tp))
@@ -578,6 +614,7 @@ class Executor:
         if not self.device.is_cuda:
             notes.append(f"cpu-as-gpu: buffers are {self.device.dtype_name}; bytes are reported in the model's "
                          f"{self.spec.dtype} (what the schedule moves for this model)")
+        notes += self.pinning.refused
         if any(plan.spare):
             notes.append(f"the schedule needed spare GPU slots beyond its budget: {plan.spare} per layer")
         total = rec.total_s

@@ -11,8 +11,10 @@ then up rows, fused so one GEMM computes both) and w2 [hidden, inter].
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -55,44 +57,93 @@ def grouped_impl(device: torch.device, dtype: torch.dtype) -> str:
     return "grouped_mm" if major >= 8 else "loop"
 
 
-def grouped_experts(x_sorted: torch.Tensor, counts: list[int], slots: list[int], w13_pool: torch.Tensor,
-                    w2_pool: torch.Tensor, impl: str) -> torch.Tensor:
-    """SwiGLU of several experts that live in a slot pool, as few kernels as possible.
+def pair_rows(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The rows start[i] .. start[i] + counts[i] - 1 of every group i, concatenated (int64): one
+    numpy expression, no loop over the groups."""
+    starts = np.asarray(starts, dtype=np.int64)
+    counts = np.asarray(counts, dtype=np.int64)
+    ends = np.cumsum(counts)
+    return np.arange(int(ends[-1]) if ends.size else 0, dtype=np.int64) + np.repeat(starts - (ends - counts), counts)
 
-    x_sorted [n, hidden]: the tokens of slot slots[0] first (counts[0] rows), then slots[1], ...
-    w13_pool [S, 2I, H], w2_pool [S, H, I]. With "grouped_mm" the whole pool is passed with
-    per-slot offsets (slots without tokens are empty groups, skipped by the kernel): two grouped
-    GEMMs and one elementwise kernel, however many experts.
+
+def slot_order(offs: np.ndarray, experts: np.ndarray, slots: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The grouped experts sorted by slot (grouped_mm takes its groups in slot order, while a
+    refreshed pool holds experts in any order): (experts, slots, counts, rows), where rows are
+    the experts' pair rows (offs: pair offsets per expert), slot by slot."""
+    experts = np.asarray(experts, dtype=np.int64)
+    slots = np.asarray(slots, dtype=np.int64)
+    order = np.argsort(slots, kind="stable")
+    e, s = experts[order], slots[order]
+    starts = np.asarray(offs, dtype=np.int64)[e]
+    counts = np.asarray(offs, dtype=np.int64)[e + 1] - starts
+    return e, s, counts, pair_rows(starts, counts)
+
+
+ToDevice = Callable[[np.ndarray], torch.Tensor]
+
+
+def grouped_experts(x_sorted: torch.Tensor, y_sorted: torch.Tensor, offs: np.ndarray, experts: np.ndarray,
+                    slots: np.ndarray, w13_pool: torch.Tensor, w2_pool: torch.Tensor, impl: str,
+                    to_device: ToDevice) -> None:
+    """SwiGLU of every expert resident at the gate, from its pair rows of `x_sorted` into the same
+    rows of `y_sorted` (offs: pair offsets per expert; experts[i] lives in slot slots[i], in any
+    slot order). The executor and calibrate both call this, so the profile's grouped charge
+    includes the index building, the gather and the scatter.
+
+    "grouped_mm": the rows are put in slot order with one gather, the whole pool runs as two
+    grouped GEMMs and one elementwise kernel with per-slot offsets (slots without tokens are empty
+    groups), and one scatter writes the rows back; the row index and the offsets travel to the
+    device in one asynchronous copy (`to_device`: a pinned staging buffer), so the host never
+    blocks. "loop": each expert with tokens computes its rows in place (swiglu_into), no gather.
     """
-    n = x_sorted.shape[0]
+    e, s, counts, rows = slot_order(offs, experts, slots)
+    n = int(rows.size)
     if n == 0:
-        return x_sorted.new_zeros((0, w2_pool.shape[1]))
+        return
     if impl == "grouped_mm":
-        per_slot = torch.zeros(w13_pool.shape[0], dtype=torch.int64)
-        order = sorted(range(len(slots)), key=lambda i: slots[i])
-        if order != list(range(len(slots))):  # grouped_mm wants groups in slot order
-            starts = [0]
-            for c in counts:
-                starts.append(starts[-1] + c)
-            perm = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in order]).to(x_sorted.device)
-            inv = torch.empty_like(perm)
-            inv[perm] = torch.arange(n, device=perm.device)
-            y = grouped_experts(x_sorted[perm], [counts[i] for i in order], [slots[i] for i in order],
-                                w13_pool, w2_pool, impl)
-            return y[inv]
-        for c, s in zip(counts, slots, strict=True):
-            per_slot[s] = c
-        offs = torch.cumsum(per_slot, 0).to(torch.int32).to(x_sorted.device, non_blocking=True)
-        gu = F.grouped_mm(x_sorted, w13_pool.transpose(-2, -1), offs=offs)
+        per_slot = np.zeros(w13_pool.shape[0], dtype=np.int64)
+        per_slot[s] = counts
+        idx = to_device(np.concatenate([rows, np.cumsum(per_slot)]))
+        pos, slot_offs = idx[:n], idx[n:].to(torch.int32)
+        xs = x_sorted.index_select(0, pos)
+        gu = F.grouped_mm(xs, w13_pool.transpose(-2, -1), offs=slot_offs)
         inter = w2_pool.shape[2]
         h = F.silu(gu[:, :inter]) * gu[:, inter:]
-        return F.grouped_mm(h, w2_pool.transpose(-2, -1), offs=offs)
-    out = x_sorted.new_empty((n, w2_pool.shape[1]))
-    start = 0
-    for c, s in zip(counts, slots, strict=True):
+        y_sorted.index_copy_(0, pos, F.grouped_mm(h, w2_pool.transpose(-2, -1), offs=slot_offs))
+        return
+    starts = np.asarray(offs, dtype=np.int64)[e]
+    for a, c, sl in zip(starts.tolist(), counts.tolist(), s.tolist(), strict=True):
         if c:
-            out[start:start + c] = swiglu(x_sorted[start:start + c], w13_pool[s], w2_pool[s])
-        start += c
+            swiglu_into(x_sorted[a:a + c], w13_pool[sl], w2_pool[sl], y_sorted[a:a + c])
+
+
+def combine_index(tokens: np.ndarray, num_tokens: int) -> np.ndarray:
+    """[tokens, k_max] pair indices of each token, in pair order (so in expert order), padded
+    with P (a zero row): the fixed summation order of combine_pairs."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    pairs = int(tokens.size)
+    per = np.bincount(tokens, minlength=num_tokens) if pairs else np.zeros(num_tokens, np.int64)
+    k_max = int(per.max(initial=0))
+    out = np.full((num_tokens, max(k_max, 1)), pairs, dtype=np.int64)
+    order = np.argsort(tokens, kind="stable")
+    col = np.arange(pairs, dtype=np.int64) - np.repeat(np.cumsum(per) - per, per)
+    out[tokens[order], col] = order
+    return out
+
+
+def combine_pairs(y_sorted: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, hidden: int) -> torch.Tensor:
+    """Weighted sum of every token's routed outputs in float32 [tokens, hidden], added in a fixed
+    order: for each token its pairs in pair order (index from combine_index), one column at a
+    time. That is the reference model's order (expert by expert) and, unlike index_add_ with
+    repeated tokens (atomics on a GPU), the same bits on every run and device kind."""
+    pairs = y_sorted.shape[0]
+    yw = torch.zeros((pairs + 1, hidden), dtype=torch.float32, device=y_sorted.device)
+    torch.mul(y_sorted.float(), weights.float()[:, None], out=yw[:pairs])
+    g = yw[index]
+    out = g[:, 0].clone()
+    for j in range(1, index.shape[1]):
+        out += g[:, j]
     return out
 
 

@@ -15,7 +15,9 @@ refuses more before anything is allocated).
 from __future__ import annotations
 
 import mmap
+from typing import Any
 
+import numpy as np
 import torch
 
 PAGE = mmap.PAGESIZE
@@ -49,6 +51,7 @@ class HostPinning:
         self.enabled = enabled
         self._held: list[tuple[torch.Tensor, int]] = []
         self.bytes = 0
+        self.refused: list[str] = []
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A new host tensor of `shape`, pinned when enabled."""
@@ -65,7 +68,14 @@ class HostPinning:
         ptr = t.data_ptr()
         start = ptr - ptr % PAGE
         size = pinned_bytes(ptr + t.numel() * t.element_size() - start)
-        _check(torch.cuda.cudart().cudaHostRegister(start, size, 0), "cudaHostRegister")
+        err = torch.cuda.cudart().cudaHostRegister(start, size, 0)
+        if _code(err) != 0:
+            # refused (a container's locked-memory limit, an overlapping registration): the tensor
+            # stays pageable, copies from it stage through the driver's own pinned buffers (slower
+            # and synchronous for the host) and calibrate, which pins the same way, measures that
+            self.refused.append(f"cudaHostRegister of {size / 2**20:.1f} MiB refused (CUDA error {_code(err)}); "
+                                "left pageable")
+            return t
         self._held.append((t, start))
         self.bytes += size
         return t
@@ -78,7 +88,51 @@ class HostPinning:
         self.bytes = 0
 
 
+def _code(err: object) -> int:
+    return int(getattr(err, "value", err))  # type: ignore[call-overload]
+
+
 def _check(err: object, what: str) -> None:
-    code = int(getattr(err, "value", err))  # type: ignore[call-overload]
+    code = _code(err)
     if code != 0:
         raise RuntimeError(f"{what} failed with CUDA error {code}")
+
+
+class IndexStaging:
+    """Small host arrays (row indices, group offsets) to the device without blocking the host.
+
+    A copy from pageable memory makes the host wait; here each array is written into the next
+    chunk of a pinned int64 ring and copied asynchronously on the current stream, ordered before
+    the kernels that read it. A chunk is reused only after its earlier copy has finished (an
+    event, long done by then). Without CUDA the array is used in place (torch.from_numpy).
+    """
+
+    CHUNKS = 8
+
+    def __init__(self, capacity: int, device: torch.device, pinning: HostPinning) -> None:
+        self.device = device
+        self.capacity = max(int(capacity), 1)
+        self.cuda = device.type == "cuda"
+        self._ring = pinning.empty((self.CHUNKS, self.capacity), torch.int64) if self.cuda else None
+        self._done: list[Any] = [None] * self.CHUNKS
+        self._next = 0
+
+    def __call__(self, values: np.ndarray) -> torch.Tensor:
+        arr = np.ascontiguousarray(values, dtype=np.int64)
+        if not self.cuda:
+            return torch.from_numpy(arr)
+        n = int(arr.size)
+        if n > self.capacity or self._ring is None:
+            return torch.from_numpy(arr).to(self.device)   # larger than planned: a blocking copy
+        k = self._next
+        self._next = (k + 1) % self.CHUNKS
+        if self._done[k] is not None:
+            self._done[k].synchronize()
+        chunk = self._ring[k, :n]
+        chunk.numpy()[:] = arr
+        out = torch.empty(n, dtype=torch.int64, device=self.device)
+        out.copy_(chunk, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        self._done[k] = ev
+        return out

@@ -7,9 +7,11 @@ The executor issues work in one order and waits on markers; the backend decides 
   where it must read something. Phase boundaries are CUDA timing events. Stream priorities order
   kernels, not copies: two H2D streams share the link and the copy engines serve them in no
   promised order. So background copies are not all handed to CUDA at once: a feeder thread
-  (BackgroundFeeder) holds them in a host-side queue and issues the next one only when the one
-  in flight has finished. A demand copy therefore queues behind at most one background copy,
-  the one in progress, as the simulator's copy engine assumes (docs/runtime.md).
+  (BackgroundFeeder) holds them in a host-side queue and issues the next one as soon as the one
+  in flight has *started*, so it waits on the device behind it (no host round trip between two
+  background copies leaves the link idle) while CUDA never holds more than two background
+  copies, the running one and the next. A demand copy is not queued behind the background
+  queue; it shares the H2D link with at most those two (docs/runtime.md, "Copy arbitration").
 - HostBackend (cpu-as-gpu): "GPU" work runs synchronously in the calling thread; a copy thread
   plays the copy engine, serving demand copies before background ones (a copy in progress is
   never interrupted, as on a DMA engine); markers are threading events; times are host clock.
@@ -46,20 +48,25 @@ class Marker:
 
 
 class BackgroundFeeder:
-    """Serves background copies one at a time from a host-side queue (see the module docstring).
+    """Serves background copies from a host-side queue, keeping at most one queued behind the one
+    in progress (see the module docstring).
 
-    `issue(job)` hands one copy to the device and returns a handle; `wait(handle)` blocks until
-    that copy has finished. A thread issues the first queued job, waits for it, then issues the
-    next: at most one background copy is ever in flight, whatever the queue holds.
+    `issue(job)` hands one copy to the device and returns a handle; `started(handle)` blocks until
+    that copy has begun (everything before it on its stream is done); `finished(handle)` until it
+    has ended. A thread issues the first queued job, waits until it has started, then issues the
+    next (which queues behind it on the device, so the copy engine never idles for a host round
+    trip between background copies), and so on: at most two background copies are handed to the
+    device at any time, the running one and the next.
     """
 
-    def __init__(self, issue: Callable[[Any], Any], wait: Callable[[Any], None],
-                 setup: Callable[[], None] | None = None) -> None:
-        self._issue, self._wait, self._setup = issue, wait, setup
+    def __init__(self, issue: Callable[[Any], Any], started: Callable[[Any], None],
+                 finished: Callable[[Any], None], setup: Callable[[], None] | None = None) -> None:
+        self._issue, self._started, self._finished, self._setup = issue, started, finished, setup
         self._queue: deque[Any] = deque()
         self._cv = threading.Condition()
         self._closed = False
         self._idle = True
+        self._last: Any = None
         self.errors: list[BaseException] = []
         self._thread = threading.Thread(target=self._serve, name="tidesim-background-copies", daemon=True)
         self._thread.start()
@@ -75,6 +82,9 @@ class BackgroundFeeder:
         with self._cv:
             while self._queue or not self._idle:
                 self._cv.wait()
+            last = self._last
+        if last is not None:
+            self._finished(last)
         if self.errors:
             raise self.errors[0]
 
@@ -89,7 +99,9 @@ class BackgroundFeeder:
                     return
                 job = self._queue.popleft()
             try:
-                self._wait(self._issue(job))
+                handle = self._issue(job)
+                self._started(handle)
+                self._last = handle
             except BaseException as exc:  # surfaced by drain() in the issuing thread
                 self.errors.append(exc)
             with self._cv:
@@ -135,9 +147,21 @@ class Backend:
         raise NotImplementedError
 
     def synchronize(self) -> None:
+        """Wait for everything issued: compute, every copy, the background queue."""
         raise NotImplementedError
 
-    def copy_busy_s(self) -> dict[str, float]:
+    def compute_synchronize(self) -> None:
+        """Wait for the compute stream only: background copies go on (live mode ends a forward
+        here, so an asynchronous refresh spans forwards as the simulator lets it)."""
+        raise NotImplementedError
+
+    def copy_mark(self) -> int:
+        """A mark in the log of copies (for copy_busy_s(since=...))."""
+        raise NotImplementedError
+
+    def copy_busy_s(self, since: int = 0, until: int | None = None) -> dict[str, float]:
+        """Copy-engine seconds per direction of the copies logged between two marks (waits for
+        every copy first)."""
         raise NotImplementedError
 
     def reset_counters(self) -> None:
@@ -159,14 +183,15 @@ class CudaBackend(Backend):
         self.h2d_bg = torch.cuda.Stream(device)
         self.d2h = torch.cuda.Stream(device)
         self._copy_events: list[tuple[str, Any, Any]] = []
-        self._feeder = BackgroundFeeder(self._issue_background, lambda ev: ev.synchronize(), self._feeder_setup)
+        self._feeder = BackgroundFeeder(self._issue_background, lambda h: h[0].synchronize(),
+                                        lambda h: h[1].synchronize(), self._feeder_setup)
 
     def _feeder_setup(self) -> None:
         torch.cuda.set_device(self.device)
         torch.autograd.grad_mode.inference_mode(True).__enter__()  # thread-local, as the caller's
 
     def _issue(self, stream: Any, dst: torch.Tensor, src: torch.Tensor, direction: str,
-               after: list[Marker], end: Any) -> None:
+               after: list[Marker], end: Any) -> Any:
         for m in after:
             if m.event is not None:
                 if m.flag is not None:
@@ -178,15 +203,16 @@ class CudaBackend(Backend):
             dst.copy_(src, non_blocking=True)
             end.record(stream)
         self._copy_events.append((direction, start, end))
+        return start
 
     def _issue_background(self, job: tuple[torch.Tensor, torch.Tensor, list[Marker], Marker]) -> Any:
         dst, src, after, marker = job
         try:
-            self._issue(self.h2d_bg, dst, src, H2D, after, marker.event)
+            start = self._issue(self.h2d_bg, dst, src, H2D, after, marker.event)
         finally:
             assert marker.flag is not None
             marker.flag.set()
-        return marker.event
+        return start, marker.event
 
     def mark(self) -> Marker:
         ev = torch.cuda.Event()
@@ -240,10 +266,16 @@ class CudaBackend(Backend):
         self._feeder.drain()
         torch.cuda.synchronize(self.device)
 
-    def copy_busy_s(self) -> dict[str, float]:
+    def compute_synchronize(self) -> None:
+        self.compute.synchronize()
+
+    def copy_mark(self) -> int:
+        return len(self._copy_events)
+
+    def copy_busy_s(self, since: int = 0, until: int | None = None) -> dict[str, float]:
         self.synchronize()
         out = {H2D: 0.0, D2H: 0.0}
-        for direction, a, b in self._copy_events:
+        for direction, a, b in self._copy_events[since:until]:
             out[direction] += float(a.elapsed_time(b)) / 1e3
         return out
 
@@ -261,7 +293,7 @@ class HostBackend(Backend):
         self._queue: list[tuple[int, int, Callable[[], None]]] = []
         self._cv = threading.Condition()
         self._seq = itertools.count()
-        self._busy = {H2D: 0.0, D2H: 0.0}
+        self._log: list[tuple[str, float]] = []
         self._closed = False
         self._thread = threading.Thread(target=self._serve, name="tidesim-copy-engine", daemon=True)
         self._thread.start()
@@ -295,7 +327,7 @@ class HostBackend(Backend):
         def body() -> None:
             t0 = time.perf_counter()
             dst.copy_(src)
-            self._busy[direction] += time.perf_counter() - t0
+            self._log.append((direction, time.perf_counter() - t0))
 
         return self._submit(body, background, list(after or []))
 
@@ -342,12 +374,21 @@ class HostBackend(Backend):
     def synchronize(self) -> None:
         self.host_wait(self._submit(None, background=True, deps=[]))
 
-    def copy_busy_s(self) -> dict[str, float]:
+    def compute_synchronize(self) -> None:
+        pass   # compute runs synchronously in the calling thread
+
+    def copy_mark(self) -> int:
+        return len(self._log)
+
+    def copy_busy_s(self, since: int = 0, until: int | None = None) -> dict[str, float]:
         self.synchronize()
-        return dict(self._busy)
+        out = {H2D: 0.0, D2H: 0.0}
+        for direction, seconds in self._log[since:until]:
+            out[direction] += seconds
+        return out
 
     def reset_counters(self) -> None:
-        self._busy = {H2D: 0.0, D2H: 0.0}
+        self._log = []
 
     def close(self) -> None:
         with self._cv:

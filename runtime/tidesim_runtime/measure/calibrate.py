@@ -47,8 +47,11 @@ from tidesim_runtime.measure.resources import (
     measure_layer_overhead,
     measure_task_overhead,
     model_bytes_factor,
+    warm_device,
 )
 from tidesim_runtime.measure.timer import Stat, Timer, monotone, stat
+
+WARM_UP_S = 2.0   # seconds of large products on a GPU before the first measurement (clocks up)
 
 __all__ = ["Calibration", "Grid", "Stat", "Timer", "build_profile", "calibrate", "model_bytes_factor", "monotone",
            "stat"]
@@ -83,7 +86,9 @@ def calibrate(models: list[ModelSpec], device: DeviceInfo, quick: bool, name: st
     pool = CPUPool(device.cpu_workers, device.cpu_threads_per_worker)
     timer = Timer(device, backend)
     factor = model_bytes_factor(models[0], device.dtype)
-    steps: list[tuple[str, Callable[[], None]]] = [("launch overhead", lambda: measure_launch(cal, timer))]
+    steps: list[tuple[str, Callable[[], None]]] = [
+        ("warm-up", lambda: warm_device(cal, timer, WARM_UP_S if device.is_cuda else 0.2)),
+        ("launch overhead", lambda: measure_launch(cal, timer))]
     for spec in models:
         steps += shape_steps(cal, timer, pool, spec)
     steps += [

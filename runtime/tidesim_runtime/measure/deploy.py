@@ -36,7 +36,7 @@ from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, COPY_SYNC_REFRE
 from tidesim.trace.schema import Trace
 from tidesim.workload import Workload, workload_from_trace
 from tidesim_runtime.engine.device import DeviceInfo, host_memory_available
-from tidesim_runtime.engine.executor import Executor, LayerRouting, RunRecord, memory_needs
+from tidesim_runtime.engine.executor import Executor, RunRecord, memory_needs, router_routing
 from tidesim_runtime.engine.pinned import pinned_bytes
 from tidesim_runtime.engine.slots import (
     ExpertBank,
@@ -285,17 +285,14 @@ class LiveEngine:
 
         def run(block: SparseMoeBlock, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             assert self._meta is not None
-            flat = idx.reshape(-1)
-            order = torch.argsort(flat, stable=True)
-            counts = torch.bincount(flat, minlength=spec.num_experts).cpu().numpy().astype(np.int64)
+            routing = router_routing(idx, w, spec.num_experts, x.device)   # weights stay float32
+            counts = routing.counts
             t0 = time.perf_counter()
             d = self.policy.step(self._meta, counts[None], self._layer_index[layer])
             self.recorder.add(d)
             plan = self.slots.plan(layer, d.placement[0], d.copy[0], d.demote[0], d.resident[0])
             self._grow(layer)
             self._decide += time.perf_counter() - t0
-            routing = LayerRouting(tokens=order // idx.shape[1], weights=w.reshape(-1)[order].to(x.dtype),
-                                   counts=counts)
             return ex.moe_layer(x, layer, 0, routing, plan, moe_in=x)
         return run
 
@@ -320,7 +317,7 @@ class LiveEngine:
             self._meta = meta
             self.recorder.begin_forward()
             counts0 = dict(ex._counts)
-            busy0 = ex.backend.copy_busy_s()
+            copies0 = ex.backend.copy_mark()
             decide0 = self._decide
             mark = ex.span_mark()
             t0 = time.perf_counter()
@@ -329,11 +326,12 @@ class LiveEngine:
             out = model(input_ids, positions, mask, past, logits_last)
             if dev.type != "cpu":
                 out = (out[0].cpu(), out[1])
-            ex.backend.synchronize()
+            # the forward ends when its compute does: asynchronous refresh copies still in flight go
+            # on into the next forward, as the simulator lets them (a full synchronize would not)
+            ex.backend.compute_synchronize()
             elapsed = time.perf_counter() - t0
             if not self.recorder.complete():
                 raise RuntimeError(f"forward {meta.index}: not every MoE layer ran through the engine")
-            busy = ex.backend.copy_busy_s()
             # the model's own modules (attention, dense layers, norms, router, lm_head) ran outside
             # the executor's phases: the layer model's fixed GPU work
             self._model_s += max(0.0, elapsed - ex.span_seconds(mark) - (self._decide - decide0))
@@ -343,7 +341,7 @@ class LiveEngine:
                 "expert_copies": int(ex._counts["copies"] - counts0["copies"]),
                 "h2d_bytes": float(ex._counts["h2d"] - counts0["h2d"]),
                 "d2h_bytes": float(ex._counts["d2h"] - counts0["d2h"]),
-                "copy_time_s": float(sum(busy.values()) - sum(busy0.values())),
+                "copy_marks": (copies0, ex.backend.copy_mark()),
                 "decide_s": self._decide - decide0,
             })
             return out
@@ -366,6 +364,8 @@ class LiveEngine:
                 blocks=lambda pid: tracker.blocks(pid, blocks(pid) if blocks is not None else None))
             decode_s = time.perf_counter() - t0
             record: RunRecord = ex.finish()
+            for row in self._rows:   # copy-engine time of the copies each forward issued
+                row["copy_time_s"] = float(sum(ex.backend.copy_busy_s(*row.pop("copy_marks")).values()))
             attribute_model_time(record, self._model_s)
         finally:
             for (_, block), fn in zip(self.blocks, saved, strict=True):

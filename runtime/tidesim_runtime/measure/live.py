@@ -15,6 +15,7 @@ Any difference is a lossless failure (a pair computed twice, dropped, or with ot
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
@@ -27,7 +28,7 @@ from tidesim.policies import PolicyOptions, build_schedule
 from tidesim.schedule import Schedule
 from tidesim.workload import Workload, workload_from_trace
 from tidesim_runtime.engine.device import DeviceInfo
-from tidesim_runtime.engine.executor import Executor, LayerRouting
+from tidesim_runtime.engine.executor import Executor, router_routing
 from tidesim_runtime.engine.slots import host_experts_from, plan_slots
 from tidesim_runtime.measure.kernel_reference import same_kernel_reference
 from tidesim_runtime.reference.capture import CaptureSettings, capture_trace
@@ -126,14 +127,10 @@ def live_decode(model: LLaDA2Model, prompt: Sequence[int], cfg: DecodeConfig, wo
     def runner_for(layer: int) -> ExpertRunner:
         def run(block: SparseMoeBlock, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             f = state["forward"]
-            flat = idx.reshape(-1)
-            counts = torch.bincount(flat, minlength=spec.num_experts).cpu().numpy().astype(np.int64)
-            if f >= workload.num_forwards or not np.array_equal(counts, workload.expert_tokens[f, layer]):
+            routing = router_routing(idx, w, spec.num_experts, target)
+            if f >= workload.num_forwards or not np.array_equal(routing.counts, workload.expert_tokens[f, layer]):
                 raise RoutingMismatch(f"forward {f} MoE layer {layer}: the live routing differs from the "
                                       "routing the schedule was made for")
-            order = torch.argsort(flat, stable=True)
-            routing = LayerRouting(tokens=(order // idx.shape[1]).to(target),
-                                   weights=w.reshape(-1)[order].to(target), counts=counts)
             y = executor.moe_layer(x, layer, 0, routing, plan.layers[f][layer], moe_in=x.to(target, dev.dtype))
             return y.to(x.device, x.dtype)
         return run
@@ -160,16 +157,37 @@ def live_decode(model: LLaDA2Model, prompt: Sequence[int], cfg: DecodeConfig, wo
 def lossless_check(model: LLaDA2Model, prompt: Sequence[int], cfg: DecodeConfig, policy: str,
                    options: PolicyOptions, device: DeviceInfo) -> LosslessResult:
     """Plain decode vs live decode through the executor under `policy`."""
+    return lossless_checks(model, prompt, cfg, [(policy, options)], device)[0]
+
+
+def lossless_checks(model: LLaDA2Model, prompt: Sequence[int], cfg: DecodeConfig,
+                    runs: Sequence[tuple[str, PolicyOptions]], device: DeviceInfo, float32: bool = False
+                    ) -> list[LosslessResult]:
+    """One plain decode, then a live decode per (policy, options), each compared with it.
+
+    float32: check a float32 copy of the model (the timed runs stay in the model's dtype). Both
+    decodes then run on the same device in float32, routing weights in float32 and every
+    token's routed outputs added in the reference model's order (kernels.combine_pairs), so on a
+    GPU too a difference means a pair computed wrongly, not bf16 rounding."""
+    if float32 and model.dtype != torch.float32:
+        model = copy.deepcopy(model).float()
+        model.dtype = torch.float32
     ref_tokens, workload = reference_decode(model, prompt, cfg, device)
-    schedule = build_schedule(policy, workload, options)
-    problems: list[str] = []
-    try:
-        live_tokens, metrics = live_decode(model, prompt, cfg, workload, schedule, device)
-    except RoutingMismatch as exc:
-        return LosslessResult(policy, cfg.kv_cache, False, ref_tokens, [], workload.num_forwards, None, [str(exc)])
-    if live_tokens != ref_tokens:
-        first = next((i for i, (a, b) in enumerate(zip(ref_tokens, live_tokens, strict=False)) if a != b),
-                     min(len(ref_tokens), len(live_tokens)))
-        problems.append(f"tokens differ from position {first}")
-    return LosslessResult(policy, cfg.kv_cache, not problems, ref_tokens, live_tokens, workload.num_forwards,
-                          metrics, problems)
+    out = []
+    for policy, options in runs:
+        schedule = build_schedule(policy, workload, options)
+        label = policy + (f" {options.refresh}" if options.refresh != "sync" else "")
+        try:
+            live_tokens, metrics = live_decode(model, prompt, cfg, workload, schedule, device)
+        except RoutingMismatch as exc:
+            out.append(LosslessResult(label, cfg.kv_cache, False, ref_tokens, [], workload.num_forwards, None,
+                                      [str(exc)]))
+            continue
+        problems: list[str] = []
+        if live_tokens != ref_tokens:
+            first = next((i for i, (a, b) in enumerate(zip(ref_tokens, live_tokens, strict=False)) if a != b),
+                         min(len(ref_tokens), len(live_tokens)))
+            problems.append(f"tokens differ from position {first}")
+        out.append(LosslessResult(label, cfg.kv_cache, not problems, ref_tokens, live_tokens, workload.num_forwards,
+                                  metrics, problems))
+    return out

@@ -13,6 +13,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -24,10 +25,11 @@ from tidesim.models import ModelSpec
 from tidesim_runtime.engine import cpu_kernels
 from tidesim_runtime.engine.cpu_pool import CPUPool, ExpertTask, expert_task_runner
 from tidesim_runtime.engine.device import DeviceInfo, last_level_cache_bytes, provenance_fields
-from tidesim_runtime.engine.executor import LayerRouting
+from tidesim_runtime.engine.executor import LayerRouting, replay_routing
 from tidesim_runtime.engine.kernels import (
     KVBuffer,
     attention,
+    combine_pairs,
     gate_logits,
     grouped_experts,
     grouped_impl,
@@ -37,7 +39,7 @@ from tidesim_runtime.engine.kernels import (
     rotary_tables,
     swiglu,
 )
-from tidesim_runtime.engine.pinned import HostPinning
+from tidesim_runtime.engine.pinned import HostPinning, IndexStaging
 from tidesim_runtime.engine.slots import ExpertBank
 from tidesim_runtime.engine.streams import D2H, H2D, Backend
 from tidesim_runtime.measure.timer import Timer, monotone, stat
@@ -59,7 +61,7 @@ class Grid:
     def for_device(cls, device: DeviceInfo, quick: bool) -> Grid:
         if device.is_cuda:
             tokens = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024] if not quick else [1, 4, 16, 64, 256]
-            return cls(repeats=3 if quick else 7, gpu_tokens=tokens,
+            return cls(repeats=5 if quick else 9, gpu_tokens=tokens,
                        cpu_tokens=[1, 2, 4, 8, 16, 32, 64, 128] if not quick else [1, 4, 16, 64],
                        att_tokens=[1, 8, 32, 128, 512, 2048] if not quick else [8, 32, 512],
                        att_context=[128, 512, 2048, 8192, 32768] if not quick else [512, 4096],
@@ -111,15 +113,39 @@ def working_set_bytes(device: DeviceInfo, side: str) -> int:
 
 
 def experts_over_cache(spec: ModelSpec, dtype: torch.dtype, device: DeviceInfo, side: str, at_least: int) -> int:
-    """How many distinct experts make a working set of working_set_bytes(device, side)."""
+    """How many distinct experts make a working set of working_set_bytes(device, side), at most
+    every routed expert of the model (a model whose experts all fit in the cache runs them from
+    the cache; timing more distinct experts than it has would overstate its time, and for a tiny
+    model would take minutes)."""
     per = 3 * spec.hidden_size * spec.moe_intermediate_size * torch.empty(0, dtype=dtype).element_size()
-    return max(at_least, math.ceil(working_set_bytes(device, side) / per))
+    model_experts = spec.num_experts * max(spec.num_moe_layers, 1)
+    return max(at_least, min(math.ceil(working_set_bytes(device, side) / per), model_experts))
 
 
 QUEUED_COPIES = 16   # copies per timed queue (fewer for big copies: at most 64 MiB a queue)
 
 
+def paired_samples(grid: Grid) -> int:
+    """Paired samples (alone, then under load) for a slowdown ratio: a ratio of two noisy times
+    needs many more samples than one time does."""
+    return max(3 * grid.repeats, 9)
+
+
 # ----- measurements ------------------------------------------------------------------------
+def warm_device(cal: Calibration, timer: Timer, seconds: float) -> None:
+    """Keep the GPU side busy with large products for `seconds` before anything is timed: a GPU
+    runs at idle clocks until it has been loaded for a while, and the first curve would pay it."""
+    dev, dtype = cal.device.torch_device, cal.device.dtype
+    n = 4096 if cal.device.is_cuda else 256
+    a = torch.ones(n, n, device=dev, dtype=dtype)
+    out = torch.empty_like(a)
+    saved, timer.warm_s = timer.warm_s, seconds
+    try:
+        timer.warm(lambda: torch.mm(a, a, out=out))
+    finally:
+        timer.warm_s = saved
+
+
 def measure_launch(cal: Calibration, timer: Timer) -> None:
     x = torch.zeros(16, device=cal.device.torch_device, dtype=cal.device.dtype)
     n = 200
@@ -130,26 +156,56 @@ def measure_launch(cal: Calibration, timer: Timer) -> None:
     cal.launch_us = timer.time(many, cal.grid.repeats).median_s / n * 1e6
 
 
+@dataclass
+class GroupedBench:
+    """G distinct experts in a slot pool in shuffled slot order, as a refreshed pool holds them,
+    run by the executor's grouped path (grouped_experts: index building, staging, gather, grouped
+    kernel, scatter) at t tokens each."""
+
+    spec: ModelSpec
+    device: DeviceInfo
+    g: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        dev, dtype = self.device.torch_device, self.device.dtype
+        self.bank = ExpertBank.empty(self.spec, self.g, dev, dtype)
+        self.gen = torch.Generator().manual_seed(self.seed)
+        row = random_matrix(1, self.bank.flat.shape[1], self.gen, dev, dtype)[0] * 0.05
+        self.bank.flat.copy_(row.expand_as(self.bank.flat))
+        self.impl = grouped_impl(dev, dtype)
+        self.slots = np.random.default_rng(self.seed).permutation(self.g).astype(np.int64)
+        self.experts = np.arange(self.g, dtype=np.int64)
+        self.pinning = HostPinning(self.device.is_cuda)
+
+    def fn(self, t: int) -> Callable[[], None]:
+        """The grouped path over the G experts with t tokens each (inputs made here, once)."""
+        dev, dtype = self.device.torch_device, self.device.dtype
+        x = random_matrix(self.g * t, self.spec.hidden_size, self.gen, dev, dtype)
+        y = torch.empty_like(x)
+        offs = np.arange(self.g + 1, dtype=np.int64) * t
+        stage = IndexStaging(self.g * t + self.g + 1, dev, self.pinning)
+        return lambda: grouped_experts(x, y, offs, self.experts, self.slots, self.bank.w13, self.bank.w2,
+                                       self.impl, stage)
+
+    def close(self) -> None:
+        self.pinning.release()
+
+
 def measure_gpu_experts(cal: Calibration, timer: Timer, spec: ModelSpec) -> None:
-    dev, dtype = cal.device.torch_device, cal.device.dtype
-    g = experts_over_cache(spec, dtype, cal.device, "gpu", 4)
-    bank = ExpertBank.empty(spec, g, dev, dtype)
-    gen = torch.Generator().manual_seed(0)
-    row = random_matrix(1, bank.flat.shape[1], gen, dev, dtype)[0] * 0.05
-    bank.flat.copy_(row.expand_as(bank.flat))
-    impl = grouped_impl(dev, dtype)
+    g = experts_over_cache(spec, cal.device.dtype, cal.device, "gpu", 4)
+    bench = GroupedBench(spec, cal.device, g, seed=0)
     launch = cal.launch_us * 1e-6
     tokens = cal.grid.gpu_tokens
-    inputs = [random_matrix(g * t, spec.hidden_size, gen, dev, dtype) for t in tokens]
-    def grouped(x: torch.Tensor, t: int) -> Callable[[], Any]:
-        return lambda: grouped_experts(x, [t] * g, list(range(g)), bank.w13, bank.w2, impl)
-
-    fns = [grouped(x, t) for x, t in zip(inputs, tokens, strict=True)]
-    stats = timer.time_many(fns, cal.grid.repeats)
+    try:
+        stats = timer.time_many([bench.fn(t) for t in tokens], cal.grid.repeats)
+    finally:
+        bench.close()
     xs = [float(t) for t in tokens]
     ts = [(max(st.median_s - launch, 0.0) / g + launch) * 1e6 for st in stats]
     sp = [st.spread_s / g * 1e6 for st in stats]
-    prov = Provenance(kind="measured", source=f"runtime grouped kernel ({impl}) over {g} experts",
+    prov = Provenance(kind="measured", source=f"runtime grouped path ({bench.impl}) over {g} experts in shuffled "
+                      "slots (index building, gather and scatter included)",
                       repeats=cal.grid.repeats, device=cal.device.describe(), tool_version=__version__)
     cal.gpu_curves.append(ExpertCurve(spec.hidden_size, spec.moe_intermediate_size,
                                       Curve(xs, monotone(ts), sp, prov), workers=1))
@@ -214,8 +270,8 @@ def measure_attention(cal: Calibration, timer: Timer, spec: ModelSpec) -> None:
 
 def measure_dense(cal: Calibration, timer: Timer, spec: ModelSpec) -> None:
     """Effective bandwidth (model bytes/s) of a one-token product with a matrix larger than any
-    cache (what an lm_head streams), and the FLOP rate of the shared-expert shape at 32 tokens
-    (a block's worth: where the shared expert and router of a denoising step run)."""
+    cache (what an lm_head streams), and the FLOP rate of the shared-expert shape: the best over
+    token counts up to a large GEMM (dense_tokens)."""
     dev, dtype = cal.device.torch_device, cal.device.dtype
     gen = torch.Generator().manual_seed(3)
     el = torch.empty(0, dtype=dtype).element_size()
@@ -227,10 +283,19 @@ def measure_dense(cal: Calibration, timer: Timer, spec: ModelSpec) -> None:
     inter = spec.moe_intermediate_size * max(spec.num_shared_experts, 1)
     w13 = random_matrix(2 * inter, spec.hidden_size, gen, dev, dtype)
     w2 = random_matrix(spec.hidden_size, inter, gen, dev, dtype)
-    x = random_matrix(32, spec.hidden_size, gen, dev, dtype)
-    st = timer.time(lambda: swiglu(x, w13, w2), cal.grid.repeats)
-    flops = 2 * 3 * spec.hidden_size * inter * 32
-    cal.tflops = max(cal.tflops, flops / max(st.median_s, 1e-9) / 1e12)
+    flops_per_token = 2 * 3 * spec.hidden_size * inter
+    for t in dense_tokens(cal.device):
+        x = random_matrix(t, spec.hidden_size, gen, dev, dtype)
+        st = timer.time(partial(swiglu, x, w13, w2), cal.grid.repeats)
+        cal.tflops = max(cal.tflops, flops_per_token * t / max(st.median_s, 1e-9) / 1e12)
+
+
+def dense_tokens(device: DeviceInfo) -> list[int]:
+    """Token counts at which the dense FLOP rate is measured: up to a large GEMM, whose rate is
+    the one the roofline needs (a latency-bound point scaled by FLOPs would charge an lm_head
+    over a block of tokens many times its time; small products are charged by the memory term
+    and the per-kernel launch cost)."""
+    return [32, 256, 1024, 4096] if device.is_cuda else [32, 128, 512]
 
 
 def measure_layer_overhead(cal: Calibration, timer: Timer, spec: ModelSpec, profile: HardwareProfile) -> None:
@@ -247,18 +312,19 @@ def measure_layer_overhead(cal: Calibration, timer: Timer, spec: ModelSpec, prof
     for t in cal.grid.att_tokens:
         x = random_matrix(t, spec.hidden_size, gen, dev, dtype)
         pairs = t * spec.top_k
-        r = LayerRouting(torch.arange(pairs, device=dev) % t, torch.full((pairs,), 0.1, device=dev, dtype=dtype),
-                         np.zeros(spec.num_experts, np.int64))
+        counts = np.full(spec.num_experts, pairs // spec.num_experts, dtype=np.int64)
+        counts[:pairs % spec.num_experts] += 1
+        r = replay_routing(counts, t, spec.top_k, dev)
+        xs = torch.zeros(pairs, spec.hidden_size, device=dev, dtype=dtype)
         y = torch.zeros(pairs, spec.hidden_size, device=dev, dtype=dtype)
 
-        def fixed(x: torch.Tensor = x, t: int = t, r: LayerRouting = r, y: torch.Tensor = y) -> None:
+        def fixed(x: torch.Tensor = x, r: LayerRouting = r, xs: torch.Tensor = xs, y: torch.Tensor = y) -> None:
             _, moe_in, base = layer_front(x, lw, kv, ctx, spec, cos, sin)
             idx, _ = route(gate_logits(moe_in, lw), lw.gate_bias, spec.top_k, spec.n_group, spec.topk_group,
                            spec.routed_scaling_factor)
             torch.bincount(idx.reshape(-1), minlength=spec.num_experts).cpu()
-            routed = torch.zeros(moe_in.shape, dtype=torch.float32, device=dev)
-            routed.index_add_(0, r.tokens, y.float() * r.weights.float()[:, None])
-            _ = base + routed.to(base.dtype)
+            torch.index_select(moe_in, 0, r.tokens, out=xs)   # the pairs' inputs, gathered once
+            _ = base + combine_pairs(y, r.weights, r.combine, spec.hidden_size).to(base.dtype)
 
         measured = timer.time(fixed, cal.grid.repeats).median_s
         modelled = float(profile.gpu_layer_fixed_time(np.array([t]), np.array([ctx]), spec)[0])
@@ -305,21 +371,15 @@ def measure_copy_slowdown(cal: Calibration, backend: Backend, timer: Timer, spec
     """Grouped expert compute alone vs with H2D copies streaming at the same time."""
     dev, dtype = cal.device.torch_device, cal.device.dtype
     g = experts_over_cache(spec, dtype, cal.device, "gpu", 4)
-    bank = ExpertBank.empty(spec, g, dev, dtype)
-    pinning = HostPinning(cal.device.is_cuda)
+    bench = GroupedBench(spec, cal.device, g, seed=5)
+    pinning = bench.pinning
     host = ExpertBank.empty(spec, 4, torch.device("cpu"), dtype)
     pinning.pin(host.flat)
     slots = ExpertBank.empty(spec, 4, dev, dtype)
-    gen = torch.Generator().manual_seed(5)
-    x = random_matrix(8 * g, spec.hidden_size, gen, dev, dtype)
-    impl = grouped_impl(dev, dtype)
-
-    def compute() -> None:
-        grouped_experts(x, [8] * g, list(range(g)), bank.w13, bank.w2, impl)
-
-    compute()
+    compute = bench.fn(8)
+    timer.warm(compute)
     ratios = []
-    for _ in range(max(cal.grid.repeats, 3)):  # paired samples: alone, then with copies streaming
+    for _ in range(paired_samples(cal.grid)):  # paired samples: alone, then with copies streaming
         alone = timer.sample(compute)
         marks = [backend.copy(slots.flat[i % 4], host.flat[i % 4], H2D, background=True) for i in range(4 * g)]
         busy = timer.sample(compute)
@@ -327,7 +387,7 @@ def measure_copy_slowdown(cal: Calibration, backend: Backend, timer: Timer, spec
             backend.host_wait(m)
         backend.synchronize()
         ratios.append(busy / max(alone, 1e-12))
-    pinning.release()
+    bench.close()
     cal.copy_slows = max(0.0, statistics.median(ratios) - 1.0)
 
 
@@ -335,31 +395,34 @@ def measure_contention(cal: Calibration, pool: CPUPool, timer: Timer, spec: Mode
     """Fractional slowdown of GPU-side expert work while the CPU pool computes experts (paired
     samples): the profile's cpu.gpu_contention. Near 0 with a real GPU; on the CPU-as-GPU path
     both sides share cores and DRAM."""
-    dev, dtype = cal.device.torch_device, cal.device.dtype
+    dtype = cal.device.dtype
     g = experts_over_cache(spec, dtype, cal.device, "gpu", 4)
-    bank = ExpertBank.empty(spec, g, dev, dtype)
+    bench = GroupedBench(spec, cal.device, g, seed=7)
     host = ExpertBank.empty(spec, max(experts_over_cache(spec, dtype, cal.device, "cpu", 4), 2 * pool.workers),
                             torch.device("cpu"), dtype)
     gen = torch.Generator().manual_seed(7)
-    x = random_matrix(8 * g, spec.hidden_size, gen, dev, dtype)
     xc = random_matrix(8 * host.flat.shape[0], spec.hidden_size, gen, torch.device("cpu"), dtype)
-    impl = grouped_impl(dev, dtype)
     runner = expert_task_runner(xc, torch.empty_like(xc), host.w13, host.w2)
     tasks = [ExpertTask(e, 8 * e, 8 * (e + 1)) for e in range(host.flat.shape[0])]
-
-    def compute() -> None:
-        grouped_experts(x, [8] * g, list(range(g)), bank.w13, bank.w2, impl)
-
-    compute()
+    compute = bench.fn(8)
+    timer.warm(compute)
+    alone_s = timer.sample(compute)
+    t0 = time.perf_counter()
+    pool.submit(tasks, runner).wait()
+    job_s = time.perf_counter() - t0
     ratios = []
-    for _ in range(max(cal.grid.repeats, 3)):
-        alone = timer.sample(compute)
-        jobs = [pool.submit(tasks, runner) for _ in range(3)]  # keeps the pool busy past the compute
-        time.sleep(0.001)
-        busy = timer.sample(compute)
-        for job in jobs:
-            job.wait()
-        ratios.append(busy / max(alone, 1e-12))
+    try:
+        for _ in range(paired_samples(cal.grid)):
+            alone = timer.sample(compute)
+            # enough pool work to keep both sides busy for the whole sample (twice its length)
+            jobs = [pool.submit(tasks, runner) for _ in range(max(2, math.ceil(2 * alone_s / max(job_s, 1e-6)) + 1))]
+            time.sleep(0.001)
+            busy = timer.sample(compute)
+            for job in jobs:
+                job.wait()
+            ratios.append(busy / max(alone, 1e-12))
+    finally:
+        bench.close()
     cal.contention = max(0.0, statistics.median(ratios) - 1.0)
 
 
