@@ -2,7 +2,7 @@
 
 decide (default): how long each online policy takes to decide one forward, layer by layer as the
 live engine does (one step call per MoE layer with that layer's routing), on a bundled trace.
-  Usage: .venv/bin/python bench/bench_online.py decide [TRACE] [--budget B] [--tau T] [--forwards N]
+  Usage: .venv/bin/python bench/bench_online.py decide [TRACE] [--budget B] [--tau T] [--forwards N] [--policies P,Q]
   Goal (issue #12): at most 1 ms per forward for mini shapes (19 MoE layers x 256 experts) on one
   core. The process is pinned to one core where the OS allows it (os.sched_setaffinity) and numpy's
   threads to one. Reports the median and 99th percentile per forward, in wall-clock and in process
@@ -45,6 +45,7 @@ def main() -> None:
     d.add_argument("--tau", type=int, default=2)
     d.add_argument("--hw", default="h100-sxm-pcie5")
     d.add_argument("--forwards", type=int, default=200, help="forwards timed per policy (200)")
+    d.add_argument("--policies", default=None, help="comma-separated online policies (default: all)")
     e = sub.add_parser("engine")
     e.add_argument("--config", default="tiny")
     e.add_argument("--layers", type=int, default=None)
@@ -74,7 +75,8 @@ def decide(args: argparse.Namespace) -> None:
           "one step call per layer")
     print(f"{'policy':16s} {'median us':>10s} {'p99 us':>8s} {'cpu median us':>14s}  goal 1000 us")
     metas = forward_metas(workload)
-    for name in online_names():
+    names = online_names() if args.policies is None else [p.strip() for p in args.policies.split(",") if p.strip()]
+    for name in names:
         options = PolicyOptions(budget=uniform(args.budget, l), tau=uniform(args.tau, l), hw=hw)
         if name in ("cpu-routing", "fiddler"):
             # online the static set is given up front: here the popular set of the trace's warm-up

@@ -125,3 +125,20 @@ def test_a_model_that_does_not_fit_names_the_option(tmp_path: Path, prompts: Pat
     err = capsys.readouterr().err
     assert "GiB of host memory" in err and "--layers" in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("kv", "refresh"), [("none", "async"), ("prefix", "sync")])   # each mode once
+def test_tide_split_decodes_losslessly_with_copies_on_demand(tmp_path: Path, prompts: Path, kv: str, refresh: str,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """tide-split live: its on-demand copies happen (some experts copied in, used once, dropped)
+    and the tokens equal the all-GPU reference decode, with either KV mode and refresh mode."""
+    out = tmp_path / "run"
+    args = ["generate", "--config", "tiny", "--gen-length", "16", "--block-length", "8", "--threshold", "1.0",
+            "--prompts", str(prompts), "--policy", "tide-split", "--tau", "8", "--budget", "6", "--refresh", refresh,
+            "--kv-cache", kv, "--hw", "dev-2core-cpu", "--check-lossless", "--device", "cpu", "-o", str(out), "--json"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["lossless"]["identical"] is True
+    schedule = load_schedule(out / "schedule.npz")
+    assert schedule.policy == "tide-split" and (schedule.copy == 1).sum() > 0
+    assert schedule_problems(schedule, workload_from_trace(read_trace(out / "trace.parquet"))) == []

@@ -10,6 +10,7 @@ from planner_cases import gib_for_slots, write_tiny_trace
 
 from tidesim.cli import main
 from tidesim.plan import load_plan
+from tidesim.planner import PLAN_POLICIES
 
 
 def plan_args(trace: Path, out: Path, *extra: str, gib: float | None = None) -> list[str]:
@@ -109,3 +110,16 @@ def test_plan_and_simulate_state_the_same_slot_count(tmp_path: Path, capsys: pyt
     assert slots in capsys.readouterr().out
     assert main(["simulate", "--trace", str(trace), "--hw", "h100-sxm-pcie5", "--plan", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["inputs"]["expert_slots"] == slots
+
+
+@pytest.mark.parametrize("policy", PLAN_POLICIES)
+def test_policy_option_plans_for_that_policy(tmp_path: Path, capsys: pytest.CaptureFixture[str], policy: str) -> None:
+    trace = write_tiny_trace(tmp_path)
+    out = tmp_path / "plan.json"
+    assert main(plan_args(trace, out, "--policy", policy, "--json")) == 0
+    data = json.loads(capsys.readouterr().out)
+    plan = load_plan(out)
+    assert plan.policy == policy and data["plan"]["policy"] == policy
+    assert plan.selection is not None and plan.selection.chosen in {c.name for c in plan.selection.candidates}
+    assert main(plan_args(trace, tmp_path / "other.json", "--policy", "fiddler")) == 2
+    assert "invalid choice: 'fiddler'" in capsys.readouterr().err

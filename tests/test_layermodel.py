@@ -44,7 +44,7 @@ def tide() -> Schedule:
 
 def test_five_consumers_agree_on_hand_computed_layer_forwards() -> None:
     from tidesim.planner import cost_table, oracle_bound, oracle_costs
-    from tidesim.policies.oracle import layer_times
+    from tidesim.policies.split import layer_times
 
     want = LAYER_FORWARD_MS.sum(axis=0) * MS
     s = tide()

@@ -13,7 +13,7 @@ from tidesim.policies import POLICY_MODULES, build_schedule, policy_names
 from tidesim.policies.base import policy_summary
 from tidesim.schedule import schedule_problems
 
-ONLINE = ["full-swap", "cpu-routing", "fiddler", "tide", "tide-reference"]
+ONLINE = ["full-swap", "cpu-routing", "fiddler", "tide", "tide-reference", "tide-split"]
 
 
 def test_registry_order_and_summaries() -> None:

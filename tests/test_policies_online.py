@@ -78,7 +78,7 @@ def test_schedule_matches_the_former_vectorised_builder(trace: str, forwards: in
     assert digest(build_schedule(policy, w, options)) == expected
 
 
-ONLINE = ["all-gpu", "full-swap", "cpu-routing", "fiddler", "tide", "tide-reference", "planned"]
+ONLINE = ["all-gpu", "full-swap", "cpu-routing", "fiddler", "tide", "tide-reference", "planned", "tide-split"]
 
 
 @pytest.mark.parametrize("name", ONLINE)

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from policy_cases import checked, hand_workload, mask, options, profile, residency, workloads
 
-from tidesim.policies.oracle import split_estimates
+from tidesim.policies.split import split_estimates
 from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, CPU, GPU, IDLE
 
 # Start-of-forward residency: layer 0 {0, 2}, {1, 2}, {0, 1}, {2, 3}; layer 1 {3}, {0, 1}, {0, 3},
@@ -86,8 +86,8 @@ def test_layer_model_matches_the_simulator(w, data) -> None:  # type: ignore[no-
     """The oracle picks its split with layer_times; for its own schedules that must be exactly
     what the simulator charges (one copy engine or two, copy_slows_compute or not, GPU/CPU
     contention or not)."""
-    from tidesim.policies.oracle import layer_times
     from tidesim.policies.residency import rank_experts
+    from tidesim.policies.split import layer_times
     from tidesim.sim.costs import schedule_costs
     from tidesim.sim.engine import simulate
 
@@ -116,7 +116,7 @@ def test_never_slower_than_online_policies_in_the_simulator(w, data) -> None:  #
                  data.draw(st.sampled_from([2.0, 20.0, 1e4])))
     budget = data.draw(st.integers(1, w.num_experts))
     bound = _sim_total(w, checked("oracle", w, options(w, budget, hw=hw)), hw)
-    for name in ("full-swap", "cpu-routing", "fiddler", "tide", "tide-reference"):
+    for name in ("full-swap", "cpu-routing", "fiddler", "tide", "tide-reference", "tide-split"):
         for tau, refresh in ((1, "sync"), (2, "async")):
             online = _sim_total(w, checked(name, w, options(w, budget, tau, refresh, hw=hw)), hw)
             assert bound <= online * (1 + 1e-9), (name, tau, refresh)

@@ -40,8 +40,10 @@ def budget_for_memory(model: ModelSpec, gpu_mem_gib: float, max_per_layer: int |
 
 def memory_for_budget(model: ModelSpec, per_layer: int) -> float:
     """GiB of GPU memory that holds the non-expert weights, `per_layer` experts in every MoE layer and
-    the reserve: the memory budget equivalent to a uniform expert budget (inverse of budget_for_memory)."""
-    weights = model.non_expert_bytes + per_layer * model.num_moe_layers * model.expert_bytes
+    the reserve: the memory budget equivalent to a uniform expert budget (inverse of budget_for_memory).
+    Half an expert more than exact, so that rounding in the GiB conversion never leaves the room one
+    byte short of per_layer x layers experts (the planner's slots must equal tide's budget)."""
+    weights = model.non_expert_bytes + (per_layer * model.num_moe_layers + 0.5) * model.expert_bytes
     return max(weights + 1.5e9, weights / 0.9) / GIB
 
 

@@ -130,6 +130,7 @@ class CPUProfile:
     task_overhead_us: float = 20.0
     expert_ffn: list[ExpertCurve] = field(default_factory=list)
     gpu_contention: float = 0.0
+    kernel: str = ""   # the runtime's CPU expert kernel the curves were measured with ('' = not recorded)
 
 
 @dataclass
@@ -358,6 +359,8 @@ class HardwareProfile:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("flags")
+        if not out["cpu"]["kernel"]:   # profiles without a recorded kernel keep their form and fingerprint
+            out["cpu"].pop("kernel")
         return out
 
     def fingerprint(self) -> str:

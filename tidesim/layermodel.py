@@ -270,21 +270,17 @@ def copy_releases(schedule: Schedule, copy_idx: np.ndarray | None = None, copy_k
     before = np.where((f > 0)[:, None], resident[np.maximum(rows - L, 0)], schedule.initial_resident[layer])
     after = resident[rows]
     copy = schedule.copy.reshape(F * L, E)[rows]
-    leaving = before & ~after
-    in_grouped = leaving & (schedule.placement.reshape(F * L, E)[rows] == GPU) & (copy == 0)
+    free_base, deferred, n_sync = slot_counts(before, after, schedule.placement.reshape(F * L, E)[rows], copy)
     size0 = np.maximum(schedule.budget, schedule.initial_resident.sum(axis=1))[layer]
     n_before = before.sum(axis=1)
-    free_base = (leaving & ~in_grouped).sum(axis=1) - n_before            # free slots = size + this
-    n_sync = (copy == COPY_SYNC_REFRESH).sum(axis=1)
-    deferred = in_grouped.sum(axis=1)
     od_g, as_g = row_of[is_od], row_of[is_as]
     passing = ~after[od_g, od_idx % E]
     by_layer = np.lexsort((f, layer))                     # the pool of a layer carries over forwards
     size = size0.copy()
     for _ in range(F + 1):         # the pool grows only where it must; a few rounds settle it
-        free = np.maximum(size + free_base - n_sync, 0)
+        free, sync_spare = free_slots(size, free_base, n_sync)
         od_tag, as_tag, spare = _tags(od_g, passing, as_g, free, deferred)
-        spare = spare + np.maximum(n_sync - size - free_base, 0)
+        spare = spare + sync_spare
         grown = size0.copy()
         grown[by_layer] += _segment_cumsum(layer[by_layer], spare[by_layer]) - spare[by_layer]
         grown = np.maximum(grown, n_before)
@@ -292,6 +288,33 @@ def copy_releases(schedule: Schedule, copy_idx: np.ndarray | None = None, copy_k
             break
         size = grown
     return od_tag, as_tag
+
+
+def slot_counts(before: np.ndarray, after: np.ndarray, placement: np.ndarray, copy: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per layer-forward (rows of [N, E] arrays): (free_base, deferred, n_sync) of the slot rule.
+    free_base: free slots are the pool's size plus this (leaving experts that do not run on the
+    GPU now, less the residents before); deferred: leaving experts that run in the grouped kernel
+    (their slots free after it); n_sync: synchronous refresh copies (they take free slots first)."""
+    leaving = before & ~after
+    in_grouped = leaving & (placement == GPU) & (copy == 0)
+    free_base = (leaving & ~in_grouped).sum(axis=1) - before.sum(axis=1)
+    return free_base, in_grouped.sum(axis=1), (copy == COPY_SYNC_REFRESH).sum(axis=1)
+
+
+def free_slots(size: np.ndarray, free_base: np.ndarray, n_sync: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(slots free at once for on-demand and asynchronous copies, spare slots the sync copies take)
+    of a pool of `size` slots (slot_counts gives the other two)."""
+    return np.maximum(size + free_base - n_sync, 0), np.maximum(n_sync - size - free_base, 0)
+
+
+def slot_tags(od_g: np.ndarray, passing: np.ndarray, as_g: np.ndarray, free: np.ndarray, deferred: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The slot rule's release tags of on-demand copies (layer-forward ids od_g, sorted; whether
+    each only passes through) and asynchronous ones (as_g), given each layer-forward's `free`
+    and `deferred` slots (indices into those arrays), and the spare slots each took: what
+    copy_releases computes for a whole schedule, for callers that decide forward by forward."""
+    return _tags(od_g, passing, as_g, free, deferred)
 
 
 def background_waits(schedule: Schedule, async_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

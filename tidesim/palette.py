@@ -45,6 +45,7 @@ POLICY_COLORS = {
     "tide": "#08306b",
     "tide-reference": "#2166ac",
     "planned": "#b2182b",
+    "tide-split": "#e6550d",
     "oracle": "#000000",
 }
 OTHER_POLICY = "#737373"

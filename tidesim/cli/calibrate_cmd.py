@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from tidesim.cli.cpu_kernel_arg import add_cpu_kernel_arg, use_cpu_kernel
 from tidesim.cli.guard import Output, declare_outputs
 from tidesim.cli.output import format_table, print_json, progress
 from tidesim.errors import InputError
@@ -43,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the GPU side: cuda, cpu (the CPU plays the GPU) or auto (cuda when present)")
     p.add_argument("--cpu-workers", type=int, default=None, metavar="N",
                    help="CPU worker pool size the runtime will use (default 1 worker with all spare cores)")
+    add_cpu_kernel_arg(p)
     p.add_argument("--name", default=None, help="profile name (default: the output file's stem)")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="profile to write (.yaml)")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of a table")
@@ -68,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     from tidesim_runtime.measure.calibrate import calibrate
 
     device = select_device(args.device, args.cpu_workers)
+    use_cpu_kernel(args.cpu_kernel, device.dtype)   # measured, and recorded in the profile
     name = args.name or out.stem
     t0 = time.perf_counter()
 

@@ -100,7 +100,7 @@ def summary_lines(comp: Comparison, tau_line: str | None) -> list[str]:
     """The lines under the table: how speedups are measured, tide against each baseline, the tau."""
     out = [f"speedup: tokens/s over the best baseline ({comp.best_baseline or 'none run'}); "
            "bounds (all-gpu, oracle) are limits, not deployable policies"]
-    for tide in ("tide", "tide-reference"):
+    for tide in ("tide", "tide-reference", "tide-split"):
         if comp.by_policy(tide):
             parts = [f"{comp.speedup_over(tide, b):.2f}x over {b}" for b in BASELINES if comp.by_policy(b)]
             if parts:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from tidesim.cli.calibrate_cmd import require_runtime
+from tidesim.cli.cpu_kernel_arg import add_cpu_kernel_arg, use_cpu_kernel
 from tidesim.cli.decode_args import add_decode_args, decode_kwargs
 from tidesim.cli.output import format_table, print_json, progress, to_jsonable
 from tidesim.errors import InputError
@@ -30,7 +31,7 @@ from tidesim.policies.base import REFRESH_MODES
 
 RUN_MARKER = "tidesim generate run"
 RUN_FILES = ("generations.jsonl", "forwards.parquet", "trace.parquet", "schedule.npz", "summary.json")
-HW_POLICIES = ("fiddler", "all-gpu")   # the policies whose decisions read the hardware profile
+HW_POLICIES = ("fiddler", "all-gpu", "tide-split")   # the policies whose decisions read the hardware profile
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -66,6 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="the GPU side: cuda, cpu (the CPU plays the GPU) or auto")
     p.add_argument("--cpu-workers", type=int, default=None, metavar="N", help="CPU worker pool size (profile's, or 1)")
+    add_cpu_kernel_arg(p)
     p.add_argument("--hw", metavar="PROFILE", help="hardware profile of this machine: predict the run and compare")
     p.add_argument("--check-lossless", action="store_true",
                    help="also decode plainly and compare tokens and routing")
@@ -175,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
 
     policy = online_policy(name, spec, options)
     device = select_device(args.device, args.cpu_workers or (hw.cpu.workers if hw else None))
+    use_cpu_kernel(args.cpu_kernel, device.dtype, hw.cpu.kernel if hw else "")
     max_tokens, max_context = decode_sizes(cfg, [len(q) for q in prompts])
     check_deploy_memory(spec, device, policy.budget, max_tokens, max_context)
 
@@ -292,10 +295,13 @@ def predict(result: Any, hw: Any) -> dict[str, Any]:
 
 
 def plain_decode(model: Any, spec: Any, prompts: list[list[int]], cfg: Any, settings: Any) -> Any:
-    """(trace, tokens) of a plain decode: the model's own expert loop on the host."""
+    """(trace, tokens) of a plain decode: the model's own expert loop on the host (its routed
+    experts through the runtime's CPU expert kernel where that kernel changes the model's bits)."""
+    from tidesim_runtime.measure.kernel_reference import same_kernel_reference
     from tidesim_runtime.reference.capture import capture_trace
 
-    return capture_trace(model, spec, prompts, cfg, settings, seed=None)
+    with same_kernel_reference(model):
+        return capture_trace(model, spec, prompts, cfg, settings, seed=None)
 
 
 def compare_lossless(reference: Any, result: Any, device: Any) -> dict[str, Any]:
@@ -309,8 +315,11 @@ def compare_lossless(reference: Any, result: Any, device: Any) -> dict[str, Any]
     routing = float(agree.mean()) if agree is not None else 0.0
     per_layer = [float(v) for v in agree.mean(axis=0)] if agree is not None else []
     identical = ref_outputs == result.outputs and same_shape and routing == 1.0
+    from tidesim_runtime.measure.kernel_reference import reference_rule
+
     return {"identical": bool(identical), "token_share": same_tokens / total if total else 1.0,
             "routing_share": routing, "routing_share_per_layer": per_layer, "device": device.describe(),
+            "reference": reference_rule(device.dtype),
             "rule": "tokens must be identical" if not device.is_cuda else
                     "the plain decode ran on the host, the live one on the GPU, both in the model's dtype: their "
                     "arithmetic differs, so the shares of identical tokens and of identical routing (per MoE layer: "

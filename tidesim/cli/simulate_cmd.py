@@ -28,8 +28,8 @@ from tidesim.report import plan_slots
 from tidesim.run import ENGINES, run
 from tidesim.workload import Workload
 
-NEEDS_CPU = {"cpu-routing", "fiddler", "tide", "tide-reference", "oracle"}
-USES_TAU = {"tide", "tide-reference"}      # policies that run with the uniform --tau
+NEEDS_CPU = {"cpu-routing", "fiddler", "tide", "tide-reference", "tide-split", "oracle"}
+USES_TAU = {"tide", "tide-reference", "tide-split"}     # policies that run with the uniform --tau
 
 
 @dataclass

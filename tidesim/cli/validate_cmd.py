@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tidesim.cli.calibrate_cmd import require_runtime
+from tidesim.cli.cpu_kernel_arg import add_cpu_kernel_arg, use_cpu_kernel
 from tidesim.cli.guard import Output, declare_outputs
 from tidesim.cli.output import format_table, print_json, progress, to_jsonable
 from tidesim.errors import InputError
@@ -61,6 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the GPU side: cuda, cpu (the CPU plays the GPU) or auto")
     p.add_argument("--cpu-workers", type=int, default=None, metavar="N",
                    help="CPU worker pool size; must equal the profile's (the default), which the simulator uses")
+    add_cpu_kernel_arg(p)
     p.add_argument("--repeats", type=int, default=1, metavar="R",
                    help="measure each configuration R times, interleaved; the median run is kept (1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (0)")
@@ -145,13 +147,18 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--cpu-workers {args.cpu_workers} differs from the profile's {hw.cpu.workers} worker(s), "
                          "which the simulator uses and its CPU curve was measured with; leave it out, or "
                          f"calibrate with --cpu-workers {args.cpu_workers}")
+    if args.cpu_kernel is not None and hw.cpu.kernel and args.cpu_kernel != hw.cpu.kernel:
+        raise InputError(f"--cpu-kernel {args.cpu_kernel} differs from the profile's {hw.cpu.kernel}, which its CPU "
+                         f"curve was measured with; leave it out, or calibrate with --cpu-kernel {args.cpu_kernel}")
     device = select_device(args.device, hw.cpu.workers)
+    use_cpu_kernel(args.cpu_kernel, device.dtype, hw.cpu.kernel)
     experts = workload.num_experts
     budgets = int_list(args.budgets, "--budgets") if args.budgets is not None else [experts // 2]
     tau_choice = None
     if args.taus is not None:
         taus = int_list(args.taus, "--taus")
-    elif {"tide", "tide-reference"} & set(policies) and 0 <= budgets[0] <= experts:   # else check_inputs says why
+    elif {"tide", "tide-reference", "tide-split"} & set(policies) and 0 <= budgets[0] <= experts:
+        # (else check_inputs says why)
         from tidesim.default_tau import choose_tau
 
         tau_choice = choose_tau(workload, hw, budgets[0], refresh[0], plan=plan)

@@ -41,17 +41,21 @@ from tidesim.workload import Workload
 # ----- evaluation and the whole planning run ------------------------------------------------------
 
 
+def plan_runner(policy: str) -> str:
+    """The registered policy that runs a plan made for `policy` (options.extra["plan"], or the
+    per-layer options): `planned` for tide, the policy itself otherwise."""
+    return "planned" if policy == "tide" else policy
+
+
 def evaluate_plan(workload: Workload, hw: HardwareProfile, tau: np.ndarray, budget: np.ndarray,
                   engine: str = "analytic", policy: str = "tide") -> Metrics:
-    """Run the policy with these per-layer settings through an executor (`planned` for tide: the
-    policy `tidesim simulate --plan` runs)."""
+    """Run the plan's runner (plan_runner) with these per-layer settings through an executor."""
     from tidesim.policies import PolicyOptions, build_schedule
     from tidesim.run import run
 
     options = PolicyOptions(budget=np.asarray(budget, np.int64), tau=np.asarray(tau, np.int64), hw=hw,
                             refresh="sync")
-    name = "planned" if policy == "tide" else policy
-    return run(workload, build_schedule(name, workload, options), hw, engine=engine)
+    return run(workload, build_schedule(plan_runner(policy), workload, options), hw, engine=engine)
 
 
 def single_tau_sweep(workload: Workload, hw: HardwareProfile, taus: list[int], budget: int,
@@ -212,6 +216,6 @@ def _ids(prompts: list[int]) -> str:
 __all__ = [
     "PLAN_POLICIES", "Candidate", "CostTable", "MilpResult", "OracleBound", "OracleCosts", "PlanOutcome", "cbc",
     "compare_on", "cost_table", "default_budgets", "distinct_taus", "evaluate_plan", "evaluation", "expert_slots",
-    "fit_candidates", "make_plan", "oracle_bound", "oracle_costs", "parse_int_list", "select_plan",
+    "fit_candidates", "make_plan", "oracle_bound", "oracle_costs", "parse_int_list", "plan_runner", "select_plan",
     "single_tau_sweep", "solve_plan", "split_prompts", "uniform_budget",
 ]

@@ -11,6 +11,7 @@ POLICY_MODULES: list[str] = [
     "tidesim.policies.tide",
     "tidesim.policies.tide_reference",
     "tidesim.policies.planned",
+    "tidesim.policies.tide_split",
     "tidesim.policies.oracle",
 ]
 

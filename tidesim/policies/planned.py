@@ -27,18 +27,24 @@ def plan_options(options: PolicyOptions, plan: Plan, model: ModelSpec, layers: i
                    refresh=plan.refresh)
 
 
+def planned_setup(setup: Setup) -> tuple[Setup, Plan | None]:
+    """The setup with options.extra["plan"]'s per-layer settings applied, and that plan (None: the
+    options' own tau and budget stand)."""
+    plan = setup.options.extra.get("plan")
+    if plan is None:
+        return setup, None
+    if not isinstance(plan, Plan):
+        raise InputError("options.extra['plan'] must be a tidesim.plan.Plan (load it with load_plan)")
+    options = plan_options(setup.options, plan, setup.model, setup.layers)
+    options.check_shape(setup.layers, setup.experts)
+    return replace(setup, options=options), plan
+
+
 @register_policy("planned", "tide with a plan's per-layer intervals and budgets (`tidesim plan`, --plan)")
 class Planned(Tide):
     def __init__(self, setup: Setup) -> None:
-        plan = setup.options.extra.get("plan")
-        if plan is not None:
-            if not isinstance(plan, Plan):
-                raise InputError("options.extra['plan'] must be a tidesim.plan.Plan (load it with load_plan)")
-            options = plan_options(setup.options, plan, setup.model, setup.layers)
-            options.check_shape(setup.layers, setup.experts)
-            setup = replace(setup, options=options)
+        setup, self.plan = planned_setup(setup)
         super().__init__(setup)
-        self.plan = plan
 
     def params(self) -> dict[str, object]:
         plan = self.plan

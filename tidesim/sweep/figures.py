@@ -25,7 +25,7 @@ from tidesim.atomic import atomic_path  # noqa: E402
 from tidesim.palette import HEATMAP_CMAP, legend_below, policy_color, time_color, time_label  # noqa: E402
 
 TIDE_FAMILY = ("tide", "planned")
-NOT_BASELINES = ("tide", "tide-reference", "planned")
+NOT_BASELINES = ("tide", "tide-reference", "planned", "tide-split")
 # Inputs a figure can put on an axis, in order of preference for the heatmap.
 AXIS_COLUMNS = ["hw_h2d_gbs", "gpu_memory_gib", "cpu_cores_scale", "cpu_mem_bw_scale", "gpu_speed", "model",
                 "block_length", "threshold", "kv_cache", "gen_length", "prompts", "hw", "budget", "budget_cap",

@@ -121,7 +121,7 @@ def point_tau(p: dict[str, Any], workload: Workload, hw: HardwareProfile, slots:
     tide-reference on one profile search once)."""
     if p["tau"] != "best":
         return int(p["tau"])
-    if p["policy"] not in ("tide", "tide-reference"):
+    if p["policy"] not in ("tide", "tide-reference", "tide-split"):
         return 1
     from tidesim.default_tau import best_tau
 

@@ -30,6 +30,7 @@ from tidesim.workload import Workload, workload_from_trace
 from tidesim_runtime.engine.device import DeviceInfo
 from tidesim_runtime.engine.executor import Executor, router_routing
 from tidesim_runtime.engine.slots import host_experts_from, plan_slots
+from tidesim_runtime.measure.kernel_reference import same_kernel_reference
 from tidesim_runtime.reference.capture import CaptureSettings, capture_trace
 from tidesim_runtime.reference.generate import DecodeConfig, ForwardRecord, generate
 from tidesim_runtime.reference.model import ExpertRunner, LLaDA2Model, SparseMoeBlock
@@ -88,10 +89,13 @@ def model_on(model: LLaDA2Model, device: DeviceInfo) -> LLaDA2Model:
 
 def reference_decode(model: LLaDA2Model, prompt: Sequence[int], cfg: DecodeConfig,
                      device: DeviceInfo | None = None) -> tuple[list[int], Workload]:
-    """Tokens of a plain decode (on `device` when it is CUDA) and the workload of its routing."""
+    """Tokens of a plain decode (on `device` when it is CUDA) and the workload of its routing; its
+    routed experts run the runtime's CPU expert kernel where that changes the model's bits
+    (kernel_reference.py)."""
     settings = CaptureSettings(weights="reference model", compute_dtype=str(model.dtype).replace("torch.", ""))
     forward = DeviceForward(model_on(model, device), device.torch_device) if device and device.is_cuda else None
-    trace, outputs = capture_trace(model, model.spec, [list(prompt)], cfg, settings, seed=None, forward=forward)
+    with same_kernel_reference(model):
+        trace, outputs = capture_trace(model, model.spec, [list(prompt)], cfg, settings, seed=None, forward=forward)
     return outputs[0], workload_from_trace(trace)
 
 

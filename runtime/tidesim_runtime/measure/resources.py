@@ -22,6 +22,7 @@ import torch
 from tidesim import __version__
 from tidesim.hardware import Curve, ExpertCurve, HardwareProfile, Provenance
 from tidesim.models import ModelSpec
+from tidesim_runtime.engine import cpu_kernels
 from tidesim_runtime.engine.cpu_pool import CPUPool, ExpertTask, expert_task_runner
 from tidesim_runtime.engine.device import DeviceInfo, last_level_cache_bytes, provenance_fields
 from tidesim_runtime.engine.executor import LayerRouting, replay_routing
@@ -236,7 +237,8 @@ def measure_cpu_experts(cal: Calibration, pool: CPUPool, spec: ModelSpec) -> Non
     ts = [st.median_s * 1e6 for st in stats]
     sp = [st.spread_s * 1e6 for st in stats]
     prov = Provenance(kind="measured", source=f"runtime CPU pool, {pool.workers} worker(s) x {pool.threads} "
-                      f"thread(s), {n} distinct experts ({cal.device.dtype_name} weights)",
+                      f"thread(s), kernel {cpu_kernels.current().name}, {n} distinct experts "
+                      f"({cal.device.dtype_name} weights)",
                       repeats=cal.grid.repeats, device=f"CPU: {provenance_fields(cal.device)['cpu']}",
                       tool_version=__version__)
     cal.cpu_curves.append(ExpertCurve(spec.hidden_size, spec.moe_intermediate_size,

@@ -28,7 +28,7 @@ from tidesim_runtime.engine.device import DeviceInfo
 from tidesim_runtime.engine.executor import Executor, check_memory
 from tidesim_runtime.engine.slots import plan_slots
 
-TAU_POLICIES = {"tide", "tide-reference"}
+TAU_POLICIES = {"tide", "tide-reference", "tide-split"}
 
 
 @dataclass(frozen=True)

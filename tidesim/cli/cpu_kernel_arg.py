@@ -1,0 +1,42 @@
+"""--cpu-kernel, shared by the commands that run the runtime (calibrate, validate, generate):
+which CPU expert kernel (tidesim_runtime.engine.cpu_kernels) the CPU worker pool runs.
+
+The names are listed here so that --help needs no torch; a test checks them against the
+runtime's table. The default is the runtime's default kernel; a command given a profile uses the
+kernel that profile was calibrated with unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from tidesim.errors import InputError
+
+CPU_KERNEL_NAMES = ("linear", "weights-left", "onednn-packed", "compiled", "kt-kernel")
+DEFAULT_CPU_KERNEL = "weights-left"
+
+
+def add_cpu_kernel_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cpu-kernel", default=None, metavar="NAME",
+                        help=f"CPU expert kernel: {', '.join(CPU_KERNEL_NAMES)} (default: the profile's, else "
+                             f"{DEFAULT_CPU_KERNEL}; docs/runtime.md)")
+
+
+def chosen_kernel(asked: str | None, profile_kernel: str = "") -> str:
+    """The kernel name a command runs: --cpu-kernel, else the profile's, else the default."""
+    name = asked or profile_kernel or DEFAULT_CPU_KERNEL
+    if name not in CPU_KERNEL_NAMES:
+        raise InputError(f"--cpu-kernel must be one of {', '.join(CPU_KERNEL_NAMES)}, got {name!r}")
+    return name
+
+
+def use_cpu_kernel(asked: str | None, dtype: Any, profile_kernel: str = "") -> str:
+    """Check the kernel against this machine and the run's dtype (InputError) and make it the
+    runtime's; returns its name. Imports torch."""
+    from tidesim_runtime.engine import cpu_kernels
+
+    name = chosen_kernel(asked, profile_kernel)
+    cpu_kernels.check_kernel(name, dtype)
+    cpu_kernels.use(name)
+    return name

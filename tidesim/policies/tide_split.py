@@ -1,0 +1,125 @@
+"""tide-split: TIDE's interval refresh, plus a copy-or-CPU split of the experts it misses, chosen
+per layer-forward with the layer model.
+
+Residency is exactly tide's (sync or async refresh, one tau or a plan's per-layer tau and budgets,
+given as for `planned`: options.extra["plan"], else options.tau and options.budget). What differs
+is where the activated experts outside the GPU set run. Once the router has run, the policy knows
+this forward's tokens per expert; it orders the activated experts (those at the gate first, then
+the others, each by tokens, most first, ties by id) and picks how many run on the GPU with the
+split search shared with the oracle (tidesim.policies.split): the ones past the resident set are
+copied in on demand (copy=1), used once and dropped (the host keeps every expert), the rest run
+on the CPU pool. The search times its candidates with the executors' layer model (grouped
+kernel, the copy engine and the slot rule, activations out and back, the longest-first CPU pool,
+copy slowdown, GPU/CPU contention) and always includes tide's own choice, so in that model a
+layer-forward is never slower than tide's with the same resident set; waits for earlier
+background copies (asynchronous refresh) are left out of the comparison.
+
+Experts that cannot be copied on demand here stay on the CPU: those resident before this forward
+(a sync refresh evicts them now) and those an asynchronous refresh copies in this forward. With
+asynchronous refresh nothing is copied on demand in a forward in which some layer refreshes, nor
+in the forward after: refresh copies are then queued behind the on-demand ones on the copy
+engine and the GPU waits for them, a cost the per-layer-forward comparison does not see (and the
+simulator holds the copy engine for a layer's on-demand copies from the first one's start, so a
+layer that also waits for its own refresh copies would deadlock there). The
+slot rule needs the pool's size: the policy keeps it per layer, as the executors' slot plan
+grows it (tidesim.layermodel.copy_releases), from the spare slots its copies took so far.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tidesim import layermodel as lm
+from tidesim.policies.base import register_policy
+from tidesim.policies.planned import planned_setup
+from tidesim.policies.split import ExpertTimes, Slots, best_split
+from tidesim.policies.step import Choice, ForwardMeta, Rows, Setup, placement_of
+from tidesim.policies.tide import Tide, refreshes
+from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, GPU, NO_COPY
+
+
+def decision_order(counts: np.ndarray, gate: np.ndarray, movable: np.ndarray) -> np.ndarray:
+    """int [n, E]: the activated experts at the gate first, then those that may be copied in, then
+    the other activated ones, each band by tokens (most first, ties by id), then the idle ones."""
+    top = int(counts.max(initial=0)) + 1
+    band = np.where(gate, 0, np.where(movable, 1, np.where(counts > 0, 2, 3)))
+    return np.argsort(band * top + (top - 1 - counts), axis=1, kind="stable")
+
+
+@register_policy("tide-split", "tide's refresh; per layer-forward, each missed expert copied in or run on the CPU, "
+                               "whichever split the layer model says is fastest")
+class TideSplit(Tide):
+    def __init__(self, setup: Setup) -> None:
+        setup, self.plan = planned_setup(setup)
+        super().__init__(setup)
+        self.spec, self.hw = self.setup.model, self.setup.options.hw
+        self.times = ExpertTimes(self.spec, self.hw)
+        self.size0 = np.maximum(self.budget, self.initial.sum(axis=1))   # the slot pool, as copy_releases starts it
+        self.spares = np.zeros(setup.layers, dtype=np.int64)             # spare slots taken so far, per layer
+        self.on_demand = 0
+        self._refreshing = (-1, False, False)     # (forward, any layer refreshes in it, any in the one before)
+
+    def decide(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
+        placement, copy, demote, resident = super().decide(meta, rows, counts)
+        before = self.current[rows]
+        act = counts > 0
+        gate = placement == GPU
+        movable = act & ~gate & ~before & (copy == NO_COPY)          # may be copied in on demand now
+        if not self.sync and self._background(meta):
+            movable[:] = False
+        free_base, deferred, n_sync = lm.slot_counts(before, resident, placement, copy)
+        size = np.maximum(self.size0[rows] + self.spares[rows], before.sum(axis=1))
+        if movable.any():
+            free, _ = lm.free_slots(size, free_base, n_sync)
+            order = decision_order(counts, gate & act, movable)
+            n_free, top = gate.sum(axis=1), (gate | movable).sum(axis=1)
+            slots = Slots(free, deferred, (copy == COPY_ASYNC_REFRESH).sum(axis=1))
+            counts_sorted = np.take_along_axis(counts, order, axis=1)
+            split = best_split(counts_sorted, order, act.sum(axis=1), n_free, self.spec, self.hw, slots, top,
+                               keep_resident=True, try_all=False, times=self.times)
+            placement, copy = self._apply(order, split, n_free, counts, copy)
+            free_base, deferred, n_sync = lm.slot_counts(before, resident, placement, copy)
+        self._take_spares(rows, size, free_base, deferred, n_sync, copy, resident)
+        return placement, copy, demote, resident
+
+    def _background(self, meta: ForwardMeta) -> bool:
+        """Whether refresh copies may be on the copy engine in the background during this forward:
+        some layer refreshes in it or in the forward before (the refresh rule, for every layer)."""
+        index, now, before = self._refreshing
+        if meta.index != index:
+            before = now if meta.index == index + 1 else False
+            now = bool(refreshes(meta, self.tau).any())
+            self._refreshing = (meta.index, now, before)
+        return now or before
+
+    def _apply(self, order: np.ndarray, split: np.ndarray, n_free: np.ndarray, counts: np.ndarray,
+               copy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Placement and copies of the chosen splits: decision positions < split on the GPU, those
+        at or past n_free of them copied on demand."""
+        position = np.arange(order.shape[1])[None, :]
+        gpu_sorted = position < split[:, None]
+        demand_sorted = gpu_sorted & (position >= n_free[:, None])
+        gpu, demand = np.zeros(order.shape, bool), np.zeros(order.shape, bool)
+        np.put_along_axis(gpu, order, gpu_sorted, axis=1)
+        np.put_along_axis(demand, order, demand_sorted, axis=1)
+        self.on_demand += int(demand.sum())
+        return placement_of(counts, gpu), np.where(demand, np.int8(COPY_ON_DEMAND), copy)
+
+    def _take_spares(self, rows: Rows, size: np.ndarray, free_base: np.ndarray, deferred: np.ndarray,
+                     n_sync: np.ndarray, copy: np.ndarray, resident: np.ndarray) -> None:
+        """Grow each layer's slot pool by the spare slots this forward's copies take (the slot
+        rule, as tidesim.layermodel.copy_releases applies it to the whole schedule)."""
+        od_g, od_e = np.nonzero(copy == COPY_ON_DEMAND)
+        as_g = np.nonzero(copy == COPY_ASYNC_REFRESH)[0]
+        free, sync_spare = lm.free_slots(size, free_base, n_sync)
+        if od_g.size + as_g.size == 0:
+            spare = sync_spare
+        else:
+            _, _, taken = lm.slot_tags(od_g, ~resident[od_g, od_e], as_g, free, deferred)
+            spare = sync_spare + taken
+        if spare.any():
+            self.spares[rows] += spare
+
+    def params(self) -> dict[str, object]:
+        plan = None if self.plan is None else {"trace": self.plan.trace, "mode": self.plan.mode}
+        return {**super().params(), "plan": plan, "split": "layer model", "on_demand_copies": self.on_demand}
