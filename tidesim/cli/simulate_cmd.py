@@ -43,14 +43,14 @@ class Setup:
     tau: int
     refresh: str
     engine: str
-    plan: Plan | None = None         # --plan: per-layer tau and budget for the planned policy
+    plan: Plan | None = None         # --plan: per-layer tau and budget for the plan's runner (Plan.runner)
     tau_choice: TauChoice | None = None   # where tau came from (None: no policy run uses it)
 
     def options(self, policy: str) -> PolicyOptions:
-        """The plan's per-layer settings for the policy that runs a plan; the uniform budget and tau
-        for the others."""
+        """The plan's per-layer settings for the policy that runs it (the plan's runner: the plan-running
+        policy for a tide plan, the plan's policy otherwise); the uniform budget and tau for the others."""
         layers = self.workload.num_layers
-        if self.plan is not None and traits(policy).needs_plan:
+        if self.plan is not None and policy == self.plan.runner:
             return PolicyOptions(budget=self.plan.budget_array(), tau=self.plan.tau_array(), hw=self.hw,
                                  refresh=self.plan.refresh, extra={"plan": self.plan})
         return PolicyOptions(budget=uniform(self.budget, layers), tau=uniform(self.tau, layers), hw=self.hw,
@@ -209,11 +209,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan) if args.plan else None
     planned = plan_policy()
-    if plan is not None and args.policy not in (None, planned):
-        raise InputError(f"--plan runs the {planned} policy; leave out --policy")
+    if plan is not None and args.policy not in (None, plan.runner):
+        raise InputError(f"--plan runs the policy {plan.runner} (the plan is for {plan.policy}); leave out --policy")
     if plan is None and args.policy in (None, planned):
         raise InputError(f"give --policy P, or --plan FILE for the {planned} policy (make one with `tidesim plan`)")
-    args.policy = args.policy or planned
+    args.policy = args.policy or (plan.runner if plan is not None else planned)
     check_policies([args.policy])
     if args.timeline and args.engine != "sim":
         raise InputError("--timeline needs the simulator (--engine sim)")
