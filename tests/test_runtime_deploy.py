@@ -177,3 +177,45 @@ def test_prediction_per_forward_adds_up_to_the_simulated_run() -> None:
                                                 refresh="async"))
     m2, pf2 = predicted_forwards(w, async_s, HW)
     assert pf2.sum() <= m2.total_time_s + 1e-12
+
+
+def test_a_forward_ends_with_its_compute_so_async_refresh_spans_forwards(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Live forwards wait for the compute stream only (compute_synchronize), never for every copy
+    (synchronize drains the background queue): an asynchronous refresh may go on into the next
+    forward, as the simulator lets it. Per-forward copy time is still counted, after the run."""
+    from tidesim_runtime.engine.streams import HostBackend
+
+    calls: list[str] = []
+    in_forward = {"depth": 0}
+    real_sync, real_compute = HostBackend.synchronize, HostBackend.compute_synchronize
+
+    def synchronize(self):  # type: ignore[no-untyped-def]
+        calls.append("all" if in_forward["depth"] else "outside")
+        real_sync(self)
+
+    def compute_synchronize(self):  # type: ignore[no-untyped-def]
+        calls.append("compute")
+        real_compute(self)
+
+    monkeypatch.setattr(HostBackend, "synchronize", synchronize)
+    monkeypatch.setattr(HostBackend, "compute_synchronize", compute_synchronize)
+    real_forward = LiveEngine._forward_fn
+
+    def forward_fn(self, tracker):  # type: ignore[no-untyped-def]
+        inner = real_forward(self, tracker)
+
+        def wrapped(*args, **kwargs):  # type: ignore[no-untyped-def]
+            in_forward["depth"] += 1
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                in_forward["depth"] -= 1
+        return wrapped
+
+    monkeypatch.setattr(LiveEngine, "_forward_fn", forward_fn)
+    cfg = DecodeConfig(gen_length=8, block_length=8, kv_cache="prefix")
+    result = decode_live("tide", cfg, options_for("tide", "async"))
+    forwards = len(result.forwards)
+    assert calls.count("compute") == forwards and "all" not in calls
+    assert int(result.forwards["copies_async_refresh"].sum()) > 0
+    assert (result.forwards["copy_time_s"] >= 0).all() and result.forwards["copy_time_s"].sum() > 0

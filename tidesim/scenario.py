@@ -71,10 +71,10 @@ class Scenario:
         return isinstance(other, Scenario) and self.key == other.key
 
     def options(self, policy: str) -> PolicyOptions:
-        """The plan's per-layer settings for the policy that runs a plan; the uniform budget and tau
-        for the others."""
+        """The plan's per-layer settings for the policy that runs it (the plan's runner: the plan-running
+        policy for a tide plan, the plan's policy otherwise); the uniform budget and tau for the others."""
         layers = self.workload.num_layers
-        if self.plan is not None and traits(policy).needs_plan:
+        if self.plan is not None and policy == self.plan.runner:
             return PolicyOptions(budget=self.plan.budget_array(), tau=self.plan.tau_array(), hw=self.hw,
                                  refresh=self.plan.refresh, extra={"plan": self.plan})
         return PolicyOptions(budget=uniform(self.budget, layers), tau=uniform(self.tau, layers), hw=self.hw,

@@ -17,10 +17,12 @@ CPU_KERNEL_NAMES = ("linear", "weights-left", "onednn-packed", "compiled", "kt-k
 DEFAULT_CPU_KERNEL = "weights-left"
 
 
-def add_cpu_kernel_arg(parser: argparse.ArgumentParser) -> None:
+def add_cpu_kernel_arg(parser: argparse.ArgumentParser, auto: bool = False) -> None:
+    """`auto` (calibrate): also accept 'auto', the fastest kernel measured on this machine."""
+    names = CPU_KERNEL_NAMES + (("auto",) if auto else ())
+    default = f"{DEFAULT_CPU_KERNEL}" if auto else f"the profile's, else {DEFAULT_CPU_KERNEL}"
     parser.add_argument("--cpu-kernel", default=None, metavar="NAME",
-                        help=f"CPU expert kernel: {', '.join(CPU_KERNEL_NAMES)} (default: the profile's, else "
-                             f"{DEFAULT_CPU_KERNEL}; docs/runtime.md)")
+                        help=f"CPU expert kernel: {', '.join(names)} (default: {default}; docs/runtime.md)")
 
 
 def chosen_kernel(asked: str | None, profile_kernel: str = "") -> str:

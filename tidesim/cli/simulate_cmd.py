@@ -97,11 +97,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan) if args.plan else None
     planned = plan_policy()
-    if plan is not None and args.policy not in (None, planned):
-        raise InputError(f"--plan runs the {planned} policy; leave out --policy")
+    if plan is not None and args.policy not in (None, plan.runner):
+        raise InputError(f"--plan runs the policy {plan.runner} (the plan is for {plan.policy}); leave out --policy")
     if plan is None and args.policy in (None, planned):
         raise InputError(f"give --policy P, or --plan FILE for the {planned} policy (make one with `tidesim plan`)")
-    args.policy = args.policy or planned
+    args.policy = args.policy or (plan.runner if plan is not None else planned)
     check_policies([args.policy])
     if args.timeline and args.engine != "sim":
         raise InputError("--timeline needs the simulator (--engine sim)")
