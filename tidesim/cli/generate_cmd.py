@@ -219,7 +219,7 @@ def policy_options(args: argparse.Namespace, spec: Any, hw: Any) -> tuple[str, A
     if args.plan:
         plan = load_plan(args.plan)
         plan.check_model(spec)
-        name = plan_policy()
+        name = plan.runner          # the plan-running policy for a tide plan, the plan's policy otherwise
         extra["plan"] = plan
     else:
         name = args.policy

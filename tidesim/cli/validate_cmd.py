@@ -135,6 +135,9 @@ def run(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan) if args.plan else None
     if plan is not None:
         plan.check_model(full_model)
+        if plan.runner != plan_policy():
+            raise InputError(f"validate --plan runs plans for tide (the {plan_policy()} policy); this plan is for "
+                             f"{plan.policy}: validate {plan.policy} with --policies and a single --taus instead")
         if plan_policy() not in policies:
             policies.append(plan_policy())
     elif any(traits(p).needs_plan for p in policies):
