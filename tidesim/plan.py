@@ -30,7 +30,9 @@ def plan_runner(policy: str) -> str:
     """The registered policy that runs a plan made for `policy` (the plan in options.extra["plan"]):
     `planned` for tide (tide with per-layer settings), the policy itself otherwise (tide-split reads
     a plan the same way)."""
-    return "planned" if policy == "tide" else policy
+    from tidesim.policies.registry import plan_policy  # the registry imports the policies, which read plans
+
+    return plan_policy() if policy == "tide" else policy
 
 
 def sha256_bytes(data: bytes) -> str:
