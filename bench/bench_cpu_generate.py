@@ -8,7 +8,8 @@ main before issue 25 (F.linear, the reference model's arithmetic). The static GP
 cpu-routing comes from one tide run made first (--static-from, as docs/validation.md does).
 
     .venv/bin/python bench/bench_cpu_generate.py [--kernels linear,weights-left] [--repeats 2]
-        [--policy cpu-routing] [--config docs/examples/mini-shapes-64e] [--gen-length 32] [--json FILE]
+        [--policy cpu-routing] [--config docs/examples/mini-shapes-64e] [--gen-length 32]
+        [--static-from RUN_DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=int, default=16)
     p.add_argument("--gen-length", type=int, default=32)
     p.add_argument("--block-length", type=int, default=16)
+    p.add_argument("--static-from", metavar="TRACE|RUN_DIR",
+                   help="cpu-routing's static set from this earlier run (default: one tide run made first)")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
     kernels = [k for k in args.kernels.split(",") if k]
@@ -63,8 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in kernels}
     with tempfile.TemporaryDirectory(prefix="bench-cpu-generate-") as tmp:
-        static = Path(tmp) / "static"
-        generate(args, ["--policy", "tide"], static)
+        static = Path(args.static_from) if args.static_from else Path(tmp) / "static"
+        if not args.static_from:
+            generate(args, ["--policy", "tide"], static)
         for r in range(args.repeats):
             for k in kernels:
                 out = Path(tmp) / f"{k}-{r}"

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from tidesim.cli.calibrate_cmd import require_runtime
-from tidesim.cli.cpu_kernel_arg import add_cpu_kernel_arg, use_cpu_kernel
+from tidesim.cli.cpu_kernel_arg import add_cpu_kernel_arg, profile_kernel, use_cpu_kernel
 from tidesim.cli.decode_args import add_decode_args, decode_kwargs
 from tidesim.cli.output import format_table, print_json, progress, to_jsonable
 from tidesim.errors import InputError
@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
 
     policy = online_policy(name, spec, options)
     device = select_device(args.device, args.cpu_workers or (hw.cpu.workers if hw else None))
-    use_cpu_kernel(args.cpu_kernel, device.dtype, hw.cpu.kernel if hw else "")
+    use_cpu_kernel(args.cpu_kernel, device.dtype, profile_kernel(hw) if hw else "")
     max_tokens, max_context = decode_sizes(cfg, [len(q) for q in prompts])
     check_deploy_memory(spec, device, policy.budget, max_tokens, max_context)
 
@@ -219,7 +219,7 @@ def policy_options(args: argparse.Namespace, spec: Any, hw: Any) -> tuple[str, A
     if args.plan:
         plan = load_plan(args.plan)
         plan.check_model(spec)
-        name = plan_policy()
+        name = plan.runner          # the plan-running policy for a tide plan, the plan's policy otherwise
         extra["plan"] = plan
     else:
         name = args.policy

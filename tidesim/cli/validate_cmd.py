@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tidesim.cli.calibrate_cmd import require_runtime
-from tidesim.cli.cpu_kernel_arg import add_cpu_kernel_arg, use_cpu_kernel
+from tidesim.cli.cpu_kernel_arg import add_cpu_kernel_arg, profile_kernel, use_cpu_kernel
 from tidesim.cli.guard import Output, declare_outputs
 from tidesim.cli.output import format_table, print_json, progress, to_jsonable
 from tidesim.errors import InputError
@@ -135,6 +135,9 @@ def run(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan) if args.plan else None
     if plan is not None:
         plan.check_model(full_model)
+        if plan.runner != plan_policy():
+            raise InputError(f"validate --plan runs plans for tide (the {plan_policy()} policy); this plan is for "
+                             f"{plan.policy}: validate {plan.policy} with --policies and a single --taus instead")
         if plan_policy() not in policies:
             policies.append(plan_policy())
     elif any(traits(p).needs_plan for p in policies):
@@ -148,11 +151,12 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--cpu-workers {args.cpu_workers} differs from the profile's {hw.cpu.workers} worker(s), "
                          "which the simulator uses and its CPU curve was measured with; leave it out, or "
                          f"calibrate with --cpu-workers {args.cpu_workers}")
-    if args.cpu_kernel is not None and hw.cpu.kernel and args.cpu_kernel != hw.cpu.kernel:
-        raise InputError(f"--cpu-kernel {args.cpu_kernel} differs from the profile's {hw.cpu.kernel}, which its CPU "
+    measured_with = profile_kernel(hw)
+    if args.cpu_kernel is not None and args.cpu_kernel != measured_with:
+        raise InputError(f"--cpu-kernel {args.cpu_kernel} differs from the profile's {measured_with}, which its CPU "
                          f"curve was measured with; leave it out, or calibrate with --cpu-kernel {args.cpu_kernel}")
     device = select_device(args.device, hw.cpu.workers)
-    use_cpu_kernel(args.cpu_kernel, device.dtype, hw.cpu.kernel)
+    use_cpu_kernel(args.cpu_kernel, device.dtype, measured_with)
     experts = workload.num_experts
     budgets = int_list(args.budgets, "--budgets") if args.budgets is not None else [experts // 2]
     tau_choice = None
