@@ -502,11 +502,16 @@ def _in_range(value: Any, bounds: tuple[float, float, bool], where: str) -> None
 
 
 def check_ranges(prof: HardwareProfile, source: str) -> None:
-    """Every numeric field of the profile finite and inside its plausible range (RANGES)."""
+    """Every numeric field of the profile finite and inside its plausible range (RANGES), and no more
+    CPU workers than cores: the pool model runs its workers in parallel, each on cores / workers
+    cores, which an oversubscribed pool does not have."""
     for part, names in RANGES.items():
         obj = getattr(prof, part)
         for name, bounds in names.items():
             _in_range(getattr(obj, name), bounds, f"{source}.{part}.{name}")
+    if prof.cpu.workers > prof.cpu.cores:
+        raise InputError(f"{source}.cpu.workers: {prof.cpu.workers} workers on {prof.cpu.cores} cores; the CPU pool "
+                         "model needs at least one core per worker, so give workers <= cores")
 
 
 def profile_from_dict(data: Any, source: str = "profile", plausible: bool = True) -> HardwareProfile:
