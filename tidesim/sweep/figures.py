@@ -1,7 +1,7 @@
 """Figures from a sweep's results table (PNG, Agg backend).
 
 - throughput_vs_<axis>.png: tokens/s against each numeric axis of the grid, one line per policy.
-- speedup_<policy>.png: heatmap of the speedup of `tide` (and `planned`) over the best baseline.
+- speedup_<policy>.png: heatmap of the speedup of `tide` (and `planned`, `tide-split`) over the best baseline.
 - time_breakdown.png: where the time goes, per policy (stacked bars).
 
 A grid usually varies more than what one figure shows. The other axes are held at one "slice" (the
@@ -24,7 +24,7 @@ from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from tidesim.atomic import atomic_path  # noqa: E402
 from tidesim.palette import HEATMAP_CMAP, legend_below, policy_color, time_color, time_label  # noqa: E402
 
-TIDE_FAMILY = ("tide", "planned")
+TIDE_FAMILY = ("tide", "planned", "tide-split")
 NOT_BASELINES = ("tide", "tide-reference", "planned", "tide-split")
 # Inputs a figure can put on an axis, in order of preference for the heatmap.
 AXIS_COLUMNS = ["hw_h2d_gbs", "gpu_memory_gib", "cpu_cores_scale", "cpu_mem_bw_scale", "gpu_speed", "model",
