@@ -123,9 +123,10 @@ class Run:
         """Run `python -m tidesim ARGS` from the installed copy with `share` of the time left."""
         return self.command([sys.executable, "-m", "tidesim", *args], share, " ".join(args))
 
-    def python(self, code: str, share: float, what: str) -> subprocess.CompletedProcess[str]:
-        """`python -c CODE` from the installed copy with `share` of the time left."""
-        return self.command([sys.executable, "-c", code], share, what)
+    def python(self, code: str, share: float, what: str, args: list[str] | None = None
+               ) -> subprocess.CompletedProcess[str]:
+        """`python -c CODE ARGS` from the installed copy with `share` of the time left."""
+        return self.command([sys.executable, "-c", code, *(args or [])], share, what)
 
     def command(self, cmd: list[str], share: float, what: str) -> subprocess.CompletedProcess[str]:
         timeout = max(10.0, self.left() * share)
@@ -248,11 +249,12 @@ def partial_results(path: Path) -> dict[str, Any]:
     return {"partial": True, "setup": {}, "summary": summary, "rows": rows, "configurations": records}
 
 
-MEMORY_FOR_BUDGET = r"""
+PLAN_AT_BUDGET = r"""
 import sys
+from tidesim.cli import main
 from tidesim.models import get_model
 from tidesim.planner.candidates import expert_slots, uniform_budget
-spec, budget = get_model(sys.argv[1]), int(sys.argv[2])
+spec, budget, plan_args = get_model(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
 
 def holds(gib):
     try:
@@ -264,22 +266,20 @@ lo, hi = 0.0, 4096.0   # bisection: the least memory whose even share is `budget
 for _ in range(80):
     mid = (lo + hi) / 2
     lo, hi = (lo, mid) if holds(mid) else (mid, hi)
-print(repr(hi))
+print(f"GPU memory that holds {budget} experts per layer next to the rest: {hi!r} GiB", flush=True)
+sys.exit(main(["plan", *plan_args, "--gpu-mem-gib", repr(hi)]))
 """
 
 
 def plan(run: Run, trace: str, profile: Path) -> Path:
     """A plan whose memory holds exactly the second budget per layer when shared evenly (so the
-    planned policy is compared at that budget), with budget and tau per layer chosen by the MILP."""
+    planned policy is compared at that budget), with budget and tau per layer chosen by the
+    planner; the memory (by bisection) and the plan in one process."""
     path = run.work / "plan.json"
     b = str(run.sizes.budgets[1])
-    proc = subprocess.run([sys.executable, "-c", MEMORY_FOR_BUDGET, run.sizes.model, b], env=run.env(),
-                          cwd=run.work, capture_output=True, text=True, timeout=120, check=True)
-    gib = proc.stdout.strip().splitlines()[-1]
-    run.log(f"GPU memory that holds {b} experts per layer next to the rest: {gib} GiB")
-    run.tidesim(["plan", "--trace", trace, "--hw", str(profile), "--gpu-mem-gib", gib,
-                 "--budgets", str(run.sizes.budgets[1]), "--taus", run.sizes.plan_taus, "--time-limit", "30",
-                 "-o", str(path)], 0.15)
+    run.python(PLAN_AT_BUDGET, 0.15, f"memory for budget {b}, then tidesim plan", [
+        run.sizes.model, b, "--trace", trace, "--hw", str(profile), "--budgets", b, "--taus", run.sizes.plan_taus,
+        "--time-limit", "30", "-o", str(path)])
     return path
 
 
@@ -340,9 +340,9 @@ print(json.dumps([{"policy": r.policy, "identical": r.identical, "problems": r.p
 def float32_check(run: Run, profile: Path) -> list[dict[str, Any]]:
     """The float32 lossless check on the device (FLOAT32_CHECK): one row per policy."""
     s = run.sizes
-    proc = run.command([sys.executable, "-c", FLOAT32_CHECK, s.model, str(s.live_layers), s.device,
-                        str(s.budgets[1]), str(s.live_gen), str(s.live_prompt), str(profile)], 0.3,
-                       "float32 lossless check, one shared plain decode")
+    proc = run.python(FLOAT32_CHECK, 0.3, "float32 lossless check, one shared plain decode",
+                      [s.model, str(s.live_layers), s.device, str(s.budgets[1]), str(s.live_gen), str(s.live_prompt),
+                       str(profile)])
     rows: list[dict[str, Any]] = json.loads(proc.stdout.strip().splitlines()[-1])
     return rows
 
