@@ -6,9 +6,10 @@ count (1 and all) and CPU expert kernel (tidesim_runtime.engine.cpu_kernels), th
 pass of the kernel over a bank of distinct experts whose weights exceed the last-level cache
 (twice it by default), at each token count, and a STREAM-like read (torch.sum over a buffer of
 the same size, same thread count) in the same rounds. Rounds interleave every cell, so load from
-other jobs falls on all of them alike; each cell keeps its best (least disturbed) pass and its
-median. Printed per row: time per expert, achieved GB/s (weight bytes / time) and its ratio to
-the read bandwidth.
+other jobs falls on all of them alike, and every pass is paired with a read of the same size
+just before it. Printed per row: time per expert (best and median pass), achieved GB/s (weight
+bytes / best time), the best read bandwidth of the cell's rounds, and the ratio: the median over
+rounds of (pass GB/s / its own read's GB/s).
 
     .venv/bin/python bench/bench_cpu_experts.py [--models llada2-mini,llada2-flash]
         [--dtypes bfloat16,float32] [--tokens 1,2,4,8,16,32,64] [--threads 1,all]
@@ -165,21 +166,24 @@ def measure_config(spec: ModelSpec, dtype: torch.dtype, threads: int, kernels: l
     with torch.inference_mode():
         for k, t in cells:  # warm-up: primitives, packing, compilation
             one_pass(cpu_kernels.KERNELS[k], xs[t])
-        reads: list[float] = []
-        samples: dict[tuple[str, int], list[float]] = {c: [] for c in cells}
+        samples: dict[tuple[str, int], list[tuple[float, float]]] = {c: [] for c in cells}
         for _ in range(repeats):
-            reads.append(timed(stream.sum))
-            for k, t in cells:
-                samples[(k, t)].append(timed(lambda k=k, t=t: one_pass(cpu_kernels.KERNELS[k], xs[t])) / n)
+            for k, t in cells:   # each pass paired with a read of the same size just before it
+                read = timed(stream.sum)
+                samples[(k, t)].append((read, timed(lambda k=k, t=t: one_pass(cpu_kernels.KERNELS[k], xs[t])) / n))
     cpu_kernels.PACKED.clear()
     kt_backend.BACKEND.clear()
-    read_gbs = stream.numel() * 4 / min(reads) / 1e9
     rows = []
+    read_bytes = stream.numel() * 4
     for (k, t), s in samples.items():
-        best = min(s)
+        best = min(x for _, x in s)
+        # the ratio of a pass to its own read (the median over rounds): load from other jobs that
+        # comes and goes between rounds falls on both halves of a pair alike
+        ratio = statistics.median((per / x) / (read_bytes / r) for r, x in s)
         gbs = per / best / 1e9
         rows.append(Row(spec.name, str(dtype).replace("torch.", ""), threads, k, t, n, per / 1e6, best * 1e6,
-                        statistics.median(s) * 1e6, gbs, read_gbs, gbs / read_gbs))
+                        statistics.median(x for _, x in s) * 1e6, gbs, read_bytes / min(r for r, _ in s) / 1e9,
+                        ratio))
     return rows
 
 

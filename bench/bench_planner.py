@@ -23,7 +23,7 @@ import platform
 import sys
 import time
 
-from tidesim.budget import TIDE_MAX_EXPERTS_PER_LAYER, budget_for_memory
+from tidesim.budget import default_budget
 from tidesim.bundled.paths import resolve_trace
 from tidesim.hardware import get_profile
 from tidesim.planner import (
@@ -73,7 +73,7 @@ def main() -> int:
     slots = expert_slots(model, gib)
     layers, experts = model.num_moe_layers, model.num_experts
     u = uniform_budget(slots, layers, experts)
-    tide_budget = budget_for_memory(model, gib, TIDE_MAX_EXPERTS_PER_LAYER.get(model.name))
+    tide_budget = default_budget(model, gib, "--gpu-mem-gib").slots
     taus = parse_int_list(args.taus, "--taus")
     if args.budget_factors:
         factors = [float(f) for f in args.budget_factors.split(",")]

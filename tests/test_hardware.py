@@ -161,3 +161,17 @@ def test_empty_copies_are_free_and_never_flagged():
     assert not prof.flags
     prof.h2d_time(1 << 24)
     assert any("pcie.h2d" in f for f in prof.flags)
+
+
+def test_cpu_kernel_is_recorded_only_when_known_and_round_trips(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """cpu.kernel (the runtime's CPU expert kernel a calibration measured) is written when set and
+    left out when empty, so profiles without one keep their form and fingerprint."""
+    from tidesim.hardware import get_profile
+
+    prof = get_profile("dev-2core-cpu")
+    assert "kernel" not in prof.to_dict()["cpu"]
+    before = prof.fingerprint()
+    prof.cpu.kernel = "weights-left"
+    assert prof.to_dict()["cpu"]["kernel"] == "weights-left" and prof.fingerprint() != before
+    prof.save(tmp_path / "p.yaml")
+    assert get_profile(str(tmp_path / "p.yaml")).cpu.kernel == "weights-left"

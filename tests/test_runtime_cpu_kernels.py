@@ -14,8 +14,9 @@ F = torch.nn.functional
 from tidesim_runtime.engine import cpu_kernels as ck  # noqa: E402
 from tidesim_runtime.engine.cpu_pool import ExpertTask, expert_task_runner  # noqa: E402
 
-from tidesim.cli.cpu_kernel_arg import CPU_KERNEL_NAMES, DEFAULT_CPU_KERNEL, chosen_kernel  # noqa: E402
+from tidesim.cli.cpu_kernel_arg import CPU_KERNEL_NAMES, DEFAULT_CPU_KERNEL, chosen_kernel, profile_kernel  # noqa: E402
 from tidesim.errors import InputError  # noqa: E402
+from tidesim.hardware import get_profile  # noqa: E402
 
 H, I = 256, 96
 TOKENS = (1, 2, 3, 5, 8, 16, 33, 64)
@@ -91,6 +92,10 @@ def test_names_default_and_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
     assert tuple(ck.KERNELS) == CPU_KERNEL_NAMES and ck.DEFAULT_KERNEL == DEFAULT_CPU_KERNEL
     assert chosen_kernel(None) == DEFAULT_CPU_KERNEL
     assert chosen_kernel(None, "linear") == "linear" and chosen_kernel("compiled", "linear") == "compiled"
+    prof = get_profile("dev-2core-cpu")
+    assert prof.cpu.kernel == "" and profile_kernel(prof) == "linear"   # calibrated before kernels were recorded
+    prof.cpu.kernel = "weights-left"
+    assert profile_kernel(prof) == "weights-left"
     with pytest.raises(InputError, match="--cpu-kernel must be one of"):
         chosen_kernel("fastest")
     with pytest.raises(InputError, match="--cpu-kernel must be one of"):

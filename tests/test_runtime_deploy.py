@@ -35,7 +35,8 @@ from tidesim.errors import InputError  # noqa: E402
 from tidesim.hardware import get_profile  # noqa: E402
 from tidesim.models import get_model  # noqa: E402
 from tidesim.policies import PolicyOptions, build_schedule, uniform  # noqa: E402
-from tidesim.policies.base import online_policy  # noqa: E402
+from tidesim.policies.driver import online_names, online_policy  # noqa: E402
+from tidesim.policies.registry import traits  # noqa: E402
 from tidesim.run import run  # noqa: E402
 from tidesim.schedule import NO_COPY  # noqa: E402
 from tidesim.trace.io import read_trace  # noqa: E402
@@ -45,13 +46,13 @@ SPEC = get_model("tiny")
 PROMPTS = [[5, 17, 300, 42, 7], [9, 8, 7]]
 SETTINGS = CaptureSettings(weights="random (seed 3)", compute_dtype="float32")
 HW = get_profile("dev-2core-cpu")
-POLICIES = ["all-gpu", "full-swap", "cpu-routing", "fiddler", "tide", "tide-reference", "planned"]
+POLICIES = online_names()      # every registered policy that can run live, a new one included
 
 
 def options_for(name: str, refresh: str = "sync") -> PolicyOptions:
     layers, experts = SPEC.num_moe_layers, SPEC.num_experts
     static = None
-    if name in ("cpu-routing", "fiddler"):  # online the static set is given: experts with even ids
+    if traits(name).static_set:  # online the static set is given: experts with even ids
         size = 5 if name == "cpu-routing" else 4
         static = np.zeros((layers, experts), dtype=bool)
         static[:, : 2 * size : 2] = True

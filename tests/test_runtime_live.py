@@ -38,7 +38,7 @@ def test_lossless_live_decode_for_every_policy(tiny_model, kv_cache: str) -> Non
 
     from tidesim.policies import policy_names
 
-    assert {p for p, _ in LIVE_POLICIES} >= set(policy_names()) - {"planned"}
+    assert {p for p, _ in LIVE_POLICIES} >= set(policy_names(needs_plan=False))
     cfg = DecodeConfig(gen_length=16, block_length=8, kv_cache=kv_cache)
     dev = select_device("cpu")
     L = SPEC.num_moe_layers

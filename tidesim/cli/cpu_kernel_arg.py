@@ -3,7 +3,8 @@ which CPU expert kernel (tidesim_runtime.engine.cpu_kernels) the CPU worker pool
 
 The names are listed here so that --help needs no torch; a test checks them against the
 runtime's table. The default is the runtime's default kernel; a command given a profile uses the
-kernel that profile was calibrated with unless told otherwise.
+kernel that profile was calibrated with unless told otherwise (`linear` for a profile that
+records none: profiles from before the choice existed measured that path).
 """
 
 from __future__ import annotations
@@ -15,12 +16,20 @@ from tidesim.errors import InputError
 
 CPU_KERNEL_NAMES = ("linear", "weights-left", "onednn-packed", "compiled", "kt-kernel")
 DEFAULT_CPU_KERNEL = "weights-left"
+UNRECORDED = "linear"   # the kernel of a profile calibrated before profiles recorded one
 
 
-def add_cpu_kernel_arg(parser: argparse.ArgumentParser) -> None:
+def profile_kernel(profile: Any) -> str:
+    """The kernel a profile's CPU curves were measured with."""
+    return str(profile.cpu.kernel or UNRECORDED)
+
+
+def add_cpu_kernel_arg(parser: argparse.ArgumentParser, auto: bool = False) -> None:
+    """`auto` (calibrate): also accept 'auto', the fastest kernel measured on this machine."""
+    names = CPU_KERNEL_NAMES + (("auto",) if auto else ())
+    default = f"{DEFAULT_CPU_KERNEL}" if auto else f"the profile's, else {DEFAULT_CPU_KERNEL}"
     parser.add_argument("--cpu-kernel", default=None, metavar="NAME",
-                        help=f"CPU expert kernel: {', '.join(CPU_KERNEL_NAMES)} (default: the profile's, else "
-                             f"{DEFAULT_CPU_KERNEL}; docs/runtime.md)")
+                        help=f"CPU expert kernel: {', '.join(names)} (default: {default}; docs/runtime.md)")
 
 
 def chosen_kernel(asked: str | None, profile_kernel: str = "") -> str:

@@ -23,15 +23,16 @@ from typing import Any
 import numpy as np
 
 from tidesim.cli.calibrate_cmd import require_runtime
-from tidesim.cli.cpu_kernel_arg import add_cpu_kernel_arg, use_cpu_kernel
+from tidesim.cli.cpu_kernel_arg import add_cpu_kernel_arg, profile_kernel, use_cpu_kernel
 from tidesim.cli.decode_args import add_decode_args, decode_kwargs
 from tidesim.cli.output import format_table, print_json, progress, to_jsonable
 from tidesim.errors import InputError
-from tidesim.policies.base import REFRESH_MODES
+from tidesim.policies.driver import is_online, online_names
+from tidesim.policies.options import REFRESH_MODES
+from tidesim.policies.registry import plan_policy, policy_names, traits
 
 RUN_MARKER = "tidesim generate run"
 RUN_FILES = ("generations.jsonl", "forwards.parquet", "trace.parquet", "schedule.npz", "summary.json")
-HW_POLICIES = ("fiddler", "all-gpu", "tide-split")   # the policies whose decisions read the hardware profile
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,9 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="prompts file: text (through the checkpoint's tokenizer and chat template) or token ids "
                         "(docs/capture.md)")
     pol = p.add_mutually_exclusive_group(required=True)
-    pol.add_argument("--policy", metavar="NAME", help="online policy: all-gpu, full-swap, cpu-routing, fiddler, tide, "
-                                                      "tide-reference, planned")
-    pol.add_argument("--plan", metavar="FILE", help="plan.json from `tidesim plan` (runs the planned policy)")
+    pol.add_argument("--policy", metavar="NAME", help=f"online policy: {', '.join(online_names())}")
+    pol.add_argument("--plan", metavar="FILE", help=f"plan.json from `tidesim plan` (runs the {plan_policy()} policy)")
     p.add_argument("--budget", type=int, default=None, metavar="B",
                    help="GPU expert slots per MoE layer (default: half the experts)")
     p.add_argument("--tau", type=int, default=2, metavar="T", help="refresh interval of the tide policies (2)")
@@ -173,11 +173,11 @@ def run(args: argparse.Namespace) -> int:
     prompts, texts, tokenizer = read_prompt_tokens(args.prompts, spec, args.model_dir, cfg)
     hw = get_profile(args.hw) if args.hw else None
     name, options = policy_options(args, spec, hw)
-    from tidesim.policies.base import online_policy
+    from tidesim.policies.driver import online_policy
 
     policy = online_policy(name, spec, options)
     device = select_device(args.device, args.cpu_workers or (hw.cpu.workers if hw else None))
-    use_cpu_kernel(args.cpu_kernel, device.dtype, hw.cpu.kernel if hw else "")
+    use_cpu_kernel(args.cpu_kernel, device.dtype, profile_kernel(hw) if hw else "")
     max_tokens, max_context = decode_sizes(cfg, [len(q) for q in prompts])
     check_deploy_memory(spec, device, policy.budget, max_tokens, max_context)
 
@@ -212,15 +212,14 @@ def run(args: argparse.Namespace) -> int:
 def policy_options(args: argparse.Namespace, spec: Any, hw: Any) -> tuple[str, Any]:
     """The policy name and its options from --policy/--plan, --budget, --tau, --refresh, --static-from."""
     from tidesim.plan import load_plan
-    from tidesim.policies import PolicyOptions, policy_names, uniform
-    from tidesim.policies.base import is_online, online_names
+    from tidesim.policies import PolicyOptions, uniform
 
     layers, experts = spec.num_moe_layers, spec.num_experts
     extra: dict[str, object] = {}
     if args.plan:
         plan = load_plan(args.plan)
         plan.check_model(spec)
-        name = "planned"
+        name = plan.runner          # the plan-running policy for a tide plan, the plan's policy otherwise
         extra["plan"] = plan
     else:
         name = args.policy
@@ -229,22 +228,22 @@ def policy_options(args: argparse.Namespace, spec: Any, hw: Any) -> tuple[str, A
         if not is_online(name):
             raise InputError(f"{name} is a bound: it needs the whole decode's routing in advance and cannot run "
                              f"online; use one of {', '.join(online_names())}")
-        if name == "planned":
-            raise InputError("the planned policy runs a plan: give --plan FILE (from `tidesim plan`)")
+        if traits(name).needs_plan:
+            raise InputError(f"the {name} policy runs a plan: give --plan FILE (from `tidesim plan`)")
     budget = args.budget if args.budget is not None else experts // 2
     if not 0 <= budget <= experts:
         raise InputError(f"--budget {budget} does not fit {spec.name}: it has {experts} experts per MoE layer; "
                          f"give 0..{experts}")
-    if name in HW_POLICIES and hw is None:
+    if traits(name).reads_profile and hw is None:
         raise InputError(f"{name} decides with a hardware profile's costs; give --hw PROFILE")
     static = None
-    if name in ("cpu-routing", "fiddler"):
+    if traits(name).static_set:
         if not args.static_from:
             raise InputError(f"{name} keeps a static GPU set chosen from a warm-up run; give --static-from with a "
                              "trace or an earlier run folder of the same model")
         static = static_from_trace(resolve_static_from(args.static_from), spec, name, budget, args.warmup_fraction)
     options = PolicyOptions(budget=uniform(budget, layers), tau=uniform(args.tau, layers),
-                            hw=hw,  # None only for policies that never read it (HW_POLICIES checked above)
+                            hw=hw,  # None only for policies that never read it (reads_profile checked above)
                             refresh=args.refresh, warmup_fraction=args.warmup_fraction, static_resident=static,
                             extra=extra)
     return name, options

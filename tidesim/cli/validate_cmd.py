@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from tidesim.cli.calibrate_cmd import require_runtime
-from tidesim.cli.cpu_kernel_arg import add_cpu_kernel_arg, use_cpu_kernel
+from tidesim.cli.cpu_kernel_arg import add_cpu_kernel_arg, profile_kernel, use_cpu_kernel
 from tidesim.cli.guard import Output, declare_outputs
 from tidesim.cli.output import format_table, print_json, progress, to_jsonable
 from tidesim.errors import InputError
 from tidesim.limits import check_cpu_workers
-from tidesim.policies.base import REFRESH_MODES
+from tidesim.policies.options import REFRESH_MODES
+from tidesim.policies.registry import plan_policy, traits
 
 DEFAULT_POLICIES = "cpu-routing,fiddler,tide,full-swap,all-gpu"
 RESULT_FILES = ("results.json", "results.parquet", "predicted_vs_measured.png", "configurations.jsonl")
@@ -134,10 +135,13 @@ def run(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan) if args.plan else None
     if plan is not None:
         plan.check_model(full_model)
-        if "planned" not in policies:
-            policies.append("planned")
-    elif "planned" in policies:
-        raise InputError("the planned policy needs --plan FILE (make one with `tidesim plan`)")
+        if plan.runner != plan_policy():
+            raise InputError(f"validate --plan runs plans for tide (the {plan_policy()} policy); this plan is for "
+                             f"{plan.policy}: validate {plan.policy} with --policies and a single --taus instead")
+        if plan_policy() not in policies:
+            policies.append(plan_policy())
+    elif any(traits(p).needs_plan for p in policies):
+        raise InputError(f"the {plan_policy()} policy needs --plan FILE (make one with `tidesim plan`)")
     if args.layers is not None:
         workload = first_layers(workload, args.layers)
     hw = get_profile(args.hw)
@@ -147,27 +151,27 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--cpu-workers {args.cpu_workers} differs from the profile's {hw.cpu.workers} worker(s), "
                          "which the simulator uses and its CPU curve was measured with; leave it out, or "
                          f"calibrate with --cpu-workers {args.cpu_workers}")
-    if args.cpu_kernel is not None and hw.cpu.kernel and args.cpu_kernel != hw.cpu.kernel:
-        raise InputError(f"--cpu-kernel {args.cpu_kernel} differs from the profile's {hw.cpu.kernel}, which its CPU "
+    measured_with = profile_kernel(hw)
+    if args.cpu_kernel is not None and args.cpu_kernel != measured_with:
+        raise InputError(f"--cpu-kernel {args.cpu_kernel} differs from the profile's {measured_with}, which its CPU "
                          f"curve was measured with; leave it out, or calibrate with --cpu-kernel {args.cpu_kernel}")
     device = select_device(args.device, hw.cpu.workers)
-    use_cpu_kernel(args.cpu_kernel, device.dtype, hw.cpu.kernel)
+    use_cpu_kernel(args.cpu_kernel, device.dtype, measured_with)
     experts = workload.num_experts
     budgets = int_list(args.budgets, "--budgets") if args.budgets is not None else [experts // 2]
     tau_choice = None
     if args.taus is not None:
         taus = int_list(args.taus, "--taus")
-    elif {"tide", "tide-reference", "tide-split"} & set(policies) and 0 <= budgets[0] <= experts:
-        # (else check_inputs says why)
+    elif any(traits(p).uses_tau for p in policies) and 0 <= budgets[0] <= experts:   # else check_inputs says why
         from tidesim.default_tau import choose_tau
 
         tau_choice = choose_tau(workload, hw, budgets[0], refresh[0], plan=plan)
         taus = [tau_choice.tau]
     else:
         taus = [1]      # no policy here refreshes on an interval
-    configs = configurations([p for p in policies if p != "planned"], budgets, taus, refresh, experts)
+    configs = configurations([p for p in policies if not traits(p).needs_plan], budgets, taus, refresh, experts)
     if plan is not None:
-        configs.append(Config("planned", max(plan.budget[:workload.num_layers]), None, plan.refresh))
+        configs.append(Config(plan_policy(), max(plan.budget[:workload.num_layers]), None, plan.refresh))
     check_inputs(workload, configs, device, plan)
     for line in warnings:
         print(f"tidesim: warning: {line}", file=sys.stderr)

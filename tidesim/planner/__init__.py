@@ -29,6 +29,7 @@ from tidesim.plan import (
     SolverInfo,
     file_fingerprint,
     model_fingerprint,
+    plan_runner,
     profile_fingerprint,
 )
 from tidesim.planner.bound import OracleBound, OracleCosts, oracle_bound, oracle_costs
@@ -40,11 +41,9 @@ from tidesim.workload import Workload
 
 # ----- evaluation and the whole planning run ------------------------------------------------------
 
-
-def plan_runner(policy: str) -> str:
-    """The registered policy that runs a plan made for `policy` (options.extra["plan"], or the
-    per-layer options): `planned` for tide, the policy itself otherwise."""
-    return "planned" if policy == "tide" else policy
+# Policies the Lagrangian bound covers (docs/planner.md section 3: every miss on the CPU, copies
+# synchronous); tide-split copies misses on demand, which can beat it, so its plans carry none.
+BOUNDED = ("tide",)
 
 
 def evaluate_plan(workload: Workload, hw: HardwareProfile, tau: np.ndarray, budget: np.ndarray,
@@ -181,9 +180,11 @@ def make_plan(trace_path: Path, trace_name: str, hw: HardwareProfile, gpu_mem_gi
     kept, selection, chosen_eval = select_plan(workload.select_prompts(chosen_on), hw, chosen_on, candidates, u,
                                                engine, policy)
     objective = table.total_s(kept.tau, kept.budget)
-    layer_upper = table.layer_cost_s[np.arange(layers), _index_of(table.taus, kept.tau, "tau"),
-                                     _index_of(table.budgets, kept.budget, "budget")]
-    bound = oracle_bound(oracle_costs(calib_w, hw), kept.budget, oracle_iterations, layer_upper)
+    bound_s = None
+    if policy in BOUNDED:
+        layer_upper = table.layer_cost_s[np.arange(layers), _index_of(table.taus, kept.tau, "tau"),
+                                         _index_of(table.budgets, kept.budget, "budget")]
+        bound_s = oracle_bound(oracle_costs(calib_w, hw), kept.budget, oracle_iterations, layer_upper).bound_s
     calibration = chosen_eval if not held else compare_on(calib_w, hw, calib, kept.tau, kept.budget, taus, u,
                                                           engine, policy)
     heldout = chosen_eval if held else None
@@ -198,8 +199,8 @@ def make_plan(trace_path: Path, trace_name: str, hw: HardwareProfile, gpu_mem_gi
         model=model.name, hw=hw.name, trace=trace_name, mode="global-tau" if global_tau else "per-layer",
         gpu_mem_gib=float(gpu_mem_gib), expert_slots=slots,
         tau=[int(t) for t in kept.tau], budget=[int(b) for b in kept.budget],
-        objective_s=objective, oracle_bound_s=bound.bound_s,
-        gap=objective / bound.bound_s - 1 if bound.bound_s > 0 else None,
+        objective_s=objective, oracle_bound_s=bound_s,
+        gap=objective / bound_s - 1 if bound_s else None,
         solver=SolverInfo(SOLVER_NAME, result.status, result.proven_optimal, result.wall_time_s, time_limit_s,
                           result.bound_s),
         fingerprints=Fingerprints(file_fingerprint(trace_path), profile_fingerprint(hw), model_fingerprint(model)),

@@ -80,7 +80,7 @@ def distinct_taus(workload: Workload, taus: list[int]) -> dict[int, int]:
 # Policies the planner plans for: each runs TIDE's interval refresh with per-layer tau and budget
 # (PolicyOptions.tau and .budget as [L] arrays) and is additive over MoE layers with synchronous
 # refresh. tide has a fast table (below); any other is costed by running it (_schedule_table).
-PLAN_POLICIES: tuple[str, ...] = ("tide",)
+PLAN_POLICIES: tuple[str, ...] = ("tide", "tide-split")
 
 
 def check_plan_policy(policy: str) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 
 from tidesim.errors import InputError
 from tidesim.models import ModelSpec
-from tidesim.policies.base import PolicyOptions
+from tidesim.policies.options import PolicyOptions
 from tidesim.policies.residency import checked_static_set, commit_forwards, static_set
 from tidesim.schedule import CPU, GPU, IDLE, NO_COPY, Schedule, SparseCells
 from tidesim.workload import Workload

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tidesim.policies.base import register_policy
+from tidesim.policies.registry import PolicyTraits, register_policy
 from tidesim.policies.residency import int_list, keep_best, refresh_rule, refresh_sets, top_activated
 from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, copies, no_copies, placement_of
 from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_SYNC_REFRESH
@@ -73,7 +73,8 @@ def refreshed_residents(current: np.ndarray, counts: np.ndarray, order: np.ndarr
 
 
 @register_policy("tide", "TIDE: refresh the top-budget experts every tau steps, copying only the difference; "
-                         "misses on the CPU")
+                         "misses on the CPU",
+                 PolicyTraits(role="policy", order=50, uses_tau=True, needs_cpu=True, speedup_figure=True))
 class Tide(PolicyStep):
     def __init__(self, setup: Setup) -> None:
         super().__init__(setup)

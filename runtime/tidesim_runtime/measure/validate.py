@@ -21,14 +21,13 @@ from tidesim.hardware import HardwareProfile
 from tidesim.metrics import Metrics
 from tidesim.plan import Plan
 from tidesim.policies import PolicyOptions, build_schedule, uniform
+from tidesim.policies.registry import traits
 from tidesim.run import run
 from tidesim.schedule import Schedule
 from tidesim.workload import Workload
 from tidesim_runtime.engine.device import DeviceInfo
 from tidesim_runtime.engine.executor import Executor, check_memory
 from tidesim_runtime.engine.slots import plan_slots
-
-TAU_POLICIES = {"tide", "tide-reference", "tide-split"}
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ class Config:
         parts = [self.policy, f"B={self.budget}"]
         if self.tau is not None:
             parts.append(f"tau={self.tau}")
-        if self.policy in TAU_POLICIES and self.refresh != "sync":
+        if traits(self.policy).uses_tau and self.refresh != "sync":
             parts.append(self.refresh)
         return " ".join(parts)
 
@@ -84,18 +83,19 @@ class Outcome:
 
 def configurations(policies: list[str], budgets: list[int], taus: list[int], refresh: str | list[str],
                    num_experts: int) -> list[Config]:
-    """policy x budget x tau x refresh (tau and refresh only for the tide policies; all-gpu once,
-    at every expert). Several refresh modes run in one process, on one executor (the host expert
-    banks are filled and pinned once)."""
+    """policy x budget x tau x refresh (tau and refresh only for the policies that use tau; a policy
+    that ignores the budget once, at every expert). Several refresh modes run in one process, on one
+    executor (the host expert banks are filled and pinned once)."""
     modes = [refresh] if isinstance(refresh, str) else list(refresh)
     out: list[Config] = []
     for policy in policies:
-        if policy == "all-gpu":
+        kind = traits(policy)
+        if kind.ignores_budget:
             out.append(Config(policy, num_experts, None, "sync"))
             continue
         for b in budgets:
-            for tau in (taus if policy in TAU_POLICIES else [None]):
-                for mode in (modes if policy in TAU_POLICIES else ["sync"]):
+            for tau in (taus if kind.uses_tau else [None]):
+                for mode in (modes if kind.uses_tau else ["sync"]):
                     out.append(Config(policy, b, tau, mode))
     return list(dict.fromkeys(out))  # drop repeats, keep the order
 
@@ -118,9 +118,9 @@ def check_inputs(workload: Workload, configs: list[Config], device: DeviceInfo, 
 
 def build(config: Config, workload: Workload, hw: HardwareProfile, plan: Plan | None) -> Schedule:
     layers = workload.num_layers
-    if config.policy == "planned":
+    if traits(config.policy).needs_plan:
         if plan is None:
-            raise InputError("the planned policy needs --plan FILE (from `tidesim plan`)")
+            raise InputError(f"the {config.policy} policy needs --plan FILE (from `tidesim plan`)")
         # the plan was checked against the whole model (validate_cmd); the run may be its first
         # layers (--layers), so its per-layer settings are passed as given rather than the plan
         opts = PolicyOptions(budget=plan.budget_array()[:layers], tau=plan.tau_array()[:layers], hw=hw,
