@@ -74,7 +74,7 @@ def decision_order(counts: np.ndarray, gate: np.ndarray, movable: np.ndarray) ->
 @register_policy("tide-split", "tide's refresh; per layer-forward, each missed expert copied in or run on the CPU, "
                                "whichever split the layer model says is fastest",
                  PolicyTraits(role="policy", order=75, uses_tau=True, needs_cpu=True, reads_profile=True,
-                             speedup_figure=True))
+                              speedup_figure=True, plannable=True))
 class TideSplit(Tide):
     def __init__(self, setup: Setup) -> None:
         setup, self.plan = planned_setup(setup)
