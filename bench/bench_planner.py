@@ -27,7 +27,6 @@ from tidesim.budget import default_budget
 from tidesim.bundled.paths import resolve_trace
 from tidesim.hardware import get_profile
 from tidesim.planner import (
-    PLAN_POLICIES,
     compare_on,
     cost_table,
     default_budgets,
@@ -36,6 +35,7 @@ from tidesim.planner import (
     oracle_bound,
     oracle_costs,
     parse_int_list,
+    plan_policies,
     select_plan,
     solve_plan,
     split_prompts,
@@ -55,7 +55,7 @@ def main() -> int:
     parser.add_argument("--calibrate", default=None, help="calibration prompt ids (default: first half)")
     parser.add_argument("--engine", default="sim", choices=["sim", "analytic"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--policy", default="tide", choices=PLAN_POLICIES, help="policy to plan for (default tide)")
+    parser.add_argument("--policy", default="tide", choices=plan_policies(), help="policy to plan for (default tide)")
     parser.add_argument("--taus", default="1..32", help="candidate intervals (default 1..32)")
     parser.add_argument("--budget-factors", default=None,
                         help="candidate budgets as factors of the uniform budget, e.g. 0.5,1,1.5 (default: the "

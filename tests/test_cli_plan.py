@@ -10,7 +10,7 @@ from planner_cases import gib_for_slots, write_tiny_trace
 
 from tidesim.cli import main
 from tidesim.plan import load_plan
-from tidesim.planner import PLAN_POLICIES
+from tidesim.planner import plan_policies
 
 
 def plan_args(trace: Path, out: Path, *extra: str, gib: float | None = None) -> list[str]:
@@ -112,7 +112,7 @@ def test_plan_and_simulate_state_the_same_slot_count(tmp_path: Path, capsys: pyt
     assert json.loads(capsys.readouterr().out)["inputs"]["expert_slots"] == slots
 
 
-@pytest.mark.parametrize("policy", PLAN_POLICIES)
+@pytest.mark.parametrize("policy", plan_policies())
 def test_policy_option_plans_for_that_policy(tmp_path: Path, capsys: pytest.CaptureFixture[str], policy: str) -> None:
     trace = write_tiny_trace(tmp_path)
     out = tmp_path / "plan.json"

@@ -30,6 +30,7 @@ from tidesim.planner import (
     oracle_bound,
     oracle_costs,
     parse_int_list,
+    plan_policies,
     solve_plan,
     split_prompts,
     uniform_budget,
@@ -443,3 +444,18 @@ def test_tide_split_table_is_its_own_runs_and_never_above_tides() -> None:
     assert split.other_s == tide.other_s
     assert (split.layer_cost_s <= tide.layer_cost_s * (1 + 1e-12)).all()
     assert (split.layer_cost_s < tide.layer_cost_s).any()
+
+
+@pytest.mark.parametrize("policy", plan_policies())
+def test_plannable_policies_decide_each_layer_alone(policy: str) -> None:
+    # The premise of a per-layer plan and of the virtual-layer table: with per-layer (tau, budget),
+    # each layer's decisions are those of a run with that layer's setting in every layer.
+    w = tiny_workload()
+    hw = h100()
+    settings = [(1, 2), (5, 9), (20, 4)]
+    mixed = build_schedule(policy, w, PolicyOptions(budget=np.array([b for _, b in settings]),
+                                                    tau=np.array([t for t, _ in settings]), hw=hw))
+    for layer, (tau, b) in enumerate(settings):
+        alone = build_schedule(policy, w, PolicyOptions(budget=uniform(b, 3), tau=uniform(tau, 3), hw=hw))
+        for name in ("placement", "copy", "resident"):
+            np.testing.assert_array_equal(getattr(mixed, name)[:, layer], getattr(alone, name)[:, layer])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from planner_cases import gib_for_slots, h100, tiny_workload, write_tiny_trace
 
-from tidesim.planner import PLAN_POLICIES, make_plan, plan_runner, uniform_budget
+from tidesim.planner import make_plan, plan_policies, plan_runner, uniform_budget
 from tidesim.planner.select import INTERVALS, OPTIMUM, SINGLE, Candidate, best_tau_of, choose, plan_candidates
 from tidesim.policies import PolicyOptions, build_schedule, uniform
 from tidesim.run import run
@@ -69,7 +69,7 @@ CASES = [
 
 
 # every case for tide; two for the others (their tables run the policy itself, seconds per plan)
-PLANS = [(policy, *case) for policy in PLAN_POLICIES for case in (CASES if policy == "tide" else CASES[::3])]
+PLANS = [(policy, *case) for policy in plan_policies() for case in (CASES if policy == "tide" else CASES[::3])]
 
 
 @pytest.mark.parametrize("policy, seed, slots, calibrate, engine", PLANS)

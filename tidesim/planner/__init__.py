@@ -34,7 +34,7 @@ from tidesim.plan import (
 )
 from tidesim.planner.bound import OracleBound, OracleCosts, oracle_bound, oracle_costs
 from tidesim.planner.candidates import default_budgets, expert_slots, parse_int_list, uniform_budget
-from tidesim.planner.costtable import PLAN_POLICIES, CostTable, _index_of, check_plan_policy, cost_table, distinct_taus
+from tidesim.planner.costtable import CostTable, _index_of, check_plan_policy, cost_table, distinct_taus, plan_policies
 from tidesim.planner.milp import SOLVER_NAME, MilpResult, cbc, solve_plan
 from tidesim.planner.select import INTERVALS, OPTIMUM, SINGLE, Candidate, best_tau_of, choose, plan_candidates
 from tidesim.workload import Workload
@@ -215,8 +215,8 @@ def _ids(prompts: list[int]) -> str:
 
 
 __all__ = [
-    "PLAN_POLICIES", "Candidate", "CostTable", "MilpResult", "OracleBound", "OracleCosts", "PlanOutcome", "cbc",
+    "Candidate", "CostTable", "MilpResult", "OracleBound", "OracleCosts", "PlanOutcome", "cbc",
     "compare_on", "cost_table", "default_budgets", "distinct_taus", "evaluate_plan", "evaluation", "expert_slots",
-    "fit_candidates", "make_plan", "oracle_bound", "oracle_costs", "parse_int_list", "plan_runner", "select_plan",
-    "single_tau_sweep", "solve_plan", "split_prompts", "uniform_budget",
+    "fit_candidates", "make_plan", "oracle_bound", "oracle_costs", "parse_int_list", "plan_policies", "plan_runner",
+    "select_plan", "single_tau_sweep", "solve_plan", "split_prompts", "uniform_budget",
 ]

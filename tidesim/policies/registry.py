@@ -38,6 +38,9 @@ class PolicyTraits:
     needs_plan: runs a plan's per-layer settings (`tidesim plan`, --plan); left out without one.
     speedup_figure: sweeps draw its speedup over the best baseline and summarize it.
     ignores_budget: keeps every expert on the GPU whatever the budget (validated once, at every expert).
+    plannable: `tidesim plan --policy` plans its per-layer tau and budgets: it runs TIDE's interval
+        refresh with per-layer tau and budget arrays, decides each layer from its own routing and
+        state, and reads a plan from options.extra["plan"] (docs/planner.md section 7).
     """
 
     role: Role
@@ -49,6 +52,7 @@ class PolicyTraits:
     needs_plan: bool = False
     speedup_figure: bool = False
     ignores_budget: bool = False
+    plannable: bool = False
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
