@@ -30,7 +30,8 @@ import numpy as np  # noqa: E402
 from tidesim.bundled.paths import resolve_trace  # noqa: E402
 from tidesim.hardware import get_profile  # noqa: E402
 from tidesim.policies import PolicyOptions, build_schedule, uniform  # noqa: E402
-from tidesim.policies.base import online_names, online_policy  # noqa: E402
+from tidesim.policies.driver import online_names, online_policy  # noqa: E402
+from tidesim.policies.registry import traits  # noqa: E402
 from tidesim.policies.step import forward_metas  # noqa: E402
 from tidesim.trace.io import read_trace  # noqa: E402
 from tidesim.workload import workload_from_trace  # noqa: E402
@@ -78,7 +79,7 @@ def decide(args: argparse.Namespace) -> None:
     names = online_names() if args.policies is None else [p.strip() for p in args.policies.split(",") if p.strip()]
     for name in names:
         options = PolicyOptions(budget=uniform(args.budget, l), tau=uniform(args.tau, l), hw=hw)
-        if name in ("cpu-routing", "fiddler"):
+        if traits(name).static_set:
             # online the static set is given up front: here the popular set of the trace's warm-up
             options.static_resident = build_schedule(name, workload, options).initial_resident
         policy = online_policy(name, workload.model, options, layers=l)

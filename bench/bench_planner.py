@@ -1,7 +1,7 @@
 """Planner benchmark: cost-table and MILP solve times, and whether the plan beats every single tau.
 
 Usage: .venv/bin/python bench/bench_planner.py [TRACE] [--hw H] [--gpu-mem-gib G] [--calibrate 0,1]
-       [--engine sim|analytic] [--repeats N]
+       [--engine sim|analytic] [--repeats N] [--policy P] [--taus LIST] [--budget-factors LIST]
 
 Defaults: the bundled llada2-flash prefix-cache trace on the H100 preset with the GPU memory the
 public TIDE code would use (the 80 GB card: budget_for_memory gives 84 experts per layer, below the
@@ -10,7 +10,7 @@ flash scripts' cap of 96). Checks (exit status 1 when one fails):
 - with the chosen executor (default: the simulator), the plan `tidesim plan` would write (the
   fastest of the knapsack optimum, the per-layer intervals and every single tau on the evaluation
   prompts, tidesim.planner.select_plan) run as `planned` is at least as fast as the best single-tau
-  `tide` (tau = 1..32, uniform budget for the same memory, picked in hindsight) on the evaluation
+  policy (`--taus`, default 1..32, uniform budget for the same memory, picked in hindsight) on the evaluation
   prompts: the held-out ones, or the calibration ones when none are held out. The other set's
   comparison is printed, not checked (the plan is chosen where it is evaluated).
 """
@@ -23,7 +23,7 @@ import platform
 import sys
 import time
 
-from tidesim.budget import TIDE_MAX_EXPERTS_PER_LAYER, budget_for_memory
+from tidesim.budget import default_budget
 from tidesim.bundled.paths import resolve_trace
 from tidesim.hardware import get_profile
 from tidesim.planner import (
@@ -34,6 +34,8 @@ from tidesim.planner import (
     fit_candidates,
     oracle_bound,
     oracle_costs,
+    parse_int_list,
+    plan_policies,
     select_plan,
     solve_plan,
     split_prompts,
@@ -42,7 +44,6 @@ from tidesim.planner import (
 from tidesim.trace.io import read_trace
 from tidesim.workload import workload_from_trace
 
-TAUS = list(range(1, 33))
 SOLVE_LIMIT_S = 10.0
 
 
@@ -54,6 +55,11 @@ def main() -> int:
     parser.add_argument("--calibrate", default=None, help="calibration prompt ids (default: first half)")
     parser.add_argument("--engine", default="sim", choices=["sim", "analytic"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--policy", default="tide", choices=plan_policies(), help="policy to plan for (default tide)")
+    parser.add_argument("--taus", default="1..32", help="candidate intervals (default 1..32)")
+    parser.add_argument("--budget-factors", default=None,
+                        help="candidate budgets as factors of the uniform budget, e.g. 0.5,1,1.5 (default: the "
+                             "planner's grid)")
     args = parser.parse_args()
 
     hw = get_profile(args.hw)
@@ -67,16 +73,22 @@ def main() -> int:
     slots = expert_slots(model, gib)
     layers, experts = model.num_moe_layers, model.num_experts
     u = uniform_budget(slots, layers, experts)
-    tide_budget = budget_for_memory(model, gib, TIDE_MAX_EXPERTS_PER_LAYER.get(model.name))
-    budgets = sorted(set(default_budgets(slots, layers, experts)) | {u})
+    tide_budget = default_budget(model, gib, "--gpu-mem-gib").slots
+    taus = parse_int_list(args.taus, "--taus")
+    if args.budget_factors:
+        factors = [float(f) for f in args.budget_factors.split(",")]
+        budgets = sorted({min(max(round(u * f), 1), experts) for f in factors} | {u})
+    else:
+        budgets = sorted(set(default_budgets(slots, layers, experts)) | {u})
     print(f"{args.trace} on {hw.name}, {gib:g} GiB: {slots} expert slots, uniform budget {u} "
-          f"(the public code's budget here: {tide_budget}); calibration prompts {calib}, held out {held}")
+          f"(the public code's budget here: {tide_budget}); calibration prompts {calib}, held out {held}; "
+          f"planning for {args.policy}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
 
     t0 = time.perf_counter()
-    table = cost_table(cw, hw, TAUS, budgets)
+    table = cost_table(cw, hw, taus, budgets, policy=args.policy)
     table_s = time.perf_counter() - t0
-    print(f"cost table: {len(TAUS)} taus x {len(budgets)} budgets x {layers} layers in {table_s:.1f} s")
+    print(f"cost table ({args.policy}): {len(taus)} taus x {len(budgets)} budgets x {layers} layers in {table_s:.1f} s")
 
     ok = True
     results = {}
@@ -93,7 +105,8 @@ def main() -> int:
             ok = False
     result, candidates = fit_candidates(table, slots, u, False, None)
     chosen_on = held or calib
-    plan, selection, _ = select_plan(workload.select_prompts(chosen_on), hw, chosen_on, candidates, u, args.engine)
+    plan, selection, _ = select_plan(workload.select_prompts(chosen_on), hw, chosen_on, candidates, u, args.engine,
+                                     args.policy)
     print(f"kept {selection.chosen} of {len(candidates)} candidates on prompts {chosen_on} ({args.engine}); "
           f"knapsack optimum {result.objective_s:.3f} s on the calibration prompts")
     t0 = time.perf_counter()
@@ -107,7 +120,8 @@ def main() -> int:
         if not prompts:
             continue
         t0 = time.perf_counter()
-        ev = compare_on(workload.select_prompts(prompts), hw, prompts, plan.tau, plan.budget, TAUS, u, args.engine)
+        ev = compare_on(workload.select_prompts(prompts), hw, prompts, plan.tau, plan.budget, taus, u, args.engine,
+                        args.policy)
         verdict = "ok" if ev.plan_tokens_per_s >= ev.best_single_tau_tokens_per_s * (1 - 1e-9) else "FAIL"
         if prompts != chosen_on:
             verdict = "(not checked: the plan is chosen on the other set)"

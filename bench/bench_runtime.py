@@ -25,10 +25,9 @@ from tidesim_runtime.engine.slots import plan_slots
 from tidesim.bundled.paths import resolve_trace
 from tidesim.hardware import get_profile
 from tidesim.policies import PolicyOptions, build_schedule, policy_names, uniform
+from tidesim.policies.registry import traits
 from tidesim.trace.io import read_trace
 from tidesim.workload import workload_from_trace
-
-TAU_POLICIES = ("tide", "tide-reference")
 
 
 def main() -> None:
@@ -41,7 +40,7 @@ def main() -> None:
     parser.add_argument("--hw", default="h100-sxm-pcie5", help="profile the cost-aware policies consult")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--refresh", default="sync,async")
-    parser.add_argument("--policies", default=",".join(p for p in policy_names() if p != "planned"))
+    parser.add_argument("--policies", default=",".join(policy_names(needs_plan=False)))
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = parser.parse_args()
@@ -62,7 +61,7 @@ def main() -> None:
     with Executor(workload.model, layers, device, int(workload.tokens.max()), int(workload.context.max())) as ex:
         setup_s = time.perf_counter() - t0
         for name in [p.strip() for p in args.policies.split(",") if p.strip()]:
-            for refresh in (args.refresh.split(",") if name in TAU_POLICIES else ["sync"]):
+            for refresh in (args.refresh.split(",") if traits(name).uses_tau else ["sync"]):
                 opts = PolicyOptions(budget=uniform(args.budget, layers), tau=uniform(args.tau, layers), hw=hw,
                                      refresh=refresh)
                 schedule = build_schedule(name, workload, opts)
@@ -71,7 +70,7 @@ def main() -> None:
                 plan_ms = (time.perf_counter() - p0) * 1e3
                 runs = [ex.replay(workload, schedule) for _ in range(max(args.repeats, 1))]
                 m = sorted(runs, key=lambda r: r.total_time_s)[len(runs) // 2]
-                label = name + (f" ({refresh})" if name in TAU_POLICIES else "")
+                label = name + (f" ({refresh})" if traits(name).uses_tau else "")
                 rows.append({
                     "policy": label, "step_ms": m.step_time_s * 1e3, "tokens_per_s": m.tokens_per_s,
                     "hit_ratio": m.hit_ratio, "copies": m.expert_copies, "plan_slots_ms": plan_ms,

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tidesim.budget import TIDE_MAX_EXPERTS_PER_LAYER, budget_for_memory
+from tidesim.budget import default_budget
 from tidesim.bundled.paths import bundled_traces, resolve_trace
 from tidesim.costmodel import estimate, lower_bound
 from tidesim.hardware import HardwareProfile, get_profile
@@ -47,7 +47,7 @@ def load(trace: str, prompts: list[int] | None) -> Workload:
 
 
 def make_schedule(w: Workload, hw: HardwareProfile, policy: str, refresh: str = "sync", tau: int = 2) -> Schedule:
-    budget = budget_for_memory(w.model, hw.gpu.memory_gib, TIDE_MAX_EXPERTS_PER_LAYER.get(w.model.name))
+    budget = default_budget(w.model, hw.gpu.memory_gib, hw.name).slots
     opts = PolicyOptions(budget=uniform(budget, w.num_layers), tau=uniform(tau, w.num_layers), hw=hw,
                          refresh=refresh)
     return build_schedule(policy, w, opts)

@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from tidesim.budget import TIDE_MAX_EXPERTS_PER_LAYER, budget_for_memory
+from tidesim.budget import default_budget
 from tidesim.bundled.paths import resolve_trace
 from tidesim.default_tau import CANDIDATE_TAUS
 from tidesim.hardware import HardwareProfile, get_profile
@@ -74,7 +74,7 @@ def measure(case: str) -> Case:
     hw = get_profile(PRESETS[preset])
     workload = workload_from_trace(read_trace(resolve_trace(TRACES[trace_key])))
     spec = workload.model
-    budget = budget_for_memory(spec, hw.gpu.memory_gib, TIDE_MAX_EXPERTS_PER_LAYER.get(spec.name))
+    budget = default_budget(spec, hw.gpu.memory_gib, hw.name).slots
     calib, held = split_prompts(sorted({int(p) for p in workload.prompt}), None)
     w_cal, w_held = workload.select_prompts(calib), workload.select_prompts(held)
     taus, analytic, sim = {}, {}, {}

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from tidesim.hardware import HardwareProfile, get_profile, profile_from_dict
 from tidesim.models import ModelSpec
 from tidesim.policies import PolicyOptions, build_schedule, uniform
-from tidesim.policies.base import online_policy
+from tidesim.policies.driver import online_policy
 from tidesim.policies.step import ScheduleRecorder, forward_metas
 from tidesim.schedule import Schedule, schedule_problems
 from tidesim.workload import Workload

@@ -54,7 +54,9 @@ def test_layer_skew_is_the_one_asked_for():
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda f: f.__setitem__("phase", ["prefill", "step", "commit", "step"]), "no commit forwards"),
-    (lambda f: f.__setitem__("step", [0, 0, 0, 0]), "must have block and step 1"),
+    (lambda f: f.__setitem__("step", [0, 0, 0, 0]), "decode forward of prompt 0 must have block 1 and step 1"),
+    (lambda f: f.update(pd.DataFrame({"phase": ["prefill", "step", "prefill", "step"], "block": [-1, 0, -1, 1]})),
+     "a prefill after decode forwards"),
     (lambda f: f.__setitem__("committed", [1, 1, 2, 1]), "committed tokens outside [0, tokens]"),
 ])
 def test_validation_of_the_autoregressive_shape(mutate, message):

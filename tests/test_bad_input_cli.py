@@ -343,3 +343,26 @@ def test_trace_capture_output_guarded(capsys, work) -> None:
             expect="is a file, not a folder")
     refused(capsys, work, "trace", "capture", "--config", "tiny", "--prompt-tokens", "4", "-o", "t.txt",
             expect="must end in one of .parquet")
+
+
+def test_cpu_kernel_checked_alike(capsys, work) -> None:
+    """--cpu-kernel: an unknown name, a kernel that cannot run the run's dtype (the cpu-as-gpu
+    path computes in float32), and a kernel other than the one the profile was calibrated with."""
+    pytest.importorskip("torch")
+    from tidesim.hardware import get_profile
+
+    refused(capsys, work, "calibrate", "--cpu-kernel", "fastest", "--device", "cpu", "-o", "p.yaml",
+            expect="--cpu-kernel must be one of")
+    refused(capsys, work, "calibrate", "--cpu-kernel", "onednn-packed", "--device", "cpu", "--cpu-workers", "1",
+            "-o", "p.yaml", expect="runs bfloat16 weights only")
+    prompts = str(Path(__file__).resolve().parents[1] / "docs/examples/prompts-tiny.txt")
+    refused(capsys, work, "generate", "--config", "tiny", "--prompts", prompts, "--policy", "tide",
+            "--cpu-kernel", "fastest", "--device", "cpu", "-o", "run", expect="--cpu-kernel must be one of")
+    prof = get_profile("dev-2core-cpu")
+    prof.cpu.kernel = "linear"
+    prof.save(work / "k.yaml")
+    try:
+        refused(capsys, work, "validate", "--trace", "t.parquet", "--hw", "k.yaml", "--cpu-kernel", "weights-left",
+                "--device", "cpu", "-o", "res", expect="differs from the profile's linear")
+    finally:
+        (work / "k.yaml").unlink()

@@ -28,25 +28,47 @@ def test_dry_run_writes_every_output_file_and_every_step_succeeds(tmp_path: Path
     assert len(measure.OUTPUT_FILES) <= 8
     env = json.loads((out / "env.json").read_text())
     assert env["dry_run"] is True and env["source"] and env["torch"]["torch"]
-    assert [s["step"] for s in env["steps"]] == ["install", "traces", "calibrate", "validate prefix",
-                                                 "validate none", "plan", "throughput", "live"]
+    assert [s["step"] for s in env["steps"]] == ["install", "traces", "calibrate", "plan", "validate prefix",
+                                                 "validate none", "validate window", "throughput", "live"]
     assert all(s["status"] == "ok" for s in env["steps"])
-    for kv in ("prefix", "none"):
-        data = json.loads((out / f"validate_{kv}.json").read_text())
+    for name, kv in (("prefix", "prefix"), ("none", "none"), ("window", "prefix")):
+        data = json.loads((out / f"validate_{name}.json").read_text())
         assert data["setup"]["kv_cache"] == kv
-        # 4 policies x 2 budgets + all-gpu once: 9 configurations per KV mode (18 >= 12 in all)
-        assert len(data["rows"]) == 9 and {r["budget"] for r in data["rows"]} == {4, 8, 16}
-    tp = json.loads((out / "throughput.json").read_text())
-    configs = {r["config"] for r in tp["rows"]}
+        # one process per trace: cpu-routing, fiddler, full-swap x 2 budgets, tide x 2 budgets x sync and
+        # async, all-gpu once (11), and the planned policy on the prefix trace
+        configs = [r["config"] for r in data["rows"]]
+        assert len(configs) == (12 if name == "prefix" else 11), configs
+        assert {r["budget"] for r in data["rows"]} == {4, 8, 16}
+        assert {"tide B=4 tau=4", "tide B=4 tau=4 async", "tide B=8 tau=4 async"} <= set(configs)
+    assert json.loads((out / "validate_window.json").read_text())["setup"]["window"] == "after-first-block"
+    prefix = json.loads((out / "validate_prefix.json").read_text())
+    assert all(len(c["measured_step_s"]) == 2 for c in prefix["configurations"])    # the dry run's repeats
+    tp = prefix["throughput"]
+    configs = {r["config"] for r in tp}
     # the plan's memory holds 8 experts per layer, shared evenly: planned runs at budget 8 too
-    assert {"tide B=8 tau=4", "tide B=8 tau=4 async", "planned B=8"} <= configs
-    assert all(r["tokens_per_s"] > 0 for r in tp["rows"])
+    assert {"tide B=8 tau=4", "tide B=8 tau=4 async", "planned B=8", "full-swap B=8"} <= configs
+    assert all(r["tokens_per_s"] > 0 for r in tp)
     live = json.loads((out / "live.json").read_text())
     assert [r["policy"] for r in live["rows"]] == ["tide", "cpu-routing"]
     assert all(r["identical"] for r in live["rows"])   # CPU: bit-identical to the plain decode
+    check = live["float32_check"]      # one plain decode, every policy through the executor, float32
+    assert [r["policy"] for r in check] == ["tide", "tide async", "full-swap", "fiddler", "cpu-routing"]
+    assert all(r["identical"] and r["tokens"] > 0 for r in check), check
     summary = (out / "summary.txt").read_text()
     assert proc.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])   # the table prints last
-    assert "DRY RUN" in summary
+    assert "DRY RUN" in summary and "this run took" in summary
+
+
+def test_a_cut_off_validation_keeps_the_configurations_it_finished(tmp_path: Path) -> None:
+    """What validate wrote after each configuration is read back when the process was stopped,
+    including a last line cut in half."""
+    path = tmp_path / "configurations.jsonl"
+    rows = [{"config": f"c{i}", "row": {"config": f"c{i}", "error": e}} for i, e in enumerate([0.02, -0.05])]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + '\n{"config": "c2", "ro')
+    kept = measure.partial_results(path)
+    assert kept["partial"] is True and [r["config"] for r in kept["rows"]] == ["c0", "c1"]
+    assert kept["summary"]["configurations"] == 2 and kept["summary"]["max_abs_error"] == 0.05
+    assert measure.partial_results(tmp_path / "absent.jsonl")["rows"] == []
 
 
 def test_output_files_fit_what_a_lent_machine_returns() -> None:

@@ -29,9 +29,12 @@ def test_infeasible_memory_is_an_input_error():
 
 def test_memory_for_budget_inverts_budget_for_memory():
     from tidesim.budget import memory_for_budget
+    from tidesim.planner.candidates import expert_slots
 
     for name, per_layer in (("llada2-mini", 128), ("llada2-flash", 84), ("llada2-flash", 40)):
         spec = PRESETS[name]
         gib = memory_for_budget(spec, per_layer)
-        assert budget_for_memory(spec, gib + 1e-9) == per_layer
+        assert budget_for_memory(spec, gib) == per_layer
+        # exactly that many slots for the planner: the plan gets the memory tide's budget occupies
+        assert expert_slots(spec, gib) == per_layer * spec.num_moe_layers
         assert budget_for_memory(spec, gib * 0.999) == per_layer - 1 or per_layer == 1

@@ -6,15 +6,8 @@ import math
 
 import pytest
 
-from tidesim.cli.decode_args import (
-    DecodeDefaults,
-    add_decode_args,
-    check_decode,
-    decode_kwargs,
-    effective_steps,
-    layout,
-    transfer_schedule,
-)
+from tidesim.cli.decode_args import DecodeDefaults, add_decode_args, decode_kwargs
+from tidesim.decode import check_decode, effective_steps, layout, transfer_schedule
 from tidesim.errors import InputError
 
 
@@ -59,6 +52,6 @@ def test_layout_quota_and_step_cap_hand_computed():
     assert layout(20, 24, 16) == (1, 3)  # N = ceil(44 / 16) = 3 blocks; decoding starts at 20 // 16 = 1
     assert layout(32, 256, 32) == (1, 9)
     assert layout(5, 16, 8) == (0, 3)
-    assert transfer_schedule(32, 5) == [7, 7, 6, 6, 6]
-    assert transfer_schedule(16, 5) == [4, 3, 3, 3, 3]
-    assert effective_steps(1024, 32, 1) == 32 and effective_steps(10, 32, 4) == 2
+    assert transfer_schedule(32, 5).tolist() == [7, 7, 6, 6, 6]
+    assert transfer_schedule(16, 5).tolist() == [4, 3, 3, 3, 3]
+    assert effective_steps(32, 1024, 1) == 32 and effective_steps(32, 10, 4) == 2

@@ -10,6 +10,7 @@ from planner_cases import gib_for_slots, write_tiny_trace
 
 from tidesim.cli import main
 from tidesim.plan import load_plan
+from tidesim.planner import plan_policies
 
 
 def plan_args(trace: Path, out: Path, *extra: str, gib: float | None = None) -> list[str]:
@@ -75,7 +76,7 @@ def test_simulate_runs_the_plan(tmp_path: Path, capsys: pytest.CaptureFixture[st
     # The executor's time of the plan on its calibration prompts is the planner's objective.
     assert result["metrics"]["total_time_s"] == pytest.approx(plan["objective_s"], rel=1e-9)
     assert main([*sim[:-1], "--policy", "tide"]) == 2
-    assert "--plan runs the planned policy" in capsys.readouterr().err
+    assert "--plan runs the policy planned (the plan is for tide)" in capsys.readouterr().err
     assert main(["simulate", "--trace", str(trace), "--hw", "h100-sxm-pcie5", "--policy", "planned"]) == 2
     assert "--plan FILE" in capsys.readouterr().err
 
@@ -109,3 +110,39 @@ def test_plan_and_simulate_state_the_same_slot_count(tmp_path: Path, capsys: pyt
     assert slots in capsys.readouterr().out
     assert main(["simulate", "--trace", str(trace), "--hw", "h100-sxm-pcie5", "--plan", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["inputs"]["expert_slots"] == slots
+
+
+@pytest.mark.parametrize("policy", plan_policies())
+def test_policy_option_plans_for_that_policy(tmp_path: Path, capsys: pytest.CaptureFixture[str], policy: str) -> None:
+    trace = write_tiny_trace(tmp_path)
+    out = tmp_path / "plan.json"
+    assert main(plan_args(trace, out, "--policy", policy, "--json")) == 0
+    data = json.loads(capsys.readouterr().out)
+    plan = load_plan(out)
+    assert plan.policy == policy and data["plan"]["policy"] == policy
+    assert plan.selection is not None and plan.selection.chosen in {c.name for c in plan.selection.candidates}
+    assert main(plan_args(trace, tmp_path / "other.json", "--policy", "fiddler")) == 2
+    assert "invalid choice: 'fiddler'" in capsys.readouterr().err
+
+
+def test_a_tide_split_plan_runs_as_tide_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # simulate --plan runs the plan's policy with the plan: the time the plan file recorded for
+    # its held-out prompts (same executor); compare runs it in tide-split's row, not as planned.
+    trace = write_tiny_trace(tmp_path)
+    out = tmp_path / "plan.json"
+    assert main(plan_args(trace, out, "--policy", "tide-split")) == 0
+    assert "Lagrangian lower bound: none for tide-split" in capsys.readouterr().out
+    plan = load_plan(out)
+    assert plan.runner == "tide-split" and plan.oracle_bound_s is None and plan.heldout is not None
+    held = ",".join(map(str, plan.heldout.prompts))
+    base = ["--trace", str(trace), "--hw", "h100-sxm-pcie5", "--plan", str(out), "--prompts", held,
+            "--engine", "analytic", "--json"]
+    assert main(["simulate", *base]) == 0
+    metrics = json.loads(capsys.readouterr().out)["metrics"]
+    assert metrics["policy"] == "tide-split"
+    assert metrics["total_time_s"] == pytest.approx(plan.heldout.plan_time_s, rel=1e-12)
+    assert main(["simulate", *base, "--policy", "tide"]) == 2
+    assert "--plan runs the policy tide-split" in capsys.readouterr().err
+    assert main(["compare", *base, "--policies", "tide-split,tide"]) == 0
+    rows = {m["policy"]: m for m in json.loads(capsys.readouterr().out)["policies"]}
+    assert rows["tide-split"]["total_time_s"] == pytest.approx(plan.heldout.plan_time_s, rel=1e-12)

@@ -86,6 +86,7 @@ def test_interpolation_monotone_where_data_is(xs, raw_ts, queries):
         (("pcie", "h2d_gbs"), -3.0, "pcie.h2d_gbs: must not be negative"),
         (("cpu", "workers"), 0, "cpu.workers: 0 is outside the plausible range 1..4096"),
         (("cpu", "workers"), 2.5, "cpu.workers: must be a whole number in 1..4096, got 2.5"),
+        (("cpu", "workers"), 33, "cpu.workers: 33 workers on 32 cores; the CPU pool model needs at least one core"),
         (("pcie", "h2d_gbs"), float("nan"), "pcie.h2d_gbs: must be a finite number, got nan"),
         (("pcie", "d2h_gbs"), float("inf"), "pcie.d2h_gbs: must be a finite number, got inf"),
         (("pcie", "h2d_gbs"), 1e300, "pcie.h2d_gbs: 1e+300 is outside the plausible range 0.01..10000"),
@@ -161,3 +162,17 @@ def test_empty_copies_are_free_and_never_flagged():
     assert not prof.flags
     prof.h2d_time(1 << 24)
     assert any("pcie.h2d" in f for f in prof.flags)
+
+
+def test_cpu_kernel_is_recorded_only_when_known_and_round_trips(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """cpu.kernel (the runtime's CPU expert kernel a calibration measured) is written when set and
+    left out when empty, so profiles without one keep their form and fingerprint."""
+    from tidesim.hardware import get_profile
+
+    prof = get_profile("dev-2core-cpu")
+    assert "kernel" not in prof.to_dict()["cpu"]
+    before = prof.fingerprint()
+    prof.cpu.kernel = "weights-left"
+    assert prof.to_dict()["cpu"]["kernel"] == "weights-left" and prof.fingerprint() != before
+    prof.save(tmp_path / "p.yaml")
+    assert get_profile(str(tmp_path / "p.yaml")).cpu.kernel == "weights-left"

@@ -11,9 +11,11 @@ from tidesim.errors import InputError
 from tidesim.hardware import get_profile
 from tidesim.models import PRESETS
 from tidesim.plan import (
+    CandidateTime,
     Evaluation,
     Fingerprints,
     Plan,
+    Selection,
     SolverInfo,
     file_fingerprint,
     load_plan,
@@ -40,7 +42,8 @@ def make_plan(**changes: object) -> Plan:
 
 
 def test_round_trip(tmp_path: Path) -> None:
-    plan = make_plan()
+    plan = make_plan(policy="tide-split", selection=Selection(
+        [2, 3], "sim", "optimum", [CandidateTime("tau 2", 1.2), CandidateTime("optimum", 1.0)]))
     path = tmp_path / "plan.json"
     plan.save(path)
     again = load_plan(path)
@@ -66,6 +69,13 @@ def test_fingerprints(tmp_path: Path) -> None:
     ({"mode": "global-tau", "tau": [1] * 18 + [2]}, "one tau for every layer"),
     ({"mode": "weird"}, "mode must be"),
     ({"version": 7}, "version 7"),
+    ({"policy": ""}, "policy must name"),
+    ({"selection": {"prompts": [2], "engine": "sim", "chosen": "tau 9",
+                    "candidates": [{"name": "tau 2", "time_s": 1.0}]}}, "'tau 9' is not among its candidates"),
+    ({"selection": {"prompts": [2], "engine": "sim", "chosen": "tau 2", "candidates": "tau 2"}},
+     "candidates: expected a list"),
+    ({"selection": {"prompts": [2], "engine": "sim", "chosen": "tau 2", "candidates": [{"name": "tau 2"}]}},
+     "'time_s' is missing"),
 ])
 def test_invalid_plans_are_refused(change: dict[str, object], message: str, tmp_path: Path) -> None:
     data = make_plan().to_dict()

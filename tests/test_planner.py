@@ -30,6 +30,7 @@ from tidesim.planner import (
     oracle_bound,
     oracle_costs,
     parse_int_list,
+    plan_policies,
     solve_plan,
     split_prompts,
     uniform_budget,
@@ -37,6 +38,7 @@ from tidesim.planner import (
 from tidesim.planner.milp import _relaxation_bound, _solve_cbc
 from tidesim.policies import PolicyOptions, build_schedule, uniform
 from tidesim.run import run
+from tidesim.workload import Workload
 
 
 def brute_force(table: CostTable, slots: int, global_tau: bool) -> float:
@@ -275,12 +277,17 @@ def _contended(workers: int | None = None) -> HardwareProfile:
 def test_cost_table_equals_tide_runs_through_the_cost_model(hw: HardwareProfile) -> None:
     w = tiny_workload()
     taus, budgets = [1, 2, 3, 20, 32], [1, 4, 9, 16]
-    table = cost_table(w, hw, taus, budgets)
+    assert_table_is_runs(cost_table(w, hw, taus, budgets), w, hw, "tide")
+
+
+def assert_table_is_runs(table: CostTable, w: Workload, hw: HardwareProfile, policy: str) -> None:
+    """Every entry is the layer's time in a separate run of the policy (uniform tau and budget)
+    through the analytic model, and the entries plus the time outside the layers are its total."""
     layers = w.num_layers
-    for ti, tau in enumerate(taus):
-        for bi, b in enumerate(budgets):
+    for ti, tau in enumerate(table.taus):
+        for bi, b in enumerate(table.budgets):
             options = PolicyOptions(budget=uniform(b, layers), tau=uniform(tau, layers), hw=hw)
-            metrics = run(w, build_schedule("tide", w, options), hw, engine="analytic")
+            metrics = run(w, build_schedule(policy, w, options), hw, engine="analytic")
             np.testing.assert_allclose(table.layer_cost_s[:, ti, bi], metrics.layer_time_s, rtol=1e-12)
             assert table.other_s + table.layer_cost_s[:, ti, bi].sum() == pytest.approx(metrics.total_time_s,
                                                                                          rel=1e-12)
@@ -422,3 +429,33 @@ def test_schedule_table_runs_the_policy_as_virtual_layers(max_cells: int) -> Non
     tiled = options_as_layers(w, 3)
     assert tiled.num_layers == 3 * w.num_layers and tiled.model.num_moe_layers == tiled.num_layers
     np.testing.assert_array_equal(tiled.expert_tokens[:, w.num_layers:2 * w.num_layers], w.expert_tokens)
+
+
+def test_tide_split_table_is_its_own_runs_and_never_above_tides() -> None:
+    # The table for tide-split costs tide-split's step: each entry is the layer's time in a separate
+    # tide-split run through the analytic model; with the same residents (tide's) the split never
+    # makes a layer slower than tide's all-CPU misses, so no entry is above tide's.
+    w = tiny_workload()
+    hw = h100()
+    taus, budgets = [1, 3, 20], [2, 6, 12]
+    split = cost_table(w, hw, taus, budgets, policy="tide-split")
+    tide = cost_table(w, hw, taus, budgets)
+    assert_table_is_runs(split, w, hw, "tide-split")
+    assert split.other_s == tide.other_s
+    assert (split.layer_cost_s <= tide.layer_cost_s * (1 + 1e-12)).all()
+    assert (split.layer_cost_s < tide.layer_cost_s).any()
+
+
+@pytest.mark.parametrize("policy", plan_policies())
+def test_plannable_policies_decide_each_layer_alone(policy: str) -> None:
+    # The premise of a per-layer plan and of the virtual-layer table: with per-layer (tau, budget),
+    # each layer's decisions are those of a run with that layer's setting in every layer.
+    w = tiny_workload()
+    hw = h100()
+    settings = [(1, 2), (5, 9), (20, 4)]
+    mixed = build_schedule(policy, w, PolicyOptions(budget=np.array([b for _, b in settings]),
+                                                    tau=np.array([t for t, _ in settings]), hw=hw))
+    for layer, (tau, b) in enumerate(settings):
+        alone = build_schedule(policy, w, PolicyOptions(budget=uniform(b, 3), tau=uniform(tau, 3), hw=hw))
+        for name in ("placement", "copy", "resident"):
+            np.testing.assert_array_equal(getattr(mixed, name)[:, layer], getattr(alone, name)[:, layer])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from planner_cases import gib_for_slots, h100, tiny_workload, write_tiny_trace
 
-from tidesim.planner import make_plan, uniform_budget
+from tidesim.planner import make_plan, plan_policies, plan_runner, uniform_budget
 from tidesim.planner.select import INTERVALS, OPTIMUM, SINGLE, Candidate, best_tau_of, choose, plan_candidates
 from tidesim.policies import PolicyOptions, build_schedule, uniform
 from tidesim.run import run
@@ -53,33 +53,40 @@ def test_choose_keeps_the_fastest_ties_to_the_simpler_then_larger_tau() -> None:
     assert kept(5.0, 4.0, 4.0, 3.8, 3.9) == "optimum"
 
 
-def _tide_s(workload_prompts: list[int], tau: np.ndarray, budget: np.ndarray, engine: str, seed: int) -> float:
-    """tide (the policy `planned` is) with these per-layer settings, run independently of the planner."""
-    w = tiny_workload(seed).select_prompts(workload_prompts)
+def _policy_s(policy: str, prompts: list[int], tau: np.ndarray, budget: np.ndarray, engine: str, seed: int) -> float:
+    """The policy with these per-layer settings, run independently of the planner."""
+    w = tiny_workload(seed).select_prompts(prompts)
     options = PolicyOptions(budget=budget, tau=tau, hw=h100())
-    return run(w, build_schedule("tide", w, options), h100(), engine=engine).total_time_s
+    return run(w, build_schedule(policy, w, options), h100(), engine=engine).total_time_s
 
 
-@pytest.mark.parametrize("seed, slots, calibrate, engine", [
-    (3, 12, None, "analytic"),        # the knapsack optimum (fit on prompt 0) loses on prompts 1, 2
+CASES = [
+    (3, 12, None, "analytic"),        # tide: the knapsack optimum (fit on prompt 0) loses on prompts 1, 2
     (8, 36, None, "analytic"),
     (3, 24, [0, 1], "sim"),
     (5, 12, [2], "sim"),
-])
-def test_kept_plan_is_never_slower_than_a_single_tau_where_evaluated(tmp_path: Path, seed: int, slots: int,
-                                                                      calibrate: list[int] | None,
+]
+
+
+# every case for tide; two for the others (their tables run the policy itself, seconds per plan)
+PLANS = [(policy, *case) for policy in plan_policies() for case in (CASES if policy == "tide" else CASES[::3])]
+
+
+@pytest.mark.parametrize("policy, seed, slots, calibrate, engine", PLANS)
+def test_kept_plan_is_never_slower_than_a_single_tau_where_evaluated(tmp_path: Path, policy: str, seed: int,
+                                                                      slots: int, calibrate: list[int] | None,
                                                                       engine: str) -> None:
     path = write_tiny_trace(tmp_path, seed)
     outcome = make_plan(path, "tiny", h100(), gib_for_slots(slots), taus=TAUS, budgets=BUDGETS,
-                        calibrate_prompts=calibrate, engine=engine)
+                        calibrate_prompts=calibrate, engine=engine, policy=policy)
     plan = outcome.plan
-    assert plan.heldout is not None and plan.selection is not None
+    assert plan.policy == policy and plan.heldout is not None and plan.selection is not None
     held = plan.heldout.prompts
     assert plan.selection.prompts == held and held == [p for p in (0, 1, 2) if p not in (calibrate or [0])]
     layers = tiny_workload(seed).num_layers
     u = uniform_budget(slots, layers, 16)
-    singles = {t: _tide_s(held, uniform(t, layers), uniform(u, layers), engine, seed) for t in TAUS}
-    kept_s = _tide_s(held, plan.tau_array(), plan.budget_array(), engine, seed)
+    singles = {t: _policy_s(policy, held, uniform(t, layers), uniform(u, layers), engine, seed) for t in TAUS}
+    kept_s = _policy_s(policy, held, plan.tau_array(), plan.budget_array(), engine, seed)
     assert kept_s == pytest.approx(plan.heldout.plan_time_s, rel=1e-12)
     assert kept_s <= min(singles.values()) * (1 + 1e-12)
     assert plan.heldout.best_single_tau_time_s == pytest.approx(min(singles.values()), rel=1e-12)
@@ -89,6 +96,12 @@ def test_kept_plan_is_never_slower_than_a_single_tau_where_evaluated(tmp_path: P
     for t in TAUS:
         assert times[f"tau {t}"] == pytest.approx(singles[t], rel=1e-12)
     assert times[plan.selection.chosen] == min(times.values())
+    # the plan file, run the way `simulate --plan` runs it (its runner, the plan in the options),
+    # takes the time the planner recorded: the planner evaluated what the executors execute
+    w = tiny_workload(seed).select_prompts(held)
+    options = PolicyOptions(budget=uniform(1, layers), tau=uniform(1, layers), hw=h100(), extra={"plan": plan})
+    ran = run(w, build_schedule(plan_runner(policy), w, options), h100(), engine=engine).total_time_s
+    assert ran == pytest.approx(plan.heldout.plan_time_s, rel=1e-12)
 
 
 def test_the_optimum_that_loses_held_out_is_replaced_and_noted(tmp_path: Path) -> None:

@@ -9,11 +9,13 @@ from hypothesis import strategies as st
 from policy_cases import hand_workload, options, workloads
 
 from tidesim.errors import InputError
-from tidesim.policies import POLICY_MODULES, build_schedule, policy_names
-from tidesim.policies.base import policy_summary
+from tidesim.policies import build_schedule, policy_names
+from tidesim.policies.driver import is_online, online_names
+from tidesim.policies.registry import baselines, entries, plan_policy, policy_summary, role_of, traits
 from tidesim.schedule import schedule_problems
 
-ONLINE = ["full-swap", "cpu-routing", "fiddler", "tide", "tide-reference", "tide-split"]
+# Online policies that are not bounds (all-gpu is online but keeps everything resident).
+ONLINE = [n for n in online_names() if traits(n).role != "bound"]
 
 
 def test_registry_order_and_summaries() -> None:
@@ -21,7 +23,36 @@ def test_registry_order_and_summaries() -> None:
     mine = ["all-gpu", "full-swap", "cpu-routing", "fiddler", "tide", "tide-reference", "oracle"]
     assert [n for n in names if n in mine] == mine
     assert all(policy_summary(n) for n in names)
-    assert POLICY_MODULES.index("tidesim.policies.tide_reference") < POLICY_MODULES.index("tidesim.policies.oracle")
+    assert names.index("tide-reference") < names.index("oracle")
+    assert [e.traits.order for e in entries()] == sorted(e.traits.order for e in entries())
+
+
+def test_traits_are_what_the_policies_do() -> None:
+    """The registry's traits, checked against the policies' own behaviour and the paper's roles."""
+    assert baselines() == ["full-swap", "cpu-routing", "fiddler"]
+    assert policy_names(role="bound") == ["all-gpu", "oracle"]
+    assert {"tide", "tide-reference"} <= set(policy_names(uses_tau=True))
+    tau_users = set(policy_names(uses_tau=True))
+    assert not {"full-swap", "cpu-routing", "fiddler", "all-gpu", "oracle", "planned"} & tau_users
+    assert policy_names(static_set=True) == ["cpu-routing", "fiddler"]
+    assert plan_policy() == "planned"
+    assert not is_online("oracle") and is_online("tide")
+    # a bound's schedules say so; the others' do not
+    w = hand_workload()
+    for name in policy_names():
+        assert build_schedule(name, w, options(w, 2)).is_bound == (traits(name).role == "bound"), name
+    assert role_of("tide") == "policy" and role_of("tide", is_bound=True) == "bound"
+    assert role_of("not-registered") == "policy"
+
+
+def test_uses_tau_is_exactly_who_reads_tau() -> None:
+    """A policy whose traits say it ignores tau gives the same schedule for any tau; one that uses it does not
+    (on the hand workload, budget 2: refreshing every step and every 3 steps differ)."""
+    w = hand_workload()
+    for name in policy_names(needs_plan=False):
+        a, b = build_schedule(name, w, options(w, 2, tau=1)), build_schedule(name, w, options(w, 2, tau=3))
+        same = all(np.array_equal(getattr(a, f), getattr(b, f)) for f in ("placement", "copy", "resident"))
+        assert same != traits(name).uses_tau, name
 
 
 def test_unknown_policy_and_bad_options() -> None:
@@ -43,9 +74,7 @@ def test_every_policy_keeps_the_contract_and_is_deterministic(w, data) -> None: 
     budget = data.draw(st.lists(st.integers(1, e), min_size=w.num_layers, max_size=w.num_layers))
     tau = data.draw(st.lists(st.integers(1, 3), min_size=w.num_layers, max_size=w.num_layers))
     refresh = data.draw(st.sampled_from(["sync", "async"]))
-    for name in policy_names():
-        if name not in ONLINE + ["all-gpu", "oracle"]:
-            continue
+    for name in policy_names():      # every registered policy, a new one included
         opts = options(w, budget, tau, refresh)
         first = build_schedule(name, w, opts)
         assert schedule_problems(first, w) == [], name

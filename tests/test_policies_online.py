@@ -17,7 +17,7 @@ from tidesim.bundled.paths import bundled_traces
 from tidesim.errors import InputError
 from tidesim.hardware import get_profile
 from tidesim.policies import PolicyOptions, build_schedule, uniform
-from tidesim.policies.base import online_policy
+from tidesim.policies.driver import online_names, online_policy
 from tidesim.policies.step import ForwardMeta, forward_metas
 from tidesim.schedule import COPY_SYNC_REFRESH, CPU, GPU, IDLE, Schedule
 from tidesim.trace.io import read_trace
@@ -78,7 +78,7 @@ def test_schedule_matches_the_former_vectorised_builder(trace: str, forwards: in
     assert digest(build_schedule(policy, w, options)) == expected
 
 
-ONLINE = ["all-gpu", "full-swap", "cpu-routing", "fiddler", "tide", "tide-reference", "planned", "tide-split"]
+ONLINE = online_names()      # every registered policy with a step, a new one included
 
 
 @pytest.mark.parametrize("name", ONLINE)

@@ -16,7 +16,7 @@ from tidesim.bundled.paths import bundled_traces
 from tidesim.errors import InputError
 from tidesim.hardware import get_profile
 from tidesim.policies import PolicyOptions, build_schedule, uniform
-from tidesim.policies.base import online_policy
+from tidesim.policies.driver import online_policy
 from tidesim.policies.residency import first_true
 from tidesim.policies.step import ForwardMeta
 from tidesim.trace.io import read_trace

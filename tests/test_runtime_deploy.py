@@ -35,7 +35,8 @@ from tidesim.errors import InputError  # noqa: E402
 from tidesim.hardware import get_profile  # noqa: E402
 from tidesim.models import get_model  # noqa: E402
 from tidesim.policies import PolicyOptions, build_schedule, uniform  # noqa: E402
-from tidesim.policies.base import online_policy  # noqa: E402
+from tidesim.policies.driver import online_names, online_policy  # noqa: E402
+from tidesim.policies.registry import traits  # noqa: E402
 from tidesim.run import run  # noqa: E402
 from tidesim.schedule import NO_COPY  # noqa: E402
 from tidesim.trace.io import read_trace  # noqa: E402
@@ -45,13 +46,13 @@ SPEC = get_model("tiny")
 PROMPTS = [[5, 17, 300, 42, 7], [9, 8, 7]]
 SETTINGS = CaptureSettings(weights="random (seed 3)", compute_dtype="float32")
 HW = get_profile("dev-2core-cpu")
-POLICIES = ["all-gpu", "full-swap", "cpu-routing", "fiddler", "tide", "tide-reference", "planned"]
+POLICIES = online_names()      # every registered policy that can run live, a new one included
 
 
 def options_for(name: str, refresh: str = "sync") -> PolicyOptions:
     layers, experts = SPEC.num_moe_layers, SPEC.num_experts
     static = None
-    if name in ("cpu-routing", "fiddler"):  # online the static set is given: experts with even ids
+    if traits(name).static_set:  # online the static set is given: experts with even ids
         size = 5 if name == "cpu-routing" else 4
         static = np.zeros((layers, experts), dtype=bool)
         static[:, : 2 * size : 2] = True
@@ -176,3 +177,45 @@ def test_prediction_per_forward_adds_up_to_the_simulated_run() -> None:
                                                 refresh="async"))
     m2, pf2 = predicted_forwards(w, async_s, HW)
     assert pf2.sum() <= m2.total_time_s + 1e-12
+
+
+def test_a_forward_ends_with_its_compute_so_async_refresh_spans_forwards(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Live forwards wait for the compute stream only (compute_synchronize), never for every copy
+    (synchronize drains the background queue): an asynchronous refresh may go on into the next
+    forward, as the simulator lets it. Per-forward copy time is still counted, after the run."""
+    from tidesim_runtime.engine.streams import HostBackend
+
+    calls: list[str] = []
+    in_forward = {"depth": 0}
+    real_sync, real_compute = HostBackend.synchronize, HostBackend.compute_synchronize
+
+    def synchronize(self):  # type: ignore[no-untyped-def]
+        calls.append("all" if in_forward["depth"] else "outside")
+        real_sync(self)
+
+    def compute_synchronize(self):  # type: ignore[no-untyped-def]
+        calls.append("compute")
+        real_compute(self)
+
+    monkeypatch.setattr(HostBackend, "synchronize", synchronize)
+    monkeypatch.setattr(HostBackend, "compute_synchronize", compute_synchronize)
+    real_forward = LiveEngine._forward_fn
+
+    def forward_fn(self, tracker):  # type: ignore[no-untyped-def]
+        inner = real_forward(self, tracker)
+
+        def wrapped(*args, **kwargs):  # type: ignore[no-untyped-def]
+            in_forward["depth"] += 1
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                in_forward["depth"] -= 1
+        return wrapped
+
+    monkeypatch.setattr(LiveEngine, "_forward_fn", forward_fn)
+    cfg = DecodeConfig(gen_length=8, block_length=8, kv_cache="prefix")
+    result = decode_live("tide", cfg, options_for("tide", "async"))
+    forwards = len(result.forwards)
+    assert calls.count("compute") == forwards and "all" not in calls
+    assert int(result.forwards["copies_async_refresh"].sum()) > 0
+    assert (result.forwards["copy_time_s"] >= 0).all() and result.forwards["copy_time_s"].sum() > 0

@@ -362,8 +362,7 @@ def test_gpu_waits_only_for_the_background_copies_of_the_experts_it_runs() -> No
             ex.begin()
             with torch.inference_mode():
                 for f, counts in enumerate(([3] + [0] * 15, [0, 2] + [0] * 14)):
-                    r = replay_routing(np.array(counts, dtype=np.int64), 8, SPEC.top_k, torch.device("cpu"),
-                                       torch.float32)
+                    r = replay_routing(np.array(counts, dtype=np.int64), 8, SPEC.top_k, torch.device("cpu"))
                     ex.moe_layer(x, 0, 0, r, plan.layers[f][0], moe_in=x)
             before_end = list(waited)
             ex.finish()

@@ -14,7 +14,7 @@ from tidesim_runtime.reference.capture import CaptureSettings, capture_trace  # 
 from tidesim_runtime.reference.generate import DecodeConfig, generate, sample_tokens  # noqa: E402
 from tidesim_runtime.reference.model import build_model  # noqa: E402
 
-from tidesim.cli.decode_args import transfer_schedule  # noqa: E402
+from tidesim.decode import transfer_schedule  # noqa: E402
 from tidesim.errors import InputError  # noqa: E402
 from tidesim.models import PRESETS  # noqa: E402
 
@@ -44,10 +44,10 @@ class ScriptedModel:
 
 
 def test_quota_schedule_hand_computed():
-    assert transfer_schedule(32, 5) == [7, 7, 6, 6, 6]
-    assert transfer_schedule(32, 32) == [1] * 32
-    assert transfer_schedule(8, 3) == [3, 3, 2]
-    assert transfer_schedule(4, 6) == [1, 1, 1, 1, 0, 0]
+    assert transfer_schedule(32, 5).tolist() == [7, 7, 6, 6, 6]
+    assert transfer_schedule(32, 32).tolist() == [1] * 32
+    assert transfer_schedule(8, 3).tolist() == [3, 3, 2]
+    assert transfer_schedule(4, 6).tolist() == [1, 1, 1, 1, 0, 0]
     assert quota_schedule(32, 5) == [7, 7, 6, 6, 6]
     assert DecodeConfig(gen_length=10, steps=32, minimal_topk=4).max_steps == 2  # 10 // 4
 

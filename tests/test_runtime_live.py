@@ -26,32 +26,61 @@ def tiny_model():
 
 LIVE_POLICIES = [("all-gpu", "sync"), ("full-swap", "sync"), ("cpu-routing", "sync"), ("fiddler", "sync"),
                  ("tide", "sync"), ("tide", "async"), ("tide-reference", "sync"), ("tide-reference", "async"),
-                 ("oracle", "sync")]
+                 ("tide-split", "sync"), ("oracle", "sync")]
 
 
 @pytest.mark.parametrize("kv_cache", ["none", "prefix"])
 def test_lossless_live_decode_for_every_policy(tiny_model, kv_cache: str) -> None:
     """Decoding through the executor gives exactly the plain decode's tokens, for every policy,
     with placements that really use the GPU, the CPU and copies."""
-    from tidesim_runtime.measure.live import lossless_check
+    from tidesim_runtime.measure import live
     from tidesim_runtime.reference.generate import DecodeConfig
 
     from tidesim.policies import policy_names
 
-    assert {p for p, _ in LIVE_POLICIES} >= set(policy_names()) - {"planned"}
+    assert {p for p, _ in LIVE_POLICIES} >= set(policy_names(needs_plan=False))
     cfg = DecodeConfig(gen_length=16, block_length=8, kv_cache=kv_cache)
     dev = select_device("cpu")
     L = SPEC.num_moe_layers
     hw = get_profile("h100-sxm-pcie5")
     seen_cpu = seen_copies = False
-    for policy, refresh in LIVE_POLICIES:
-        opts = PolicyOptions(budget=uniform(5, L), tau=uniform(2, L), hw=hw, refresh=refresh)
-        result = lossless_check(tiny_model, [5, 17, 42, 99, 7, 3], cfg, policy, opts, dev)
-        assert result.identical, (policy, refresh, result.problems)
+    runs = [(policy, PolicyOptions(budget=uniform(5, L), tau=uniform(2, L), hw=hw, refresh=refresh))
+            for policy, refresh in LIVE_POLICIES]
+    calls = []
+    real = live.reference_decode
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(live, "reference_decode", counted)
+        results = live.lossless_checks(tiny_model, [5, 17, 42, 99, 7, 3], cfg, runs, dev)
+    assert len(calls) == 1            # one plain decode shared by every policy
+    assert [r.policy for r in results] == [p + (" async" if r == "async" else "") for p, r in LIVE_POLICIES]
+    for result in results:
+        assert result.identical, (result.policy, result.problems)
         assert len(result.live_tokens) > 0 and result.metrics is not None
         seen_cpu |= result.metrics.cpu_tokens > 0
         seen_copies |= result.metrics.expert_copies > 0
     assert seen_cpu and seen_copies
+
+
+def test_float32_check_of_a_bf16_model_is_identical_and_leaves_the_model(tiny_model) -> None:
+    """float32=True checks a float32 copy (bit-identical: same order, float32 weights and sums);
+    the bf16 model itself is untouched."""
+    from tidesim_runtime.measure import live
+    from tidesim_runtime.reference.generate import DecodeConfig
+    from tidesim_runtime.reference.model import build_model
+
+    bf16 = build_model(SPEC, torch.bfloat16, seed=0)
+    L = SPEC.num_moe_layers
+    opts = PolicyOptions(budget=uniform(5, L), tau=uniform(2, L), hw=get_profile("h100-sxm-pcie5"))
+    cfg = DecodeConfig(gen_length=8, block_length=8, kv_cache="prefix")
+    [result] = live.lossless_checks(bf16, [5, 17, 42, 99, 7, 3], cfg, [("tide", opts)], select_device("cpu"),
+                                    float32=True)
+    assert result.identical and result.metrics is not None and result.metrics.expert_copies > 0
+    assert bf16.dtype == torch.bfloat16 and next(bf16.parameters()).dtype == torch.bfloat16
 
 
 def test_lossless_check_detects_a_wrong_expert_weight(tiny_model) -> None:

@@ -34,6 +34,18 @@ def test_configurations_expand_tau_only_for_tide_policies() -> None:
                       "tide B=4 tau=2 async", "tide B=4 tau=3 async", "tide B=8 tau=2 async", "tide B=8 tau=3 async",
                       "all-gpu B=16"]
     assert configs[0].refresh == "sync" and configs[2].refresh == "async"
+    both = configurations(["fiddler", "tide"], [4], [2], ["sync", "async"], 16)
+    assert [c.label for c in both] == ["fiddler B=4", "tide B=4 tau=2", "tide B=4 tau=2 async"]
+
+
+def test_window_after_the_first_block_starts_at_the_second_block(workload) -> None:
+    from tidesim_runtime.measure.validate import window
+
+    start = int(np.flatnonzero(workload.block > 0)[0])
+    w = window(workload, 3, after_first_block=True)
+    assert w.num_forwards == 3 and np.array_equal(w.expert_tokens, workload.expert_tokens[start:start + 3])
+    assert window(workload, None, False) is workload
+    assert window(workload, 2, False).num_forwards == 2
 
 
 def test_check_inputs_refuses_budgets_beyond_the_experts(workload) -> None:
@@ -50,9 +62,21 @@ def test_check_inputs_refuses_too_little_host_memory(workload, monkeypatch: pyte
 def test_validate_pairs_the_simulator_with_the_runtime(workload, tmp_path) -> None:
     hw = get_profile("h100-sxm-pcie5")
     configs = configurations(["cpu-routing", "tide", "full-swap", "all-gpu"], [6], [2], "sync", TINY.num_experts)
+    from tidesim.cli.validate_cmd import IncrementalResults, configuration_record
+
     done: list[str] = []
-    outcomes = validate(workload, hw, configs, select_device("cpu"), repeats=2, on_done=lambda c: done.append(c.label))
+    saved = IncrementalResults(tmp_path / "configurations.jsonl")
+
+    def on_done(o) -> None:  # type: ignore[no-untyped-def]
+        assert len(o.repeats_s) == 2          # its last repeat is measured
+        saved.add(configuration_record(o))
+        # written at once: a run cut off now keeps every configuration measured so far
+        assert len((tmp_path / "configurations.jsonl").read_text().splitlines()) == len(done) + 1
+        done.append(o.config.label)
+
+    outcomes = validate(workload, hw, configs, select_device("cpu"), repeats=2, on_done=on_done)
     assert [o.config for o in outcomes] == configs and sorted(done) == sorted(c.label for c in configs)
+    assert [p.name for p in tmp_path.iterdir()] == ["configurations.jsonl"]     # no temp file left
     for o in outcomes:
         schedule = build(o.config, workload, hw, None)
         again = run(workload, schedule, hw, engine="sim")

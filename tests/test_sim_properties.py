@@ -8,10 +8,12 @@ from hypothesis import strategies as st
 from simkit import SPEC, profile, random_schedule, workload
 
 from tidesim.policies import PolicyOptions, build_schedule, uniform
+from tidesim.policies.driver import online_names
+from tidesim.policies.registry import policy_names, traits
 from tidesim.run import run
 
-POLICIES = ["all-gpu", "full-swap", "cpu-routing", "fiddler", "tide", "tide-reference", "oracle"]
-ONLINE = ["full-swap", "cpu-routing", "fiddler", "tide", "tide-reference"]
+POLICIES = policy_names(needs_plan=False)     # every registered policy that runs without a plan
+ONLINE = [n for n in online_names() if traits(n).role != "bound" and not traits(n).needs_plan]
 MONOTONE = ["all-gpu", "full-swap", "cpu-routing"]
 
 

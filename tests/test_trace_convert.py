@@ -80,6 +80,18 @@ def test_vllm_json_equals_npz_and_sglang_all_layers_equals_moe_layers(tmp_path):
     np.testing.assert_array_equal(moe.expert_tokens, every.expert_tokens)
 
 
+def test_vllm_server_response_reads_one_request_per_choice(tmp_path):
+    rec = cc.recording(seed=8, prompts=(5,), decodes=(4,))
+    response = {"id": "chatcmpl-1", "prompt_routed_experts": rec.prompts[0].tolist(),
+                "choices": [{"index": 0, "message": {"content": "..."}, "routed_experts": rec.decodes[0].tolist()}]}
+    (tmp_path / "resp.json").write_text(json.dumps(response))
+    trace = convert("vllm", [tmp_path / "resp.json"], cc.MODEL)
+    np.testing.assert_array_equal(trace.expert_tokens, rec.expected_counts())
+    response["prompt_routed_experts"] = None
+    (tmp_path / "resp.json").write_text(json.dumps(response))
+    assert "no 'prompt_routed_experts'" in _bad(tmp_path, "vllm", [tmp_path / "resp.json"])
+
+
 def test_sglang_physical_ids_mapped_to_logical(tmp_path):
     """20 physical slots, 16..19 redundant copies of experts 0..3: ids recorded as 16..19 count for 0..3."""
     rec = cc.recording(seed=2)
@@ -141,6 +153,19 @@ def _two_layer_config(tmp_path):
     cfg = {**cc.MODEL.to_hf_dict(), "num_hidden_layers": 3}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     return str(tmp_path / "config.json")
+
+
+def test_llamacpp_prefill_in_ubatches_is_one_chunked_prefill(tmp_path):
+    """An 8-token prompt run as two ubatches of 4 tokens, then 3 one-token passes: the passes of
+    several tokens are chunks of one prefill (steps 0, 1), each one-token pass a decode forward;
+    the prefill's output token is committed by its last chunk."""
+    rng = np.random.default_rng(9)
+    passes = [cc.routing(rng, n) for n in (4, 4, 1, 1, 1)]
+    (tmp_path / "t.csv").write_text("\n".join(r for ids in passes for r in cc.llamacpp_rows(ids)) + "\n")
+    f = convert("llamacpp", [tmp_path / "t.csv"], cc.MODEL).forwards
+    assert f["phase"].tolist() == ["prefill", "prefill", "step", "step", "step"]
+    assert f["block"].tolist() == [-1, -1, 0, 1, 2] and f["step"].tolist() == [0, 1, 0, 1, 2]
+    assert f["committed"].tolist() == [0, 1, 1, 1, 1] and f["context"].tolist() == [4, 8, 9, 10, 11]
 
 
 def _bad(tmp_path, engine, inputs, model="tiny"):

@@ -5,18 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tidesim.decode import effective_steps, transfer_schedule
 from tidesim.models import PRESETS
 from tidesim.trace.layout import (
     BlockLayout,
     ForwardShape,
     early_stop_index,
-    effective_steps,
     forward_structure,
     layout_problems,
     max_block_steps,
     output_length,
     select_transfer,
-    transfer_schedule,
 )
 from tidesim.trace.synth import SynthConfig, synthesize
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tidesim.errors import InputError
 from tidesim.models import ModelSpec
 
@@ -40,10 +42,30 @@ def budget_for_memory(model: ModelSpec, gpu_mem_gib: float, max_per_layer: int |
 
 def memory_for_budget(model: ModelSpec, per_layer: int) -> float:
     """GiB of GPU memory that holds the non-expert weights, `per_layer` experts in every MoE layer and
-    the reserve: the memory budget equivalent to a uniform expert budget (inverse of budget_for_memory)."""
-    weights = model.non_expert_bytes + per_layer * model.num_moe_layers * model.expert_bytes
+    the reserve: the memory budget equivalent to a uniform expert budget (inverse of budget_for_memory).
+    Half an expert more than exact, so that rounding in the GiB conversion never leaves the room one
+    byte short of per_layer x layers experts (the planner's slots must equal tide's budget)."""
+    weights = model.non_expert_bytes + (per_layer * model.num_moe_layers + 0.5) * model.expert_bytes
     return max(weights + 1.5e9, weights / 0.9) / GIB
 
 
 # Per-layer caps the public TIDE code's evaluation scripts use (docs/sources.md).
 TIDE_MAX_EXPERTS_PER_LAYER = {"llada2-mini": 128, "llada2-flash": 96}
+
+
+@dataclass(frozen=True)
+class BudgetChoice:
+    """A uniform GPU expert budget per MoE layer and where it came from (printed with it)."""
+
+    slots: int
+    reason: str
+
+
+def default_budget(model: ModelSpec, memory_gib: float, source: str) -> BudgetChoice:
+    """The default-budget rule of every command: as many experts per layer as `memory_gib` of GPU
+    memory holds (budget_for_memory), capped as the public TIDE code's scripts cap this model.
+    `source` says where the memory figure came from (a flag, a profile)."""
+    cap = TIDE_MAX_EXPERTS_PER_LAYER.get(model.name)
+    slots = budget_for_memory(model, memory_gib, cap)
+    reason = f"{source} ({memory_gib:g} GiB" + (f", capped at {cap} as in the TIDE scripts)" if cap else ")")
+    return BudgetChoice(slots, reason)

@@ -6,7 +6,8 @@ model, but replaces the two things that need events by formulas:
   ceil(n / workers) x shortest task) (exact with one worker, with no more tasks than workers,
   or with equal tasks; otherwise at most the LPT makespan);
 - asynchronous refresh copies by a fluid queue on the H2D engine that uses the engine's idle
-  time between demand copies (stall when a layer's copies are not done by the next forward).
+  time between demand copies (stall when the copies a layer-forward waits for, those of the
+  experts it runs and those whose slots its demand copies reuse, are not done by then).
 Everything else (sync phase, the on-demand copy/compute pipeline with its slot waits, the results
 copy queueing behind on-demand copies) is exact: the per-layer-forward phases are the layer
 model's (tidesim.layermodel.layer_phases). docs/costmodel.md lists the cases.
@@ -64,12 +65,13 @@ def _async_wait(c: ScheduleCosts, parts: dict[str, np.ndarray]) -> tuple[np.ndar
     """Fluid-queue estimate of the GPU's wait for asynchronous refresh copies, and the tail after
     the last forward.
 
-    The H2D engine serves background copies FIFO in the time demand copies leave it idle; copies
-    issued by layer-forward k must be done when the same layer's next forward reaches its
-    experts. Without waits the backlog follows Lindley's recursion (vectorised with cumulative
-    sums). A wait of w at a layer with slack s (how long its CPU side outlasts its GPU work)
-    stretches the timeline by max(0, w - s), and while a backlog lasts every second of stretch
-    serves one more second of copies. So the cumulative stretch E follows
+    The H2D engine serves background copies FIFO in the time demand copies leave it idle; a
+    layer-forward waits until the queue has served every copy up to the last one it waits for
+    (tidesim.layermodel.background_waits: the copies of the experts its grouped kernel runs, and
+    where it has demand copies, those whose slots they reuse). Without waits the backlog follows
+    Lindley's recursion (vectorised with cumulative sums). A wait of w at a layer with slack s
+    (how long its CPU side outlasts its GPU work) stretches the timeline by max(0, w - s), and
+    while a backlog lasts every second of stretch serves one more second of copies. So the cumulative stretch E follows
     E_k = max(E_(k-1), deficit_k - slack_k): a running maximum, restarted where the backlog empties.
     """
     G, L = c.groups, c.layers

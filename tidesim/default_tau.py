@@ -55,7 +55,7 @@ def plan_tau(plan: Plan) -> TauChoice:
     if ev is not None:
         return TauChoice(tau=ev.best_single_tau, source="plan",
                          reason=f"the plan's best single tau ({which} prompts {_ids(ev.prompts)}, "
-                                f"{ev.engine} model)")
+                                f"{'simulator' if ev.engine == 'sim' else ev.engine + ' model'})")
     return TauChoice(tau=max(set(plan.tau), key=lambda t: (plan.tau.count(t), -t)), source="plan",
                      reason="the plan's most common per-layer tau")
 

@@ -23,17 +23,18 @@ from typing import Any
 import numpy as np
 
 from tidesim.atomic import write_text
-from tidesim.budget import TIDE_MAX_EXPERTS_PER_LAYER, budget_for_memory, memory_for_budget
+from tidesim.budget import default_budget, memory_for_budget
 from tidesim.bundled.paths import resolve_trace
-from tidesim.cli.output import to_jsonable
-from tidesim.default_tau import CANDIDATE_TAUS, plan_tau
+from tidesim.default_tau import CANDIDATE_TAUS, plan_tau, tide_tokens_per_s
 from tidesim.demo_figures import tau_figure, throughput_figure, timeline_figure
 from tidesim.errors import InputError
+from tidesim.formatting import to_jsonable
 from tidesim.hardware import HardwareProfile, bundled_profiles, get_profile, load_profile
 from tidesim.metrics import Metrics
 from tidesim.plan import Plan
 from tidesim.planner import make_plan, split_prompts
 from tidesim.policies import PolicyOptions, build_schedule, policy_names, uniform
+from tidesim.policies.registry import baselines, traits
 from tidesim.procs import die_with_parent
 from tidesim.report import Comparison, breakdown_figure, compare, kind_of, plan_slots
 from tidesim.run import run
@@ -101,13 +102,15 @@ def run_case(model_name: str, trace_name: str, hw: HardwareProfile, out: Path,
     trace = read_trace(trace_path)
     workload = workload_from_trace(trace)
     model = trace.model
-    budget = budget_for_memory(model, hw.gpu.memory_gib, TIDE_MAX_EXPERTS_PER_LAYER.get(model_name))
+    budget = default_budget(model, hw.gpu.memory_gib, hw.name).slots
     calib, held = split_prompts(trace.prompt_ids, None)
     step(f"{model_name}: planning on prompts {calib}")
     # The plan gets the memory that TIDE's uniform budget occupies, so every policy has the same memory.
     budgets = sorted({min(max(round(budget * f), 1), model.num_experts) for f in PLAN_BUDGET_FACTORS})
+    # engine="sim": the plan is chosen among its candidates (the knapsack optimum, every single tau)
+    # by the executor the demo compares with, so `planned` is not slower than tide at any of them.
     outcome = make_plan(trace_path, trace_name, hw, memory_for_budget(model, budget), taus=PLAN_TAUS,
-                        budgets=budgets)
+                        budgets=budgets, engine="sim")
     tag = f"{model_name}_{hw.name}"
     outcome.plan.save(out / f"plan_{tag}.json")
     choice = plan_tau(outcome.plan)      # the one default-tau rule: with a plan, the plan's best single tau
@@ -140,19 +143,15 @@ def run_case(model_name: str, trace_name: str, hw: HardwareProfile, out: Path,
 def simulate(workload: Workload, hw: HardwareProfile, policy: str, budget: int, tau: int, plan: Plan) -> Metrics:
     layers = workload.num_layers
     options = PolicyOptions(budget=uniform(budget, layers), tau=uniform(tau, layers), hw=hw)
-    if policy == "planned":
+    if traits(policy).needs_plan:
         options.extra["plan"] = plan
     return run(workload, build_schedule(policy, workload, options), hw, engine="sim")
 
 
 def tau_sweep(workload: Workload, hw: HardwareProfile, budget: int) -> dict[int, float]:
-    """Predicted tokens/s of tide for each tau (analytic engine, fast)."""
-    layers = workload.num_layers
-    out = {}
-    for tau in PLAN_TAUS:
-        options = PolicyOptions(budget=uniform(budget, layers), tau=uniform(tau, layers), hw=hw)
-        out[tau] = run(workload, build_schedule("tide", workload, options), hw, engine="analytic").tokens_per_s
-    return out
+    """Predicted tokens/s of tide for each tau (analytic engine, sync refresh: the default-tau rule's
+    own figures)."""
+    return tide_tokens_per_s(workload, hw, budget, "sync", PLAN_TAUS)
 
 
 def timeline_excerpt(workload: Workload, hw: HardwareProfile, budget: int, tau: int, out: Path, tag: str
@@ -281,7 +280,7 @@ def _run_cases(out: Path, step: Callable[[str], None], cases: tuple[tuple[str, s
 
 
 FOOTNOTES = [
-    "speedup: tokens/s over the best baseline (full-swap, cpu-routing, fiddler); bounds are limits, not "
+    f"speedup: tokens/s over the best baseline ({', '.join(baselines())}); bounds are limits, not "
     "deployable policies; bound tok/s: no schedule beats the busiest resource.",
     "oracle (a row of the table) is a policy that knows each forward's routing in advance and prefetches for "
     "free: an upper limit on what any expert placement can reach with this budget.",
@@ -300,7 +299,7 @@ def case_lines(r: CaseResult) -> list[str]:
     if tide and best:
         lines.append(f"tide vs best baseline ({best}): {r.comparison.speedup(tide):.2f}x; "
                      + ", ".join(f"vs {b}: {r.comparison.speedup_over('tide', b):.2f}x"
-                                 for b in ("full-swap", "cpu-routing", "fiddler") if r.comparison.by_policy(b)))
+                                 for b in baselines() if r.comparison.by_policy(b)))
     gap = f", gap to the Lagrangian bound {100 * plan.gap:.1f}%" if plan.gap is not None else ""
     lines.append(f"plan: {plan.mode}, tau {min(plan.tau)}..{max(plan.tau)}, budget {min(plan.budget)}.."
                  f"{max(plan.budget)} per layer ({plan_slots(plan)}), solver {plan.solver.status}{gap}")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tidesim.atomic import write_text
+from tidesim.formatting import format_cell
 
 INDEX = "index.html"
 PERFETTO = "https://ui.perfetto.dev"
@@ -144,8 +145,6 @@ def _table(table: Table) -> str:
 
 
 def _cell(value: Any) -> str:
-    from tidesim.cli.output import format_cell
-
     numeric = isinstance(value, int | float) and not isinstance(value, bool)
     if numeric and isinstance(value, float) and math.isnan(value):
         numeric = False

@@ -26,6 +26,15 @@ MODES = ("per-layer", "global-tau")
 STATUSES = ("optimal", "feasible", "not-solved", "infeasible")
 
 
+def plan_runner(policy: str) -> str:
+    """The registered policy that runs a plan made for `policy` (the plan in options.extra["plan"]):
+    `planned` for tide (tide with per-layer settings), the policy itself otherwise (tide-split reads
+    a plan the same way)."""
+    from tidesim.policies.registry import plan_policy  # the registry imports the policies, which read plans
+
+    return plan_policy() if policy == "tide" else policy
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -130,6 +139,11 @@ class Plan:
     @property
     def num_layers(self) -> int:
         return len(self.tau)
+
+    @property
+    def runner(self) -> str:
+        """The policy that runs this plan (`simulate --plan`, `compare --plan`)."""
+        return plan_runner(self.policy)
 
     def tau_array(self) -> np.ndarray:
         return np.asarray(self.tau, dtype=np.int64)

@@ -1,8 +1,7 @@
 """Reports of simulated runs: the policy comparison table and the "where time goes" figure.
 
-Baselines are the systems TIDE is measured against (full-swap, cpu-routing, fiddler); bounds
-(all-gpu, oracle, any schedule marked is_bound) are limits, shown but never counted as the best
-baseline.
+Baselines are the systems TIDE is measured against (the registry's role "baseline"); bounds (role
+"bound", or any schedule marked is_bound) are limits, shown but never counted as the best baseline.
 """
 
 from __future__ import annotations
@@ -15,9 +14,9 @@ from tidesim.atomic import atomic_path
 from tidesim.errors import InputError
 from tidesim.metrics import Metrics
 from tidesim.plan import Plan
+from tidesim.policies.registry import baselines, role_of
 from tidesim.sim.accounting import BREAKDOWN_KEYS
 
-BASELINES = ("full-swap", "cpu-routing", "fiddler")
 FIGURE_SUFFIXES = (".png", ".svg", ".pdf")
 
 
@@ -28,9 +27,7 @@ def plan_slots(plan: Plan) -> str:
 
 
 def kind_of(m: Metrics) -> str:
-    if m.is_bound:
-        return "bound"
-    return "baseline" if m.policy in BASELINES else "policy"
+    return role_of(m.policy, m.is_bound)
 
 
 @dataclass
@@ -57,8 +54,9 @@ class Comparison:
 
 
 def compare(metrics: list[Metrics]) -> Comparison:
-    baselines = [m for m in metrics if m.policy in BASELINES and not m.is_bound]
-    best = max(baselines, key=lambda m: (m.tokens_per_s, m.policy)).policy if baselines else None
+    names = baselines()
+    base = [m for m in metrics if m.policy in names and not m.is_bound]
+    best = max(base, key=lambda m: (m.tokens_per_s, m.policy)).policy if base else None
     return Comparison(metrics=metrics, best_baseline=best)
 
 
@@ -86,7 +84,7 @@ def comparison_json(comp: Comparison) -> dict[str, Any]:
         row = m.to_dict()
         row["kind"] = kind_of(m)
         row["speedup_over_best_baseline"] = comp.speedup(m)
-        row["speedup_over"] = {b: comp.speedup_over(m.policy, b) for b in BASELINES if comp.by_policy(b)}
+        row["speedup_over"] = {b: comp.speedup_over(m.policy, b) for b in baselines() if comp.by_policy(b)}
         out["policies"].append(row)
     return out
 

@@ -1,22 +1,30 @@
 """The prepared GPU measurement: one call on a lent GPU machine measures everything tidesim needs.
 
-Steps (each a subprocess or function, each with its share of the wall-clock budget; one that
-fails or runs out of time is recorded and the rest still run):
+Steps, ordered by value (each a subprocess or function with its share of the wall-clock budget;
+one that fails or runs out of time is recorded, what it measured so far is kept, and the rest
+still run):
 
 1. install   the carried wheels (simpy, pulp) into a scratch folder, no network; the project runs
-             from this tree (PYTHONPATH), so nothing needs to be built on the machine;
-2. traces    the mini traces bundled with tidesim (the dry run synthesizes tiny ones);
+             from this tree (PYTHONPATH), so nothing needs to be built on the machine; the same
+             process reports torch, CUDA and the GPU for env.json;
+2. traces    the mini traces bundled with tidesim (the dry run synthesizes tiny ones, both KV
+             modes in one process);
 3. calibrate `tidesim calibrate --quick` -> profile.yaml;
-4. validate  `tidesim validate` over policies x budgets (64, 128) for both KV-cache modes on the
-             first MoE layers (as many as host memory allows; --layers);
-5. plan      `tidesim plan` at budget 128 on the calibrated profile;
-6. throughput every policy at budget 128 (tide sync and async, planned), measured;
+4. plan      `tidesim plan` at the second budget on the calibrated profile (seconds: a DP);
+5. validate  `tidesim validate`, ONE process per trace holding every configuration (policies x
+             budgets (64, 128) x refresh sync and async, the planned policy on the prefix trace),
+             so the host expert banks are filled and pinned once per trace: prefix (with repeats:
+             the throughput figures), none, and the prefix trace's window after its first block.
+             Each configuration is written as soon as it is measured (configurations.jsonl), so
+             a step cut off by its timeout keeps what it measured;
+6. throughput every policy at the second budget, from the prefix validation's repeats;
 7. live      `tidesim generate` on mini shapes with random weights (the first layers), one run per
-             policy, each checked against the plain decode (--check-lossless) and predicted.
+             policy, checked against the plain decode (--check-lossless) and predicted.
 
-Everything goes to --out (at most 8 files: env.json, profile.yaml, validate_prefix.json,
-validate_none.json, throughput.json, live.json, summary.txt, log.txt) with the provenance
-(machine, driver, torch, commit or source digest, command lines); a short table prints last.
+Everything goes to --out (at most 8 files: env.json, profile.yaml, validate_prefix.json (with the
+throughput rows), validate_none.json, validate_window.json, live.json, summary.txt, log.txt; the
+log and the summary are rewritten after every step) with the provenance (machine, driver, torch,
+commit or source digest, command lines); a short table prints last, with the run's own time.
 
 --dry-run runs the same steps and writes the same files on the CPU at tiny sizes (the tiny model
 preset, synthesized traces, budgets 4 and 8 of its 16 experts); tests/test_bench_gpu.py runs it.
@@ -41,8 +49,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-OUTPUT_FILES = ("env.json", "profile.yaml", "validate_prefix.json", "validate_none.json", "throughput.json",
+OUTPUT_FILES = ("env.json", "profile.yaml", "validate_prefix.json", "validate_none.json", "validate_window.json",
                 "live.json", "summary.txt", "log.txt")
+VALIDATIONS = ("prefix", "none", "window")   # validate_<name>.json; the window is the prefix trace's
 
 
 @dataclass(frozen=True)
@@ -62,16 +71,17 @@ class Sizes:
     live_gen: int
     live_prompt: int
     live_policies: tuple[str, ...]
+    repeats: int                      # repeats of the prefix validation (its median run is kept)
 
 
 GPU = Sizes(model="llada2-mini", device="cuda",
             traces={"prefix": "llada2-mini_prefix_g1024", "none": "llada2-mini_none_g1024"},
             budgets=(64, 128), layers=8, forwards=48, policies="cpu-routing,fiddler,tide,full-swap,all-gpu",
             taus="4", plan_taus="1,2,4,8", live_layers=3, live_gen=64, live_prompt=32,
-            live_policies=("tide", "full-swap", "fiddler", "cpu-routing"))
+            live_policies=("tide", "full-swap", "fiddler", "cpu-routing"), repeats=3)
 DRY = Sizes(model="tiny", device="cpu", traces={}, budgets=(4, 8), layers=1, forwards=4,
             policies="cpu-routing,fiddler,tide,full-swap,all-gpu", taus="4", plan_taus="1,2",
-            live_layers=3, live_gen=16, live_prompt=6, live_policies=("tide", "cpu-routing"))
+            live_layers=3, live_gen=16, live_prompt=6, live_policies=("tide", "cpu-routing"), repeats=2)
 
 
 @dataclass
@@ -87,6 +97,7 @@ class Run:
     t0: float = field(default_factory=time.monotonic)
     steps: list[dict[str, Any]] = field(default_factory=list)
     log_lines: list[str] = field(default_factory=list)
+    torch_facts: dict[str, Any] = field(default_factory=dict)
 
     def left(self) -> float:
         return self.budget_s - (time.monotonic() - self.t0)
@@ -101,13 +112,26 @@ class Run:
         env["PYTHONPATH"] = os.pathsep.join([str(self.site), str(REPO), str(REPO / "runtime")])
         env["PYTHONUNBUFFERED"] = "1"
         env.setdefault("MPLBACKEND", "Agg")
+        if self.dry:
+            # tiny shapes on a small shared CPU: torch's intra-op thread pool only adds spinning (the
+            # plain decode's index_add_ took 50 ms a call at load 15); the runtime sets its own
+            # thread counts explicitly (cpu-as-gpu side, worker pool), so only defaults change
+            env["OMP_NUM_THREADS"] = "1"
         return env
 
     def tidesim(self, args: list[str], share: float) -> subprocess.CompletedProcess[str]:
         """Run `python -m tidesim ARGS` from the installed copy with `share` of the time left."""
-        cmd = [sys.executable, "-m", "tidesim", *args]
+        return self.command([sys.executable, "-m", "tidesim", *args], share, " ".join(args))
+
+    def python(self, code: str, share: float, what: str, args: list[str] | None = None
+               ) -> subprocess.CompletedProcess[str]:
+        """`python -c CODE ARGS` from the installed copy with `share` of the time left."""
+        return self.command([sys.executable, "-c", code, *(args or [])], share, what)
+
+    def command(self, cmd: list[str], share: float, what: str) -> subprocess.CompletedProcess[str]:
         timeout = max(10.0, self.left() * share)
-        self.log("$ " + " ".join(cmd) + f"   (timeout {timeout:.0f} s)")
+        shown = " ".join(cmd) if cmd[1] == "-m" else f"{cmd[0]} -c ...  ({what})"
+        self.log(f"$ {shown}   (timeout {timeout:.0f} s)")
         proc = subprocess.run(cmd, env=self.env(), cwd=self.work, capture_output=True, text=True, timeout=timeout,
                               check=False)
         for line in (proc.stdout + proc.stderr).splitlines()[-40:]:
@@ -152,24 +176,31 @@ def install(run: Run, wheels: Path) -> None:
         if proc.returncode != 0:
             errors = [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if "error" in line.lower()]
             raise RuntimeError("pip failed: " + " | ".join(errors[-4:] or ["no message"]))
-    check = subprocess.run([sys.executable, "-c", "import tidesim, tidesim_runtime, simpy, pulp, torch; "
-                            "print(tidesim.__file__, torch.__version__)"], env=run.env(), cwd=run.work,
+    check = subprocess.run([sys.executable, "-c", IMPORT_CHECK], env=run.env(), cwd=run.work,
                            capture_output=True, text=True, check=False, timeout=120)
     if check.returncode != 0 or str(REPO) not in check.stdout:
         raise RuntimeError(f"the project does not import from {REPO}: {check.stderr.strip()[-300:]}")
-    run.log("imports: " + check.stdout.strip())
+    lines = check.stdout.strip().splitlines()
+    run.log("imports: " + lines[0])
+    run.torch_facts = json.loads(lines[-1])
+
+
+# one process checks the imports and reports torch, CUDA and the GPU (no second torch start-up)
+IMPORT_CHECK = ("import json, tidesim, tidesim_runtime, simpy, pulp, torch; "
+                "print(tidesim.__file__, torch.__version__); "
+                "print(json.dumps({'torch': torch.__version__, 'cuda': torch.version.cuda, "
+                "'gpu': torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}))")
 
 
 def traces(run: Run) -> dict[str, str]:
     """Trace per KV mode: bundled names on the GPU; synthesized tiny traces in the dry run."""
     if run.sizes.traces:
         return dict(run.sizes.traces)
-    out = {}
-    for kv in ("prefix", "none"):
-        path = run.work / f"{run.sizes.model}_{kv}.parquet"
-        run.tidesim(["trace", "synth", "--model", run.sizes.model, "--prompts", "2", "--gen-length", "32",
-                     "--prompt-length", "8", "--block-length", "16", "--kv-cache", kv, "-o", str(path)], 0.1)
-        out[kv] = str(path)
+    out = {kv: str(run.work / f"{run.sizes.model}_{kv}.parquet") for kv in ("prefix", "none")}
+    calls = [["trace", "synth", "--model", run.sizes.model, "--prompts", "2", "--gen-length", "32",
+              "--prompt-length", "8", "--block-length", "16", "--kv-cache", kv, "-o", path] for kv, path in out.items()]
+    code = f"import sys; from tidesim.cli import main; sys.exit(max(main(a) for a in {calls!r}))"
+    run.python(code, 0.1, "synthesize both traces")
     return out
 
 
@@ -182,21 +213,48 @@ def calibrate(run: Run) -> Path:
 
 
 def validate(run: Run, trace: str, profile: Path, name: str, extra: list[str], share: float) -> dict[str, Any]:
-    """One `tidesim validate` run; its results.json is kept as `name`."""
-    folder = run.work / name.replace(".json", "")
+    """One `tidesim validate` run, written to --out as `validate_<name>.json` as soon as it ends;
+    if it fails or times out, the configurations it finished (its configurations.jsonl, rewritten
+    after each one) are written instead, marked partial, and the step is still recorded as failed."""
+    folder = run.work / f"validate_{name}"
     s = run.sizes
-    run.tidesim(["validate", "--trace", trace, "--hw", str(profile), "--layers", str(s.layers),
-                 "--forwards", str(s.forwards), "--taus", s.taus, "--device", s.device, "-o", str(folder),
-                 *extra], share)
+    try:
+        run.tidesim(["validate", "--trace", trace, "--hw", str(profile), "--layers", str(s.layers),
+                     "--forwards", str(s.forwards), "--taus", s.taus, "--device", s.device, "-o", str(folder),
+                     *extra], share)
+    except (subprocess.TimeoutExpired, RuntimeError):
+        kept = partial_results(folder / "configurations.jsonl")
+        write_json(run.out / f"validate_{name}.json", kept)
+        run.log(f"kept {len(kept['rows'])} configuration(s) measured before the step ended")
+        raise
     data: dict[str, Any] = json.loads((folder / "results.json").read_text())
+    write_json(run.out / f"validate_{name}.json", data)
     return data
 
 
-MEMORY_FOR_BUDGET = r"""
+def partial_results(path: Path) -> dict[str, Any]:
+    """What a cut-off validate measured: one record per finished configuration (a line that was
+    being written when the process died is skipped)."""
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    rows = [r["row"] for r in records]
+    errs = sorted(abs(r["error"]) for r in rows if r.get("error") is not None)
+    summary = {"configurations": float(len(rows)),
+               "median_abs_error": errs[len(errs) // 2] if errs else None, "max_abs_error": max(errs, default=None)}
+    return {"partial": True, "setup": {}, "summary": summary, "rows": rows, "configurations": records}
+
+
+PLAN_AT_BUDGET = r"""
 import sys
+from tidesim.cli import main
 from tidesim.models import get_model
 from tidesim.planner.candidates import expert_slots, uniform_budget
-spec, budget = get_model(sys.argv[1]), int(sys.argv[2])
+spec, budget, plan_args = get_model(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
 
 def holds(gib):
     try:
@@ -208,43 +266,85 @@ lo, hi = 0.0, 4096.0   # bisection: the least memory whose even share is `budget
 for _ in range(80):
     mid = (lo + hi) / 2
     lo, hi = (lo, mid) if holds(mid) else (mid, hi)
-print(repr(hi))
+print(f"GPU memory that holds {budget} experts per layer next to the rest: {hi!r} GiB", flush=True)
+sys.exit(main(["plan", *plan_args, "--gpu-mem-gib", repr(hi)]))
 """
 
 
 def plan(run: Run, trace: str, profile: Path) -> Path:
     """A plan whose memory holds exactly the second budget per layer when shared evenly (so the
-    planned policy is compared at that budget), with budget and tau per layer chosen by the MILP."""
+    planned policy is compared at that budget), with budget and tau per layer chosen by the
+    planner; the memory (by bisection) and the plan in one process."""
     path = run.work / "plan.json"
     b = str(run.sizes.budgets[1])
-    proc = subprocess.run([sys.executable, "-c", MEMORY_FOR_BUDGET, run.sizes.model, b], env=run.env(),
-                          cwd=run.work, capture_output=True, text=True, timeout=120, check=True)
-    gib = proc.stdout.strip().splitlines()[-1]
-    run.log(f"GPU memory that holds {b} experts per layer next to the rest: {gib} GiB")
-    run.tidesim(["plan", "--trace", trace, "--hw", str(profile), "--gpu-mem-gib", gib,
-                 "--budgets", str(run.sizes.budgets[1]), "--taus", run.sizes.plan_taus, "--time-limit", "30",
-                 "-o", str(path)], 0.15)
+    run.python(PLAN_AT_BUDGET, 0.15, f"memory for budget {b}, then tidesim plan", [
+        run.sizes.model, b, "--trace", trace, "--hw", str(profile), "--budgets", b, "--taus", run.sizes.plan_taus,
+        "--time-limit", "30", "-o", str(path)])
     return path
 
 
-def throughput(run: Run, trace: str, profile: Path, plan_path: Path | None) -> dict[str, Any]:
-    """Measured tokens/s of every policy at the second budget: sync refresh (with the plan when
-    there is one), then tide with asynchronous refresh."""
-    b = str(run.sizes.budgets[1])
-    sync_args = ["--policies", run.sizes.policies.replace(",all-gpu", ""), "--budgets", b, "--refresh", "sync"]
-    if plan_path is not None:
-        sync_args += ["--plan", str(plan_path)]
-    sync = validate(run, trace, profile, "throughput_sync.json", sync_args, 0.5)
-    asyn = validate(run, trace, profile, "throughput_async.json",
-                    ["--policies", "tide", "--budgets", b, "--refresh", "async"], 0.9)
+def throughput(run: Run, data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Measured tokens/s of every policy at the second budget (sync and async refresh, planned),
+    from the prefix validation: its median of `repeats` runs per configuration. Kept in
+    validate_prefix.json under "throughput"."""
+    b = run.sizes.budgets[1]
     rows = []
-    for data, refresh in ((sync, "sync"), (asyn, "async")):
-        for c in data["configurations"]:
-            m = c["measured"]
-            rows.append({"config": c["config"], "refresh": refresh, "tokens_per_s": m["tokens_per_s"],
-                         "step_ms": m["step_time_s"] * 1e3, "predicted_step_ms": c["predicted"]["step_time_s"] * 1e3,
-                         "hit_ratio": m["hit_ratio"], "expert_copies": m["expert_copies"]})
-    return {"setup": sync["setup"], "rows": rows, "sync": sync, "async": asyn}
+    for c in data["configurations"]:
+        row = c.get("row") or {}
+        if row.get("budget") != b and row.get("policy") != "planned":
+            continue
+        m = c["measured"]
+        rows.append({"config": c["config"], "refresh": row.get("refresh", "sync"), "tokens_per_s": m["tokens_per_s"],
+                     "step_ms": m["step_time_s"] * 1e3, "predicted_step_ms": c["predicted"]["step_time_s"] * 1e3,
+                     "hit_ratio": m["hit_ratio"], "expert_copies": m["expert_copies"],
+                     "repeats_step_ms": [x * 1e3 for x in c.get("measured_step_s", [])]})
+    if not rows:
+        raise RuntimeError(f"the prefix validation has no configuration at budget {b}")
+    data["throughput"] = rows
+    write_json(run.out / "validate_prefix.json", data)
+    return rows
+
+
+# The lossless test on the device itself: a float32 copy of the live model (mini shapes, random
+# weights, the first layers), ONE plain decode, then a decode through the executor per policy,
+# all on the same device (tidesim_runtime.measure.live.lossless_checks). A bf16 run on a GPU can
+# only report agreement (its kernels round differently from the plain decode's); this one must
+# give identical tokens.
+FLOAT32_CHECK = r"""
+import json, sys
+import torch
+from tidesim.hardware import get_profile
+from tidesim.models import get_model
+from tidesim.policies import PolicyOptions, uniform
+from tidesim_runtime.engine.device import select_device
+from tidesim_runtime.measure.live import lossless_checks
+from tidesim_runtime.reference.checkpoint import with_layers
+from tidesim_runtime.reference.generate import DecodeConfig
+from tidesim_runtime.reference.model import build_model
+name, layers, device, budget, gen, plen, profile = sys.argv[1:8]
+spec = with_layers(get_model(name), int(layers), at_most_spec=False)
+hw = get_profile(profile)
+dev = select_device(device, hw.cpu.workers)
+L, b = spec.num_moe_layers, min(int(budget), spec.num_experts)
+runs = [(p, PolicyOptions(budget=uniform(b, L), tau=uniform(4, L), hw=hw, refresh=r))
+        for p, r in (("tide", "sync"), ("tide", "async"), ("full-swap", "sync"), ("fiddler", "sync"),
+                     ("cpu-routing", "sync"))]
+cfg = DecodeConfig(gen_length=int(gen), block_length=min(32, int(gen)), kv_cache="prefix")
+prompt = [(7 * i + 3) % 1000 + 2 for i in range(int(plen))]
+out = lossless_checks(build_model(spec, torch.float32, seed=0), prompt, cfg, runs, dev, float32=True)
+print(json.dumps([{"policy": r.policy, "identical": r.identical, "problems": r.problems, "forwards": r.forwards,
+                   "tokens": len(r.live_tokens), "device": dev.describe(), "dtype": "float32"} for r in out]))
+"""
+
+
+def float32_check(run: Run, profile: Path) -> list[dict[str, Any]]:
+    """The float32 lossless check on the device (FLOAT32_CHECK): one row per policy."""
+    s = run.sizes
+    proc = run.python(FLOAT32_CHECK, 0.3, "float32 lossless check, one shared plain decode",
+                      [s.model, str(s.live_layers), s.device, str(s.budgets[1]), str(s.live_gen), str(s.live_prompt),
+                       str(profile)])
+    rows: list[dict[str, Any]] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return rows
 
 
 STATIC_POLICIES = ("cpu-routing", "fiddler")
@@ -260,7 +360,7 @@ def live(run: Run, profile: Path) -> dict[str, Any]:
     first = run.work / f"live_{s.live_policies[0]}"
     for k, policy in enumerate(s.live_policies):
         folder = run.work / f"live_{policy}"
-        share = 1.0 / (len(s.live_policies) - k)        # an even share of what is left
+        share = 0.7 / (len(s.live_policies) - k)        # an even share of what is left (the float32 check last)
         # the static policies take their GPU set from the first run's popular experts (a warm-up run)
         static = ["--static-from", str(first)] if policy in STATIC_POLICIES and folder != first else []
         proc = run.tidesim(["generate", "--config", s.model, "--layers", str(s.live_layers), "--seed", "0",
@@ -272,11 +372,15 @@ def live(run: Run, profile: Path) -> dict[str, Any]:
         m, lossless, pred = summary["measured"], summary.get("lossless") or {}, summary.get("prediction") or {}
         rows.append({"policy": policy, "identical": lossless.get("identical"),
                      "token_share": lossless.get("token_share"), "routing_share": lossless.get("routing_share"),
+                     "routing_share_per_layer": lossless.get("routing_share_per_layer"),
                      "device": lossless.get("device"), "forwards": m["forwards"], "tokens": m["generated_tokens"],
                      "tokens_per_s": m["tokens_per_s"], "step_ms": m["step_time_s"] * 1e3,
                      "hit_ratio": m["hit_ratio"], "expert_copies": m["expert_copies"], "prediction": pred})
-    return {"model": s.model, "layers": s.live_layers, "device": s.device, "budget": s.budgets[1],
-            "gen_length": s.live_gen, "prompt_length": s.live_prompt, "kv_cache": "prefix", "rows": rows}
+    result = {"model": s.model, "layers": s.live_layers, "device": s.device, "budget": s.budgets[1],
+              "gen_length": s.live_gen, "prompt_length": s.live_prompt, "kv_cache": "prefix", "rows": rows}
+    write_json(run.out / "live.json", result)      # kept if the float32 check runs out of time
+    result["float32_check"] = float32_check(run, profile)
+    return result
 
 
 # ----- provenance and summary -------------------------------------------------------------------
@@ -306,11 +410,7 @@ def environment(run: Run) -> dict[str, Any]:
         "dry_run": run.dry, "sizes": run.sizes.__dict__, "command": " ".join(sys.argv),
         "cpu_count": os.cpu_count(),
     }
-    probe = subprocess.run([sys.executable, "-c", "import json, torch; print(json.dumps({'torch': torch.__version__, "
-                            "'cuda': torch.version.cuda, 'gpu': torch.cuda.get_device_name(0) "
-                            "if torch.cuda.is_available() else None}))"], capture_output=True, text=True,
-                           check=False, timeout=120)
-    facts["torch"] = json.loads(probe.stdout) if probe.returncode == 0 else probe.stderr[-300:]
+    facts["torch"] = run.torch_facts or "not known: the install step did not import torch"
     smi = shutil.which("nvidia-smi")
     if smi:
         q = subprocess.run([smi, "--query-gpu=name,driver_version,memory.total,pcie.link.gen.max,"
@@ -329,16 +429,17 @@ def summary_table(run: Run, results: dict[str, Any]) -> str:
     lines = [f"tidesim GPU measurement ({'DRY RUN, CPU, tiny sizes' if run.dry else 'GPU'}), "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {run.sizes.model}"]
     lines.append("steps: " + ", ".join(f"{s['step']} {s['status']} ({s['seconds']} s)" for s in run.steps))
-    for kv in ("prefix", "none"):
-        data = results.get(f"validate_{kv}")
-        if data:
+    for name in VALIDATIONS:
+        data = results.get(f"validate_{name}")
+        if data and data["rows"]:
             sm = data["summary"]
-            lines.append(f"validate {kv}: {int(sm['configurations'])} configurations, median |error| "
-                         f"{sm['median_abs_error']:.1%}, max {sm['max_abs_error']:.1%}")
+            lines.append(f"validate {name}: {int(sm['configurations'])} configurations, median |error| "
+                         f"{sm['median_abs_error']:.1%}, max {sm['max_abs_error']:.1%}"
+                         + (" (partial: the step ended early)" if data.get("partial") else ""))
     tp = results.get("throughput")
     if tp:
         lines.append(f"{'configuration':32} {'refresh':7} {'tok/s':>9} {'step ms':>9} {'pred ms':>9} {'hit':>5}")
-        for r in tp["rows"]:
+        for r in tp:
             lines.append(f"{r['config']:32} {r['refresh']:7} {r['tokens_per_s']:9.1f} {r['step_ms']:9.2f} "
                          f"{r['predicted_step_ms']:9.2f} {r['hit_ratio']:5.2f}")
     lv = results.get("live")
@@ -347,6 +448,9 @@ def summary_table(run: Run, results: dict[str, Any]) -> str:
             lines.append(f"live {r['policy']:12} identical={r['identical']} token share={r['token_share']} "
                          f"tokens={r['tokens']} "
                          f"tok/s={r['tokens_per_s'] or 0:.1f}")
+        for r in lv.get("float32_check", []):
+            lines.append(f"lossless float32 {r['policy']:16} identical={r['identical']} on {r['device']}")
+    lines.append(f"this run took {time.monotonic() - run.t0:.1f} s of wall time")
     return "\n".join(lines) + "\n"
 
 
@@ -377,42 +481,64 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     budget = args.budget_s or (900.0 if args.dry_run else 480.0)
     with tempfile.TemporaryDirectory(prefix="tidesim-gpu-") as tmp:
-        work = Path(tmp)
-        run = Run(out=out, work=work, sizes=sizes, dry=args.dry_run, budget_s=budget, site=work / "site")
+        run = Run(out=out, work=Path(tmp), sizes=sizes, dry=args.dry_run, budget_s=budget, site=Path(tmp) / "site")
         results: dict[str, Any] = {}
-        write_json(out / "env.json", environment(run))
         step(run, "install", lambda: install(run, Path(args.wheels)))
+        write_json(out / "env.json", environment(run))
         tr = step(run, "traces", lambda: traces(run)) or {}
         prof = step(run, "calibrate", lambda: calibrate(run))
+        checkpoint(run, results)
         if prof is not None:
-            for kv in ("prefix", "none"):
-                if kv in tr:
-                    extra = ["--budgets", ",".join(map(str, sizes.budgets)), "--policies", sizes.policies]
-                    data = step(run, f"validate {kv}",
-                                lambda kv=kv, extra=extra: validate(run, tr[kv], prof, f"validate_{kv}.json", extra,
-                                                                    0.3))
-                    if data is not None:
-                        results[f"validate_{kv}"] = data
-                        write_json(out / f"validate_{kv}.json", data)
-            if "prefix" in tr:
-                plan_path = step(run, "plan", lambda: plan(run, tr["prefix"], prof))
-                tp = step(run, "throughput", lambda: throughput(run, tr["prefix"], prof, plan_path))
-                if tp is not None:
-                    results["throughput"] = tp
-                    write_json(out / "throughput.json", tp)
-            lv = step(run, "live", lambda: live(run, prof))
-            if lv is not None:
-                results["live"] = lv
-                write_json(out / "live.json", lv)
-        env = json.loads((out / "env.json").read_text())
-        env["steps"] = run.steps
-        env["seconds"] = round(time.monotonic() - run.t0, 1)
-        write_json(out / "env.json", env)
-        table = summary_table(run, results)
-        (out / "summary.txt").write_text(table)
-        (out / "log.txt").write_text("\n".join(run.log_lines) + "\n")
+            measure_all(run, results, tr, prof)
+        table = checkpoint(run, results)
         print(table, end="")
     return 0 if all(s["status"] == "ok" for s in run.steps) else 1
+
+
+def measure_all(run: Run, results: dict[str, Any], tr: dict[str, str], prof: Path) -> None:
+    """Plan, the validations (one process per trace), throughput, live: in order of value, the
+    log and summary rewritten after each."""
+    sizes = run.sizes
+    grid = ["--budgets", ",".join(map(str, sizes.budgets)), "--policies", sizes.policies, "--refresh", "sync,async"]
+    plan_path = step(run, "plan", lambda: plan(run, tr["prefix"], prof)) if "prefix" in tr else None
+    jobs = [("prefix", "prefix", ["--repeats", str(sizes.repeats)] + (["--plan", str(plan_path)] if plan_path else [])),
+            ("none", "none", []),
+            ("window", "prefix", ["--window", "after-first-block"])]
+    for k, (name, kv, extra) in enumerate(jobs):
+        if kv not in tr:
+            continue
+        share = (0.45, 0.45, 0.35)[k]
+        data = step(run, f"validate {name}",
+                    lambda name=name, kv=kv, extra=extra, share=share: validate(run, tr[kv], prof, name, grid + extra,
+                                                                                share))
+        if data is None and (run.out / f"validate_{name}.json").exists():
+            data = json.loads((run.out / f"validate_{name}.json").read_text())   # what was kept
+        if data is not None:
+            results[f"validate_{name}"] = data
+        checkpoint(run, results)
+    prefix = results.get("validate_prefix")
+    if prefix is not None:
+        tp = step(run, "throughput", lambda: throughput(run, prefix))
+        if tp is not None:
+            results["throughput"] = tp
+    lv = step(run, "live", lambda: live(run, prof))
+    if lv is not None:
+        results["live"] = lv
+        write_json(run.out / "live.json", lv)
+
+
+def checkpoint(run: Run, results: dict[str, Any]) -> str:
+    """env.json (with every step so far), summary.txt and log.txt as they stand: a run cut off
+    from outside still leaves them."""
+    env_path = run.out / "env.json"
+    env = json.loads(env_path.read_text()) if env_path.exists() else environment(run)
+    env["steps"] = run.steps
+    env["seconds"] = round(time.monotonic() - run.t0, 1)
+    write_json(env_path, env)
+    table = summary_table(run, results)
+    (run.out / "summary.txt").write_text(table)
+    (run.out / "log.txt").write_text("\n".join(run.log_lines) + "\n")
+    return table
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from tidesim.cli.cpu_kernel_arg import add_cpu_kernel_arg, chosen_kernel, use_cpu_kernel
 from tidesim.cli.guard import Output, declare_outputs
 from tidesim.cli.output import format_table, print_json, progress
 from tidesim.errors import InputError
@@ -42,7 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="the GPU side: cuda, cpu (the CPU plays the GPU) or auto (cuda when present)")
     p.add_argument("--cpu-workers", type=int, default=None, metavar="N",
-                   help="CPU worker pool size the runtime will use (default 1 worker with all spare cores)")
+                   help="CPU worker pool size the runtime will use (default: the fastest even split of the "
+                        "spare cores, measured here)")
+    add_cpu_kernel_arg(p, auto=True)
     p.add_argument("--name", default=None, help="profile name (default: the output file's stem)")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="profile to write (.yaml)")
     p.add_argument("--json", action="store_true", help="print a JSON summary instead of a table")
@@ -64,12 +67,13 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix not in (".yaml", ".yml"):
         raise InputError(f"--output {out}: give a .yaml file name")
     check_cpu_workers(args.cpu_workers)
-    from tidesim_runtime.engine.device import select_device
     from tidesim_runtime.measure.calibrate import calibrate
 
-    device = select_device(args.device, args.cpu_workers)
-    name = args.name or out.stem
+    if args.cpu_kernel not in (None, "auto"):
+        chosen_kernel(args.cpu_kernel)   # a bad name is refused before any work
     t0 = time.perf_counter()
+    device, choices = choose_cpu_pool(args, models[0])
+    name = args.name or out.stem
 
     def run_steps(steps: list[tuple[str, Callable[[], None]]]) -> None:
         for _, step in progress(steps, desc="calibrate"):
@@ -80,13 +84,35 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t0
     summary = summarize(profile, models)
     summary.update({"output": str(out), "seconds": round(elapsed, 1), "device": device.describe(),
-                    "quick": bool(args.quick)})
+                    "quick": bool(args.quick), "cpu_kernel": profile.cpu.kernel, "cpu_choices": choices})
     if args.json:
         print_json(summary)
         return 0
     print(f"profile {name!r} written to {out} in {elapsed:.0f} s ({device.describe()})")
     print(format_table(["quantity", "value"], [[k, v] for k, v in summary["table"]]))
     return 0
+
+
+def choose_cpu_pool(args: argparse.Namespace, spec: ModelSpec) -> tuple[Any, dict[str, Any]]:
+    """The device with the CPU pool's layout (--cpu-workers, else the fastest measured here) and
+    the CPU expert kernel made the runtime's (--cpu-kernel; `auto`: the fastest measured here).
+    Returns the device and what was measured to choose (seconds per expert per candidate)."""
+    from tidesim_runtime.engine.device import select_device
+    from tidesim_runtime.measure.cpu_choice import choose_kernel, choose_layout, layouts, pool_cores
+
+    rounds = 1 if args.quick else 2
+    device = select_device(args.device, args.cpu_workers)
+    choices: dict[str, Any] = {}
+    use_cpu_kernel(None if args.cpu_kernel == "auto" else args.cpu_kernel, device.dtype)
+    if args.cpu_workers is None and len(layouts(pool_cores(device))) > 1:
+        layout = choose_layout(spec, device, rounds)
+        choices["layout"] = layout.seconds
+        device = select_device(args.device, int(layout.chosen.split("x")[0]))
+    if args.cpu_kernel == "auto":
+        kernel = choose_kernel(spec, device, rounds)
+        choices["kernel"] = kernel.seconds
+        use_cpu_kernel(kernel.chosen, device.dtype)
+    return device, choices
 
 
 def summarize(profile: Any, models: list[ModelSpec]) -> dict[str, Any]:

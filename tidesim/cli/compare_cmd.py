@@ -10,13 +10,12 @@ from typing import Any
 
 from tidesim.cli.guard import Output, declare_outputs
 from tidesim.cli.output import announce, format_table, print_json, progress, to_jsonable
-from tidesim.cli.simulate_cmd import add_input_args, check_policies, load_setup, run_policy
+from tidesim.cli.simulate_cmd import add_input_args, load_setup, run_policy
 from tidesim.errors import InputError
 from tidesim.html_report import Report, Section, Table, write_report
 from tidesim.plan import load_plan
-from tidesim.policies.base import policy_names
+from tidesim.policies.registry import baselines, check_policies, policy_names, traits
 from tidesim.report import (
-    BASELINES,
     FIGURE_SUFFIXES,
     TABLE_COLUMNS,
     Comparison,
@@ -30,8 +29,8 @@ from tidesim.report import (
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="all offload policies side by side (table + figure)",
                        description="Run several expert-offload policies on one trace and profile. Speedups are over "
-                                   f"the best baseline ({', '.join(BASELINES)}); all-gpu and oracle are bounds, "
-                                   "labelled as such.")
+                                   f"the best baseline ({', '.join(baselines())}); "
+                                   f"{' and '.join(policy_names(role='bound'))} are bounds, labelled as such.")
     add_input_args(p)
     p.add_argument("--policies", nargs="+", metavar="P",
                    help=f"policies to run, space- or comma-separated, from: {', '.join(policy_names())} "
@@ -47,13 +46,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan) if args.plan else None
-    default = [n for n in policy_names() if n != "planned" or plan is not None]
+    # with a plan, its runner runs it: `planned` for a tide plan, else the plan's policy (in its own row)
+    default = [n for n in policy_names() if not traits(n).needs_plan or (plan is not None and plan.runner == n)]
     names = [n for item in (args.policies or default) for n in item.split(",") if n]
     if not names:
         raise InputError("--policies: give at least one policy")
     check_policies(names)
-    if "planned" in names and plan is None:
-        raise InputError("policy planned needs --plan FILE (make one with `tidesim plan`)")
+    needing = [n for n in names if traits(n).needs_plan]
+    if needing and (plan is None or plan.runner != needing[0]):
+        raise InputError(f"policy {needing[0]} needs --plan FILE with a plan it runs (make one with `tidesim plan`)")
     if args.figure and not args.figure.lower().endswith(FIGURE_SUFFIXES):
         raise InputError(f"--figure must end in one of {', '.join(FIGURE_SUFFIXES)}")
     setup = load_setup(args, names, plan)
@@ -99,10 +100,10 @@ def main(args: argparse.Namespace) -> int:
 def summary_lines(comp: Comparison, tau_line: str | None) -> list[str]:
     """The lines under the table: how speedups are measured, tide against each baseline, the tau."""
     out = [f"speedup: tokens/s over the best baseline ({comp.best_baseline or 'none run'}); "
-           "bounds (all-gpu, oracle) are limits, not deployable policies"]
-    for tide in ("tide", "tide-reference", "tide-split"):
+           f"bounds ({', '.join(policy_names(role='bound'))}) are limits, not deployable policies"]
+    for tide in policy_names(uses_tau=True):
         if comp.by_policy(tide):
-            parts = [f"{comp.speedup_over(tide, b):.2f}x over {b}" for b in BASELINES if comp.by_policy(b)]
+            parts = [f"{comp.speedup_over(tide, b):.2f}x over {b}" for b in baselines() if comp.by_policy(b)]
             if parts:
                 out.append(f"{tide}: " + ", ".join(parts))
     if tau_line:

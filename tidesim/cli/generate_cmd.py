@@ -23,14 +23,16 @@ from typing import Any
 import numpy as np
 
 from tidesim.cli.calibrate_cmd import require_runtime
+from tidesim.cli.cpu_kernel_arg import add_cpu_kernel_arg, profile_kernel, use_cpu_kernel
 from tidesim.cli.decode_args import add_decode_args, decode_kwargs
 from tidesim.cli.output import format_table, print_json, progress, to_jsonable
 from tidesim.errors import InputError
-from tidesim.policies.base import REFRESH_MODES
+from tidesim.policies.driver import is_online, online_names
+from tidesim.policies.options import REFRESH_MODES
+from tidesim.policies.registry import plan_policy, policy_names, traits
 
 RUN_MARKER = "tidesim generate run"
 RUN_FILES = ("generations.jsonl", "forwards.parquet", "trace.parquet", "schedule.npz", "summary.json")
-HW_POLICIES = ("fiddler", "all-gpu", "tide-split")   # the policies whose decisions read the hardware profile
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,9 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="prompts file: text (through the checkpoint's tokenizer and chat template) or token ids "
                         "(docs/capture.md)")
     pol = p.add_mutually_exclusive_group(required=True)
-    pol.add_argument("--policy", metavar="NAME", help="online policy: all-gpu, full-swap, cpu-routing, fiddler, tide, "
-                                                      "tide-reference, planned")
-    pol.add_argument("--plan", metavar="FILE", help="plan.json from `tidesim plan` (runs the planned policy)")
+    pol.add_argument("--policy", metavar="NAME", help=f"online policy: {', '.join(online_names())}")
+    pol.add_argument("--plan", metavar="FILE", help=f"plan.json from `tidesim plan` (runs the {plan_policy()} policy)")
     p.add_argument("--budget", type=int, default=None, metavar="B",
                    help="GPU expert slots per MoE layer (default: half the experts)")
     p.add_argument("--tau", type=int, default=2, metavar="T", help="refresh interval of the tide policies (2)")
@@ -66,6 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="the GPU side: cuda, cpu (the CPU plays the GPU) or auto")
     p.add_argument("--cpu-workers", type=int, default=None, metavar="N", help="CPU worker pool size (profile's, or 1)")
+    add_cpu_kernel_arg(p)
     p.add_argument("--hw", metavar="PROFILE", help="hardware profile of this machine: predict the run and compare")
     p.add_argument("--check-lossless", action="store_true",
                    help="also decode plainly and compare tokens and routing")
@@ -171,10 +173,11 @@ def run(args: argparse.Namespace) -> int:
     prompts, texts, tokenizer = read_prompt_tokens(args.prompts, spec, args.model_dir, cfg)
     hw = get_profile(args.hw) if args.hw else None
     name, options = policy_options(args, spec, hw)
-    from tidesim.policies.base import online_policy
+    from tidesim.policies.driver import online_policy
 
     policy = online_policy(name, spec, options)
     device = select_device(args.device, args.cpu_workers or (hw.cpu.workers if hw else None))
+    use_cpu_kernel(args.cpu_kernel, device.dtype, profile_kernel(hw) if hw else "")
     max_tokens, max_context = decode_sizes(cfg, [len(q) for q in prompts])
     check_deploy_memory(spec, device, policy.budget, max_tokens, max_context)
 
@@ -209,15 +212,14 @@ def run(args: argparse.Namespace) -> int:
 def policy_options(args: argparse.Namespace, spec: Any, hw: Any) -> tuple[str, Any]:
     """The policy name and its options from --policy/--plan, --budget, --tau, --refresh, --static-from."""
     from tidesim.plan import load_plan
-    from tidesim.policies import PolicyOptions, policy_names, uniform
-    from tidesim.policies.base import is_online, online_names
+    from tidesim.policies import PolicyOptions, uniform
 
     layers, experts = spec.num_moe_layers, spec.num_experts
     extra: dict[str, object] = {}
     if args.plan:
         plan = load_plan(args.plan)
         plan.check_model(spec)
-        name = "planned"
+        name = plan.runner          # the plan-running policy for a tide plan, the plan's policy otherwise
         extra["plan"] = plan
     else:
         name = args.policy
@@ -226,22 +228,22 @@ def policy_options(args: argparse.Namespace, spec: Any, hw: Any) -> tuple[str, A
         if not is_online(name):
             raise InputError(f"{name} is a bound: it needs the whole decode's routing in advance and cannot run "
                              f"online; use one of {', '.join(online_names())}")
-        if name == "planned":
-            raise InputError("the planned policy runs a plan: give --plan FILE (from `tidesim plan`)")
+        if traits(name).needs_plan:
+            raise InputError(f"the {name} policy runs a plan: give --plan FILE (from `tidesim plan`)")
     budget = args.budget if args.budget is not None else experts // 2
     if not 0 <= budget <= experts:
         raise InputError(f"--budget {budget} does not fit {spec.name}: it has {experts} experts per MoE layer; "
                          f"give 0..{experts}")
-    if name in HW_POLICIES and hw is None:
+    if traits(name).reads_profile and hw is None:
         raise InputError(f"{name} decides with a hardware profile's costs; give --hw PROFILE")
     static = None
-    if name in ("cpu-routing", "fiddler"):
+    if traits(name).static_set:
         if not args.static_from:
             raise InputError(f"{name} keeps a static GPU set chosen from a warm-up run; give --static-from with a "
                              "trace or an earlier run folder of the same model")
         static = static_from_trace(resolve_static_from(args.static_from), spec, name, budget, args.warmup_fraction)
     options = PolicyOptions(budget=uniform(budget, layers), tau=uniform(args.tau, layers),
-                            hw=hw,  # None only for policies that never read it (HW_POLICIES checked above)
+                            hw=hw,  # None only for policies that never read it (reads_profile checked above)
                             refresh=args.refresh, warmup_fraction=args.warmup_fraction, static_resident=static,
                             extra=extra)
     return name, options
@@ -292,10 +294,13 @@ def predict(result: Any, hw: Any) -> dict[str, Any]:
 
 
 def plain_decode(model: Any, spec: Any, prompts: list[list[int]], cfg: Any, settings: Any) -> Any:
-    """(trace, tokens) of a plain decode: the model's own expert loop on the host."""
+    """(trace, tokens) of a plain decode: the model's own expert loop on the host (its routed
+    experts through the runtime's CPU expert kernel where that kernel changes the model's bits)."""
+    from tidesim_runtime.measure.kernel_reference import same_kernel_reference
     from tidesim_runtime.reference.capture import capture_trace
 
-    return capture_trace(model, spec, prompts, cfg, settings, seed=None)
+    with same_kernel_reference(model):
+        return capture_trace(model, spec, prompts, cfg, settings, seed=None)
 
 
 def compare_lossless(reference: Any, result: Any, device: Any) -> dict[str, Any]:
@@ -305,13 +310,20 @@ def compare_lossless(reference: Any, result: Any, device: Any) -> dict[str, Any]
                       for a, b in zip(x, y, strict=False))
     total = sum(max(len(x), len(y)) for x, y in zip(ref_outputs, result.outputs, strict=True))
     same_shape = ref_trace.expert_tokens.shape == result.trace.expert_tokens.shape
-    routing = (float((ref_trace.expert_tokens == result.trace.expert_tokens).all(axis=2).mean())
-               if same_shape else 0.0)
+    agree = (ref_trace.expert_tokens == result.trace.expert_tokens).all(axis=2) if same_shape else None
+    routing = float(agree.mean()) if agree is not None else 0.0
+    per_layer = [float(v) for v in agree.mean(axis=0)] if agree is not None else []
     identical = ref_outputs == result.outputs and same_shape and routing == 1.0
+    from tidesim_runtime.measure.kernel_reference import reference_rule
+
     return {"identical": bool(identical), "token_share": same_tokens / total if total else 1.0,
-            "routing_share": routing, "device": device.describe(),
+            "routing_share": routing, "routing_share_per_layer": per_layer, "device": device.describe(),
+            "reference": reference_rule(device.dtype),
             "rule": "tokens must be identical" if not device.is_cuda else
-                    "CPU and GPU arithmetic differ: shares of identical tokens and routing are reported"}
+                    "the plain decode ran on the host, the live one on the GPU, both in the model's dtype: their "
+                    "arithmetic differs, so the shares of identical tokens and of identical routing (per MoE layer: "
+                    "forwards whose tokens-per-expert match) are reported, not a verdict; the float32 check on one "
+                    "device (tidesim_runtime.measure.live.lossless_checks) is the lossless test"}
 
 
 def build_summary(args: argparse.Namespace, result: Any, spec: Any, device: Any, name: str, options: Any,

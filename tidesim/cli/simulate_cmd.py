@@ -1,7 +1,7 @@
 """`tidesim simulate`: one policy on one trace and hardware profile, with an optional timeline.
 
-The input handling (trace, profile, budget, tau, prompts, model check) is shared with
-`tidesim compare`, which imports it from here.
+The input flags (trace, profile, budget, tau, prompts, model check) are shared with `tidesim compare`,
+which imports them from here; both resolve them with tidesim.scenario.resolve.
 """
 
 from __future__ import annotations
@@ -9,68 +9,21 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from tidesim.budget import TIDE_MAX_EXPERTS_PER_LAYER, budget_for_memory
 from tidesim.cli.guard import Output, declare_outputs, number
 from tidesim.cli.output import announce, format_table, print_json
-from tidesim.default_tau import TauChoice, choose_tau
 from tidesim.errors import InputError
-from tidesim.hardware import HardwareProfile, get_profile
 from tidesim.metrics import Metrics
 from tidesim.plan import Plan, load_plan
-from tidesim.policies.base import REFRESH_MODES, PolicyOptions, build_schedule, policy_names, uniform
-from tidesim.report import plan_slots
+from tidesim.policies.driver import build_schedule
+from tidesim.policies.options import REFRESH_MODES
+from tidesim.policies.registry import check_policies, plan_policy, policy_names
 from tidesim.run import ENGINES, run
-from tidesim.workload import Workload
-
-NEEDS_CPU = {"cpu-routing", "fiddler", "tide", "tide-reference", "tide-split", "oracle"}
-USES_TAU = {"tide", "tide-reference", "tide-split"}     # policies that run with the uniform --tau
-
-
-@dataclass
-class Setup:
-    """Everything a simulate/compare run needs, resolved and checked."""
-
-    trace: str
-    workload: Workload
-    hw: HardwareProfile
-    budget: int
-    budget_source: str
-    tau: int
-    refresh: str
-    engine: str
-    plan: Plan | None = None         # --plan: per-layer tau and budget for the planned policy
-    tau_choice: TauChoice | None = None   # where tau came from (None: no policy run uses it)
-
-    def options(self, policy: str = "planned") -> PolicyOptions:
-        """The plan's per-layer settings for `planned`; the uniform budget and tau for the others."""
-        layers = self.workload.num_layers
-        if self.plan is not None and policy == "planned":
-            return PolicyOptions(budget=self.plan.budget_array(), tau=self.plan.tau_array(), hw=self.hw,
-                                 refresh=self.plan.refresh, extra={"plan": self.plan})
-        return PolicyOptions(budget=uniform(self.budget, layers), tau=uniform(self.tau, layers), hw=self.hw,
-                             refresh=self.refresh)
-
-    def describe(self) -> dict[str, Any]:
-        w = self.workload
-        return {"trace": self.trace, "model": w.model.name, "kv_cache": w.kv_cache, "forwards": w.num_forwards,
-                "generated_tokens": w.generated_tokens, "prompts": sorted({int(p) for p in w.prompt}),
-                "hw": self.hw.name, "budget": self.budget, "budget_source": self.budget_source, "tau": self.tau,
-                "tau_choice": self.tau_choice.to_dict() if self.tau_choice else None,
-                "refresh": self.refresh, "engine": self.engine,
-                **({"expert_slots": plan_slots(self.plan)} if self.plan else {}),
-                **({"budget": "per layer (plan)", "budget_source": "--plan", "tau": "per layer (plan)",
-                    "refresh": self.plan.refresh} if self.plan and self.tau_choice is None else {})}
-
-    @property
-    def tau_line(self) -> str | None:
-        """The printed tau and its reason, when a policy that was run uses it."""
-        return self.tau_choice.line if self.tau_choice else None
+from tidesim.scenario import Scenario, resolve
 
 
 def add_input_args(p: argparse.ArgumentParser) -> None:
@@ -98,77 +51,14 @@ def add_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
-def load_setup(args: argparse.Namespace, policies: list[str], plan: Plan | None = None) -> Setup:
-    """Resolve and check the inputs; every problem is an InputError (exit 2, one line)."""
-    from tidesim.bundled.paths import resolve_trace
-    from tidesim.models import get_model
-    from tidesim.trace.io import read_trace
-    from tidesim.workload import workload_from_trace
-
-    path = resolve_trace(args.trace)
-    trace = read_trace(path)
-    model = get_model(args.model) if args.model else None
-    workload = workload_from_trace(trace, model)
-    if args.prompts is not None:              # an empty --prompts= is refused, not "all prompts"
-        workload = workload.select_prompts(_prompt_ids(args.prompts, trace.prompt_ids))
-    hw = get_profile(args.hw)
-    if args.tau is not None and args.tau < 1:
-        raise InputError(f"--tau must be at least 1, got {args.tau}")
-    if plan is not None:         # another model: refused; another trace or profile: refused unless --force
-        warn(plan.check_inputs(workload.model, path, hw, force=getattr(args, "force", False)))
-    budget, source = _budget(args, workload, hw)
-    if not args.allow_roofline:
-        _check_curves(hw, workload, policies)
-    choice = choose_tau(workload, hw, budget, args.refresh, args.tau, plan) if USES_TAU & set(policies) else None
-    return Setup(trace=str(path), workload=workload, hw=hw, budget=budget, budget_source=source,
-                 tau=choice.tau if choice else 1, refresh=args.refresh, engine=args.engine, plan=plan,
-                 tau_choice=choice)
-
-
-def _prompt_ids(text: str, available: list[int]) -> list[int]:
-    try:
-        ids = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise InputError(f"--prompts must be comma-separated prompt ids, got {text!r}") from None
-    if not ids:
-        raise InputError("--prompts is empty; give prompt ids such as 0,1 or leave the flag out for all prompts")
-    missing = [i for i in ids if i not in available]
-    if missing:
-        raise InputError(f"--prompts: prompt {missing[0] if missing else text!r} is not in the trace "
-                         f"(it has {', '.join(map(str, available))})")
-    return ids
-
-
-def _budget(args: argparse.Namespace, workload: Workload, hw: HardwareProfile) -> tuple[int, str]:
-    spec = workload.model
-    experts = workload.num_experts
-    if args.budget is not None:
-        if not 0 <= args.budget <= experts:
-            raise InputError(f"--budget must lie in 0..{experts} experts per layer for {spec.name}, got {args.budget}")
-        return args.budget, "--budget"
-    cap = TIDE_MAX_EXPERTS_PER_LAYER.get(spec.name)
-    memory = args.gpu_mem_gib if args.gpu_mem_gib is not None else hw.gpu.memory_gib
-    budget = budget_for_memory(spec, memory, cap)
-    where = "--gpu-mem-gib" if args.gpu_mem_gib is not None else f"{hw.name} GPU memory"
-    return budget, f"{where} ({memory:g} GiB" + (f", capped at {cap} as in the TIDE scripts)" if cap else ")")
-
-
-def _check_curves(hw: HardwareProfile, workload: Workload, policies: list[str]) -> None:
-    """A measured profile must have expert curves for this model's expert shape on every device
-    the policies use; datasheet presets are roofline by design (and say so in their notes)."""
-    if hw.provenance.kind != "measured":
-        return
-    spec = workload.model
-    shape = f"{spec.hidden_size}x{spec.moe_intermediate_size}"
-    need = [("gpu", hw.gpu.expert_ffn)]
-    if NEEDS_CPU & set(policies):
-        need.append(("cpu", hw.cpu.expert_ffn))
-    for device, curves in need:
-        if not any(c.matches(spec) for c in curves):
-            users = ", ".join(sorted(NEEDS_CPU & set(policies))) if device == "cpu" else "every policy"
-            raise InputError(f"measured profile {hw.name!r} has no {device}.expert_ffn curve for {shape} experts "
-                             f"({spec.name}), which {users} needs; run `tidesim calibrate` for this model or pass "
-                             "--allow-roofline")
+def load_setup(args: argparse.Namespace, policies: list[str], plan: Plan | None = None) -> Scenario:
+    """The flags of add_input_args resolved into a Scenario (tidesim.scenario.resolve); its
+    warnings are said on stderr."""
+    scenario = resolve(args.trace, args.hw, policies, budget=args.budget, gpu_mem_gib=args.gpu_mem_gib, tau=args.tau,
+                       refresh=args.refresh, engine=args.engine, prompts=args.prompts, model=args.model,
+                       allow_roofline=args.allow_roofline, plan=plan, force=getattr(args, "force", False))
+    warn(list(scenario.warnings))
+    return scenario
 
 
 def warn(lines: list[str]) -> None:
@@ -177,15 +67,7 @@ def warn(lines: list[str]) -> None:
         print(f"tidesim: warning: {line}", file=sys.stderr)
 
 
-def check_policies(names: list[str]) -> list[str]:
-    known = policy_names()
-    for name in names:
-        if name not in known:
-            raise InputError(f"unknown policy {name!r}; use one of {', '.join(known)}")
-    return names
-
-
-def run_policy(setup: Setup, policy: str, timeline: str | None = None,
+def run_policy(setup: Scenario, policy: str, timeline: str | None = None,
                on_forward: Callable[[int], None] | None = None) -> Metrics:
     schedule = build_schedule(policy, setup.workload, setup.options(policy))
     metrics = run(setup.workload, schedule, setup.hw, engine=setup.engine, timeline=timeline, on_forward=on_forward)
@@ -200,11 +82,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "where the time goes, hit ratio, copies. --timeline writes a Chrome trace "
                                    "(open it in https://ui.perfetto.dev).")
     add_input_args(p)
-    names = ", ".join(n for n in policy_names() if n != "planned")
+    names = ", ".join(policy_names(needs_plan=False))
     p.add_argument("--policy", metavar="P",
-                   help=f"offload policy: {names} (planned: give --plan; `tidesim compare` runs them all)")
-    p.add_argument("--plan", metavar="FILE", help="run policy planned with this plan's per-layer tau and budget "
-                                                  "(from `tidesim plan`)")
+                   help=f"offload policy: {names} ({plan_policy()}: give --plan; `tidesim compare` runs them all)")
+    p.add_argument("--plan", metavar="FILE", help=f"run policy {plan_policy()} with this plan's per-layer tau and "
+                                                  "budget (from `tidesim plan`)")
     p.add_argument("--force", action="store_true",
                    help="use --plan although it was made from another trace or hardware profile (warns)")
     p.add_argument("--timeline", metavar="FILE", help="write a Chrome trace JSON of the run (simulator only)")
@@ -214,11 +96,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan) if args.plan else None
-    if plan is not None and args.policy not in (None, "planned"):
-        raise InputError("--plan runs the planned policy; leave out --policy")
-    if plan is None and args.policy in (None, "planned"):
-        raise InputError("give --policy P, or --plan FILE for the planned policy (make one with `tidesim plan`)")
-    args.policy = args.policy or "planned"
+    planned = plan_policy()
+    if plan is not None and args.policy not in (None, plan.runner):
+        raise InputError(f"--plan runs the policy {plan.runner} (the plan is for {plan.policy}); leave out --policy")
+    if plan is None and args.policy in (None, planned):
+        raise InputError(f"give --policy P, or --plan FILE for the {planned} policy (make one with `tidesim plan`)")
+    args.policy = args.policy or (plan.runner if plan is not None else planned)
     check_policies([args.policy])
     if args.timeline and args.engine != "sim":
         raise InputError("--timeline needs the simulator (--engine sim)")
@@ -244,7 +127,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def render(setup: Setup, m: Metrics) -> str:
+def render(setup: Scenario, m: Metrics) -> str:
     d = setup.describe()
     budget = (f"budget per layer from the plan ({d['expert_slots']})" if "expert_slots" in d
               else f"budget {d['budget']} experts/layer [{d['budget_source']}]")

@@ -12,6 +12,7 @@ import pandas as pd
 from tidesim.cli.guard import Output, declare_outputs
 from tidesim.cli.output import announce, format_table, print_json, progress
 from tidesim.html_report import Link, Report, Section, Table, write_report
+from tidesim.policies.registry import policy_names
 from tidesim.sweep.figures import speedup_table, write_figures
 from tidesim.sweep.grid import load_grid
 from tidesim.sweep.runner import EXECUTORS, SweepPaths, SweepReport, run_sweep
@@ -97,7 +98,7 @@ def _summary(report: SweepReport) -> list[dict[str, Any]]:
         return []
     ok = df[df["error"].isna()] if "tokens_per_s" in df else df.iloc[0:0]
     speedups = {}
-    for name in ("tide", "planned"):
+    for name in policy_names(speedup_figure=True):
         table = speedup_table(ok, name) if not ok.empty else pd.DataFrame()
         if not table.empty:
             speedups[name] = table["speedup"]

@@ -18,17 +18,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from tidesim.cli.calibrate_cmd import require_runtime
+from tidesim.cli.cpu_kernel_arg import add_cpu_kernel_arg, profile_kernel, use_cpu_kernel
 from tidesim.cli.guard import Output, declare_outputs
 from tidesim.cli.output import format_table, print_json, progress, to_jsonable
 from tidesim.errors import InputError
 from tidesim.limits import check_cpu_workers
-from tidesim.policies.base import REFRESH_MODES
+from tidesim.policies.options import REFRESH_MODES
+from tidesim.policies.registry import plan_policy, traits
 
 DEFAULT_POLICIES = "cpu-routing,fiddler,tide,full-swap,all-gpu"
-RESULT_FILES = ("results.json", "results.parquet", "predicted_vs_measured.png")
+RESULT_FILES = ("results.json", "results.parquet", "predicted_vs_measured.png", "configurations.jsonl")
+WINDOWS = ("first", "after-first-block")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,16 +48,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--taus", default=None, metavar="T1,T2",
                    help="refresh intervals for tide policies (default: one, by the rule of every command: the "
                         "plan's best single tau with --plan, else the analytic best for this trace and profile)")
-    p.add_argument("--refresh", choices=REFRESH_MODES, default="sync", help="tide refresh copies (sync)")
+    p.add_argument("--refresh", default="sync", metavar="MODE[,MODE]",
+                   help=f"tide refresh copies, one or more of {','.join(REFRESH_MODES)} (sync); several run in one "
+                        "process on one executor")
     p.add_argument("--plan", metavar="FILE", help="also validate the planned policy with this plan")
     p.add_argument("--layers", type=int, default=None, metavar="N",
                    help="run only the first N MoE layers (no dense layers or lm_head on either side)")
-    p.add_argument("--forwards", type=int, default=None, metavar="N", help="only the first N forwards (speed)")
+    p.add_argument("--forwards", type=int, default=None, metavar="N", help="only N forwards of the window (speed)")
+    p.add_argument("--window", choices=WINDOWS, default="first",
+                   help="which forwards: from the first (first), or from the first forward after the first "
+                        "prompt's first generated block (after-first-block)")
     p.add_argument("--prompts", metavar="0,1", help="only these prompts of the trace")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="the GPU side: cuda, cpu (the CPU plays the GPU) or auto")
     p.add_argument("--cpu-workers", type=int, default=None, metavar="N",
                    help="CPU worker pool size; must equal the profile's (the default), which the simulator uses")
+    add_cpu_kernel_arg(p)
     p.add_argument("--repeats", type=int, default=1, metavar="R",
                    help="measure each configuration R times, interleaved; the median run is kept (1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (0)")
@@ -80,7 +87,15 @@ def run(args: argparse.Namespace) -> int:
     require_runtime()
     from tidesim_runtime.engine.device import select_device
     from tidesim_runtime.engine.executor import first_layers
-    from tidesim_runtime.measure.validate import Config, check_inputs, configurations, figure, summary, validate
+    from tidesim_runtime.measure.validate import (
+        Config,
+        check_inputs,
+        configurations,
+        figure,
+        summary,
+        validate,
+        window,
+    )
 
     from tidesim.bundled.paths import resolve_trace
     from tidesim.hardware import get_profile, not_this_machine
@@ -111,17 +126,22 @@ def run(args: argparse.Namespace) -> int:
         if missing:
             raise InputError(f"--prompts: prompt {missing[0]} is not in the trace")
         workload = workload.select_prompts(ids)
-    if args.forwards is not None:
-        if args.forwards < 1:
-            raise InputError("--forwards must be at least 1")
-        workload = workload.select(np.arange(min(args.forwards, workload.num_forwards)))
+    if args.forwards is not None and args.forwards < 1:
+        raise InputError("--forwards must be at least 1")
+    refresh = [m.strip() for m in args.refresh.split(",") if m.strip()]
+    if not refresh or any(m not in REFRESH_MODES for m in refresh):
+        raise InputError(f"--refresh takes one or more of {', '.join(REFRESH_MODES)}, got {args.refresh!r}")
+    workload = window(workload, args.forwards, args.window == "after-first-block")
     plan = load_plan(args.plan) if args.plan else None
     if plan is not None:
         plan.check_model(full_model)
-        if "planned" not in policies:
-            policies.append("planned")
-    elif "planned" in policies:
-        raise InputError("the planned policy needs --plan FILE (make one with `tidesim plan`)")
+        if plan.runner != plan_policy():
+            raise InputError(f"validate --plan runs plans for tide (the {plan_policy()} policy); this plan is for "
+                             f"{plan.policy}: validate {plan.policy} with --policies and a single --taus instead")
+        if plan_policy() not in policies:
+            policies.append(plan_policy())
+    elif any(traits(p).needs_plan for p in policies):
+        raise InputError(f"the {plan_policy()} policy needs --plan FILE (make one with `tidesim plan`)")
     if args.layers is not None:
         workload = first_layers(workload, args.layers)
     hw = get_profile(args.hw)
@@ -131,23 +151,27 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--cpu-workers {args.cpu_workers} differs from the profile's {hw.cpu.workers} worker(s), "
                          "which the simulator uses and its CPU curve was measured with; leave it out, or "
                          f"calibrate with --cpu-workers {args.cpu_workers}")
+    measured_with = profile_kernel(hw)
+    if args.cpu_kernel is not None and args.cpu_kernel != measured_with:
+        raise InputError(f"--cpu-kernel {args.cpu_kernel} differs from the profile's {measured_with}, which its CPU "
+                         f"curve was measured with; leave it out, or calibrate with --cpu-kernel {args.cpu_kernel}")
     device = select_device(args.device, hw.cpu.workers)
+    use_cpu_kernel(args.cpu_kernel, device.dtype, measured_with)
     experts = workload.num_experts
     budgets = int_list(args.budgets, "--budgets") if args.budgets is not None else [experts // 2]
     tau_choice = None
     if args.taus is not None:
         taus = int_list(args.taus, "--taus")
-    elif {"tide", "tide-reference", "tide-split"} & set(policies) and 0 <= budgets[0] <= experts:
-        # (else check_inputs says why)
+    elif any(traits(p).uses_tau for p in policies) and 0 <= budgets[0] <= experts:   # else check_inputs says why
         from tidesim.default_tau import choose_tau
 
-        tau_choice = choose_tau(workload, hw, budgets[0], args.refresh, plan=plan)
+        tau_choice = choose_tau(workload, hw, budgets[0], refresh[0], plan=plan)
         taus = [tau_choice.tau]
     else:
         taus = [1]      # no policy here refreshes on an interval
-    configs = configurations([p for p in policies if p != "planned"], budgets, taus, args.refresh, experts)
+    configs = configurations([p for p in policies if not traits(p).needs_plan], budgets, taus, refresh, experts)
     if plan is not None:
-        configs.append(Config("planned", max(plan.budget[:workload.num_layers]), None, plan.refresh))
+        configs.append(Config(plan_policy(), max(plan.budget[:workload.num_layers]), None, plan.refresh))
     check_inputs(workload, configs, device, plan)
     for line in warnings:
         print(f"tidesim: warning: {line}", file=sys.stderr)
@@ -155,14 +179,20 @@ def run(args: argparse.Namespace) -> int:
     # ----- work -------------------------------------------------------------------------------
     t0 = time.perf_counter()
     bar = progress(range(len(configs)), desc="validate", total=len(configs))
+    done = IncrementalResults(out / "configurations.jsonl")
+
+    def measured(o: Any) -> None:
+        done.add(configuration_record(o))
+        next(bar, None)
+
     outcomes = validate(workload, hw, configs, device, repeats=args.repeats, plan=plan, seed=args.seed,
-                        on_done=lambda c: next(bar, None))
+                        on_done=measured)
     elapsed = time.perf_counter() - t0
     rows = [o.row() for o in outcomes]
     stats = summary(outcomes)
     setup = {
         "trace": str(trace_path), "model": workload.model.name, "kv_cache": workload.kv_cache,
-        "forwards": workload.num_forwards, "moe_layers": workload.num_layers,
+        "forwards": workload.num_forwards, "window": args.window, "moe_layers": workload.num_layers,
         "layers_note": (f"only the first {workload.num_layers} of {full_model.num_moe_layers} MoE layers run; "
                         "dense layers and lm_head are left out on both sides") if args.layers is not None else
                        "the whole model runs",
@@ -171,9 +201,7 @@ def run(args: argparse.Namespace) -> int:
         "tau_choice": tau_choice.to_dict() if tau_choice else None, "hw_warning": not_here,
     }
     result = {"setup": setup, "summary": stats, "rows": rows,
-              "configurations": [{"config": o.config.label, "predicted": o.predicted.to_dict(),
-                                  "measured": o.measured.to_dict(), "measured_step_s": o.repeats_s}
-                                 for o in outcomes],
+              "configurations": [configuration_record(o) for o in outcomes],
               "flags": sorted(hw.flags)}
     write_results(out, result, outcomes, figure, f"{workload.model.name}, {workload.kv_cache} cache, "
                   f"{workload.num_forwards} forwards, {hw.name}")
@@ -192,6 +220,28 @@ def run(args: argparse.Namespace) -> int:
     for flag in sorted(hw.flags):
         print(f"note: {flag}")
     return 0
+
+
+def configuration_record(o: Any) -> dict[str, Any]:
+    """One configuration's result: its row, both full Metrics and every repeat's step time."""
+    return {"config": o.config.label, "row": o.row(), "predicted": o.predicted.to_dict(),
+            "measured": o.measured.to_dict(), "measured_step_s": o.repeats_s}
+
+
+class IncrementalResults:
+    """configurations.jsonl, rewritten (temp file, then rename) after every configuration is
+    measured: a run stopped from outside (a timeout) leaves every configuration it finished."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lines: list[str] = []
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(self, record: dict[str, Any]) -> None:
+        self.lines.append(json.dumps(to_jsonable(record), sort_keys=True))
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("\n".join(self.lines) + "\n")
+        tmp.replace(self.path)
 
 
 def write_results(out: Path, result: dict[str, Any], outcomes: list[Any], figure: Any, title: str) -> None:

@@ -29,29 +29,32 @@ from tidesim.plan import (
     SolverInfo,
     file_fingerprint,
     model_fingerprint,
+    plan_runner,
     profile_fingerprint,
 )
 from tidesim.planner.bound import OracleBound, OracleCosts, oracle_bound, oracle_costs
 from tidesim.planner.candidates import default_budgets, expert_slots, parse_int_list, uniform_budget
-from tidesim.planner.costtable import PLAN_POLICIES, CostTable, _index_of, check_plan_policy, cost_table, distinct_taus
+from tidesim.planner.costtable import CostTable, _index_of, check_plan_policy, cost_table, distinct_taus, plan_policies
 from tidesim.planner.milp import SOLVER_NAME, MilpResult, cbc, solve_plan
 from tidesim.planner.select import INTERVALS, OPTIMUM, SINGLE, Candidate, best_tau_of, choose, plan_candidates
 from tidesim.workload import Workload
 
 # ----- evaluation and the whole planning run ------------------------------------------------------
 
+# Policies the Lagrangian bound covers (docs/planner.md section 3: every miss on the CPU, copies
+# synchronous); tide-split copies misses on demand, which can beat it, so its plans carry none.
+BOUNDED = ("tide",)
+
 
 def evaluate_plan(workload: Workload, hw: HardwareProfile, tau: np.ndarray, budget: np.ndarray,
                   engine: str = "analytic", policy: str = "tide") -> Metrics:
-    """Run the policy with these per-layer settings through an executor (`planned` for tide: the
-    policy `tidesim simulate --plan` runs)."""
+    """Run the plan's runner (plan_runner) with these per-layer settings through an executor."""
     from tidesim.policies import PolicyOptions, build_schedule
     from tidesim.run import run
 
     options = PolicyOptions(budget=np.asarray(budget, np.int64), tau=np.asarray(tau, np.int64), hw=hw,
                             refresh="sync")
-    name = "planned" if policy == "tide" else policy
-    return run(workload, build_schedule(name, workload, options), hw, engine=engine)
+    return run(workload, build_schedule(plan_runner(policy), workload, options), hw, engine=engine)
 
 
 def single_tau_sweep(workload: Workload, hw: HardwareProfile, taus: list[int], budget: int,
@@ -177,9 +180,11 @@ def make_plan(trace_path: Path, trace_name: str, hw: HardwareProfile, gpu_mem_gi
     kept, selection, chosen_eval = select_plan(workload.select_prompts(chosen_on), hw, chosen_on, candidates, u,
                                                engine, policy)
     objective = table.total_s(kept.tau, kept.budget)
-    layer_upper = table.layer_cost_s[np.arange(layers), _index_of(table.taus, kept.tau, "tau"),
-                                     _index_of(table.budgets, kept.budget, "budget")]
-    bound = oracle_bound(oracle_costs(calib_w, hw), kept.budget, oracle_iterations, layer_upper)
+    bound_s = None
+    if policy in BOUNDED:
+        layer_upper = table.layer_cost_s[np.arange(layers), _index_of(table.taus, kept.tau, "tau"),
+                                         _index_of(table.budgets, kept.budget, "budget")]
+        bound_s = oracle_bound(oracle_costs(calib_w, hw), kept.budget, oracle_iterations, layer_upper).bound_s
     calibration = chosen_eval if not held else compare_on(calib_w, hw, calib, kept.tau, kept.budget, taus, u,
                                                           engine, policy)
     heldout = chosen_eval if held else None
@@ -194,8 +199,8 @@ def make_plan(trace_path: Path, trace_name: str, hw: HardwareProfile, gpu_mem_gi
         model=model.name, hw=hw.name, trace=trace_name, mode="global-tau" if global_tau else "per-layer",
         gpu_mem_gib=float(gpu_mem_gib), expert_slots=slots,
         tau=[int(t) for t in kept.tau], budget=[int(b) for b in kept.budget],
-        objective_s=objective, oracle_bound_s=bound.bound_s,
-        gap=objective / bound.bound_s - 1 if bound.bound_s > 0 else None,
+        objective_s=objective, oracle_bound_s=bound_s,
+        gap=objective / bound_s - 1 if bound_s else None,
         solver=SolverInfo(SOLVER_NAME, result.status, result.proven_optimal, result.wall_time_s, time_limit_s,
                           result.bound_s),
         fingerprints=Fingerprints(file_fingerprint(trace_path), profile_fingerprint(hw), model_fingerprint(model)),
@@ -210,8 +215,8 @@ def _ids(prompts: list[int]) -> str:
 
 
 __all__ = [
-    "PLAN_POLICIES", "Candidate", "CostTable", "MilpResult", "OracleBound", "OracleCosts", "PlanOutcome", "cbc",
+    "Candidate", "CostTable", "MilpResult", "OracleBound", "OracleCosts", "PlanOutcome", "cbc",
     "compare_on", "cost_table", "default_budgets", "distinct_taus", "evaluate_plan", "evaluation", "expert_slots",
-    "fit_candidates", "make_plan", "oracle_bound", "oracle_costs", "parse_int_list", "select_plan",
-    "single_tau_sweep", "solve_plan", "split_prompts", "uniform_budget",
+    "fit_candidates", "make_plan", "oracle_bound", "oracle_costs", "parse_int_list", "plan_policies", "plan_runner",
+    "select_plan", "single_tau_sweep", "solve_plan", "split_prompts", "uniform_budget",
 ]

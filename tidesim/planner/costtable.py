@@ -77,16 +77,19 @@ def distinct_taus(workload: Workload, taus: list[int]) -> dict[int, int]:
     return out
 
 
-# Policies the planner plans for: each runs TIDE's interval refresh with per-layer tau and budget
-# (PolicyOptions.tau and .budget as [L] arrays) and is additive over MoE layers with synchronous
-# refresh. tide has a fast table (below); any other is costed by running it (_schedule_table).
-PLAN_POLICIES: tuple[str, ...] = ("tide",)
+def plan_policies() -> list[str]:
+    """The policies the planner plans for (the registry's `plannable` trait): each runs TIDE's
+    interval refresh with per-layer tau and budget and is additive over MoE layers with synchronous
+    refresh. tide has a fast table (below); any other is costed by running it (_schedule_table)."""
+    from tidesim.policies.registry import policy_names
+
+    return policy_names(plannable=True)
 
 
 def check_plan_policy(policy: str) -> None:
-    if policy not in PLAN_POLICIES:
-        raise InputError(f"the planner plans for {', '.join(PLAN_POLICIES)}, not {policy!r}; "
-                         "give --policy one of those")
+    names = plan_policies()
+    if policy not in names:
+        raise InputError(f"the planner plans for {', '.join(names)}, not {policy!r}; give --policy one of those")
 
 
 def cost_table(workload: Workload, hw: HardwareProfile, taus: list[int], budgets: list[int],

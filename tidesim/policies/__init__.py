@@ -1,21 +1,14 @@
-"""Offload policies, one module each, behind one registry (see base.py and docs/policies.md)."""
+"""Offload policies, one module each, behind one registry (registry.py, docs/policies.md).
 
-from tidesim.policies.base import PolicyOptions, build_schedule, policy_names, register_policy, uniform
+A policy module registers itself with its traits (`@register_policy(name, summary, PolicyTraits(...))`);
+the registry imports every module of this package, so adding a policy is adding its module (and its
+test). options.py holds what policies receive, step.py the online step, driver.py how a registered
+policy is run, residency.py the resident-set rules they share.
+"""
 
-# Importing each policy module registers it; keep this list in the order tables should show them.
-POLICY_MODULES: list[str] = [
-    "tidesim.policies.all_gpu",
-    "tidesim.policies.full_swap",
-    "tidesim.policies.cpu_routing",
-    "tidesim.policies.fiddler",
-    "tidesim.policies.tide",
-    "tidesim.policies.tide_reference",
-    "tidesim.policies.planned",
-    "tidesim.policies.tide_split",
-    "tidesim.policies.oracle",
-]
+from tidesim.policies.driver import build_schedule, online_policy
+from tidesim.policies.options import PolicyOptions, uniform
+from tidesim.policies.registry import PolicyTraits, policy_names, register_policy
 
-for _name in POLICY_MODULES:
-    __import__(_name)
-
-__all__ = ["PolicyOptions", "build_schedule", "policy_names", "register_policy", "uniform"]
+__all__ = ["PolicyOptions", "PolicyTraits", "build_schedule", "online_policy", "policy_names", "register_policy",
+           "uniform"]

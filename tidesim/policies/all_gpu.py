@@ -12,7 +12,8 @@ import numpy as np
 
 from tidesim.budget import expert_memory_bytes
 from tidesim.models import ModelSpec
-from tidesim.policies.base import PolicyOptions, register_policy, uniform
+from tidesim.policies.options import PolicyOptions, uniform
+from tidesim.policies.registry import PolicyTraits, register_policy
 from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, cpu_code, no_copies
 
 
@@ -23,10 +24,9 @@ def fits_gpu(model: ModelSpec, layers: int, options: PolicyOptions) -> bool:
     return bool(expert_memory_bytes(model, options.hw.gpu.memory_gib) >= need)
 
 
-@register_policy("all-gpu", "every expert resident on the GPU (upper bound; infeasible when it does not fit)")
+@register_policy("all-gpu", "every expert resident on the GPU (upper bound; infeasible when it does not fit)",
+                 PolicyTraits(role="bound", order=10, reads_profile=True, ignores_budget=True))
 class AllGpu(PolicyStep):
-    is_bound = True
-
     def __init__(self, setup: Setup) -> None:
         super().__init__(setup, initial=np.ones((setup.layers, setup.experts), dtype=bool))
         self.budget = uniform(setup.experts, setup.layers)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tidesim.policies.base import register_policy
+from tidesim.policies.registry import PolicyTraits, register_policy
 from tidesim.policies.residency import int_list, warmup_forwards
 from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, cpu_code, no_copies, static_for
 
@@ -25,7 +25,8 @@ def static_params(step: PolicyStep) -> dict[str, object]:
                                 else warmup_forwards(setup.workload, setup.options.warmup_fraction))}
 
 
-@register_policy("cpu-routing", "static popular experts on the GPU, every other expert's tokens on the CPU")
+@register_policy("cpu-routing", "static popular experts on the GPU, every other expert's tokens on the CPU",
+                 PolicyTraits(role="baseline", order=30, needs_cpu=True, static_set=True))
 class CpuRouting(PolicyStep):
     def __init__(self, setup: Setup) -> None:
         budget = np.asarray(setup.options.budget, dtype=np.int64)

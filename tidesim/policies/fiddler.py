@@ -22,8 +22,8 @@ import numpy as np
 
 from tidesim.hardware import HardwareProfile
 from tidesim.models import ModelSpec
-from tidesim.policies.base import register_policy
 from tidesim.policies.cpu_routing import static_params
+from tidesim.policies.registry import PolicyTraits, register_policy
 from tidesim.policies.residency import by_count, int_list
 from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, copies, placement_of, static_for
 from tidesim.schedule import COPY_ON_DEMAND
@@ -61,7 +61,8 @@ class CheapCopies:
             return self.table[counts]
 
 
-@register_policy("fiddler", "static popular experts; each miss on the CPU or copied in, whichever is cheaper")
+@register_policy("fiddler", "static popular experts; each miss on the CPU or copied in, whichever is cheaper",
+                 PolicyTraits(role="baseline", order=40, needs_cpu=True, static_set=True, reads_profile=True))
 class Fiddler(PolicyStep):
     def __init__(self, setup: Setup) -> None:
         options = setup.options

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from tidesim.errors import InputError
-from tidesim.policies.base import register_policy
+from tidesim.policies.registry import PolicyTraits, register_policy
 from tidesim.policies.residency import int_list
 from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, copies
 from tidesim.schedule import COPY_ON_DEMAND
@@ -74,7 +74,8 @@ def lru_step_one(resident: np.ndarray, stamp: np.ndarray, activated: np.ndarray,
     return after[None], stamp
 
 
-@register_policy("full-swap", "copy every missing expert to the GPU on demand; per-layer LRU cache of the budget")
+@register_policy("full-swap", "copy every missing expert to the GPU on demand; per-layer LRU cache of the budget",
+                 PolicyTraits(role="baseline", order=20))
 class FullSwap(PolicyStep):
     """State: the resident set and the last-use stamps of every layer's LRU cache."""
 

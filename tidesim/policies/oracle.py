@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tidesim.policies.base import PolicyOptions, register_policy
+from tidesim.policies.options import PolicyOptions
+from tidesim.policies.registry import PolicyTraits, register_policy
 from tidesim.policies.residency import int_list, keep_best, make_schedule, rank_experts, top_activated
 from tidesim.policies.split import best_split
 from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, NO_COPY, Schedule
@@ -42,7 +43,8 @@ def oracle_residency(counts: np.ndarray, order: np.ndarray, rank: np.ndarray, bu
 
 
 @register_policy("oracle", "knows the future: each forward's top experts prefetched for free, best CPU/GPU split "
-                           "(a bound)")
+                           "(a bound)",
+                 PolicyTraits(role="bound", order=80, needs_cpu=True, reads_profile=True))
 def oracle(workload: Workload, options: PolicyOptions) -> Schedule:
     f, l, e = workload.expert_tokens.shape
     budget = np.asarray(options.budget, dtype=np.int64)

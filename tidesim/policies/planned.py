@@ -14,7 +14,8 @@ from dataclasses import replace
 from tidesim.errors import InputError
 from tidesim.models import ModelSpec
 from tidesim.plan import Plan
-from tidesim.policies.base import PolicyOptions, register_policy
+from tidesim.policies.options import PolicyOptions
+from tidesim.policies.registry import PolicyTraits, register_policy
 from tidesim.policies.step import Setup
 from tidesim.policies.tide import Tide
 
@@ -40,7 +41,8 @@ def planned_setup(setup: Setup) -> tuple[Setup, Plan | None]:
     return replace(setup, options=options), plan
 
 
-@register_policy("planned", "tide with a plan's per-layer intervals and budgets (`tidesim plan`, --plan)")
+@register_policy("planned", "tide with a plan's per-layer intervals and budgets (`tidesim plan`, --plan)",
+                 PolicyTraits(role="policy", order=70, needs_cpu=True, needs_plan=True, speedup_figure=True))
 class Planned(Tide):
     def __init__(self, setup: Setup) -> None:
         setup, self.plan = planned_setup(setup)

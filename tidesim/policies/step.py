@@ -21,7 +21,7 @@ import numpy as np
 
 from tidesim.errors import InputError
 from tidesim.models import ModelSpec
-from tidesim.policies.base import PolicyOptions
+from tidesim.policies.options import PolicyOptions
 from tidesim.policies.residency import checked_static_set, commit_forwards, static_set
 from tidesim.schedule import CPU, GPU, IDLE, NO_COPY, Schedule, SparseCells
 from tidesim.workload import Workload
@@ -105,10 +105,6 @@ class PolicyStep:
         self._all = np.arange(setup.layers, dtype=np.int64)
         self._all_rows = as_rows(self._all)
         self._experts = setup.experts
-
-    @property
-    def all_layers(self) -> np.ndarray:
-        return self._all
 
     def step(self, meta: ForwardMeta, counts: np.ndarray, layers: np.ndarray | None = None) -> Decision:
         """Decide forward `meta` for `layers` (default all, in any order) from their routing,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tidesim.policies.base import register_policy
+from tidesim.policies.registry import PolicyTraits, register_policy
 from tidesim.policies.residency import first_true, int_list, refresh_sets
 from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, copies, no_copies, placement_of
 from tidesim.policies.tide import RefreshCount
@@ -43,7 +43,8 @@ def reference_refresh(current: np.ndarray, target: np.ndarray) -> tuple[np.ndarr
     return (current | target) > demote, promote, demote   # (current | target) & ~demote
 
 
-@register_policy("tide-reference", "the public TIDE code: synchronous promotions, demotions capped at promotions")
+@register_policy("tide-reference", "the public TIDE code: synchronous promotions, demotions capped at promotions",
+                 PolicyTraits(role="policy", order=60, uses_tau=True, needs_cpu=True))
 class TideReference(PolicyStep):
     def __init__(self, setup: Setup) -> None:
         budget = np.asarray(setup.options.budget, dtype=np.int64)

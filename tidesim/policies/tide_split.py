@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from tidesim import layermodel as lm
-from tidesim.policies.base import register_policy
 from tidesim.policies.planned import planned_setup
+from tidesim.policies.registry import PolicyTraits, register_policy
 from tidesim.policies.split import ExpertTimes, Slots, best_split
 from tidesim.policies.step import Choice, ForwardMeta, Rows, Setup, placement_of
 from tidesim.policies.tide import Tide, refreshes
@@ -72,7 +72,9 @@ def decision_order(counts: np.ndarray, gate: np.ndarray, movable: np.ndarray) ->
 
 
 @register_policy("tide-split", "tide's refresh; per layer-forward, each missed expert copied in or run on the CPU, "
-                               "whichever split the layer model says is fastest")
+                               "whichever split the layer model says is fastest",
+                 PolicyTraits(role="policy", order=75, uses_tau=True, needs_cpu=True, reads_profile=True,
+                              speedup_figure=True, plannable=True))
 class TideSplit(Tide):
     def __init__(self, setup: Setup) -> None:
         setup, self.plan = planned_setup(setup)

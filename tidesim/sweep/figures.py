@@ -1,7 +1,8 @@
 """Figures from a sweep's results table (PNG, Agg backend).
 
 - throughput_vs_<axis>.png: tokens/s against each numeric axis of the grid, one line per policy.
-- speedup_<policy>.png: heatmap of the speedup of `tide` (and `planned`, `tide-split`) over the best baseline.
+- speedup_<policy>.png: heatmap of the speedup over the best baseline of each policy whose traits ask
+  for one (tide, planned, tide-split).
 - time_breakdown.png: where the time goes, per policy (stacked bars).
 
 A grid usually varies more than what one figure shows. The other axes are held at one "slice" (the
@@ -23,9 +24,8 @@ from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 
 from tidesim.atomic import atomic_path  # noqa: E402
 from tidesim.palette import HEATMAP_CMAP, legend_below, policy_color, time_color, time_label  # noqa: E402
+from tidesim.policies.registry import baselines, policy_names  # noqa: E402
 
-TIDE_FAMILY = ("tide", "planned", "tide-split")
-NOT_BASELINES = ("tide", "tide-reference", "planned", "tide-split")
 # Inputs a figure can put on an axis, in order of preference for the heatmap.
 AXIS_COLUMNS = ["hw_h2d_gbs", "gpu_memory_gib", "cpu_cores_scale", "cpu_mem_bw_scale", "gpu_speed", "model",
                 "block_length", "threshold", "kv_cache", "gen_length", "prompts", "hw", "budget", "budget_cap",
@@ -128,9 +128,9 @@ def throughput_figures(df: pd.DataFrame, out: Path) -> list[Path]:
 
 def speedup_table(df: pd.DataFrame, policy: str) -> pd.DataFrame:
     """Per setting (every varying input except policy, tau, refresh): best `policy` tokens/s, best
-    baseline tokens/s (policies that are neither TIDE variants nor bounds) and their ratio."""
+    baseline tokens/s (the registry's baselines, bounds left out) and their ratio."""
     keys = varying(df, axis_columns(df))
-    base_mask = ~df["policy"].isin(NOT_BASELINES) & ~df["is_bound"].fillna(False).astype(bool)
+    base_mask = df["policy"].isin(baselines()) & ~df["is_bound"].fillna(False).astype(bool)
     tide = df[df["policy"] == policy]
     base = df[base_mask]
     if tide.empty or base.empty:
@@ -145,7 +145,7 @@ def speedup_table(df: pd.DataFrame, policy: str) -> pd.DataFrame:
 
 def speedup_figures(df: pd.DataFrame, out: Path) -> list[Path]:
     paths = []
-    for policy in TIDE_FAMILY:
+    for policy in policy_names(speedup_figure=True):
         table = speedup_table(df, policy)
         if table.empty:
             continue

@@ -45,7 +45,6 @@ PCIE_GEN_GBS = {3: 12.0, 4: 25.0, 5: 50.0}
 KV_CACHE_MODES = ("none", "prefix")
 REFRESH_MODES = ("sync", "async")
 ENGINES = ("analytic", "sim")
-PLANNED = "planned"
 TOP_KEYS = ("name", "description", "models", "parameters")
 MAX_POINTS = MAX_SWEEP_POINTS
 

@@ -40,10 +40,11 @@ from tidesim.errors import InputError
 from tidesim.hardware import HardwareProfile, check_ranges, get_profile
 from tidesim.metrics import Metrics
 from tidesim.models import ModelSpec
-from tidesim.policies.base import PolicyOptions
+from tidesim.policies.options import PolicyOptions
+from tidesim.policies.registry import traits
 from tidesim.procs import die_with_parent
 from tidesim.schedule import Schedule
-from tidesim.sweep.grid import PARAMS, PCIE_GEN_GBS, PLANNED, Grid, Point
+from tidesim.sweep.grid import PARAMS, PCIE_GEN_GBS, Grid, Point
 from tidesim.workload import Workload
 
 RESULTS_FORMAT = 1
@@ -91,10 +92,10 @@ def evaluate_point(point: Point, cache_dir: Path) -> Evaluation:
     layers = model.num_moe_layers
     derived = hardware_columns(hw)
     derived["trace_file"] = trace_label(point)
-    if p["policy"] == PLANNED:
+    policy = p["policy"]
+    if traits(policy).needs_plan:
         tau, budget, info = plan_point(workload, hw)
         derived["per_layer"] = json.dumps(info, sort_keys=True)
-        policy = PLANNED
     else:
         if p["budget"] == "memory":
             cap = None if p["budget_cap"] == "none" else int(p["budget_cap"])
@@ -102,7 +103,6 @@ def evaluate_point(point: Point, cache_dir: Path) -> Evaluation:
         else:
             slots = int(p["budget"])
         tau, budget = uniform(point_tau(p, workload, hw, slots, workload_key(point)), layers), uniform(slots, layers)
-        policy = p["policy"]
     derived["budget_used"] = float(np.mean(budget))
     derived["tau_used"] = float(np.mean(tau))
     options = PolicyOptions(budget=budget, tau=tau, hw=hw, refresh=p["refresh"],
@@ -121,7 +121,7 @@ def point_tau(p: dict[str, Any], workload: Workload, hw: HardwareProfile, slots:
     tide-reference on one profile search once)."""
     if p["tau"] != "best":
         return int(p["tau"])
-    if p["policy"] not in ("tide", "tide-reference", "tide-split"):
+    if not traits(p["policy"]).uses_tau:
         return 1
     from tidesim.default_tau import best_tau
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tidesim.decode import effective_steps
 from tidesim.trace.schema import Trace
 
 
@@ -77,18 +78,6 @@ class BlockLayout:
         """Positions of generated block `block` that start masked."""
         start, end = self.span(block)
         return end - max(start, self.prompt_length)
-
-
-def effective_steps(steps: int, gen_length: int, minimal_topk: int = 1) -> int:
-    """Denoising steps per block at most: `steps` capped at gen_length // minimal_topk."""
-    return min(steps, gen_length // minimal_topk)
-
-
-def transfer_schedule(block_length: int, steps: int) -> np.ndarray:
-    """Minimum positions committed at each step of a block, int64 [steps]."""
-    quota = np.full(steps, block_length // steps if steps else 0, dtype=np.int64)
-    quota[: block_length % steps if steps else 0] += 1
-    return quota
 
 
 def max_block_steps(masked: int, schedule: np.ndarray) -> int:

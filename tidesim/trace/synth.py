@@ -34,17 +34,10 @@ import numpy as np
 import pandas as pd
 
 from tidesim import __version__
+from tidesim.decode import effective_steps, transfer_schedule
 from tidesim.errors import InputError
 from tidesim.models import ModelSpec
-from tidesim.trace.layout import (
-    BlockLayout,
-    early_stop_index,
-    effective_steps,
-    forward_structure,
-    output_length,
-    select_transfer,
-    transfer_schedule,
-)
+from tidesim.trace.layout import BlockLayout, early_stop_index, forward_structure, output_length, select_transfer
 from tidesim.trace.schema import KV_CACHE_MODES, Trace, TraceMeta
 
 GENERATOR_NAME = "tidesim.trace.synth"

@@ -136,9 +136,9 @@ def _ordering_problems(trace: Trace) -> list[str]:
 
 
 def _autoregressive_problems(f: pd.DataFrame) -> list[str]:
-    """An autoregressive trace: per prompt, at most one prefill and it comes first, then decode
-    forwards numbered 0, 1, 2, ... in both `block` and `step`; no commit forwards; each forward
-    commits between 0 and its tokens."""
+    """An autoregressive trace: per prompt, an optional prefill first (block -1; in chunks, steps 0,
+    1, ...), then decode forwards numbered 0, 1, 2, ... in both `block` and `step`; no commit
+    forwards; each forward commits between 0 and its tokens."""
     committed, tokens = f["committed"].to_numpy(), f["tokens"].to_numpy()
     bad = (committed < 0) | (committed > tokens)
     if bad.any():
@@ -150,23 +150,26 @@ def _autoregressive_problems(f: pd.DataFrame) -> list[str]:
     if (prefill != (block < 0)).any():
         return [f"forward {int(np.argmax(prefill != (block < 0)))}: block -1 is the prefill and only it"]
     start = np.r_[True, prompt[1:] != prompt[:-1]]
-    expected = np.zeros(len(f), dtype=np.int64)
-    count = 0
+    want_block = np.zeros(len(f), dtype=np.int64)
+    want_step = np.zeros(len(f), dtype=np.int64)
+    decoded = chunks = 0
     for i in range(len(f)):
         if start[i]:
-            count = 0
-        if prefill[i]:
-            if not start[i]:
+            decoded = chunks = 0
+        if prefill[i]:      # a prefill, possibly in chunks (steps 0, 1, ...), before any decode forward
+            if decoded:
                 return [f"forward {i}: a prefill after decode forwards of prompt {prompt[i]}"]
-            expected[i] = -1
-            continue
-        expected[i] = count
-        count += 1
-    wrong = (block != expected) | (step != np.maximum(expected, 0))
+            want_block[i], want_step[i] = -1, chunks
+            chunks += 1
+        else:
+            want_block[i] = want_step[i] = decoded
+            decoded += 1
+    wrong = (block != want_block) | (step != want_step)
     if wrong.any():
         i = int(np.argmax(wrong))
-        return [f"forward {i}: decode forward {expected[i]} of prompt {prompt[i]} must have block and step "
-                f"{expected[i]}, got block {block[i]} step {step[i]}"]
+        what = "prefill chunk" if prefill[i] else "decode forward"
+        return [f"forward {i}: {what} of prompt {prompt[i]} must have block {want_block[i]} and step "
+                f"{want_step[i]}, got block {block[i]} step {step[i]}"]
     return []
 
 

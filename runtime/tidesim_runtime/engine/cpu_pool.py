@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tidesim_runtime.engine.kernels import swiglu
+from tidesim_runtime.engine.cpu_kernels import cpu_swiglu_into
 
 
 @dataclass
@@ -116,7 +116,9 @@ class CPUPool:
 
 def expert_task_runner(x_host: torch.Tensor, out_host: torch.Tensor, w13: torch.Tensor,
                        w2: torch.Tensor) -> Callable[[ExpertTask], object]:
-    """A task body: SwiGLU of one expert from host weights on host activations."""
+    """A task body: SwiGLU of one expert from host weights on host activations, with the process's
+    CPU expert kernel (engine/cpu_kernels.py), written straight into the expert's output rows."""
     def run(task: ExpertTask) -> None:
-        out_host[task.start:task.stop] = swiglu(x_host[task.start:task.stop], w13[task.expert], w2[task.expert])
+        a, b = task.start, task.stop
+        cpu_swiglu_into(x_host[a:b], w13[task.expert], w2[task.expert], out_host[a:b], fixed=True)
     return run

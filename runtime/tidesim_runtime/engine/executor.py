@@ -102,11 +102,14 @@ class LayerRouting:
 
 
 def replay_routing(counts: np.ndarray, tokens: int, top_k: int, device: torch.device) -> LayerRouting:
-    """Pairs for tokens-per-expert counts from a trace: expert e takes rows 0..c_e-1 (mod tokens),
-    so no token meets the same expert twice; weights 1/top_k (values do not change timing)."""
+    """Pairs for tokens-per-expert counts from a trace: the pairs, in expert order, take the rows
+    0, 1, 2, ... mod tokens, so expert e's c_e <= tokens pairs are distinct tokens and every token
+    gets about top_k pairs, as a router gives them (all starting at row 0 would give row 0 a pair
+    of every expert, and the combine a [tokens, experts] index); weights 1/top_k (values do not
+    change timing)."""
     counts = np.asarray(counts, dtype=np.int64)
     n = max(tokens, 1)
-    rows = pair_rows(np.zeros_like(counts), counts) % n
+    rows = np.arange(int(counts.sum()), dtype=np.int64) % n
     w = torch.full((int(counts.sum()),), 1.0 / top_k, dtype=torch.float32, device=device)
     return LayerRouting(torch.from_numpy(rows).to(device), w, counts,
                         torch.from_numpy(combine_index(rows, n)).to(device))

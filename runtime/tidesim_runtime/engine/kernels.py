@@ -19,21 +19,23 @@ import torch
 import torch.nn.functional as F
 
 from tidesim.models import ModelSpec
+from tidesim_runtime.engine.cpu_kernels import cpu_swiglu, cpu_swiglu_into, linear_into, linear_swiglu
 
 
 def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """down(silu(gate(x)) * up(x)) with gate and up fused in w13."""
-    gu = F.linear(x, w13)
-    inter = w2.shape[1]
-    return F.linear(F.silu(gu[:, :inter]) * gu[:, inter:], w2)
+    """down(silu(gate(x)) * up(x)) with gate and up fused in w13. On the CPU: the process's CPU
+    expert kernel (engine/cpu_kernels.py), so every CPU-side expert runs the same arithmetic."""
+    if x.device.type == "cpu":
+        return cpu_swiglu(x, w13, w2)
+    return linear_swiglu(x, w13, w2)
 
 
 def swiglu_into(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """swiglu(x, w13, w2) written into `out` (contiguous rows): four kernels (gate/up GEMM, SiLU,
     product, down GEMM) and no copy. The on-demand path, where every launch is paid per expert."""
-    gu = F.linear(x, w13)
-    inter = w2.shape[1]
-    return torch.matmul(F.silu(gu[:, :inter]) * gu[:, inter:], w2.t(), out=out)
+    if x.device.type == "cpu":
+        return cpu_swiglu_into(x, w13, w2, out)
+    return linear_into(x, w13, w2, out)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

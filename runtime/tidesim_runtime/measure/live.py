@@ -15,6 +15,7 @@ Any difference is a lossless failure (a pair computed twice, dropped, or with ot
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
@@ -29,6 +30,7 @@ from tidesim.workload import Workload, workload_from_trace
 from tidesim_runtime.engine.device import DeviceInfo
 from tidesim_runtime.engine.executor import Executor, router_routing
 from tidesim_runtime.engine.slots import host_experts_from, plan_slots
+from tidesim_runtime.measure.kernel_reference import same_kernel_reference
 from tidesim_runtime.reference.capture import CaptureSettings, capture_trace
 from tidesim_runtime.reference.generate import DecodeConfig, ForwardRecord, generate
 from tidesim_runtime.reference.model import ExpertRunner, LLaDA2Model, SparseMoeBlock
@@ -87,10 +89,13 @@ def model_on(model: LLaDA2Model, device: DeviceInfo) -> LLaDA2Model:
 
 def reference_decode(model: LLaDA2Model, prompt: Sequence[int], cfg: DecodeConfig,
                      device: DeviceInfo | None = None) -> tuple[list[int], Workload]:
-    """Tokens of a plain decode (on `device` when it is CUDA) and the workload of its routing."""
+    """Tokens of a plain decode (on `device` when it is CUDA) and the workload of its routing; its
+    routed experts run the runtime's CPU expert kernel where that changes the model's bits
+    (kernel_reference.py)."""
     settings = CaptureSettings(weights="reference model", compute_dtype=str(model.dtype).replace("torch.", ""))
     forward = DeviceForward(model_on(model, device), device.torch_device) if device and device.is_cuda else None
-    trace, outputs = capture_trace(model, model.spec, [list(prompt)], cfg, settings, seed=None, forward=forward)
+    with same_kernel_reference(model):
+        trace, outputs = capture_trace(model, model.spec, [list(prompt)], cfg, settings, seed=None, forward=forward)
     return outputs[0], workload_from_trace(trace)
 
 
@@ -152,16 +157,37 @@ def live_decode(model: LLaDA2Model, prompt: Sequence[int], cfg: DecodeConfig, wo
 def lossless_check(model: LLaDA2Model, prompt: Sequence[int], cfg: DecodeConfig, policy: str,
                    options: PolicyOptions, device: DeviceInfo) -> LosslessResult:
     """Plain decode vs live decode through the executor under `policy`."""
+    return lossless_checks(model, prompt, cfg, [(policy, options)], device)[0]
+
+
+def lossless_checks(model: LLaDA2Model, prompt: Sequence[int], cfg: DecodeConfig,
+                    runs: Sequence[tuple[str, PolicyOptions]], device: DeviceInfo, float32: bool = False
+                    ) -> list[LosslessResult]:
+    """One plain decode, then a live decode per (policy, options), each compared with it.
+
+    float32: check a float32 copy of the model (the timed runs stay in the model's dtype). Both
+    decodes then run on the same device in float32, routing weights in float32 and every
+    token's routed outputs added in the reference model's order (kernels.combine_pairs), so on a
+    GPU too a difference means a pair computed wrongly, not bf16 rounding."""
+    if float32 and model.dtype != torch.float32:
+        model = copy.deepcopy(model).float()
+        model.dtype = torch.float32
     ref_tokens, workload = reference_decode(model, prompt, cfg, device)
-    schedule = build_schedule(policy, workload, options)
-    problems: list[str] = []
-    try:
-        live_tokens, metrics = live_decode(model, prompt, cfg, workload, schedule, device)
-    except RoutingMismatch as exc:
-        return LosslessResult(policy, cfg.kv_cache, False, ref_tokens, [], workload.num_forwards, None, [str(exc)])
-    if live_tokens != ref_tokens:
-        first = next((i for i, (a, b) in enumerate(zip(ref_tokens, live_tokens, strict=False)) if a != b),
-                     min(len(ref_tokens), len(live_tokens)))
-        problems.append(f"tokens differ from position {first}")
-    return LosslessResult(policy, cfg.kv_cache, not problems, ref_tokens, live_tokens, workload.num_forwards,
-                          metrics, problems)
+    out = []
+    for policy, options in runs:
+        schedule = build_schedule(policy, workload, options)
+        label = policy + (f" {options.refresh}" if options.refresh != "sync" else "")
+        try:
+            live_tokens, metrics = live_decode(model, prompt, cfg, workload, schedule, device)
+        except RoutingMismatch as exc:
+            out.append(LosslessResult(label, cfg.kv_cache, False, ref_tokens, [], workload.num_forwards, None,
+                                      [str(exc)]))
+            continue
+        problems: list[str] = []
+        if live_tokens != ref_tokens:
+            first = next((i for i, (a, b) in enumerate(zip(ref_tokens, live_tokens, strict=False)) if a != b),
+                         min(len(ref_tokens), len(live_tokens)))
+            problems.append(f"tokens differ from position {first}")
+        out.append(LosslessResult(label, cfg.kv_cache, not problems, ref_tokens, live_tokens, workload.num_forwards,
+                                  metrics, problems))
+    return out

@@ -8,6 +8,7 @@ import torch
 from tidesim import __version__
 from tidesim.hardware import CPUProfile, GPUProfile, HardwareProfile, PCIeProfile, Provenance
 from tidesim.models import ModelSpec
+from tidesim_runtime.engine import cpu_kernels
 from tidesim_runtime.engine.device import host_memory_total, pci_bus_id, pcie_generation, provenance_fields
 from tidesim_runtime.measure.resources import Calibration
 
@@ -55,7 +56,8 @@ def build_profile(cal: Calibration, name: str, models: list[ModelSpec]) -> Hardw
     cpu = CPUProfile(name=facts["cpu"], cores=max(1, len(dev.cpu_set)), workers=dev.cpu_workers,
                      mem_bandwidth_gbs=round(max(cal.cpu_mem_gbs, 1e-3), 3), gflops=round(max(cpu_gflops, 1e-3), 3),
                      mem_efficiency=1.0, compute_efficiency=1.0, task_overhead_us=round(cal.task_overhead_us, 3),
-                     expert_ffn=cal.cpu_curves, gpu_contention=round(cal.contention, 4))
+                     expert_ffn=cal.cpu_curves, gpu_contention=round(cal.contention, 4),
+                     kernel=cpu_kernels.current().name)
     # without a GPU there is no PCIe link: generation 1 is a placeholder the schema requires (see description)
     return HardwareProfile(name=name, description=description, provenance=prov, gpu=gpu, pcie=pcie, cpu=cpu)
 

@@ -22,6 +22,7 @@ import torch
 from tidesim import __version__
 from tidesim.hardware import Curve, ExpertCurve, HardwareProfile, Provenance
 from tidesim.models import ModelSpec
+from tidesim_runtime.engine import cpu_kernels
 from tidesim_runtime.engine.cpu_pool import CPUPool, ExpertTask, expert_task_runner
 from tidesim_runtime.engine.device import DeviceInfo, last_level_cache_bytes, provenance_fields
 from tidesim_runtime.engine.executor import LayerRouting, replay_routing
@@ -112,9 +113,13 @@ def working_set_bytes(device: DeviceInfo, side: str) -> int:
 
 
 def experts_over_cache(spec: ModelSpec, dtype: torch.dtype, device: DeviceInfo, side: str, at_least: int) -> int:
-    """How many distinct experts make a working set of working_set_bytes(device, side)."""
+    """How many distinct experts make a working set of working_set_bytes(device, side), at most
+    every routed expert of the model (a model whose experts all fit in the cache runs them from
+    the cache; timing more distinct experts than it has would overstate its time, and for a tiny
+    model would take minutes)."""
     per = 3 * spec.hidden_size * spec.moe_intermediate_size * torch.empty(0, dtype=dtype).element_size()
-    return max(at_least, math.ceil(working_set_bytes(device, side) / per))
+    model_experts = spec.num_experts * max(spec.num_moe_layers, 1)
+    return max(at_least, min(math.ceil(working_set_bytes(device, side) / per), model_experts))
 
 
 QUEUED_COPIES = 16   # copies per timed queue (fewer for big copies: at most 64 MiB a queue)
@@ -232,7 +237,8 @@ def measure_cpu_experts(cal: Calibration, pool: CPUPool, spec: ModelSpec) -> Non
     ts = [st.median_s * 1e6 for st in stats]
     sp = [st.spread_s * 1e6 for st in stats]
     prov = Provenance(kind="measured", source=f"runtime CPU pool, {pool.workers} worker(s) x {pool.threads} "
-                      f"thread(s), {n} distinct experts ({cal.device.dtype_name} weights)",
+                      f"thread(s), kernel {cpu_kernels.current().name}, {n} distinct experts "
+                      f"({cal.device.dtype_name} weights)",
                       repeats=cal.grid.repeats, device=f"CPU: {provenance_fields(cal.device)['cpu']}",
                       tool_version=__version__)
     cal.cpu_curves.append(ExpertCurve(spec.hidden_size, spec.moe_intermediate_size,

@@ -21,14 +21,13 @@ from tidesim.hardware import HardwareProfile
 from tidesim.metrics import Metrics
 from tidesim.plan import Plan
 from tidesim.policies import PolicyOptions, build_schedule, uniform
+from tidesim.policies.registry import traits
 from tidesim.run import run
 from tidesim.schedule import Schedule
 from tidesim.workload import Workload
 from tidesim_runtime.engine.device import DeviceInfo
 from tidesim_runtime.engine.executor import Executor, check_memory
 from tidesim_runtime.engine.slots import plan_slots
-
-TAU_POLICIES = {"tide", "tide-reference", "tide-split"}
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ class Config:
         parts = [self.policy, f"B={self.budget}"]
         if self.tau is not None:
             parts.append(f"tau={self.tau}")
-        if self.policy in TAU_POLICIES and self.refresh != "sync":
+        if traits(self.policy).uses_tau and self.refresh != "sync":
             parts.append(self.refresh)
         return " ".join(parts)
 
@@ -82,17 +81,22 @@ class Outcome:
         }
 
 
-def configurations(policies: list[str], budgets: list[int], taus: list[int], refresh: str,
+def configurations(policies: list[str], budgets: list[int], taus: list[int], refresh: str | list[str],
                    num_experts: int) -> list[Config]:
-    """policy x budget x tau (tau only for the tide policies; all-gpu once, at every expert)."""
+    """policy x budget x tau x refresh (tau and refresh only for the policies that use tau; a policy
+    that ignores the budget once, at every expert). Several refresh modes run in one process, on one
+    executor (the host expert banks are filled and pinned once)."""
+    modes = [refresh] if isinstance(refresh, str) else list(refresh)
     out: list[Config] = []
     for policy in policies:
-        if policy == "all-gpu":
+        kind = traits(policy)
+        if kind.ignores_budget:
             out.append(Config(policy, num_experts, None, "sync"))
             continue
         for b in budgets:
-            for tau in (taus if policy in TAU_POLICIES else [None]):
-                out.append(Config(policy, b, tau, refresh if policy in TAU_POLICIES else "sync"))
+            for tau in (taus if kind.uses_tau else [None]):
+                for mode in (modes if kind.uses_tau else ["sync"]):
+                    out.append(Config(policy, b, tau, mode))
     return list(dict.fromkeys(out))  # drop repeats, keep the order
 
 
@@ -114,9 +118,9 @@ def check_inputs(workload: Workload, configs: list[Config], device: DeviceInfo, 
 
 def build(config: Config, workload: Workload, hw: HardwareProfile, plan: Plan | None) -> Schedule:
     layers = workload.num_layers
-    if config.policy == "planned":
+    if traits(config.policy).needs_plan:
         if plan is None:
-            raise InputError("the planned policy needs --plan FILE (from `tidesim plan`)")
+            raise InputError(f"the {config.policy} policy needs --plan FILE (from `tidesim plan`)")
         # the plan was checked against the whole model (validate_cmd); the run may be its first
         # layers (--layers), so its per-layer settings are passed as given rather than the plan
         opts = PolicyOptions(budget=plan.budget_array()[:layers], tau=plan.tau_array()[:layers], hw=hw,
@@ -129,9 +133,11 @@ def build(config: Config, workload: Workload, hw: HardwareProfile, plan: Plan | 
 
 def validate(workload: Workload, hw: HardwareProfile, configs: list[Config], device: DeviceInfo,
              repeats: int = 1, plan: Plan | None = None, seed: int = 0,
-             on_done: Callable[[Config], object] | None = None) -> list[Outcome]:
+             on_done: Callable[[Outcome], object] | None = None) -> list[Outcome]:
     """Predict and measure every configuration; repeats are interleaved over configurations (so
-    a slow spell of the machine does not land on one of them) and the median run is kept."""
+    a slow spell of the machine does not land on one of them) and the median run is kept.
+    `on_done` gets each configuration's outcome as soon as its last repeat is measured (so a run
+    cut short keeps what it measured)."""
     schedules = [(c, build(c, workload, hw, plan)) for c in configs]
     pools = {c: plan_slots(s).pool_size for c, s in schedules}
     check_memory(workload.model, workload.num_layers, device, largest_pools(list(pools.values())),
@@ -146,13 +152,31 @@ def validate(workload: Workload, hw: HardwareProfile, configs: list[Config], dev
         for r in range(max(repeats, 1)):
             for c, s in order:
                 runs[c].append(ex.replay(workload, s, warmup=1))
-                if r == repeats - 1 and on_done is not None:
-                    on_done(c)
-    out = []
-    for c in configs:
-        ms = sorted(runs[c], key=lambda m: m.total_time_s)
-        out.append(Outcome(c, predicted[c], ms[len(ms) // 2], [m.step_time_s for m in runs[c]]))
-    return out
+                if r == max(repeats, 1) - 1 and on_done is not None:
+                    on_done(outcome(c, predicted[c], runs[c]))
+    return [outcome(c, predicted[c], runs[c]) for c in configs]
+
+
+def outcome(config: Config, predicted: Metrics, runs: list[Metrics]) -> Outcome:
+    """The median run of a configuration's repeats, against its prediction."""
+    ms = sorted(runs, key=lambda m: m.total_time_s)
+    return Outcome(config, predicted, ms[len(ms) // 2], [m.step_time_s for m in runs])
+
+
+def window(workload: Workload, forwards: int | None, after_first_block: bool) -> Workload:
+    """The forwards validated: the first `forwards` of the trace, or, after_first_block, the
+    `forwards` that follow the first generated block of the first prompt (prefill and first
+    block skipped: residency settled, as most of a long decode runs)."""
+    start = 0
+    if after_first_block:
+        later = np.flatnonzero(workload.block > 0)
+        if later.size == 0:
+            raise InputError("--window after-first-block: the trace has no forward after its first block")
+        start = int(later[0])
+    stop = workload.num_forwards if forwards is None else min(start + forwards, workload.num_forwards)
+    if start == 0 and stop == workload.num_forwards:
+        return workload
+    return workload.select(np.arange(start, stop))
 
 
 def largest_pools(pools: list[list[int]]) -> list[int]:

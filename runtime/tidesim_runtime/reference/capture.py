@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from tidesim.cli.decode_args import layout
+from tidesim.decode import layout
 from tidesim.errors import InputError
 from tidesim.models import ModelSpec
 from tidesim.trace.schema import Trace, TraceMeta

@@ -8,7 +8,7 @@ first P mod L positions are prompt tokens that stay fixed; the last block is dec
 (its padding too) and the output is cut at G.
 
 Steps: each block runs at most S = min(steps, G // minimal_topk) denoising steps, with the quota
-num_transfer[s] (tidesim.cli.decode_args.transfer_schedule). At a step, over the block's L
+num_transfer[s] (tidesim.decode.transfer_schedule). At a step, over the block's L
 positions, logits are tempered and filtered (top-k, top-p), turned into probabilities over the
 whole vocabulary (mask id included: committing it leaves the position masked), and a token is
 taken (argmax, or drawn when do_sample); the still-masked positions whose token probability
@@ -38,7 +38,7 @@ from typing import Protocol
 
 import torch
 
-from tidesim.cli.decode_args import KV_MODES, check_decode, effective_steps, layout, transfer_schedule
+from tidesim.decode import KV_MODES, check_decode, effective_steps, layout, transfer_schedule
 from tidesim.errors import InputError
 
 __all__ = ["KV_MODES", "DecodeConfig", "DecodeResult", "ForwardRecord", "generate", "sample_tokens"]
@@ -94,7 +94,7 @@ class DecodeConfig:
     @property
     def max_steps(self) -> int:
         """Denoising steps per block at most (the official cap)."""
-        return effective_steps(self.gen_length, self.steps, self.minimal_topk)
+        return effective_steps(self.steps, self.gen_length, self.minimal_topk)
 
     def to_dict(self) -> dict[str, object]:
         return {"gen_length": self.gen_length, "block_length": self.block_length, "threshold": self.threshold,
@@ -209,7 +209,7 @@ class _Decoder:
         self.pos = torch.arange(total)
         self.cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.quota = transfer_schedule(self.L, cfg.max_steps)
+        self.quota = transfer_schedule(self.L, cfg.max_steps).tolist()
         self.result = DecodeResult(prompt=prompt, sequence=[], eos_token_id=eos_id)
         self.early = False
 

@@ -209,8 +209,10 @@ class MLP(nn.Module):
 ExpertRunner = Callable[["SparseMoeBlock", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def run_experts_locally(block: SparseMoeBlock, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Weighted sum of routed expert outputs for tokens x [tokens, hidden]; one call per used expert."""
+def run_experts_locally(block: SparseMoeBlock, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+                        expert: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Weighted sum of routed expert outputs for tokens x [tokens, hidden]; one call per used expert:
+    the block's own expert module, or `expert(e, rows)` (the same experts through another kernel)."""
     out = torch.zeros_like(x, dtype=torch.float32)
     flat_idx = idx.reshape(-1)
     order = torch.argsort(flat_idx, stable=True)
@@ -222,7 +224,8 @@ def run_experts_locally(block: SparseMoeBlock, x: torch.Tensor, idx: torch.Tenso
         if n == 0:
             continue
         rows = token_of[start:start + n]
-        y = block.experts[e](x[rows]).float() * weight_of[start:start + n, None]
+        y = block.experts[e](x[rows]) if expert is None else expert(e, x[rows])
+        y = y.float() * weight_of[start:start + n, None]
         out.index_add_(0, rows, y)
         start += n
     return out.to(x.dtype)

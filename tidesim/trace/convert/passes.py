@@ -139,27 +139,37 @@ def _context(p: EnginePass) -> int:
 
 
 def _autoregressive_rows(passes: list[EnginePass], prov: Provenance) -> tuple[list[dict[str, Any]], list[int]]:
+    """A prefill pass starts a prompt; an "unknown" pass of several tokens starts one after decode
+    passes and continues the prefill (a chunk: block -1, the next step) before any."""
     rows: list[dict[str, Any]] = []
     generated: list[int] = []
-    prompt, decoded, seen = -1, 0, 0
+    prompt, decoded, chunks, seen = -1, 0, 0, 0
     for p in passes:
-        starts = p.kind == "prefill" or prompt < 0 or (p.kind == "unknown" and p.tokens > 1 and decoded > 0)
-        if starts:
-            prompt, decoded, seen = prompt + 1, 0, 0
+        unknown_many = p.kind == "unknown" and p.tokens > 1
+        chunk = unknown_many and chunks > 0 and decoded == 0
+        if not chunk and (p.kind == "prefill" or prompt < 0 or (unknown_many and decoded > 0)):
+            prompt, decoded, chunks, seen = prompt + 1, 0, 0, 0
             generated.append(0)
+        is_prefill = chunk or (decoded == 0 and chunks == 0 and p.kind != "decode"
+                               and (p.kind == "prefill" or p.tokens > 1))
+        if chunk:                       # the prefill's output token comes from its last chunk
+            generated[-1] -= rows[-1]["committed"]
+            rows[-1]["committed"] = 0
         seen += p.tokens
         known = p.context is not None or p.positions is not None
-        is_prefill = starts and p.kind != "decode" and (p.kind == "prefill" or p.tokens > 1)
-        commits = p.commits if p.commits is not None else p.sequences
-        rows.append({"prompt": prompt, "block": -1 if is_prefill else decoded, "step": 0 if is_prefill else decoded,
-                     "phase": "prefill" if is_prefill else "step", "tokens": p.tokens,
-                     "context": _context(p) if known else seen,
-                     "committed": min(commits, p.tokens)})
-        generated[-1] += rows[-1]["committed"]
-        if not is_prefill:
+        commits = min(p.commits if p.commits is not None else p.sequences, p.tokens)
+        rows.append({"prompt": prompt, "block": -1 if is_prefill else decoded,
+                     "step": chunks if is_prefill else decoded, "phase": "prefill" if is_prefill else "step",
+                     "tokens": p.tokens, "context": _context(p) if known else seen, "committed": commits})
+        generated[-1] += commits
+        if is_prefill:
+            chunks += 1
+        else:
             decoded += 1
     if passes and passes[0].kind == "decode":
         prov.infer("the first pass is a decode: the recording started after its prompt's prefill")
+    if any(r["phase"] == "prefill" and r["step"] > 0 for r in rows):
+        prov.infer("consecutive passes of several tokens before any decode pass are chunks of one prefill")
     return rows, generated
 
 

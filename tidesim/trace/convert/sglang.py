@@ -103,6 +103,7 @@ def _record_pass(rec: dict[str, Any], where: str, model: ModelSpec, table: np.nd
 def _per_token(dumps: list[tuple[Path, Any]], model: ModelSpec, prov: Provenance) -> list[EnginePass]:
     keyed: list[tuple[int, EnginePass]] = []
     ranks: set[int] = set()
+    modes: set[str] = set()
     for path, data in dumps:
         records = data["records"]
         if not isinstance(records, list):
@@ -118,6 +119,7 @@ def _per_token(dumps: list[tuple[Path, Any]], model: ModelSpec, prov: Provenance
                                  "parallelism every rank records the same tokens)")
             if rec.get("gatherer_key", "primary") != "primary":
                 raise InputError(f"{where}: gatherer {rec.get('gatherer_key')!r}; only the primary gatherer is read")
+            modes.add(str(rec.get("forward_mode")))
             keyed.append((int(rec.get("forward_pass_id", n)), _record_pass(rec, where, model, table)))
     ids = [k for k, _ in keyed]
     if len(set(ids)) != len(ids):
@@ -125,6 +127,7 @@ def _per_token(dumps: list[tuple[Path, Any]], model: ModelSpec, prov: Provenance
     keyed.sort(key=lambda kv: kv[0])
     prov.details["forward_pass_ids"] = [ids[0] if ids else None, max(ids) if ids else None]
     prov.details["rank"] = sorted(ranks)[0] if ranks else None
+    prov.details["forward_modes"] = sorted(modes)   # SGLang's ForwardMode values (numbering varies by version)
     prov.infer("a pass with extend_seq_lens is a prefill (one output token per sequence in it); one without is a "
                "decode pass of one token per sequence")
     prov.infer("a prompt of the trace runs from one prefill pass to the next (with continuous batching several "

@@ -4,13 +4,16 @@
 vLLM returns them on each request's output; tidesim reads them saved as (docs/capture.md):
 - .npz: `prompt_routed_experts` and `routed_experts` for one request, or `prompt_routed_experts_<i>`
   and `routed_experts_<i>` for requests i = 0, 1, ... (in decode order);
-- .json / .jsonl: an object with the two keys as nested lists, or a list of such objects.
+- .json / .jsonl: an object with the two keys as nested lists, or a list of such objects; an
+  OpenAI-compatible response of `vllm serve` (prompt_routed_experts on the response,
+  routed_experts on each of its choices) reads as one request per choice.
 """
 
 from __future__ import annotations
 
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -50,12 +53,25 @@ def _requests(path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
     if path.suffix == ".npz":
         return _requests_npz(path)
     out = []
-    for n, obj in enumerate(load_json_objects(path)):
-        missing = [k for k in KEYS if k not in obj]
+    for n, obj in enumerate(_flat_choices(load_json_objects(path))):
+        missing = [k for k in KEYS if obj.get(k) is None]
         if missing:
             raise InputError(f"{path} request {n}: no {missing[0]!r} (see docs/capture.md for the layout)")
         out.append((as_array(obj[KEYS[0]], f"{path} request {n}: {KEYS[0]}"),
                     as_array(obj[KEYS[1]], f"{path} request {n}: {KEYS[1]}")))
+    return out
+
+
+def _flat_choices(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Server responses (routed_experts on each choice) as one object per choice."""
+    out: list[dict[str, Any]] = []
+    for obj in objects:
+        choices = obj.get("choices")
+        if KEYS[1] not in obj and isinstance(choices, list) and choices:
+            out.extend({KEYS[0]: obj.get(KEYS[0]), KEYS[1]: c.get(KEYS[1]) if isinstance(c, dict) else None}
+                       for c in choices)
+        else:
+            out.append(obj)
     return out
 
 

@@ -1,0 +1,96 @@
+"""Fidelity of the simulator on this machine (cpu-as-gpu): calibrate, then validate full-swap,
+cpu-routing, fiddler and tide (sync and async) at two budgets on both KV-cache modes and on a
+window after the first block, and report the step-time errors of all configurations together.
+
+One command (docs/validation.md records its results with the date and the machine's load):
+
+    .venv/bin/python bench/bench_fidelity.py --out bench/results/fidelity-dev-2core-cpu
+
+Steps, each a `tidesim` command printed before it runs: `trace synth` of the none-cache trace
+(the prefix trace is the stored one of the earlier validation, bench/results/validation-dev-2core-cpu/
+trace.parquet, and the none trace is synthesized with the same settings); `calibrate` (full, not
+--quick) into OUT/profile.yaml; `validate` three times (prefix, none, prefix after its first
+block), one process each, every configuration measured --repeats times (median kept). OUT gets
+each validation's folder, the profile and fidelity.json (every configuration's row and the
+median and max |error| over all of them); a table prints last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+PREFIX_TRACE = REPO / "bench/results/validation-dev-2core-cpu/trace.parquet"
+SYNTH_NONE = ["trace", "synth", "--model", "llada2-mini", "--prompts", "1", "--gen-length", "96",
+              "--prompt-length", "64", "--block-length", "32", "--kv-cache", "none"]
+GRID = ["--layers", "1", "--forwards", "24", "--budgets", "32,96", "--taus", "4",
+        "--policies", "full-swap,cpu-routing,fiddler,tide", "--refresh", "sync,async", "--device", "cpu"]
+
+
+def tidesim(args: list[str]) -> None:
+    cmd = [sys.executable, "-m", "tidesim", *args]
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO)
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="results folder")
+    p.add_argument("--repeats", type=int, default=3, help="repeats per configuration (3)")
+    p.add_argument("--hw", default=None, help="use this profile instead of calibrating")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    conditions = {"start_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "load_average_start": load_average(), "command": " ".join(sys.argv)}
+    none_trace = out / "trace_none.parquet"
+    if not none_trace.exists():
+        tidesim([*SYNTH_NONE, "-o", str(none_trace)])
+    profile = Path(args.hw) if args.hw else out / "profile.yaml"
+    if not args.hw:
+        tidesim(["calibrate", "--models", "llada2-mini", "--device", "cpu", "-o", str(profile)])
+    runs = [("prefix", PREFIX_TRACE, []), ("none", none_trace, []),
+            ("window", PREFIX_TRACE, ["--window", "after-first-block"])]
+    rows: list[dict[str, Any]] = []
+    for name, trace, extra in runs:
+        folder = out / f"validate_{name}"
+        tidesim(["validate", "--trace", str(trace), "--hw", str(profile), *GRID, "--repeats", str(args.repeats),
+                 *extra, "-o", str(folder)])
+        data = json.loads((folder / "results.json").read_text())
+        rows += [{"run": name, **r} for r in data["rows"]]
+    errs = [abs(r["error"]) for r in rows]
+    conditions |= {"end_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   "load_average_end": load_average(), "seconds": round(time.time() - t0, 1)}
+    result = {"conditions": conditions, "configurations": len(rows), "median_abs_error": statistics.median(errs),
+              "max_abs_error": max(errs), "rows": rows}
+    tmp = out / ".fidelity.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    tmp.replace(out / "fidelity.json")
+    print(f"{'run':7} {'configuration':24} {'predicted ms':>12} {'measured ms':>12} {'error':>8}")
+    for r in rows:
+        print(f"{r['run']:7} {r['config']:24} {r['predicted_step_ms']:12.2f} {r['measured_step_ms']:12.2f} "
+              f"{r['error']:+8.1%}")
+    print(f"{len(rows)} configurations: median |error| {result['median_abs_error']:.1%}, max "
+          f"{result['max_abs_error']:.1%}; load average {conditions['load_average_start']} at the start, "
+          f"{conditions['load_average_end']} at the end; {conditions['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

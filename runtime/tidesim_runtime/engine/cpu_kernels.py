@@ -1,0 +1,228 @@
+"""The CPU expert kernels: SwiGLU of one expert from host weights, in several selectable forms.
+
+A routed expert at a few tokens is bound by streaming its weights from DRAM, so the form of the
+GEMMs matters: torch's `F.linear` (x @ W^T) is the reference model's own arithmetic, but on the
+CPU its small-M path does not stream the weights at the memory's rate. Kernels (all take x
+[T, H], w13 [2I, H] (gate rows then up rows, the bank layout) and w2 [H, I], and return [T, H]):
+
+- `linear`: `F.linear` with gate/up fused in w13, SiLU, product, `F.linear` (the reference
+  model's numbers: bit-identical to its separate gate/up/down `nn.Linear`s);
+- `weights-left`: the same GEMMs with the weight as the left operand (W @ x^T, the result
+  written transposed), which oneDNN and MKL run as a weight-streaming kernel at few tokens;
+- `onednn-packed`: bfloat16 only, `F.linear`'s oneDNN GEMM on weights reordered once into
+  oneDNN's blocked layout (`torch.ops.mkldnn._reorder_linear_weight`) and kept in a cache, so no
+  call reorders them again; the cache holds a packed copy of every expert it has run;
+- `compiled`: `linear` through `torch.compile` (inductor's CPU code for SiLU and product);
+- `kt-kernel`: bfloat16 only, kTransformers' AMX MoE operator (engine/kt_backend.py), where the
+  optional package kt-kernel is installed and the CPU has AMX.
+
+Which kernel is bit-identical to `linear` in which dtype is a property of the kernel
+(`identical_to_linear`), tested in tests/test_runtime_cpu_kernels.py. The runtime uses one kernel
+per process (`use`, `current`): the CPU worker pool and every CPU-side SwiGLU of the executor run
+it, so a reference decode with the same kernel (`same_kernel_runner`) reproduces the live run
+bit for bit even where the kernel's accumulation order differs from `F.linear`'s.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tidesim.errors import InputError
+from tidesim_runtime.engine import kt_backend
+
+Swiglu = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+SwigluInto = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def linear_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) with `F.linear`: the reference model's arithmetic."""
+    gu = F.linear(x, w13)
+    inter = w2.shape[1]
+    return F.linear(F.silu(gu[:, :inter]) * gu[:, inter:], w2)
+
+
+def linear_into(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """linear_swiglu written into `out` (contiguous rows): four kernels (gate/up GEMM, SiLU,
+    product, down GEMM) and no copy; bit-identical to linear_swiglu."""
+    gu = F.linear(x, w13)
+    inter = w2.shape[1]
+    return torch.matmul(F.silu(gu[:, :inter]) * gu[:, inter:], w2.t(), out=out)
+
+
+def weights_left_into(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """SwiGLU with the weights as the left GEMM operand, written into `out` [T, H] (contiguous
+    rows): gu^T = w13 @ x^T, h^T = silu(g^T) * u^T, out^T = w2 @ h^T. Four kernels, no copy."""
+    inter = w2.shape[1]
+    gu = torch.mm(w13, x.t())
+    h = F.silu(gu[:inter]) * gu[inter:]
+    torch.mm(w2, h, out=out.t())
+    return out
+
+
+def weights_left(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    out = torch.empty((x.shape[0], w2.shape[0]), dtype=x.dtype, device=x.device)
+    return weights_left_into(x, w13, w2, out)
+
+
+class PackedWeights:
+    """oneDNN-reordered copies of bf16 weights, made on first use and kept with the weights
+    themselves (keyed by address, shape and strides; holding the weights keeps the address from
+    being reused). For weights that never change: the host banks the CPU pool reads."""
+
+    def __init__(self) -> None:
+        self._packed: dict[tuple[int, tuple[int, ...], tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, w: torch.Tensor) -> torch.Tensor:
+        key = (w.data_ptr(), tuple(w.shape), tuple(w.stride()))
+        found = self._packed.get(key)
+        if found is None:
+            found = (w, torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None))
+            with self._lock:
+                self._packed[key] = found
+        return found[1]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._packed.clear()
+
+
+PACKED = PackedWeights()
+
+
+def onednn_packed(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """`linear` on oneDNN-packed bf16 weights (the packing is done once per expert)."""
+    inter = w2.shape[1]
+    gu = torch.ops.mkldnn._linear_pointwise(x, PACKED.get(w13), None, "none", [], "")
+    h = F.silu(gu[:, :inter]) * gu[:, inter:]
+    return torch.ops.mkldnn._linear_pointwise(h, PACKED.get(w2), None, "none", [], "")
+
+
+class Compiled:
+    """`linear` through torch.compile, compiled on first call (dynamic token count)."""
+
+    def __init__(self) -> None:
+        self._fn: Swiglu | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        if self._fn is None:
+            with self._lock:
+                if self._fn is None:
+                    self._fn = torch.compile(linear_swiglu, dynamic=True)
+        return self._fn(x, w13, w2)
+
+
+@dataclass(frozen=True)
+class CpuKernel:
+    """One CPU expert kernel: its function, the dtypes it runs, and those in which its output is
+    bit-identical to `linear` (the reference model's arithmetic)."""
+
+    name: str
+    run: Swiglu
+    dtypes: frozenset[torch.dtype]
+    identical_to_linear: frozenset[torch.dtype]
+    summary: str
+    run_into: SwigluInto | None = None   # writes into rows of an output buffer without a copy
+    usable: Callable[[], tuple[bool, str]] | None = None   # an optional package: (loaded, why not)
+    caches_weights: bool = False   # keeps a packed copy per weight: only for weights that never change
+
+    def supports(self, dtype: torch.dtype) -> bool:
+        return dtype in self.dtypes
+
+    def why_unusable(self) -> str:
+        """'' when the kernel can run here, else why not (its optional package)."""
+        if self.usable is None:
+            return ""
+        ok, reason = self.usable()
+        return "" if ok else reason
+
+    def into(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The kernel's output written into `out` (bit-identical to run)."""
+        if self.run_into is not None:
+            return self.run_into(x, w13, w2, out)
+        out.copy_(self.run(x, w13, w2))
+        return out
+
+
+FLOATS = frozenset({torch.float32, torch.bfloat16})
+BF16 = frozenset({torch.bfloat16})
+KERNELS: dict[str, CpuKernel] = {k.name: k for k in (
+    CpuKernel("linear", linear_swiglu, FLOATS, FLOATS, "F.linear (x @ W^T): the reference model's arithmetic",
+              linear_into),
+    CpuKernel("weights-left", weights_left, FLOATS, BF16, "W @ x^T, weights as the left GEMM operand",
+              weights_left_into),
+    CpuKernel("onednn-packed", onednn_packed, BF16, BF16, "oneDNN GEMM on weights packed once per expert",
+              caches_weights=True),
+    CpuKernel("compiled", Compiled(), FLOATS, frozenset(), "linear through torch.compile (inductor)"),
+    CpuKernel("kt-kernel", kt_backend.kt_swiglu, BF16, frozenset(),
+              "kTransformers' AMX bf16 MoE operator (optional package kt-kernel)", usable=kt_backend.available,
+              caches_weights=True),
+)}
+# The default stays the reference arithmetic: no other kernel was measured faster on this project's
+# machine in a way that held across runs (docs/performance.md); `calibrate --cpu-kernel auto` picks
+# by measurement. tidesim.cli.cpu_kernel_arg.DEFAULT_CPU_KERNEL names the same.
+DEFAULT_KERNEL = "linear"
+_current = [KERNELS[DEFAULT_KERNEL]]
+
+
+def get_kernel(name: str) -> CpuKernel:
+    """The kernel called `name`; InputError naming the choices otherwise."""
+    if name not in KERNELS:
+        raise InputError(f"--cpu-kernel must be one of {', '.join(KERNELS)}, got {name!r}")
+    return KERNELS[name]
+
+
+def check_kernel(name: str, dtype: torch.dtype) -> CpuKernel:
+    """The kernel, refused (InputError) when it cannot run `dtype`."""
+    kernel = get_kernel(name)
+    why = kernel.why_unusable()
+    if why:
+        raise InputError(f"--cpu-kernel {name} cannot run here: {why}; pick another --cpu-kernel")
+    if not kernel.supports(dtype):
+        dts = ", ".join(sorted(str(d).replace("torch.", "") for d in kernel.dtypes))
+        raise InputError(f"--cpu-kernel {name} runs {dts} weights only, and this run computes in "
+                         f"{str(dtype).replace('torch.', '')}; pick another --cpu-kernel")
+    return kernel
+
+
+def use(name: str) -> CpuKernel:
+    """Make `name` the process's CPU expert kernel (the pool and CPU-side SwiGLU run it)."""
+    kernel = get_kernel(name)
+    _current[0] = kernel
+    return kernel
+
+
+def current() -> CpuKernel:
+    return _current[0]
+
+
+def for_weights(dtype: torch.dtype, fixed: bool) -> CpuKernel:
+    """The current kernel for weights of `dtype`; `linear` where it cannot run the dtype, or
+    where it caches packed weights and these may change (GPU-side slots on the cpu-as-gpu path)."""
+    kernel = current()
+    if not kernel.supports(dtype) or (kernel.caches_weights and not fixed):
+        return KERNELS["linear"]
+    return kernel
+
+
+def cpu_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, fixed: bool = False) -> torch.Tensor:
+    """SwiGLU with the current kernel (see for_weights); `fixed`: the weights never change."""
+    return for_weights(x.dtype, fixed).run(x, w13, w2)
+
+
+def cpu_swiglu_into(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, out: torch.Tensor,
+                    fixed: bool = False) -> torch.Tensor:
+    """cpu_swiglu written into `out` (bit-identical to it)."""
+    return for_weights(x.dtype, fixed).into(x, w13, w2, out)
+
+
+def bit_identical(kernel: CpuKernel, dtype: torch.dtype) -> bool:
+    """Whether `kernel` computes the reference model's bits in `dtype` (no same-kernel reference
+    decode needed for a lossless check)."""
+    return not kernel.supports(dtype) or dtype in kernel.identical_to_linear

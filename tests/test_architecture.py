@@ -1,0 +1,100 @@
+"""The floors of the code base (docs/architecture.md): the CLI is the top floor, so nothing below
+it imports tidesim.cli; and no two library modules import each other, directly or around a loop
+(counting imports inside functions, which hide circles rather than remove them)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = [ROOT / "tidesim", ROOT / "runtime" / "tidesim_runtime"]
+
+
+def _module_name(root: Path, path: Path) -> str:
+    """tidesim/policies/tide.py under `root` -> tidesim.policies.tide (a package's __init__: the package)."""
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, name: str, known: set[str]) -> set[str]:
+    """The project modules `path` imports anywhere in its body (a `from package import module`
+    counts as the module)."""
+    out: set[str] = set()
+    is_package = path.name == "__init__.py"
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name in known}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = name.split(".")[: len(name.split(".")) - node.level + (1 if is_package else 0)]
+                target = ".".join([*base, node.module] if node.module else base)
+            else:
+                target = node.module or ""
+            for alias in node.names:
+                if f"{target}.{alias.name}" in known:
+                    out.add(f"{target}.{alias.name}")
+                elif target in known:
+                    out.add(target)
+    return out - {name}
+
+
+def _graph() -> dict[str, set[str]]:
+    files = {_module_name(base.parent, p): p for base in PACKAGES for p in base.rglob("*.py")}
+    known = set(files)
+    return {name: _imports(path, name, known) for name, path in files.items()}
+
+
+def test_nothing_below_the_cli_imports_it() -> None:
+    below = {name: deps for name, deps in _graph().items()
+             if not name.startswith("tidesim.cli") and name != "tidesim.__main__"}
+    offenders = sorted(f"{name} imports {dep}" for name, deps in below.items() for dep in deps
+                       if dep.startswith("tidesim.cli"))
+    assert offenders == []
+
+
+def _circles(graph: dict[str, set[str]]) -> list[str]:
+    """Every import loop a depth-first walk meets, as "a -> b -> a"."""
+    circles: list[str] = []
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                circles.append(" -> ".join([*stack[stack.index(dep):], dep]))
+            elif dep not in state:
+                visit(dep)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    return circles
+
+
+def test_no_import_circles() -> None:
+    # A package's __init__ re-exporting its modules is the package's front door, not a dependency
+    # of those modules on each other: drop the edges from a package to its own submodules.
+    graph = {name: {d for d in deps if not d.startswith(name + ".")} for name, deps in _graph().items()}
+    assert _circles(graph) == []
+
+
+def test_the_checker_sees_a_circle_and_a_cli_import(tmp_path: Path) -> None:
+    """The import reader on a hand-written package: relative, absolute and in-function imports."""
+    pkg = tmp_path / "tidesim"
+    (pkg / "cli").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "cli" / "__init__.py").write_text("")
+    (pkg / "cli" / "output.py").write_text("")
+    (pkg / "a.py").write_text("from tidesim import b\n")
+    (pkg / "b.py").write_text("def f():\n    from .a import x\n    from tidesim.cli.output import y\n")
+    files = {_module_name(tmp_path, p): p for p in pkg.rglob("*.py")}
+    known = set(files)
+    assert _imports(files["tidesim.a"], "tidesim.a", known) == {"tidesim.b"}
+    assert _imports(files["tidesim.b"], "tidesim.b", known) == {"tidesim.a", "tidesim.cli.output"}
+    graph = {name: _imports(path, name, known) for name, path in files.items()}
+    assert _circles(graph) == ["tidesim.a -> tidesim.b -> tidesim.a"]

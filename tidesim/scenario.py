@@ -1,0 +1,180 @@
+"""One scenario, resolved once: the trace's workload, the hardware profile, the GPU expert budget
+and the refresh interval (each with the reason it was chosen), the refresh mode, the executor and an
+optional plan, checked together. `resolve` is the one place that turns what a user gives (names,
+paths, optional numbers) into a Scenario; the commands call it instead of each resolving their own.
+
+A Scenario is frozen and hashable by content (`key`: the workload's digest, the profile's
+fingerprint, the plan's fingerprint and the resolved numbers), never by object identity, so it can
+key a cache and two scenarios built from the same inputs are equal. Warnings (a plan forced onto
+other inputs) are returned in it, not printed: the caller says them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from tidesim.budget import default_budget
+from tidesim.default_tau import TauChoice, choose_tau
+from tidesim.errors import InputError
+from tidesim.hardware import HardwareProfile, get_profile
+from tidesim.plan import Plan
+from tidesim.policies.options import PolicyOptions, uniform
+from tidesim.policies.registry import traits
+from tidesim.workload import Workload
+
+
+def workload_digest(workload: Workload) -> str:
+    """sha256 of a workload's content: its model, KV-cache mode and every array."""
+    h = hashlib.sha256(repr(sorted(workload.model.to_dict().items())).encode())
+    h.update(workload.kv_cache.encode())
+    for name in ("tokens", "context", "committed", "prompt", "block", "step", "expert_tokens"):
+        arr = np.ascontiguousarray(getattr(workload, name))
+        h.update(f"{name}:{arr.dtype}:{arr.shape}".encode())
+        h.update(arr.tobytes())
+    if workload.phase is not None:
+        h.update("|".join(map(str, workload.phase)).encode())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class Scenario:
+    """Everything a simulate/compare run needs, resolved and checked (see the module docstring)."""
+
+    trace: str
+    workload: Workload
+    hw: HardwareProfile
+    budget: int
+    budget_source: str
+    tau: int
+    refresh: str
+    engine: str
+    plan: Plan | None = None              # per-layer tau and budget for the policy that runs a plan
+    tau_choice: TauChoice | None = None   # where tau came from (None: no policy run uses it)
+    warnings: tuple[str, ...] = field(default=())
+
+    @cached_property
+    def key(self) -> tuple[Any, ...]:
+        """The scenario's content: what its hash and equality use."""
+        plan = None if self.plan is None else hashlib.sha256(self.plan.to_json().encode()).hexdigest()
+        return (workload_digest(self.workload), self.hw.fingerprint(), self.budget, self.tau, self.refresh,
+                self.engine, plan)
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Scenario) and self.key == other.key
+
+    def options(self, policy: str) -> PolicyOptions:
+        """The plan's per-layer settings for the policy that runs it (the plan's runner: the plan-running
+        policy for a tide plan, the plan's policy otherwise); the uniform budget and tau for the others."""
+        layers = self.workload.num_layers
+        if self.plan is not None and policy == self.plan.runner:
+            return PolicyOptions(budget=self.plan.budget_array(), tau=self.plan.tau_array(), hw=self.hw,
+                                 refresh=self.plan.refresh, extra={"plan": self.plan})
+        return PolicyOptions(budget=uniform(self.budget, layers), tau=uniform(self.tau, layers), hw=self.hw,
+                             refresh=self.refresh)
+
+    def describe(self) -> dict[str, Any]:
+        from tidesim.report import plan_slots
+
+        w = self.workload
+        return {"trace": self.trace, "model": w.model.name, "kv_cache": w.kv_cache, "forwards": w.num_forwards,
+                "generated_tokens": w.generated_tokens, "prompts": sorted({int(p) for p in w.prompt}),
+                "hw": self.hw.name, "budget": self.budget, "budget_source": self.budget_source, "tau": self.tau,
+                "tau_choice": self.tau_choice.to_dict() if self.tau_choice else None,
+                "refresh": self.refresh, "engine": self.engine,
+                **({"expert_slots": plan_slots(self.plan)} if self.plan else {}),
+                **({"budget": "per layer (plan)", "budget_source": "--plan", "tau": "per layer (plan)",
+                    "refresh": self.plan.refresh} if self.plan and self.tau_choice is None else {})}
+
+    @property
+    def tau_line(self) -> str | None:
+        """The printed tau and its reason, when a policy that was run uses it."""
+        return self.tau_choice.line if self.tau_choice else None
+
+
+def resolve(trace: str, hw: str | HardwareProfile, policies: list[str], *, budget: int | None = None,
+            gpu_mem_gib: float | None = None, tau: int | None = None, refresh: str = "sync", engine: str = "sim",
+            prompts: str | None = None, model: str | None = None, allow_roofline: bool = False,
+            plan: Plan | None = None, force: bool = False) -> Scenario:
+    """Resolve and check the inputs for running `policies`; every problem is an InputError (one line
+    naming the flag). The budget follows the default-budget rule unless given, tau the default-tau
+    rule (tidesim.default_tau) when a policy that uses it is run."""
+    from tidesim.bundled.paths import resolve_trace
+    from tidesim.models import get_model
+    from tidesim.trace.io import read_trace
+    from tidesim.workload import workload_from_trace
+
+    path = resolve_trace(trace)
+    data = read_trace(path)
+    workload = workload_from_trace(data, get_model(model) if model else None)
+    if prompts is not None:              # an empty --prompts= is refused, not "all prompts"
+        workload = workload.select_prompts(prompt_ids(prompts, data.prompt_ids))
+    profile = hw if isinstance(hw, HardwareProfile) else get_profile(hw)
+    if tau is not None and tau < 1:
+        raise InputError(f"--tau must be at least 1, got {tau}")
+    warnings: list[str] = []
+    if plan is not None:         # another model: refused; another trace or profile: refused unless force
+        warnings += plan.check_inputs(workload.model, path, profile, force=force)
+    slots, source = _budget(budget, gpu_mem_gib, workload, profile)
+    if not allow_roofline:
+        check_curves(profile, workload, policies)
+    uses_tau = any(traits(p).uses_tau for p in policies)
+    choice = choose_tau(workload, profile, slots, refresh, tau, plan) if uses_tau else None
+    return Scenario(trace=str(path), workload=workload, hw=profile, budget=slots, budget_source=source,
+                    tau=choice.tau if choice else 1, refresh=refresh, engine=engine, plan=plan, tau_choice=choice,
+                    warnings=tuple(warnings))
+
+
+def prompt_ids(text: str, available: list[int]) -> list[int]:
+    """--prompts "0,2" as prompt ids of the trace (refused: empty, not numbers, not in the trace)."""
+    try:
+        ids = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--prompts must be comma-separated prompt ids, got {text!r}") from None
+    if not ids:
+        raise InputError("--prompts is empty; give prompt ids such as 0,1 or leave the flag out for all prompts")
+    missing = [i for i in ids if i not in available]
+    if missing:
+        raise InputError(f"--prompts: prompt {missing[0] if missing else text!r} is not in the trace "
+                         f"(it has {', '.join(map(str, available))})")
+    return ids
+
+
+def _budget(budget: int | None, gpu_mem_gib: float | None, workload: Workload, hw: HardwareProfile
+            ) -> tuple[int, str]:
+    spec = workload.model
+    experts = workload.num_experts
+    if budget is not None:
+        if not 0 <= budget <= experts:
+            raise InputError(f"--budget must lie in 0..{experts} experts per layer for {spec.name}, got {budget}")
+        return budget, "--budget"
+    memory = gpu_mem_gib if gpu_mem_gib is not None else hw.gpu.memory_gib
+    where = "--gpu-mem-gib" if gpu_mem_gib is not None else f"{hw.name} GPU memory"
+    choice = default_budget(spec, memory, where)
+    return choice.slots, choice.reason
+
+
+def check_curves(hw: HardwareProfile, workload: Workload, policies: list[str]) -> None:
+    """A measured profile must have expert curves for this model's expert shape on every device
+    the policies use; datasheet presets are roofline by design (and say so in their notes)."""
+    if hw.provenance.kind != "measured":
+        return
+    spec = workload.model
+    shape = f"{spec.hidden_size}x{spec.moe_intermediate_size}"
+    need = [("gpu", hw.gpu.expert_ffn)]
+    cpu_users = sorted(p for p in policies if traits(p).needs_cpu)
+    if cpu_users:
+        need.append(("cpu", hw.cpu.expert_ffn))
+    for device, curves in need:
+        if not any(c.matches(spec) for c in curves):
+            users = ", ".join(cpu_users) if device == "cpu" else "every policy"
+            raise InputError(f"measured profile {hw.name!r} has no {device}.expert_ffn curve for {shape} experts "
+                             f"({spec.name}), which {users} needs; run `tidesim calibrate` for this model or pass "
+                             "--allow-roofline")
