@@ -1,4 +1,4 @@
-"""`tidesim generate` wall time with the old CPU expert path against the new default (issue 25).
+"""`tidesim generate` wall time with the old CPU expert path against other CPU kernels (issue 25).
 
 Runs the same decode with each --cpu-kernel back to back in one invocation, interleaved (A, B,
 A, B, ...), each run with --check-lossless, and reports per kernel the median wall time of the

@@ -1,7 +1,9 @@
 """Simulator and analytic-model speed on the issue's benchmark case, and engine agreement.
 
 Speed (default): llada2-flash, prefix KV cache, one prompt of 256 generated tokens, policy tide,
-preset h100-sxm-pcie5. Goals: the simulator within 2 s; the analytic model at least 100x faster.
+preset h100-sxm-pcie5 (analytic_async_engine_s: the analytic model on the same case with
+asynchronous refresh, which adds its background-copy queue). Goals: the simulator within 2 s;
+the analytic model at least 100x faster.
 Both engines start from the same per-expert costs (tidesim.sim.costs.schedule_costs, shared), so
 the table reports that step, each engine alone, and end to end (the workload's cell times are
 kept per workload object, so repeated runs reuse them; analytic_first_costing_s is a run on a
@@ -14,7 +16,8 @@ Agreement (--agreement): simulator vs analytic total time for every policy on ev
 (all prompts) with the H100 and A100 presets; the table docs/costmodel.md quotes.
 
     .venv/bin/python bench/bench_sim.py [--repeats 5] [--json out.json]
-    .venv/bin/python bench/bench_sim.py --agreement [--traces A,B] [--presets P,Q] [--json out.json]
+    .venv/bin/python bench/bench_sim.py --agreement [--traces A,B] [--presets P,Q] [--policies tide-async]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -72,12 +75,15 @@ def speed(repeats: int) -> dict[str, Any]:
     hw = get_profile("h100-sxm-pcie5")
     sched = make_schedule(w, hw, "tide")
     costs = schedule_costs(w, sched, hw)
+    async_costs = schedule_costs(w, make_schedule(w, hw, "tide", "async"), hw)
     out: dict[str, Any] = {
         "case": "llada2-flash_prefix_g256 prompt 0, tide (tau 2, sync), h100-sxm-pcie5",
         "forwards": w.num_forwards, "layers": w.num_layers, "generated_tokens": w.generated_tokens,
         "costs_s": median_time(lambda: schedule_costs(w, sched, hw), fast),
         "sim_engine_s": median_time(lambda: simulate(costs), repeats),
         "analytic_engine_s": median_time(lambda: (estimate(costs), lower_bound(costs)), fast),
+        # the same case with asynchronous refresh: the analytic model's background-copy queue too
+        "analytic_async_engine_s": median_time(lambda: (estimate(async_costs), lower_bound(async_costs)), fast),
         "sim_end_to_end_s": median_time(lambda: run(w, sched, hw, engine="sim", check=False), repeats),
         "analytic_end_to_end_s": median_time(lambda: run(w, sched, hw, engine="analytic", check=False), fast),
         # the first costing of a workload object also evaluates its cell times (kept for later schedules)
@@ -94,7 +100,10 @@ def speed(repeats: int) -> dict[str, Any]:
     return out
 
 
-def agreement(traces: list[str] | None = None, presets: list[str] | None = None) -> list[dict[str, Any]]:
+def agreement(traces: list[str] | None = None, presets: list[str] | None = None,
+              columns: list[str] | None = None) -> list[dict[str, Any]]:
+    """Rows of the agreement table; `columns`: only these (policy names, tide-async for tide with
+    asynchronous refresh)."""
     rows = []
     for trace in traces or bundled_traces():
         w = load(trace, None)
@@ -102,6 +111,8 @@ def agreement(traces: list[str] | None = None, presets: list[str] | None = None)
             hw = get_profile(hw_name)
             for policy in policy_names():
                 for refresh in (("sync", "async") if policy == "tide" else ("sync",)):
+                    if columns is not None and policy + ("-async" if refresh == "async" else "") not in columns:
+                        continue
                     try:
                         sched = make_schedule(w, hw, policy, refresh)
                     except Exception as exc:  # noqa: BLE001  (a policy may refuse a budget; record it)
@@ -137,13 +148,20 @@ def main() -> None:
     ap.add_argument("--traces", help="with --agreement: comma-separated bundled traces (default: all)")
     ap.add_argument("--presets", help="with --agreement: comma-separated presets (default: h100-sxm-pcie5,"
                                       "a100-80gb-pcie4)")
+    ap.add_argument("--policies", help="with --agreement: comma-separated columns (policy names, tide-async; "
+                                       "default: all)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON")
     args = ap.parse_args()
+    columns = args.policies.split(",") if args.policies else None
+    known = [*policy_names(), "tide-async"]
+    if columns is not None and any(c not in known for c in columns):
+        ap.error(f"--policies: unknown column in {args.policies!r}; choose from {', '.join(known)}")
     meta = {"machine": platform.platform(), "python": platform.python_version(), "processor": platform.processor(),
             "date": time.strftime("%Y-%m-%d")}
     if args.agreement:
         result: Any = {"meta": meta, "rows": agreement(args.traces.split(",") if args.traces else None,
-                                                       args.presets.split(",") if args.presets else None)}
+                                                       args.presets.split(",") if args.presets else None,
+                                                       columns)}
     else:
         result = {"meta": meta, **speed(args.repeats)}
         for key, value in result.items():

@@ -86,6 +86,7 @@ def test_interpolation_monotone_where_data_is(xs, raw_ts, queries):
         (("pcie", "h2d_gbs"), -3.0, "pcie.h2d_gbs: must not be negative"),
         (("cpu", "workers"), 0, "cpu.workers: 0 is outside the plausible range 1..4096"),
         (("cpu", "workers"), 2.5, "cpu.workers: must be a whole number in 1..4096, got 2.5"),
+        (("cpu", "workers"), 33, "cpu.workers: 33 workers on 32 cores; the CPU pool model needs at least one core"),
         (("pcie", "h2d_gbs"), float("nan"), "pcie.h2d_gbs: must be a finite number, got nan"),
         (("pcie", "d2h_gbs"), float("inf"), "pcie.d2h_gbs: must be a finite number, got inf"),
         (("pcie", "h2d_gbs"), 1e300, "pcie.h2d_gbs: 1e+300 is outside the plausible range 0.01..10000"),

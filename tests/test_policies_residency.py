@@ -106,7 +106,7 @@ def test_commit_rule_matches_the_phase_column_of_bundled_traces() -> None:
 
 @pytest.mark.parametrize("seed", range(6))
 def test_refresh_sets_is_top_activated_then_keep_best(seed: int) -> None:
-    # the online step's one-sort fast path equals the rule as written (tide.refreshed_residents)
+    # the one implementation of the refresh rule equals its definition: top_activated, then keep_best
     rng = np.random.default_rng(seed)
     n, e = (1, 9) if seed % 3 == 0 else (int(rng.integers(2, 6)), int(rng.integers(1, 40)))
     counts = np.where(rng.random((n, e)) < 0.5, rng.integers(1, 4, (n, e)), 0)

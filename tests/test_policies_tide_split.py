@@ -120,9 +120,8 @@ def test_live_layer_by_layer_equals_the_offline_builder(w, data) -> None:  # typ
 @settings(max_examples=25, deadline=None)
 @given(w=workloads(), data=st.data())
 def test_async_refresh_copies_nothing_on_demand_while_refresh_copies_may_run(w, data) -> None:  # type: ignore[no-untyped-def]
-    """With asynchronous refresh, no on-demand copy in a forward in which a layer refreshes or in
-    the forward after; and the simulator runs the schedule to its end (at or above the analytic
-    model's lower bound)."""
+    """With asynchronous refresh, no on-demand copy in a forward in which a layer refreshes; and
+    the simulator runs the schedule to its end (at or above the analytic model's lower bound)."""
     from tidesim.costmodel import lower_bound
     from tidesim.policies.step import forward_metas
     from tidesim.policies.tide import refreshes
@@ -132,7 +131,24 @@ def test_async_refresh_copies_nothing_on_demand_while_refresh_copies_may_run(w, 
     opts = options(w, data.draw(st.integers(1, w.num_experts)), data.draw(st.integers(1, 3)), "async", hw=hw)
     s = checked("tide-split", w, opts)
     busy = np.array([bool(refreshes(m, opts.tau).any()) for m in forward_metas(w)])
-    busy[1:] |= busy[:-1]
     assert not (s.copy[busy] == COPY_ON_DEMAND).any()
     costs = schedule_costs(w, s, hw)
     assert simulate(costs).total_s >= lower_bound(costs) * (1 - 1e-9)
+
+
+def test_backlog_drains_by_the_forwards_lower_bound() -> None:
+    """Two copies of 30 us queued; a forward that lasts at least 40 us leaves 20 us, the next
+    at least 25 us leaves none (hand-computed)."""
+    from tidesim.layermodel import Rates
+    from tidesim.policies.tide_split import Backlog
+    from tidesim.schedule import COPY_ASYNC_REFRESH
+
+    w = one_layer([6, 5, 1, 0])
+    b = Backlog(Rates.of(profile(10.0, 10.0, 30.0), w.model))
+    b.next_forward(0)
+    b.add(np.array([[COPY_ASYNC_REFRESH, COPY_ASYNC_REFRESH, 0, 0]]), 40e-6)
+    b.next_forward(1)
+    assert b.seconds == pytest.approx(20e-6)
+    b.add(np.zeros((1, 4)), 25e-6)
+    b.next_forward(2)
+    assert b.seconds == 0.0

@@ -158,3 +158,20 @@ def test_compiled_kernel_runs_in_a_pool_thread() -> None:
     th.start()
     th.join(timeout=300)
     torch.testing.assert_close(got[0], ck.linear_swiglu(x, w13, w2), rtol=1e-5, atol=1e-5)
+
+
+def test_kt_kernel_is_found_without_loading_and_loading_keeps_ieee_denormals(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asking whether kt-kernel is usable loads nothing; running it loads the extension, whose
+    fast-math start-up sets flush-to-zero, and the backend puts denormals back."""
+    from tidesim_runtime.engine import kt_backend
+
+    monkeypatch.setattr(kt_backend.importlib.util, "find_spec", lambda name: None)
+    path, _, reason = kt_backend.find_extension({"amx_bf16", "amx_tile", "avx512_bf16"})
+    assert path == "" and "not installed" in reason
+    monkeypatch.undo()
+    if kt_backend.find_extension(kt_backend.cpu_flags())[0] == "":
+        pytest.skip("kt-kernel is not installed here (optional)")
+    assert kt_backend.denormals_kept()
+    w13, w2 = weights(torch.bfloat16, 10)
+    kt_backend.kt_swiglu(torch.randn(2, H).bfloat16(), w13, w2)
+    assert kt_backend.BACKEND.ext is not None and kt_backend.denormals_kept()

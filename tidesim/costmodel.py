@@ -61,52 +61,71 @@ def _demand_after_sync(c: ScheduleCosts) -> np.ndarray:
     return h2d + c.copies.act_d2h if c.rates.engines == 1 else h2d
 
 
-def _async_wait(c: ScheduleCosts, parts: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, float]:
-    """Fluid-queue estimate of the GPU's wait for asynchronous refresh copies, and the tail after
-    the last forward.
+def _clamp_scan(b: np.ndarray, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """[n] x_(k+1) = max(min(x_k + b_k, hi_k), lo_k) from x_0 = 0, for all k at once.
+
+    Maps x -> max(min(x + p, hi), lo) with lo <= hi are closed under composition (the outer one
+    (p2, hi2, lo2) after the inner (p, hi, lo) is (p + p2, min(hi + p2, hi2),
+    max(min(lo + p2, hi2), lo2))), so a prefix scan by doubling composes them in log2(n) vector
+    steps instead of a Python loop over layer-forwards."""
+    p, lo = b.copy(), lo.copy()
+    hi = np.maximum(hi, lo)
+    d = 1
+    while d < p.size:
+        p2, hi2, lo2 = p[d:], hi[d:], lo[d:]
+        nlo = np.maximum(np.minimum(lo[:-d] + p2, hi2), lo2)
+        nhi = np.maximum(np.minimum(hi[:-d] + p2, hi2), nlo)
+        p[d:] = p[:-d] + p2          # right-hand sides are evaluated before the slices are written
+        hi[d:], lo[d:] = nhi, nlo
+        d *= 2
+    return np.maximum(np.minimum(p, hi), lo)
+
+
+def _async_wait(c: ScheduleCosts, parts: dict[str, np.ndarray], pool: np.ndarray, od: OnDemand | None
+                ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Fluid-queue estimate of the GPU's wait for asynchronous refresh copies, the demand copies'
+    block behind them, and the tail after the last forward.
 
     The H2D engine serves background copies FIFO in the time demand copies leave it idle; a
     layer-forward waits until the queue has served every copy up to the last one it waits for
     (tidesim.layermodel.background_waits: the copies of the experts its grouped kernel runs, and
-    where it has demand copies, those whose slots they reuse). Without waits the backlog follows
-    Lindley's recursion (vectorised with cumulative sums). A wait of w at a layer with slack s
-    (how long its CPU side outlasts its GPU work) stretches the timeline by max(0, w - s), and
-    while a backlog lasts every second of stretch serves one more second of copies. So the cumulative stretch E follows
-    E_k = max(E_(k-1), deficit_k - slack_k): a running maximum, restarted where the backlog empties.
+    where it has demand copies, those whose slots they reuse). The queue is the real backlog R_k
+    left at layer-forward k's expert start (docs/costmodel.md, *Background copies*): k waits
+    w_k = max(0, R_k - t_k), t_k the copies queued behind the last one it needs; the wait
+    stretches the layer by max(0, w_k - slack_k), and the engine serves copies all that time, so
+    R_(k+1) = max(min(R_k, t_k + slack_k) + a_k - cap_k, 0) with a_k the copies k issues and
+    cap_k the engine's idle time in k (and the next layer's head). Copies that wait for their
+    slot until the grouped kernel ends leave the engine idle before it only when the backlog and
+    k's free-slot copies run out first (cap_k loses max(0, grouped - free_k - R_k)), which is a
+    clamp from below: every step is a clamp of R_k, composed by _clamp_scan.
     """
     G, L = c.groups, c.layers
     a = c.copies.async_h2d
-    # idle engine time from this layer-forward's expert start to the next one's; copies whose slot
-    # frees only after the grouped kernel cannot use the idle time before it (first order: the
-    # layer's own copies are then the only ones that could use it)
+    copy_s = c.rates.expert_copy_s
     head = parts["fixed"].copy()
     head[::L] += c.gpu.fwd_fixed
     late = np.bincount(c.items.async_g[c.items.async_release != FREE_NOW], minlength=G) > 0
-    lost = np.where(late, np.minimum(c.gpu.grouped + c.gpu.slow_extra, parts["side"]), 0.0)
-    cap = (np.maximum(parts["side"] - lost - _demand_after_sync(c), 0.0)
-           + np.concatenate([head[1:], [0.0]]))
-    s = np.cumsum(a - cap)
-    queue = s - np.minimum(np.minimum.accumulate(s), 0.0)
-    issued = np.cumsum(a)
-    served = issued - queue
-    served_before = np.concatenate([[0.0], served[:-1]])     # served by this layer's expert start
-    need = _needed(c, issued)
-    deficit = np.where(need > 0, np.maximum(need - served_before, 0.0), 0.0)
+    free = np.bincount(c.items.async_g[c.items.async_release == FREE_NOW], minlength=G) * copy_s
+    idle_to = np.where(late, np.minimum(c.gpu.grouped + c.gpu.slow_extra, parts["side"]) - free, -np.inf)
+    # a demand copy that arrives while background copies are queued waits for the one in progress
+    # (on average half a copy: copies are not preempted); the engine serves that copy meanwhile,
+    # so the layer's growth from it is engine time for the queue too
+    half = np.full(G, 0.5 * copy_s)
+    gain = _layer_parts(c, od, pool, None, half)["layer"] - parts["layer"]
+    cap = (np.maximum(parts["side"] - _demand_after_sync(c), 0.0) + np.concatenate([head[1:], [0.0]])
+           + gain)
+    issued_before = np.cumsum(a) - a
+    need = _needed(c, issued_before + a)
     # a wait at the gate delays both sides; one before the grouped kernel only the GPU side
     slack = np.where(_slot_demand(c), 0.0, parts["side"] - parts["gpu_work"])
-    # running maximum of (deficit - slack), restarted wherever the backlog emptied
-    segment = np.cumsum(queue <= 0.0)
-    span = float(np.abs(deficit - slack).max()) + 1.0
-    offset = segment * (2.0 * span)
-    stretch = np.maximum(np.maximum.accumulate(deficit - slack + offset) - offset, 0.0)
-    first = np.concatenate([[True], segment[1:] != segment[:-1]])
-    before = np.where(first, 0.0, np.concatenate([[0.0], stretch[:-1]]))
-    wait = np.maximum(deficit - before, 0.0)
-    tail = max(float(queue[-1] - stretch[-1]), 0.0) if G else 0.0
-    # a demand copy that arrives while background copies are queued waits for the one in progress:
-    # on average half a copy (copies are not preempted)
-    backlog = np.concatenate([[0.0], queue[:-1]]) > 0.0
-    block = np.where(backlog, 0.5 * c.rates.expert_copy_s, 0.0)
+    behind = np.where(need > 0, issued_before - need, np.inf)        # t_k
+    top = behind + slack
+    step = a - cap
+    after = _clamp_scan(step, top + step, np.maximum(np.minimum(idle_to, top) + step, 0.0))   # R_(k+1)
+    backlog = np.concatenate([[0.0], after[:-1]])                    # R_k
+    wait = np.maximum(backlog - behind, 0.0)
+    tail = float(after[-1]) if G else 0.0
+    block = np.where(backlog > 0.0, half, 0.0)
     return wait, block, tail
 
 
@@ -122,7 +141,7 @@ def _estimate(c: ScheduleCosts) -> tuple[RunTimes, float]:
     pool = cpu_pool_bound(c.rates, c.cpu)
     parts = _layer_parts(c, od, pool)
     if c.copies.n_async.any():
-        wait, block, tail = _async_wait(c, parts)
+        wait, block, tail = _async_wait(c, parts, pool, od)
         at_gate = _slot_demand(c)
         parts = _layer_parts(c, od, pool, np.where(at_gate, 0.0, wait), block, np.where(at_gate, wait, 0.0))
     layer = parts["layer"]

@@ -157,17 +157,6 @@ class HardwareProfile:
         return (self.gpu.mem_bandwidth_gbs * self.gpu.mem_efficiency,
                 self.gpu.bf16_tflops * 1e3 * self.gpu.compute_efficiency, self.gpu.launch_overhead_us)
 
-    def gpu_grouped_experts_time(self, tokens: np.ndarray, spec: ModelSpec) -> float:
-        """Several GPU-resident experts of one layer run as one grouped kernel: the per-expert
-        times without their launches, plus one launch."""
-        tokens = np.asarray(tokens)
-        tokens = tokens[tokens > 0]
-        if tokens.size == 0:
-            return 0.0
-        launch = self.gpu.launch_overhead_us * US
-        per = np.maximum(self.gpu_expert_time(tokens, spec) - launch, 0.0)
-        return float(per.sum() + launch)
-
     def cpu_expert_time(self, tokens: np.ndarray, spec: ModelSpec) -> np.ndarray:
         """One expert's FFN on one CPU worker (cores / workers threads, bandwidth shared)."""
         roof = self._roofline(tokens, spec, *self._cpu_expert_roof())
@@ -320,9 +309,6 @@ class HardwareProfile:
         a = np.take_along_axis(per_ctx, idx[..., None], axis=-1)[..., 0]
         b = np.take_along_axis(per_ctx, (idx + 1)[..., None], axis=-1)[..., 0]
         return a + (b - a) * frac
-
-    def gpu_memory_bytes(self) -> int:
-        return int(self.gpu.memory_gib * 2**30)
 
     # ----- variants for what-if studies ---------------------------------------------------
     def scaled(self, pcie: float = 1.0, gpu_speed: float = 1.0, cpu_cores: float = 1.0,
@@ -502,11 +488,16 @@ def _in_range(value: Any, bounds: tuple[float, float, bool], where: str) -> None
 
 
 def check_ranges(prof: HardwareProfile, source: str) -> None:
-    """Every numeric field of the profile finite and inside its plausible range (RANGES)."""
+    """Every numeric field of the profile finite and inside its plausible range (RANGES), and no more
+    CPU workers than cores: the pool model runs its workers in parallel, each on cores / workers
+    cores, which an oversubscribed pool does not have."""
     for part, names in RANGES.items():
         obj = getattr(prof, part)
         for name, bounds in names.items():
             _in_range(getattr(obj, name), bounds, f"{source}.{part}.{name}")
+    if prof.cpu.workers > prof.cpu.cores:
+        raise InputError(f"{source}.cpu.workers: {prof.cpu.workers} workers on {prof.cpu.cores} cores; the CPU pool "
+                         "model needs at least one core per worker, so give workers <= cores")
 
 
 def profile_from_dict(data: Any, source: str = "profile", plausible: bool = True) -> HardwareProfile:

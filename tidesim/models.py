@@ -160,13 +160,6 @@ class ModelSpec:
         scores = 4 * self.num_heads * self.head_dim * tokens * context
         return proj + scores
 
-    def attention_bytes(self, tokens: int, context: int) -> int:
-        """Bytes an attention layer streams: its weights plus K and V of the context."""
-        weights = self.attention_params * self.bytes_per_param
-        kv = 2 * self.num_kv_heads * self.head_dim * context * self.bytes_per_param
-        act = 2 * self.hidden_size * tokens * self.bytes_per_param
-        return int(weights + kv + act)
-
     # ----- (de)serialisation -----------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -15,7 +15,7 @@ from typing import Any
 from tidesim.errors import InputError
 
 CPU_KERNEL_NAMES = ("linear", "weights-left", "onednn-packed", "compiled", "kt-kernel")
-DEFAULT_CPU_KERNEL = "weights-left"
+DEFAULT_CPU_KERNEL = "linear"
 UNRECORDED = "linear"   # the kernel of a profile calibrated before profiles recorded one
 
 

@@ -2,7 +2,8 @@
 workload: the part of the planner's cost table that does not depend on the hardware profile.
 
 The residency of every forward follows from the routing, tau and the budget alone (TIDE's refresh
-rule, tidesim.policies.tide.refreshed_residents); only what an expert costs on either side comes
+rule, written once in tidesim.policies.residency.refresh_sets and applied to every option at once
+through tidesim.policies.tide.refreshed_residents); only what an expert costs on either side comes
 from the profile. So a sweep over many profiles of one workload steps the forwards once per
 (tau, budget) and then costs each profile from compact per-option counts. An expert's time on
 either side is a function of its token count, so the activated cells of a layer-forward are
@@ -155,7 +156,7 @@ def _step(workload: Workload, pairs: CellPairs, options: list[tuple[int, int]]) 
             ranking = rank_experts(counts)
             old = current[rows]
             b = np.broadcast_to(budget[rows], (rows.size, layers))               # [r, L]
-            new = refreshed_residents(old, counts, ranking.order, ranking.rank, b)
+            new = refreshed_residents(old, counts, ranking.order, b)
             copies[rows, f] = (new & ~old).sum(axis=-1)
             current[rows] = new
         lo, hi = pairs.forward_ptr[f], pairs.forward_ptr[f + 1]

@@ -58,13 +58,17 @@ def top_activated(counts: np.ndarray, rank: np.ndarray, budget: np.ndarray) -> n
     return (rank < budget[..., None]) & (counts > 0)
 
 
-def refresh_sets(current: np.ndarray, counts: np.ndarray, budget: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(target, refreshed), bool [n, E] for n layers: the target of a TIDE refresh
-    (top_activated) and the resident set after it (keep_best of current | target), computed in
-    rank order with one sort: the online step's fast path, equal to those two functions. One
+def refresh_sets(current: np.ndarray, counts: np.ndarray, budget: np.ndarray, order: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """TIDE's refresh rule, the one place it is written. (target, refreshed), bool [n, E] for n
+    layers: the target of a refresh (the top-budget activated experts, top_activated) and the
+    resident set after it (current | target, the best by rank while slots remain: keep_best),
+    computed in rank order with one sort (tests check it equals those two functions). `order`
+    (the experts of each row by rank, rank_experts) skips the sort when the caller has it. One
     layer (the live engine's call) takes 1-D indexing, which numpy does with less overhead."""
     n, e = counts.shape
-    order = (-counts).argsort(axis=-1, kind="stable")
+    if order is None:
+        order = (-counts).argsort(axis=-1, kind="stable")
     target = np.empty((n, e), dtype=bool)
     refreshed = np.empty((n, e), dtype=bool)
     if n == 1:

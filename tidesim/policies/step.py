@@ -106,10 +106,6 @@ class PolicyStep:
         self._all_rows = as_rows(self._all)
         self._experts = setup.experts
 
-    @property
-    def all_layers(self) -> np.ndarray:
-        return self._all
-
     def step(self, meta: ForwardMeta, counts: np.ndarray, layers: np.ndarray | None = None) -> Decision:
         """Decide forward `meta` for `layers` (default all, in any order) from their routing,
         counts [len(layers), E]."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from tidesim.policies.registry import PolicyTraits, register_policy
-from tidesim.policies.residency import int_list, keep_best, refresh_rule, refresh_sets, top_activated
+from tidesim.policies.residency import int_list, refresh_rule, refresh_sets
 from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, copies, no_copies, placement_of
 from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_SYNC_REFRESH
 
@@ -61,15 +61,19 @@ class RefreshCount:
         return flags, some, every
 
 
-def refreshed_residents(current: np.ndarray, counts: np.ndarray, order: np.ndarray, rank: np.ndarray,
-                        budget: np.ndarray) -> np.ndarray:
-    """TIDE's refresh rule, the one place it is written: bool [..., L, E] resident after a refresh
-    of `current` with one forward's counts/order/rank [L, E] and budget [..., L]: the top-budget
-    activated experts, then residents by rank while slots remain. Leading axes are options (the
-    planner's cost table refreshes many (tau, budget) candidates at once). The online step uses
-    residency.refresh_sets, the same rule computed with one sort per layer (tests check they agree)."""
-    target = top_activated(counts, rank, budget)
-    return keep_best(current | target, order, rank, budget)
+def refreshed_residents(current: np.ndarray, counts: np.ndarray, order: np.ndarray, budget: np.ndarray
+                        ) -> np.ndarray:
+    """TIDE's refresh rule (residency.refresh_sets, written once) over leading option axes: bool
+    [..., L, E] resident after a refresh of `current` with one forward's counts/order [L, E] and
+    budget [..., L]. The planner's residency pass refreshes many (tau, budget) candidates at once
+    through this; the online step calls refresh_sets per layer."""
+    layers, experts = counts.shape
+    flat = current.reshape(-1, experts)
+    rows = flat.shape[0] // layers
+    _, refreshed = refresh_sets(flat, np.broadcast_to(counts, (rows, layers, experts)).reshape(-1, experts),
+                                np.broadcast_to(budget, current.shape[:-1]).reshape(-1),
+                                np.broadcast_to(order, (rows, layers, experts)).reshape(-1, experts))
+    return refreshed.reshape(current.shape)
 
 
 @register_policy("tide", "TIDE: refresh the top-budget experts every tau steps, copying only the difference; "

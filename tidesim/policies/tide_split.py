@@ -17,15 +17,17 @@ background copies (asynchronous refresh) are left out of the comparison.
 Experts that cannot be copied on demand here stay on the CPU: those resident before this forward
 (a sync refresh evicts them now) and those an asynchronous refresh copies in this forward. With
 asynchronous refresh nothing is copied on demand in a forward in which some layer refreshes, nor
-in the forward after: refresh copies are then queued behind the on-demand ones on the copy
-engine and the GPU waits for them, a cost the per-layer-forward comparison does not see (and the
-simulator holds the copy engine for a layer's on-demand copies from the first one's start, so a
-layer that also waits for its own refresh copies would deadlock there). The
+while the policy's estimate of the background copies still queued on the copy engine is not zero
+(Backlog): refresh copies would wait behind the on-demand ones and the GPU for them, a cost the
+per-layer-forward comparison does not see (without this rule tide-split lost to tide with
+asynchronous refresh on the prefix-cache traces). The
 slot rule needs the pool's size: the policy keeps it per layer, as the executors' slot plan
 grows it (tidesim.layermodel.copy_releases), from the spare slots its copies took so far.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -35,7 +37,30 @@ from tidesim.policies.registry import PolicyTraits, register_policy
 from tidesim.policies.split import ExpertTimes, Slots, best_split
 from tidesim.policies.step import Choice, ForwardMeta, Rows, Setup, placement_of
 from tidesim.policies.tide import Tide, refreshes
-from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, GPU, NO_COPY
+from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, CPU, GPU, NO_COPY
+
+
+@dataclass
+class Backlog:
+    """A fluid estimate of the background copies still queued on the copy engine, from the policy's
+    own decisions: each forward adds its asynchronous refresh and on-demand copies and drains by a
+    lower bound on its duration (so the estimate errs towards a backlog). Decided from the past
+    only: a forward's figures are folded in when the next forward starts, the same whether its
+    layers were decided at once or one by one."""
+
+    rates: lm.Rates
+    seconds: float = 0.0
+    forward: int = -1
+    _copies: int = 0
+    _elapsed: float = 0.0
+
+    def next_forward(self, index: int) -> None:
+        self.seconds = max(self.seconds + self._copies * self.rates.expert_copy_s - self._elapsed, 0.0)
+        self.forward, self._copies, self._elapsed = index, 0, 0.0
+
+    def add(self, copy: np.ndarray, elapsed: float) -> None:
+        self._copies += int(np.count_nonzero((copy == COPY_ASYNC_REFRESH) | (copy == COPY_ON_DEMAND)))
+        self._elapsed += elapsed
 
 
 def decision_order(counts: np.ndarray, gate: np.ndarray, movable: np.ndarray) -> np.ndarray:
@@ -49,7 +74,7 @@ def decision_order(counts: np.ndarray, gate: np.ndarray, movable: np.ndarray) ->
 @register_policy("tide-split", "tide's refresh; per layer-forward, each missed expert copied in or run on the CPU, "
                                "whichever split the layer model says is fastest",
                  PolicyTraits(role="policy", order=75, uses_tau=True, needs_cpu=True, reads_profile=True,
-                              plannable=True))
+                              speedup_figure=True, plannable=True))
 class TideSplit(Tide):
     def __init__(self, setup: Setup) -> None:
         setup, self.plan = planned_setup(setup)
@@ -59,7 +84,7 @@ class TideSplit(Tide):
         self.size0 = np.maximum(self.budget, self.initial.sum(axis=1))   # the slot pool, as copy_releases starts it
         self.spares = np.zeros(setup.layers, dtype=np.int64)             # spare slots taken so far, per layer
         self.on_demand = 0
-        self._refreshing = (-1, False, False)     # (forward, any layer refreshes in it, any in the one before)
+        self.backlog = Backlog(lm.Rates.of(self.hw, self.spec))
 
     def decide(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
         placement, copy, demote, resident = super().decide(meta, rows, counts)
@@ -82,17 +107,28 @@ class TideSplit(Tide):
             placement, copy = self._apply(order, split, n_free, counts, copy)
             free_base, deferred, n_sync = lm.slot_counts(before, resident, placement, copy)
         self._take_spares(rows, size, free_base, deferred, n_sync, copy, resident)
+        if not self.sync:
+            self.backlog.add(copy, self._side_bound(counts, placement))
         return placement, copy, demote, resident
+
+    def _side_bound(self, counts: np.ndarray, placement: np.ndarray) -> float:
+        """A lower bound on the time the selected layer-forwards take (the CPU pool's bound of their
+        CPU experts and the GPU's grouped kernel, whichever is longer, summed): how long the copy
+        engine has at least to serve background copies while they run."""
+        gpu_full, cpu = self.times(counts)
+        on_cpu = placement == CPU
+        workers = self.backlog.rates.workers
+        pool = np.maximum(np.where(on_cpu, cpu, 0.0).sum(axis=1) / workers, np.where(on_cpu, cpu, 0.0).max(axis=1))
+        grouped = np.where(placement == GPU, gpu_full, 0.0).sum(axis=1)
+        return float(np.maximum(pool, grouped).sum())
 
     def _background(self, meta: ForwardMeta) -> bool:
         """Whether refresh copies may be on the copy engine in the background during this forward:
-        some layer refreshes in it or in the forward before (the refresh rule, for every layer)."""
-        index, now, before = self._refreshing
-        if meta.index != index:
-            before = now if meta.index == index + 1 else False
-            now = bool(refreshes(meta, self.tau).any())
-            self._refreshing = (meta.index, now, before)
-        return now or before
+        some layer refreshes in it (the refresh rule, for every layer), or the backlog estimated
+        from the forwards before has not drained (Backlog)."""
+        if meta.index != self.backlog.forward:
+            self.backlog.next_forward(meta.index)
+        return bool(refreshes(meta, self.tau).any()) or self.backlog.seconds > 0
 
     def _apply(self, order: np.ndarray, split: np.ndarray, n_free: np.ndarray, counts: np.ndarray,
                copy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

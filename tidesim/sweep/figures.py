@@ -2,7 +2,7 @@
 
 - throughput_vs_<axis>.png: tokens/s against each numeric axis of the grid, one line per policy.
 - speedup_<policy>.png: heatmap of the speedup over the best baseline of each policy whose traits ask
-  for one (tide, planned).
+  for one (tide, planned, tide-split).
 - time_breakdown.png: where the time goes, per policy (stacked bars).
 
 A grid usually varies more than what one figure shows. The other axes are held at one "slice" (the

@@ -121,31 +121,47 @@ class KtBackend:
             self._ops.clear()
 
 
-def load_extension(flags: set[str]) -> tuple[ModuleType | None, str, str]:
-    """(extension, variant, reason it is missing): the best variant this CPU's flags allow."""
+def denormals_kept() -> bool:
+    """Whether this thread computes with subnormal floats (no flush-to-zero / denormals-are-zero)."""
+    return bool((torch.tensor([1e-39], dtype=torch.float32) * 1.0).item() != 0.0)
+
+
+def find_extension(flags: set[str]) -> tuple[str, str, str]:
+    """(file, variant, reason it is missing) of the best extension variant this CPU's flags
+    allow, without loading anything."""
     spec = importlib.util.find_spec("kt_kernel")
     if spec is None or not spec.submodule_search_locations:
-        return None, "", "kt-kernel is not installed (pip install --no-deps kt-kernel)"
+        return "", "", "kt-kernel is not installed (pip install --no-deps kt-kernel)"
     folder = list(spec.submodule_search_locations)[0]
     for variant, needs in VARIANTS:
         if not set(needs) <= flags:
             continue
         files = sorted(glob.glob(os.path.join(folder, f"_kt_kernel_ext_{variant}.*.so")))
-        if not files:
-            continue
-        ext_spec = importlib.util.spec_from_file_location("kt_kernel_ext", files[0])
-        if ext_spec is None or ext_spec.loader is None:
-            continue
-        try:
-            module = importlib.util.module_from_spec(ext_spec)
-            ext_spec.loader.exec_module(module)
-        except (ImportError, OSError) as exc:
-            return None, variant, f"kt-kernel's {variant} extension does not load: {exc}"
-        if not hasattr(module, "moe") or not hasattr(module.moe, "AMXBF16_MOE"):
-            return None, variant, "kt-kernel's extension has no AMXBF16_MOE operator"
-        return module, variant, ""
-    return None, "", ("this CPU lacks the instruction sets of kt-kernel's bf16 MoE kernels "
-                      "(amx_bf16 + amx_tile, or avx512_bf16)")
+        if files:
+            return files[0], variant, ""
+    return "", "", ("this CPU lacks the instruction sets of kt-kernel's bf16 MoE kernels "
+                    "(amx_bf16 + amx_tile, or avx512_bf16), or the package has no extension for them")
+
+
+def load_extension(flags: set[str]) -> tuple[ModuleType | None, str, str]:
+    """(extension, variant, reason it is missing). Loading it runs its fast-math start-up, which
+    sets flush-to-zero in the loading thread; where denormals were kept before, they are again."""
+    path, variant, reason = find_extension(flags)
+    ext_spec = importlib.util.spec_from_file_location("kt_kernel_ext", path) if path else None
+    if ext_spec is None or ext_spec.loader is None:
+        return None, variant, reason or "kt-kernel's extension could not be located"
+    ieee = denormals_kept()
+    try:
+        module = importlib.util.module_from_spec(ext_spec)
+        ext_spec.loader.exec_module(module)
+    except (ImportError, OSError) as exc:
+        return None, variant, f"kt-kernel's {variant} extension does not load: {exc}"
+    finally:
+        if ieee and not denormals_kept():   # the extension's fast-math start-up set flush-to-zero
+            torch.set_flush_denormal(False)
+    if not hasattr(module, "moe") or not hasattr(module.moe, "AMXBF16_MOE"):
+        return None, variant, "kt-kernel's extension has no AMXBF16_MOE operator"
+    return module, variant, ""
 
 
 BACKEND = KtBackend()
@@ -156,5 +172,9 @@ def kt_swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Ten
 
 
 def available() -> tuple[bool, str]:
-    """(usable, why not)."""
-    return BACKEND.load(), BACKEND.reason
+    """(installed with an extension for this CPU, why not), without loading it: loading changes
+    the thread's floating-point state (see load_extension), so only running the kernel loads it."""
+    if BACKEND.ext is not None:
+        return True, ""
+    path, _, reason = find_extension(cpu_flags())
+    return bool(path), reason
