@@ -160,3 +160,24 @@ def test_converted_traces_run_stats_compare_plan_and_sweep(tmp_path, capsys):
     assert main(["sweep", str(tmp_path / "grid.yaml"), "-o", str(table), "--workers", "1", "--no-figures"]) == 0
     df = pd.read_parquet(table)
     assert len(df) == 4 and (df["tokens_per_s"] > 0).all()
+
+
+def test_headers_name_the_autoregressive_decode(tmp_path, capsys):
+    """compare and simulate say "autoregressive decode" for an AR trace, not its cache mode alone, and
+    --json carries decode; a diffusion trace's header is unchanged (no decode key)."""
+    out = tmp_path / "ar.parquet"
+    assert main(["trace", "synth", "--decode", "autoregressive", "--model", "tiny", "--prompts", "2",
+                 "--prompt-length", "10", "--gen-length", "12", "-o", str(out), "--json"]) == 0
+    capsys.readouterr()
+    common = ["--trace", str(out), "--hw", "rtx4090-pcie4-desktop", "--budget", "8", "--engine", "analytic"]
+    assert main(["compare", *common]) == 0
+    assert "tiny, autoregressive decode, KV cache, " in capsys.readouterr().out
+    assert main(["simulate", *common, "--policy", "cpu-routing"]) == 0
+    assert "(autoregressive decode, KV cache, " in capsys.readouterr().out
+    assert _compare(out, capsys)["inputs"]["decode"] == "autoregressive"
+    diffusion = tmp_path / "dllm.parquet"
+    assert main(["trace", "synth", "--model", "tiny", "--prompts", "1", "--gen-length", "16", "-o",
+                 str(diffusion), "--json"]) == 0
+    capsys.readouterr()
+    inputs = _compare(diffusion, capsys)["inputs"]
+    assert "decode" not in inputs and inputs["kv_cache"] in ("none", "prefix")

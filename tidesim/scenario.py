@@ -84,7 +84,9 @@ class Scenario:
         from tidesim.report import plan_slots
 
         w = self.workload
-        return {"trace": self.trace, "model": w.model.name, "kv_cache": w.kv_cache, "forwards": w.num_forwards,
+        return {"trace": self.trace, "model": w.model.name, "kv_cache": w.kv_cache,
+                **({"decode": w.decode} if w.decode != "diffusion" else {}),   # diffusion: as before the field
+                "forwards": w.num_forwards,
                 "generated_tokens": w.generated_tokens, "prompts": sorted({int(p) for p in w.prompt}),
                 "hw": self.hw.name, "budget": self.budget, "budget_source": self.budget_source, "tau": self.tau,
                 "tau_choice": self.tau_choice.to_dict() if self.tau_choice else None,
@@ -178,3 +180,11 @@ def check_curves(hw: HardwareProfile, workload: Workload, policies: list[str]) -
             raise InputError(f"measured profile {hw.name!r} has no {device}.expert_ffn curve for {shape} experts "
                              f"({spec.name}), which {users} needs; run `tidesim calibrate` for this model or pass "
                              "--allow-roofline")
+
+
+def decode_label(described: dict[str, Any]) -> str:
+    """How a header names the decode: the KV-cache mode of a diffusion decode, or "autoregressive"
+    (one forward per token after a prefill, always with a KV cache)."""
+    if described.get("decode") == "autoregressive":
+        return "autoregressive decode, KV cache"
+    return f"{described['kv_cache']} KV cache"

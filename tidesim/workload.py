@@ -32,6 +32,7 @@ class Workload:
     step: np.ndarray            # int64 [F] denoising step within the block
     expert_tokens: np.ndarray   # int32 [F, L, E]
     phase: np.ndarray | None = None  # str [F] "prefill" / "step" / "commit" (traces carry it; None: inferred)
+    decode: str = "diffusion"   # the trace's decode shape: "diffusion" or "autoregressive" (TraceMeta.decode)
 
     @property
     def num_forwards(self) -> int:
@@ -67,6 +68,7 @@ class Workload:
             context=self.context[forwards], committed=self.committed[forwards],
             prompt=self.prompt[forwards], block=self.block[forwards], step=self.step[forwards],
             expert_tokens=self.expert_tokens[forwards], phase=None if self.phase is None else self.phase[forwards],
+            decode=self.decode,
         )
 
     def select_prompts(self, prompts: list[int]) -> Workload:
@@ -87,7 +89,7 @@ def workload_from_trace(trace: Trace, model: ModelSpec | None = None) -> Workloa
     return Workload(
         model=model or spec, kv_cache=trace.meta.kv_cache, tokens=col("tokens"), context=col("context"),
         committed=col("committed"), prompt=col("prompt"), block=col("block"), step=col("step"),
-        expert_tokens=trace.expert_tokens, phase=f["phase"].to_numpy().astype(str),
+        expert_tokens=trace.expert_tokens, phase=f["phase"].to_numpy().astype(str), decode=trace.meta.decode,
     )
 
 

@@ -24,6 +24,7 @@ from tidesim.report import (
     comparison_json,
     table_rows,
 )
+from tidesim.scenario import decode_label
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -72,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
     comp = compare(metrics)
     d = setup.describe()
     tau = f", tau {d['tau']} ({d['refresh']} refresh)" if setup.tau_choice else ""
-    title = f"{d['model']}, {d['kv_cache']} KV cache, {d['hw']}, budget {d['budget']}{tau}, {d['engine']}"
+    title = f"{d['model']}, {decode_label(d)}, {d['hw']}, budget {d['budget']}{tau}, {d['engine']}"
     notes = skipped + sorted({n for m in metrics for n in m.notes})
     lines = summary_lines(comp, setup.tau_line)
     page = None

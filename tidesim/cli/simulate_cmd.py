@@ -23,7 +23,7 @@ from tidesim.policies.driver import build_schedule
 from tidesim.policies.options import REFRESH_MODES
 from tidesim.policies.registry import check_policies, plan_policy, policy_names
 from tidesim.run import ENGINES, run
-from tidesim.scenario import Scenario, resolve
+from tidesim.scenario import Scenario, decode_label, resolve
 
 
 def add_input_args(p: argparse.ArgumentParser) -> None:
@@ -132,7 +132,7 @@ def render(setup: Scenario, m: Metrics) -> str:
     budget = (f"budget per layer from the plan ({d['expert_slots']})" if "expert_slots" in d
               else f"budget {d['budget']} experts/layer [{d['budget_source']}]")
     tau = f"tau {d['tau']}, " if setup.tau_choice or setup.plan else ""
-    head = (f"{m.policy} on {d['model']} ({d['kv_cache']} KV cache, {d['generated_tokens']} tokens, "
+    head = (f"{m.policy} on {d['model']} ({decode_label(d)}, {d['generated_tokens']} tokens, "
             f"{d['forwards']} forwards), {d['hw']}, {budget}, {tau}refresh {d['refresh']}, engine {d['engine']}")
     kind = "bound (not deployable)" if m.is_bound else "policy"
     if not m.feasible:
