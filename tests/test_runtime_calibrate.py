@@ -117,3 +117,56 @@ def test_measured_contention_goes_into_the_profile_field() -> None:
     assert prof.cpu.gpu_contention == 0.1235
     assert "contention" not in prof.provenance.notes
     assert profile_from_dict(prof.to_dict()).cpu.gpu_contention == 0.1235
+
+
+def test_rotating_pairs_walk_the_regions_chunk_by_chunk_and_wrap() -> None:
+    from tidesim_runtime.measure.resources import rotating_pairs
+
+    src, dst = torch.arange(10.0), torch.zeros(10)
+    # 3-element chunks of a 10-element region: chunks 0, 1, 2 (the 10th element is never used);
+    # 4 copies from chunk 2 take chunks 2, 0, 1, 2 and the next queue starts at chunk 0
+    pairs, nxt = rotating_pairs(dst, src, 3, 4, 2)
+    assert nxt == 0
+    assert [p[1].tolist() for p in pairs] == [[6.0, 7.0, 8.0], [0.0, 1.0, 2.0], [3.0, 4.0, 5.0], [6.0, 7.0, 8.0]]
+    assert all(d.data_ptr() - dst.data_ptr() == s.data_ptr() - src.data_ptr() for d, s in pairs)
+
+
+def test_copy_timing_never_reuses_a_buffer_a_cache_could_still_hold() -> None:
+    """The copy curves are timed on buffers that rotate over copy_region_bytes: within the whole
+    measurement of one size no source is read again before every other chunk of the region has
+    been (the executor copies experts that no cache holds; one buffer over and over times the
+    cache: issue 24's fidelity run found expert copies 2.0x the calibrated time)."""
+    from tidesim_runtime.engine.device import last_level_cache_bytes
+    from tidesim_runtime.engine.streams import HostBackend
+    from tidesim_runtime.measure.resources import Calibration, copy_region_bytes, measure_copies
+    from tidesim_runtime.measure.timer import Timer
+
+    dev = select_device("cpu")
+    assert copy_region_bytes(dev, 1 << 30) == 2 << 30
+    assert copy_region_bytes(dev, 1) >= 2 * last_level_cache_bytes()
+    grid = Grid(repeats=3, gpu_tokens=[1], cpu_tokens=[1], att_tokens=[1], att_context=[1],
+                copy_bytes=[1 << 20, 1 << 22])
+    seen: dict[int, list[int]] = {}
+
+    class Recording(HostBackend):
+        def copy_queue_s(self, pairs, direction):      # type: ignore[no-untyped-def]
+            for _d, s in pairs:
+                seen.setdefault(s.numel(), []).append(s.data_ptr())
+            return super().copy_queue_s(pairs, direction)
+
+    be = Recording()
+    try:
+        cal = Calibration(dev, grid)
+        measure_copies(cal, be, Timer(dev, be), 0.5)
+    finally:
+        be.close()
+    region = copy_region_bytes(dev, 1 << 22)
+    for numel, ptrs in seen.items():
+        chunks = region // (4 * numel)
+        # both directions, (repeats + 1) queues each; every `chunks` consecutive reads are distinct
+        for start in range(0, len(ptrs), chunks):
+            window = ptrs[start:start + chunks]
+            assert len(set(window)) == len(window)
+        assert len(ptrs) >= 2 * (grid.repeats + 1) * 2
+    assert cal.h2d is not None and cal.h2d.x == [float(1 << 19), float(1 << 21)]   # model bytes (factor 0.5)
+    assert "rotate" in cal.h2d.provenance.source

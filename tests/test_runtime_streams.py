@@ -132,7 +132,7 @@ def test_host_copy_queue_time_is_per_copy() -> None:
     try:
         src = torch.ones(1 << 16)
         dst = torch.zeros(1 << 16)
-        per = be.copy_queue_s(dst, src, D2H, 8)
+        per = be.copy_queue_s([(dst, src)] * 8, D2H)
         assert per > 0
         assert torch.equal(dst, src)
         busy = be.copy_busy_s()
@@ -159,6 +159,7 @@ def test_cuda_background_copies_land_in_order_and_are_waited_for() -> None:
         b = be.timepoint()
         be.synchronize()
         assert be.elapsed(a, b) >= 0
-        assert be.copy_queue_s(slots[0], host[0], H2D, 4) > 0
+        assert be.copy_queue_s([(slots[i], host[i]) for i in range(4)], H2D) > 0
+        assert torch.equal(slots.cpu(), host)
     finally:
         be.close()

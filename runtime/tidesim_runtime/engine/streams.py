@@ -134,9 +134,11 @@ class Backend:
     def host_wait(self, marker: Marker) -> None:
         raise NotImplementedError
 
-    def copy_queue_s(self, dst: torch.Tensor, src: torch.Tensor, direction: str, n: int) -> float:
-        """Seconds per copy of `n` copies queued back to back on the demand path, timed on the
-        device (no host launch-and-sync round trip per copy, which queued copies never pay)."""
+    def copy_queue_s(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], direction: str) -> float:
+        """Seconds per copy of the (dst, src) copies queued back to back on the demand path, timed
+        on the device (no host launch-and-sync round trip per copy, which queued copies never pay).
+        Distinct buffers per copy let a caller time copies of memory no cache holds, as the
+        executor's copies of experts are."""
         raise NotImplementedError
 
     def timepoint(self) -> Any:
@@ -242,17 +244,17 @@ class CudaBackend(Backend):
                 marker.flag.wait()
             marker.event.synchronize()
 
-    def copy_queue_s(self, dst: torch.Tensor, src: torch.Tensor, direction: str, n: int) -> float:
+    def copy_queue_s(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], direction: str) -> float:
         stream = self.d2h if direction == D2H else self.h2d
         self.synchronize()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(stream):
             a.record(stream)
-            for _ in range(n):
+            for dst, src in pairs:
                 dst.copy_(src, non_blocking=True)
             b.record(stream)
         b.synchronize()
-        return float(a.elapsed_time(b)) / 1e3 / max(n, 1)
+        return float(a.elapsed_time(b)) / 1e3 / max(len(pairs), 1)
 
     def timepoint(self) -> Any:
         ev = torch.cuda.Event(enable_timing=True)
@@ -358,12 +360,13 @@ class HostBackend(Backend):
         if marker.error:
             raise marker.error[0]
 
-    def copy_queue_s(self, dst: torch.Tensor, src: torch.Tensor, direction: str, n: int) -> float:
+    def copy_queue_s(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], direction: str) -> float:
         self.synchronize()
         t0 = time.perf_counter()
-        marks = [self.copy(dst, src, direction) for _ in range(n)]
-        self.host_wait(marks[-1])
-        return (time.perf_counter() - t0) / max(n, 1)
+        marks = [self.copy(dst, src, direction) for dst, src in pairs]
+        if marks:
+            self.host_wait(marks[-1])
+        return (time.perf_counter() - t0) / max(len(pairs), 1)
 
     def timepoint(self) -> Any:
         return time.perf_counter()

@@ -332,25 +332,51 @@ def measure_layer_overhead(cal: Calibration, timer: Timer, spec: ModelSpec, prof
     cal.layer_overhead_us = max(0.0, statistics.median(residuals) * 1e6)
 
 
+def copy_region_bytes(device: DeviceInfo, biggest: int) -> int:
+    """Bytes of the source and of the destination region that timed copies rotate through: no
+    cache holds a copy's buffers when it runs again (the executor copies experts that no cache
+    holds; copying one buffer over and over times the cache instead: on the 2-core development
+    machine that made an expert's copy half what the executor paid, docs/runtime.md), and at
+    least two copies of the biggest size."""
+    return max(working_set_bytes(device, "cpu"), working_set_bytes(device, "gpu"), 2 * biggest)
+
+
+def rotating_pairs(dst: torch.Tensor, src: torch.Tensor, n: int, count: int, start: int
+                   ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
+    """`count` (dst, src) copies of n elements each at consecutive chunks of two equal 1-D
+    regions, from chunk `start`, wrapping around; and the chunk the next queue starts at."""
+    chunks = max(1, min(dst.numel(), src.numel()) // max(n, 1))
+    pairs = []
+    for j in range(count):
+        k = (start + j) % chunks
+        pairs.append((dst[k * n:(k + 1) * n], src[k * n:(k + 1) * n]))
+    return pairs, (start + count) % chunks
+
+
 def measure_copies(cal: Calibration, backend: Backend, timer: Timer, factor: float) -> None:
     """H2D and D2H through the executor's copy path (pinned host memory and the demand copy
     streams on CUDA), as the executor issues them: a queue of QUEUED_COPIES copies timed on the
-    device, per copy; sizes recorded in model bytes."""
+    device, per copy, each between buffers no cache holds (copy_region_bytes); sizes recorded in
+    model bytes."""
     dev, dtype = cal.device.torch_device, cal.device.dtype
     el = torch.empty(0, dtype=dtype).element_size()
     biggest = max(cal.grid.copy_bytes)
+    region = copy_region_bytes(cal.device, biggest) // el + 1
     pinning = HostPinning(cal.device.is_cuda)
     try:
-        host = pinning.empty((biggest // el + 1,), dtype).zero_()
-        gpu = torch.zeros(biggest // el + 1, dtype=dtype, device=dev)
+        host = pinning.empty((region,), dtype).zero_()
+        gpu = torch.zeros(region, dtype=dtype, device=dev)
         curves = {}
         for direction in (H2D, D2H):
             xs, ts, sp = [], [], []
             for nbytes in cal.grid.copy_bytes:
                 n = max(1, nbytes // el)
-                dst, src = (gpu[:n], host[:n]) if direction == H2D else (host[:n], gpu[:n])
+                dst, src = (gpu, host) if direction == H2D else (host, gpu)
                 queued = max(2, min(QUEUED_COPIES, (64 * 2**20) // max(n * el, 1)))
-                samples = [backend.copy_queue_s(dst, src, direction, queued) for _ in range(cal.grid.repeats + 1)]
+                samples, at = [], 0
+                for _ in range(cal.grid.repeats + 1):
+                    pairs, at = rotating_pairs(dst, src, n, queued, at)
+                    samples.append(backend.copy_queue_s(pairs, direction))
                 s = stat(samples[1:])
                 xs.append(float(n * el * factor))
                 ts.append(s.median_s * 1e6)
@@ -360,7 +386,8 @@ def measure_copies(cal: Calibration, backend: Backend, timer: Timer, factor: flo
                               source=("pinned host <-> GPU on the executor's copy streams, queued copies timed with "
                                       "CUDA events" if cal.device.is_cuda else
                                       "memcpy between host buffers on the executor's copy thread (cpu-as-gpu), "
-                                      "queued copies; x in model bytes"))
+                                      "queued copies; x in model bytes")
+                              + f"; buffers rotate over {region * el / 2**20:.0f} MiB (no cache holds them)")
             curves[direction] = Curve(xs, monotone(ts), sp, prov)
         cal.h2d, cal.d2h = curves[H2D], curves[D2H]
     finally:
@@ -373,7 +400,10 @@ def measure_copy_slowdown(cal: Calibration, backend: Backend, timer: Timer, spec
     g = experts_over_cache(spec, dtype, cal.device, "gpu", 4)
     bench = GroupedBench(spec, cal.device, g, seed=5)
     pinning = bench.pinning
-    host = ExpertBank.empty(spec, 4, torch.device("cpu"), dtype)
+    # the copies read experts no cache holds, as the executor's do (a hot source leaves DRAM to
+    # the compute and understates the slowdown)
+    h = experts_over_cache(spec, dtype, cal.device, "cpu", 4)
+    host = ExpertBank.empty(spec, h, torch.device("cpu"), dtype)
     pinning.pin(host.flat)
     slots = ExpertBank.empty(spec, 4, dev, dtype)
     compute = bench.fn(8)
@@ -381,7 +411,7 @@ def measure_copy_slowdown(cal: Calibration, backend: Backend, timer: Timer, spec
     ratios = []
     for _ in range(paired_samples(cal.grid)):  # paired samples: alone, then with copies streaming
         alone = timer.sample(compute)
-        marks = [backend.copy(slots.flat[i % 4], host.flat[i % 4], H2D, background=True) for i in range(4 * g)]
+        marks = [backend.copy(slots.flat[i % 4], host.flat[i % h], H2D, background=True) for i in range(4 * g)]
         busy = timer.sample(compute)
         for m in marks:
             backend.host_wait(m)
