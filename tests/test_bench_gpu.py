@@ -78,3 +78,20 @@ def test_output_files_fit_what_a_lent_machine_returns() -> None:
     gpu = measure.GPU
     assert gpu.budgets == (64, 128) and gpu.device == "cuda" and set(gpu.traces) == {"prefix", "none"}
     assert len(gpu.policies.split(",")) * len(gpu.budgets) * len(gpu.traces) >= 12
+
+
+def test_each_step_runs_in_its_own_forked_process_with_its_exit_status_output_and_timeout(tmp_path: Path) -> None:
+    """The fork server's children (measure.StepProcesses): the step's stdout, stderr, exit status
+    and working folder are its own; a step past its timeout is killed and reported as a timeout,
+    and the next step still runs."""
+    procs = measure.StepProcesses({"MPLBACKEND": "Agg"}, tmp_path)
+    ok = procs.run(["-c", "import os, sys; print(os.getcwd(), sys.argv[1:]); print('e', file=sys.stderr); "
+                          "sys.exit(3)", "a", "b"], 120)
+    assert ok.returncode == 3
+    assert ok.stdout.split() == [str(tmp_path), "['a',", "'b']"] and ok.stderr.strip() == "e"
+    failed = procs.run(["-c", "raise ValueError('boom')"], 60)
+    assert failed.returncode == 1 and "ValueError: boom" in failed.stderr
+    with pytest.raises(subprocess.TimeoutExpired):
+        procs.run(["-c", "import time; time.sleep(60)"], 1.0)
+    cli = procs.run(["tidesim", "--version"], 60)
+    assert cli.returncode == 0 and cli.stdout.startswith("tidesim ")

@@ -1,8 +1,9 @@
 """The prepared GPU measurement: one call on a lent GPU machine measures everything tidesim needs.
 
-Steps, ordered by value (each a subprocess or function with its share of the wall-clock budget;
+Steps, ordered by value (each a process or function with its share of the wall-clock budget;
 one that fails or runs out of time is recorded, what it measured so far is kept, and the rest
-still run):
+still run). Each step's process is forked from one server that imported torch and the project
+once (StepProcesses), so no step pays Python's and torch's start-up again:
 
 1. install   the carried wheels (simpy, pulp) into a scratch folder, no network; the project runs
              from this tree (PYTHONPATH), so nothing needs to be built on the machine; the same
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -98,6 +100,7 @@ class Run:
     steps: list[dict[str, Any]] = field(default_factory=list)
     log_lines: list[str] = field(default_factory=list)
     torch_facts: dict[str, Any] = field(default_factory=dict)
+    procs: StepProcesses | None = None
 
     def left(self) -> float:
         return self.budget_s - (time.monotonic() - self.t0)
@@ -120,25 +123,103 @@ class Run:
         return env
 
     def tidesim(self, args: list[str], share: float) -> subprocess.CompletedProcess[str]:
-        """Run `python -m tidesim ARGS` from the installed copy with `share` of the time left."""
-        return self.command([sys.executable, "-m", "tidesim", *args], share, " ".join(args))
+        """`tidesim ARGS` (the CLI's main) from the installed copy with `share` of the time left."""
+        return self.command(["tidesim", *args], share, " ".join(args))
 
     def python(self, code: str, share: float, what: str, args: list[str] | None = None
                ) -> subprocess.CompletedProcess[str]:
         """`python -c CODE ARGS` from the installed copy with `share` of the time left."""
-        return self.command([sys.executable, "-c", code, *(args or [])], share, what)
+        return self.command(["-c", code, *(args or [])], share, what)
 
     def command(self, cmd: list[str], share: float, what: str) -> subprocess.CompletedProcess[str]:
+        """One step's process (a child of the fork server: see StepProcesses), its output logged."""
         timeout = max(10.0, self.left() * share)
-        shown = " ".join(cmd) if cmd[1] == "-m" else f"{cmd[0]} -c ...  ({what})"
+        shown = f"{sys.executable} -m tidesim {what}" if cmd[0] == "tidesim" else f"{sys.executable} -c ...  ({what})"
         self.log(f"$ {shown}   (timeout {timeout:.0f} s)")
-        proc = subprocess.run(cmd, env=self.env(), cwd=self.work, capture_output=True, text=True, timeout=timeout,
-                              check=False)
+        if self.procs is None:
+            self.procs = StepProcesses(self.env(), self.work)
+        proc = self.procs.run(cmd, timeout)
         for line in (proc.stdout + proc.stderr).splitlines()[-40:]:
             self.log("  " + line)
         if proc.returncode != 0:
             raise RuntimeError(f"exit {proc.returncode}: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
         return proc
+
+
+class StepProcesses:
+    """Every step in its own process, forked from ONE server that has imported torch and the
+    project once (multiprocessing's forkserver): a step still has its own process, timeout and
+    exit status, and a crash or a CUDA error stays in it, but no step pays the interpreter's and
+    torch's start-up again (about 3 s each on the 2-core development machine, a third of the
+    dry run's time over its ten processes). The server itself never touches CUDA (importing
+    torch does not initialise it), so each step initialises CUDA in its own process as before.
+
+    cmd: ["tidesim", ARGS...] runs the CLI's main(ARGS); ["-c", CODE, ARGS...] runs CODE as
+    `python -c` would, with sys.argv = ["-c", ARGS...]."""
+
+    def __init__(self, env: dict[str, str], cwd: Path) -> None:
+        os.environ.update(env)              # the server (and so every step) starts with this environment
+        self.cwd = cwd
+        self.ctx = multiprocessing.get_context("forkserver")
+        # what every step imports, once (a module that fails to import here is left to the step
+        # that needs it, which reports the error)
+        self.ctx.set_forkserver_preload(["__main__", *PRELOAD, *command_modules()])
+        self.n = 0
+
+    def run(self, cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+        self.n += 1
+        out, err = self.cwd / f".step{self.n}.out", self.cwd / f".step{self.n}.err"
+        proc = self.ctx.Process(target=step_main, args=(cmd, str(self.cwd), str(out), str(err)),
+                                name=f"tidesim-step-{self.n}")
+        proc.start()
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            raise subprocess.TimeoutExpired(cmd[:2], timeout, output=read_text(out), stderr=read_text(err))
+        code = proc.exitcode if proc.exitcode is not None else -1
+        return subprocess.CompletedProcess(cmd[:2], code, read_text(out), read_text(err))
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def step_main(cmd: list[str], cwd: str, out: str, err: str) -> None:
+    """In the step's process: stdout and stderr to files, then the CLI or the code; the exit
+    status is main()'s (or SystemExit's, or 1 on an exception, which multiprocessing prints)."""
+    os.chdir(cwd)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for fd, path in ((1, out), (2, err)):
+        f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(f, fd)
+        os.close(f)
+    if cmd[0] == "tidesim":
+        from tidesim.cli import main as cli_main
+
+        sys.argv = ["tidesim", *cmd[1:]]
+        sys.exit(cli_main(cmd[1:]))
+    sys.argv = ["-c", *cmd[2:]]
+    exec(compile(cmd[1], "<string>", "exec"), {"__name__": "__main__"})
+
+
+PRELOAD = ("torch", "matplotlib.pyplot", "tidesim.cli", "tidesim_runtime.measure.live",
+           "tidesim_runtime.measure.validate")
+
+
+def command_modules() -> list[str]:
+    """The CLI's command modules (tidesim.cli imports them when it builds its parser)."""
+    if str(REPO) not in sys.path:
+        sys.path.append(str(REPO))
+    try:
+        from tidesim.cli import COMMAND_MODULES
+    except ImportError:
+        return []
+    return list(COMMAND_MODULES)
 
 
 def step(run: Run, name: str, fn: Callable[[], Any]) -> Any:
@@ -176,10 +257,12 @@ def install(run: Run, wheels: Path) -> None:
         if proc.returncode != 0:
             errors = [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if "error" in line.lower()]
             raise RuntimeError("pip failed: " + " | ".join(errors[-4:] or ["no message"]))
-    check = subprocess.run([sys.executable, "-c", IMPORT_CHECK], env=run.env(), cwd=run.work,
-                           capture_output=True, text=True, check=False, timeout=120)
-    if check.returncode != 0 or str(REPO) not in check.stdout:
-        raise RuntimeError(f"the project does not import from {REPO}: {check.stderr.strip()[-300:]}")
+    try:
+        check = run.python(IMPORT_CHECK, 0.2, "imports; torch, CUDA and the GPU")
+    except RuntimeError as exc:
+        raise RuntimeError(f"the project does not import from {REPO}: {exc}") from None
+    if str(REPO) not in check.stdout:
+        raise RuntimeError(f"the project does not import from {REPO}: {check.stdout.strip()[-300:]}")
     lines = check.stdout.strip().splitlines()
     run.log("imports: " + lines[0])
     run.torch_facts = json.loads(lines[-1])
