@@ -13,6 +13,15 @@ trace.parquet, and the none trace is synthesized with the same settings); `calib
 block), one process each, every configuration measured --repeats times (median kept). OUT gets
 each validation's folder, the profile and fidelity.json (every configuration's row and the
 median and max |error| over all of them); a table prints last.
+
+--repredict re-predicts a finished run's configurations from its stored measurements and a
+profile (default OUT/profile.yaml), without running anything on the runtime: the same
+schedules (the policies are deterministic), the simulator again. With --copy-scale F (every
+copy F times the profile's) and --copy-slows S (pcie.copy_slows_compute = S) it answers "what
+would the errors have been with these terms", the offline check of a model or calibration
+change (docs/validation.md):
+
+    .venv/bin/python bench/bench_fidelity.py --out bench/results/fidelity-dev-2core-cpu --repredict --copy-scale 1.99
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from tidesim.hardware import HardwareProfile, load_profile, profile_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX_TRACE = REPO / "bench/results/validation-dev-2core-cpu/trace.parquet"
@@ -48,13 +59,68 @@ def load_average() -> str:
         return "unknown"
 
 
+RUNS = (("prefix", PREFIX_TRACE, []), ("none", Path("trace_none.parquet"), []),
+        ("window", PREFIX_TRACE, ["--window", "after-first-block"]))
+
+
+def what_if(hw: HardwareProfile, copy_scale: float = 1.0, copy_slows: float | None = None) -> HardwareProfile:
+    """The profile with every copy copy_scale times as long (curves and bandwidths) and, if
+    given, pcie.copy_slows_compute replaced."""
+    data = (hw.scaled(pcie=1.0 / copy_scale) if copy_scale != 1.0 else hw).to_dict()
+    if copy_slows is not None:
+        data["pcie"]["copy_slows_compute"] = copy_slows
+    return profile_from_dict(data, source=hw.name, plausible=False)
+
+
+def repredict(out: Path, hw: HardwareProfile) -> list[dict[str, Any]]:
+    """Every stored configuration of OUT's validations, predicted again with `hw`: the rows of
+    fidelity.json with predicted_step_ms and error recomputed (measured values as stored)."""
+    from tidesim_runtime.engine.executor import first_layers
+    from tidesim_runtime.measure.validate import Config, build, window
+
+    from tidesim.run import run
+    from tidesim.trace import read_trace
+    from tidesim.workload import workload_from_trace
+
+    layers, forwards = int(GRID[GRID.index("--layers") + 1]), int(GRID[GRID.index("--forwards") + 1])
+    rows: list[dict[str, Any]] = []
+    for name, trace, extra in RUNS:
+        path = trace if trace.is_absolute() else out / trace
+        workload = window(workload_from_trace(read_trace(path)), forwards, "after-first-block" in extra)
+        workload = first_layers(workload, layers)
+        for c in json.loads((out / f"validate_{name}" / "results.json").read_text())["rows"]:
+            config = Config(c["policy"], c["budget"], c["tau"], c["refresh"])
+            predicted = run(workload, build(config, workload, hw, None), hw, engine="sim")
+            p_ms, m_ms = predicted.step_time_s * 1e3, c["measured_step_ms"]
+            rows.append({**c, "run": name, "predicted_step_ms": p_ms, "error": (p_ms - m_ms) / m_ms,
+                         "abs_error": abs(p_ms - m_ms) / m_ms, "stored_error": c["error"]})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="results folder")
     p.add_argument("--repeats", type=int, default=3, help="repeats per configuration (3)")
     p.add_argument("--hw", default=None, help="use this profile instead of calibrating")
+    p.add_argument("--repredict", action="store_true",
+                   help="only predict OUT's stored validations again (with --hw, default OUT/profile.yaml)")
+    p.add_argument("--copy-scale", type=float, default=1.0, help="with --repredict: copies this many times longer")
+    p.add_argument("--copy-slows", type=float, default=None, help="with --repredict: pcie.copy_slows_compute")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if args.repredict:
+        if args.copy_scale <= 0 or (args.copy_slows is not None and args.copy_slows < 0):
+            p.error("--copy-scale must be > 0 and --copy-slows >= 0")
+        hw = what_if(load_profile(args.hw or out / "profile.yaml"), args.copy_scale, args.copy_slows)
+        rows = repredict(out, hw)
+        errs = [r["abs_error"] for r in rows]
+        print(f"{'run':7} {'configuration':24} {'predicted ms':>12} {'measured ms':>12} {'error':>8} {'stored':>8}")
+        for r in rows:
+            print(f"{r['run']:7} {r['config']:24} {r['predicted_step_ms']:12.2f} {r['measured_step_ms']:12.2f} "
+                  f"{r['error']:+8.1%} {r['stored_error']:+8.1%}")
+        print(f"{len(rows)} configurations re-predicted (copy scale {args.copy_scale:g}, copy_slows_compute "
+              f"{hw.pcie.copy_slows_compute:g}): median |error| {statistics.median(errs):.1%}, max {max(errs):.1%}")
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     conditions = {"start_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -65,10 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     profile = Path(args.hw) if args.hw else out / "profile.yaml"
     if not args.hw:
         tidesim(["calibrate", "--models", "llada2-mini", "--device", "cpu", "-o", str(profile)])
-    runs = [("prefix", PREFIX_TRACE, []), ("none", none_trace, []),
-            ("window", PREFIX_TRACE, ["--window", "after-first-block"])]
     rows: list[dict[str, Any]] = []
-    for name, trace, extra in runs:
+    for name, trace, extra in RUNS:
+        trace = trace if trace.is_absolute() else out / trace
         folder = out / f"validate_{name}"
         tidesim(["validate", "--trace", str(trace), "--hw", str(profile), *GRID, "--repeats", str(args.repeats),
                  *extra, "-o", str(folder)])
