@@ -59,7 +59,7 @@ def load_average() -> str:
         return "unknown"
 
 
-RUNS = (("prefix", PREFIX_TRACE, []), ("none", Path("trace_none.parquet"), []),
+RUNS: tuple[tuple[str, Path, list[str]], ...] = (("prefix", PREFIX_TRACE, []), ("none", Path("trace_none.parquet"), []),
         ("window", PREFIX_TRACE, ["--window", "after-first-block"]))
 
 
@@ -112,18 +112,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.copy_scale <= 0 or (args.copy_slows is not None and args.copy_slows < 0):
             p.error("--copy-scale must be > 0 and --copy-slows >= 0")
         hw = what_if(load_profile(args.hw or out / "profile.yaml"), args.copy_scale, args.copy_slows)
-        rows = repredict(out, hw)
-        errs = [r["abs_error"] for r in rows]
+        again = repredict(out, hw)
+        errs = [r["abs_error"] for r in again]
         print(f"{'run':7} {'configuration':24} {'predicted ms':>12} {'measured ms':>12} {'error':>8} {'stored':>8}")
-        for r in rows:
+        for r in again:
             print(f"{r['run']:7} {r['config']:24} {r['predicted_step_ms']:12.2f} {r['measured_step_ms']:12.2f} "
                   f"{r['error']:+8.1%} {r['stored_error']:+8.1%}")
-        print(f"{len(rows)} configurations re-predicted (copy scale {args.copy_scale:g}, copy_slows_compute "
+        print(f"{len(again)} configurations re-predicted (copy scale {args.copy_scale:g}, copy_slows_compute "
               f"{hw.pcie.copy_slows_compute:g}): median |error| {statistics.median(errs):.1%}, max {max(errs):.1%}")
         return 0
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    conditions = {"start_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    conditions: dict[str, Any] = {"start_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   "load_average_start": load_average(), "command": " ".join(sys.argv)}
     none_trace = out / "trace_none.parquet"
     if not none_trace.exists():
