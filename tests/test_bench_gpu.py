@@ -95,3 +95,16 @@ def test_each_step_runs_in_its_own_forked_process_with_its_exit_status_output_an
         procs.run(["-c", "import time; time.sleep(60)"], 1.0)
     cli = procs.run(["tidesim", "--version"], 60)
     assert cli.returncode == 0 and cli.stdout.startswith("tidesim ")
+
+
+def test_a_forked_step_imports_from_the_runs_pythonpath(tmp_path: Path) -> None:
+    """On a lent machine the project is not installed: the steps import it, and the carried
+    wheels, from PYTHONPATH (Run.env). multiprocessing gives each child the PARENT's sys.path,
+    so StepProcesses must put those folders there too."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "zz_step_probe.py").write_text("VALUE = 42\n")
+    procs = measure.StepProcesses({"PYTHONPATH": str(lib)}, tmp_path)
+    probe = procs.run(["-c", "import zz_step_probe; print(zz_step_probe.VALUE)"], 120)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() == "42"

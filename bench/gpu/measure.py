@@ -159,6 +159,10 @@ class StepProcesses:
 
     def __init__(self, env: dict[str, str], cwd: Path) -> None:
         os.environ.update(env)              # the server (and so every step) starts with this environment
+        # ...but multiprocessing gives each child this process's sys.path, not the server's: the
+        # project and the carried wheels come from PYTHONPATH (not installed on a lent machine)
+        extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
+        sys.path[0:0] = extra
         self.cwd = cwd
         self.ctx = multiprocessing.get_context("forkserver")
         # what every step imports, once (a module that fails to import here is left to the step
