@@ -108,3 +108,23 @@ def test_a_forked_step_imports_from_the_runs_pythonpath(tmp_path: Path) -> None:
     probe = procs.run(["-c", "import zz_step_probe; print(zz_step_probe.VALUE)"], 120)
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.strip() == "42"
+
+
+FAILS_WHEN_FORKED = """
+import multiprocessing, sys
+if multiprocessing.current_process().name.startswith("tidesim-step"):
+    print("RuntimeError: Cannot re-initialize CUDA in forked subprocess.", file=sys.stderr)
+    sys.exit(1)
+print("fresh interpreter", sys.argv[1:])
+"""
+
+
+def test_a_step_that_cannot_start_cuda_when_forked_runs_again_in_a_fresh_interpreter(tmp_path: Path) -> None:
+    run = measure.Run(out=tmp_path, work=tmp_path, sizes=measure.DRY, dry=True, budget_s=600.0, site=tmp_path / "site")
+    proc = run.python(FAILS_WHEN_FORKED, 0.5, "probe", ["x"])
+    assert proc.returncode == 0 and proc.stdout.strip() == "fresh interpreter ['x']"
+    assert run.fork is False and any("fresh interpreters" in line for line in run.log_lines)
+    # from then on every step starts fresh; --no-fork-server starts there
+    assert run.tidesim(["--version"], 0.5).stdout.startswith("tidesim ")
+    assert measure.fork_trouble("torch.AcceleratorError: CUDA error: initialization error")
+    assert not measure.fork_trouble("ValueError: CUDA out of memory") and not measure.fork_trouble("")

@@ -40,6 +40,7 @@ import json
 import multiprocessing
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -101,6 +102,7 @@ class Run:
     log_lines: list[str] = field(default_factory=list)
     torch_facts: dict[str, Any] = field(default_factory=dict)
     procs: StepProcesses | None = None
+    fork: bool = True                 # steps forked from one server (StepProcesses); False: fresh interpreters
 
     def left(self) -> float:
         return self.budget_s - (time.monotonic() - self.t0)
@@ -132,18 +134,36 @@ class Run:
         return self.command(["-c", code, *(args or [])], share, what)
 
     def command(self, cmd: list[str], share: float, what: str) -> subprocess.CompletedProcess[str]:
-        """One step's process (a child of the fork server: see StepProcesses), its output logged."""
+        """One step's process (a child of the fork server, see StepProcesses; a fresh interpreter
+        with --no-fork-server or once a forked step failed to start CUDA), its output logged."""
         timeout = max(10.0, self.left() * share)
         shown = f"{sys.executable} -m tidesim {what}" if cmd[0] == "tidesim" else f"{sys.executable} -c ...  ({what})"
         self.log(f"$ {shown}   (timeout {timeout:.0f} s)")
-        if self.procs is None:
+        if self.fork and self.procs is None:
             self.procs = StepProcesses(self.env(), self.work)
-        proc = self.procs.run(cmd, timeout)
+        proc = self.procs.run(cmd, timeout) if self.fork and self.procs is not None else self.spawn(cmd, timeout)
+        if proc.returncode != 0 and self.fork and fork_trouble(proc.stderr):
+            self.log("  a forked step could not start CUDA: this step and the rest run in fresh interpreters")
+            self.fork = False
+            proc = self.spawn(cmd, timeout)
         for line in (proc.stdout + proc.stderr).splitlines()[-40:]:
             self.log("  " + line)
         if proc.returncode != 0:
             raise RuntimeError(f"exit {proc.returncode}: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
         return proc
+
+    def spawn(self, cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+        """The step in a fresh interpreter (`python -m tidesim ARGS` or `python -c CODE ARGS`)."""
+        argv = [sys.executable, "-m", *cmd] if cmd[0] == "tidesim" else [sys.executable, *cmd]
+        return subprocess.run(argv, env=self.env(), cwd=self.work, capture_output=True, text=True, timeout=timeout,
+                              check=False)
+
+
+def fork_trouble(stderr: str) -> bool:
+    """Whether a step failed because CUDA cannot start in a forked process (the fork server would
+    then have initialised CUDA before forking, which it must not)."""
+    return bool(re.search(r"forked subprocess|CUDA[^\n]*(initiali[sz]ation error|failed to initiali[sz]e)",
+                          stderr, re.IGNORECASE))
 
 
 class StepProcesses:
@@ -556,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=None, help="wall-clock budget (480 on a GPU, 900 dry)")
     p.add_argument("--layers", type=int, default=None, help="MoE layers validated (GPU default 8)")
     p.add_argument("--forwards", type=int, default=None, help="forwards validated per trace (GPU default 48)")
+    p.add_argument("--no-fork-server", action="store_true",
+                   help="start every step in a fresh interpreter (slower: torch is imported by each)")
     args = p.parse_args(argv)
     if not args.out:
         p.error("give --out DIR (or set OUT)")
@@ -568,7 +590,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     budget = args.budget_s or (900.0 if args.dry_run else 480.0)
     with tempfile.TemporaryDirectory(prefix="tidesim-gpu-") as tmp:
-        run = Run(out=out, work=Path(tmp), sizes=sizes, dry=args.dry_run, budget_s=budget, site=Path(tmp) / "site")
+        run = Run(out=out, work=Path(tmp), sizes=sizes, dry=args.dry_run, budget_s=budget, site=Path(tmp) / "site",
+                  fork=not args.no_fork_server)
         results: dict[str, Any] = {}
         step(run, "install", lambda: install(run, Path(args.wheels)))
         write_json(out / "env.json", environment(run))
