@@ -170,9 +170,10 @@ class StepProcesses:
     """Every step in its own process, forked from ONE server that has imported torch and the
     project once (multiprocessing's forkserver): a step still has its own process, timeout and
     exit status, and a crash or a CUDA error stays in it, but no step pays the interpreter's and
-    torch's start-up again (about 3 s each on the 2-core development machine, a third of the
-    dry run's time over its ten processes). The server itself never touches CUDA (importing
-    torch does not initialise it), so each step initialises CUDA in its own process as before.
+    torch's start-up again (about 3 s each on the 2-core development machine, most of the dry
+    run's time over its ten processes: 73 s with them, 22 s without, at load 5). The server
+    itself never touches CUDA (importing torch does not initialise it), so each step
+    initialises CUDA in its own process as before.
 
     cmd: ["tidesim", ARGS...] runs the CLI's main(ARGS); ["-c", CODE, ARGS...] runs CODE as
     `python -c` would, with sys.argv = ["-c", ARGS...]."""
