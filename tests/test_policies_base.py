@@ -55,6 +55,29 @@ def test_uses_tau_is_exactly_who_reads_tau() -> None:
         assert same != traits(name).uses_tau, name
 
 
+def test_a_policy_that_does_not_read_the_profile_decides_the_same_on_any() -> None:
+    """reads_profile=False is a promise the schedule cache (tidesim.evaluate) relies on: it reuses
+    such a policy's schedule across profiles. Profiles far apart in every cost (a slow link, a fast
+    CPU, a slow GPU) must then give the same schedule; every registered policy is held to it."""
+    from policy_cases import profile
+
+    w = hand_workload()
+    base = profile()
+    others = [base.scaled(pcie=0.001), base.scaled(cpu_cores=64, cpu_mem_bw=64), base.scaled(gpu_speed=0.01)]
+    for name in policy_names(reads_profile=False, needs_plan=False):
+        a = build_schedule(name, w, options(w, 2, hw=base))
+        for hw in others:
+            b = build_schedule(name, w, options(w, 2, hw=hw))
+            assert all(np.array_equal(getattr(a, f), getattr(b, f)) for f in ("placement", "copy", "resident")), name
+    # and the trait is not idle: a policy that reads the profile changes its mind on these profiles
+    readers = policy_names(reads_profile=True)
+    changed = [name for name in readers if not all(
+        np.array_equal(getattr(build_schedule(name, w, options(w, 2, hw=base)), f),
+                       getattr(build_schedule(name, w, options(w, 2, hw=hw)), f))
+        for hw in others for f in ("placement", "copy", "resident"))]
+    assert changed
+
+
 def test_unknown_policy_and_bad_options() -> None:
     w = hand_workload()
     with pytest.raises(InputError, match="unknown policy"):

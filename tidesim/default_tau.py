@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from tidesim.errors import InputError
 from tidesim.hardware import HardwareProfile
+from tidesim.lru import LRU
+from tidesim.notes import note_all, noting
 from tidesim.plan import Plan
 from tidesim.workload import Workload
 
@@ -60,9 +62,25 @@ def plan_tau(plan: Plan) -> TauChoice:
                      reason="the plan's most common per-layer tau")
 
 
+_SEARCHED: LRU[tuple[object, ...], tuple[TauChoice, frozenset[str]]] = LRU(256)
+
+
 def best_tau(workload: Workload, hw: HardwareProfile, budget: int, refresh: str = "sync",
              taus: tuple[int, ...] = CANDIDATE_TAUS) -> TauChoice:
-    """The tau that maximises tide's tokens/s under the analytic cost model (ties: the smaller)."""
+    """The tau that maximises tide's tokens/s under the analytic cost model (ties: the smaller).
+    The search runs once per process for inputs of the same content (a sweep's tide and
+    tide-reference points on one profile, compare after a sweep); its notes are said each time."""
+    key = (workload.digest, hw.fingerprint(), int(budget), refresh, tuple(int(t) for t in taus))
+    kept = _SEARCHED.get(key)
+    if kept is None:
+        kept = noting(lambda: _search(workload, hw, budget, refresh, taus))
+        _SEARCHED.put(key, kept)
+    note_all(kept[1])
+    return kept[0]
+
+
+def _search(workload: Workload, hw: HardwareProfile, budget: int, refresh: str, taus: tuple[int, ...]
+            ) -> TauChoice:
     tps = tide_tokens_per_s(workload, hw, budget, refresh, taus)
     tau = max(tps, key=lambda t: (tps[t], -t))
     span = f"{min(taus)}..{max(taus)}"

@@ -27,6 +27,7 @@ from tidesim.cli.cpu_kernel_arg import add_cpu_kernel_arg, profile_kernel, use_c
 from tidesim.cli.decode_args import add_decode_args, decode_kwargs
 from tidesim.cli.output import format_table, print_json, progress, to_jsonable
 from tidesim.errors import InputError
+from tidesim.notes import noting
 from tidesim.policies.driver import is_online, online_names
 from tidesim.policies.options import REFRESH_MODES
 from tidesim.policies.registry import plan_policy, policy_names, traits
@@ -277,7 +278,7 @@ def predict(result: Any, hw: Any) -> dict[str, Any]:
     from tidesim.workload import workload_from_trace
 
     workload = workload_from_trace(result.trace)
-    metrics, per_forward = predicted_forwards(workload, result.schedule, hw)
+    (metrics, per_forward), said = noting(lambda: predicted_forwards(workload, result.schedule, hw))
     measured = result.forwards["time_s"].to_numpy()
     err = (per_forward - measured) / np.where(measured > 0, measured, np.nan)
     result.forwards["predicted_s"] = per_forward
@@ -289,7 +290,7 @@ def predict(result: Any, hw: Any) -> dict[str, Any]:
         "total_error": float((per_forward.sum() - total_measured) / total_measured) if total_measured else None,
         "median_abs_error_per_forward": float(np.nanmedian(np.abs(err))) if err.size else None,
         "max_abs_error_per_forward": float(np.nanmax(np.abs(err))) if err.size else None,
-        "predicted": metrics.to_dict(), "flags": sorted(hw.flags),
+        "predicted": metrics.to_dict(), "flags": sorted(said),
     }
 
 

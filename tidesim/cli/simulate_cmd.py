@@ -17,12 +17,12 @@ from tqdm import tqdm
 from tidesim.cli.guard import Output, declare_outputs, number
 from tidesim.cli.output import announce, format_table, print_json
 from tidesim.errors import InputError
+from tidesim.evaluate import evaluate
 from tidesim.metrics import Metrics
 from tidesim.plan import Plan, load_plan
-from tidesim.policies.driver import build_schedule
 from tidesim.policies.options import REFRESH_MODES
 from tidesim.policies.registry import check_policies, plan_policy, policy_names
-from tidesim.run import ENGINES, run
+from tidesim.run import ENGINES
 from tidesim.scenario import Scenario, decode_label, resolve
 
 
@@ -69,10 +69,8 @@ def warn(lines: list[str]) -> None:
 
 def run_policy(setup: Scenario, policy: str, timeline: str | None = None,
                on_forward: Callable[[int], None] | None = None) -> Metrics:
-    schedule = build_schedule(policy, setup.workload, setup.options(policy))
-    metrics = run(setup.workload, schedule, setup.hw, engine=setup.engine, timeline=timeline, on_forward=on_forward)
-    metrics.notes = sorted(set(metrics.notes) | setup.hw.flags)
-    return metrics
+    """tidesim.evaluate.evaluate on the resolved scenario: the metrics, their notes included."""
+    return evaluate(setup, policy, timeline=timeline, on_forward=on_forward).metrics
 
 
 # ----- the command ------------------------------------------------------------------------------

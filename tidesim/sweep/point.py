@@ -15,15 +15,14 @@ import numpy as np
 
 from tidesim.errors import InputError
 from tidesim.hardware import HardwareProfile
-from tidesim.lru import LRU
 from tidesim.metrics import Metrics
-from tidesim.policies.options import PolicyOptions
+from tidesim.notes import noting
 from tidesim.policies.registry import traits
-from tidesim.schedule import Schedule
+from tidesim.scenario import PerLayer, Scenario, assemble
 from tidesim.sweep.grid import Point
 from tidesim.sweep.hardware import build_hardware, hardware_columns
 from tidesim.sweep.results import metric_columns, param_columns
-from tidesim.sweep.workloads import load_workload, trace_label, workload_key
+from tidesim.sweep.workloads import load_workload, trace_label
 from tidesim.workload import Workload
 
 
@@ -39,64 +38,47 @@ Evaluator = Callable[[Point, Path], Evaluation]
 
 # ----- the real evaluation -----------------------------------------------------------------------------
 def evaluate_point(point: Point, cache_dir: Path) -> Evaluation:
-    """Evaluate one point with the real simulator / cost model (the default evaluator)."""
-    from tidesim.budget import budget_for_memory
-    from tidesim.policies import PolicyOptions, uniform
-    from tidesim.run import run
+    """Evaluate one point with the real simulator / cost model (the default evaluator): the point
+    resolved into a Scenario (scenario.assemble: the default-budget and default-tau rules of every
+    command), then tidesim.evaluate.evaluate."""
+    from tidesim.evaluate import evaluate
 
-    p = point.params
-    workload = load_workload(point, cache_dir)
-    hw = build_hardware(p)
-    model = workload.model
-    layers = model.num_moe_layers
-    derived = hardware_columns(hw)
+    scenario, plan_info = point_scenario(point, cache_dir)
+    policy = point.params["policy"]
+    options = scenario.options(policy)
+    derived = hardware_columns(scenario.hw)
     derived["trace_file"] = trace_label(point)
-    policy = p["policy"]
-    if traits(policy).needs_plan:
-        tau, budget, info = plan_point(workload, hw)
-        derived["per_layer"] = json.dumps(info, sort_keys=True)
-    else:
-        if p["budget"] == "memory":
-            cap = None if p["budget_cap"] == "none" else int(p["budget_cap"])
-            slots = budget_for_memory(model, hw.gpu.memory_gib, cap)
-        else:
-            slots = int(p["budget"])
-        tau, budget = uniform(point_tau(p, workload, hw, slots, workload_key(point)), layers), uniform(slots, layers)
-    derived["budget_used"] = float(np.mean(budget))
-    derived["tau_used"] = float(np.mean(tau))
-    options = PolicyOptions(budget=budget, tau=tau, hw=hw, refresh=p["refresh"],
-                            warmup_fraction=p["warmup_fraction"])
-    schedule, fresh = cached_schedule(policy, workload_key(point), workload, options)
-    metrics = run(workload, schedule, hw, engine=p["engine"], check=fresh)
+    if plan_info is not None:
+        derived["per_layer"] = json.dumps(plan_info, sort_keys=True)
+    derived["budget_used"] = float(np.mean(options.budget))
+    derived["tau_used"] = float(np.mean(options.tau))
+    metrics = evaluate(scenario, policy).metrics
     metrics.policy = policy
     return Evaluation(metrics=metrics, derived=derived)
 
 
-def point_tau(p: dict[str, Any], workload: Workload, hw: HardwareProfile, slots: int, wkey: str | None = None) -> int:
-    """The point's tau; `best` follows the default-tau rule of every command (tidesim.default_tau):
-    the analytic best single tau for this workload, profile, budget and refresh mode. Policies that
-    do not refresh on an interval ignore tau, so they skip the search. With `wkey` (the point's
-    workload_key) the choice is kept per process for points with the same inputs (tide and
-    tide-reference on one profile search once)."""
-    if p["tau"] != "best":
-        return int(p["tau"])
-    if not traits(p["policy"]).uses_tau:
-        return 1
-    from tidesim.default_tau import best_tau
-
-    if wkey is None:
-        return best_tau(workload, hw, slots, p["refresh"]).tau
-    key = json.dumps([wkey, hw.fingerprint(), slots, p["refresh"]])
-    known = TAUS.get(key)
-    if known is None:
-        choice, raised = hw.noting(lambda: best_tau(workload, hw, slots, p["refresh"]))
-        known = (choice.tau, raised)
-        TAUS.put(key, known)
-    hw.flags.update(known[1])             # the search's notes on the profile, as if it ran here
-    return known[0]
-
-
-TAUS: LRU[str, tuple[int, frozenset[str]]] = LRU(256)   # best tau and the notes it added
+def point_scenario(point: Point, cache_dir: Path) -> tuple[Scenario, dict[str, Any] | None]:
+    """The point's Scenario: its workload, what-if profile, budget (`memory`: the default-budget
+    rule with the point's cap), tau (`best`: the default-tau rule) and, for the policy that runs a
+    plan, the per-layer plan solved for this point's memory. Sweeps explore what-if profiles, so a
+    measured profile without curves for the model falls back to the roofline (with its note).
+    Returns the scenario and the solved plan's summary (None for other policies)."""
+    p = point.params
+    workload = load_workload(point, cache_dir)
+    hw = build_hardware(p)
+    policy = p["policy"]
+    per_layer, info, said = None, None, frozenset[str]()
+    budget = None if p["budget"] == "memory" else int(p["budget"])
+    cap = None if p["budget_cap"] == "none" else int(p["budget_cap"])
+    if traits(policy).needs_plan:
+        (tau, layer_budget, info), said = noting(lambda: plan_point(workload, hw))
+        per_layer = PerLayer(tuple(int(t) for t in tau), tuple(int(b) for b in layer_budget))
+        budget = min(info["slots"] // workload.num_layers, workload.num_experts)   # the same memory, uniform
+    scenario = assemble(trace_label(point), workload, hw, [policy], budget=budget, budget_cap=cap,
+                        tau=None if p["tau"] == "best" else int(p["tau"]), refresh=p["refresh"],
+                        engine=p["engine"], allow_roofline=True, notes=tuple(said),
+                        warmup_fraction=p["warmup_fraction"], per_layer=per_layer)
+    return scenario, info
 
 
 PLAN_TAUS = list(range(1, 33))      # the candidate intervals the planner chooses from (TIDE swept 1..31)
@@ -119,48 +101,7 @@ def plan_point(workload: Workload, hw: HardwareProfile) -> tuple[np.ndarray, np.
     return np.asarray(result.tau, np.int64), np.asarray(result.budget, np.int64), info
 
 
-# ----- schedules ---------------------------------------------------------------------------------------
-class _WatchedOptions(PolicyOptions):
-    """PolicyOptions that notes whether the policy read the hardware profile."""
-
-    def __getattribute__(self, name: str) -> Any:
-        if name == "hw":
-            object.__setattr__(self, "hw_read", True)
-        return super().__getattribute__(name)
-
-
-SCHEDULES: LRU[str, Schedule] = LRU(16)      # schedules that did not read the profile
-HW_SCHEDULES: LRU[str, Schedule] = LRU(2)    # those that did (rarely reused: a grid's profiles differ)
-
-
-def cached_schedule(policy: str, wkey: str, workload: Workload, options: PolicyOptions) -> tuple[Schedule, bool]:
-    """The policy's Schedule, reused across points that differ only in hardware when the policy
-    never read the hardware profile (most placements depend on routing, budget and tau alone).
-    Whether it read it is observed, not assumed: a policy that reads `options.hw` is cached per
-    profile. Returns (schedule, built now)."""
-    from tidesim.policies import build_schedule
-
-    base = json.dumps([wkey, policy, options.budget.tolist(), options.tau.tolist(), options.refresh,
-                       options.warmup_fraction])
-    per_hw = base + options.hw.fingerprint()
-    for key, cache in ((base, SCHEDULES), (per_hw, HW_SCHEDULES)):
-        kept = cache.get(key)
-        if kept is not None:
-            return kept, False
-    watched = _WatchedOptions(budget=options.budget, tau=options.tau, hw=options.hw, refresh=options.refresh,
-                              warmup_fraction=options.warmup_fraction)
-    schedule = build_schedule(policy, workload, watched)
-    if getattr(watched, "hw_read", False):
-        HW_SCHEDULES.put(per_hw, schedule)
-    else:
-        SCHEDULES.put(base, schedule)
-    return schedule, True
-
-
 # ----- rows --------------------------------------------------------------------------------------------
-_METRIC_SKIP = {"engine", "policy", "busy_s", "breakdown_s", "layer_time_s", "notes"}
-
-
 def evaluate_row(point: Point, cache_dir: Path, evaluator: Evaluator) -> dict[str, Any]:
     """Executor task: one point -> one flat row (an InputError becomes the row's `error`)."""
     row: dict[str, Any] = {"point_id": point.id, "index": point.index}
