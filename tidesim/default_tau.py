@@ -95,6 +95,7 @@ def tide_tokens_per_s(workload: Workload, hw: HardwareProfile, budget: int, refr
     refresh reads one cost table (the planner's); async runs the policy once per tau."""
     from tidesim.planner import distinct_taus, single_tau_sweep
     from tidesim.policies import PolicyOptions, build_schedule, uniform
+    from tidesim.policies.registry import reference_policy
     from tidesim.run import run
 
     tokens = workload.generated_tokens
@@ -103,9 +104,10 @@ def tide_tokens_per_s(workload: Workload, hw: HardwareProfile, budget: int, refr
     layers = workload.num_layers
     same = distinct_taus(workload, [int(t) for t in taus])     # taus with identical refresh steps
     done: dict[int, float] = {}
+    tide = reference_policy()
     for tau in sorted(set(same.values())):
         options = PolicyOptions(budget=uniform(budget, layers), tau=uniform(tau, layers), hw=hw, refresh=refresh)
-        done[tau] = run(workload, build_schedule("tide", workload, options), hw, engine="analytic").tokens_per_s
+        done[tau] = run(workload, build_schedule(tide, workload, options), hw, engine="analytic").tokens_per_s
     return {t: done[same[t]] for t in sorted(same)}
 
 

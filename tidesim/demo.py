@@ -34,7 +34,7 @@ from tidesim.hardware import HardwareProfile, bundled_profiles, get_profile, loa
 from tidesim.plan import Plan
 from tidesim.planner import make_plan, split_prompts
 from tidesim.policies import policy_names
-from tidesim.policies.registry import baselines
+from tidesim.policies.registry import baselines, reference_policy
 from tidesim.procs import die_with_parent
 from tidesim.report import Comparison, breakdown_figure, compare, kind_of, plan_slots
 from tidesim.scenario import assemble
@@ -155,9 +155,10 @@ def timeline_excerpt(workload: Workload, hw: HardwareProfile, budget: int, tau: 
     """The first forwards of a generated block under tide: Chrome trace JSON (Perfetto) and a PNG."""
     steps = np.flatnonzero(workload.block >= 1)[:TIMELINE_FORWARDS]
     excerpt = workload.select(steps)
-    scenario = assemble(f"{tag} excerpt", excerpt, hw, ["tide"], budget=budget, tau=tau, allow_roofline=True)
+    tide = reference_policy()
+    scenario = assemble(f"{tag} excerpt", excerpt, hw, [tide], budget=budget, tau=tau, allow_roofline=True)
     timeline = Timeline()
-    evaluate(scenario, "tide", timeline=timeline)
+    evaluate(scenario, tide, timeline=timeline)
     json_path = out / f"timeline_{tag}.json"
     timeline.save(json_path)
     png = timeline_figure(timeline, out / f"timeline_{tag}.png",
@@ -289,11 +290,12 @@ def case_lines(r: CaseResult) -> list[str]:
     plan = r.plan
     lines = [f"trace {r.trace}, held-out prompts {r.prompts}, budget {r.budget} experts/layer (as the public TIDE "
              f"code sizes it); {r.tau_reason}"]
-    tide = r.comparison.by_policy("tide")
+    reference = reference_policy()
+    tide = r.comparison.by_policy(reference)
     best = r.comparison.best_baseline
     if tide and best:
         lines.append(f"tide vs best baseline ({best}): {r.comparison.speedup(tide):.2f}x; "
-                     + ", ".join(f"vs {b}: {r.comparison.speedup_over('tide', b):.2f}x"
+                     + ", ".join(f"vs {b}: {r.comparison.speedup_over(reference, b):.2f}x"
                                  for b in baselines() if r.comparison.by_policy(b)))
     gap = f", gap to the Lagrangian bound {100 * plan.gap:.1f}%" if plan.gap is not None else ""
     lines.append(f"plan: {plan.mode}, tau {min(plan.tau)}..{max(plan.tau)}, budget {min(plan.budget)}.."

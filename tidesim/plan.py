@@ -30,9 +30,9 @@ def plan_runner(policy: str) -> str:
     """The registered policy that runs a plan made for `policy` (the plan in options.extra["plan"]):
     `planned` for tide (tide with per-layer settings), the policy itself otherwise (tide-split reads
     a plan the same way)."""
-    from tidesim.policies.registry import plan_policy  # the registry imports the policies, which read plans
+    from tidesim.policies.registry import plan_policy, reference_policy  # the policies import this module
 
-    return plan_policy() if policy == "tide" else policy
+    return plan_policy() if policy == reference_policy() else policy
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -252,15 +252,13 @@ def policy_options(args: argparse.Namespace, spec: Any, hw: Any) -> tuple[str, A
 
 def static_from_trace(path: Path, spec: Any, policy: str, budget: int, fraction: float) -> np.ndarray:
     """The static set the offline policy would pick on that trace's warm-up prefix."""
-    from tidesim.policies.fiddler import static_size
+    from tidesim.policies.registry import static_set_size
     from tidesim.policies.residency import popular_set
     from tidesim.trace.io import read_trace
     from tidesim.workload import workload_from_trace
 
     workload = workload_from_trace(read_trace(path), spec)
-    size = np.full(spec.num_moe_layers, budget, dtype=np.int64)
-    if policy == "fiddler":
-        size = static_size(size, spec.num_experts)
+    size = static_set_size(policy, np.full(spec.num_moe_layers, budget, dtype=np.int64), spec.num_experts)
     return popular_set(workload, size, fraction)
 
 

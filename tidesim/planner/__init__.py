@@ -41,9 +41,14 @@ from tidesim.workload import Workload
 
 # ----- evaluation and the whole planning run ------------------------------------------------------
 
-# Policies the Lagrangian bound covers (docs/planner.md section 3: every miss on the CPU, copies
-# synchronous); tide-split copies misses on demand, which can beat it, so its plans carry none.
-BOUNDED = ("tide",)
+def bounded(policy: str) -> bool:
+    """Whether the Lagrangian bound covers `policy`'s schedules (docs/planner.md section 3: every
+    miss on the CPU, copies synchronous): the reference policy only; tide-split copies misses on
+    demand, which can beat it, so its plans carry none."""
+    from tidesim.policies.registry import reference_policy
+
+    return policy == reference_policy()
+
 
 
 def evaluate_plan(workload: Workload, hw: HardwareProfile, tau: np.ndarray, budget: np.ndarray,
@@ -181,7 +186,7 @@ def make_plan(trace_path: Path, trace_name: str, hw: HardwareProfile, gpu_mem_gi
                                                engine, policy)
     objective = table.total_s(kept.tau, kept.budget)
     bound_s = None
-    if policy in BOUNDED:
+    if bounded(policy):
         layer_upper = table.layer_cost_s[np.arange(layers), _index_of(table.taus, kept.tau, "tau"),
                                          _index_of(table.budgets, kept.budget, "budget")]
         bound_s = oracle_bound(oracle_costs(calib_w, hw), kept.budget, oracle_iterations, layer_upper).bound_s
