@@ -164,9 +164,13 @@ def run(args: argparse.Namespace) -> int:
     if args.taus is not None:
         taus = int_list(args.taus, "--taus")
     elif any(traits(p).uses_tau for p in policies) and 0 <= budgets[0] <= experts:   # else check_inputs says why
-        from tidesim.default_tau import choose_tau
+        from tidesim.scenario import assemble
 
-        tau_choice, tau_notes = noting(lambda: choose_tau(workload, hw, budgets[0], refresh[0], plan=plan))
+        # the default-tau rule as every command resolves it; the profile was checked against this machine above
+        scenario = assemble(str(trace_path), workload, hw, policies, budget=budgets[0], refresh=refresh[0],
+                            plan=plan, allow_roofline=True)
+        tau_choice, tau_notes = scenario.tau_choice, frozenset(scenario.notes)
+        assert tau_choice is not None            # a policy here uses tau
         taus = [tau_choice.tau]
     else:
         taus = [1]      # no policy here refreshes on an interval
