@@ -106,7 +106,7 @@ def test_the_checker_sees_a_circle_and_a_cli_import(tmp_path: Path) -> None:
 # comparing with a policy's name. A bench that measures named policies against each other by design
 # is the one exception.
 NAMED_BY_DESIGN = {"bench/bench_tide_split.py"}
-POLICY_ARGUMENT = {"build_schedule", "evaluate", "traits", "entry", "by_policy", "speedup_over", "run_policy",
+POLICY_ARGUMENT = {"build_schedule", "evaluate", "traits", "entry", "by_policy", "speedup_over",
                    "online_policy", "static_set_size", "plan_runner"}
 
 

@@ -11,7 +11,15 @@ from policy_cases import hand_workload, options, workloads
 from tidesim.errors import InputError
 from tidesim.policies import build_schedule, policy_names
 from tidesim.policies.driver import is_online, online_names
-from tidesim.policies.registry import baselines, entries, plan_policy, policy_summary, role_of, traits
+from tidesim.policies.registry import (
+    baselines,
+    entries,
+    plan_policy,
+    policy_summary,
+    role_of,
+    static_set_size,
+    traits,
+)
 from tidesim.schedule import schedule_problems
 
 # Online policies that are not bounds (all-gpu is online but keeps everything resident).
@@ -36,6 +44,11 @@ def test_traits_are_what_the_policies_do() -> None:
     assert not {"full-swap", "cpu-routing", "fiddler", "all-gpu", "oracle", "planned"} & tau_users
     assert policy_names(static_set=True) == ["cpu-routing", "fiddler"]
     assert plan_policy() == "planned"
+    assert policy_names(reference=True) == ["tide"]          # exactly one reference policy
+    # static sets: cpu-routing fills its budget, fiddler keeps one slot to stream (all when budget = experts)
+    budget = np.array([0, 1, 3, 8])
+    assert static_set_size("cpu-routing", budget, 8).tolist() == [0, 1, 3, 8]
+    assert static_set_size("fiddler", budget, 8).tolist() == [0, 0, 2, 8]
     assert not is_online("oracle") and is_online("tide")
     # a bound's schedules say so; the others' do not
     w = hand_workload()

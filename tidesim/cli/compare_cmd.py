@@ -10,8 +10,9 @@ from typing import Any
 
 from tidesim.cli.guard import Output, declare_outputs
 from tidesim.cli.output import announce, format_table, print_json, progress, to_jsonable
-from tidesim.cli.simulate_cmd import add_input_args, load_setup, run_policy
+from tidesim.cli.simulate_cmd import add_input_args, load_setup
 from tidesim.errors import InputError
+from tidesim.evaluate import evaluate
 from tidesim.html_report import Report, Section, Table, write_report
 from tidesim.plan import load_plan
 from tidesim.policies.registry import baselines, check_policies, policy_names, traits
@@ -64,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
     with announce("compare", work) as done:
         for name in progress(names, desc="policies", total=len(names)):
             try:
-                metrics.append(run_policy(setup, name))
+                metrics.append(evaluate(setup, name).metrics)
             except InputError as exc:       # e.g. full-swap with a budget of 0: report, run the others
                 skipped.append(f"{name} skipped: {exc}")
         done.summary = f"{len(metrics)} ran, {len(skipped)} skipped"

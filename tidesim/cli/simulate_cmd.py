@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -67,12 +66,6 @@ def warn(lines: list[str]) -> None:
         print(f"tidesim: warning: {line}", file=sys.stderr)
 
 
-def run_policy(setup: Scenario, policy: str, timeline: str | None = None,
-               on_forward: Callable[[int], None] | None = None) -> Metrics:
-    """tidesim.evaluate.evaluate on the resolved scenario: the metrics, their notes included."""
-    return evaluate(setup, policy, timeline=timeline, on_forward=on_forward).metrics
-
-
 # ----- the command ------------------------------------------------------------------------------
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="one offload policy on one trace and hardware profile",
@@ -111,7 +104,7 @@ def main(args: argparse.Namespace) -> int:
 
     work = f"{args.policy} on {setup.workload.num_forwards} forwards ({setup.engine})"
     with announce("simulate", work) as done, bar:
-        metrics = run_policy(setup, args.policy, timeline=args.timeline, on_forward=advance)
+        metrics = evaluate(setup, args.policy, timeline=args.timeline, on_forward=advance).metrics
         done.summary = f"{metrics.tokens_per_s:.2f} tokens/s"
     if args.json:
         out = {"inputs": setup.describe(), "metrics": metrics.to_dict()}
