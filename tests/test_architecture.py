@@ -83,6 +83,47 @@ def test_no_import_circles() -> None:
     assert _circles(graph) == []
 
 
+# The library's floors below the CLI (docs/architecture.md), top first: a module imports only from its
+# own floor or those below it. A module not listed here (a new one) is not checked until it is placed.
+FLOORS: list[tuple[str, list[str]]] = [
+    ("jobs", ["tidesim.demo", "tidesim.sweep", "tidesim.report", "tidesim.html_report", "tidesim.demo_figures"]),
+    ("evaluate", ["tidesim.evaluate"]),
+    ("scenario", ["tidesim.scenario", "tidesim.default_tau"]),
+    ("planner", ["tidesim.planner"]),
+    ("executors", ["tidesim.run", "tidesim.sim", "tidesim.costmodel"]),
+    ("policies", ["tidesim.policies"]),
+    ("core", ["tidesim.workload", "tidesim.schedule", "tidesim.schedule_io", "tidesim.layermodel", "tidesim.hardware",
+              "tidesim.hardware_parts", "tidesim.curves", "tidesim.models", "tidesim.hf_config", "tidesim.plan",
+              "tidesim.metrics", "tidesim.decode", "tidesim.trace", "tidesim.bundled", "tidesim.budget",
+              "tidesim.limits", "tidesim.sim.lpt"]),
+    ("base", ["tidesim.errors", "tidesim.atomic", "tidesim.formatting", "tidesim.palette", "tidesim.notes",
+              "tidesim.lru", "tidesim.procs"]),
+]
+
+
+def _floor(module: str) -> int | None:
+    """Index of the floor `module` stands on (the longest matching prefix decides: sim.lpt is core)."""
+    best: tuple[int, int] | None = None
+    for i, (_, prefixes) in enumerate(FLOORS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and (best is None or len(p) > best[1]):
+                best = (i, len(p))
+    return None if best is None else best[0]
+
+
+def test_no_floor_imports_a_floor_above_it() -> None:
+    offenders = []
+    for name, deps in _graph().items():
+        here = _floor(name)
+        if here is None:
+            continue
+        for dep in sorted(deps):
+            there = _floor(dep)
+            if there is not None and there < here:
+                offenders.append(f"{name} ({FLOORS[here][0]}) imports {dep} ({FLOORS[there][0]})")
+    assert offenders == []
+
+
 def test_the_checker_sees_a_circle_and_a_cli_import(tmp_path: Path) -> None:
     """The import reader on a hand-written package: relative, absolute and in-function imports."""
     pkg = tmp_path / "tidesim"

@@ -31,12 +31,12 @@ from tidesim.errors import InputError
 from tidesim.evaluate import evaluate
 from tidesim.formatting import to_jsonable
 from tidesim.hardware import HardwareProfile, bundled_profiles, get_profile, load_profile
-from tidesim.plan import Plan
+from tidesim.plan import Plan, plan_slots
 from tidesim.planner import make_plan, split_prompts
 from tidesim.policies import policy_names
 from tidesim.policies.registry import baselines, reference_policy
 from tidesim.procs import die_with_parent
-from tidesim.report import Comparison, breakdown_figure, compare, kind_of, plan_slots
+from tidesim.report import Comparison, breakdown_figure, compare, kind_of
 from tidesim.scenario import assemble
 from tidesim.sim.timeline import Timeline
 from tidesim.trace.io import read_trace

@@ -23,9 +23,9 @@ from tidesim.default_tau import TauChoice, choose_tau
 from tidesim.errors import InputError
 from tidesim.hardware import HardwareProfile, get_profile
 from tidesim.notes import collecting
-from tidesim.plan import Plan
+from tidesim.plan import Plan, plan_slots
 from tidesim.policies.options import PolicyOptions, uniform
-from tidesim.policies.registry import traits
+from tidesim.policies.registry import plan_runner, traits
 from tidesim.workload import Workload
 
 
@@ -73,7 +73,7 @@ class Scenario:
         """The plan's per-layer settings for the policy that runs it (the plan's runner: the plan-running
         policy for a tide plan, the plan's policy otherwise); the uniform budget and tau for the others."""
         layers = self.workload.num_layers
-        if self.plan is not None and policy == self.plan.runner:
+        if self.plan is not None and policy == plan_runner(self.plan.policy):
             return PolicyOptions(budget=self.plan.budget_array(), tau=self.plan.tau_array(), hw=self.hw,
                                  refresh=self.plan.refresh, warmup_fraction=self.warmup_fraction,
                                  extra={"plan": self.plan})
@@ -85,8 +85,6 @@ class Scenario:
                              refresh=self.refresh, warmup_fraction=self.warmup_fraction)
 
     def describe(self) -> dict[str, Any]:
-        from tidesim.report import plan_slots
-
         w = self.workload
         return {"trace": self.trace, "model": w.model.name, "kv_cache": w.kv_cache,
                 **({"decode": w.decode} if w.decode != "diffusion" else {}),   # diffusion: as before the field

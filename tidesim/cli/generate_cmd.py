@@ -30,7 +30,7 @@ from tidesim.errors import InputError
 from tidesim.notes import noting
 from tidesim.policies.driver import is_online, online_names
 from tidesim.policies.options import REFRESH_MODES
-from tidesim.policies.registry import plan_policy, policy_names, traits
+from tidesim.policies.registry import plan_policy, plan_runner, policy_names, traits
 
 RUN_MARKER = "tidesim generate run"
 RUN_FILES = ("generations.jsonl", "forwards.parquet", "trace.parquet", "schedule.npz", "summary.json")
@@ -220,7 +220,7 @@ def policy_options(args: argparse.Namespace, spec: Any, hw: Any) -> tuple[str, A
     if args.plan:
         plan = load_plan(args.plan)
         plan.check_model(spec)
-        name = plan.runner          # the plan-running policy for a tide plan, the plan's policy otherwise
+        name = plan_runner(plan.policy)   # the plan-running policy for a tide plan, the plan's policy otherwise
         extra["plan"] = plan
     else:
         name = args.policy

@@ -20,7 +20,7 @@ from tidesim.evaluate import evaluate
 from tidesim.metrics import Metrics
 from tidesim.plan import Plan, load_plan
 from tidesim.policies.options import REFRESH_MODES
-from tidesim.policies.registry import check_policies, plan_policy, policy_names
+from tidesim.policies.registry import check_policies, plan_policy, plan_runner, policy_names
 from tidesim.run import ENGINES
 from tidesim.scenario import Scenario, decode_label, resolve
 
@@ -88,11 +88,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan) if args.plan else None
     planned = plan_policy()
-    if plan is not None and args.policy not in (None, plan.runner):
-        raise InputError(f"--plan runs the policy {plan.runner} (the plan is for {plan.policy}); leave out --policy")
+    runner = plan_runner(plan.policy) if plan is not None else None
+    if plan is not None and args.policy not in (None, runner):
+        raise InputError(f"--plan runs the policy {runner} (the plan is for {plan.policy}); leave out --policy")
     if plan is None and args.policy in (None, planned):
         raise InputError(f"give --policy P, or --plan FILE for the {planned} policy (make one with `tidesim plan`)")
-    args.policy = args.policy or (plan.runner if plan is not None else planned)
+    args.policy = args.policy or runner or planned
     check_policies([args.policy])
     if args.timeline and args.engine != "sim":
         raise InputError("--timeline needs the simulator (--engine sim)")

@@ -26,7 +26,7 @@ from tidesim.errors import InputError
 from tidesim.limits import check_cpu_workers
 from tidesim.notes import noting
 from tidesim.policies.options import REFRESH_MODES
-from tidesim.policies.registry import plan_policy, traits
+from tidesim.policies.registry import plan_policy, plan_runner, traits
 
 DEFAULT_POLICIES = "cpu-routing,fiddler,tide,full-swap,all-gpu"
 RESULT_FILES = ("results.json", "results.parquet", "predicted_vs_measured.png", "configurations.jsonl")
@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan) if args.plan else None
     if plan is not None:
         plan.check_model(full_model)
-        if plan.runner != plan_policy():
+        if plan_runner(plan.policy) != plan_policy():
             raise InputError(f"validate --plan runs plans for tide (the {plan_policy()} policy); this plan is for "
                              f"{plan.policy}: validate {plan.policy} with --policies and a single --taus instead")
         if plan_policy() not in policies:

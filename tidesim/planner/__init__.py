@@ -29,7 +29,6 @@ from tidesim.plan import (
     SolverInfo,
     file_fingerprint,
     model_fingerprint,
-    plan_runner,
     profile_fingerprint,
 )
 from tidesim.planner.bound import OracleBound, OracleCosts, oracle_bound, oracle_costs
@@ -55,6 +54,7 @@ def evaluate_plan(workload: Workload, hw: HardwareProfile, tau: np.ndarray, budg
                   engine: str = "analytic", policy: str = "tide") -> Metrics:
     """Run the plan's runner (plan_runner) with these per-layer settings through an executor."""
     from tidesim.policies import PolicyOptions, build_schedule
+    from tidesim.policies.registry import plan_runner
     from tidesim.run import run
 
     options = PolicyOptions(budget=np.asarray(budget, np.int64), tau=np.asarray(tau, np.int64), hw=hw,
@@ -222,6 +222,6 @@ def _ids(prompts: list[int]) -> str:
 __all__ = [
     "Candidate", "CostTable", "MilpResult", "OracleBound", "OracleCosts", "PlanOutcome", "cbc",
     "compare_on", "cost_table", "default_budgets", "distinct_taus", "evaluate_plan", "evaluation", "expert_slots",
-    "fit_candidates", "make_plan", "oracle_bound", "oracle_costs", "parse_int_list", "plan_policies", "plan_runner",
+    "fit_candidates", "make_plan", "oracle_bound", "oracle_costs", "parse_int_list", "plan_policies",
     "select_plan", "single_tau_sweep", "solve_plan", "split_prompts", "uniform_budget",
 ]

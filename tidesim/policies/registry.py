@@ -158,6 +158,13 @@ def plan_policy() -> str:
     return policy_names(needs_plan=True)[0]
 
 
+def plan_runner(policy: str) -> str:
+    """The registered policy that runs a plan made for `policy` (the plan in options.extra["plan"]):
+    the plan policy for the reference policy (tide with per-layer settings), the policy itself
+    otherwise (tide-split reads a plan the same way)."""
+    return plan_policy() if policy == reference_policy() else policy
+
+
 def reference_policy() -> str:
     """The TIDE policy the project reproduces (PolicyTraits.reference)."""
     return policy_names(reference=True)[0]
