@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 
 from tidesim.budget import default_budget
-from tidesim.default_tau import TauChoice, choose_tau
+from tidesim.default_tau import TauChoice, check_tau, choose_tau
 from tidesim.errors import InputError
 from tidesim.hardware import HardwareProfile, get_profile
 from tidesim.notes import collecting
@@ -121,8 +121,7 @@ def resolve(trace: str, hw: str | HardwareProfile, policies: list[str], *, budge
         workload = workload.select_prompts(prompt_ids(prompts, data.prompt_ids))
     profile = hw if isinstance(hw, HardwareProfile) else get_profile(hw)
     warnings: list[str] = []
-    if tau is not None and tau < 1:
-        raise InputError(f"--tau must be at least 1, got {tau}")
+    check_tau(tau)
     if plan is not None:         # another model: refused; another trace or profile: refused unless force
         warnings += plan.check_inputs(workload.model, path, profile, force=force)
     return assemble(str(path), workload, profile, policies, budget=budget, gpu_mem_gib=gpu_mem_gib, tau=tau,
@@ -141,8 +140,7 @@ def assemble(trace: str, workload: Workload, hw: HardwareProfile, policies: list
     `budget_cap`), tau the default-tau rule (tidesim.default_tau) when a policy that uses it is run.
     What the tau search's cost lookups noted is kept in the scenario's notes, with `notes` (what the
     caller's own resolving noted, e.g. a planner run)."""
-    if tau is not None and tau < 1:
-        raise InputError(f"--tau must be at least 1, got {tau}")
+    check_tau(tau)
     slots, source = _budget(budget, gpu_mem_gib, workload, hw, budget_cap)
     if not allow_roofline:
         check_curves(hw, workload, policies)

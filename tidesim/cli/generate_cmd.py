@@ -26,6 +26,7 @@ from tidesim.cli.calibrate_cmd import require_runtime
 from tidesim.cli.cpu_kernel_arg import add_cpu_kernel_arg, profile_kernel, use_cpu_kernel
 from tidesim.cli.decode_args import add_decode_args, decode_kwargs
 from tidesim.cli.output import format_table, print_json, progress, to_jsonable
+from tidesim.default_tau import check_tau
 from tidesim.errors import InputError
 from tidesim.notes import noting
 from tidesim.policies.driver import is_online, online_names
@@ -135,8 +136,7 @@ def resolve_static_from(path: str) -> Path:
 def check_numbers(args: argparse.Namespace) -> None:
     if args.layers is not None and args.layers < 1:
         raise InputError(f"--layers must be a positive integer, got {args.layers}")
-    if args.tau < 1:
-        raise InputError(f"--tau must be at least 1, got {args.tau}")
+    check_tau(args.tau)
     if args.cpu_workers is not None and args.cpu_workers < 1:
         raise InputError(f"--cpu-workers must be at least 1, got {args.cpu_workers}")
     if not np.isfinite(args.warmup_fraction) or not 0 < args.warmup_fraction <= 1:
