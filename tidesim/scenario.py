@@ -1,12 +1,15 @@
 """One scenario, resolved once: the trace's workload, the hardware profile, the GPU expert budget
 and the refresh interval (each with the reason it was chosen), the refresh mode, the executor and an
-optional plan, checked together. `resolve` is the one place that turns what a user gives (names,
-paths, optional numbers) into a Scenario; the commands call it instead of each resolving their own.
+optional plan (or per-layer settings solved for it), checked together. `resolve` is the one place
+that turns what a user gives (names, paths, optional numbers) into a Scenario; `assemble` is the same
+for a workload and profile already in memory (a sweep point, a demo case, validate's window). Every
+command and job resolves through them, then runs policies with tidesim.evaluate.evaluate.
 
 A Scenario is frozen and hashable by content (`key`: the workload's digest, the profile's
 fingerprint, the plan's fingerprint and the resolved numbers), never by object identity, so it can
 key a cache and two scenarios built from the same inputs are equal. Warnings (a plan forced onto
-other inputs) are returned in it, not printed: the caller says them.
+other inputs) and notes (what the tau search's cost lookups estimated) are returned in it, not
+printed: the caller says them.
 """
 
 from __future__ import annotations
