@@ -10,12 +10,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from tidesim.bundled.paths import resolve_trace
-from tidesim.hardware import get_profile
-from tidesim.policies import PolicyOptions, build_schedule, policy_names, uniform
+from tidesim.policies import build_schedule, policy_names
+from tidesim.scenario import resolve
 from tidesim.schedule import schedule_problems
-from tidesim.trace.io import read_trace
-from tidesim.workload import workload_from_trace
 
 
 def main() -> None:
@@ -26,15 +23,17 @@ def main() -> None:
     parser.add_argument("--hw", default="h100-sxm-pcie5")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    workload = workload_from_trace(read_trace(resolve_trace(args.trace)))
-    hw = get_profile(args.hw)
+    # the inputs resolved as every command resolves them (tidesim.scenario); the schedule is built
+    # here, not through tidesim.evaluate, because its building is what this bench times
+    scenario = resolve(args.trace, args.hw, policy_names(), budget=args.budget, tau=args.tau)
+    workload = scenario.workload
     f, l, e = workload.expert_tokens.shape
     print(f"{args.trace}: {f} forwards x {l} MoE layers x {e} experts, budget {args.budget}, tau {args.tau}")
     print(f"{'policy':16s} {'wall ms':>8s} {'cpu ms':>8s}  valid")
     for name in policy_names():
         wall = cpu = float("inf")
         for _ in range(args.repeats):
-            options = PolicyOptions(budget=uniform(args.budget, l), tau=uniform(args.tau, l), hw=hw)
+            options = scenario.options(name)
             w0, c0 = time.perf_counter(), time.process_time()
             schedule = build_schedule(name, workload, options)
             wall = min(wall, time.perf_counter() - w0)

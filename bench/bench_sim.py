@@ -36,6 +36,7 @@ from tidesim.bundled.paths import bundled_traces, resolve_trace
 from tidesim.costmodel import estimate, lower_bound
 from tidesim.hardware import HardwareProfile, get_profile
 from tidesim.policies import PolicyOptions, build_schedule, policy_names, uniform
+from tidesim.policies.registry import reference_policy
 from tidesim.run import run
 from tidesim.schedule import Schedule
 from tidesim.sim.costs import schedule_costs
@@ -110,7 +111,7 @@ def agreement(traces: list[str] | None = None, presets: list[str] | None = None,
         for hw_name in presets or ["h100-sxm-pcie5", "a100-80gb-pcie4"]:
             hw = get_profile(hw_name)
             for policy in policy_names():
-                for refresh in (("sync", "async") if policy == "tide" else ("sync",)):
+                for refresh in (("sync", "async") if policy == reference_policy() else ("sync",)):
                     if columns is not None and policy + ("-async" if refresh == "async" else "") not in columns:
                         continue
                     try:

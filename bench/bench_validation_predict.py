@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from tidesim.evaluate import evaluate
 from tidesim.hardware import load_profile
-from tidesim.policies import PolicyOptions, build_schedule, uniform
-from tidesim.run import run
+from tidesim.scenario import assemble
 from tidesim.trace.io import read_trace
 from tidesim.workload import Workload, workload_from_trace
 
@@ -45,11 +45,9 @@ def predictions(workload: Workload, hw_path: Path, rows: list[dict[str, Any]]) -
     hw = load_profile(hw_path)
     out = []
     for r in rows:
-        layers = workload.num_layers
-        opts = PolicyOptions(budget=uniform(int(r["budget"]), layers), tau=uniform(int(r["tau"] or 1), layers), hw=hw,
-                             refresh=r["refresh"])
-        schedule = build_schedule(r["policy"], workload, opts)
-        out.append(run(workload, schedule, hw, engine="sim").step_time_s * 1e3)
+        scenario = assemble(str(hw_path), workload, hw, [r["policy"]], budget=int(r["budget"]),
+                            tau=int(r["tau"] or 1), refresh=r["refresh"], engine="sim", allow_roofline=True)
+        out.append(evaluate(scenario, r["policy"]).metrics.step_time_s * 1e3)
     return out
 
 

@@ -83,6 +83,47 @@ def test_no_import_circles() -> None:
     assert _circles(graph) == []
 
 
+# The library's floors below the CLI (docs/architecture.md), top first: a module imports only from its
+# own floor or those below it. A module not listed here (a new one) is not checked until it is placed.
+FLOORS: list[tuple[str, list[str]]] = [
+    ("jobs", ["tidesim.demo", "tidesim.sweep", "tidesim.report", "tidesim.html_report", "tidesim.demo_figures"]),
+    ("evaluate", ["tidesim.evaluate"]),
+    ("scenario", ["tidesim.scenario", "tidesim.default_tau"]),
+    ("planner", ["tidesim.planner"]),
+    ("executors", ["tidesim.run", "tidesim.sim", "tidesim.costmodel"]),
+    ("policies", ["tidesim.policies"]),
+    ("core", ["tidesim.workload", "tidesim.schedule", "tidesim.schedule_io", "tidesim.layermodel", "tidesim.hardware",
+              "tidesim.hardware_parts", "tidesim.curves", "tidesim.models", "tidesim.hf_config", "tidesim.plan",
+              "tidesim.metrics", "tidesim.decode", "tidesim.trace", "tidesim.bundled", "tidesim.budget",
+              "tidesim.limits", "tidesim.sim.lpt"]),
+    ("base", ["tidesim.errors", "tidesim.atomic", "tidesim.formatting", "tidesim.palette", "tidesim.notes",
+              "tidesim.lru", "tidesim.procs"]),
+]
+
+
+def _floor(module: str) -> int | None:
+    """Index of the floor `module` stands on (the longest matching prefix decides: sim.lpt is core)."""
+    best: tuple[int, int] | None = None
+    for i, (_, prefixes) in enumerate(FLOORS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and (best is None or len(p) > best[1]):
+                best = (i, len(p))
+    return None if best is None else best[0]
+
+
+def test_no_floor_imports_a_floor_above_it() -> None:
+    offenders = []
+    for name, deps in _graph().items():
+        here = _floor(name)
+        if here is None:
+            continue
+        for dep in sorted(deps):
+            there = _floor(dep)
+            if there is not None and there < here:
+                offenders.append(f"{name} ({FLOORS[here][0]}) imports {dep} ({FLOORS[there][0]})")
+    assert offenders == []
+
+
 def test_the_checker_sees_a_circle_and_a_cli_import(tmp_path: Path) -> None:
     """The import reader on a hand-written package: relative, absolute and in-function imports."""
     pkg = tmp_path / "tidesim"
@@ -98,3 +139,59 @@ def test_the_checker_sees_a_circle_and_a_cli_import(tmp_path: Path) -> None:
     assert _imports(files["tidesim.b"], "tidesim.b", known) == {"tidesim.a", "tidesim.cli.output"}
     graph = {name: _imports(path, name, known) for name, path in files.items()}
     assert _circles(graph) == ["tidesim.a -> tidesim.b -> tidesim.a"]
+
+
+# ----- policy names decide nothing outside the registry ------------------------------------------------
+# Below tidesim/policies (where each policy registers its own name and traits), code asks the registry
+# (traits, policy_names(...), plan_policy(), reference_policy(), static_set_size(...)) instead of
+# comparing with a policy's name. A bench that measures named policies against each other by design
+# is the one exception.
+NAMED_BY_DESIGN = {"bench/bench_tide_split.py"}
+POLICY_ARGUMENT = {"build_schedule", "evaluate", "traits", "entry", "by_policy", "speedup_over",
+                   "online_policy", "static_set_size", "plan_runner"}
+
+
+def _deciding_literals(source: str, names: set[str]) -> list[tuple[int, str]]:
+    """(line, name) of each comparison with a registered policy name and each call that passes one
+    to a function taking a policy (a budget cap named after the TIDE scripts, `cap == "tide"`, is
+    not a policy)."""
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            others = " ".join(ast.unparse(o) for o in operands if not isinstance(o, ast.Constant))
+            for sub in operands:
+                for leaf in ast.walk(sub):
+                    if isinstance(leaf, ast.Constant) and leaf.value in names and "cap" not in others:
+                        found.append((node.lineno, leaf.value))
+        elif isinstance(node, ast.Call):
+            func = node.func
+            called = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+            if called in POLICY_ARGUMENT:
+                found += [(node.lineno, a.value) for a in node.args if isinstance(a, ast.Constant) and a.value in names]
+    return found
+
+
+def test_no_policy_name_decides_outside_the_registry() -> None:
+    from tidesim.policies.registry import policy_names
+
+    names = set(policy_names())
+    roots = [ROOT / "tidesim", ROOT / "runtime" / "tidesim_runtime", ROOT / "bench"]
+    offenders = []
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel.startswith("tidesim/policies/") or rel in NAMED_BY_DESIGN:
+                continue
+            offenders += [f"{rel}:{line}: {name!r}" for line, name in _deciding_literals(path.read_text(), names)]
+    assert offenders == []
+
+
+def test_the_literal_scan_sees_comparisons_and_calls() -> None:
+    names = {"tide", "fiddler", "planned"}
+    source = ("if policy == 'tide': pass\n"
+              "x = p in ('fiddler', 'other')\n"
+              "build_schedule('planned', w, o)\n"
+              "ok = cap == 'tide'\n"
+              "label = {'tide': 1}\n")
+    assert _deciding_literals(source, names) == [(1, "tide"), (2, "fiddler"), (3, "planned")]

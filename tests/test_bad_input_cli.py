@@ -278,9 +278,9 @@ def test_dask_scheduler_that_answers_nothing(capsys, work, monkeypatch) -> None:
     pytest.importorskip("distributed")
     import socket
 
-    from tidesim.sweep import runner
+    from tidesim.sweep import executors
 
-    monkeypatch.setattr(runner, "DASK_CONNECT_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(executors, "DASK_CONNECT_TIMEOUT_S", 1.0)
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(1)

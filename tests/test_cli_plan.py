@@ -11,6 +11,7 @@ from planner_cases import gib_for_slots, write_tiny_trace
 from tidesim.cli import main
 from tidesim.plan import load_plan
 from tidesim.planner import plan_policies
+from tidesim.policies.registry import plan_runner
 
 
 def plan_args(trace: Path, out: Path, *extra: str, gib: float | None = None) -> list[str]:
@@ -133,7 +134,7 @@ def test_a_tide_split_plan_runs_as_tide_split(tmp_path: Path, capsys: pytest.Cap
     assert main(plan_args(trace, out, "--policy", "tide-split")) == 0
     assert "Lagrangian lower bound: none for tide-split" in capsys.readouterr().out
     plan = load_plan(out)
-    assert plan.runner == "tide-split" and plan.oracle_bound_s is None and plan.heldout is not None
+    assert plan_runner(plan.policy) == "tide-split" and plan.oracle_bound_s is None and plan.heldout is not None
     held = ",".join(map(str, plan.heldout.prompts))
     base = ["--trace", str(trace), "--hw", "h100-sxm-pcie5", "--plan", str(out), "--prompts", held,
             "--engine", "analytic", "--json"]

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from planner_cases import gib_for_slots, h100, tiny_workload, write_tiny_trace
 
-from tidesim.planner import make_plan, plan_policies, plan_runner, uniform_budget
+from tidesim.planner import make_plan, plan_policies, uniform_budget
 from tidesim.planner.select import INTERVALS, OPTIMUM, SINGLE, Candidate, best_tau_of, choose, plan_candidates
 from tidesim.policies import PolicyOptions, build_schedule, uniform
+from tidesim.policies.registry import plan_runner
 from tidesim.run import run
 
 TAUS = list(range(1, 9))

@@ -11,7 +11,15 @@ from policy_cases import hand_workload, options, workloads
 from tidesim.errors import InputError
 from tidesim.policies import build_schedule, policy_names
 from tidesim.policies.driver import is_online, online_names
-from tidesim.policies.registry import baselines, entries, plan_policy, policy_summary, role_of, traits
+from tidesim.policies.registry import (
+    baselines,
+    entries,
+    plan_policy,
+    policy_summary,
+    role_of,
+    static_set_size,
+    traits,
+)
 from tidesim.schedule import schedule_problems
 
 # Online policies that are not bounds (all-gpu is online but keeps everything resident).
@@ -36,6 +44,11 @@ def test_traits_are_what_the_policies_do() -> None:
     assert not {"full-swap", "cpu-routing", "fiddler", "all-gpu", "oracle", "planned"} & tau_users
     assert policy_names(static_set=True) == ["cpu-routing", "fiddler"]
     assert plan_policy() == "planned"
+    assert policy_names(reference=True) == ["tide"]          # exactly one reference policy
+    # static sets: cpu-routing fills its budget, fiddler keeps one slot to stream (all when budget = experts)
+    budget = np.array([0, 1, 3, 8])
+    assert static_set_size("cpu-routing", budget, 8).tolist() == [0, 1, 3, 8]
+    assert static_set_size("fiddler", budget, 8).tolist() == [0, 0, 2, 8]
     assert not is_online("oracle") and is_online("tide")
     # a bound's schedules say so; the others' do not
     w = hand_workload()
@@ -53,6 +66,29 @@ def test_uses_tau_is_exactly_who_reads_tau() -> None:
         a, b = build_schedule(name, w, options(w, 2, tau=1)), build_schedule(name, w, options(w, 2, tau=3))
         same = all(np.array_equal(getattr(a, f), getattr(b, f)) for f in ("placement", "copy", "resident"))
         assert same != traits(name).uses_tau, name
+
+
+def test_a_policy_that_does_not_read_the_profile_decides_the_same_on_any() -> None:
+    """reads_profile=False is a promise the schedule cache (tidesim.evaluate) relies on: it reuses
+    such a policy's schedule across profiles. Profiles far apart in every cost (a slow link, a fast
+    CPU, a slow GPU) must then give the same schedule; every registered policy is held to it."""
+    from policy_cases import profile
+
+    w = hand_workload()
+    base = profile()
+    others = [base.scaled(pcie=0.001), base.scaled(cpu_cores=64, cpu_mem_bw=64), base.scaled(gpu_speed=0.01)]
+    for name in policy_names(reads_profile=False, needs_plan=False):
+        a = build_schedule(name, w, options(w, 2, hw=base))
+        for hw in others:
+            b = build_schedule(name, w, options(w, 2, hw=hw))
+            assert all(np.array_equal(getattr(a, f), getattr(b, f)) for f in ("placement", "copy", "resident")), name
+    # and the trait is not idle: a policy that reads the profile changes its mind on these profiles
+    readers = policy_names(reads_profile=True)
+    changed = [name for name in readers if not all(
+        np.array_equal(getattr(build_schedule(name, w, options(w, 2, hw=base)), f),
+                       getattr(build_schedule(name, w, options(w, 2, hw=hw)), f))
+        for hw in others for f in ("placement", "copy", "resident"))]
+    assert changed
 
 
 def test_unknown_policy_and_bad_options() -> None:

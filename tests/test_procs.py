@@ -19,7 +19,7 @@ import sys, time
 import tidesim.procs
 if sys.argv[1] == "watchdog-only":
     tidesim.procs.PR_SET_PDEATHSIG = 0        # prctl(0) is refused: only the watchdog thread acts
-from tidesim.sweep.runner import LocalExecutor
+from tidesim.sweep.executors import LocalExecutor
 
 def busy(_):
     time.sleep(120)

@@ -11,7 +11,7 @@ from tidesim.budget import TIDE_MAX_EXPERTS_PER_LAYER, budget_for_memory, defaul
 from tidesim.errors import InputError
 from tidesim.hardware import get_profile
 from tidesim.models import PRESETS
-from tidesim.scenario import prompt_ids, resolve, workload_digest
+from tidesim.scenario import prompt_ids, resolve
 
 TRACE = "llada2-mini-4layer_captured_prefix_g256"
 HW = "h100-sxm-pcie5"
@@ -35,10 +35,10 @@ def test_the_key_sees_every_profile_field() -> None:
 
 def test_workload_digest_is_content() -> None:
     a = resolve(TRACE, HW, ["full-swap"], budget=64).workload
-    assert workload_digest(a) == workload_digest(dataclasses.replace(a, tokens=a.tokens.copy()))
+    assert a.digest == dataclasses.replace(a, tokens=a.tokens.copy()).digest
     changed = a.expert_tokens.copy()
     changed[0, 0, 0] += 1
-    assert workload_digest(a) != workload_digest(dataclasses.replace(a, expert_tokens=changed))
+    assert a.digest != dataclasses.replace(a, expert_tokens=changed).digest
 
 
 def test_default_budget_and_tau_rules() -> None:

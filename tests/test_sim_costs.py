@@ -8,10 +8,10 @@ import dataclasses
 
 import numpy as np
 import pytest
-from simkit import MS, SPEC, all_cpu, blank, profile, random_schedule, workload
+from simkit import MS, all_cpu, blank, profile, random_schedule, workload
 
 from tidesim.hardware import HardwareProfile, get_profile
-from tidesim.models import PRESETS
+from tidesim.hardware_parts import part_digest
 from tidesim.policies import PolicyOptions, build_schedule, uniform
 from tidesim.run import run
 from tidesim.schedule import CPU, GPU, SparseCells, byte_cells
@@ -128,37 +128,30 @@ def test_cached_cell_costs_equal_fresh_ones() -> None:
         assert got.counts == first.counts and got.flags == first.flags
 
 
-def test_curve_keys_ignore_what_the_curves_do_not_read() -> None:
-    """The per-workload cell times are shared between profiles with equal expert-time keys: a
-    what-if's PCIe bandwidth or GPU memory leaves both keys alone, anything a curve reads does not."""
+def test_curve_keys_are_the_content_of_the_part_a_curve_reads() -> None:
+    """The cell times are kept per workload content and per content of the one part a curve reads
+    (tidesim.curves takes only that part): a what-if's PCIe leaves both keys alone, a CPU change
+    leaves the GPU's, anything in the part itself (a new field included) changes its key."""
     base = get_profile("h100-sxm-pcie5")
-    spec = PRESETS["llada2-flash"]
-    same = base.scaled(pcie=0.25, gpu_memory_gib=48)
+    same = base.scaled(pcie=0.25)
     for side in ("gpu", "cpu"):
-        assert base.expert_time_key(side, spec) == same.expert_time_key(side, spec)
-    assert base.expert_time_key("cpu", spec) != base.scaled(cpu_cores=2).expert_time_key("cpu", spec)
-    assert base.expert_time_key("gpu", spec) == base.scaled(cpu_cores=2).expert_time_key("gpu", spec)
-    assert base.expert_time_key("gpu", spec) != base.scaled(gpu_speed=2).expert_time_key("gpu", spec)
+        assert part_digest(getattr(base, side)) == part_digest(getattr(same, side))
+    assert part_digest(base.cpu) != part_digest(base.scaled(cpu_cores=2).cpu)
+    assert part_digest(base.gpu) == part_digest(base.scaled(cpu_cores=2).gpu)
+    assert part_digest(base.gpu) != part_digest(base.scaled(gpu_speed=2).gpu)
     workers = dataclasses.replace(base, cpu=dataclasses.replace(base.cpu, workers=base.cpu.workers + 1))
-    assert base.expert_time_key("cpu", spec) != workers.expert_time_key("cpu", spec)
-    # a measured curve: its points are the key, the roofline constants no longer matter
-    hw = profile()
-    measured = dataclasses.replace(hw, gpu=dataclasses.replace(hw.gpu, bf16_tflops=1.0))
-    assert hw.expert_time_key("gpu", SPEC) == measured.expert_time_key("gpu", SPEC)
-    slower = hw.scaled(gpu_speed=0.5)
-    assert hw.expert_time_key("gpu", SPEC) != slower.expert_time_key("gpu", SPEC)
+    assert part_digest(base.cpu) != part_digest(workers.cpu)
 
 
 def test_cached_costs_follow_the_curves_and_replay_their_flags() -> None:
     """Profiles that differ only where the curves do not read share the cached times; those that
-    differ where they read get their own; every profile reports the flags its costs raise, also
-    when it carried some of them already when the times were first evaluated."""
+    differ where they read get their own; every costing reports the notes its lookups raise, also
+    when the times came from the cache."""
     w = workload([[[1, 0, 2, 3], [0, 3, 1, 1]], [[2, 2, 0, 1], [1, 0, 4, 1]]])
     sched = random_schedule(w, budget=2, seed=5)
     hw = profile(workers=2)
-    roofline = dataclasses.replace(hw, cpu=dataclasses.replace(hw.cpu, expert_ffn=[]), flags=set())   # estimated
+    roofline = dataclasses.replace(hw, cpu=dataclasses.replace(hw.cpu, expert_ffn=[]))   # estimated
     costed = [roofline.scaled(pcie=4.0), roofline.scaled(cpu_cores=2.0), hw]
-    roofline.flags.add("cpu.expert_ffn[16x8]: roofline estimate (shape not measured)")   # carried already
     schedule_costs(w, sched, roofline)
     for other in costed:
         got, fresh = schedule_costs(w, sched, other), schedule_costs(dataclasses.replace(w), sched, other)

@@ -20,7 +20,9 @@ import pytest
 from tidesim.errors import InputError
 from tidesim.metrics import Metrics
 from tidesim.sweep.grid import Point, parse_grid
-from tidesim.sweep.runner import Evaluation, SweepPaths, build_hardware, evaluate_point, run_sweep
+from tidesim.sweep.hardware import build_hardware
+from tidesim.sweep.point import Evaluation, evaluate_point
+from tidesim.sweep.runner import SweepPaths, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -278,35 +280,35 @@ def test_default_evaluator_is_the_real_one():
 
 
 def test_schedules_are_reused_only_when_the_policy_ignored_the_hardware(tmp_path, monkeypatch):
-    from tidesim.sweep import runner
+    # the schedule cache (tidesim.evaluate) keys a policy by the profile only when its traits say it
+    # reads it; rows equal those evaluated with nothing kept
+    from tidesim import evaluate as ev
+    from tidesim.sweep import point as runner
 
-    monkeypatch.setattr(runner, "_MAX_HW_SCHEDULES", 8)
-
+    monkeypatch.setattr(ev.SCHEDULES, "size", 16)
     g = parse_grid({"parameters": {"model": "tiny", "gen_length": 64, "prompts": 2, "prompt_length": 40,
                                    "budget": 6, "pcie_gbs": [4, 64], "cpu_cores_scale": [0.25, 4],
                                    "policy": ["cpu-routing", "fiddler"]}})
     uncached = {}
     for point in g.points:
-        runner._SCHEDULES.clear()
-        runner._HW_SCHEDULES.clear()
+        ev.SCHEDULES.clear()
         uncached[point.id] = runner.evaluate_row(point, tmp_path, evaluate_point)
-    runner._SCHEDULES.clear()
-    runner._HW_SCHEDULES.clear()
+    ev.SCHEDULES.clear()
     cached = {p.id: runner.evaluate_row(p, tmp_path, evaluate_point) for p in g.points}
     assert cached == uncached
-    keys = [*runner._SCHEDULES, *runner._HW_SCHEDULES]
-    policies = [json.loads(key[:key.rindex("]") + 1])[1] for key in keys]
+    keys = [json.loads(key) for key in ev.SCHEDULES.kept_keys()]
+    policies = [key[1] for key in keys]
     # cpu-routing never reads the profile: one schedule for all four hardware variants;
-    # fiddler compares CPU and copy costs: one per profile, kept apart from the reusable ones
+    # fiddler compares CPU and copy costs: one per profile
     assert policies.count("cpu-routing") == 1 and policies.count("fiddler") == 4
-    assert all("fiddler" in key for key in runner._HW_SCHEDULES)
+    assert all((key[-1] is None) == (key[1] == "cpu-routing") for key in keys)
 
 
 def test_planned_point_runs_the_solved_per_layer_plan(tmp_path):
     from tidesim.planner import expert_slots
     from tidesim.policies import PolicyOptions, build_schedule
     from tidesim.run import run
-    from tidesim.sweep.runner import load_workload
+    from tidesim.sweep.workloads import load_workload
 
     g = parse_grid({"parameters": {"model": "tiny", "gen_length": 64, "prompts": 2, "prompt_length": 40,
                                    "gpu_memory_gib": 1.4, "policy": ["planned", "tide"]}})
@@ -332,22 +334,23 @@ def test_planned_point_runs_the_solved_per_layer_plan(tmp_path):
 
 
 def test_best_tau_is_searched_once_per_workload_profile_and_budget(tmp_path, monkeypatch):
-    # tide and tide-reference on one profile share the search; rows equal those evaluated with
-    # nothing kept, flags (notes) included
+    # tide and tide-reference on one profile share the search (tidesim.default_tau keeps it by
+    # content); rows equal those evaluated with nothing kept, notes included
     import tidesim.default_tau
-    from tidesim.sweep import runner
+    from tidesim.sweep import point as runner
 
     g = parse_grid({"parameters": {"model": "tiny", "gen_length": 64, "prompts": 2, "prompt_length": 40,
                                    "budget": 6, "pcie_gbs": [4, 64], "policy": ["tide", "tide-reference"]}})
     calls = []
-    search = tidesim.default_tau.best_tau
-    monkeypatch.setattr(tidesim.default_tau, "best_tau", lambda *a, **k: calls.append(a[1]) or search(*a, **k))
+    search = tidesim.default_tau.tide_tokens_per_s
+    monkeypatch.setattr(tidesim.default_tau, "tide_tokens_per_s",
+                        lambda *a, **k: calls.append(a[1]) or search(*a, **k))
     uncached = {}
     for point in g.points:
-        runner._TAUS.clear()
+        tidesim.default_tau._SEARCHED.clear()
         uncached[point.id] = runner.evaluate_row(point, tmp_path, evaluate_point)
     assert len(calls) == len(g.points)
     calls.clear()
-    runner._TAUS.clear()
+    tidesim.default_tau._SEARCHED.clear()
     cached = {p.id: runner.evaluate_row(p, tmp_path, evaluate_point) for p in g.points}
     assert cached == uncached and len(calls) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from tidesim.errors import InputError
 from tidesim.models import ModelSpec
@@ -61,11 +62,13 @@ class BudgetChoice:
     reason: str
 
 
-def default_budget(model: ModelSpec, memory_gib: float, source: str) -> BudgetChoice:
+def default_budget(model: ModelSpec, memory_gib: float, source: str, cap: int | None | Literal["tide"] = "tide"
+                   ) -> BudgetChoice:
     """The default-budget rule of every command: as many experts per layer as `memory_gib` of GPU
-    memory holds (budget_for_memory), capped as the public TIDE code's scripts cap this model.
-    `source` says where the memory figure came from (a flag, a profile)."""
-    cap = TIDE_MAX_EXPERTS_PER_LAYER.get(model.name)
+    memory holds (budget_for_memory), capped as the public TIDE code's scripts cap this model
+    (`cap` "tide"; a sweep may give its own cap, or None for none). `source` says where the memory
+    figure came from (a flag, a profile)."""
+    cap = TIDE_MAX_EXPERTS_PER_LAYER.get(model.name) if cap == "tide" else cap
     slots = budget_for_memory(model, memory_gib, cap)
     reason = f"{source} ({memory_gib:g} GiB" + (f", capped at {cap} as in the TIDE scripts)" if cap else ")")
     return BudgetChoice(slots, reason)

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from tidesim.errors import InputError
 from tidesim.hardware import HardwareProfile
+from tidesim.lru import LRU
+from tidesim.notes import note_all, noting
 from tidesim.plan import Plan
 from tidesim.workload import Workload
 
@@ -41,9 +43,14 @@ class TauChoice:
                 "tokens_per_s": {str(t): v for t, v in self.tokens_per_s.items()}}
 
 
-def given_tau(tau: int) -> TauChoice:
-    if tau < 1:
+def check_tau(tau: int | None) -> None:
+    """The one input check of a given interval (every command's --tau): at least 1."""
+    if tau is not None and tau < 1:
         raise InputError(f"--tau must be at least 1, got {tau}")
+
+
+def given_tau(tau: int) -> TauChoice:
+    check_tau(tau)
     return TauChoice(tau=tau, source="--tau", reason="given with --tau")
 
 
@@ -60,9 +67,25 @@ def plan_tau(plan: Plan) -> TauChoice:
                      reason="the plan's most common per-layer tau")
 
 
+_SEARCHED: LRU[tuple[object, ...], tuple[TauChoice, frozenset[str]]] = LRU(256)
+
+
 def best_tau(workload: Workload, hw: HardwareProfile, budget: int, refresh: str = "sync",
              taus: tuple[int, ...] = CANDIDATE_TAUS) -> TauChoice:
-    """The tau that maximises tide's tokens/s under the analytic cost model (ties: the smaller)."""
+    """The tau that maximises tide's tokens/s under the analytic cost model (ties: the smaller).
+    The search runs once per process for inputs of the same content (a sweep's tide and
+    tide-reference points on one profile, compare after a sweep); its notes are said each time."""
+    key = (workload.digest, hw.fingerprint(), int(budget), refresh, tuple(int(t) for t in taus))
+    kept = _SEARCHED.get(key)
+    if kept is None:
+        kept = noting(lambda: _search(workload, hw, budget, refresh, taus))
+        _SEARCHED.put(key, kept)
+    note_all(kept[1])
+    return kept[0]
+
+
+def _search(workload: Workload, hw: HardwareProfile, budget: int, refresh: str, taus: tuple[int, ...]
+            ) -> TauChoice:
     tps = tide_tokens_per_s(workload, hw, budget, refresh, taus)
     tau = max(tps, key=lambda t: (tps[t], -t))
     span = f"{min(taus)}..{max(taus)}"
@@ -77,6 +100,7 @@ def tide_tokens_per_s(workload: Workload, hw: HardwareProfile, budget: int, refr
     refresh reads one cost table (the planner's); async runs the policy once per tau."""
     from tidesim.planner import distinct_taus, single_tau_sweep
     from tidesim.policies import PolicyOptions, build_schedule, uniform
+    from tidesim.policies.registry import reference_policy
     from tidesim.run import run
 
     tokens = workload.generated_tokens
@@ -85,9 +109,10 @@ def tide_tokens_per_s(workload: Workload, hw: HardwareProfile, budget: int, refr
     layers = workload.num_layers
     same = distinct_taus(workload, [int(t) for t in taus])     # taus with identical refresh steps
     done: dict[int, float] = {}
+    tide = reference_policy()
     for tau in sorted(set(same.values())):
         options = PolicyOptions(budget=uniform(budget, layers), tau=uniform(tau, layers), hw=hw, refresh=refresh)
-        done[tau] = run(workload, build_schedule("tide", workload, options), hw, engine="analytic").tokens_per_s
+        done[tau] = run(workload, build_schedule(tide, workload, options), hw, engine="analytic").tokens_per_s
     return {t: done[same[t]] for t in sorted(same)}
 
 

@@ -25,19 +25,19 @@ import numpy as np
 from tidesim.atomic import write_text
 from tidesim.budget import default_budget, memory_for_budget
 from tidesim.bundled.paths import resolve_trace
-from tidesim.default_tau import CANDIDATE_TAUS, plan_tau, tide_tokens_per_s
+from tidesim.default_tau import CANDIDATE_TAUS, tide_tokens_per_s
 from tidesim.demo_figures import tau_figure, throughput_figure, timeline_figure
 from tidesim.errors import InputError
+from tidesim.evaluate import evaluate
 from tidesim.formatting import to_jsonable
 from tidesim.hardware import HardwareProfile, bundled_profiles, get_profile, load_profile
-from tidesim.metrics import Metrics
-from tidesim.plan import Plan
+from tidesim.plan import Plan, plan_slots
 from tidesim.planner import make_plan, split_prompts
-from tidesim.policies import PolicyOptions, build_schedule, policy_names, uniform
-from tidesim.policies.registry import baselines, traits
+from tidesim.policies import policy_names
+from tidesim.policies.registry import baselines, reference_policy
 from tidesim.procs import die_with_parent
-from tidesim.report import Comparison, breakdown_figure, compare, kind_of, plan_slots
-from tidesim.run import run
+from tidesim.report import Comparison, breakdown_figure, compare, kind_of
+from tidesim.scenario import assemble
 from tidesim.sim.timeline import Timeline
 from tidesim.trace.io import read_trace
 from tidesim.trace.stats import hit_ratio_vs_tau
@@ -113,13 +113,17 @@ def run_case(model_name: str, trace_name: str, hw: HardwareProfile, out: Path,
                         budgets=budgets, engine="sim")
     tag = f"{model_name}_{hw.name}"
     outcome.plan.save(out / f"plan_{tag}.json")
-    choice = plan_tau(outcome.plan)      # the one default-tau rule: with a plan, the plan's best single tau
-    tau = choice.tau
     held_w = workload.select_prompts(held or calib)
+    # the default-tau rule with a plan: the plan's best single tau (demo profiles may lack curves: roofline)
+    scenario = assemble(trace_name, held_w, hw, policy_names(), budget=budget, plan=outcome.plan,
+                        allow_roofline=True)
+    choice = scenario.tau_choice
+    assert choice is not None                   # tide runs, so the rule chose a tau
+    tau = choice.tau
     metrics = []
     for policy in policy_names():
         step(f"{model_name}: simulating {policy}")
-        metrics.append(simulate(held_w, hw, policy, budget, tau, outcome.plan))
+        metrics.append(evaluate(scenario, policy).metrics)
     comparison = compare(metrics)
     step(f"{model_name}: interval sweep")
     tau_tps = tau_sweep(held_w, hw, budget)
@@ -140,14 +144,6 @@ def run_case(model_name: str, trace_name: str, hw: HardwareProfile, out: Path,
     return result
 
 
-def simulate(workload: Workload, hw: HardwareProfile, policy: str, budget: int, tau: int, plan: Plan) -> Metrics:
-    layers = workload.num_layers
-    options = PolicyOptions(budget=uniform(budget, layers), tau=uniform(tau, layers), hw=hw)
-    if traits(policy).needs_plan:
-        options.extra["plan"] = plan
-    return run(workload, build_schedule(policy, workload, options), hw, engine="sim")
-
-
 def tau_sweep(workload: Workload, hw: HardwareProfile, budget: int) -> dict[int, float]:
     """Predicted tokens/s of tide for each tau (analytic engine, sync refresh: the default-tau rule's
     own figures)."""
@@ -159,10 +155,10 @@ def timeline_excerpt(workload: Workload, hw: HardwareProfile, budget: int, tau: 
     """The first forwards of a generated block under tide: Chrome trace JSON (Perfetto) and a PNG."""
     steps = np.flatnonzero(workload.block >= 1)[:TIMELINE_FORWARDS]
     excerpt = workload.select(steps)
-    layers = excerpt.num_layers
-    options = PolicyOptions(budget=uniform(budget, layers), tau=uniform(tau, layers), hw=hw)
+    tide = reference_policy()
+    scenario = assemble(f"{tag} excerpt", excerpt, hw, [tide], budget=budget, tau=tau, allow_roofline=True)
     timeline = Timeline()
-    run(excerpt, build_schedule("tide", excerpt, options), hw, engine="sim", timeline=timeline)
+    evaluate(scenario, tide, timeline=timeline)
     json_path = out / f"timeline_{tag}.json"
     timeline.save(json_path)
     png = timeline_figure(timeline, out / f"timeline_{tag}.png",
@@ -294,11 +290,12 @@ def case_lines(r: CaseResult) -> list[str]:
     plan = r.plan
     lines = [f"trace {r.trace}, held-out prompts {r.prompts}, budget {r.budget} experts/layer (as the public TIDE "
              f"code sizes it); {r.tau_reason}"]
-    tide = r.comparison.by_policy("tide")
+    reference = reference_policy()
+    tide = r.comparison.by_policy(reference)
     best = r.comparison.best_baseline
     if tide and best:
         lines.append(f"tide vs best baseline ({best}): {r.comparison.speedup(tide):.2f}x; "
-                     + ", ".join(f"vs {b}: {r.comparison.speedup_over('tide', b):.2f}x"
+                     + ", ".join(f"vs {b}: {r.comparison.speedup_over(reference, b):.2f}x"
                                  for b in baselines() if r.comparison.by_policy(b)))
     gap = f", gap to the Lagrangian bound {100 * plan.gap:.1f}%" if plan.gap is not None else ""
     lines.append(f"plan: {plan.mode}, tau {min(plan.tau)}..{max(plan.tau)}, budget {min(plan.budget)}.."

@@ -1,9 +1,8 @@
-"""HardwareProfile: what one GPU + PCIe link + host CPU costs, from measurements or a datasheet.
-
-Every cost the simulator and the cost model charge comes from here. Measured curves are
-interpolated piecewise-linearly between measured points; outside them, or for shapes never
-measured, a roofline with efficiency factors is used and the fallback is recorded in `flags`, so
-extrapolation is never silent. docs/hardware-profiles.md documents the YAML schema.
+"""HardwareProfile: one GPU + PCIe link + host CPU, from measurements or a datasheet, as data with
+its loading, checks and what-if variants. The parts are tidesim.hardware_parts; what they cost is
+tidesim.curves (the methods below are its shorthand for a whole profile); a lookup that had to
+estimate says so as a note (tidesim.notes), never by changing the profile.
+docs/hardware-profiles.md documents the YAML schema.
 """
 
 from __future__ import annotations
@@ -11,126 +10,33 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import yaml
 
+from tidesim import curves
 from tidesim.atomic import write_text
 from tidesim.errors import InputError, parse_yaml, read_input_text
+from tidesim.hardware_parts import (
+    US,
+    CPUProfile,
+    Curve,
+    ExpertCurve,
+    GPUProfile,
+    PCIeProfile,
+    Provenance,
+    _is_number,
+)
 from tidesim.models import ModelSpec
+
+__all__ = ["US", "CPUProfile", "Curve", "ExpertCurve", "GPUProfile", "HardwareProfile", "PCIeProfile",
+           "Provenance"]
 
 SCHEMA_VERSION = 1
 PROVENANCE_KINDS = ("measured", "datasheet")
-US = 1e-6
-T = TypeVar("T")
-
-
-@dataclass
-class Provenance:
-    """Where a number came from: a measurement (tool, device, date, repeats) or a datasheet."""
-
-    kind: str = "datasheet"
-    source: str = ""
-    date: str = ""
-    tool_version: str = ""
-    device: str = ""
-    repeats: int = 0
-    notes: str = ""
-
-
-@dataclass
-class Curve:
-    """Measured time (microseconds) against one variable (tokens or bytes), median of repeats."""
-
-    x: list[float]
-    time_us: list[float]
-    spread_us: list[float] = field(default_factory=list)
-    provenance: Provenance = field(default_factory=lambda: Provenance(kind="measured"))
-
-    def check(self, where: str) -> None:
-        if len(self.x) < 1 or len(self.x) != len(self.time_us):
-            raise InputError(f"{where}: x and time_us must be non-empty and of equal length")
-        if any(b <= a for a, b in zip(self.x, self.x[1:], strict=False)):
-            raise InputError(f"{where}: x must be strictly increasing")
-        values = [*self.x, *self.time_us, *self.spread_us]
-        if not all(_is_number(v) and math.isfinite(v) for v in values):
-            raise InputError(f"{where}: x, time_us and spread_us must be finite numbers")
-        if any(v < 0 for v in values):
-            raise InputError(f"{where}: values must not be negative")
-
-    def interpolate(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Time in seconds at x (piecewise linear), and a mask of points outside the measured range."""
-        xs = np.asarray(self.x, dtype=float)
-        ts = np.asarray(self.time_us, dtype=float) * US
-        x = np.asarray(x, dtype=float)
-        outside = (x < xs[0]) | (x > xs[-1])
-        return np.interp(x, xs, ts), outside
-
-
-@dataclass
-class ExpertCurve:
-    """Time of one routed expert's FFN vs tokens routed to it, for one expert shape."""
-
-    hidden: int
-    intermediate: int
-    curve: Curve
-    workers: int = 1
-
-    def matches(self, spec: ModelSpec) -> bool:
-        return self.hidden == spec.hidden_size and self.intermediate == spec.moe_intermediate_size
-
-
-@dataclass
-class GPUProfile:
-    name: str
-    memory_gib: float
-    mem_bandwidth_gbs: float
-    bf16_tflops: float
-    mem_efficiency: float = 0.8
-    compute_efficiency: float = 0.6
-    launch_overhead_us: float = 5.0
-    layer_overhead_us: float = 30.0
-    expert_ffn: list[ExpertCurve] = field(default_factory=list)
-    attention: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass
-class PCIeProfile:
-    generation: int
-    h2d_gbs: float
-    d2h_gbs: float
-    copy_overhead_us: float = 10.0
-    copy_engines: int = 2
-    copy_slows_compute: float = 0.0
-    h2d: Curve | None = None
-    d2h: Curve | None = None
-
-
-@dataclass
-class CPUProfile:
-    """The host CPU's expert pool.
-
-    gpu_contention: fraction by which GPU-side expert work and the CPU pool's expert tasks slow
-    each other while both run in one layer-forward (first order, charged in tidesim.sim.costs).
-    About 0 with a discrete GPU; large on the CPU-as-GPU path, where both sides share cores and
-    DRAM (tidesim calibrate measures it).
-    """
-
-    name: str
-    cores: int
-    workers: int
-    mem_bandwidth_gbs: float
-    gflops: float
-    mem_efficiency: float = 0.7
-    compute_efficiency: float = 0.5
-    task_overhead_us: float = 20.0
-    expert_ffn: list[ExpertCurve] = field(default_factory=list)
-    gpu_contention: float = 0.0
-    kernel: str = ""   # the runtime's CPU expert kernel the curves were measured with ('' = not recorded)
 
 
 @dataclass
@@ -144,171 +50,34 @@ class HardwareProfile:
     pcie: PCIeProfile
     cpu: CPUProfile
     schema_version: int = SCHEMA_VERSION
-    flags: set[str] = field(default_factory=set, compare=False, repr=False)
 
-    # ----- costs (seconds), vectorised over numpy arrays ---------------------------------
+    # ----- costs (seconds): tidesim.curves on this profile's parts -----------------------
     def gpu_expert_time(self, tokens: np.ndarray, spec: ModelSpec) -> np.ndarray:
-        """One expert's FFN on the GPU for the given token counts, one kernel launch included."""
-        roof = self._roofline(tokens, spec, *self._gpu_expert_roof())
-        return self._from_curves(self.gpu.expert_ffn, tokens, spec, roof, "gpu.expert_ffn")
-
-    def _gpu_expert_roof(self) -> tuple[float, float, float]:
-        """The GPU expert roofline's bandwidth (GB/s), GFLOP/s and overhead (us)."""
-        return (self.gpu.mem_bandwidth_gbs * self.gpu.mem_efficiency,
-                self.gpu.bf16_tflops * 1e3 * self.gpu.compute_efficiency, self.gpu.launch_overhead_us)
+        return curves.gpu_expert_time(self.gpu, tokens, spec)
 
     def cpu_expert_time(self, tokens: np.ndarray, spec: ModelSpec) -> np.ndarray:
-        """One expert's FFN on one CPU worker (cores / workers threads, bandwidth shared)."""
-        roof = self._roofline(tokens, spec, *self._cpu_expert_roof())
-        return self._from_curves(self.cpu.expert_ffn, tokens, spec, roof, "cpu.expert_ffn")
-
-    def _cpu_expert_roof(self) -> tuple[float, float, float]:
-        """The CPU expert roofline's bandwidth (GB/s), GFLOP/s and overhead (us), per worker."""
-        w = max(self.cpu.workers, 1)
-        return (self.cpu.mem_bandwidth_gbs * self.cpu.mem_efficiency / w,
-                self.cpu.gflops * self.cpu.compute_efficiency / w, self.cpu.task_overhead_us)
-
-    def expert_time_key(self, side: str, spec: ModelSpec) -> str:
-        """Everything gpu_expert_time ("gpu") or cpu_expert_time ("cpu") reads for this expert
-        shape: the measured curve when one matches, else the roofline's constants. Profiles with
-        equal keys give equal times and flags (a what-if's PCIe, memory or core count often leaves
-        them unchanged), so per-count time tables can be shared between them."""
-        curves, roof = ((self.gpu.expert_ffn, self._gpu_expert_roof()) if side == "gpu"
-                        else (self.cpu.expert_ffn, self._cpu_expert_roof()))
-        match = [c for c in curves if c.matches(spec)]
-        shape = f"{spec.hidden_size}x{spec.moe_intermediate_size}/{spec.expert_bytes}/{spec.expert_flops_per_token}"
-        return f"{side} {shape} " + (f"curve {match[0].curve!r}" if match else f"roofline {roof!r}")
-
-    def noting(self, fn: Callable[[], T]) -> tuple[T, frozenset[str]]:
-        """fn() and the flags it raised on this profile, whether or not the profile carried them
-        already (caches replay them on the profiles that reuse the result)."""
-        before = set(self.flags)
-        self.flags.clear()
-        try:
-            value = fn()
-        finally:
-            raised = frozenset(self.flags)
-            self.flags.update(before)
-        return value, raised
+        return curves.cpu_expert_time(self.cpu, tokens, spec)
 
     def cpu_expert_latency(self, tokens: np.ndarray, spec: ModelSpec) -> np.ndarray:
-        """One expert computed with the whole CPU (every worker's cores and DRAM bandwidth), the
-        latency Fiddler profiles when it decides between the CPU and a copy."""
-        return self.cpu_expert_time(tokens, spec) / max(self.cpu.workers, 1)
+        return curves.cpu_expert_latency(self.cpu, tokens, spec)
 
     def h2d_time(self, nbytes: np.ndarray | float) -> np.ndarray:
-        return self._copy_time(nbytes, self.pcie.h2d, self.pcie.h2d_gbs, "pcie.h2d")
+        return curves.h2d_time(self.pcie, nbytes)
 
     def d2h_time(self, nbytes: np.ndarray | float) -> np.ndarray:
-        return self._copy_time(nbytes, self.pcie.d2h, self.pcie.d2h_gbs, "pcie.d2h")
+        return curves.d2h_time(self.pcie, nbytes)
 
     def attention_time(self, tokens: np.ndarray, context: np.ndarray, spec: ModelSpec) -> np.ndarray:
-        """One layer's attention (fused QKV, scores, output projection) on the GPU."""
-        tokens = np.asarray(tokens, dtype=float)
-        context = np.asarray(context, dtype=float)
-        measured = [a for a in self.gpu.attention if a.get("hidden") == spec.hidden_size
-                    and a.get("heads") == spec.num_heads and a.get("kv_heads") == spec.num_kv_heads]
-        if measured:
-            return self._attention_from_grid(measured[0], tokens, context)
-        self.flags.add(f"gpu.attention[{spec.name}]: roofline estimate (not measured)")
-        h, kv, d, nh = spec.hidden_size, spec.num_kv_heads, spec.head_dim, spec.num_heads
-        bpp = spec.bytes_per_param
-        proj_params = h * (nh + 2 * kv) * d + nh * d * h
-        flops = 2 * proj_params * tokens + 4 * nh * d * tokens * context
-        nbytes = proj_params * bpp + 2 * kv * d * context * bpp + 2 * h * tokens * bpp
-        return self._gpu_roofline(flops, nbytes, launches=4)
+        return curves.attention_time(self.gpu, tokens, context, spec)
 
     def gpu_dense_time(self, tokens: np.ndarray, params: int, spec: ModelSpec, launches: int = 1) -> np.ndarray:
-        """A dense weight matrix set (shared expert, gate, dense MLP, lm_head) over `tokens`."""
-        tokens = np.asarray(tokens, dtype=float)
-        flops = 2.0 * params * tokens
-        nbytes = params * spec.bytes_per_param + 2 * spec.hidden_size * tokens * spec.bytes_per_param
-        return self._gpu_roofline(flops, nbytes, launches=launches)
+        return curves.gpu_dense_time(self.gpu, tokens, params, spec, launches)
 
     def gpu_layer_fixed_time(self, tokens: np.ndarray, context: np.ndarray, spec: ModelSpec) -> np.ndarray:
-        """Per MoE layer, work that always runs on the GPU: norms and overhead, attention,
-        shared expert and the gate."""
-        shared = self.gpu_dense_time(tokens, spec.shared_expert_params, spec, launches=3)
-        gate = self.gpu_dense_time(tokens, spec.gate_params, spec, launches=2)
-        return self.attention_time(tokens, context, spec) + shared + gate + self.gpu.layer_overhead_us * US
+        return curves.gpu_layer_fixed_time(self.gpu, tokens, context, spec)
 
     def gpu_forward_fixed_time(self, tokens: np.ndarray, context: np.ndarray, spec: ModelSpec) -> np.ndarray:
-        """Per forward, GPU work outside the MoE layers: dense layers (with their attention),
-        embedding lookup and lm_head."""
-        dense = spec.first_dense_layers * (
-            self.attention_time(tokens, context, spec)
-            + self.gpu_dense_time(tokens, spec.dense_mlp_params, spec, launches=3)
-            + self.gpu.layer_overhead_us * US
-        )
-        head = self.gpu_dense_time(tokens, spec.vocab_size * spec.hidden_size, spec, launches=2)
-        return dense + head
-
-    # ----- helpers ------------------------------------------------------------------------
-    def _gpu_roofline(self, flops: np.ndarray, nbytes: np.ndarray, launches: int) -> np.ndarray:
-        compute = flops / (self.gpu.bf16_tflops * 1e12 * self.gpu.compute_efficiency)
-        memory = nbytes / (self.gpu.mem_bandwidth_gbs * 1e9 * self.gpu.mem_efficiency)
-        return np.maximum(compute, memory) + launches * self.gpu.launch_overhead_us * US
-
-    @staticmethod
-    def _roofline(tokens: np.ndarray, spec: ModelSpec, gbs: float, gflops: float, overhead_us: float
-                  ) -> np.ndarray:
-        tokens = np.asarray(tokens, dtype=float)
-        memory = spec.expert_bytes / (gbs * 1e9)
-        compute = tokens * spec.expert_flops_per_token / (gflops * 1e9)
-        return np.maximum(memory, compute) + overhead_us * US
-
-    def _from_curves(self, curves: list[ExpertCurve], tokens: np.ndarray, spec: ModelSpec,
-                     roofline: np.ndarray, where: str) -> np.ndarray:
-        tokens = np.asarray(tokens, dtype=float)
-        match = [c for c in curves if c.matches(spec)]
-        if not match:
-            self.flags.add(f"{where}[{spec.hidden_size}x{spec.moe_intermediate_size}]: "
-                           "roofline estimate (shape not measured)")
-            return roofline
-        curve = match[0].curve
-        measured, outside = curve.interpolate(tokens)
-        if not outside.any():
-            return measured
-        self.flags.add(f"{where}[{spec.hidden_size}x{spec.moe_intermediate_size}]: tokens outside the "
-                       f"measured {curve.x[0]:g}..{curve.x[-1]:g}, roofline scaled to the nearest point")
-        xs = np.asarray(curve.x, dtype=float)
-        edge = np.where(tokens > xs[-1], xs[-1], xs[0])
-        edge_roof = self._roofline(edge, spec, 1.0, 1.0, 0.0)
-        here_roof = self._roofline(tokens, spec, 1.0, 1.0, 0.0)
-        edge_measured, _ = curve.interpolate(edge)
-        scaled = edge_measured * here_roof / np.maximum(edge_roof, 1e-30)
-        return np.where(outside, scaled, measured)
-
-    def _copy_time(self, nbytes: np.ndarray | float, curve: Curve | None, gbs: float, where: str
-                   ) -> np.ndarray:
-        nbytes = np.asarray(nbytes, dtype=float)
-        linear = self.pcie.copy_overhead_us * US + nbytes / (gbs * 1e9)
-        linear = np.where(nbytes > 0, linear, 0.0)
-        if curve is None:
-            return linear
-        measured, outside = curve.interpolate(nbytes)
-        outside &= nbytes > 0          # an empty copy costs nothing: never an extrapolation
-        if outside.any():
-            self.flags.add(f"{where}: sizes outside the measured {curve.x[0]:g}..{curve.x[-1]:g} bytes, "
-                           "bandwidth model used")
-        return np.where(nbytes > 0, np.where(outside, linear, measured), 0.0)
-
-    def _attention_from_grid(self, grid: dict[str, Any], tokens: np.ndarray, context: np.ndarray
-                             ) -> np.ndarray:
-        tk = np.asarray(grid["tokens"], dtype=float)
-        cx = np.asarray(grid["context"], dtype=float)
-        table = np.asarray(grid["time_us"], dtype=float) * US  # [len(tk), len(cx)]
-        if ((tokens < tk[0]) | (tokens > tk[-1]) | (context < cx[0]) | (context > cx[-1])).any():
-            self.flags.add("gpu.attention: tokens or context outside the measured grid, clamped linear")
-        per_ctx = np.stack([np.interp(tokens, tk, table[:, j]) for j in range(len(cx))], axis=-1)
-        idx = np.clip(np.searchsorted(cx, context) - 1, 0, max(len(cx) - 2, 0))
-        if len(cx) == 1:
-            return per_ctx[..., 0]
-        lo, hi = cx[idx], cx[idx + 1]
-        frac = np.clip((context - lo) / (hi - lo), 0.0, None)
-        a = np.take_along_axis(per_ctx, idx[..., None], axis=-1)[..., 0]
-        b = np.take_along_axis(per_ctx, (idx + 1)[..., None], axis=-1)[..., 0]
-        return a + (b - a) * frac
+        return curves.gpu_forward_fixed_time(self.gpu, tokens, context, spec)
 
     # ----- variants for what-if studies ---------------------------------------------------
     def scaled(self, pcie: float = 1.0, gpu_speed: float = 1.0, cpu_cores: float = 1.0,
@@ -344,7 +113,6 @@ class HardwareProfile:
     # ----- (de)serialisation --------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out.pop("flags")
         if not out["cpu"]["kernel"]:   # profiles without a recorded kernel keep their form and fingerprint
             out["cpu"].pop("kernel")
         return out
@@ -365,7 +133,7 @@ def _build(cls: type, data: Any, where: str, nested: dict[str, Any] | None = Non
     """A dataclass from a mapping, with one-line errors for missing, unknown or negative fields."""
     if not isinstance(data, dict):
         raise InputError(f"{where}: expected a mapping")
-    names = {f.name: f for f in fields(cls) if f.name != "flags"}
+    names = {f.name: f for f in fields(cls)}
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise InputError(f"{where}.{unknown[0]}: unknown field")
@@ -470,10 +238,6 @@ RANGES: dict[str, dict[str, tuple[float, float, bool]]] = {
         "gpu_contention": (0.0, 10.0, False),
     },
 }
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _in_range(value: Any, bounds: tuple[float, float, bool], where: str) -> None:

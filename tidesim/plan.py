@@ -26,13 +26,10 @@ MODES = ("per-layer", "global-tau")
 STATUSES = ("optimal", "feasible", "not-solved", "infeasible")
 
 
-def plan_runner(policy: str) -> str:
-    """The registered policy that runs a plan made for `policy` (the plan in options.extra["plan"]):
-    `planned` for tide (tide with per-layer settings), the policy itself otherwise (tide-split reads
-    a plan the same way)."""
-    from tidesim.policies.registry import plan_policy  # the registry imports the policies, which read plans
-
-    return plan_policy() if policy == "tide" else policy
+def plan_slots(plan: Plan) -> str:
+    """The one way every command states a plan's GPU expert slots: used by its budgets, out of what
+    its memory budget holds (the two differ when no candidate budget fills the last few slots)."""
+    return f"{sum(plan.budget)} of {plan.expert_slots} expert slots"
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -139,11 +136,6 @@ class Plan:
     @property
     def num_layers(self) -> int:
         return len(self.tau)
-
-    @property
-    def runner(self) -> str:
-        """The policy that runs this plan (`simulate --plan`, `compare --plan`)."""
-        return plan_runner(self.policy)
 
     def tau_array(self) -> np.ndarray:
         return np.asarray(self.tau, dtype=np.int64)

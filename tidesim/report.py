@@ -13,17 +13,10 @@ from typing import Any
 from tidesim.atomic import atomic_path
 from tidesim.errors import InputError
 from tidesim.metrics import Metrics
-from tidesim.plan import Plan
 from tidesim.policies.registry import baselines, role_of
 from tidesim.sim.accounting import BREAKDOWN_KEYS
 
 FIGURE_SUFFIXES = (".png", ".svg", ".pdf")
-
-
-def plan_slots(plan: Plan) -> str:
-    """The one way every command states a plan's GPU expert slots: used by its budgets, out of what
-    its memory budget holds (the two differ when no candidate budget fills the last few slots)."""
-    return f"{sum(plan.budget)} of {plan.expert_slots} expert slots"
 
 
 def kind_of(m: Metrics) -> str:

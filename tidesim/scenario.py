@@ -1,12 +1,15 @@
 """One scenario, resolved once: the trace's workload, the hardware profile, the GPU expert budget
 and the refresh interval (each with the reason it was chosen), the refresh mode, the executor and an
-optional plan, checked together. `resolve` is the one place that turns what a user gives (names,
-paths, optional numbers) into a Scenario; the commands call it instead of each resolving their own.
+optional plan (or per-layer settings solved for it), checked together. `resolve` is the one place
+that turns what a user gives (names, paths, optional numbers) into a Scenario; `assemble` is the same
+for a workload and profile already in memory (a sweep point, a demo case, validate's window). Every
+command and job resolves through them, then runs policies with tidesim.evaluate.evaluate.
 
 A Scenario is frozen and hashable by content (`key`: the workload's digest, the profile's
 fingerprint, the plan's fingerprint and the resolved numbers), never by object identity, so it can
 key a cache and two scenarios built from the same inputs are equal. Warnings (a plan forced onto
-other inputs) are returned in it, not printed: the caller says them.
+other inputs) and notes (what the tau search's cost lookups estimated) are returned in it, not
+printed: the caller says them.
 """
 
 from __future__ import annotations
@@ -14,31 +17,27 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from tidesim.budget import default_budget
-from tidesim.default_tau import TauChoice, choose_tau
+from tidesim.default_tau import TauChoice, check_tau, choose_tau
 from tidesim.errors import InputError
 from tidesim.hardware import HardwareProfile, get_profile
-from tidesim.plan import Plan
+from tidesim.notes import collecting
+from tidesim.plan import Plan, plan_slots
 from tidesim.policies.options import PolicyOptions, uniform
-from tidesim.policies.registry import traits
+from tidesim.policies.registry import plan_runner, traits
 from tidesim.workload import Workload
 
 
-def workload_digest(workload: Workload) -> str:
-    """sha256 of a workload's content: its model, KV-cache mode and every array."""
-    h = hashlib.sha256(repr(sorted(workload.model.to_dict().items())).encode())
-    h.update(workload.kv_cache.encode())
-    for name in ("tokens", "context", "committed", "prompt", "block", "step", "expert_tokens"):
-        arr = np.ascontiguousarray(getattr(workload, name))
-        h.update(f"{name}:{arr.dtype}:{arr.shape}".encode())
-        h.update(arr.tobytes())
-    if workload.phase is not None:
-        h.update("|".join(map(str, workload.phase)).encode())
-    return h.hexdigest()
+@dataclass(frozen=True)
+class PerLayer:
+    """Per-layer tau and budget solved for one scenario (a sweep's planned point), without a plan file."""
+
+    tau: tuple[int, ...]
+    budget: tuple[int, ...]
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,13 +55,16 @@ class Scenario:
     plan: Plan | None = None              # per-layer tau and budget for the policy that runs a plan
     tau_choice: TauChoice | None = None   # where tau came from (None: no policy run uses it)
     warnings: tuple[str, ...] = field(default=())
+    notes: tuple[str, ...] = field(default=())    # what resolving estimated (the tau search's cost lookups)
+    warmup_fraction: float = 0.1          # the static policies' warm-up share (PolicyOptions)
+    per_layer: PerLayer | None = None     # solved per-layer settings for the plan-running policy
 
     @cached_property
     def key(self) -> tuple[Any, ...]:
         """The scenario's content: what its hash and equality use."""
         plan = None if self.plan is None else hashlib.sha256(self.plan.to_json().encode()).hexdigest()
-        return (workload_digest(self.workload), self.hw.fingerprint(), self.budget, self.tau, self.refresh,
-                self.engine, plan)
+        return (self.workload.digest, self.hw.fingerprint(), self.budget, self.tau, self.refresh,
+                self.engine, plan, self.warmup_fraction, self.per_layer)
 
     def __hash__(self) -> int:
         return hash(self.key)
@@ -74,15 +76,18 @@ class Scenario:
         """The plan's per-layer settings for the policy that runs it (the plan's runner: the plan-running
         policy for a tide plan, the plan's policy otherwise); the uniform budget and tau for the others."""
         layers = self.workload.num_layers
-        if self.plan is not None and policy == self.plan.runner:
+        if self.plan is not None and policy == plan_runner(self.plan.policy):
             return PolicyOptions(budget=self.plan.budget_array(), tau=self.plan.tau_array(), hw=self.hw,
-                                 refresh=self.plan.refresh, extra={"plan": self.plan})
+                                 refresh=self.plan.refresh, warmup_fraction=self.warmup_fraction,
+                                 extra={"plan": self.plan})
+        if self.per_layer is not None and traits(policy).needs_plan:
+            return PolicyOptions(budget=np.asarray(self.per_layer.budget, np.int64),
+                                 tau=np.asarray(self.per_layer.tau, np.int64), hw=self.hw, refresh=self.refresh,
+                                 warmup_fraction=self.warmup_fraction)
         return PolicyOptions(budget=uniform(self.budget, layers), tau=uniform(self.tau, layers), hw=self.hw,
-                             refresh=self.refresh)
+                             refresh=self.refresh, warmup_fraction=self.warmup_fraction)
 
     def describe(self) -> dict[str, Any]:
-        from tidesim.report import plan_slots
-
         w = self.workload
         return {"trace": self.trace, "model": w.model.name, "kv_cache": w.kv_cache,
                 **({"decode": w.decode} if w.decode != "diffusion" else {}),   # diffusion: as before the field
@@ -106,8 +111,7 @@ def resolve(trace: str, hw: str | HardwareProfile, policies: list[str], *, budge
             prompts: str | None = None, model: str | None = None, allow_roofline: bool = False,
             plan: Plan | None = None, force: bool = False) -> Scenario:
     """Resolve and check the inputs for running `policies`; every problem is an InputError (one line
-    naming the flag). The budget follows the default-budget rule unless given, tau the default-tau
-    rule (tidesim.default_tau) when a policy that uses it is run."""
+    naming the flag). The trace (a path or bundled name) is read here; the rest is `assemble`."""
     from tidesim.bundled.paths import resolve_trace
     from tidesim.models import get_model
     from tidesim.trace.io import read_trace
@@ -119,19 +123,37 @@ def resolve(trace: str, hw: str | HardwareProfile, policies: list[str], *, budge
     if prompts is not None:              # an empty --prompts= is refused, not "all prompts"
         workload = workload.select_prompts(prompt_ids(prompts, data.prompt_ids))
     profile = hw if isinstance(hw, HardwareProfile) else get_profile(hw)
-    if tau is not None and tau < 1:
-        raise InputError(f"--tau must be at least 1, got {tau}")
     warnings: list[str] = []
+    check_tau(tau)
     if plan is not None:         # another model: refused; another trace or profile: refused unless force
         warnings += plan.check_inputs(workload.model, path, profile, force=force)
-    slots, source = _budget(budget, gpu_mem_gib, workload, profile)
-    if not allow_roofline:
-        check_curves(profile, workload, policies)
-    uses_tau = any(traits(p).uses_tau for p in policies)
-    choice = choose_tau(workload, profile, slots, refresh, tau, plan) if uses_tau else None
-    return Scenario(trace=str(path), workload=workload, hw=profile, budget=slots, budget_source=source,
-                    tau=choice.tau if choice else 1, refresh=refresh, engine=engine, plan=plan, tau_choice=choice,
+    return assemble(str(path), workload, profile, policies, budget=budget, gpu_mem_gib=gpu_mem_gib, tau=tau,
+                    refresh=refresh, engine=engine, allow_roofline=allow_roofline, plan=plan,
                     warnings=tuple(warnings))
+
+
+def assemble(trace: str, workload: Workload, hw: HardwareProfile, policies: list[str], *,
+             budget: int | None = None, gpu_mem_gib: float | None = None,
+             budget_cap: int | None | Literal["tide"] = "tide", tau: int | None = None, refresh: str = "sync",
+             engine: str = "sim", allow_roofline: bool = False, plan: Plan | None = None,
+             warnings: tuple[str, ...] = (), notes: tuple[str, ...] = (), warmup_fraction: float = 0.1,
+             per_layer: PerLayer | None = None) -> Scenario:
+    """`resolve` for a workload and profile already in memory (a sweep point, the demo, a bench):
+    the budget follows the default-budget rule unless given (tidesim.budget.default_budget, with
+    `budget_cap`), tau the default-tau rule (tidesim.default_tau) when a policy that uses it is run.
+    What the tau search's cost lookups noted is kept in the scenario's notes, with `notes` (what the
+    caller's own resolving noted, e.g. a planner run)."""
+    check_tau(tau)
+    slots, source = _budget(budget, gpu_mem_gib, workload, hw, budget_cap)
+    if not allow_roofline:
+        check_curves(hw, workload, policies)
+    uses_tau = any(traits(p).uses_tau for p in policies)
+    with collecting() as raised:
+        choice = choose_tau(workload, hw, slots, refresh, tau, plan) if uses_tau else None
+    return Scenario(trace=trace, workload=workload, hw=hw, budget=slots, budget_source=source,
+                    tau=choice.tau if choice else 1, refresh=refresh, engine=engine, plan=plan, tau_choice=choice,
+                    warnings=warnings, notes=tuple(sorted(raised | set(notes))), warmup_fraction=warmup_fraction,
+                    per_layer=per_layer)
 
 
 def prompt_ids(text: str, available: list[int]) -> list[int]:
@@ -149,8 +171,8 @@ def prompt_ids(text: str, available: list[int]) -> list[int]:
     return ids
 
 
-def _budget(budget: int | None, gpu_mem_gib: float | None, workload: Workload, hw: HardwareProfile
-            ) -> tuple[int, str]:
+def _budget(budget: int | None, gpu_mem_gib: float | None, workload: Workload, hw: HardwareProfile,
+            cap: int | None | Literal["tide"] = "tide") -> tuple[int, str]:
     spec = workload.model
     experts = workload.num_experts
     if budget is not None:
@@ -159,7 +181,7 @@ def _budget(budget: int | None, gpu_mem_gib: float | None, workload: Workload, h
         return budget, "--budget"
     memory = gpu_mem_gib if gpu_mem_gib is not None else hw.gpu.memory_gib
     where = "--gpu-mem-gib" if gpu_mem_gib is not None else f"{hw.name} GPU memory"
-    choice = default_budget(spec, memory, where)
+    choice = default_budget(spec, memory, where, cap)
     return choice.slots, choice.reason
 
 

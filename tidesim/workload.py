@@ -6,9 +6,11 @@ each expert. Everything downstream (policies, simulator, cost model, runtime) re
 
 from __future__ import annotations
 
+import hashlib
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -33,6 +35,22 @@ class Workload:
     expert_tokens: np.ndarray   # int32 [F, L, E]
     phase: np.ndarray | None = None  # str [F] "prefill" / "step" / "commit" (traces carry it; None: inferred)
     decode: str = "diffusion"   # the trace's decode shape: "diffusion" or "autoregressive" (TraceMeta.decode)
+
+    @cached_property
+    def digest(self) -> str:
+        """sha256 of the workload's content (its model, KV-cache mode, decode shape and every array):
+        what caches of its costs and schedules are keyed by, so two equal workloads share them and
+        no cache depends on which object it was given. Computed once per object (the arrays are
+        not changed after a workload is built)."""
+        h = hashlib.sha256(repr(sorted(self.model.to_dict().items())).encode())
+        h.update(f"{self.kv_cache}|{self.decode}".encode())
+        for name in ("tokens", "context", "committed", "prompt", "block", "step", "expert_tokens"):
+            arr = np.ascontiguousarray(getattr(self, name))
+            h.update(f"{name}:{arr.dtype}:{arr.shape}".encode())
+            h.update(arr.tobytes())
+        if self.phase is not None:
+            h.update("|".join(map(str, self.phase)).encode())
+        return h.hexdigest()
 
     @property
     def num_forwards(self) -> int:

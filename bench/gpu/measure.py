@@ -396,10 +396,11 @@ def throughput(run: Run, data: dict[str, Any]) -> list[dict[str, Any]]:
     from the prefix validation: its median of `repeats` runs per configuration. Kept in
     validate_prefix.json under "throughput"."""
     b = run.sizes.budgets[1]
+    planned = registry_facts(run)["plan_policy"]
     rows = []
     for c in data["configurations"]:
         row = c.get("row") or {}
-        if row.get("budget") != b and row.get("policy") != "planned":
+        if row.get("budget") != b and row.get("policy") != planned:
             continue
         m = c["measured"]
         rows.append({"config": c["config"], "refresh": row.get("refresh", "sync"), "tokens_per_s": m["tokens_per_s"],
@@ -455,7 +456,20 @@ def float32_check(run: Run, profile: Path) -> list[dict[str, Any]]:
     return rows
 
 
-STATIC_POLICIES = ("cpu-routing", "fiddler")
+# What the registry says about the policies (tidesim.policies.registry), asked from the installed
+# copy: this driver itself never imports tidesim (it runs before the project's environment is set).
+REGISTRY_FACTS = r"""
+import json
+from tidesim.policies.registry import plan_policy, policy_names
+print(json.dumps({"static_set": policy_names(static_set=True), "plan_policy": plan_policy()}))
+"""
+
+
+def registry_facts(run: Run) -> dict[str, Any]:
+    """The static-set policies and the plan policy, from the registry's traits."""
+    proc = run.python(REGISTRY_FACTS, 0.05, "policy traits from the registry")
+    facts: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return facts
 
 
 def live(run: Run, profile: Path) -> dict[str, Any]:
@@ -465,12 +479,13 @@ def live(run: Run, profile: Path) -> dict[str, Any]:
     prompts = run.work / "live_prompts.txt"
     prompts.write_text(" ".join(str((7 * i + 3) % 1000 + 2) for i in range(s.live_prompt)) + "\n")
     rows: list[dict[str, Any]] = []
+    static_set = set(registry_facts(run)["static_set"])
     first = run.work / f"live_{s.live_policies[0]}"
     for k, policy in enumerate(s.live_policies):
         folder = run.work / f"live_{policy}"
         share = 0.7 / (len(s.live_policies) - k)        # an even share of what is left (the float32 check last)
         # the static policies take their GPU set from the first run's popular experts (a warm-up run)
-        static = ["--static-from", str(first)] if policy in STATIC_POLICIES and folder != first else []
+        static = ["--static-from", str(first)] if policy in static_set and folder != first else []
         proc = run.tidesim(["generate", "--config", s.model, "--layers", str(s.live_layers), "--seed", "0",
                             "--prompts", str(prompts), "--policy", policy, "--budget", str(s.budgets[1]),
                             "--tau", "4", "--gen-length", str(s.live_gen), "--block-length", str(min(32, s.live_gen)),

@@ -20,6 +20,7 @@ from tidesim.cli.output import format_table, print_json, progress
 from tidesim.errors import InputError
 from tidesim.limits import check_cpu_workers
 from tidesim.models import ModelSpec, get_model
+from tidesim.notes import noting
 
 INSTALL_HINT = "this command needs torch: pip install 'tidesim[runtime]'"
 
@@ -116,6 +117,11 @@ def choose_cpu_pool(args: argparse.Namespace, spec: ModelSpec) -> tuple[Any, dic
 
 
 def summarize(profile: Any, models: list[ModelSpec]) -> dict[str, Any]:
+    rows, said = noting(lambda: _summary_rows(profile, models))
+    return {"table": rows, "name": profile.name, "flags": sorted(said)}
+
+
+def _summary_rows(profile: Any, models: list[ModelSpec]) -> list[tuple[str, Any]]:
     """Headline numbers of a measured profile (what it predicts at a few points)."""
     rows: list[tuple[str, Any]] = [
         ("launch overhead (us)", profile.gpu.launch_overhead_us),
@@ -135,4 +141,4 @@ def summarize(profile: Any, models: list[ModelSpec]) -> dict[str, Any]:
             rows.append((f"{spec.name} expert @{t} tokens: GPU / CPU (us)", f"{gpu:,.1f} / {cpu:,.1f}"))
         copy = float(profile.h2d_time(float(spec.expert_bytes))) * 1e6
         rows.append((f"{spec.name} expert copy H2D (us)", round(copy, 1)))
-    return {"table": rows, "name": profile.name, "flags": sorted(profile.flags)}
+    return rows

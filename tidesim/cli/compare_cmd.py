@@ -10,11 +10,12 @@ from typing import Any
 
 from tidesim.cli.guard import Output, declare_outputs
 from tidesim.cli.output import announce, format_table, print_json, progress, to_jsonable
-from tidesim.cli.simulate_cmd import add_input_args, load_setup, run_policy
+from tidesim.cli.simulate_cmd import add_input_args, load_setup
 from tidesim.errors import InputError
+from tidesim.evaluate import evaluate
 from tidesim.html_report import Report, Section, Table, write_report
 from tidesim.plan import load_plan
-from tidesim.policies.registry import baselines, check_policies, policy_names, traits
+from tidesim.policies.registry import baselines, check_policies, plan_runner, policy_names, traits
 from tidesim.report import (
     FIGURE_SUFFIXES,
     TABLE_COLUMNS,
@@ -48,13 +49,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan) if args.plan else None
     # with a plan, its runner runs it: `planned` for a tide plan, else the plan's policy (in its own row)
-    default = [n for n in policy_names() if not traits(n).needs_plan or (plan is not None and plan.runner == n)]
+    runner = plan_runner(plan.policy) if plan is not None else None
+    default = [n for n in policy_names() if not traits(n).needs_plan or runner == n]
     names = [n for item in (args.policies or default) for n in item.split(",") if n]
     if not names:
         raise InputError("--policies: give at least one policy")
     check_policies(names)
     needing = [n for n in names if traits(n).needs_plan]
-    if needing and (plan is None or plan.runner != needing[0]):
+    if needing and runner != needing[0]:
         raise InputError(f"policy {needing[0]} needs --plan FILE with a plan it runs (make one with `tidesim plan`)")
     if args.figure and not args.figure.lower().endswith(FIGURE_SUFFIXES):
         raise InputError(f"--figure must end in one of {', '.join(FIGURE_SUFFIXES)}")
@@ -64,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
     with announce("compare", work) as done:
         for name in progress(names, desc="policies", total=len(names)):
             try:
-                metrics.append(run_policy(setup, name))
+                metrics.append(evaluate(setup, name).metrics)
             except InputError as exc:       # e.g. full-swap with a budget of 0: report, run the others
                 skipped.append(f"{name} skipped: {exc}")
         done.summary = f"{len(metrics)} ran, {len(skipped)} skipped"

@@ -26,10 +26,12 @@ from tidesim.cli.calibrate_cmd import require_runtime
 from tidesim.cli.cpu_kernel_arg import add_cpu_kernel_arg, profile_kernel, use_cpu_kernel
 from tidesim.cli.decode_args import add_decode_args, decode_kwargs
 from tidesim.cli.output import format_table, print_json, progress, to_jsonable
+from tidesim.default_tau import check_tau
 from tidesim.errors import InputError
+from tidesim.notes import noting
 from tidesim.policies.driver import is_online, online_names
 from tidesim.policies.options import REFRESH_MODES
-from tidesim.policies.registry import plan_policy, policy_names, traits
+from tidesim.policies.registry import plan_policy, plan_runner, policy_names, traits
 
 RUN_MARKER = "tidesim generate run"
 RUN_FILES = ("generations.jsonl", "forwards.parquet", "trace.parquet", "schedule.npz", "summary.json")
@@ -134,8 +136,7 @@ def resolve_static_from(path: str) -> Path:
 def check_numbers(args: argparse.Namespace) -> None:
     if args.layers is not None and args.layers < 1:
         raise InputError(f"--layers must be a positive integer, got {args.layers}")
-    if args.tau < 1:
-        raise InputError(f"--tau must be at least 1, got {args.tau}")
+    check_tau(args.tau)
     if args.cpu_workers is not None and args.cpu_workers < 1:
         raise InputError(f"--cpu-workers must be at least 1, got {args.cpu_workers}")
     if not np.isfinite(args.warmup_fraction) or not 0 < args.warmup_fraction <= 1:
@@ -219,7 +220,7 @@ def policy_options(args: argparse.Namespace, spec: Any, hw: Any) -> tuple[str, A
     if args.plan:
         plan = load_plan(args.plan)
         plan.check_model(spec)
-        name = plan.runner          # the plan-running policy for a tide plan, the plan's policy otherwise
+        name = plan_runner(plan.policy)   # the plan-running policy for a tide plan, the plan's policy otherwise
         extra["plan"] = plan
     else:
         name = args.policy
@@ -251,15 +252,13 @@ def policy_options(args: argparse.Namespace, spec: Any, hw: Any) -> tuple[str, A
 
 def static_from_trace(path: Path, spec: Any, policy: str, budget: int, fraction: float) -> np.ndarray:
     """The static set the offline policy would pick on that trace's warm-up prefix."""
-    from tidesim.policies.fiddler import static_size
+    from tidesim.policies.registry import static_set_size
     from tidesim.policies.residency import popular_set
     from tidesim.trace.io import read_trace
     from tidesim.workload import workload_from_trace
 
     workload = workload_from_trace(read_trace(path), spec)
-    size = np.full(spec.num_moe_layers, budget, dtype=np.int64)
-    if policy == "fiddler":
-        size = static_size(size, spec.num_experts)
+    size = static_set_size(policy, np.full(spec.num_moe_layers, budget, dtype=np.int64), spec.num_experts)
     return popular_set(workload, size, fraction)
 
 
@@ -277,7 +276,7 @@ def predict(result: Any, hw: Any) -> dict[str, Any]:
     from tidesim.workload import workload_from_trace
 
     workload = workload_from_trace(result.trace)
-    metrics, per_forward = predicted_forwards(workload, result.schedule, hw)
+    (metrics, per_forward), said = noting(lambda: predicted_forwards(workload, result.schedule, hw))
     measured = result.forwards["time_s"].to_numpy()
     err = (per_forward - measured) / np.where(measured > 0, measured, np.nan)
     result.forwards["predicted_s"] = per_forward
@@ -289,7 +288,7 @@ def predict(result: Any, hw: Any) -> dict[str, Any]:
         "total_error": float((per_forward.sum() - total_measured) / total_measured) if total_measured else None,
         "median_abs_error_per_forward": float(np.nanmedian(np.abs(err))) if err.size else None,
         "max_abs_error_per_forward": float(np.nanmax(np.abs(err))) if err.size else None,
-        "predicted": metrics.to_dict(), "flags": sorted(hw.flags),
+        "predicted": metrics.to_dict(), "flags": sorted(said),
     }
 
 

@@ -10,6 +10,7 @@ import numpy as np
 from tidesim.cli.output import format_table, print_json
 from tidesim.hardware import HardwareProfile, bundled_profiles, get_profile, load_profile
 from tidesim.models import PRESETS
+from tidesim.notes import noting
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,9 +63,10 @@ def predictions(prof: HardwareProfile) -> list[dict[str, Any]]:
 
 def run_show(args: argparse.Namespace) -> int:
     prof = get_profile(args.profile)
-    rows = predictions(prof)
+    rows, said = noting(lambda: predictions(prof))
+    notes = sorted(said)
     if args.json:
-        print_json({"profile": prof.to_dict(), "predictions": rows, "flags": sorted(prof.flags)})
+        print_json({"profile": prof.to_dict(), "predictions": rows, "flags": notes})
         return 0
     p = prof.provenance
     print(f"{prof.name}: {prof.description}")
@@ -81,6 +83,6 @@ def run_show(args: argparse.Namespace) -> int:
     print()
     cols = ["model", "tokens", "gpu_expert_us", "cpu_expert_us", "h2d_expert_us"]
     print(format_table(cols, [[r[c] for c in cols] for r in rows]))
-    for flag in sorted(prof.flags):
+    for flag in notes:
         print(f"note: {flag}")
     return 0

@@ -11,9 +11,8 @@ from tidesim.cli.guard import Output, declare_outputs, number
 from tidesim.cli.output import announce, format_table, print_json, progress
 from tidesim.errors import InputError
 from tidesim.hardware import get_profile
-from tidesim.plan import Evaluation
+from tidesim.plan import Evaluation, plan_slots
 from tidesim.planner import PlanOutcome, make_plan, parse_int_list, plan_policies
-from tidesim.report import plan_slots
 from tidesim.run import ENGINES
 
 

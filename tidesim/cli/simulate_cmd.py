@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -17,12 +16,12 @@ from tqdm import tqdm
 from tidesim.cli.guard import Output, declare_outputs, number
 from tidesim.cli.output import announce, format_table, print_json
 from tidesim.errors import InputError
+from tidesim.evaluate import evaluate
 from tidesim.metrics import Metrics
 from tidesim.plan import Plan, load_plan
-from tidesim.policies.driver import build_schedule
 from tidesim.policies.options import REFRESH_MODES
-from tidesim.policies.registry import check_policies, plan_policy, policy_names
-from tidesim.run import ENGINES, run
+from tidesim.policies.registry import check_policies, plan_policy, plan_runner, policy_names
+from tidesim.run import ENGINES
 from tidesim.scenario import Scenario, decode_label, resolve
 
 
@@ -67,14 +66,6 @@ def warn(lines: list[str]) -> None:
         print(f"tidesim: warning: {line}", file=sys.stderr)
 
 
-def run_policy(setup: Scenario, policy: str, timeline: str | None = None,
-               on_forward: Callable[[int], None] | None = None) -> Metrics:
-    schedule = build_schedule(policy, setup.workload, setup.options(policy))
-    metrics = run(setup.workload, schedule, setup.hw, engine=setup.engine, timeline=timeline, on_forward=on_forward)
-    metrics.notes = sorted(set(metrics.notes) | setup.hw.flags)
-    return metrics
-
-
 # ----- the command ------------------------------------------------------------------------------
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="one offload policy on one trace and hardware profile",
@@ -97,11 +88,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan) if args.plan else None
     planned = plan_policy()
-    if plan is not None and args.policy not in (None, plan.runner):
-        raise InputError(f"--plan runs the policy {plan.runner} (the plan is for {plan.policy}); leave out --policy")
+    runner = plan_runner(plan.policy) if plan is not None else None
+    if plan is not None and args.policy not in (None, runner):
+        raise InputError(f"--plan runs the policy {runner} (the plan is for {plan.policy}); leave out --policy")
     if plan is None and args.policy in (None, planned):
         raise InputError(f"give --policy P, or --plan FILE for the {planned} policy (make one with `tidesim plan`)")
-    args.policy = args.policy or (plan.runner if plan is not None else planned)
+    args.policy = args.policy or runner or planned
     check_policies([args.policy])
     if args.timeline and args.engine != "sim":
         raise InputError("--timeline needs the simulator (--engine sim)")
@@ -113,7 +105,7 @@ def main(args: argparse.Namespace) -> int:
 
     work = f"{args.policy} on {setup.workload.num_forwards} forwards ({setup.engine})"
     with announce("simulate", work) as done, bar:
-        metrics = run_policy(setup, args.policy, timeline=args.timeline, on_forward=advance)
+        metrics = evaluate(setup, args.policy, timeline=args.timeline, on_forward=advance).metrics
         done.summary = f"{metrics.tokens_per_s:.2f} tokens/s"
     if args.json:
         out = {"inputs": setup.describe(), "metrics": metrics.to_dict()}

@@ -13,9 +13,10 @@ from tidesim.cli.guard import Output, declare_outputs
 from tidesim.cli.output import announce, format_table, print_json, progress
 from tidesim.html_report import Link, Report, Section, Table, write_report
 from tidesim.policies.registry import policy_names
+from tidesim.sweep.executors import EXECUTORS
 from tidesim.sweep.figures import speedup_table, write_figures
 from tidesim.sweep.grid import load_grid
-from tidesim.sweep.runner import EXECUTORS, SweepPaths, SweepReport, run_sweep
+from tidesim.sweep.runner import SweepPaths, SweepReport, run_sweep
 
 
 def register(sub: argparse._SubParsersAction) -> None:

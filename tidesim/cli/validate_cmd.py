@@ -24,8 +24,9 @@ from tidesim.cli.guard import Output, declare_outputs
 from tidesim.cli.output import format_table, print_json, progress, to_jsonable
 from tidesim.errors import InputError
 from tidesim.limits import check_cpu_workers
+from tidesim.notes import noting
 from tidesim.policies.options import REFRESH_MODES
-from tidesim.policies.registry import plan_policy, traits
+from tidesim.policies.registry import plan_policy, plan_runner, traits
 
 DEFAULT_POLICIES = "cpu-routing,fiddler,tide,full-swap,all-gpu"
 RESULT_FILES = ("results.json", "results.parquet", "predicted_vs_measured.png", "configurations.jsonl")
@@ -135,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     plan = load_plan(args.plan) if args.plan else None
     if plan is not None:
         plan.check_model(full_model)
-        if plan.runner != plan_policy():
+        if plan_runner(plan.policy) != plan_policy():
             raise InputError(f"validate --plan runs plans for tide (the {plan_policy()} policy); this plan is for "
                              f"{plan.policy}: validate {plan.policy} with --policies and a single --taus instead")
         if plan_policy() not in policies:
@@ -159,13 +160,17 @@ def run(args: argparse.Namespace) -> int:
     use_cpu_kernel(args.cpu_kernel, device.dtype, measured_with)
     experts = workload.num_experts
     budgets = int_list(args.budgets, "--budgets") if args.budgets is not None else [experts // 2]
-    tau_choice = None
+    tau_choice, tau_notes = None, frozenset[str]()
     if args.taus is not None:
         taus = int_list(args.taus, "--taus")
     elif any(traits(p).uses_tau for p in policies) and 0 <= budgets[0] <= experts:   # else check_inputs says why
-        from tidesim.default_tau import choose_tau
+        from tidesim.scenario import assemble
 
-        tau_choice = choose_tau(workload, hw, budgets[0], refresh[0], plan=plan)
+        # the default-tau rule as every command resolves it; the profile was checked against this machine above
+        scenario = assemble(str(trace_path), workload, hw, policies, budget=budgets[0], refresh=refresh[0],
+                            plan=plan, allow_roofline=True)
+        tau_choice, tau_notes = scenario.tau_choice, frozenset(scenario.notes)
+        assert tau_choice is not None            # a policy here uses tau
         taus = [tau_choice.tau]
     else:
         taus = [1]      # no policy here refreshes on an interval
@@ -185,8 +190,9 @@ def run(args: argparse.Namespace) -> int:
         done.add(configuration_record(o))
         next(bar, None)
 
-    outcomes = validate(workload, hw, configs, device, repeats=args.repeats, plan=plan, seed=args.seed,
-                        on_done=measured)
+    outcomes, run_notes = noting(lambda: validate(workload, hw, configs, device, repeats=args.repeats, plan=plan,
+                                                  seed=args.seed, on_done=measured))
+    notes = sorted(tau_notes | run_notes)
     elapsed = time.perf_counter() - t0
     rows = [o.row() for o in outcomes]
     stats = summary(outcomes)
@@ -202,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     }
     result = {"setup": setup, "summary": stats, "rows": rows,
               "configurations": [configuration_record(o) for o in outcomes],
-              "flags": sorted(hw.flags)}
+              "flags": notes}
     write_results(out, result, outcomes, figure, f"{workload.model.name}, {workload.kv_cache} cache, "
                   f"{workload.num_forwards} forwards, {hw.name}")
     if args.json:
@@ -217,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(heads, [[r[c] for c in cols] for r in rows]))
     print(f"median |error| {stats['median_abs_error']:.1%}, max {stats['max_abs_error']:.1%}; "
           f"results in {out}/ (results.json, results.parquet, predicted_vs_measured.png)")
-    for flag in sorted(hw.flags):
+    for flag in notes:
         print(f"note: {flag}")
     return 0
 

@@ -29,7 +29,6 @@ from tidesim.plan import (
     SolverInfo,
     file_fingerprint,
     model_fingerprint,
-    plan_runner,
     profile_fingerprint,
 )
 from tidesim.planner.bound import OracleBound, OracleCosts, oracle_bound, oracle_costs
@@ -41,15 +40,21 @@ from tidesim.workload import Workload
 
 # ----- evaluation and the whole planning run ------------------------------------------------------
 
-# Policies the Lagrangian bound covers (docs/planner.md section 3: every miss on the CPU, copies
-# synchronous); tide-split copies misses on demand, which can beat it, so its plans carry none.
-BOUNDED = ("tide",)
+def bounded(policy: str) -> bool:
+    """Whether the Lagrangian bound covers `policy`'s schedules (docs/planner.md section 3: every
+    miss on the CPU, copies synchronous): the reference policy only; tide-split copies misses on
+    demand, which can beat it, so its plans carry none."""
+    from tidesim.policies.registry import reference_policy
+
+    return policy == reference_policy()
+
 
 
 def evaluate_plan(workload: Workload, hw: HardwareProfile, tau: np.ndarray, budget: np.ndarray,
                   engine: str = "analytic", policy: str = "tide") -> Metrics:
     """Run the plan's runner (plan_runner) with these per-layer settings through an executor."""
     from tidesim.policies import PolicyOptions, build_schedule
+    from tidesim.policies.registry import plan_runner
     from tidesim.run import run
 
     options = PolicyOptions(budget=np.asarray(budget, np.int64), tau=np.asarray(tau, np.int64), hw=hw,
@@ -181,7 +186,7 @@ def make_plan(trace_path: Path, trace_name: str, hw: HardwareProfile, gpu_mem_gi
                                                engine, policy)
     objective = table.total_s(kept.tau, kept.budget)
     bound_s = None
-    if policy in BOUNDED:
+    if bounded(policy):
         layer_upper = table.layer_cost_s[np.arange(layers), _index_of(table.taus, kept.tau, "tau"),
                                          _index_of(table.budgets, kept.budget, "budget")]
         bound_s = oracle_bound(oracle_costs(calib_w, hw), kept.budget, oracle_iterations, layer_upper).bound_s
@@ -217,6 +222,6 @@ def _ids(prompts: list[int]) -> str:
 __all__ = [
     "Candidate", "CostTable", "MilpResult", "OracleBound", "OracleCosts", "PlanOutcome", "cbc",
     "compare_on", "cost_table", "default_budgets", "distinct_taus", "evaluate_plan", "evaluation", "expert_slots",
-    "fit_candidates", "make_plan", "oracle_bound", "oracle_costs", "parse_int_list", "plan_policies", "plan_runner",
+    "fit_candidates", "make_plan", "oracle_bound", "oracle_costs", "parse_int_list", "plan_policies",
     "select_plan", "single_tau_sweep", "solve_plan", "split_prompts", "uniform_budget",
 ]

@@ -116,7 +116,9 @@ def cost_table(workload: Workload, hw: HardwareProfile, taus: list[int], budgets
     same = distinct_taus(workload, taus)
     options = [(tau, b) for tau in sorted(set(same.values())) for b in budgets]
     layer_fixed, other = fixed_costs(workload, hw)
-    if policy == "tide":
+    from tidesim.policies.registry import reference_policy
+
+    if policy == reference_policy():            # the fast residency pass models the reference policy only
         found = dict(zip(options, residencies(workload, options, max_cells, progress), strict=True))
         times = _option_layer_times(workload, hw, [found[o] for o in options], layer_fixed, max_cells)
     else:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tidesim.policies.registry import PolicyTraits, register_policy
+from tidesim.policies.registry import PolicyTraits, register_policy, static_set_size
 from tidesim.policies.residency import int_list, warmup_forwards
 from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, cpu_code, no_copies, static_for
 
@@ -30,7 +30,7 @@ def static_params(step: PolicyStep) -> dict[str, object]:
 class CpuRouting(PolicyStep):
     def __init__(self, setup: Setup) -> None:
         budget = np.asarray(setup.options.budget, dtype=np.int64)
-        super().__init__(setup, static_for(setup, budget, "cpu-routing"))
+        super().__init__(setup, static_for(setup, static_set_size(self.name, budget, setup.experts), self.name))
         self.code = cpu_code(self.initial)  # the GPU set never changes: placement = activated x code
 
     def decide(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:

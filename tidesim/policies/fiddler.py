@@ -23,7 +23,7 @@ import numpy as np
 from tidesim.hardware import HardwareProfile
 from tidesim.models import ModelSpec
 from tidesim.policies.cpu_routing import static_params
-from tidesim.policies.registry import PolicyTraits, register_policy
+from tidesim.policies.registry import PolicyTraits, register_policy, static_set_size
 from tidesim.policies.residency import by_count, int_list
 from tidesim.policies.step import Choice, ForwardMeta, PolicyStep, Rows, Setup, copies, placement_of, static_for
 from tidesim.schedule import COPY_ON_DEMAND
@@ -37,11 +37,6 @@ def copy_is_cheaper(tokens: np.ndarray, spec: ModelSpec, hw: HardwareProfile) ->
     cpu = by_count(lambda t: hw.cpu_expert_latency(t, spec), tokens)
     # Strictly cheaper: a tie (within float rounding) stays on the CPU and spends no PCIe time.
     return (np.asarray(tokens) > 0) & (copy < cpu * (1 - 1e-9))
-
-
-def static_size(budget: np.ndarray, experts: int) -> np.ndarray:
-    """Static slots per layer: budget - 1 (one slot streams), all experts when budget = experts."""
-    return np.where(budget >= experts, experts, np.maximum(budget - 1, 0))
 
 
 class CheapCopies:
@@ -62,13 +57,14 @@ class CheapCopies:
 
 
 @register_policy("fiddler", "static popular experts; each miss on the CPU or copied in, whichever is cheaper",
-                 PolicyTraits(role="baseline", order=40, needs_cpu=True, static_set=True, reads_profile=True))
+                 PolicyTraits(role="baseline", order=40, needs_cpu=True, static_set=True, reads_profile=True,
+                              static_size="budget-1"))
 class Fiddler(PolicyStep):
     def __init__(self, setup: Setup) -> None:
         options = setup.options
         budget = np.asarray(options.budget, dtype=np.int64)
-        size = budget if options.static_resident is not None else static_size(budget, setup.experts)
-        super().__init__(setup, static_for(setup, size, "fiddler"))
+        size = budget if options.static_resident is not None else static_set_size(self.name, budget, setup.experts)
+        super().__init__(setup, static_for(setup, size, self.name))
         self.streaming = self.initial.sum(axis=1) < budget               # [L]: a free slot to stream through
         self.may_stream = ~self.initial & self.streaming[:, None]         # [L, E]: not static, a slot to stream through
         top = int(setup.workload.expert_tokens.max(initial=0)) if setup.workload is not None else 64

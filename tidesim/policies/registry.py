@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+import numpy as np
+
 from tidesim.errors import InputError
 
 Role = Literal["baseline", "policy", "bound"]
@@ -41,6 +43,12 @@ class PolicyTraits:
     plannable: `tidesim plan --policy` plans its per-layer tau and budgets: it runs TIDE's interval
         refresh with per-layer tau and budget arrays, decides each layer from its own routing and
         state, and reads a plan from options.extra["plan"] (docs/planner.md section 7).
+    reference: the TIDE policy this project reproduces (exactly one): the default-tau rule searches
+        its interval, the planner's fast residency pass and Lagrangian bound model it, its plans run
+        through the plan policy, the demo headlines it.
+    static_size: the static policies' rule for how many of a layer's budget slots hold the static
+        set ("budget": all of them; "budget-1": one slot streams misses in, all when the budget is
+        every expert), so a live run's --static-from picks the set the offline policy would.
     """
 
     role: Role
@@ -53,6 +61,8 @@ class PolicyTraits:
     speedup_figure: bool = False
     ignores_budget: bool = False
     plannable: bool = False
+    reference: bool = False
+    static_size: Literal["budget", "budget-1"] = "budget"
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -146,3 +156,23 @@ def role_of(name: str, is_bound: bool = False) -> Role:
 def plan_policy() -> str:
     """The policy that runs a plan's per-layer settings (`--plan`)."""
     return policy_names(needs_plan=True)[0]
+
+
+def plan_runner(policy: str) -> str:
+    """The registered policy that runs a plan made for `policy` (the plan in options.extra["plan"]):
+    the plan policy for the reference policy (tide with per-layer settings), the policy itself
+    otherwise (tide-split reads a plan the same way)."""
+    return plan_policy() if policy == reference_policy() else policy
+
+
+def reference_policy() -> str:
+    """The TIDE policy the project reproduces (PolicyTraits.reference)."""
+    return policy_names(reference=True)[0]
+
+
+def static_set_size(name: str, budget: np.ndarray, experts: int) -> np.ndarray:
+    """Static slots per layer that policy `name` fills from its warm-up (PolicyTraits.static_size)."""
+    budget = np.asarray(budget, dtype=np.int64)
+    if traits(name).static_size == "budget-1":
+        return np.where(budget >= experts, experts, np.maximum(budget - 1, 0))
+    return budget

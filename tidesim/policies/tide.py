@@ -79,7 +79,7 @@ def refreshed_residents(current: np.ndarray, counts: np.ndarray, order: np.ndarr
 @register_policy("tide", "TIDE: refresh the top-budget experts every tau steps, copying only the difference; "
                          "misses on the CPU",
                  PolicyTraits(role="policy", order=50, uses_tau=True, needs_cpu=True, speedup_figure=True,
-                              plannable=True))
+                              plannable=True, reference=True))
 class Tide(PolicyStep):
     def __init__(self, setup: Setup) -> None:
         super().__init__(setup)

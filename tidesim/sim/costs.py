@@ -9,12 +9,15 @@ activated (forward, layer, expert), grouped by layer-forward g = f * L + l in ex
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
+from tidesim import curves
 from tidesim.hardware import HardwareProfile
+from tidesim.hardware_parts import GPUProfile, part_digest
 from tidesim.layermodel import (
     CopyCosts,
     CpuCosts,
@@ -33,9 +36,13 @@ from tidesim.layermodel import (
     ondemand_compute,
     per_count,
 )
+from tidesim.lru import LRU
+from tidesim.notes import collecting, note_all, noting
 from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, COPY_SYNC_REFRESH, Schedule, SparseCells
 from tidesim.sim.lpt import lpt_makespans
-from tidesim.workload import PerWorkload, Workload
+from tidesim.workload import Workload
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -119,8 +126,8 @@ class _Cells:
 
 @dataclass
 class _WorkloadCache:
-    """What one live workload's costing keeps: its cells, and per GPU and per CPU curves the
-    cell times (a few of each: grids vary the profile point to point)."""
+    """What one workload's costing keeps: its cells, and per GPU and per CPU part the cell times
+    with the notes they raised (a few of each: grids vary the profile point to point)."""
 
     idx: np.ndarray
     tokens: np.ndarray
@@ -128,10 +135,11 @@ class _WorkloadCache:
     n_active: np.ndarray
     tokens_sum: float
     position: np.ndarray
-    gpu: OrderedDict[str, tuple[np.ndarray, np.ndarray, np.ndarray, frozenset[str]]] = field(
-        default_factory=OrderedDict)
-    cpu: OrderedDict[str, tuple[np.ndarray, frozenset[str]]] = field(default_factory=OrderedDict)
-    fixed: OrderedDict[str, tuple[np.ndarray, np.ndarray, frozenset[str]]] = field(default_factory=OrderedDict)
+    gpu: LRU[str, tuple[tuple[np.ndarray, np.ndarray, np.ndarray], frozenset[str]]] = field(
+        default_factory=lambda: LRU(_PER_SIDE))
+    cpu: LRU[str, tuple[np.ndarray, frozenset[str]]] = field(default_factory=lambda: LRU(_PER_SIDE))
+    fixed: LRU[str, tuple[tuple[np.ndarray, np.ndarray], frozenset[str]]] = field(
+        default_factory=lambda: LRU(_PER_SIDE))
 
 
 def _new_entry(workload: Workload) -> _WorkloadCache:
@@ -145,62 +153,67 @@ def _new_entry(workload: Workload) -> _WorkloadCache:
     return _WorkloadCache(idx, tokens, g, n_active, float(tokens.sum()), position)
 
 
-def _fixed_times(workload: Workload, hw: HardwareProfile) -> tuple[np.ndarray, np.ndarray, frozenset[str]]:
+def _fixed_times(workload: Workload, gpu: GPUProfile) -> tuple[np.ndarray, np.ndarray]:
     """[F] per forward: GPU work outside the MoE layers, and that of one MoE layer outside its experts."""
     spec = workload.model
     f_count = workload.num_forwards
     tokens = workload.tokens.astype(float)
     context = workload.context.astype(float)
-
-    def both() -> tuple[np.ndarray, np.ndarray]:
-        fwd = np.broadcast_to(np.asarray(hw.gpu_forward_fixed_time(tokens, context, spec), float), (f_count,)).copy()
-        layer = np.broadcast_to(np.asarray(hw.gpu_layer_fixed_time(tokens, context, spec), float), (f_count,)).copy()
-        return fwd, layer
-
-    (fwd, layer), flags = hw.noting(both)
-    return fwd, layer, flags
+    fwd = np.broadcast_to(np.asarray(curves.gpu_forward_fixed_time(gpu, tokens, context, spec), float),
+                          (f_count,)).copy()
+    layer = np.broadcast_to(np.asarray(curves.gpu_layer_fixed_time(gpu, tokens, context, spec), float),
+                            (f_count,)).copy()
+    return fwd, layer
 
 
-_CACHE = PerWorkload(_new_entry)
 _PER_SIDE = 4
+_ENTRIES: LRU[str, _WorkloadCache] = LRU(4)     # by workload content (Workload.digest)
+
+
+def _kept(cache: LRU[str, tuple[T, frozenset[str]]], key: str, make: Callable[[], T]) -> T:
+    """The value cached under `key`, made now when missing; its notes are said either way."""
+    kept = cache.get(key)
+    if kept is None:
+        kept = noting(make)
+        cache.put(key, kept)
+    note_all(kept[1])
+    return kept[0]
 
 
 def _cells(workload: Workload, hw: HardwareProfile, r: Rates) -> _Cells:
-    """The workload's cells with this profile's GPU and CPU times, from the cache when the same
-    workload object was costed with the same curves before."""
+    """The workload's cells with this profile's GPU and CPU times, from the cache when a workload of
+    the same content was costed with parts of the same content before. Each time table is a
+    function of the workload and one part (tidesim.curves reads one part), so it is keyed by the
+    two contents, never by object identity or a list of fields."""
     spec = workload.model
-    entry = _CACHE(workload)
+    entry = _ENTRIES.get(workload.digest)
+    if entry is None:
+        entry = _new_entry(workload)
+        _ENTRIES.put(workload.digest, entry)
     groups = workload.num_forwards * workload.num_layers
-    # keyed by what the curves read (the share also reads the launch overhead it removes)
-    gkey = f"{hw.expert_time_key('gpu', spec)} launch {r.launch_s!r}"
-    ckey = hw.expert_time_key("cpu", spec)
-    if gkey not in entry.gpu:
-        gpu_full, gflags = hw.noting(lambda: per_count(lambda t: hw.gpu_expert_time(t, spec), entry.tokens))
-        share = grouped_share(r, gpu_full)
-        entry.gpu[gkey] = (gpu_full, share, np.bincount(entry.g, weights=share, minlength=groups), gflags)
-        while len(entry.gpu) > _PER_SIDE:
-            entry.gpu.popitem(last=False)
-    if ckey not in entry.cpu:
-        entry.cpu[ckey] = hw.noting(lambda: per_count(lambda t: hw.cpu_expert_time(t, spec), entry.tokens))
-        while len(entry.cpu) > _PER_SIDE:
-            entry.cpu.popitem(last=False)
-    fkey = repr(hw.gpu)                     # the fixed work reads only the GPU's fields
-    if fkey not in entry.fixed:
-        entry.fixed[fkey] = _fixed_times(workload, hw)
-        while len(entry.fixed) > _PER_SIDE:
-            entry.fixed.popitem(last=False)
-    gpu_full, share, share_sum, gflags = entry.gpu[gkey]
-    cpu, cflags = entry.cpu[ckey]
-    for cache, key in ((entry.gpu, gkey), (entry.cpu, ckey), (entry.fixed, fkey)):
-        cache.move_to_end(key)
-    fwd_fixed, layer_fixed, fflags = entry.fixed[fkey]
-    hw.flags.update(gflags | cflags | fflags)
+    gpu_part, cpu_part = part_digest(hw.gpu), part_digest(hw.cpu)
+
+    def gpu_times() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        full = per_count(lambda t: curves.gpu_expert_time(hw.gpu, t, spec), entry.tokens)
+        share = grouped_share(r, full)        # reads the launch overhead: a GPU field
+        return full, share, np.bincount(entry.g, weights=share, minlength=groups)
+
+    gpu_full, share, share_sum = _kept(entry.gpu, gpu_part, gpu_times)
+    cpu = _kept(entry.cpu, cpu_part, lambda: per_count(lambda t: curves.cpu_expert_time(hw.cpu, t, spec),
+                                                            entry.tokens))
+    fwd_fixed, layer_fixed = _kept(entry.fixed, gpu_part, lambda: _fixed_times(workload, hw.gpu))
     return _Cells(entry.idx, entry.tokens, gpu_full, cpu, share, share_sum, entry.n_active, entry.tokens_sum,
                   entry.position, fwd_fixed, layer_fixed)
 
 
 def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) -> ScheduleCosts:
-    """Charge every work item of `schedule` with the profile's cost curves."""
+    """Charge every work item of `schedule` with the profile's cost curves; the notes the lookups
+    said are the costs' flags (and reach any collection the caller has open)."""
+    with collecting() as raised:
+        return _schedule_costs(workload, schedule, hw, raised)
+
+
+def _schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile, raised: set[str]) -> ScheduleCosts:
     spec = workload.model
     F, L, E = workload.expert_tokens.shape
     G = F * L
@@ -284,7 +297,7 @@ def schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile) 
         "refresh_copies": float(n_sync + n_async_counted),
     }
     costs = ScheduleCosts(forwards=F, layers=L, experts=E, rates=r, gpu=gpu, copies=copies, cpu=cpu, items=items,
-                          counts=counts, flags=sorted(hw.flags),
+                          counts=counts, flags=sorted(raised),
                           od_layout=od_layout)
     if r.contention > 0 and cpu_time.size:
         factor = charge_contention(r, gpu, cpu, costs.cpu_span())
