@@ -223,9 +223,11 @@ KERNELS: dict[str, CpuKernel] = {k.name: k for k in (
               "kTransformers' AMX bf16 MoE operator (optional package kt-kernel)", usable=kt_backend.available,
               caches_weights=True),
 )}
-# The default stays the reference arithmetic: no other kernel was measured faster on this project's
-# machine in a way that held across runs (docs/performance.md); `calibrate --cpu-kernel auto` picks
-# by measurement. tidesim.cli.cpu_kernel_arg.DEFAULT_CPU_KERNEL names the same.
+# The default stays the reference arithmetic: the one kernel measured faster per expert in both
+# dtypes, onednn-packed, keeps a second copy of every expert it runs (no memory check counts it) and
+# was not faster end to end in `tidesim generate` on the loaded machine (docs/performance.md);
+# `calibrate --cpu-kernel auto` picks among the others by measurement.
+# tidesim.cli.cpu_kernel_arg.DEFAULT_CPU_KERNEL names the same.
 DEFAULT_KERNEL = "linear"
 _current = [KERNELS[DEFAULT_KERNEL]]
 
