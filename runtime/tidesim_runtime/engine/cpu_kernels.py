@@ -96,7 +96,11 @@ class PackedWeights:
     write through any view of its memory, so a weight rewritten in place (a GPU-side slot on the
     cpu-as-gpu path, refilled by a copy) is packed again at its next use instead of being served
     stale numbers. Inference tensors keep no version counter: `get(w, fixed=False)` packs those on
-    every call (always correct, slow); `fixed=True` promises they never change."""
+    every call (always correct, slow); `fixed=True` promises they never change. A write through a
+    tensor that aliases the memory with a counter of its own (a parameter whose `.data` was set to
+    a bank's view) is not seen: the runtime rewrites experts only through banks and slots. Reading
+    the same memory through both (the plain decode through the model's bound parameters, then the
+    pool through the bank) only repacks it once more: the counters differ."""
 
     def __init__(self) -> None:
         self._packed: dict[tuple[int, tuple[int, ...], tuple[int, ...]], tuple[torch.Tensor, int, torch.Tensor]] = {}
