@@ -141,14 +141,26 @@ def _packed_swiglu(x: torch.Tensor, w13p: torch.Tensor, w2p: torch.Tensor, inter
     return torch.ops.mkldnn._linear_pointwise(h, w2p, None, "none", [], "")
 
 
+def gemv_row(x: torch.Tensor) -> bool:
+    """One float32 token: MKL's matrix-vector product (`F.linear` at one row) already streams
+    the weights at the read rate, ahead of oneDNN's GEMM (docs/performance.md), so onednn-packed
+    runs `linear` there and packs nothing for it."""
+    return x.shape[0] == 1 and x.dtype == torch.float32
+
+
 def onednn_packed(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """`linear`'s GEMMs run by oneDNN on weights packed once per expert (bf16 or float32)."""
+    """`linear`'s GEMMs run by oneDNN on weights packed once per expert (bf16 or float32; one
+    float32 token: `linear`)."""
+    if gemv_row(x):
+        return linear_swiglu(x, w13, w2)
     return _packed_swiglu(x, PACKED.get(w13), PACKED.get(w2), w2.shape[1])
 
 
 def onednn_packed_mutable(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """onednn_packed on weights that copies may rewrite (GPU-side slots): the same arithmetic,
     packed again whenever the weights' version counter moved (see PackedWeights)."""
+    if gemv_row(x):
+        return linear_swiglu(x, w13, w2)
     return _packed_swiglu(x, PACKED.get(w13, fixed=False), PACKED.get(w2, fixed=False), w2.shape[1])
 
 
