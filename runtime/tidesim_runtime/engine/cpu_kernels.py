@@ -14,7 +14,8 @@ CPU its small-M path does not stream the weights at the memory's rate. Kernels (
   kept in a cache, so no call reorders them again; the cache holds a packed copy of every expert
   it has run, and repacks a weight that a copy rewrote (its version counter moved). In float32 it
   replaces MKL's sgemm, whose few-row path streams the weights at a fraction of the read rate
-  (docs/performance.md), and changes the last bits;
+  (docs/performance.md), and changes the last bits; one float32 token runs `linear` (MKL's
+  matrix-vector product is at the read rate already);
 - `compiled`: `linear` through `torch.compile` (inductor's CPU code for SiLU and product);
 - `kt-kernel`: bfloat16 only, kTransformers' AMX MoE operator (engine/kt_backend.py), where the
   optional package kt-kernel is installed and the CPU has AMX.
