@@ -219,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
         why = cpu_kernels.KERNELS[k].why_unusable()
         if why:
             print(f"{k}: not measured: {why}")
+            continue
+        for d in parse_list(args.dtypes, "--dtypes"):
+            why = cpu_kernels.KERNELS[k].why_not_dtype(DTYPES[d])
+            if why:
+                print(f"{k}: {d} not measured: {why}")
     if args.json:
         setup = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "cpu": cpu_model_name(),
                  "cores": usable_cores(), "platform": platform.platform(), "torch": torch.__version__,

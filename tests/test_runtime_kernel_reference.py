@@ -70,11 +70,12 @@ def test_fused_w13_is_a_view_over_adjacent_rows_and_a_copy_otherwise() -> None:
     assert torch.equal(c, torch.cat([apart.gate_proj.weight, apart.up_proj.weight]))
 
 
+@pytest.mark.parametrize("name", ["weights-left", "onednn-packed"])
 def test_live_decode_with_a_kernel_that_changes_float32_bits_is_lossless_against_the_same_kernel(
-        kernel) -> None:  # type: ignore[no-untyped-def]
+        kernel, name: str) -> None:  # type: ignore[no-untyped-def]
     """End to end: a live decode (executor: resident experts, CPU pool, copies) with a kernel that
     does not compute linear's float32 bits gives exactly the tokens of the plain decode through
-    the same kernel."""
+    the same kernel; onednn-packed runs on slots that tide's copies refill (repacked each time)."""
     from tidesim_runtime.engine.device import select_device
     from tidesim_runtime.measure.live import lossless_check
     from tidesim_runtime.reference.generate import DecodeConfig
@@ -85,9 +86,15 @@ def test_live_decode_with_a_kernel_that_changes_float32_bits_is_lossless_against
     model = build_model(SPEC, seed=0)
     L = SPEC.num_moe_layers
     opts = PolicyOptions(budget=uniform(5, L), tau=uniform(2, L), hw=get_profile("h100-sxm-pcie5"))
-    kernel("weights-left")
+    if ck.KERNELS[name].why_not_dtype(torch.float32):
+        pytest.skip(ck.KERNELS[name].why_not_dtype(torch.float32))
+    kernel(name)
+    packs = ck.PACKED.packs
     assert not ck.bit_identical(ck.current(), torch.float32)
     result = lossless_check(model, [5, 17, 42, 99, 7, 3], DecodeConfig(gen_length=8, block_length=8),
                             "tide", opts, select_device("cpu"))
     assert result.identical, result.problems
     assert result.metrics is not None and result.metrics.cpu_tokens > 0 and result.metrics.gpu_tokens > 0
+    assert result.metrics.expert_copies > 0   # slots were refilled while the kernel ran on them
+    assert (ck.PACKED.packs > packs) == (name == "onednn-packed")
+    ck.PACKED.clear()
