@@ -79,3 +79,23 @@ def test_vectorised_makespans_by_hand():
     assert lpt_makespans(group, times, keys, 6, 3).tolist() == [9.0, 5.0, 5.0, 2.5, 0.0, 2.0]
     # more workers than tasks: the longest task
     assert lpt_makespans(group, times, keys, 6, 8).tolist() == [7.0, 3.0, 5.0, 2.5, 0.0, 1.0]
+
+
+@given(st.lists(st.tuples(st.lists(st.integers(2, 12), max_size=12), st.integers(0, 40)), min_size=1, max_size=6),
+       st.integers(2, 8), st.sampled_from([1 << 20, 1, 5]))
+def test_long_equal_tails_equal_the_scalar_rule(groups, workers, block):
+    # CPU tasks as they come at a few tokens: a few distinct longer ones, then many of the
+    # shortest time (the tail the vectorised rule places at once)
+    from tidesim.sim import lpt
+
+    times_of = [[0.3 + 0.1 * h for h in head] + [0.3] * tail for head, tail in groups]
+    group = np.concatenate([np.full(len(ts), g) for g, ts in enumerate(times_of)]).astype(np.int64)
+    times = np.concatenate([np.array(ts, dtype=float) for ts in times_of])
+    keys = np.arange(times.size, dtype=np.int64)
+    kept, lpt._BLOCK = lpt._BLOCK, block
+    try:
+        got = lpt_makespans(group, times, keys, len(groups), workers)
+    finally:
+        lpt._BLOCK = kept
+    for g, ts in enumerate(times_of):
+        assert got[g] == lpt_makespan(ts, list(range(len(ts))), workers)

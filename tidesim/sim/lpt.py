@@ -87,7 +87,11 @@ _BLOCK = 1 << 20                  # task times gathered per block of ranks (8 Mi
 def lpt_makespans_sorted(group: np.ndarray, times: np.ndarray, groups: int, workers: int) -> np.ndarray:
     """lpt_makespans of tasks already in the rule's order (each group's tasks contiguous, longest
     first, ties by key): a caller that costs many subsets of one task list (the planner's options)
-    sorts the list once, and any subset of it keeps the order."""
+    sorts the list once, and any subset of it keeps the order.
+
+    A group's tasks are its head, stepped through rank by rank, and its tail: the run of tasks
+    equal to its shortest one (at a few tokens most CPU experts cost the same), placed at once by
+    _equal_tail. The loop over ranks therefore runs over the longest head, not the most tasks."""
     out = np.zeros(groups)
     if times.size == 0:
         return out
@@ -105,27 +109,71 @@ def lpt_makespans_sorted(group: np.ndarray, times: np.ndarray, groups: int, work
         many = many[~equal]
     if not many.size:
         return out
-    many = many[np.argsort(-count[many], kind="stable")]  # most tasks first: rank j is a prefix of rows
     first, cnt = starts[many], count[many]
+    shortest = t[first + cnt - 1]
+    in_tail = np.add.reduceat((t == np.repeat(t[starts + count - 1], count)).astype(np.int64), starts)[many]
+    head = np.maximum(cnt - in_tail, workers)             # the first `workers` tasks seed the loads
+    by_head = np.argsort(-head, kind="stable")             # longest head first: rank j is a prefix of rows
+    many, first, cnt, shortest, head = many[by_head], first[by_head], cnt[by_head], shortest[by_head], head[by_head]
     loads = t[first[:, None] + np.arange(workers)[None, :]]
     flat, base = loads.reshape(-1), np.arange(first.size) * workers
-    top = int(cnt[0])
-    active = np.searchsorted(-cnt, -np.arange(top), side="left").tolist()   # rows with more than j tasks
+    top = int(head[0])
+    active = np.searchsorted(-head, -np.arange(top), side="left").tolist()   # rows whose head has rank j
     j0 = workers
     while j0 < top:               # ranks in blocks: each block's task times gathered into one array
         m0 = active[j0]
         j1 = min(top, j0 + max(1, _BLOCK // m0))
         ranks = np.arange(j0, j1)[:, None]
         at = np.minimum(first[None, :m0] + ranks, t.size - 1)
-        block = np.where(ranks < cnt[None, :m0], t.take(at), 0.0)      # [ranks, rows], 0 past a row's end
+        block = np.where(ranks < head[None, :m0], t.take(at), 0.0)     # [ranks, rows], 0 past a head's end
         for j in range(j0, j1):
             m = active[j]
             w = loads[:m].argmin(axis=1)
             w += base[:m]
             flat[w] += block[j - j0, :m]
         j0 = j1
-    out[gid[many]] = loads.max(axis=1)
+    span = loads.max(axis=1)
+    rest = cnt - head
+    tail = np.flatnonzero(rest > 0)
+    for a in range(0, tail.size, max(1, _BLOCK // (workers * 64))):
+        rows = tail[a:a + max(1, _BLOCK // (workers * 64))]
+        span[rows] = _equal_tail(loads[rows], shortest[rows], rest[rows])
+    out[gid[many]] = span
     return out
+
+
+def _equal_tail(loads: np.ndarray, task: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """[R] makespans after n[r] more tasks, all of time task[r], go on workers with loads [R, W].
+
+    Each takes the least-loaded worker and adds its time, so worker w offers the start times
+    loads[w], loads[w] + task, (loads[w] + task) + task, ... (the very sums the rule computes) and
+    the tasks take the n smallest of all these offers, as a merge of sorted lists does (ties
+    between workers give the same sums whichever is taken). The makespan is the latest of the
+    n-th smallest offer plus the task and the loads that take none."""
+    r, w = loads.shape
+    spread = loads.max(axis=1) - loads.min(axis=1)
+    # no worker takes more than ceil(n / w) + spread / task + 1 of them
+    need = -(-n // w) + np.ceil(spread / np.maximum(task, 1e-300)).astype(np.int64) + 1
+    rounds = int(min(need.max(), n.max()))
+    offers = np.empty((rounds, r, w))
+    offers[0] = loads
+    step = task[:, None]
+    for c in range(1, rounds):
+        np.add(offers[c - 1], step, out=offers[c])
+    ordered = np.sort(offers.transpose(1, 0, 2).reshape(r, rounds * w), axis=1)
+    nth = ordered[np.arange(r), n - 1]
+    return np.maximum(loads.max(axis=1), nth + task)
+
+
+def _equal_tasks(task: np.ndarray, rounds: np.ndarray) -> np.ndarray:
+    """Makespans of groups of equal tasks: the rule deals them round-robin, so every worker's load
+    is a sum of equal terms, and the longest is `rounds` = ceil(n / workers) of them, added one at
+    a time as the workers add them (the same float as the step-by-step rule)."""
+    span = task.copy()
+    for k in range(2, int(rounds.max()) + 1):
+        more = rounds >= k
+        span[more] += task[more]
+    return span
 
 
 def _longest_first(group: np.ndarray, times: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -140,13 +188,3 @@ def _longest_first(group: np.ndarray, times: np.ndarray, keys: np.ndarray) -> np
     packed = (group.astype(np.int64) * uniq.size + (uniq.size - 1 - rank.reshape(-1))) * span_k + (keys - keys.min())
     return np.argsort(packed, kind="stable")
 
-
-def _equal_tasks(task: np.ndarray, rounds: np.ndarray) -> np.ndarray:
-    """Makespans of groups of equal tasks: the rule deals them round-robin, so every worker's load
-    is a sum of equal terms, and the longest is `rounds` = ceil(n / workers) of them, added one at
-    a time as the workers add them (the same float as the step-by-step rule)."""
-    span = task.copy()
-    for k in range(2, int(rounds.max()) + 1):
-        more = rounds >= k
-        span[more] += task[more]
-    return span
