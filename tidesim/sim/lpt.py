@@ -71,14 +71,34 @@ def lpt_makespans(group: np.ndarray, times: np.ndarray, keys: np.ndarray, groups
     loop runs over task ranks (at most the most tasks in one group), each step placing one task
     in every group that still has one. The first `workers` tasks of a group go one per worker
     (their loads are the task times, whichever worker the tie rule picks, so the makespan is the
-    same); groups with no more tasks than workers take their longest task and leave the loop."""
+    same); groups with no more tasks than workers take their longest task, and groups of equal
+    tasks ceil(n / workers) of them, without being sorted (most groups, at a few tokens)."""
     out = np.zeros(groups)
     if times.size == 0:
         return out
     if workers == 1:
         return np.bincount(group, weights=times, minlength=groups)
-    order = _longest_first(group, times, keys)
-    return lpt_makespans_sorted(group[order], times[order], groups, workers)
+    if group.size > 1 and (group[1:] < group[:-1]).any():
+        by_group = np.argsort(group, kind="stable")
+        group, times, keys = group[by_group], times[by_group], keys[by_group]
+    starts = np.flatnonzero(np.concatenate([[True], group[1:] != group[:-1]]))
+    count = np.diff(np.append(starts, group.size))
+    gid = group[starts]
+    longest = np.maximum.reduceat(times, starts)
+    out[gid] = longest
+    many = count > workers
+    if not many.any():
+        return out
+    equal = many & (longest == np.minimum.reduceat(times, starts))
+    if equal.any():
+        out[gid[equal]] = _equal_tasks(longest[equal], -(-count[equal] // workers))
+    hard = many & ~equal
+    if hard.any():
+        sel = np.repeat(hard, count)
+        g, t, k = group[sel], times[sel], keys[sel]
+        order = _longest_first(g, t, k)
+        out[gid[hard]] = lpt_makespans_sorted(g[order], t[order], groups, workers)[gid[hard]]
+    return out
 
 
 _BLOCK = 1 << 20                  # task times gathered per block of ranks (8 MiB)
