@@ -188,12 +188,11 @@ def _equal_tail(loads: np.ndarray, task: np.ndarray, n: np.ndarray) -> np.ndarra
 def _equal_tasks(task: np.ndarray, rounds: np.ndarray) -> np.ndarray:
     """Makespans of groups of equal tasks: the rule deals them round-robin, so every worker's load
     is a sum of equal terms, and the longest is `rounds` = ceil(n / workers) of them, added one at
-    a time as the workers add them (the same float as the step-by-step rule)."""
-    span = task.copy()
-    for k in range(2, int(rounds.max()) + 1):
-        more = rounds >= k
-        span[more] += task[more]
-    return span
+    a time as the workers add them. add.accumulate adds one term at a time too (same floats), once
+    per distinct task time."""
+    uniq, which = np.unique(task, return_inverse=True)
+    sums = np.add.accumulate(np.repeat(uniq[:, None], int(rounds.max()), axis=1), axis=1)
+    return sums[which.reshape(-1), rounds - 1]
 
 
 def _longest_first(group: np.ndarray, times: np.ndarray, keys: np.ndarray) -> np.ndarray:
