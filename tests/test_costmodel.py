@@ -24,22 +24,54 @@ def test_exact_without_overlap(make, engines):
     assert ana.layer_time_s == pytest.approx(sim.layer_time_s, rel=1e-9)
 
 
+# unequal CPU tasks that do not pack evenly on 2 workers (3, 1, 2 tokens: 5, 3, 4 ms; LPT 7, the old
+# pool bound 6): with these the 2-worker schedules below hit layer-forwards where the two differ
+W_UNEVEN = workload([[[3, 1, 2, 0], [5, 4, 3, 3]], [[1, 2, 4, 1], [2, 0, 3, 1]], [[4, 1, 1, 2], [3, 3, 1, 2]]])
+
+
+@pytest.mark.parametrize("w", [W, W_UNEVEN], ids=["W", "uneven"])
+@pytest.mark.parametrize("workers", [1, 2, 3])
 @pytest.mark.parametrize("seed", range(6))
-def test_exact_for_sync_schedules_with_one_worker(seed):
-    sched = random_schedule(W, budget=2, seed=seed, allow_async=False)
-    assert schedule_problems(sched, W) == []
+def test_exact_for_sync_schedules(seed, workers, w):
+    # both engines charge the CPU pool's longest-first makespan, so without background copies they
+    # agree for any pool size (until issue 28's pool fix, only with one worker or equal tasks)
+    sched = random_schedule(w, budget=2, seed=seed, allow_async=False)
+    assert schedule_problems(sched, w) == []
     for engines in (1, 2):
-        hw = profile(workers=1, engines=engines)
-        assert run(W, sched, hw, engine="analytic").total_time_s == pytest.approx(
-            run(W, sched, hw).total_time_s, rel=1e-9)
+        hw = profile(workers=workers, engines=engines)
+        assert run(w, sched, hw, engine="analytic").total_time_s == pytest.approx(
+            run(w, sched, hw).total_time_s, rel=1e-9)
 
 
-def test_cpu_pool_estimate_is_the_pool_bound():
-    w = workload([[[3, 1, 2, 0], [0, 0, 0, 0]]])
-    m = run(w, all_cpu(w), profile(workers=2), engine="analytic")
-    # max(sum / workers, longest, ceil(n / workers) x shortest) = max(6, 5, 6) = 6 ms, LPT gives 7
-    assert m.total_time_s == pytest.approx((1 + 1 + 0.75 + 6 + 0.75 + 1) * MS)
-    assert run(w, all_cpu(w), profile(workers=2)).total_time_s == pytest.approx((1 + 1 + 0.75 + 7 + 0.75 + 1) * MS)
+def test_cpu_pool_time_is_the_longest_first_makespan_in_both_engines():
+    # CPU expert 2 + t ms on 2 workers, activations and results 0.125 ms per routed pair each way.
+    # f0 l0: tokens 3, 1, 2 -> tasks 5, 3, 4 ms: 5 -> w0, 4 -> w1, 3 -> w1 (4 < 5): makespan 7
+    #        (the old bound max(12 / 2, 5, 2 x 3) = 6); 6 pairs: 0.75 out, 0.75 back -> 8.5 ms
+    # f0 l1: tokens 5, 4, 3, 3 -> 7, 6, 5, 5: 7 -> w0, 6 -> w1, 5 -> w1 (11), 5 -> w0 (12): 12
+    #        (bound max(23 / 2, 7, 2 x 5) = 11.5); 15 pairs: 1.875 each way -> 15.75 ms
+    # f1 l0: tokens 1, 1, 1, 1 -> four 3 ms tasks: 3, 3 then 6, 6: 6; 4 pairs -> 7 ms
+    # f1 l1: tokens 2 -> one 4 ms task; 2 pairs -> 4.5 ms
+    # fixed: 1 ms dense + 2 x 1 ms MoE layers per forward -> 6 ms
+    w = workload([[[3, 1, 2, 0], [5, 4, 3, 3]], [[1, 1, 1, 1], [0, 2, 0, 0]]])
+    hand = (6 + 8.5 + 15.75 + 7 + 4.5) * MS
+    for engine in ("sim", "analytic"):
+        assert run(w, all_cpu(w), profile(workers=2), engine=engine).total_time_s == pytest.approx(hand, rel=1e-12)
+    # the lower bound keeps the pool's bound, which any pool order respects: 7.5 + 15.25 instead
+    assert lower_bound(schedule_costs(w, all_cpu(w), profile(workers=2))) == pytest.approx(
+        (6 + 7.5 + 15.25 + 7 + 4.5) * MS, rel=1e-12)
+
+
+@pytest.mark.parametrize(("workers", "hand_ms"), [
+    (1, 6 + 13.5 + 26.75 + 13 + 4.5),     # one worker: the sums 12, 23, 12, 4
+    (3, 6 + 6.5 + 13.75 + 7 + 4.5),       # f0 l0: 3 tasks on 3 workers: 5; f0 l1: 7, 6, 5, then 5 -> 10;
+                                          # f1 l0: 3, 3, 3, then 3 -> 6
+    (8, 6 + 6.5 + 10.75 + 4 + 4.5),       # more workers than tasks: the longest task, 5, 7, 3, 4
+])
+def test_cpu_pool_makespan_by_hand_for_other_pool_sizes(workers, hand_ms):
+    w = workload([[[3, 1, 2, 0], [5, 4, 3, 3]], [[1, 1, 1, 1], [0, 2, 0, 0]]])
+    for engine in ("sim", "analytic"):
+        assert run(w, all_cpu(w), profile(workers=workers), engine=engine).total_time_s == pytest.approx(
+            hand_ms * MS, rel=1e-12)
 
 
 def test_pool_bound_counts_rounds_of_equal_tasks():

@@ -1,14 +1,12 @@
 """Analytic cost model: closed-form layer times, vectorised over all layer-forwards (numpy).
 
 It charges the same costs as the simulator (tidesim.sim.costs) and follows the same execution
-model, but replaces the two things that need events by formulas:
-- the CPU pool's longest-first schedule by its bound max(sum / workers, longest task,
-  ceil(n / workers) x shortest task) (exact with one worker, with no more tasks than workers,
-  or with equal tasks; otherwise at most the LPT makespan);
-- asynchronous refresh copies by a fluid queue on the H2D engine that uses the engine's idle
-  time between demand copies (stall when the copies a layer-forward waits for, those of the
-  experts it runs and those whose slots its demand copies reuse, are not done by then).
-Everything else (sync phase, the on-demand copy/compute pipeline with its slot waits, the results
+model, with the same CPU pool makespans (the longest-first rule, tidesim.sim.lpt.lpt_makespans,
+vectorised over layer-forwards). It replaces the one thing that needs events by a formula:
+asynchronous refresh copies by a fluid queue on the H2D engine that uses the engine's idle time
+between demand copies (stall when the copies a layer-forward waits for, those of the experts it
+runs and those whose slots its demand copies reuse, are not done by then).
+Everything else (the CPU pool, sync phase, the on-demand copy/compute pipeline with its slot waits, the results
 copy queueing behind on-demand copies) is exact: the per-layer-forward phases are the layer
 model's (tidesim.layermodel.layer_phases). docs/costmodel.md lists the cases.
 
@@ -30,7 +28,7 @@ from tidesim.workload import Workload
 
 def _layer_parts(c: ScheduleCosts, od: OnDemand | None, pool: np.ndarray, async_wait: np.ndarray | None = None,
                  block: np.ndarray | None = None, gate_wait: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Per layer-forward phases from the layer model, with the CPU pool at its bound `pool`."""
+    """Per layer-forward phases from the layer model, with the CPU pool's makespans `pool`."""
     return layer_phases(c.rates, c.gpu, c.copies, c.cpu.n, pool, od, c.layers, async_wait, block, gate_wait)
 
 
@@ -138,7 +136,7 @@ def _estimate(c: ScheduleCosts) -> tuple[RunTimes, float]:
     """The estimate and the lower bound it was checked against."""
     tail = 0.0
     od = c.ondemand() if c.items.od_g.size else None
-    pool = cpu_pool_bound(c.rates, c.cpu)
+    pool = c.cpu_span()          # the simulator's longest-first makespans, the same floats
     parts = _layer_parts(c, od, pool)
     if c.copies.n_async.any():
         wait, block, tail = _async_wait(c, parts, pool, od)
@@ -146,7 +144,7 @@ def _estimate(c: ScheduleCosts) -> tuple[RunTimes, float]:
         parts = _layer_parts(c, od, pool, np.where(at_gate, 0.0, wait), block, np.where(at_gate, wait, 0.0))
     layer = parts["layer"]
     total = float(c.gpu.fwd_fixed.sum() + layer.sum() + tail)
-    bound = _lower_bound(c, pool, parts["fixed"], parts["gpu_work"])
+    bound = _lower_bound(c, cpu_pool_bound(c.rates, c.cpu), parts["fixed"], parts["gpu_work"])
     if total < bound:           # the fluid queue can undercount a saturated copy engine
         tail += bound - total
         total = bound

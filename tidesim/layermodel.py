@@ -6,7 +6,8 @@ simulator (tidesim.sim), the analytic model (tidesim.costmodel), the oracle's sp
 Data: `Rates` (the profile's constants), `GpuCosts`, `CopyCosts` and `CpuCosts` (per
 layer-forward work, grouped by resource). Pure functions: the per-expert charges, the sync phase,
 the CPU pool's bound, the copy slowdown and GPU/CPU contention, the slot releases of copies, the
-on-demand copy/compute pipeline and the closed-form layer phases. docs/costmodel.md states the
+on-demand copy/compute pipeline and the closed-form layer phases (the CPU pool's makespan itself
+is tidesim.sim.lpt.lpt_makespans, which every executor charges). docs/costmodel.md states the
 model; change a term here and every consumer follows.
 """
 
@@ -91,7 +92,7 @@ class CpuCosts:
     longest: np.ndarray
     shortest: np.ndarray         # 0 where none
     n: np.ndarray
-    span: np.ndarray | None = None   # the longest-first makespan, where an engine needs it exact
+    span: np.ndarray | None = None   # the longest-first makespan, once computed (every executor charges it)
 
 
 # ----- per-expert charges -----------------------------------------------------------------------
@@ -212,7 +213,9 @@ def sync_phase(r: Rates, sync_h2d: np.ndarray, demote_d2h: np.ndarray) -> np.nda
 def cpu_pool_bound(r: Rates, cpu: CpuCosts) -> np.ndarray:
     """No pool of `workers` finishes a layer's CPU tasks sooner than the mean load, the longest
     task, or ceil(n / workers) rounds of the shortest one (equal to the longest-first makespan
-    with one worker, with no more tasks than workers, or with equal tasks)."""
+    with one worker, with no more tasks than workers, or with equal tasks). A bound, for where one
+    is wanted (the analytic model's lower_bound, the split policies' screening): every executor
+    charges the makespan itself, tidesim.sim.lpt.lpt_makespans."""
     if r.workers == 1:
         return cpu.total
     rounds = np.ceil(cpu.n / r.workers) * cpu.shortest

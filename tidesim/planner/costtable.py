@@ -225,8 +225,7 @@ def _layer_times(c: _Charges, pairs: CellPairs, res: list[Residency], layers: in
                  cpu_sum=per_group(cpu_mult * c.cpu_s), cpu_max=per_group(np.where(on_cpu, c.cpu_s, 0.0), np.maximum),
                  cpu_min=np.where(np.isfinite(low), low, 0.0), cpu_n=pairs.n_active - gpu_n,
                  cpu_tok=pairs.tokens - gpu_tokens)
-    span = _cpu_makespans(c, pairs, res, sums.cpu_sum) if c.hw.cpu.gpu_contention > 0 else None
-    return _sync_layer_time(c, sums, layers, span)
+    return _sync_layer_time(c, sums, layers, _cpu_makespans(c, pairs, res, sums.cpu_sum))
 
 
 @dataclass(frozen=True)
@@ -244,26 +243,30 @@ class _Sums:
 
 
 def _cpu_makespans(c: _Charges, pairs: CellPairs, res: list[Residency], cpu_sum: np.ndarray) -> np.ndarray:
-    """[n, G] longest-first makespans of the CPU tasks (the simulator's rule and sums), which
-    cpu.gpu_contention needs."""
-    from tidesim.sim.lpt import lpt_makespans
+    """[n, G] the CPU pool's longest-first makespans of the n options (tidesim.sim.lpt.lpt_makespans:
+    the rule and the floats the simulator and the analytic model charge), all options in one call
+    (option k's layer-forward g is task set k * G + g). The workload's activated cells are sorted
+    into the rule's order once; an option's CPU tasks are a subset, in the same order."""
+    from tidesim.sim.lpt import lpt_makespans_sorted
 
     workers = max(int(c.hw.cpu.workers), 1)
     if workers == 1:
         return cpu_sum
-    out = np.zeros_like(cpu_sum)
-    for k, x in enumerate(res):
-        on_cpu = ~x.gpu_cells(pairs.cells.size)
-        g, expert = np.divmod(pairs.cells[on_cpu], pairs.experts)
-        out[k] = lpt_makespans(g, c.cpu_s[pairs.cell_pair[on_cpu]], expert, cpu_sum.shape[1], workers)
-    return out
+    n, groups = cpu_sum.shape
+    g, expert = np.divmod(pairs.cells, pairs.experts)
+    time = c.cpu_s[pairs.cell_pair]
+    order = np.lexsort((expert, -time, g))          # the rule's order, once: each option's tasks keep it
+    on_cpu = ~np.stack([x.gpu_cells(pairs.cells.size) for x in res])[:, order]
+    option, at = np.nonzero(on_cpu)
+    task = order[at]
+    return lpt_makespans_sorted(option * groups + g[task], time[task], n * groups, workers).reshape(n, groups)
 
 
-def _sync_layer_time(c: _Charges, sums: _Sums, layers: int, span: np.ndarray | None = None) -> np.ndarray:
+def _sync_layer_time(c: _Charges, sums: _Sums, layers: int, span: np.ndarray) -> np.ndarray:
     """[n, L] per-layer totals from the layer model's phases (tidesim.layermodel.layer_phases, as
     the analytic model charges them): the n options' layers are n x L virtual layers (exact
     because with synchronous copies only, a layer-forward's time depends on its own sums).
-    span: [n, G] CPU pool makespans, for cpu.gpu_contention."""
+    span: [n, G] the CPU pool's makespans."""
     from tidesim.layermodel import (
         CopyCosts,
         CpuCosts,
@@ -273,7 +276,6 @@ def _sync_layer_time(c: _Charges, sums: _Sums, layers: int, span: np.ndarray | N
         charge_contention,
         copy_overlaps,
         copy_slowdown,
-        cpu_pool_bound,
         grouped_kernel,
         layer_phases,
     )
@@ -294,12 +296,12 @@ def _sync_layer_time(c: _Charges, sums: _Sums, layers: int, span: np.ndarray | N
     if r.slows > 0:           # only the results copy can run while the grouped kernel does
         none = np.zeros(0, np.int64)
         slow = copy_slowdown(r, grouped, copy_overlaps(r, grouped, None, none, none, act_d2h, res_h2d,
-                                                       cpu_pool_bound(r, cpu), cpu.n)[0])
+                                                       flat(span), cpu.n)[0])
     gpu = GpuCosts(fwd_fixed=np.zeros(f_count), layer_fixed=c.layer_fixed_s.astype(float), grouped=grouped,
                    od_compute_sum=zeros, slow_extra=slow)
     moves = CopyCosts(sync_h2d=flat(sums.copies) * r.expert_copy_s, demote_d2h=zeros, async_h2d=zeros,
                       n_async=zeros, act_d2h=act_d2h, res_h2d=res_h2d, od_n=zeros, od_copy_sum=zeros)
-    if span is not None:
-        charge_contention(r, gpu, cpu, flat(span))
-    layer = layer_phases(r, gpu, moves, cpu.n, cpu_pool_bound(r, cpu), None, n * layers)["layer"]
+    charge_contention(r, gpu, cpu, flat(span))
+    assert cpu.span is not None
+    layer = layer_phases(r, gpu, moves, cpu.n, cpu.span, None, n * layers)["layer"]
     return layer.reshape(f_count, n, layers).sum(axis=0)
