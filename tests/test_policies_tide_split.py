@@ -152,3 +152,78 @@ def test_backlog_drains_by_the_forwards_lower_bound() -> None:
     b.add(np.zeros((1, 4)), 25e-6)
     b.next_forward(2)
     assert b.seconds == 0.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6), st.integers(0, 4), st.integers(0, 4)),
+                     min_size=1, max_size=5))
+def test_slot_spares_match_the_slot_rule(rows) -> None:  # type: ignore[no-untyped-def]
+    """The closed form of the spare slots (every on-demand copy passes through) equals
+    tidesim.layermodel.slot_tags' count, row by row and batched."""
+    from tidesim.layermodel import slot_tags
+    from tidesim.policies.split import slot_spares, slot_spares_one
+
+    n_od, n_as, free, deferred = (np.array(col, np.int64) for col in zip(*rows, strict=True))
+    od_g = np.repeat(np.arange(len(rows)), n_od)
+    as_g = np.repeat(np.arange(len(rows)), n_as)
+    _, _, spare = slot_tags(od_g, np.ones(od_g.size, bool), as_g, free, deferred)
+    assert slot_spares(n_od, n_as, free, deferred).tolist() == spare.tolist()
+    assert [slot_spares_one(*map(int, r)) for r in rows] == spare.tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(times=st.lists(st.sampled_from([0.1, 0.2, 0.3, 1e-3, 355e-6, 7.0]), max_size=30), workers=st.integers(1, 8))
+def test_lpt_span_equals_the_batched_makespan(times, workers) -> None:  # type: ignore[no-untyped-def]
+    """The scalar longest-first makespan is bit for bit tidesim.sim.lpt.lpt_makespans' (ties in time
+    included, whatever the expert ids)."""
+    from tidesim.policies.split import lpt_span
+    from tidesim.sim.lpt import lpt_makespans
+
+    t = np.array(times, float)
+    keys = np.arange(t.size)[::-1].copy()
+    batched = lpt_makespans(np.zeros(t.size, np.int64), t, keys, 1, workers)[0]
+    assert lpt_span(times, workers) == batched
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_row_split_decides_as_the_batched_search(data) -> None:  # type: ignore[no-untyped-def]
+    """RowSplit (one layer-forward in scalar code, the live engine's path) picks the split that
+    best_split(keep_resident, without "all on the GPU") picks, on random rows, slots and profiles
+    without copy slowdown (which RowSplit leaves to best_split)."""
+    from tidesim.policies.split import ExpertTimes, RowSplit, Slots, best_split
+
+    hw = _random_profile(data)
+    hw.pcie.copy_slows_compute = 0.0
+    hw.cpu.workers = data.draw(st.sampled_from([1, 3, 8]))
+    spec = workload(np.ones((1, 1, 4), np.int64)).model
+    k = data.draw(st.integers(1, 40))
+    counts = np.array(data.draw(st.lists(st.integers(1, 9), min_size=k, max_size=k)), np.int64)
+    nf = data.draw(st.integers(0, k))
+    top = data.draw(st.integers(nf, k))
+    counts[:nf] = np.sort(counts[:nf])[::-1]
+    counts[nf:top] = np.sort(counts[nf:top])[::-1]
+    experts = np.array(data.draw(st.permutations(range(64)))[:k], np.int64)
+    free, deferred, n_async = data.draw(st.integers(0, 3)), data.draw(st.integers(0, 3)), data.draw(st.integers(0, 3))
+    times = ExpertTimes(spec, hw)
+    batched = best_split(counts[None], experts[None], np.array([k]), np.array([nf]), spec, hw,
+                         Slots(np.array([free]), np.array([deferred]), np.array([n_async])), np.array([top]),
+                         keep_resident=True, try_all=False, times=times)
+    assert RowSplit(spec, hw, times).one(counts, experts, nf, top, free, deferred) == batched[0]
+
+
+@pytest.mark.parametrize("refresh", ["sync", "async"])
+def test_live_equals_offline_on_the_bundled_mini_trace(refresh: str) -> None:
+    """At real sizes (about 70 activated experts per layer, 64 resident, H100 preset) the live
+    engine's path (RowSplit) makes the offline builder's decisions, forward by forward."""
+    from tidesim.bundled.paths import resolve_trace
+    from tidesim.hardware import get_profile
+    from tidesim.trace.io import read_trace
+    from tidesim.workload import workload_from_trace
+
+    w = workload_from_trace(read_trace(resolve_trace("llada2-mini_prefix_g1024"))).select(np.arange(24))
+    opts = options(w, 64, 2, refresh, hw=get_profile("h100-sxm-pcie5"))
+    offline, live = checked("tide-split", w, opts), layer_by_layer("tide-split", w, opts)
+    assert (offline.copy == COPY_ON_DEMAND).sum() > 50 or refresh == "async"
+    for f in ("placement", "copy", "demote", "resident"):
+        assert np.array_equal(getattr(live, f), getattr(offline, f)), f

@@ -34,10 +34,10 @@ import numpy as np
 from tidesim import layermodel as lm
 from tidesim.policies.planned import planned_setup
 from tidesim.policies.registry import PolicyTraits, register_policy
-from tidesim.policies.split import ExpertTimes, Slots, best_split
-from tidesim.policies.step import Choice, ForwardMeta, Rows, Setup, placement_of
+from tidesim.policies.split import ExpertTimes, RowSplit, Slots, best_split, slot_spares, slot_spares_one
+from tidesim.policies.step import Choice, ForwardMeta, Rows, Setup
 from tidesim.policies.tide import Tide, refreshes
-from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, CPU, GPU, NO_COPY
+from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, COPY_SYNC_REFRESH, CPU, GPU, NO_COPY
 
 
 @dataclass
@@ -81,12 +81,15 @@ class TideSplit(Tide):
         super().__init__(setup)
         self.spec, self.hw = self.setup.model, self.setup.options.hw
         self.times = ExpertTimes(self.spec, self.hw)
+        self.row = RowSplit(self.spec, self.hw, self.times)
         self.size0 = np.maximum(self.budget, self.initial.sum(axis=1))   # the slot pool, as copy_releases starts it
         self.spares = np.zeros(setup.layers, dtype=np.int64)             # spare slots taken so far, per layer
         self.on_demand = 0
         self.backlog = Backlog(lm.Rates.of(self.hw, self.spec))
 
     def decide(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
+        if counts.shape[0] == 1 and self.row.usable:
+            return self._decide_one(meta, rows, counts)
         placement, copy, demote, resident = super().decide(meta, rows, counts)
         before = self.current[rows]
         act = counts > 0
@@ -104,9 +107,55 @@ class TideSplit(Tide):
             counts_sorted = np.take_along_axis(counts, order, axis=1)
             split = best_split(counts_sorted, order, act.sum(axis=1), n_free, self.spec, self.hw, slots, top,
                                keep_resident=True, try_all=False, times=self.times)
-            placement, copy = self._apply(order, split, n_free, counts, copy)
-            free_base, deferred, n_sync = lm.slot_counts(before, resident, placement, copy)
-        self._take_spares(rows, size, free_base, deferred, n_sync, copy, resident)
+            placement, copy = self._apply(order, split, n_free, placement, copy)
+            # slot_counts is unchanged: on-demand experts were neither resident nor leaving
+        self._take_spares(rows, size, free_base, deferred, n_sync, copy)
+        if not self.sync:
+            self.backlog.add(copy, self._side_bound(counts, placement))
+        return placement, copy, demote, resident
+
+    def _decide_one(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
+        """decide for one layer (the live engine's call) on 1-D arrays and plain integers, with
+        RowSplit: the same decisions as the batched path, at a fraction of its numpy calls."""
+        placement, copy, demote, resident = super().decide(meta, rows, counts)
+        layer = rows.start if isinstance(rows, slice) else int(rows[0])
+        c, p, cp = counts[0], placement[0], copy[0]
+        before = self.current[layer]
+        gate = p == GPU
+        n_before = int(np.count_nonzero(before))
+        refreshing = self.refreshed.flags(meta, rows)[1]
+        if refreshing:
+            leaving = before & ~resident[0]
+            n_grouped = int(np.count_nonzero(leaving & gate & (cp == NO_COPY)))
+            free_base = int(np.count_nonzero(leaving)) - n_grouped - n_before
+            n_sync = int(np.count_nonzero(cp == COPY_SYNC_REFRESH))
+            n_async = int(np.count_nonzero(cp == COPY_ASYNC_REFRESH))
+        else:                                # no copies, the resident set unchanged (Tide.decide)
+            n_grouped, free_base, n_sync, n_async = 0, -n_before, 0, 0
+        size = max(int(self.size0[layer] + self.spares[layer]), n_before)
+        free, sync_spare = max(size + free_base - n_sync, 0), max(n_sync - size - free_base, 0)
+        n_od = 0
+        if self.sync or not self._background(meta):
+            act = np.flatnonzero(c)
+            at_gate = gate[act]
+            # without a refresh the placement is the resident set, so the movable ones are the rest
+            movable = (p[act] == CPU) & ~before[act] & (cp[act] == NO_COPY) if refreshing else ~at_gate
+            if movable.any():
+                ca = c[act]
+                top = int(ca.max()) + 1
+                band = np.where(at_gate, 0, np.where(movable, 1, 2))
+                order = act[np.argsort(band * top + (top - 1 - ca), kind="stable")]
+                nf = int(np.count_nonzero(at_gate))
+                split = self.row.one(c[order], order, nf, nf + int(np.count_nonzero(movable)), free, n_grouped)
+                if split > nf:
+                    demand = order[nf:split]
+                    placement, copy = placement.copy(), copy.copy()
+                    placement[0, demand] = GPU
+                    copy[0, demand] = COPY_ON_DEMAND
+                    n_od = split - nf
+                    self.on_demand += n_od
+        spare = sync_spare + slot_spares_one(n_od, n_async, free, n_grouped)
+        self.spares[layer] += spare
         if not self.sync:
             self.backlog.add(copy, self._side_bound(counts, placement))
         return placement, copy, demote, resident
@@ -130,31 +179,27 @@ class TideSplit(Tide):
             self.backlog.next_forward(meta.index)
         return bool(refreshes(meta, self.tau).any()) or self.backlog.seconds > 0
 
-    def _apply(self, order: np.ndarray, split: np.ndarray, n_free: np.ndarray, counts: np.ndarray,
+    def _apply(self, order: np.ndarray, split: np.ndarray, n_free: np.ndarray, placement: np.ndarray,
                copy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Placement and copies of the chosen splits: decision positions < split on the GPU, those
-        at or past n_free of them copied on demand."""
-        position = np.arange(order.shape[1])[None, :]
-        gpu_sorted = position < split[:, None]
-        demand_sorted = gpu_sorted & (position >= n_free[:, None])
-        gpu, demand = np.zeros(order.shape, bool), np.zeros(order.shape, bool)
-        np.put_along_axis(gpu, order, gpu_sorted, axis=1)
-        np.put_along_axis(demand, order, demand_sorted, axis=1)
-        self.on_demand += int(demand.sum())
-        return placement_of(counts, gpu), np.where(demand, np.int8(COPY_ON_DEMAND), copy)
+        """Placement and copies of the chosen splits: decision positions n_free .. split - 1 (not
+        resident at the gate) move from the CPU to the GPU, copied on demand."""
+        placement, copy = placement.copy(), copy.copy()
+        for i in np.flatnonzero(split > n_free).tolist():
+            demand = order[i, n_free[i]:split[i]]
+            placement[i, demand] = GPU
+            copy[i, demand] = COPY_ON_DEMAND
+            self.on_demand += demand.size
+        return placement, copy
 
     def _take_spares(self, rows: Rows, size: np.ndarray, free_base: np.ndarray, deferred: np.ndarray,
-                     n_sync: np.ndarray, copy: np.ndarray, resident: np.ndarray) -> None:
+                     n_sync: np.ndarray, copy: np.ndarray) -> None:
         """Grow each layer's slot pool by the spare slots this forward's copies take (the slot
-        rule, as tidesim.layermodel.copy_releases applies it to the whole schedule)."""
-        od_g, od_e = np.nonzero(copy == COPY_ON_DEMAND)
-        as_g = np.nonzero(copy == COPY_ASYNC_REFRESH)[0]
+        rule, as tidesim.layermodel.copy_releases applies it to the whole schedule; in closed form,
+        split.slot_spares: an on-demand copy is never resident after its forward, so it only passes
+        through its slot)."""
         free, sync_spare = lm.free_slots(size, free_base, n_sync)
-        if od_g.size + as_g.size == 0:
-            spare = sync_spare
-        else:
-            _, _, taken = lm.slot_tags(od_g, ~resident[od_g, od_e], as_g, free, deferred)
-            spare = sync_spare + taken
+        spare = sync_spare + slot_spares((copy == COPY_ON_DEMAND).sum(axis=1), (copy == COPY_ASYNC_REFRESH).sum(axis=1),
+                                         free, deferred)
         if spare.any():
             self.spares[rows] += spare
 
