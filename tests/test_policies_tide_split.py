@@ -10,7 +10,7 @@ from policy_cases import checked, layer_by_layer, options, profile, workload, wo
 
 from tidesim.layermodel import layer_phases
 from tidesim.policies.tide_split import decision_order
-from tidesim.schedule import COPY_ON_DEMAND, COPY_SYNC_REFRESH, CPU, GPU, IDLE, Schedule
+from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, COPY_SYNC_REFRESH, CPU, GPU, IDLE, Schedule
 from tidesim.sim.costs import schedule_costs
 from tidesim.workload import Workload
 
@@ -82,6 +82,27 @@ def test_hand_split_with_a_slow_cpu_copies_every_miss() -> None:
     assert expert_phase(w, split, hw)[0, 0] == pytest.approx((30 + 110) * US, abs=1e-12)
 
 
+def test_hand_async_refresh_copy_taken_on_demand_when_it_pays() -> None:
+    """Async refresh, budget 1, empty GPU: tide copies expert 0 (6 tokens) in the background and runs
+    it on the CPU now: activations out (6 pairs, 10 us on the preset's D2H curve) + 6 x 10 + results
+    back (20.03 us on the test's H2D curve) = 90.03 us. tide-split takes that same copy on demand
+    (nothing queued ahead of it): it lands at 30 us and runs 5 + 4 x 5 = 25 us: 55 us; the expert
+    stays resident, as in tide's schedule, and no extra copy is made."""
+    w = one_layer([6, 0, 0, 0])
+    hw = profile(10.0, 10.0, 30.0)
+    opts = options(w, 1, tau=4, refresh="async", hw=hw)
+    tide, split = checked("tide", w, opts), checked("tide-split", w, opts)
+    assert tide.copy[0, 0].tolist() == [COPY_ASYNC_REFRESH, 0, 0, 0]
+    assert split.copy[0, 0].tolist() == [COPY_ON_DEMAND, 0, 0, 0]
+    assert split.placement[0, 0].tolist() == [GPU, IDLE, IDLE, IDLE]
+    assert split.resident.tolist() == tide.resident.tolist()
+    pairs = 6 * w.model.activation_bytes_per_token
+    cpu_side = float(hw.d2h_time(pairs)) + 60 * US + float(hw.h2d_time(pairs))
+    assert cpu_side == pytest.approx(90.03 * US, abs=0.01 * US)
+    assert expert_phase(w, tide, hw)[0, 0] == pytest.approx(cpu_side, abs=1e-12)
+    assert expert_phase(w, split, hw)[0, 0] == pytest.approx(55 * US, abs=1e-12)
+
+
 def _random_profile(data: st.DataObject):  # type: ignore[no-untyped-def]
     hw = profile(data.draw(st.sampled_from([5.0, 50.0])), data.draw(st.sampled_from([0.5, 10.0, 1000.0])),
                  data.draw(st.sampled_from([2.0, 20.0, 1e4]))).scaled()
@@ -120,8 +141,9 @@ def test_live_layer_by_layer_equals_the_offline_builder(w, data) -> None:  # typ
 @settings(max_examples=25, deadline=None)
 @given(w=workloads(), data=st.data())
 def test_async_refresh_copies_nothing_on_demand_while_refresh_copies_may_run(w, data) -> None:  # type: ignore[no-untyped-def]
-    """With asynchronous refresh, no on-demand copy in a forward in which a layer refreshes; and
-    the simulator runs the schedule to its end (at or above the analytic model's lower bound)."""
+    """With asynchronous refresh, in a forward in which a layer refreshes the only on-demand copies
+    are refresh copies taken early (their experts stay resident: no copy beyond tide's); and the
+    simulator runs the schedule to its end (at or above the analytic model's lower bound)."""
     from tidesim.costmodel import lower_bound
     from tidesim.policies.step import forward_metas
     from tidesim.policies.tide import refreshes
@@ -131,7 +153,9 @@ def test_async_refresh_copies_nothing_on_demand_while_refresh_copies_may_run(w, 
     opts = options(w, data.draw(st.integers(1, w.num_experts)), data.draw(st.integers(1, 3)), "async", hw=hw)
     s = checked("tide-split", w, opts)
     busy = np.array([bool(refreshes(m, opts.tau).any()) for m in forward_metas(w)])
-    assert not (s.copy[busy] == COPY_ON_DEMAND).any()
+    assert not ((s.copy[busy] == COPY_ON_DEMAND) & ~s.resident[busy]).any()
+    tide = checked("tide", w, opts)
+    assert np.array_equal((s.copy != 0)[busy], (tide.copy != 0)[busy])
     costs = schedule_costs(w, s, hw)
     assert simulate(costs).total_s >= lower_bound(costs) * (1 - 1e-9)
 
@@ -172,6 +196,20 @@ def test_slot_spares_match_the_slot_rule(rows) -> None:  # type: ignore[no-untyp
 
 
 @settings(max_examples=200, deadline=None)
+@given(passes=st.lists(st.booleans(), max_size=8), n_async=st.integers(0, 6), free=st.integers(0, 4),
+       deferred=st.integers(0, 4))
+def test_row_slot_rule_matches_the_slot_rule(passes, n_async, free, deferred) -> None:  # type: ignore[no-untyped-def]
+    """The scalar slot rule gives tidesim.layermodel.slot_tags' release tags and spare count, with
+    copies that stay resident (no slot reuse) among those that pass through."""
+    from tidesim.layermodel import slot_tags
+    from tidesim.policies.split import row_slot_rule
+
+    tags, spare = slot_tags(np.zeros(len(passes), np.int64), np.array(passes, bool), np.zeros(n_async, np.int64),
+                            np.array([free]), np.array([deferred]))[0::2]
+    assert row_slot_rule(passes, n_async, free, deferred) == (tags.tolist(), int(spare[0]))
+
+
+@settings(max_examples=200, deadline=None)
 @given(times=st.lists(st.sampled_from([0.1, 0.2, 0.3, 1e-3, 355e-6, 7.0]), max_size=30), workers=st.integers(1, 8))
 def test_lpt_span_equals_the_batched_makespan(times, workers) -> None:  # type: ignore[no-untyped-def]
     """The scalar longest-first makespan is bit for bit tidesim.sim.lpt.lpt_makespans' (ties in time
@@ -204,12 +242,18 @@ def test_row_split_decides_as_the_batched_search(data) -> None:  # type: ignore[
     counts[:nf] = np.sort(counts[:nf])[::-1]
     counts[nf:top] = np.sort(counts[nf:top])[::-1]
     experts = np.array(data.draw(st.permutations(range(64)))[:k], np.int64)
-    free, deferred, n_async = data.draw(st.integers(0, 3)), data.draw(st.integers(0, 3)), data.draw(st.integers(0, 3))
+    free, deferred = data.draw(st.integers(0, 3)), data.draw(st.integers(0, 3))
+    stay = np.zeros(k, bool)
+    stay[nf:top] = data.draw(st.lists(st.booleans(), min_size=top - nf, max_size=top - nf))
+    n_async = int(stay.sum()) + data.draw(st.integers(0, 3))
+    backlog = data.draw(st.sampled_from([0.0, 1e-5, 1e-3]))
     times = ExpertTimes(spec, hw)
-    batched = best_split(counts[None], experts[None], np.array([k]), np.array([nf]), spec, hw,
-                         Slots(np.array([free]), np.array([deferred]), np.array([n_async])), np.array([top]),
+    slots = Slots(np.array([free]), np.array([deferred]), np.array([n_async]), stay[None] if stay.any() else None,
+                  backlog)
+    batched = best_split(counts[None], experts[None], np.array([k]), np.array([nf]), spec, hw, slots, np.array([top]),
                          keep_resident=True, try_all=False, times=times)
-    assert RowSplit(spec, hw, times).one(counts, experts, nf, top, free, deferred) == batched[0]
+    row = RowSplit(spec, hw, times).one(counts, experts, nf, top, free, deferred, stay if stay.any() else None, backlog)
+    assert row == batched[0]
 
 
 @pytest.mark.parametrize("refresh", ["sync", "async"])

@@ -45,9 +45,18 @@ class Slots:
     free: np.ndarray
     deferred: np.ndarray
     n_async: np.ndarray
+    stay: np.ndarray | None = None     # [N, E] in decision order: an asynchronous refresh copy the
+                                       # split may take on demand (it stays resident: no slot reuse)
+    backlog: float = 0.0               # background copy time queued ahead: taking n refresh copies on
+                                       # demand delays it by n copies, charged min(backlog, n x copy)
 
     def take(self, rows: np.ndarray) -> Slots:
-        return Slots(self.free[rows], self.deferred[rows], self.n_async[rows])
+        return Slots(self.free[rows], self.deferred[rows], self.n_async[rows],
+                     None if self.stay is None else self.stay[rows], self.backlog)
+
+    def stay_charge(self, r: lm.Rates, n_stays: np.ndarray | int) -> np.ndarray:
+        """What taking n_stays refresh copies on demand costs the background queue ahead of them."""
+        return np.minimum(self.backlog, np.asarray(n_stays) * r.expert_copy_s)
 
 
 def expert_costs(counts: np.ndarray, spec: ModelSpec, hw: HardwareProfile) -> tuple[np.ndarray, np.ndarray]:
@@ -184,11 +193,17 @@ def layer_times(counts: np.ndarray, experts: np.ndarray, n_active: np.ndarray, n
     by_id = np.lexsort((experts[od_rows, od_cols], od_rows))
     od_rows, od_cols = od_rows[by_id], od_cols[by_id]
     od_time = lm.ondemand_compute(r, gpu_full[od_rows, od_cols])
-    as_g = np.zeros(0, np.int64) if slots is None else np.repeat(np.arange(n), slots.n_async)
+    passing = np.ones(od_rows.size, bool)
+    n_async = None if slots is None else slots.n_async
+    if slots is not None and slots.stay is not None:      # refresh copies taken on demand: no longer background
+        taken = slots.stay[od_rows, od_cols]
+        passing = ~taken
+        n_async = slots.n_async - np.bincount(od_rows[taken], minlength=n)
+    as_g = np.zeros(0, np.int64) if n_async is None else np.repeat(np.arange(n), n_async)
     if slots is None:
         release, as_release = np.full(od_rows.size, lm.FREE_NOW), as_g
     else:
-        release, as_release, _ = lm.slot_tags(od_rows, np.ones(od_rows.size, bool), as_g, slots.free, slots.deferred)
+        release, as_release, _ = lm.slot_tags(od_rows, passing, as_g, slots.free, slots.deferred)
     od = lm.OnDemand.pad(od_rows, od_time, release)
     od_n = on_demand.sum(axis=1)
     od_sum = np.bincount(od_rows, weights=od_time, minlength=n)
@@ -262,9 +277,16 @@ def _fastest(candidates: np.ndarray, counts: np.ndarray, experts: np.ndarray, ac
         return out
     c, n = candidates.shape
     rep = lambda a: np.tile(a, (c, 1)) if a.ndim == 2 else np.tile(a, c)  # noqa: E731
-    tiled = None if slots is None else Slots(rep(slots.free), rep(slots.deferred), rep(slots.n_async))
+    tiled = None if slots is None else Slots(rep(slots.free), rep(slots.deferred), rep(slots.n_async),
+                                             None if slots.stay is None else rep(slots.stay), slots.backlog)
     times = layer_times(rep(counts), rep(experts), rep(active), rep(free), candidates.reshape(-1), spec, hw,
                         (rep(costs[0]), rep(costs[1])), tiled).reshape(c, n)
+    if slots is not None and slots.stay is not None and slots.backlog > 0:
+        taken = np.zeros((n, slots.stay.shape[1] + 1), np.int64)
+        np.cumsum(slots.stay, axis=1, out=taken[:, 1:])
+        rows = np.arange(n)
+        n_stays = taken[rows, candidates] - taken[rows, free]
+        times = times + slots.stay_charge(lm.Rates.of(hw, spec), n_stays)
     return candidates[np.argmin(times, axis=0), np.arange(n)]
 
 
@@ -301,6 +323,30 @@ def slot_spares_one(n_od: int, n_async: int, free: int, deferred: int) -> int:
     od_spare = 1 if n_od > 0 and free + deferred == 0 else 0
     popped = max(n_od - free, 0) - od_spare
     return od_spare + max(n_async - max(free - n_od, 0) - (deferred + n_od - popped), 0)
+
+
+def row_slot_rule(passes: list[bool], n_async: int, free: int, deferred: int) -> tuple[list[int], int]:
+    """The slot rule (tidesim.layermodel.slot_tags, the runtime's slot plan) for one layer-forward
+    in plain Python: the release tag of each on-demand copy (in expert-id order; `passes`: whether
+    it only passes through its slot) and the spare slots its copies take, the asynchronous ones
+    after them. A copy takes a free slot, else the head of the queue of slots that free later
+    (the grouped kernel's, then each earlier pass-through on-demand expert's), else a spare."""
+    tags: list[int] = []
+    queue = [lm.AFTER_GROUPED] * deferred
+    head = spare = 0
+    for k, p in enumerate(passes):
+        if free > 0:
+            free -= 1
+            tags.append(lm.FREE_NOW)
+        elif head < len(queue):
+            tags.append(queue[head])
+            head += 1
+        else:
+            spare += 1
+            tags.append(lm.FREE_NOW)
+        if p:
+            queue.append(k)
+    return tags, spare + max(n_async - free - (len(queue) - head), 0)
 
 
 def slot_spares(n_od: np.ndarray, n_async: np.ndarray, free: np.ndarray, deferred: np.ndarray) -> np.ndarray:
@@ -366,10 +412,12 @@ class RowSplit:
             got = self._act[:, pairs]
         return got
 
-    def one(self, counts: np.ndarray, experts: np.ndarray, nf: int, most: int, fr: int, d0: int) -> int:
+    def one(self, counts: np.ndarray, experts: np.ndarray, nf: int, most: int, fr: int, d0: int,
+            stay: np.ndarray | None = None, backlog: float = 0.0) -> int:
         """The split of one layer-forward: counts and expert ids [k] of its activated experts in
         decision order (the first nf at the gate, positions nf .. most - 1 movable), `fr` free and
-        `d0` deferred slots."""
+        `d0` deferred slots; `stay` [k]: positions whose on-demand copy stays resident, and `backlog`
+        (Slots.stay, Slots.backlog)."""
         if most <= nf:
             return nf
         times = self.times
@@ -378,7 +426,7 @@ class RowSplit:
         gpu_full, cpu = times.gpu[counts], times.cpu[counts]
         share = lm.grouped_share(self.r, gpu_full)
         best, est = self._estimate(counts, share, cpu, nf, most, fr, d0)
-        if best != nf and self._faster(best, nf, counts, experts, share, cpu, fr, d0, est):
+        if best != nf and self._faster(best, nf, counts, experts, share, cpu, fr, d0, est, stay, backlog):
             return best
         return nf
 
@@ -435,13 +483,20 @@ class RowSplit:
         return best_j, row
 
     def _faster(self, split: int, nf: int, counts: np.ndarray, experts: np.ndarray, share: np.ndarray,
-                cpu: np.ndarray, fr: int, d0: int, est: Row) -> bool:
+                cpu: np.ndarray, fr: int, d0: int, est: Row, stay: np.ndarray | None = None,
+                backlog: float = 0.0) -> bool:
         """Whether `split` is strictly faster than "resident only" (nf) in the layer model
         (split.layer_times' terms, without copy slowdown): bounds first, then exactly."""
         grouped_seq, cpu_rest, longest = est.grouped_end, est.cpu_rest, est.longest
         j = split - nf
         o = np.argsort(experts[nf:split], kind="stable")
         compute = (share[nf:split][o] + self._od_launch).tolist()
+        passes = [True] * len(compute) if stay is None else (~stay[nf:split][o]).tolist()
+        tags = row_slot_rule(passes, 0, fr, d0)[0]
+        charge = 0.0
+        if backlog > 0 and not all(passes):
+            charge = float(Slots(np.zeros(0), np.zeros(0), np.zeros(0), None, backlog).stay_charge(
+                self.r, len(passes) - sum(passes)))
         od_sum = 0.0
         for x in compute:
             od_sum += x
@@ -459,8 +514,8 @@ class RowSplit:
         lo_t, hi_t = bounds(0, n_theirs)
         lo_m, hi_m = bounds(j, n_mine)
         a_t, r_t, a_m, r_m = est.act[0], est.res[0], est.act[j], est.res[j]
-        mine = lambda g, span: self._side_at(g, od_sum, a_m, r_m, compute, fr, d0, n_mine, span)  # noqa: E731
-        theirs = lambda g, span: self._side_at(g, 0.0, a_t, r_t, [], fr, d0, n_theirs, span)  # noqa: E731
+        mine = lambda g, span: self._side_at(g, od_sum, a_m, r_m, compute, tags, n_mine, span) + charge  # noqa: E731
+        theirs = lambda g, span: self._side_at(g, 0.0, a_t, r_t, [], [], n_theirs, span)  # noqa: E731
         if mine(grouped_seq, hi_m) < theirs(grouped_seq, lo_t) * (1 - self.MARGIN):
             return True
         if mine(grouped_seq, lo_m) > theirs(grouped_seq, hi_t) * (1 + self.MARGIN):
@@ -471,11 +526,11 @@ class RowSplit:
         span_t = lpt_span(cpu[nf:].tolist(), w)
         return bool(mine(grouped, span_m) < theirs(grouped, span_t))
 
-    def _side_at(self, grouped: float, od_sum: float, act: float, res: float, compute: list[float], fr: int,
-                 d0: int, n_cpu: int, span: float) -> float:
+    def _side_at(self, grouped: float, od_sum: float, act: float, res: float, compute: list[float],
+                 tags: list[int], n_cpu: int, span: float) -> float:
         """The layer-forward's expert phase (layer_phases' "side") for a CPU pool span: contention,
-        then the on-demand pipeline (slot rule in closed form: every copy passes through) and the
-        CPU side."""
+        then the on-demand pipeline (each copy once its slot is free: `tags`, row_slot_rule) and
+        the CPU side."""
         r, c = self.r, self.r.expert_copy_s
         s = r.contention
         slow = 0.0
@@ -490,11 +545,9 @@ class RowSplit:
         if compute:
             engine = act if r.engines == 1 else 0.0
             gpu = grouped_end
-            spare = 1 if fr + d0 == 0 else 0
             ends: list[float] = []
-            for k, x in enumerate(compute):
-                h = k - fr - spare
-                slot = 0.0 if k < fr or h < 0 else grouped_end if h < d0 else ends[h - d0]
+            for x, tag in zip(compute, tags, strict=True):
+                slot = 0.0 if tag == lm.FREE_NOW else grouped_end if tag == lm.AFTER_GROUPED else ends[tag]
                 landed = max(engine, slot) + c
                 gpu = max(gpu, landed) + x
                 ends.append(gpu)

@@ -15,10 +15,15 @@ layer-forward is never slower than tide's with the same resident set; waits for 
 background copies (asynchronous refresh) are left out of the comparison.
 
 Experts that cannot be copied on demand here stay on the CPU: those resident before this forward
-(a sync refresh evicts them now) and those an asynchronous refresh copies in this forward. With
-asynchronous refresh nothing is copied on demand in a forward in which some layer refreshes, nor
-while the policy's estimate of the background copies still queued on the copy engine is not zero
-(Backlog): refresh copies would wait behind the on-demand ones and the GPU for them, a cost the
+(a sync refresh evicts them now). With asynchronous refresh, this forward's refresh copies of its
+own activated experts are candidates too: taken on demand (copy=1, resident after, as tide has
+them), the expert runs on the GPU once its copy lands instead of on the CPU, with no copy beyond
+tide's; executors serve demand copies ahead of queued background copies, so taking n of them
+delays the background copies queued ahead by n copies, and the comparison charges that delay,
+min(Backlog estimate, n x copy time), to the candidate. Other on-demand copies (experts that
+pass through) are not made in a forward in which some layer refreshes asynchronously, nor while
+the policy's estimate of the background copies still queued on the copy engine is not zero
+(Backlog): refresh copies would wait behind them and the GPU for them, a cost the
 per-layer-forward comparison does not see (without this rule tide-split lost to tide with
 asynchronous refresh on the prefix-cache traces). The
 slot rule needs the pool's size: the policy keeps it per layer, as the executors' slot plan
@@ -34,7 +39,7 @@ import numpy as np
 from tidesim import layermodel as lm
 from tidesim.policies.planned import planned_setup
 from tidesim.policies.registry import PolicyTraits, register_policy
-from tidesim.policies.split import ExpertTimes, RowSplit, Slots, best_split, slot_spares, slot_spares_one
+from tidesim.policies.split import ExpertTimes, RowSplit, Slots, best_split, row_slot_rule, slot_spares, slot_spares_one
 from tidesim.policies.step import Choice, ForwardMeta, Rows, Setup
 from tidesim.policies.tide import Tide, refreshes
 from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, COPY_SYNC_REFRESH, CPU, GPU, NO_COPY
@@ -95,21 +100,25 @@ class TideSplit(Tide):
         act = counts > 0
         gate = placement == GPU
         movable = act & ~gate & ~before & (copy == NO_COPY)          # may be copied in on demand now
+        # asynchronous refresh: this forward's refresh copies of its activated experts may be taken now
+        stay = act & ~gate & (copy == COPY_ASYNC_REFRESH) if not self.sync else np.zeros_like(act)
         if not self.sync and self._background(meta):
             movable[:] = False
+        movable |= stay
         free_base, deferred, n_sync = lm.slot_counts(before, resident, placement, copy)
         size = np.maximum(self.size0[rows] + self.spares[rows], before.sum(axis=1))
         if movable.any():
             free, _ = lm.free_slots(size, free_base, n_sync)
             order = decision_order(counts, gate & act, movable)
             n_free, top = gate.sum(axis=1), (gate | movable).sum(axis=1)
-            slots = Slots(free, deferred, (copy == COPY_ASYNC_REFRESH).sum(axis=1))
+            slots = Slots(free, deferred, (copy == COPY_ASYNC_REFRESH).sum(axis=1),
+                          np.take_along_axis(stay, order, axis=1) if stay.any() else None, self.backlog.seconds)
             counts_sorted = np.take_along_axis(counts, order, axis=1)
             split = best_split(counts_sorted, order, act.sum(axis=1), n_free, self.spec, self.hw, slots, top,
                                keep_resident=True, try_all=False, times=self.times)
             placement, copy = self._apply(order, split, n_free, placement, copy)
             # slot_counts is unchanged: on-demand experts were neither resident nor leaving
-        self._take_spares(rows, size, free_base, deferred, n_sync, copy)
+        self._take_spares(rows, size, free_base, deferred, n_sync, copy, resident)
         if not self.sync:
             self.backlog.add(copy, self._side_bound(counts, placement))
         return placement, copy, demote, resident
@@ -134,19 +143,29 @@ class TideSplit(Tide):
             n_grouped, free_base, n_sync, n_async = 0, -n_before, 0, 0
         size = max(int(self.size0[layer] + self.spares[layer]), n_before)
         free, sync_spare = max(size + free_base - n_sync, 0), max(n_sync - size - free_base, 0)
-        n_od = 0
-        if self.sync or not self._background(meta):
+        n_od, passes = 0, None
+        background = not self.sync and self._background(meta)
+        stays = not self.sync and refreshing
+        if not background or stays:
             act = np.flatnonzero(c)
             at_gate = gate[act]
             # without a refresh the placement is the resident set, so the movable ones are the rest
             movable = (p[act] == CPU) & ~before[act] & (cp[act] == NO_COPY) if refreshing else ~at_gate
+            if background:
+                movable[:] = False
+            stay = (cp[act] == COPY_ASYNC_REFRESH) & ~at_gate if stays else None
+            if stay is not None:
+                movable |= stay
             if movable.any():
                 ca = c[act]
                 top = int(ca.max()) + 1
                 band = np.where(at_gate, 0, np.where(movable, 1, 2))
-                order = act[np.argsort(band * top + (top - 1 - ca), kind="stable")]
+                perm = np.argsort(band * top + (top - 1 - ca), kind="stable")
+                order = act[perm]
                 nf = int(np.count_nonzero(at_gate))
-                split = self.row.one(c[order], order, nf, nf + int(np.count_nonzero(movable)), free, n_grouped)
+                stay_sorted = stay[perm] if stay is not None and stay.any() else None
+                split = self.row.one(c[order], order, nf, nf + int(np.count_nonzero(movable)), free, n_grouped,
+                                     stay_sorted, self.backlog.seconds)
                 if split > nf:
                     demand = order[nf:split]
                     placement, copy = placement.copy(), copy.copy()
@@ -154,7 +173,14 @@ class TideSplit(Tide):
                     copy[0, demand] = COPY_ON_DEMAND
                     n_od = split - nf
                     self.on_demand += n_od
-        spare = sync_spare + slot_spares_one(n_od, n_async, free, n_grouped)
+                    if stay_sorted is not None and stay_sorted[nf:split].any():
+                        by_id = np.argsort(demand)
+                        passes = (~stay_sorted[nf:split][by_id]).tolist()
+                        n_async -= n_od - sum(passes)
+        if passes is None:
+            spare = sync_spare + slot_spares_one(n_od, n_async, free, n_grouped)
+        else:
+            spare = sync_spare + row_slot_rule(passes, n_async, free, n_grouped)[1]
         self.spares[layer] += spare
         if not self.sync:
             self.backlog.add(copy, self._side_bound(counts, placement))
@@ -192,12 +218,21 @@ class TideSplit(Tide):
         return placement, copy
 
     def _take_spares(self, rows: Rows, size: np.ndarray, free_base: np.ndarray, deferred: np.ndarray,
-                     n_sync: np.ndarray, copy: np.ndarray) -> None:
+                     n_sync: np.ndarray, copy: np.ndarray, resident: np.ndarray | None = None) -> None:
         """Grow each layer's slot pool by the spare slots this forward's copies take (the slot
         rule, as tidesim.layermodel.copy_releases applies it to the whole schedule; in closed form,
         split.slot_spares: an on-demand copy is never resident after its forward, so it only passes
         through its slot)."""
         free, sync_spare = lm.free_slots(size, free_base, n_sync)
+        od = copy == COPY_ON_DEMAND
+        if resident is not None and (od & resident).any():     # some stay: the general slot rule
+            od_g, od_e = np.nonzero(od)
+            _, _, taken = lm.slot_tags(od_g, ~resident[od_g, od_e], np.nonzero(copy == COPY_ASYNC_REFRESH)[0], free,
+                                       deferred)
+            spare = sync_spare + taken
+            if spare.any():
+                self.spares[rows] += spare
+            return
         spare = sync_spare + slot_spares((copy == COPY_ON_DEMAND).sum(axis=1), (copy == COPY_ASYNC_REFRESH).sum(axis=1),
                                          free, deferred)
         if spare.any():
