@@ -63,6 +63,11 @@ class Backlog:
         self.seconds = max(self.seconds + self._copies * self.rates.expert_copy_s - self._elapsed, 0.0)
         self.forward, self._copies, self._elapsed = index, 0, 0.0
 
+    def add_one(self, copies: int, elapsed: float) -> None:
+        """add, with the copies already counted (one layer-forward)."""
+        self._copies += copies
+        self._elapsed += elapsed
+
     def add(self, copy: np.ndarray, elapsed: float) -> None:
         self._copies += int(np.count_nonzero((copy == COPY_ASYNC_REFRESH) | (copy == COPY_ON_DEMAND)))
         self._elapsed += elapsed
@@ -91,6 +96,7 @@ class TideSplit(Tide):
         self.spares = np.zeros(setup.layers, dtype=np.int64)             # spare slots taken so far, per layer
         self.on_demand = 0
         self.backlog = Backlog(lm.Rates.of(self.hw, self.spec))
+        self._any_refresh = False
 
     def decide(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
         if counts.shape[0] == 1 and self.row.usable:
@@ -183,7 +189,7 @@ class TideSplit(Tide):
             spare = sync_spare + row_slot_rule(passes, n_async, free, n_grouped)[1]
         self.spares[layer] += spare
         if not self.sync:
-            self.backlog.add(copy, self._side_bound(counts, placement))
+            self.backlog.add_one(n_async + n_od, self._side_bound_one(c, placement[0]))
         return placement, copy, demote, resident
 
     def _side_bound(self, counts: np.ndarray, placement: np.ndarray) -> float:
@@ -197,13 +203,21 @@ class TideSplit(Tide):
         grouped = np.where(placement == GPU, gpu_full, 0.0).sum(axis=1)
         return float(np.maximum(pool, grouped).sum())
 
+    def _side_bound_one(self, c: np.ndarray, p: np.ndarray) -> float:
+        """_side_bound for one layer-forward on 1-D arrays (the same sums, so the same value)."""
+        gpu_full, cpu = self.times(c)
+        on_cpu = np.where(p == CPU, cpu, 0.0)
+        pool = max(on_cpu.sum() / self.backlog.rates.workers, on_cpu.max())
+        return float(max(pool, np.where(p == GPU, gpu_full, 0.0).sum()))
+
     def _background(self, meta: ForwardMeta) -> bool:
         """Whether refresh copies may be on the copy engine in the background during this forward:
         some layer refreshes in it (the refresh rule, for every layer), or the backlog estimated
         from the forwards before has not drained (Backlog)."""
         if meta.index != self.backlog.forward:
             self.backlog.next_forward(meta.index)
-        return bool(refreshes(meta, self.tau).any()) or self.backlog.seconds > 0
+            self._any_refresh = bool(refreshes(meta, self.tau).any())   # once per forward, not per layer
+        return self._any_refresh or self.backlog.seconds > 0
 
     def _apply(self, order: np.ndarray, split: np.ndarray, n_free: np.ndarray, placement: np.ndarray,
                copy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
