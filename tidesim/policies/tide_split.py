@@ -39,8 +39,9 @@ import numpy as np
 from tidesim import layermodel as lm
 from tidesim.policies.planned import planned_setup
 from tidesim.policies.registry import PolicyTraits, register_policy
+from tidesim.policies.residency import refresh_sets
 from tidesim.policies.split import ExpertTimes, RowSplit, Slots, best_split, row_slot_rule, slot_spares, slot_spares_one
-from tidesim.policies.step import Choice, ForwardMeta, Rows, Setup
+from tidesim.policies.step import Choice, ForwardMeta, Rows, Setup, copies, no_copies, placement_of
 from tidesim.policies.tide import Tide, refreshes
 from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, COPY_SYNC_REFRESH, CPU, GPU, NO_COPY
 
@@ -97,11 +98,13 @@ class TideSplit(Tide):
         self.on_demand = 0
         self.backlog = Backlog(lm.Rates.of(self.hw, self.spec))
         self._any_refresh = False
+        self.last_used = np.full((setup.layers, setup.experts), -1, dtype=np.int64)   # forward of last activation
+        self._ids = np.arange(setup.experts)
 
     def decide(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
         if counts.shape[0] == 1 and self.row.usable:
             return self._decide_one(meta, rows, counts)
-        placement, copy, demote, resident = super().decide(meta, rows, counts)
+        placement, copy, demote, resident = self._refresh(meta, rows, counts)
         before = self.current[rows]
         act = counts > 0
         gate = placement == GPU
@@ -132,7 +135,7 @@ class TideSplit(Tide):
     def _decide_one(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
         """decide for one layer (the live engine's call) on 1-D arrays and plain integers, with
         RowSplit: the same decisions as the batched path, at a fraction of its numpy calls."""
-        placement, copy, demote, resident = super().decide(meta, rows, counts)
+        placement, copy, demote, resident = self._refresh(meta, rows, counts)
         layer = rows.start if isinstance(rows, slice) else int(rows[0])
         c, p, cp = counts[0], placement[0], copy[0]
         before = self.current[layer]
@@ -202,6 +205,31 @@ class TideSplit(Tide):
         pool = np.maximum(np.where(on_cpu, cpu, 0.0).sum(axis=1) / workers, np.where(on_cpu, cpu, 0.0).max(axis=1))
         grouped = np.where(placement == GPU, gpu_full, 0.0).sum(axis=1)
         return float(np.maximum(pool, grouped).sum())
+
+    def _refresh(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
+        """Tide.decide (the interval refresh, its target and its copies), with one change: the
+        refresh ranks experts by tokens, then by how recently they were last activated (most
+        recent first), then by id, where TIDE breaks ties by id alone. With a prefix cache a
+        forward activates fewer experts than the budget, so a refresh keeps every activated
+        expert and the ties decide which idle residents stay: by recency they are the ones the
+        next forwards are likeliest to use (temporal stability), by id an arbitrary half, copied
+        back soon after. Causal: the ranking reads the current forward's routing and the past."""
+        current = self.current[rows]
+        refresh, some, every = self.refreshed.flags(meta, rows)
+        last = self.last_used[rows]
+        self.last_used[rows] = np.where(counts > 0, meta.index, last)
+        if not some:
+            return (placement_of(counts, current), no_copies(counts), np.zeros(counts.shape, dtype=bool),
+                    current.copy())
+        if counts.shape[0] == 1:
+            order = np.lexsort((self._ids, -last[0], -counts[0]))[None, :]
+        else:
+            order = np.lexsort((np.broadcast_to(self._ids, counts.shape), -last, -counts), axis=-1)
+        _, refreshed = refresh_sets(current, counts, self.budget[rows], order)
+        after = refreshed if every else np.where(refresh[:, None], refreshed, current)
+        copy = copies(after > current, self.copy_code)
+        gpu = after if self.sync else current
+        return placement_of(counts, gpu), copy, np.zeros(counts.shape, dtype=bool), after
 
     def _side_bound_one(self, c: np.ndarray, p: np.ndarray) -> float:
         """_side_bound for one layer-forward on 1-D arrays (the same sums, so the same value)."""
