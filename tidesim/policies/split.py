@@ -122,8 +122,7 @@ def _estimates(counts: np.ndarray, gpu_full: np.ndarray, cpu: np.ndarray, n_free
     longest[:k] = np.maximum.accumulate(cpu[::-1], axis=0)[::-1]
     act = lm.per_count(lambda m: lm.activation_copies(r, hw, m)[0], pairs_rest)
     res = lm.per_count(lambda m: lm.activation_copies(r, hw, m)[1], pairs_rest)
-    none = np.zeros((k + 1, n))
-    pool = lm.cpu_pool_bound(r, lm.CpuCosts(total=cpu_rest, longest=longest, shortest=none, n=none))
+    pool = pool_estimate(r, cpu_rest, longest)
     return np.maximum(finish, np.where(pairs_rest > 0, np.maximum(act + pool, engine_end) + res, 0.0))
 
 
@@ -292,7 +291,9 @@ def _fastest(candidates: np.ndarray, counts: np.ndarray, experts: np.ndarray, ac
 
 def pool_estimate(r: lm.Rates, total: np.ndarray, longest: np.ndarray) -> np.ndarray:
     """The estimate's CPU pool time: the mean load or the longest task, whichever is longer (the
-    pool's lower bound; with one worker, its exact time)."""
+    pool's lower bound; with one worker, its exact time). Kept here rather than taken from
+    tidesim.layermodel.cpu_pool_bound, so that the batched estimate and RowSplit's stay the same
+    terms whatever the layer model's pool term becomes."""
     return total if r.workers == 1 else np.maximum(total / r.workers, longest)
 
 
