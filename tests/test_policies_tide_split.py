@@ -129,7 +129,7 @@ def test_never_slower_than_tide_with_the_same_resident_set(w, data) -> None:  # 
     """Layer-forward by layer-forward, in the executors' layer model, tide-split is never slower
     than tide's choice with the same resident set (every expert outside it on the CPU: the same
     schedule with its on-demand copies undone), which is one of its candidates. Its resident sets
-    are tide's refresh with recency ties (test_recency_breaks_the_refresh_ties)."""
+    are tide's refresh with history ties (test_activation_history_breaks_the_refresh_ties)."""
     hw = _random_profile(data)
     budget = data.draw(st.lists(st.integers(0, w.num_experts), min_size=w.num_layers, max_size=w.num_layers))
     tau = data.draw(st.integers(1, 3))
@@ -141,6 +141,21 @@ def test_never_slower_than_tide_with_the_same_resident_set(w, data) -> None:  # 
     assert (expert_phase(w, split, hw) <= expert_phase(w, theirs, hw) * (1 + 1e-9) + 1e-15).all()
 
 
+def test_history_orders_by_recency_then_earlier_uses() -> None:
+    """Budget 2, a refresh every forward. Forwards 0-2 activate {0, 1}, {2}, {0, 3}; forward 3
+    activates only 2 (resident {0, 3} before it; 2 is copied in) and one of 0 and 3 stays. Both were
+    last activated in forward 2; 0 was also activated in forward 0, 3 was not: 0 stays (history
+    101 against 100, most recent bit first). TIDE keeps 0 too (by id); forward 4 activates 1 and
+    the idle residents are 0 (history 0101) and 2 (1010): 2 stays, TIDE keeps 0 (id)."""
+    counts = np.array([[[1, 1, 0, 0]], [[0, 0, 1, 0]], [[1, 0, 0, 1]], [[0, 0, 1, 0]], [[0, 1, 0, 0]]])
+    w = workload(counts)
+    opts = options(w, 2, tau=1, hw=profile())
+    tide, split = checked("tide", w, opts), checked("tide-split", w, opts)
+    assert split.resident[3, 0].tolist() == [True, False, True, False]
+    assert split.resident[4, 0].tolist() == [False, True, True, False]
+    assert tide.resident[4, 0].tolist() == [True, True, False, False]
+
+
 def without_splits(s: Schedule) -> Schedule:
     """tide's choice on a tide-split schedule's resident sets: every on-demand copy undone (the
     expert runs on the CPU; a refresh copy taken on demand goes back to the background)."""
@@ -149,13 +164,13 @@ def without_splits(s: Schedule) -> Schedule:
     return replace(s, placement=np.where(od, CPU, s.placement).astype(s.placement.dtype), copy=copy)
 
 
-def test_recency_breaks_the_refresh_ties() -> None:
+def test_activation_history_breaks_the_refresh_ties() -> None:
     """Budget 2, a refresh every forward, 4 experts, one token per activated expert. Forward 0
     activates 2 and 3 (both copied in); forward 1 activates 0, and one idle resident stays: 2 and
     3 were last used in the same forward, so the id decides (2), as in TIDE. Forward 2 activates 3
     (resident {0, 3} both ways). Forward 3 activates 1, and one of the idle residents 0 (last used
     in forward 1) and 3 (forward 2) stays: tide-split keeps 3, the more recent; TIDE keeps 0, the
-    lower id."""
+    lower id. (A tie in the last use goes to the use before it: test_history_orders_by_recency.)"""
     counts = np.array([[[0, 0, 1, 1]], [[1, 0, 0, 0]], [[0, 0, 0, 1]], [[0, 1, 0, 0]]])
     w = workload(counts)
     opts = options(w, 2, tau=1, hw=profile())

@@ -98,7 +98,9 @@ class TideSplit(Tide):
         self.on_demand = 0
         self.backlog = Backlog(lm.Rates.of(self.hw, self.spec))
         self._any_refresh = False
-        self.last_used = np.full((setup.layers, setup.experts), -1, dtype=np.int64)   # forward of last activation
+        # activation history per (layer, expert): bit 62 = activated in the layer's previous forward,
+        # bit 61 = the one before, ... (63 forwards); compared as integers, most recent use first
+        self.history = np.zeros((setup.layers, setup.experts), dtype=np.int64)
         self._ids = np.arange(setup.experts)
 
     def decide(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
@@ -208,23 +210,24 @@ class TideSplit(Tide):
 
     def _refresh(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
         """Tide.decide (the interval refresh, its target and its copies), with one change: the
-        refresh ranks experts by tokens, then by how recently they were last activated (most
-        recent first), then by id, where TIDE breaks ties by id alone. With a prefix cache a
+        refresh ranks experts by tokens, then by their activation history (activated in the
+        previous forward first, ties by the forward before that, and so on: the history as a
+        binary number), then by id, where TIDE breaks ties by id alone. With a prefix cache a
         forward activates fewer experts than the budget, so a refresh keeps every activated
-        expert and the ties decide which idle residents stay: by recency they are the ones the
-        next forwards are likeliest to use (temporal stability), by id an arbitrary half, copied
-        back soon after. Causal: the ranking reads the current forward's routing and the past."""
+        expert and the ties decide which idle residents stay: by history, those the next forwards
+        are likeliest to use (temporal stability); by id, an arbitrary set, copied back soon
+        after. Causal: the ranking reads the current forward's routing and the past."""
         current = self.current[rows]
         refresh, some, every = self.refreshed.flags(meta, rows)
-        last = self.last_used[rows]
-        self.last_used[rows] = np.where(counts > 0, meta.index, last)
+        history = self.history[rows]
+        self.history[rows] = (history >> 1) | ((counts > 0).astype(np.int64) << 62)
         if not some:
             return (placement_of(counts, current), no_copies(counts), np.zeros(counts.shape, dtype=bool),
                     current.copy())
         if counts.shape[0] == 1:
-            order = np.lexsort((self._ids, -last[0], -counts[0]))[None, :]
+            order = np.lexsort((self._ids, -history[0], -counts[0]))[None, :]
         else:
-            order = np.lexsort((np.broadcast_to(self._ids, counts.shape), -last, -counts), axis=-1)
+            order = np.lexsort((np.broadcast_to(self._ids, counts.shape), -history, -counts), axis=-1)
         _, refreshed = refresh_sets(current, counts, self.budget[rows], order)
         after = refreshed if every else np.where(refresh[:, None], refreshed, current)
         copy = copies(after > current, self.copy_code)
