@@ -2,7 +2,8 @@
 
 decide (default): how long each online policy takes to decide one forward, layer by layer as the
 live engine does (one step call per MoE layer with that layer's routing), on a bundled trace.
-  Usage: .venv/bin/python bench/bench_online.py decide [TRACE] [--budget B] [--tau T] [--forwards N] [--policies P,Q]
+  Usage: .venv/bin/python bench/bench_online.py decide [TRACE] [--budget B] [--tau T] [--refresh sync|async]
+         [--forwards N] [--policies P,Q]
   Goal (issue #12): at most 1 ms per forward for mini shapes (19 MoE layers x 256 experts) on one
   core. The process is pinned to one core where the OS allows it (os.sched_setaffinity) and numpy's
   threads to one. Reports the median and 99th percentile per forward, in wall-clock and in process
@@ -45,6 +46,7 @@ def main() -> None:
     d.add_argument("--budget", type=int, default=64)
     d.add_argument("--tau", type=int, default=2)
     d.add_argument("--hw", default="h100-sxm-pcie5")
+    d.add_argument("--refresh", choices=("sync", "async"), default="sync", help="refresh mode of tau policies (sync)")
     d.add_argument("--forwards", type=int, default=200, help="forwards timed per policy (200)")
     d.add_argument("--policies", default=None, help="comma-separated online policies (default: all)")
     e = sub.add_parser("engine")
@@ -72,13 +74,13 @@ def decide(args: argparse.Namespace) -> None:
     workload = workload.select(np.arange(n))
     hw = get_profile(args.hw)
     f, l, e = workload.expert_tokens.shape
-    print(f"{args.trace}: {f} forwards x {l} MoE layers x {e} experts, budget {args.budget}, tau {args.tau}; "
-          "one step call per layer")
+    print(f"{args.trace}: {f} forwards x {l} MoE layers x {e} experts, budget {args.budget}, tau {args.tau}, "
+          f"{args.refresh} refresh; one step call per layer")
     print(f"{'policy':16s} {'median us':>10s} {'p99 us':>8s} {'cpu median us':>14s}  goal 1000 us")
     metas = forward_metas(workload)
     names = online_names() if args.policies is None else [p.strip() for p in args.policies.split(",") if p.strip()]
     for name in names:
-        options = PolicyOptions(budget=uniform(args.budget, l), tau=uniform(args.tau, l), hw=hw)
+        options = PolicyOptions(budget=uniform(args.budget, l), tau=uniform(args.tau, l), hw=hw, refresh=args.refresh)
         if traits(name).static_set:
             # online the static set is given up front: here the popular set of the trace's warm-up
             options.static_resident = build_schedule(name, workload, options).initial_resident

@@ -127,18 +127,24 @@ def test_a_model_that_does_not_fit_names_the_option(tmp_path: Path, prompts: Pat
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize(("kv", "refresh"), [("none", "async"), ("prefix", "sync")])   # each mode once
+# each mode once; the H100 preset (no copy slowdown) takes the one-layer search (split.RowSplit), where
+# asynchronous refresh copies are also taken on demand (they stay resident)
+@pytest.mark.parametrize(("kv", "refresh", "hw"), [("none", "async", "dev-2core-cpu"),
+                                                   ("prefix", "sync", "dev-2core-cpu"),
+                                                   ("prefix", "async", "h100-sxm-pcie5")])
 def test_tide_split_decodes_losslessly_with_copies_on_demand(tmp_path: Path, prompts: Path, kv: str, refresh: str,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+                                                            hw: str, capsys: pytest.CaptureFixture[str]) -> None:
     """tide-split live: its on-demand copies happen (some experts copied in, used once, dropped)
     and the tokens equal the all-GPU reference decode, with either KV mode and refresh mode."""
     out = tmp_path / "run"
     args = ["generate", "--config", "tiny", "--gen-length", "16", "--block-length", "8", "--threshold", "1.0",
             "--prompts", str(prompts), "--policy", "tide-split", "--tau", "8", "--budget", "6", "--refresh", refresh,
-            "--kv-cache", kv, "--hw", "dev-2core-cpu", "--check-lossless", "--device", "cpu", "-o", str(out), "--json"]
+            "--kv-cache", kv, "--hw", hw, "--check-lossless", "--device", "cpu", "-o", str(out), "--json"]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["lossless"]["identical"] is True
     schedule = load_schedule(out / "schedule.npz")
     assert schedule.policy == "tide-split" and (schedule.copy == 1).sum() > 0
+    if hw == "h100-sxm-pcie5":
+        assert ((schedule.copy == 1) & schedule.resident).sum() > 0       # refresh copies taken on demand
     assert schedule_problems(schedule, workload_from_trace(read_trace(out / "trace.parquet"))) == []

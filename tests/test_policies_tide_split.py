@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -10,7 +12,16 @@ from policy_cases import checked, layer_by_layer, options, profile, workload, wo
 
 from tidesim.layermodel import layer_phases
 from tidesim.policies.tide_split import decision_order
-from tidesim.schedule import COPY_ON_DEMAND, COPY_SYNC_REFRESH, CPU, GPU, IDLE, Schedule
+from tidesim.schedule import (
+    COPY_ASYNC_REFRESH,
+    COPY_ON_DEMAND,
+    COPY_SYNC_REFRESH,
+    CPU,
+    GPU,
+    IDLE,
+    Schedule,
+    schedule_problems,
+)
 from tidesim.sim.costs import schedule_costs
 from tidesim.workload import Workload
 
@@ -82,6 +93,27 @@ def test_hand_split_with_a_slow_cpu_copies_every_miss() -> None:
     assert expert_phase(w, split, hw)[0, 0] == pytest.approx((30 + 110) * US, abs=1e-12)
 
 
+def test_hand_async_refresh_copy_taken_on_demand_when_it_pays() -> None:
+    """Async refresh, budget 1, empty GPU: tide copies expert 0 (6 tokens) in the background and runs
+    it on the CPU now: activations out (6 pairs, 10 us on the preset's D2H curve) + 6 x 10 + results
+    back (20.03 us on the test's H2D curve) = 90.03 us. tide-split takes that same copy on demand
+    (nothing queued ahead of it): it lands at 30 us and runs 5 + 4 x 5 = 25 us: 55 us; the expert
+    stays resident, as in tide's schedule, and no extra copy is made."""
+    w = one_layer([6, 0, 0, 0])
+    hw = profile(10.0, 10.0, 30.0)
+    opts = options(w, 1, tau=4, refresh="async", hw=hw)
+    tide, split = checked("tide", w, opts), checked("tide-split", w, opts)
+    assert tide.copy[0, 0].tolist() == [COPY_ASYNC_REFRESH, 0, 0, 0]
+    assert split.copy[0, 0].tolist() == [COPY_ON_DEMAND, 0, 0, 0]
+    assert split.placement[0, 0].tolist() == [GPU, IDLE, IDLE, IDLE]
+    assert split.resident.tolist() == tide.resident.tolist()
+    pairs = 6 * w.model.activation_bytes_per_token
+    cpu_side = float(hw.d2h_time(pairs)) + 60 * US + float(hw.h2d_time(pairs))
+    assert cpu_side == pytest.approx(90.03 * US, abs=0.01 * US)
+    assert expert_phase(w, tide, hw)[0, 0] == pytest.approx(cpu_side, abs=1e-12)
+    assert expert_phase(w, split, hw)[0, 0] == pytest.approx(55 * US, abs=1e-12)
+
+
 def _random_profile(data: st.DataObject):  # type: ignore[no-untyped-def]
     hw = profile(data.draw(st.sampled_from([5.0, 50.0])), data.draw(st.sampled_from([0.5, 10.0, 1000.0])),
                  data.draw(st.sampled_from([2.0, 20.0, 1e4]))).scaled()
@@ -95,15 +127,58 @@ def _random_profile(data: st.DataObject):  # type: ignore[no-untyped-def]
 @given(w=workloads(), data=st.data())
 def test_never_slower_than_tide_with_the_same_resident_set(w, data) -> None:  # type: ignore[no-untyped-def]
     """Layer-forward by layer-forward, in the executors' layer model, tide-split is never slower
-    than tide with the same options: the resident sets are tide's and tide's choice is a candidate."""
+    than tide's choice with the same resident set (every expert outside it on the CPU: the same
+    schedule with its on-demand copies undone), which is one of its candidates. Its resident sets
+    are tide's refresh with history ties (test_activation_history_breaks_the_refresh_ties)."""
     hw = _random_profile(data)
     budget = data.draw(st.lists(st.integers(0, w.num_experts), min_size=w.num_layers, max_size=w.num_layers))
     tau = data.draw(st.integers(1, 3))
     refresh = data.draw(st.sampled_from(["sync", "async"]))
     opts = options(w, budget, tau, refresh, hw=hw)
+    split = checked("tide-split", w, opts)
+    theirs = without_splits(split)
+    assert schedule_problems(theirs, w) == []
+    assert (expert_phase(w, split, hw) <= expert_phase(w, theirs, hw) * (1 + 1e-9) + 1e-15).all()
+
+
+def test_history_orders_by_recency_then_earlier_uses() -> None:
+    """Budget 2, a refresh every forward. Forwards 0-2 activate {0, 1}, {2}, {0, 3}; forward 3
+    activates only 2 (resident {0, 3} before it; 2 is copied in) and one of 0 and 3 stays. Both were
+    last activated in forward 2; 0 was also activated in forward 0, 3 was not: 0 stays (history
+    101 against 100, most recent bit first). TIDE keeps 0 too (by id); forward 4 activates 1 and
+    the idle residents are 0 (history 0101) and 2 (1010): 2 stays, TIDE keeps 0 (id)."""
+    counts = np.array([[[1, 1, 0, 0]], [[0, 0, 1, 0]], [[1, 0, 0, 1]], [[0, 0, 1, 0]], [[0, 1, 0, 0]]])
+    w = workload(counts)
+    opts = options(w, 2, tau=1, hw=profile())
     tide, split = checked("tide", w, opts), checked("tide-split", w, opts)
-    assert np.array_equal(split.resident, tide.resident)
-    assert (expert_phase(w, split, hw) <= expert_phase(w, tide, hw) * (1 + 1e-9) + 1e-15).all()
+    assert split.resident[3, 0].tolist() == [True, False, True, False]
+    assert split.resident[4, 0].tolist() == [False, True, True, False]
+    assert tide.resident[4, 0].tolist() == [True, True, False, False]
+
+
+def without_splits(s: Schedule) -> Schedule:
+    """tide's choice on a tide-split schedule's resident sets: every on-demand copy undone (the
+    expert runs on the CPU; a refresh copy taken on demand goes back to the background)."""
+    od = s.copy == COPY_ON_DEMAND
+    copy = np.where(od, np.where(s.resident, COPY_ASYNC_REFRESH, 0), s.copy).astype(s.copy.dtype)
+    return replace(s, placement=np.where(od, CPU, s.placement).astype(s.placement.dtype), copy=copy)
+
+
+def test_activation_history_breaks_the_refresh_ties() -> None:
+    """Budget 2, a refresh every forward, 4 experts, one token per activated expert. Forward 0
+    activates 2 and 3 (both copied in); forward 1 activates 0, and one idle resident stays: 2 and
+    3 were last used in the same forward, so the id decides (2), as in TIDE. Forward 2 activates 3
+    (resident {0, 3} both ways). Forward 3 activates 1, and one of the idle residents 0 (last used
+    in forward 1) and 3 (forward 2) stays: tide-split keeps 3, the more recent; TIDE keeps 0, the
+    lower id. (A tie in the last use goes to the use before it: test_history_orders_by_recency.)"""
+    counts = np.array([[[0, 0, 1, 1]], [[1, 0, 0, 0]], [[0, 0, 0, 1]], [[0, 1, 0, 0]]])
+    w = workload(counts)
+    opts = options(w, 2, tau=1, hw=profile())
+    tide, split = checked("tide", w, opts), checked("tide-split", w, opts)
+    assert np.array_equal(tide.resident[:3], split.resident[:3])
+    assert split.resident[1, 0].tolist() == [True, False, True, False]        # 2 and 3 tie (forward 0): id
+    assert split.resident[3, 0].tolist() == [False, True, False, True]        # 3 (forward 2) over 0 (forward 1)
+    assert tide.resident[3, 0].tolist() == [True, True, False, False]         # TIDE: 0 over 3 by id
 
 
 @settings(max_examples=25, deadline=None)
@@ -120,8 +195,9 @@ def test_live_layer_by_layer_equals_the_offline_builder(w, data) -> None:  # typ
 @settings(max_examples=25, deadline=None)
 @given(w=workloads(), data=st.data())
 def test_async_refresh_copies_nothing_on_demand_while_refresh_copies_may_run(w, data) -> None:  # type: ignore[no-untyped-def]
-    """With asynchronous refresh, no on-demand copy in a forward in which a layer refreshes; and
-    the simulator runs the schedule to its end (at or above the analytic model's lower bound)."""
+    """With asynchronous refresh, in a forward in which a layer refreshes the only on-demand copies
+    are refresh copies taken early (their experts stay resident: no copy beyond tide's); and the
+    simulator runs the schedule to its end (at or above the analytic model's lower bound)."""
     from tidesim.costmodel import lower_bound
     from tidesim.policies.step import forward_metas
     from tidesim.policies.tide import refreshes
@@ -131,7 +207,8 @@ def test_async_refresh_copies_nothing_on_demand_while_refresh_copies_may_run(w, 
     opts = options(w, data.draw(st.integers(1, w.num_experts)), data.draw(st.integers(1, 3)), "async", hw=hw)
     s = checked("tide-split", w, opts)
     busy = np.array([bool(refreshes(m, opts.tau).any()) for m in forward_metas(w)])
-    assert not (s.copy[busy] == COPY_ON_DEMAND).any()
+    assert not ((s.copy[busy] == COPY_ON_DEMAND) & ~s.resident[busy]).any()
+    assert np.array_equal((s.copy != 0)[busy], (without_splits(s).copy != 0)[busy])
     costs = schedule_costs(w, s, hw)
     assert simulate(costs).total_s >= lower_bound(costs) * (1 - 1e-9)
 
@@ -152,3 +229,98 @@ def test_backlog_drains_by_the_forwards_lower_bound() -> None:
     b.add(np.zeros((1, 4)), 25e-6)
     b.next_forward(2)
     assert b.seconds == 0.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6), st.integers(0, 4), st.integers(0, 4)),
+                     min_size=1, max_size=5))
+def test_slot_spares_match_the_slot_rule(rows) -> None:  # type: ignore[no-untyped-def]
+    """The closed form of the spare slots (every on-demand copy passes through) equals
+    tidesim.layermodel.slot_tags' count, row by row and batched."""
+    from tidesim.layermodel import slot_tags
+    from tidesim.policies.split import slot_spares, slot_spares_one
+
+    n_od, n_as, free, deferred = (np.array(col, np.int64) for col in zip(*rows, strict=True))
+    od_g = np.repeat(np.arange(len(rows)), n_od)
+    as_g = np.repeat(np.arange(len(rows)), n_as)
+    _, _, spare = slot_tags(od_g, np.ones(od_g.size, bool), as_g, free, deferred)
+    assert slot_spares(n_od, n_as, free, deferred).tolist() == spare.tolist()
+    assert [slot_spares_one(*map(int, r)) for r in rows] == spare.tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(passes=st.lists(st.booleans(), max_size=8), n_async=st.integers(0, 6), free=st.integers(0, 4),
+       deferred=st.integers(0, 4))
+def test_row_slot_rule_matches_the_slot_rule(passes, n_async, free, deferred) -> None:  # type: ignore[no-untyped-def]
+    """The scalar slot rule gives tidesim.layermodel.slot_tags' release tags and spare count, with
+    copies that stay resident (no slot reuse) among those that pass through."""
+    from tidesim.layermodel import slot_tags
+    from tidesim.policies.split import row_slot_rule
+
+    tags, spare = slot_tags(np.zeros(len(passes), np.int64), np.array(passes, bool), np.zeros(n_async, np.int64),
+                            np.array([free]), np.array([deferred]))[0::2]
+    assert row_slot_rule(passes, n_async, free, deferred) == (tags.tolist(), int(spare[0]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(times=st.lists(st.sampled_from([0.1, 0.2, 0.3, 1e-3, 355e-6, 7.0]), max_size=30), workers=st.integers(1, 8))
+def test_lpt_span_equals_the_batched_makespan(times, workers) -> None:  # type: ignore[no-untyped-def]
+    """The scalar longest-first makespan is bit for bit tidesim.sim.lpt.lpt_makespans' (ties in time
+    included, whatever the expert ids)."""
+    from tidesim.policies.split import lpt_span
+    from tidesim.sim.lpt import lpt_makespans
+
+    t = np.array(times, float)
+    keys = np.arange(t.size)[::-1].copy()
+    batched = lpt_makespans(np.zeros(t.size, np.int64), t, keys, 1, workers)[0]
+    assert lpt_span(times, workers) == batched
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_row_split_decides_as_the_batched_search(data) -> None:  # type: ignore[no-untyped-def]
+    """RowSplit (one layer-forward in scalar code, the live engine's path) picks the split that
+    best_split(keep_resident, without "all on the GPU") picks, on random rows, slots and profiles
+    without copy slowdown (which RowSplit leaves to best_split)."""
+    from tidesim.policies.split import ExpertTimes, RowSplit, Slots, best_split
+
+    hw = _random_profile(data)
+    hw.pcie.copy_slows_compute = 0.0
+    hw.cpu.workers = data.draw(st.sampled_from([1, 3, 8]))
+    spec = workload(np.ones((1, 1, 4), np.int64)).model
+    k = data.draw(st.integers(1, 40))
+    counts = np.array(data.draw(st.lists(st.integers(1, 9), min_size=k, max_size=k)), np.int64)
+    nf = data.draw(st.integers(0, k))
+    top = data.draw(st.integers(nf, k))
+    counts[:nf] = np.sort(counts[:nf])[::-1]
+    counts[nf:top] = np.sort(counts[nf:top])[::-1]
+    experts = np.array(data.draw(st.permutations(range(64)))[:k], np.int64)
+    free, deferred = data.draw(st.integers(0, 3)), data.draw(st.integers(0, 3))
+    stay = np.zeros(k, bool)
+    stay[nf:top] = data.draw(st.lists(st.booleans(), min_size=top - nf, max_size=top - nf))
+    n_async = int(stay.sum()) + data.draw(st.integers(0, 3))
+    backlog = data.draw(st.sampled_from([0.0, 1e-5, 1e-3]))
+    times = ExpertTimes(spec, hw)
+    slots = Slots(np.array([free]), np.array([deferred]), np.array([n_async]), stay[None] if stay.any() else None,
+                  backlog)
+    batched = best_split(counts[None], experts[None], np.array([k]), np.array([nf]), spec, hw, slots, np.array([top]),
+                         keep_resident=True, try_all=False, times=times)
+    row = RowSplit(spec, hw, times).one(counts, experts, nf, top, free, deferred, stay if stay.any() else None, backlog)
+    assert row == batched[0]
+
+
+@pytest.mark.parametrize("refresh", ["sync", "async"])
+def test_live_equals_offline_on_the_bundled_mini_trace(refresh: str) -> None:
+    """At real sizes (about 70 activated experts per layer, 64 resident, H100 preset) the live
+    engine's path (RowSplit) makes the offline builder's decisions, forward by forward."""
+    from tidesim.bundled.paths import resolve_trace
+    from tidesim.hardware import get_profile
+    from tidesim.trace.io import read_trace
+    from tidesim.workload import workload_from_trace
+
+    w = workload_from_trace(read_trace(resolve_trace("llada2-mini_prefix_g1024"))).select(np.arange(24))
+    opts = options(w, 64, 2, refresh, hw=get_profile("h100-sxm-pcie5"))
+    offline, live = checked("tide-split", w, opts), layer_by_layer("tide-split", w, opts)
+    assert (offline.copy == COPY_ON_DEMAND).sum() > 50 or refresh == "async"
+    for f in ("placement", "copy", "demote", "resident"):
+        assert np.array_equal(getattr(live, f), getattr(offline, f)), f

@@ -26,7 +26,7 @@ def tiny_model():
 
 LIVE_POLICIES = [("all-gpu", "sync"), ("full-swap", "sync"), ("cpu-routing", "sync"), ("fiddler", "sync"),
                  ("tide", "sync"), ("tide", "async"), ("tide-reference", "sync"), ("tide-reference", "async"),
-                 ("tide-split", "sync"), ("oracle", "sync")]
+                 ("tide-split", "sync"), ("tide-split", "async"), ("oracle", "sync")]
 
 
 @pytest.mark.parametrize("kv_cache", ["none", "prefix"])

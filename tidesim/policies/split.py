@@ -15,10 +15,15 @@ then "resident only" (n_free), the estimate's best and "as many on the GPU as al
 timed exactly with the layer model (layer_times) and the fastest wins, ties to the earlier of
 that list, so the split is never slower in the layer model than running every non-resident
 expert on the CPU with the same resident set.
+
+RowSplit makes tide-split's choice for one layer-forward in scalar code (the live engine decides
+one layer per call, where numpy's fixed cost per call dominated: 17 ms per mini forward); its
+decisions are the batched search's (tests/test_policies_tide_split.py checks both ways).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,9 +45,18 @@ class Slots:
     free: np.ndarray
     deferred: np.ndarray
     n_async: np.ndarray
+    stay: np.ndarray | None = None     # [N, E] in decision order: an asynchronous refresh copy the
+                                       # split may take on demand (it stays resident: no slot reuse)
+    backlog: float = 0.0               # background copy time queued ahead: taking n refresh copies on
+                                       # demand delays it by n copies, charged min(backlog, n x copy)
 
     def take(self, rows: np.ndarray) -> Slots:
-        return Slots(self.free[rows], self.deferred[rows], self.n_async[rows])
+        return Slots(self.free[rows], self.deferred[rows], self.n_async[rows],
+                     None if self.stay is None else self.stay[rows], self.backlog)
+
+    def stay_charge(self, r: lm.Rates, n_stays: np.ndarray | int) -> np.ndarray:
+        """What taking n_stays refresh copies on demand costs the background queue ahead of them."""
+        return np.minimum(self.backlog, np.asarray(n_stays) * r.expert_copy_s)
 
 
 def expert_costs(counts: np.ndarray, spec: ModelSpec, hw: HardwareProfile) -> tuple[np.ndarray, np.ndarray]:
@@ -108,8 +122,7 @@ def _estimates(counts: np.ndarray, gpu_full: np.ndarray, cpu: np.ndarray, n_free
     longest[:k] = np.maximum.accumulate(cpu[::-1], axis=0)[::-1]
     act = lm.per_count(lambda m: lm.activation_copies(r, hw, m)[0], pairs_rest)
     res = lm.per_count(lambda m: lm.activation_copies(r, hw, m)[1], pairs_rest)
-    none = np.zeros((k + 1, n))
-    pool = lm.cpu_pool_bound(r, lm.CpuCosts(total=cpu_rest, longest=longest, shortest=none, n=none))
+    pool = pool_estimate(r, cpu_rest, longest)
     return np.maximum(finish, np.where(pairs_rest > 0, np.maximum(act + pool, engine_end) + res, 0.0))
 
 
@@ -179,11 +192,17 @@ def layer_times(counts: np.ndarray, experts: np.ndarray, n_active: np.ndarray, n
     by_id = np.lexsort((experts[od_rows, od_cols], od_rows))
     od_rows, od_cols = od_rows[by_id], od_cols[by_id]
     od_time = lm.ondemand_compute(r, gpu_full[od_rows, od_cols])
-    as_g = np.zeros(0, np.int64) if slots is None else np.repeat(np.arange(n), slots.n_async)
+    passing = np.ones(od_rows.size, bool)
+    n_async = None if slots is None else slots.n_async
+    if slots is not None and slots.stay is not None:      # refresh copies taken on demand: no longer background
+        taken = slots.stay[od_rows, od_cols]
+        passing = ~taken
+        n_async = slots.n_async - np.bincount(od_rows[taken], minlength=n)
+    as_g = np.zeros(0, np.int64) if n_async is None else np.repeat(np.arange(n), n_async)
     if slots is None:
         release, as_release = np.full(od_rows.size, lm.FREE_NOW), as_g
     else:
-        release, as_release, _ = lm.slot_tags(od_rows, np.ones(od_rows.size, bool), as_g, slots.free, slots.deferred)
+        release, as_release, _ = lm.slot_tags(od_rows, passing, as_g, slots.free, slots.deferred)
     od = lm.OnDemand.pad(od_rows, od_time, release)
     od_n = on_demand.sum(axis=1)
     od_sum = np.bincount(od_rows, weights=od_time, minlength=n)
@@ -257,7 +276,284 @@ def _fastest(candidates: np.ndarray, counts: np.ndarray, experts: np.ndarray, ac
         return out
     c, n = candidates.shape
     rep = lambda a: np.tile(a, (c, 1)) if a.ndim == 2 else np.tile(a, c)  # noqa: E731
-    tiled = None if slots is None else Slots(rep(slots.free), rep(slots.deferred), rep(slots.n_async))
+    tiled = None if slots is None else Slots(rep(slots.free), rep(slots.deferred), rep(slots.n_async),
+                                             None if slots.stay is None else rep(slots.stay), slots.backlog)
     times = layer_times(rep(counts), rep(experts), rep(active), rep(free), candidates.reshape(-1), spec, hw,
                         (rep(costs[0]), rep(costs[1])), tiled).reshape(c, n)
+    if slots is not None and slots.stay is not None and slots.backlog > 0:
+        taken = np.zeros((n, slots.stay.shape[1] + 1), np.int64)
+        np.cumsum(slots.stay, axis=1, out=taken[:, 1:])
+        rows = np.arange(n)
+        n_stays = taken[rows, candidates] - taken[rows, free]
+        times = times + slots.stay_charge(lm.Rates.of(hw, spec), n_stays)
     return candidates[np.argmin(times, axis=0), np.arange(n)]
+
+
+def pool_estimate(r: lm.Rates, total: np.ndarray, longest: np.ndarray) -> np.ndarray:
+    """The estimate's CPU pool time: the mean load or the longest task, whichever is longer (the
+    pool's lower bound; with one worker, its exact time). Kept here rather than taken from
+    tidesim.layermodel.cpu_pool_bound, so that the batched estimate and RowSplit's stay the same
+    terms whatever the layer model's pool term becomes."""
+    return total if r.workers == 1 else np.maximum(total / r.workers, longest)
+
+
+def lpt_span(times: list[float], workers: int) -> float:
+    """The longest-first makespan of one task set with the floating-point sums of
+    tidesim.sim.lpt.lpt_makespans (tasks longest first, each to the least-loaded worker, ties to
+    the lowest id; the tie order of equal tasks, by expert id there, changes no load), in scalar
+    code for one layer-forward. One worker: the tasks' sum in the given order, as there."""
+    n = len(times)
+    if n == 0:
+        return 0.0
+    if workers == 1:
+        total = 0.0
+        for t in times:
+            total += t
+        return total
+    if n <= workers:
+        return max(times)
+    loads = [0.0] * workers
+    for t in sorted(times, reverse=True):     # ties in time need no key: equal tasks add equal loads
+        w = loads.index(min(loads))
+        loads[w] += t
+    return max(loads)
+
+
+def slot_spares_one(n_od: int, n_async: int, free: int, deferred: int) -> int:
+    """slot_spares for one layer-forward, in plain integers (the live engine's per-layer call)."""
+    od_spare = 1 if n_od > 0 and free + deferred == 0 else 0
+    popped = max(n_od - free, 0) - od_spare
+    return od_spare + max(n_async - max(free - n_od, 0) - (deferred + n_od - popped), 0)
+
+
+def row_slot_rule(passes: list[bool], n_async: int, free: int, deferred: int) -> tuple[list[int], int]:
+    """The slot rule (tidesim.layermodel.slot_tags, the runtime's slot plan) for one layer-forward
+    in plain Python: the release tag of each on-demand copy (in expert-id order; `passes`: whether
+    it only passes through its slot) and the spare slots its copies take, the asynchronous ones
+    after them. A copy takes a free slot, else the head of the queue of slots that free later
+    (the grouped kernel's, then each earlier pass-through on-demand expert's), else a spare."""
+    tags: list[int] = []
+    queue = [lm.AFTER_GROUPED] * deferred
+    head = spare = 0
+    for k, p in enumerate(passes):
+        if free > 0:
+            free -= 1
+            tags.append(lm.FREE_NOW)
+        elif head < len(queue):
+            tags.append(queue[head])
+            head += 1
+        else:
+            spare += 1
+            tags.append(lm.FREE_NOW)
+        if p:
+            queue.append(k)
+    return tags, spare + max(n_async - free - (len(queue) - head), 0)
+
+
+def slot_spares(n_od: np.ndarray, n_async: np.ndarray, free: np.ndarray, deferred: np.ndarray) -> np.ndarray:
+    """Spare slots a layer-forward's copies take under the slot rule (tidesim.layermodel.slot_tags)
+    when every on-demand copy only passes through (tide-split's: each is used once and dropped),
+    in closed form. The first on-demand copy takes a spare only when no slot is free or deferred;
+    later ones reuse queued slots (deferred ones, then those of the on-demand experts before them).
+    Asynchronous copies take the free slots left, then the queue's rest, then spares."""
+    od_spare = ((n_od > 0) & (free + deferred == 0)).astype(np.int64)
+    popped = np.maximum(n_od - free, 0) - od_spare
+    left_free = np.maximum(free - n_od, 0)
+    queue_left = deferred + n_od - popped
+    return od_spare + np.maximum(n_async - left_free - queue_left, 0)
+
+
+@dataclass(frozen=True)
+class Row:
+    """The CPU side of one layer-forward's splits nf .. top (index j - nf), from RowSplit's estimate:
+    the sequential grouped end, the CPU time and longest CPU task left, the activations out and back."""
+
+    grouped_end: float
+    cpu_rest: list[float]
+    longest: list[float]
+    shortest: list[float]
+    act: list[float]
+    res: list[float]
+
+
+class RowSplit:
+    """best_split(keep_resident=True, try_all=False) for one layer-forward in scalar code, for a
+    caller that decides one layer per call (the live engine), where numpy's per-call overhead on
+    the batched search costs milliseconds. The same decisions from the same floating-point terms:
+    the estimate over the splits from "resident only" to `top` (numpy on one row: split._estimates'
+    terms), then, where it names another split, both timed in the layer model without copy
+    slowdown (split.layer_times' terms; profiles with pcie.copy_slows_compute > 0 take
+    best_split). Bounds on the longest-first makespans (the pool's lower bound, and the
+    list-scheduling bound: the mean load plus (1 - 1/workers) of the longest task) settle most
+    comparisons before the exact makespans; a relative margin of 1e-9 keeps rounding out of the
+    verdict."""
+
+    MARGIN = 1e-9
+
+    def __init__(self, spec: ModelSpec, hw: HardwareProfile, times: ExpertTimes) -> None:
+        self.spec, self.hw, self.times = spec, hw, times
+        self.r = lm.Rates.of(hw, spec)
+        self.usable = self.r.slows <= 0
+        self._od_launch = lm.ONDEMAND_LAUNCHES_PER_EXPERT * self.r.launch_s
+        self._act = np.zeros((2, 1))                   # activation copies by pair count; NaN: not yet evaluated
+
+    def act_res(self, pairs: np.ndarray) -> np.ndarray:
+        """[2, n]: lm.activation_copies (out, back) of each entry, from a table kept over the pair
+        counts seen (the profile's curves are evaluated for the counts present only, as per_count
+        does, so no extrapolation is flagged for a count never asked for)."""
+        top = int(pairs.max())
+        if top >= self._act.shape[1]:
+            grown = np.full((2, max(top + 1, 2 * self._act.shape[1])), np.nan)
+            grown[:, :self._act.shape[1]] = self._act
+            self._act = grown
+        got = self._act[:, pairs]
+        if np.isnan(got[0]).any():
+            miss = np.unique(pairs[np.isnan(got[0])])
+            self._act[0, miss], self._act[1, miss] = lm.activation_copies(self.r, self.hw, miss)
+            got = self._act[:, pairs]
+        return got
+
+    def one(self, counts: np.ndarray, experts: np.ndarray, nf: int, most: int, fr: int, d0: int,
+            stay: np.ndarray | None = None, backlog: float = 0.0) -> int:
+        """The split of one layer-forward: counts and expert ids [k] of its activated experts in
+        decision order (the first nf at the gate, positions nf .. most - 1 movable), `fr` free and
+        `d0` deferred slots; `stay` [k]: positions whose on-demand copy stays resident, and `backlog`
+        (Slots.stay, Slots.backlog)."""
+        if most <= nf:
+            return nf
+        times = self.times
+        if int(counts.max()) >= times.gpu.size:
+            times(counts)
+        gpu_full, cpu = times.gpu[counts], times.cpu[counts]
+        share = lm.grouped_share(self.r, gpu_full)
+        best, est = self._estimate(counts, share, cpu, nf, most, fr, d0)
+        if best != nf and self._faster(best, nf, counts, experts, share, cpu, fr, d0, est, stay, backlog):
+            return best
+        return nf
+
+    def _estimate(self, counts: np.ndarray, share: np.ndarray, cpu: np.ndarray, nf: int, most: int, fr: int,
+                  d0: int) -> tuple[int, Row]:
+        """The estimate's best split in nf .. most (split._estimates' terms and floating-point
+        operations, for one row, in a loop over the on-demand positions that stops once the GPU
+        side alone, which only grows with the split, reaches the best so far), and the CPU side
+        of each split for the exact comparison."""
+        r, c = self.r, self.r.expert_copy_s
+        shares = share.tolist()
+        grouped_end = sum(shares[:nf]) + (r.launch_s if nf > 0 else 0.0)
+        m, k = most - nf, counts.size
+        stop = min(most + 1, k)
+        pad = [0.0] * (most + 1 - stop)
+        cpu_rest = np.cumsum(cpu[::-1])[::-1][nf:stop].tolist() + pad
+        longest = np.maximum.accumulate(cpu[::-1])[::-1][nf:stop].tolist() + pad
+        shortest = np.minimum.accumulate(cpu[::-1])[::-1][nf:stop].tolist() + pad
+        pairs = np.cumsum(counts[::-1], dtype=np.int64)[::-1][nf:stop]
+        if stop - nf < m + 1:
+            pairs = np.concatenate((pairs, np.zeros(m + 1 - (stop - nf), np.int64)))
+        act, res = self.act_res(pairs).tolist()
+        w = r.workers
+        row = Row(grouped_end, cpu_rest, longest, shortest, act, res)
+
+        def cpu_side(i: int, engine_end: float) -> float:
+            if pairs_l[i] <= 0:
+                return 0.0
+            pool = cpu_rest[i] if w == 1 else max(cpu_rest[i] / w, longest[i])
+            return max(act[i] + pool, engine_end) + res[i]
+
+        pairs_l = pairs.tolist()
+        best, best_j = max(grouped_end, cpu_side(0, 0.0)), nf
+        streamed = max(fr + d0, 1)
+        late = max(fr * c, grouped_end)
+        total, lead, done = 0.0, -math.inf, 0.0
+        done_s = total_s = 0.0
+        for i in range(m):
+            t = shares[nf + i] + self._od_launch
+            total = total + t
+            if i < streamed:
+                landed = (i + 1) * c if i < fr else late + (i - fr + 1) * c
+                lead = max(lead, landed - (total - t))
+                done = total + max(grouped_end, lead)
+                done_s, total_s = done, total
+            else:
+                landed = done + c
+                done = done_s + (i - streamed + 1) * c + (total - total_s)
+            e = max(done, cpu_side(i + 1, landed))
+            if e < best:
+                best, best_j = e, nf + i + 1
+            if done >= best:
+                break
+        return best_j, row
+
+    def _faster(self, split: int, nf: int, counts: np.ndarray, experts: np.ndarray, share: np.ndarray,
+                cpu: np.ndarray, fr: int, d0: int, est: Row, stay: np.ndarray | None = None,
+                backlog: float = 0.0) -> bool:
+        """Whether `split` is strictly faster than "resident only" (nf) in the layer model
+        (split.layer_times' terms, without copy slowdown): bounds first, then exactly."""
+        grouped_seq, cpu_rest, longest = est.grouped_end, est.cpu_rest, est.longest
+        j = split - nf
+        o = np.argsort(experts[nf:split], kind="stable")
+        compute = (share[nf:split][o] + self._od_launch).tolist()
+        passes = [True] * len(compute) if stay is None else (~stay[nf:split][o]).tolist()
+        tags = row_slot_rule(passes, 0, fr, d0)[0]
+        charge = 0.0
+        if backlog > 0 and not all(passes):
+            charge = float(Slots(np.zeros(0), np.zeros(0), np.zeros(0), None, backlog).stay_charge(
+                self.r, len(passes) - sum(passes)))
+        od_sum = 0.0
+        for x in compute:
+            od_sum += x
+        w = self.r.workers
+        n_theirs, n_mine = counts.size - nf, counts.size - split
+
+        def bounds(at: int, n: int) -> tuple[float, float]:
+            total, big = cpu_rest[at], longest[at]
+            if n == 0 or w == 1:
+                return total, total
+            if big == est.shortest[at]:          # equal tasks: ceil(n / workers) rounds
+                return (-(-n // w)) * big, (-(-n // w)) * big
+            return max(total / w, big), total / w + (1 - 1 / w) * big
+
+        lo_t, hi_t = bounds(0, n_theirs)
+        lo_m, hi_m = bounds(j, n_mine)
+        a_t, r_t, a_m, r_m = est.act[0], est.res[0], est.act[j], est.res[j]
+        mine = lambda g, span: self._side_at(g, od_sum, a_m, r_m, compute, tags, n_mine, span) + charge  # noqa: E731
+        theirs = lambda g, span: self._side_at(g, 0.0, a_t, r_t, [], [], n_theirs, span)  # noqa: E731
+        if mine(grouped_seq, hi_m) < theirs(grouped_seq, lo_t) * (1 - self.MARGIN):
+            return True
+        if mine(grouped_seq, lo_m) > theirs(grouped_seq, hi_t) * (1 + self.MARGIN):
+            return False
+        r = self.r
+        grouped = float(np.where(np.arange(share.size) < nf, share, 0.0).sum()) + (r.launch_s if nf > 0 else 0.0)
+        span_m = lpt_span(cpu[split:].tolist(), w)
+        span_t = lpt_span(cpu[nf:].tolist(), w)
+        return bool(mine(grouped, span_m) < theirs(grouped, span_t))
+
+    def _side_at(self, grouped: float, od_sum: float, act: float, res: float, compute: list[float],
+                 tags: list[int], n_cpu: int, span: float) -> float:
+        """The layer-forward's expert phase (layer_phases' "side") for a CPU pool span: contention,
+        then the on-demand pipeline (each copy once its slot is free: `tags`, row_slot_rule) and
+        the CPU side."""
+        r, c = self.r, self.r.expert_copy_s
+        s = r.contention
+        slow = 0.0
+        if s > 0:
+            overlap = min(grouped + od_sum, span)
+            slow = 0.0 + s * overlap
+            factor = (span + s * overlap) / max(span, 1e-300) if span > 0 else 1.0
+            span = span * factor
+        grouped_end = grouped + slow
+        gpu_end = grouped_end
+        cpu_end = act + span
+        if compute:
+            engine = act if r.engines == 1 else 0.0
+            gpu = grouped_end
+            ends: list[float] = []
+            for x, tag in zip(compute, tags, strict=True):
+                slot = 0.0 if tag == lm.FREE_NOW else grouped_end if tag == lm.AFTER_GROUPED else ends[tag]
+                landed = max(engine, slot) + c
+                gpu = max(gpu, landed) + x
+                ends.append(gpu)
+                engine = landed
+            gpu_end = gpu
+            cpu_end = max(cpu_end, engine)
+        res_end = cpu_end + res if n_cpu > 0 else 0.0
+        return max(gpu_end, res_end)

@@ -15,10 +15,15 @@ layer-forward is never slower than tide's with the same resident set; waits for 
 background copies (asynchronous refresh) are left out of the comparison.
 
 Experts that cannot be copied on demand here stay on the CPU: those resident before this forward
-(a sync refresh evicts them now) and those an asynchronous refresh copies in this forward. With
-asynchronous refresh nothing is copied on demand in a forward in which some layer refreshes, nor
-while the policy's estimate of the background copies still queued on the copy engine is not zero
-(Backlog): refresh copies would wait behind the on-demand ones and the GPU for them, a cost the
+(a sync refresh evicts them now). With asynchronous refresh, this forward's refresh copies of its
+own activated experts are candidates too: taken on demand (copy=1, resident after, as tide has
+them), the expert runs on the GPU once its copy lands instead of on the CPU, with no copy beyond
+tide's; executors serve demand copies ahead of queued background copies, so taking n of them
+delays the background copies queued ahead by n copies, and the comparison charges that delay,
+min(Backlog estimate, n x copy time), to the candidate. Other on-demand copies (experts that
+pass through) are not made in a forward in which some layer refreshes asynchronously, nor while
+the policy's estimate of the background copies still queued on the copy engine is not zero
+(Backlog): refresh copies would wait behind them and the GPU for them, a cost the
 per-layer-forward comparison does not see (without this rule tide-split lost to tide with
 asynchronous refresh on the prefix-cache traces). The
 slot rule needs the pool's size: the policy keeps it per layer, as the executors' slot plan
@@ -34,10 +39,11 @@ import numpy as np
 from tidesim import layermodel as lm
 from tidesim.policies.planned import planned_setup
 from tidesim.policies.registry import PolicyTraits, register_policy
-from tidesim.policies.split import ExpertTimes, Slots, best_split
-from tidesim.policies.step import Choice, ForwardMeta, Rows, Setup, placement_of
+from tidesim.policies.residency import refresh_sets
+from tidesim.policies.split import ExpertTimes, RowSplit, Slots, best_split, row_slot_rule, slot_spares, slot_spares_one
+from tidesim.policies.step import Choice, ForwardMeta, Rows, Setup, copies, no_copies, placement_of
 from tidesim.policies.tide import Tide, refreshes
-from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, CPU, GPU, NO_COPY
+from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, COPY_SYNC_REFRESH, CPU, GPU, NO_COPY
 
 
 @dataclass
@@ -57,6 +63,11 @@ class Backlog:
     def next_forward(self, index: int) -> None:
         self.seconds = max(self.seconds + self._copies * self.rates.expert_copy_s - self._elapsed, 0.0)
         self.forward, self._copies, self._elapsed = index, 0, 0.0
+
+    def add_one(self, copies: int, elapsed: float) -> None:
+        """add, with the copies already counted (one layer-forward)."""
+        self._copies += copies
+        self._elapsed += elapsed
 
     def add(self, copy: np.ndarray, elapsed: float) -> None:
         self._copies += int(np.count_nonzero((copy == COPY_ASYNC_REFRESH) | (copy == COPY_ON_DEMAND)))
@@ -81,34 +92,109 @@ class TideSplit(Tide):
         super().__init__(setup)
         self.spec, self.hw = self.setup.model, self.setup.options.hw
         self.times = ExpertTimes(self.spec, self.hw)
+        self.row = RowSplit(self.spec, self.hw, self.times)
         self.size0 = np.maximum(self.budget, self.initial.sum(axis=1))   # the slot pool, as copy_releases starts it
         self.spares = np.zeros(setup.layers, dtype=np.int64)             # spare slots taken so far, per layer
         self.on_demand = 0
         self.backlog = Backlog(lm.Rates.of(self.hw, self.spec))
+        self._any_refresh = False
+        # activation history per (layer, expert): bit 62 = activated in the layer's previous forward,
+        # bit 61 = the one before, ... (63 forwards); compared as integers, most recent use first
+        self.history = np.zeros((setup.layers, setup.experts), dtype=np.int64)
+        self._ids = np.arange(setup.experts)
 
     def decide(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
-        placement, copy, demote, resident = super().decide(meta, rows, counts)
+        if counts.shape[0] == 1 and self.row.usable:
+            return self._decide_one(meta, rows, counts)
+        placement, copy, demote, resident = self._refresh(meta, rows, counts)
         before = self.current[rows]
         act = counts > 0
         gate = placement == GPU
         movable = act & ~gate & ~before & (copy == NO_COPY)          # may be copied in on demand now
+        # asynchronous refresh: this forward's refresh copies of its activated experts may be taken now
+        stay = act & ~gate & (copy == COPY_ASYNC_REFRESH) if not self.sync else np.zeros_like(act)
         if not self.sync and self._background(meta):
             movable[:] = False
+        movable |= stay
         free_base, deferred, n_sync = lm.slot_counts(before, resident, placement, copy)
         size = np.maximum(self.size0[rows] + self.spares[rows], before.sum(axis=1))
         if movable.any():
             free, _ = lm.free_slots(size, free_base, n_sync)
             order = decision_order(counts, gate & act, movable)
             n_free, top = gate.sum(axis=1), (gate | movable).sum(axis=1)
-            slots = Slots(free, deferred, (copy == COPY_ASYNC_REFRESH).sum(axis=1))
+            slots = Slots(free, deferred, (copy == COPY_ASYNC_REFRESH).sum(axis=1),
+                          np.take_along_axis(stay, order, axis=1) if stay.any() else None, self.backlog.seconds)
             counts_sorted = np.take_along_axis(counts, order, axis=1)
             split = best_split(counts_sorted, order, act.sum(axis=1), n_free, self.spec, self.hw, slots, top,
                                keep_resident=True, try_all=False, times=self.times)
-            placement, copy = self._apply(order, split, n_free, counts, copy)
-            free_base, deferred, n_sync = lm.slot_counts(before, resident, placement, copy)
+            placement, copy = self._apply(order, split, n_free, placement, copy)
+            # slot_counts is unchanged: on-demand experts were neither resident nor leaving
         self._take_spares(rows, size, free_base, deferred, n_sync, copy, resident)
         if not self.sync:
             self.backlog.add(copy, self._side_bound(counts, placement))
+        return placement, copy, demote, resident
+
+    def _decide_one(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
+        """decide for one layer (the live engine's call) on 1-D arrays and plain integers, with
+        RowSplit: the same decisions as the batched path, at a fraction of its numpy calls."""
+        placement, copy, demote, resident = self._refresh(meta, rows, counts)
+        layer = rows.start if isinstance(rows, slice) else int(rows[0])
+        c, p, cp = counts[0], placement[0], copy[0]
+        before = self.current[layer]
+        gate = p == GPU
+        n_before = int(np.count_nonzero(before))
+        refreshing = self.refreshed.flags(meta, rows)[1]
+        if refreshing:
+            leaving = before & ~resident[0]
+            n_grouped = int(np.count_nonzero(leaving & gate & (cp == NO_COPY)))
+            free_base = int(np.count_nonzero(leaving)) - n_grouped - n_before
+            n_sync = int(np.count_nonzero(cp == COPY_SYNC_REFRESH))
+            n_async = int(np.count_nonzero(cp == COPY_ASYNC_REFRESH))
+        else:                                # no copies, the resident set unchanged (Tide.decide)
+            n_grouped, free_base, n_sync, n_async = 0, -n_before, 0, 0
+        size = max(int(self.size0[layer] + self.spares[layer]), n_before)
+        free, sync_spare = max(size + free_base - n_sync, 0), max(n_sync - size - free_base, 0)
+        n_od, passes = 0, None
+        background = not self.sync and self._background(meta)
+        stays = not self.sync and refreshing
+        if not background or stays:
+            act = np.flatnonzero(c)
+            at_gate = gate[act]
+            # without a refresh the placement is the resident set, so the movable ones are the rest
+            movable = (p[act] == CPU) & ~before[act] & (cp[act] == NO_COPY) if refreshing else ~at_gate
+            if background:
+                movable[:] = False
+            stay = (cp[act] == COPY_ASYNC_REFRESH) & ~at_gate if stays else None
+            if stay is not None:
+                movable |= stay
+            if movable.any():
+                ca = c[act]
+                top = int(ca.max()) + 1
+                band = np.where(at_gate, 0, np.where(movable, 1, 2))
+                perm = np.argsort(band * top + (top - 1 - ca), kind="stable")
+                order = act[perm]
+                nf = int(np.count_nonzero(at_gate))
+                stay_sorted = stay[perm] if stay is not None and stay.any() else None
+                split = self.row.one(c[order], order, nf, nf + int(np.count_nonzero(movable)), free, n_grouped,
+                                     stay_sorted, self.backlog.seconds)
+                if split > nf:
+                    demand = order[nf:split]
+                    placement, copy = placement.copy(), copy.copy()
+                    placement[0, demand] = GPU
+                    copy[0, demand] = COPY_ON_DEMAND
+                    n_od = split - nf
+                    self.on_demand += n_od
+                    if stay_sorted is not None and stay_sorted[nf:split].any():
+                        by_id = np.argsort(demand)
+                        passes = (~stay_sorted[nf:split][by_id]).tolist()
+                        n_async -= n_od - sum(passes)
+        if passes is None:
+            spare = sync_spare + slot_spares_one(n_od, n_async, free, n_grouped)
+        else:
+            spare = sync_spare + row_slot_rule(passes, n_async, free, n_grouped)[1]
+        self.spares[layer] += spare
+        if not self.sync:
+            self.backlog.add_one(n_async + n_od, self._side_bound_one(c, placement[0]))
         return placement, copy, demote, resident
 
     def _side_bound(self, counts: np.ndarray, placement: np.ndarray) -> float:
@@ -122,39 +208,78 @@ class TideSplit(Tide):
         grouped = np.where(placement == GPU, gpu_full, 0.0).sum(axis=1)
         return float(np.maximum(pool, grouped).sum())
 
+    def _refresh(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
+        """Tide.decide (the interval refresh, its target and its copies), with one change: the
+        refresh ranks experts by tokens, then by their activation history (activated in the
+        previous forward first, ties by the forward before that, and so on: the history as a
+        binary number), then by id, where TIDE breaks ties by id alone. With a prefix cache a
+        forward activates fewer experts than the budget, so a refresh keeps every activated
+        expert and the ties decide which idle residents stay: by history, those the next forwards
+        are likeliest to use (temporal stability); by id, an arbitrary set, copied back soon
+        after. Causal: the ranking reads the current forward's routing and the past."""
+        current = self.current[rows]
+        refresh, some, every = self.refreshed.flags(meta, rows)
+        history = self.history[rows]
+        self.history[rows] = (history >> 1) | ((counts > 0).astype(np.int64) << 62)
+        if not some:
+            return (placement_of(counts, current), no_copies(counts), np.zeros(counts.shape, dtype=bool),
+                    current.copy())
+        if counts.shape[0] == 1:
+            order = np.lexsort((self._ids, -history[0], -counts[0]))[None, :]
+        else:
+            order = np.lexsort((np.broadcast_to(self._ids, counts.shape), -history, -counts), axis=-1)
+        _, refreshed = refresh_sets(current, counts, self.budget[rows], order)
+        after = refreshed if every else np.where(refresh[:, None], refreshed, current)
+        copy = copies(after > current, self.copy_code)
+        gpu = after if self.sync else current
+        return placement_of(counts, gpu), copy, np.zeros(counts.shape, dtype=bool), after
+
+    def _side_bound_one(self, c: np.ndarray, p: np.ndarray) -> float:
+        """_side_bound for one layer-forward on 1-D arrays (the same sums, so the same value)."""
+        gpu_full, cpu = self.times(c)
+        on_cpu = np.where(p == CPU, cpu, 0.0)
+        pool = max(on_cpu.sum() / self.backlog.rates.workers, on_cpu.max())
+        return float(max(pool, np.where(p == GPU, gpu_full, 0.0).sum()))
+
     def _background(self, meta: ForwardMeta) -> bool:
         """Whether refresh copies may be on the copy engine in the background during this forward:
         some layer refreshes in it (the refresh rule, for every layer), or the backlog estimated
         from the forwards before has not drained (Backlog)."""
         if meta.index != self.backlog.forward:
             self.backlog.next_forward(meta.index)
-        return bool(refreshes(meta, self.tau).any()) or self.backlog.seconds > 0
+            self._any_refresh = bool(refreshes(meta, self.tau).any())   # once per forward, not per layer
+        return self._any_refresh or self.backlog.seconds > 0
 
-    def _apply(self, order: np.ndarray, split: np.ndarray, n_free: np.ndarray, counts: np.ndarray,
+    def _apply(self, order: np.ndarray, split: np.ndarray, n_free: np.ndarray, placement: np.ndarray,
                copy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Placement and copies of the chosen splits: decision positions < split on the GPU, those
-        at or past n_free of them copied on demand."""
-        position = np.arange(order.shape[1])[None, :]
-        gpu_sorted = position < split[:, None]
-        demand_sorted = gpu_sorted & (position >= n_free[:, None])
-        gpu, demand = np.zeros(order.shape, bool), np.zeros(order.shape, bool)
-        np.put_along_axis(gpu, order, gpu_sorted, axis=1)
-        np.put_along_axis(demand, order, demand_sorted, axis=1)
-        self.on_demand += int(demand.sum())
-        return placement_of(counts, gpu), np.where(demand, np.int8(COPY_ON_DEMAND), copy)
+        """Placement and copies of the chosen splits: decision positions n_free .. split - 1 (not
+        resident at the gate) move from the CPU to the GPU, copied on demand."""
+        placement, copy = placement.copy(), copy.copy()
+        for i in np.flatnonzero(split > n_free).tolist():
+            demand = order[i, n_free[i]:split[i]]
+            placement[i, demand] = GPU
+            copy[i, demand] = COPY_ON_DEMAND
+            self.on_demand += demand.size
+        return placement, copy
 
     def _take_spares(self, rows: Rows, size: np.ndarray, free_base: np.ndarray, deferred: np.ndarray,
-                     n_sync: np.ndarray, copy: np.ndarray, resident: np.ndarray) -> None:
+                     n_sync: np.ndarray, copy: np.ndarray, resident: np.ndarray | None = None) -> None:
         """Grow each layer's slot pool by the spare slots this forward's copies take (the slot
-        rule, as tidesim.layermodel.copy_releases applies it to the whole schedule)."""
-        od_g, od_e = np.nonzero(copy == COPY_ON_DEMAND)
-        as_g = np.nonzero(copy == COPY_ASYNC_REFRESH)[0]
+        rule, as tidesim.layermodel.copy_releases applies it to the whole schedule; in closed form,
+        split.slot_spares: an on-demand copy is never resident after its forward, so it only passes
+        through its slot)."""
         free, sync_spare = lm.free_slots(size, free_base, n_sync)
-        if od_g.size + as_g.size == 0:
-            spare = sync_spare
-        else:
-            _, _, taken = lm.slot_tags(od_g, ~resident[od_g, od_e], as_g, free, deferred)
+        od = copy == COPY_ON_DEMAND
+        if resident is not None and (od & resident).any():     # some stay: the general slot rule
+            od_g, od_e = np.nonzero(od)
+            _, _, taken = lm.slot_tags(od_g, ~resident[od_g, od_e], np.nonzero(copy == COPY_ASYNC_REFRESH)[0], free,
+                                       deferred)
             spare = sync_spare + taken
+            if spare.any():
+                self.spares[rows] += spare
+            return
+        spare = sync_spare + slot_spares((copy == COPY_ON_DEMAND).sum(axis=1), (copy == COPY_ASYNC_REFRESH).sum(axis=1),
+                                         free, deferred)
         if spare.any():
             self.spares[rows] += spare
 
