@@ -43,10 +43,10 @@ class TauChoice:
                 "tokens_per_s": {str(t): v for t, v in self.tokens_per_s.items()}}
 
 
-def check_tau(tau: int | None) -> None:
-    """The one input check of a given interval (every command's --tau): at least 1."""
+def check_tau(tau: int | None, flag: str = "--tau") -> None:
+    """The one input check of a given interval (every command's --tau, plan's --taus grid): at least 1."""
     if tau is not None and tau < 1:
-        raise InputError(f"--tau must be at least 1, got {tau}")
+        raise InputError(f"{flag} must be at least 1, got {tau}")
 
 
 def given_tau(tau: int) -> TauChoice:
