@@ -50,11 +50,12 @@ def budget_for_memory(model: ModelSpec, gpu_mem_gib: float, max_per_layer: int |
     return min(per_layer, cap)
 
 
-def check_budget(budget: int, model: ModelSpec, flag: str = "--budget") -> None:
-    """The one range check of a GPU expert budget per layer given by a user (--budget, a --budgets
-    grid, a plan's budgets): 0..the model's experts per layer."""
-    if not 0 <= budget <= model.num_experts:
-        raise InputError(f"{flag} must lie in 0..{model.num_experts} experts per layer for {model.name} "
+def check_budget(budget: int, experts: int, flag: str = "--budget", model: str | None = None) -> None:
+    """The one range check of a GPU expert budget per layer (--budget, a --budgets grid, a policy's
+    per-layer budget): 0..the model's experts per layer."""
+    if not 0 <= budget <= experts:
+        where = f" for {model}" if model else ""
+        raise InputError(f"{flag} must lie in 0..{experts} experts per layer{where} "
                          f"(it must not exceed the model's experts), got {budget}")
 
 

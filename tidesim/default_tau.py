@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tidesim.errors import InputError
 from tidesim.hardware import HardwareProfile
 from tidesim.lru import LRU
 from tidesim.notes import note_all, noting
 from tidesim.plan import Plan
+from tidesim.policies.options import check_tau
 from tidesim.workload import Workload
 
 # Candidate intervals: TIDE's evaluation swept 1..31; a coarse grid over the same range keeps the
@@ -41,12 +41,6 @@ class TauChoice:
     def to_dict(self) -> dict[str, object]:
         return {"tau": self.tau, "source": self.source, "reason": self.reason,
                 "tokens_per_s": {str(t): v for t, v in self.tokens_per_s.items()}}
-
-
-def check_tau(tau: int | None, flag: str = "--tau") -> None:
-    """The one input check of a given interval (every command's --tau, plan's --taus grid): at least 1."""
-    if tau is not None and tau < 1:
-        raise InputError(f"{flag} must be at least 1, got {tau}")
 
 
 def given_tau(tau: int) -> TauChoice:

@@ -222,7 +222,7 @@ def _budget(budget: int | None, gpu_mem_gib: float | None, workload: Workload, h
             cap: int | None | Literal["tide"] = "tide") -> tuple[int, str]:
     spec = workload.model
     if budget is not None:
-        check_budget(budget, spec)
+        check_budget(budget, spec.num_experts, model=spec.name)
         return budget, "--budget"
     memory = gpu_mem_gib if gpu_mem_gib is not None else hw.gpu.memory_gib
     where = "--gpu-mem-gib" if gpu_mem_gib is not None else f"{hw.name} GPU memory"

@@ -128,13 +128,13 @@ def plan_grid(model: ModelSpec, gpu_mem_gib: float, taus: list[int] | None, budg
     (default 1..32, each at least 1 by the --tau rule) and budgets (default a grid around the
     uniform budget, each within the model's experts by the --budget rule)."""
     from tidesim.budget import check_budget
-    from tidesim.default_tau import check_tau
+    from tidesim.policies.options import check_tau
 
     slots = expert_slots(model, gpu_mem_gib)
     taus = taus or list(range(1, 33))
     check_tau(min(taus), "--taus")
     budgets = budgets or default_budgets(slots, model.num_moe_layers, model.num_experts)
-    check_budget(max(budgets), model, "--budgets")
+    check_budget(max(budgets), model.num_experts, "--budgets", model.name)
     return slots, taus, budgets
 
 

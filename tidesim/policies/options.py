@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tidesim.budget import check_budget
 from tidesim.errors import InputError
 from tidesim.hardware import HardwareProfile
 from tidesim.workload import Workload
@@ -43,13 +44,11 @@ class PolicyOptions:
         """Refuse options that do not fit a model of `layers` MoE layers of `experts` experts."""
         if self.budget.shape != (layers,):
             raise InputError(f"budget must give one value per MoE layer ({layers})")
-        if (self.budget < 0).any() or (self.budget > experts).any():
-            raise InputError(f"budget must lie in 0..{experts} experts per layer, got "
-                             f"{int(self.budget.min())}..{int(self.budget.max())}")
+        for value in (int(self.budget.min()), int(self.budget.max())):
+            check_budget(value, experts, "budget")
         if self.tau.shape != (layers,):
             raise InputError(f"tau must give one value per MoE layer ({layers})")
-        if (self.tau < 1).any():
-            raise InputError(f"tau must be at least 1, got {int(self.tau.min())}")
+        check_tau(int(self.tau.min()), "tau")
         if self.refresh not in REFRESH_MODES:
             raise InputError(f"refresh must be one of {', '.join(REFRESH_MODES)}, got {self.refresh!r}")
         if not 0 < self.warmup_fraction <= 1:
@@ -59,3 +58,10 @@ class PolicyOptions:
 def uniform(value: int, layers: int) -> np.ndarray:
     """One value for every MoE layer."""
     return np.full(layers, int(value), dtype=np.int64)
+
+
+def check_tau(tau: int | None, flag: str = "--tau") -> None:
+    """The one input check of an interval (every command's --tau, plan's --taus grid, a policy's
+    per-layer tau): at least 1."""
+    if tau is not None and tau < 1:
+        raise InputError(f"{flag} must be at least 1, got {tau}")
