@@ -14,10 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tidesim.hardware import HardwareProfile
+from tidesim.limits import check_tau
 from tidesim.lru import LRU
 from tidesim.notes import note_all, noting
 from tidesim.plan import Plan
-from tidesim.policies.options import check_tau
 from tidesim.workload import Workload
 
 # Candidate intervals: TIDE's evaluation swept 1..31; a coarse grid over the same range keeps the

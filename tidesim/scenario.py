@@ -23,9 +23,10 @@ from typing import Any, Literal
 import numpy as np
 
 from tidesim.budget import check_budget, default_budget
-from tidesim.default_tau import TauChoice, check_tau, choose_tau
+from tidesim.default_tau import TauChoice, choose_tau
 from tidesim.errors import InputError
 from tidesim.hardware import HardwareProfile, get_profile
+from tidesim.limits import check_tau
 from tidesim.notes import collecting
 from tidesim.plan import Plan, plan_slots
 from tidesim.policies.options import PolicyOptions, uniform

@@ -128,7 +128,7 @@ def plan_grid(model: ModelSpec, gpu_mem_gib: float, taus: list[int] | None, budg
     (default 1..32, each at least 1 by the --tau rule) and budgets (default a grid around the
     uniform budget, each within the model's experts by the --budget rule)."""
     from tidesim.budget import check_budget
-    from tidesim.policies.options import check_tau
+    from tidesim.limits import check_tau
 
     slots = expert_slots(model, gpu_mem_gib)
     taus = taus or list(range(1, 33))

@@ -10,6 +10,7 @@ import numpy as np
 from tidesim.budget import check_budget
 from tidesim.errors import InputError
 from tidesim.hardware import HardwareProfile
+from tidesim.limits import check_tau
 from tidesim.workload import Workload
 
 REFRESH_MODES = ("sync", "async")
@@ -58,10 +59,3 @@ class PolicyOptions:
 def uniform(value: int, layers: int) -> np.ndarray:
     """One value for every MoE layer."""
     return np.full(layers, int(value), dtype=np.int64)
-
-
-def check_tau(tau: int | None, flag: str = "--tau") -> None:
-    """The one input check of an interval (every command's --tau, plan's --taus grid, a policy's
-    per-layer tau): at least 1."""
-    if tau is not None and tau < 1:
-        raise InputError(f"{flag} must be at least 1, got {tau}")

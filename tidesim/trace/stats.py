@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from tidesim.errors import InputError
+from tidesim.limits import check_tau
 from tidesim.trace.schema import Trace
 from tidesim.workload import Workload
 
@@ -103,8 +104,7 @@ def refresh_mask(block: np.ndarray, step: np.ndarray, tau: int, is_step: np.ndar
     """Forwards that refresh: every forward of the first generated block (and the prefill,
     block -1), and steps whose within-block step counter is a multiple of tau (the public TIDE
     code); a commit forward (is_step False, block >= 0) never refreshes, as in the tide policies."""
-    if tau < 1:
-        raise InputError(f"tau must be at least 1, got {tau}")
+    check_tau(tau, "tau")
     refresh = (block <= 0) | (step % tau == 0)
     if is_step is not None:
         refresh &= is_step | (block < 0)
