@@ -140,7 +140,7 @@ def assemble(trace: str, workload: Workload, hw: HardwareProfile, policies: list
     What the tau search's cost lookups noted is kept in the scenario's notes, with `notes` (what the
     caller's own resolving noted, e.g. a planner run)."""
     check_tau(tau)
-    slots, source = _budget(budget, gpu_mem_gib, workload, hw, budget_cap)
+    slots, source = resolve_budget(budget, gpu_mem_gib, workload, hw, budget_cap)
     if not allow_roofline:
         check_curves(hw, workload, policies)
     uses_tau = any(traits(p).uses_tau for p in policies)
@@ -173,14 +173,22 @@ def read_inputs(trace: str, model: str | None = None) -> tuple[Path, Trace, Work
 
 def prompt_ids(text: str, available: list[int], flag: str = "--prompts") -> list[int]:
     """--prompts "0,2" as prompt ids of the trace (refused: empty, not numbers, not in the trace)."""
-    try:
-        ids = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise InputError(f"{flag} must be comma-separated prompt ids, got {text!r}") from None
-    if not ids:
-        raise InputError(f"{flag} is empty; give prompt ids such as 0,1 or leave the flag out for all prompts")
+    ids = int_list(text, flag, "prompt ids",
+                   f"{flag} is empty; give prompt ids such as 0,1 or leave the flag out for all prompts")
     check_prompt_ids(ids, available, flag)
     return ids
+
+
+def int_list(text: str, flag: str, what: str = "integers", empty: str | None = None) -> list[int]:
+    """A flag's comma-separated integers, in the order given (--prompts; validate's --budgets and
+    --taus); refused: not integers, or none (with `empty`, else "needs at least one value")."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"{flag} must be comma-separated {what}, got {text!r}") from None
+    if not values:
+        raise InputError(empty or f"{flag} needs at least one value")
+    return values
 
 
 @dataclass(frozen=True, eq=False)
@@ -219,8 +227,10 @@ def resolve_plan(trace: str, hw: str | HardwareProfile, gpu_mem_gib: float, poli
                       calibration=calib, heldout=held, taus=taus, budgets=budgets)
 
 
-def _budget(budget: int | None, gpu_mem_gib: float | None, workload: Workload, hw: HardwareProfile,
-            cap: int | None | Literal["tide"] = "tide") -> tuple[int, str]:
+def resolve_budget(budget: int | None, gpu_mem_gib: float | None, workload: Workload, hw: HardwareProfile,
+                   cap: int | None | Literal["tide"] = "tide") -> tuple[int, str]:
+    """The budget and its reason: --budget checked (budget.check_budget), else the default-budget
+    rule (budget.default_budget) on --gpu-mem-gib or the profile's GPU memory."""
     spec = workload.model
     if budget is not None:
         check_budget(budget, spec.num_experts, model=spec.name)
