@@ -50,6 +50,12 @@ def budget_for_memory(model: ModelSpec, gpu_mem_gib: float, max_per_layer: int |
     return min(per_layer, cap)
 
 
+def live_budget(experts: int) -> int:
+    """The budget where no GPU memory sets one (a live run, validate, trace statistics without the
+    TIDE scripts' cap): half the experts per layer; the runtime checks the device's memory itself."""
+    return experts // 2
+
+
 def check_budget(budget: int, experts: int, flag: str = "--budget", model: str | None = None) -> None:
     """The one range check of a GPU expert budget per layer (--budget, a --budgets grid, a policy's
     per-layer budget): 0..the model's experts per layer."""

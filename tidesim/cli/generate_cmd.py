@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from tidesim.budget import check_budget
+from tidesim.budget import check_budget, live_budget
 from tidesim.cli.calibrate_cmd import require_runtime
 from tidesim.cli.cpu_kernel_arg import add_cpu_kernel_arg, profile_kernel, use_cpu_kernel
 from tidesim.cli.decode_args import add_decode_args, decode_kwargs
@@ -227,7 +227,7 @@ def policy_options(args: argparse.Namespace, spec: Any, hw: Any) -> tuple[str, A
         check_online(name)
         if traits(name).needs_plan:
             raise InputError(f"the {name} policy runs a plan: give --plan FILE (from `tidesim plan`)")
-    budget = args.budget if args.budget is not None else experts // 2   # a live run has no memory rule
+    budget = args.budget if args.budget is not None else live_budget(experts)
     check_budget(budget, experts, "--budget", spec.name)
     if traits(name).reads_profile and hw is None:
         raise InputError(f"{name} decides with a hardware profile's costs; give --hw PROFILE")

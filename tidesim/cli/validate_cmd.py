@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tidesim.budget import live_budget
 from tidesim.cli.calibrate_cmd import require_runtime
 from tidesim.cli.cpu_kernel_arg import add_cpu_kernel_arg, profile_kernel, use_cpu_kernel
 from tidesim.cli.guard import Output, declare_outputs
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     device = select_device(args.device, hw.cpu.workers)
     use_cpu_kernel(args.cpu_kernel, device.dtype, measured_with)
     experts = workload.num_experts
-    budgets = int_list(args.budgets, "--budgets") if args.budgets is not None else [experts // 2]
+    budgets = int_list(args.budgets, "--budgets") if args.budgets is not None else [live_budget(experts)]
     tau_choice, tau_notes = None, frozenset[str]()
     if args.taus is not None:
         taus = int_list(args.taus, "--taus")
