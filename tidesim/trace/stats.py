@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from tidesim.budget import check_budget
 from tidesim.errors import InputError
 from tidesim.limits import check_tau
 from tidesim.trace.schema import Trace
@@ -71,8 +72,8 @@ def _budget_array(budget: int | Sequence[int] | np.ndarray, layers: int, experts
         b = np.full(layers, int(b), dtype=np.int64)
     if b.shape != (layers,):
         raise InputError(f"budget must be one number or one per MoE layer ({layers}), got {b.shape[0]} values")
-    if (b < 0).any() or (b > experts).any():
-        raise InputError(f"budget must lie in 0..{experts} experts per layer, got {int(b.min())}..{int(b.max())}")
+    for value in (int(b.min()), int(b.max())):
+        check_budget(value, experts, "budget")
     return b
 
 
