@@ -28,6 +28,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from tidesim.budget import live_budget  # noqa: E402
 from tidesim.bundled.paths import resolve_trace  # noqa: E402
 from tidesim.hardware import get_profile  # noqa: E402
 from tidesim.policies import PolicyOptions, build_schedule, uniform  # noqa: E402
@@ -113,7 +114,7 @@ def engine(args: argparse.Namespace) -> None:
 
     spec = with_layers(get_model(args.config), args.layers, at_most_spec=False)
     layers, experts = spec.num_moe_layers, spec.num_experts
-    budget = args.budget if args.budget is not None else experts // 2
+    budget = args.budget if args.budget is not None else live_budget(experts)
     device = select_device("cpu", 1)
     cfg = DecodeConfig(gen_length=args.gen_length, block_length=args.block_length, kv_cache=args.kv_cache,
                        threshold=args.threshold)

@@ -23,14 +23,9 @@ import platform
 import sys
 import time
 
-from tidesim.budget import default_budget
-from tidesim.bundled.paths import resolve_trace
-from tidesim.hardware import get_profile
 from tidesim.planner import (
     compare_on,
     cost_table,
-    default_budgets,
-    expert_slots,
     fit_candidates,
     oracle_bound,
     oracle_costs,
@@ -38,11 +33,9 @@ from tidesim.planner import (
     plan_policies,
     select_plan,
     solve_plan,
-    split_prompts,
     uniform_budget,
 )
-from tidesim.trace.io import read_trace
-from tidesim.workload import workload_from_trace
+from tidesim.scenario import profile_of, resolve_budget, resolve_plan
 
 SOLVE_LIMIT_S = 10.0
 
@@ -62,24 +55,22 @@ def main() -> int:
                              "planner's grid)")
     args = parser.parse_args()
 
-    hw = get_profile(args.hw)
+    hw = profile_of(args.hw)
     gib = args.gpu_mem_gib if args.gpu_mem_gib is not None else hw.gpu.memory_gib
-    trace = read_trace(resolve_trace(args.trace))
-    workload = workload_from_trace(trace)
+    calibrate = parse_int_list(args.calibrate, "--calibrate", allow_zero=True) if args.calibrate else None
+    taus = parse_int_list(args.taus, "--taus", allow_zero=True)
+    inputs = resolve_plan(args.trace, hw, gib, args.policy, calibrate_prompts=calibrate, taus=taus)
+    workload, calib, held, slots = inputs.workload, inputs.calibration, inputs.heldout, inputs.slots
     model = workload.model
-    calib, held = split_prompts(trace.prompt_ids, [int(p) for p in args.calibrate.split(",")] if args.calibrate
-                                else None)
     cw = workload.select_prompts(calib)
-    slots = expert_slots(model, gib)
     layers, experts = model.num_moe_layers, model.num_experts
     u = uniform_budget(slots, layers, experts)
-    tide_budget = default_budget(model, gib, "--gpu-mem-gib").slots
-    taus = parse_int_list(args.taus, "--taus")
+    tide_budget = resolve_budget(None, gib, workload, hw)[0]
     if args.budget_factors:
         factors = [float(f) for f in args.budget_factors.split(",")]
         budgets = sorted({min(max(round(u * f), 1), experts) for f in factors} | {u})
     else:
-        budgets = sorted(set(default_budgets(slots, layers, experts)) | {u})
+        budgets = sorted(set(inputs.budgets) | {u})
     print(f"{args.trace} on {hw.name}, {gib:g} GiB: {slots} expert slots, uniform budget {u} "
           f"(the public code's budget here: {tide_budget}); calibration prompts {calib}, held out {held}; "
           f"planning for {args.policy}")

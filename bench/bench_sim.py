@@ -31,30 +31,30 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tidesim.budget import default_budget
-from tidesim.bundled.paths import bundled_traces, resolve_trace
+from tidesim.bundled.paths import bundled_traces
 from tidesim.costmodel import estimate, lower_bound
-from tidesim.hardware import HardwareProfile, get_profile
-from tidesim.policies import PolicyOptions, build_schedule, policy_names, uniform
+from tidesim.hardware import HardwareProfile
+from tidesim.policies import build_schedule, policy_names
 from tidesim.policies.registry import reference_policy
 from tidesim.run import run
+from tidesim.scenario import assemble, profile_of, read_inputs
 from tidesim.schedule import Schedule
 from tidesim.sim.costs import ScheduleCosts, schedule_costs
 from tidesim.sim.engine import simulate
-from tidesim.trace.io import read_trace
-from tidesim.workload import Workload, workload_from_trace
+from tidesim.workload import Workload
 
 
 def load(trace: str, prompts: list[int] | None) -> Workload:
-    w = workload_from_trace(read_trace(resolve_trace(trace)))
+    """The trace's workload, looked up and read as every command does (scenario.read_inputs)."""
+    w = read_inputs(trace)[2]
     return w.select_prompts(prompts) if prompts else w
 
 
 def make_schedule(w: Workload, hw: HardwareProfile, policy: str, refresh: str = "sync", tau: int = 2) -> Schedule:
-    budget = default_budget(w.model, hw.gpu.memory_gib, hw.name).slots
-    opts = PolicyOptions(budget=uniform(budget, w.num_layers), tau=uniform(tau, w.num_layers), hw=hw,
-                         refresh=refresh)
-    return build_schedule(policy, w, opts)
+    """The policy's schedule on the scenario assembled for it: the default budget rule on the
+    profile's GPU memory and tau checked as every command's (the timed steps start from it)."""
+    scenario = assemble("bench", w, hw, [policy], tau=tau, refresh=refresh)
+    return build_schedule(policy, scenario.workload, scenario.options(policy))
 
 
 def median_time(fn: Any, repeats: int) -> dict[str, float]:
@@ -81,7 +81,7 @@ def speed(repeats: int) -> dict[str, Any]:
     # a busy neighbour's burst on a shared machine, which then moves the median
     fast = max(repeats, 200)
     w = load("llada2-flash_prefix_g256", [0])
-    hw = get_profile("h100-sxm-pcie5")
+    hw = profile_of("h100-sxm-pcie5")
     sched = make_schedule(w, hw, "tide")
     costs = schedule_costs(w, sched, hw)
     async_costs = schedule_costs(w, make_schedule(w, hw, "tide", "async"), hw)
@@ -118,7 +118,7 @@ def agreement(traces: list[str] | None = None, presets: list[str] | None = None,
     for trace in traces or bundled_traces():
         w = load(trace, None)
         for hw_name in presets or ["h100-sxm-pcie5", "a100-80gb-pcie4"]:
-            hw = get_profile(hw_name)
+            hw = profile_of(hw_name)
             for policy in policy_names():
                 for refresh in (("sync", "async") if policy == reference_policy() else ("sync",)):
                     if columns is not None and policy + ("-async" if refresh == "async" else "") not in columns:

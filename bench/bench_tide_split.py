@@ -23,15 +23,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from tidesim.budget import default_budget
-from tidesim.bundled.paths import resolve_trace
-from tidesim.default_tau import CANDIDATE_TAUS
-from tidesim.hardware import HardwareProfile, get_profile
-from tidesim.planner import distinct_taus, split_prompts
-from tidesim.policies import PolicyOptions, build_schedule, uniform
+from tidesim.default_tau import CANDIDATE_TAUS, fastest_tau, tide_tokens_per_s
+from tidesim.hardware import HardwareProfile
+from tidesim.planner import split_prompts
+from tidesim.policies import build_schedule
 from tidesim.run import run
-from tidesim.trace.io import read_trace
-from tidesim.workload import Workload, workload_from_trace
+from tidesim.scenario import assemble, resolve
+from tidesim.workload import Workload
 
 TRACES = {"mini-none": "llada2-mini_none_g1024", "flash-none": "llada2-flash_none_g256",
           "mini-prefix": "llada2-mini_prefix_g1024", "flash-prefix": "llada2-flash_prefix_g256"}
@@ -55,37 +53,31 @@ class Case:
     seconds: float
 
 
-def options(w: Workload, hw: HardwareProfile, budget: int, tau: int, refresh: str) -> PolicyOptions:
-    return PolicyOptions(budget=uniform(budget, w.num_layers), tau=uniform(tau, w.num_layers), hw=hw, refresh=refresh)
-
-
 def best_tau(w: Workload, hw: HardwareProfile, budget: int, policy: str, refresh: str) -> int:
-    """The analytic best tau of CANDIDATE_TAUS (ties: the smallest), taus with the same refresh
-    steps run once."""
-    same = distinct_taus(w, list(CANDIDATE_TAUS))
-    done = {t: run(w, build_schedule(policy, w, options(w, hw, budget, t, refresh)), hw, engine="analytic").tokens_per_s
-            for t in sorted(set(same.values()))}
-    return max(sorted(same), key=lambda t: (done[same[t]], -t))
+    """The analytic best tau of CANDIDATE_TAUS (the default-tau rule's search and tie rule, for
+    this policy: default_tau.tide_tokens_per_s, fastest_tau)."""
+    return fastest_tau(tide_tokens_per_s(w, hw, budget, refresh, CANDIDATE_TAUS, policy))
 
 
 def measure(case: str) -> Case:
     start = time.perf_counter()
     trace_key, preset = case.rsplit("-", 1)
-    hw = get_profile(PRESETS[preset])
-    workload = workload_from_trace(read_trace(resolve_trace(TRACES[trace_key])))
-    spec = workload.model
-    budget = default_budget(spec, hw.gpu.memory_gib, hw.name).slots
+    policies = [p for p, _ in VARIANTS] + ["oracle"]
+    base = resolve(TRACES[trace_key], PRESETS[preset], policies, tau=1)   # budget: the default rule; tau per variant
+    workload, hw, budget = base.workload, base.hw, base.budget
     calib, held = split_prompts(sorted({int(p) for p in workload.prompt}), None)
     w_cal, w_held = workload.select_prompts(calib), workload.select_prompts(held)
     taus, analytic, sim = {}, {}, {}
     for policy, refresh in VARIANTS:
         key = f"{policy} {refresh}"
         taus[key] = tau = best_tau(w_cal, hw, budget, policy, refresh)
-        schedule = build_schedule(policy, w_held, options(w_held, hw, budget, tau, refresh))
+        scenario = assemble(base.trace, w_held, hw, [policy], budget=budget, tau=tau, refresh=refresh)
+        schedule = build_schedule(policy, w_held, scenario.options(policy))
         analytic[key] = run(w_held, schedule, hw, engine="analytic").tokens_per_s
         if policy == "tide-split":
             sim[key] = run(w_held, schedule, hw, engine="sim").tokens_per_s
-    oracle = build_schedule("oracle", w_held, options(w_held, hw, budget, 1, "sync"))
+    bound = assemble(base.trace, w_held, hw, ["oracle"], budget=budget, tau=1)
+    oracle = build_schedule("oracle", w_held, bound.options("oracle"))
     analytic["oracle"] = run(w_held, oracle, hw, engine="analytic").tokens_per_s
     tide = max(analytic["tide sync"], analytic["tide async"])
     mine_key = max(("tide-split sync", "tide-split async"), key=lambda k: analytic[k])

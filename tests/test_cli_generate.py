@@ -75,7 +75,7 @@ def bad_cases(tmp_path: Path, prompts: Path) -> list[tuple[list[str], str]]:
         (["--prompts", str(prompts), "--policy", "lru", "-o", str(run)], "unknown policy 'lru'"),
         (["--prompts", str(prompts), "--policy", "oracle", "-o", str(run)], "oracle is a bound"),
         (["--prompts", str(prompts), "--plan", str(plan), "-o", str(run)], "the plan was made for model"),
-        (["--prompts", str(prompts), "--policy", "tide", "--budget", "99", "-o", str(run)], "--budget 99 does not fit"),
+        (["--prompts", str(prompts), "--policy", "tide", "--budget", "99", "-o", str(run)], "--budget must lie in 0."),
         (["--prompts", str(bad_prompts), "--policy", "tide", "-o", str(run)], "--prompts"),
         (["--prompts", str(prompts), "--policy", "tide", "-o", str(other)], "is not a previous `tidesim generate` run"),
         (["--prompts", str(prompts), "--policy", "cpu-routing", "-o", str(run)], "give --static-from"),

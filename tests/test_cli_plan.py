@@ -43,7 +43,7 @@ def test_json_and_global_tau(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
 @pytest.mark.parametrize("extra, gib, message", [
     ((), 1.3, "does not hold"),
-    (("--taus", "0..3"), None, "--taus must be positive"),
+    (("--taus", "0..3"), None, "--taus must be at least 1"),
     (("--budgets", "4,99"), None, "must not exceed"),
     (("--time-limit", "0"), None, "--time-limit must be positive"),
     (("--calibrate-prompts", "9"), None, "prompt 9 is not in the trace"),
@@ -147,3 +147,24 @@ def test_a_tide_split_plan_runs_as_tide_split(tmp_path: Path, capsys: pytest.Cap
     assert main(["compare", *base, "--policies", "tide-split,tide"]) == 0
     rows = {m["policy"]: m for m in json.loads(capsys.readouterr().out)["policies"]}
     assert rows["tide-split"]["total_time_s"] == pytest.approx(plan.heldout.plan_time_s, rel=1e-12)
+
+
+def test_measured_profile_without_the_model_curve(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """plan applies the scenario's measured-curves check (scenario.check_curves): refused with one
+    line naming the missing curve, planned on rooflines with --allow-roofline."""
+    from simkit import profile
+
+    trace = write_tiny_trace(tmp_path)
+    prof = profile()
+    prof.gpu.mem_bandwidth_gbs = prof.gpu.bf16_tflops = 1e5     # inside the plausible ranges
+    prof.pcie.h2d_gbs = prof.pcie.d2h_gbs = 0.01
+    prof.gpu.expert_ffn = []
+    hw = tmp_path / "no_gpu_curve.yaml"
+    prof.save(hw)
+    out = tmp_path / "plan.json"
+    args = ["plan", "--trace", str(trace), "--hw", str(hw), "--gpu-mem-gib", str(gib_for_slots(24)),
+            "--taus", "1,2", "--budgets", "2,4", "--oracle-iterations", "1", "-o", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no gpu.expert_ffn curve for 128x64" in err and not out.exists()
+    assert main([*args, "--allow-roofline"]) == 0 and load_plan(out).hw == "round"

@@ -49,7 +49,7 @@ def test_window_after_the_first_block_starts_at_the_second_block(workload) -> No
 
 
 def test_check_inputs_refuses_budgets_beyond_the_experts(workload) -> None:
-    with pytest.raises(InputError, match="budget 17 does not fit"):
+    with pytest.raises(InputError, match="--budgets must lie in 0..16 experts per layer"):
         check_inputs(workload, [Config("tide", 17, 2, "sync")], select_device("cpu"), None)
 
 

@@ -11,7 +11,7 @@ from tidesim.budget import TIDE_MAX_EXPERTS_PER_LAYER, budget_for_memory, defaul
 from tidesim.errors import InputError
 from tidesim.hardware import get_profile
 from tidesim.models import PRESETS
-from tidesim.scenario import prompt_ids, resolve
+from tidesim.scenario import prompt_ids, resolve, resolve_plan
 
 TRACE = "llada2-mini-4layer_captured_prefix_g256"
 HW = "h100-sxm-pcie5"
@@ -62,3 +62,36 @@ def test_bad_inputs_are_one_line() -> None:
         prompt_ids(" , ", [0, 1])
     with pytest.raises(InputError, match="prompt 5 is not in the trace"):
         prompt_ids("0,5", [0, 1])
+
+
+def test_resolve_plan_applies_the_same_rules_as_resolve(tmp_path) -> None:
+    """tidesim plan's inputs: the slots the memory holds (the tiny model: 3 MoE layers x 16 experts,
+    24 slots at gib_for_slots(24)), the first half of 3 prompts (one) for calibration, the planner's
+    default grids, and the checks every command uses, with the flag named."""
+    from planner_cases import gib_for_slots, write_tiny_trace
+
+    path = write_tiny_trace(tmp_path)
+    inputs = resolve_plan(str(path), HW, gib_for_slots(24), "tide")
+    assert inputs.slots == 24 and inputs.calibration == [0] and inputs.heldout == [1, 2]
+    assert inputs.taus == list(range(1, 33)) and 8 in inputs.budgets          # 24 slots / 3 layers: uniform 8
+    assert inputs.workload.digest == resolve(str(path), HW, ["full-swap"], budget=4).workload.digest
+    assert resolve_plan(str(path), HW, gib_for_slots(24), "tide", calibrate_prompts=[0, 2]).heldout == [1]
+    with pytest.raises(InputError, match="--calibrate-prompts: prompt 7 is not in the trace"):
+        resolve_plan(str(path), HW, gib_for_slots(24), "tide", calibrate_prompts=[7])
+    with pytest.raises(InputError, match="--taus must be at least 1, got 0"):
+        resolve_plan(str(path), HW, gib_for_slots(24), "tide", taus=[0, 2])
+    with pytest.raises(InputError, match="--budgets must lie in 0..16 experts per layer for tiny"):
+        resolve_plan(str(path), HW, gib_for_slots(24), "tide", budgets=[4, 17])
+
+
+def test_one_budget_range_and_memory_rule() -> None:
+    """--budget in resolve and a policy's per-layer budget share budget.check_budget; the uniform
+    budget is the planner's slots shared evenly, capped (budget.expert_slots is the one memory rule)."""
+    from tidesim.budget import expert_slots, live_budget
+
+    mini = PRESETS["llada2-mini"]
+    for gib in (24.0, 40.0, 80.0):
+        assert budget_for_memory(mini, gib) == min(expert_slots(mini, gib) // mini.num_moe_layers, mini.num_experts)
+    assert live_budget(256) == 128 and live_budget(5) == 2
+    with pytest.raises(InputError, match="--budget must lie in 0..256 experts per layer for llada2-mini-4layer"):
+        resolve(TRACE, HW, ["full-swap"], budget=257)

@@ -22,23 +22,47 @@ def expert_memory_bytes(model: ModelSpec, gpu_mem_gib: float) -> float:
     return total - model.non_expert_bytes - reserve_bytes(total)
 
 
+def expert_slots(model: ModelSpec, gpu_mem_gib: float) -> int:
+    """Expert slots (over all MoE layers) `gpu_mem_gib` holds next to the non-expert weights and the
+    reserve: the one memory rule (the uniform budget and the planner's knapsack row both read it).
+    InputError when not even one expert per layer fits."""
+    if not gpu_mem_gib > 0:
+        raise InputError(f"GPU memory must be positive, got {gpu_mem_gib} GiB")
+    free = expert_memory_bytes(model, gpu_mem_gib)
+    slots = int(free // model.expert_bytes) if free > 0 else 0
+    if slots < model.num_moe_layers:
+        need = (model.non_expert_bytes + model.expert_bytes * model.num_moe_layers) / GIB
+        raise InputError(
+            f"{gpu_mem_gib:g} GiB of GPU memory does not hold {model.name}'s non-expert weights plus one expert "
+            f"per MoE layer and the reserve (needs {need:.2f} GiB plus the reserve of max(1.5 GB, 10%)); "
+            "give more memory"
+        )
+    return slots
+
+
 def budget_for_memory(model: ModelSpec, gpu_mem_gib: float, max_per_layer: int | None = None) -> int:
-    """Uniform expert slots per MoE layer that fit: min(max_per_layer, free / (expert bytes x layers)).
+    """Uniform expert slots per MoE layer that fit: min(max_per_layer, expert_slots / layers).
 
     Raises InputError when not even one expert per layer fits.
     """
-    if gpu_mem_gib <= 0:
-        raise InputError(f"GPU memory must be positive, got {gpu_mem_gib} GiB")
-    free = expert_memory_bytes(model, gpu_mem_gib)
-    per_layer = int(free // (model.expert_bytes * model.num_moe_layers)) if free > 0 else 0
-    if per_layer < 1:
-        need = (model.non_expert_bytes + model.expert_bytes * model.num_moe_layers) / GIB
-        raise InputError(
-            f"{gpu_mem_gib:g} GiB of GPU memory does not hold {model.name}'s non-expert weights plus one "
-            f"expert per layer and the reserve (needs more than {need:.1f} GiB plus the reserve); give more memory"
-        )
+    per_layer = expert_slots(model, gpu_mem_gib) // model.num_moe_layers
     cap = model.num_experts if max_per_layer is None else min(max_per_layer, model.num_experts)
     return min(per_layer, cap)
+
+
+def live_budget(experts: int) -> int:
+    """The budget where no GPU memory sets one (a live run, validate, trace statistics without the
+    TIDE scripts' cap): half the experts per layer; the runtime checks the device's memory itself."""
+    return experts // 2
+
+
+def check_budget(budget: int, experts: int, flag: str = "--budget", model: str | None = None) -> None:
+    """The one range check of a GPU expert budget per layer (--budget, a --budgets grid, a policy's
+    per-layer budget): 0..the model's experts per layer."""
+    if not 0 <= budget <= experts:
+        where = f" for {model}" if model else ""
+        raise InputError(f"{flag} must lie in 0..{experts} experts per layer{where} "
+                         f"(it must not exceed the model's experts), got {budget}")
 
 
 def memory_for_budget(model: ModelSpec, per_layer: int) -> float:

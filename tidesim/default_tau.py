@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tidesim.errors import InputError
 from tidesim.hardware import HardwareProfile
+from tidesim.limits import check_tau
 from tidesim.lru import LRU
 from tidesim.notes import note_all, noting
 from tidesim.plan import Plan
@@ -43,12 +43,6 @@ class TauChoice:
                 "tokens_per_s": {str(t): v for t, v in self.tokens_per_s.items()}}
 
 
-def check_tau(tau: int | None) -> None:
-    """The one input check of a given interval (every command's --tau): at least 1."""
-    if tau is not None and tau < 1:
-        raise InputError(f"--tau must be at least 1, got {tau}")
-
-
 def given_tau(tau: int) -> TauChoice:
     check_tau(tau)
     return TauChoice(tau=tau, source="--tau", reason="given with --tau")
@@ -71,7 +65,7 @@ _SEARCHED: LRU[tuple[object, ...], tuple[TauChoice, frozenset[str]]] = LRU(256)
 
 
 def best_tau(workload: Workload, hw: HardwareProfile, budget: int, refresh: str = "sync",
-             taus: tuple[int, ...] = CANDIDATE_TAUS) -> TauChoice:
+             taus: tuple[int, ...] = CANDIDATE_TAUS) -> TauChoice:  # the reference policy's (tide)
     """The tau that maximises tide's tokens/s under the analytic cost model (ties: the smaller).
     The search runs once per process for inputs of the same content (a sweep's tide and
     tide-reference points on one profile, compare after a sweep); its notes are said each time."""
@@ -87,17 +81,23 @@ def best_tau(workload: Workload, hw: HardwareProfile, budget: int, refresh: str 
 def _search(workload: Workload, hw: HardwareProfile, budget: int, refresh: str, taus: tuple[int, ...]
             ) -> TauChoice:
     tps = tide_tokens_per_s(workload, hw, budget, refresh, taus)
-    tau = max(tps, key=lambda t: (tps[t], -t))
+    tau = fastest_tau(tps)
     span = f"{min(taus)}..{max(taus)}"
     return TauChoice(tau=tau, source="analytic", tokens_per_s=tps,
                      reason=f"best single tau for this trace and profile (analytic model, budget {budget}, "
                             f"{refresh} refresh, candidates {span})")
 
 
+def fastest_tau(tokens_per_s: dict[int, float]) -> int:
+    """The tau with the most tokens/s (ties: the smaller, which refreshes more often)."""
+    return max(tokens_per_s, key=lambda t: (tokens_per_s[t], -t))
+
+
 def tide_tokens_per_s(workload: Workload, hw: HardwareProfile, budget: int, refresh: str,
-                      taus: tuple[int, ...] | list[int]) -> dict[int, float]:
-    """Predicted tokens/s of tide at each tau with a uniform budget (analytic cost model). Sync
-    refresh reads one cost table (the planner's); async runs the policy once per tau."""
+                      taus: tuple[int, ...] | list[int], policy: str | None = None) -> dict[int, float]:
+    """Predicted tokens/s of tide (or another plannable policy that uses tau) at each tau with a
+    uniform budget (analytic cost model). Sync refresh reads one cost table (the planner's); async
+    runs the policy once per tau (taus with the same refresh steps once)."""
     from tidesim.planner import distinct_taus, single_tau_sweep
     from tidesim.policies import PolicyOptions, build_schedule, uniform
     from tidesim.policies.registry import reference_policy
@@ -105,11 +105,12 @@ def tide_tokens_per_s(workload: Workload, hw: HardwareProfile, budget: int, refr
 
     tokens = workload.generated_tokens
     if refresh == "sync":
-        return {t: tokens / s for t, s in single_tau_sweep(workload, hw, list(taus), budget).items()}
+        return {t: tokens / s for t, s in single_tau_sweep(workload, hw, list(taus), budget,
+                                                           policy=policy or reference_policy()).items()}
     layers = workload.num_layers
     same = distinct_taus(workload, [int(t) for t in taus])     # taus with identical refresh steps
     done: dict[int, float] = {}
-    tide = reference_policy()
+    tide = policy or reference_policy()
     for tau in sorted(set(same.values())):
         options = PolicyOptions(budget=uniform(budget, layers), tau=uniform(tau, layers), hw=hw, refresh=refresh)
         done[tau] = run(workload, build_schedule(tide, workload, options), hw, engine="analytic").tokens_per_s

@@ -23,8 +23,7 @@ from typing import Any
 import numpy as np
 
 from tidesim.atomic import write_text
-from tidesim.budget import default_budget, memory_for_budget
-from tidesim.bundled.paths import resolve_trace
+from tidesim.budget import memory_for_budget
 from tidesim.default_tau import CANDIDATE_TAUS, tide_tokens_per_s
 from tidesim.demo_figures import tau_figure, throughput_figure, timeline_figure
 from tidesim.errors import InputError
@@ -37,11 +36,10 @@ from tidesim.policies import policy_names
 from tidesim.policies.registry import baselines, reference_policy
 from tidesim.procs import die_with_parent
 from tidesim.report import Comparison, breakdown_figure, compare, kind_of
-from tidesim.scenario import assemble
+from tidesim.scenario import assemble, read_inputs, resolve_budget
 from tidesim.sim.timeline import Timeline
-from tidesim.trace.io import read_trace
 from tidesim.trace.stats import hit_ratio_vs_tau
-from tidesim.workload import Workload, workload_from_trace
+from tidesim.workload import Workload
 
 DEFAULT_CASES = (("llada2-mini", "llada2-mini_none_g1024"), ("llada2-flash", "llada2-flash_none_g256"))
 DEFAULT_PROFILE = "h100-sxm-pcie5"
@@ -98,11 +96,9 @@ def is_cuda_profile(prof: HardwareProfile) -> bool:
 
 def run_case(model_name: str, trace_name: str, hw: HardwareProfile, out: Path,
              step: Callable[[str], None]) -> CaseResult:
-    trace_path = resolve_trace(trace_name)
-    trace = read_trace(trace_path)
-    workload = workload_from_trace(trace)
+    trace_path, trace, workload = read_inputs(trace_name)
     model = trace.model
-    budget = default_budget(model, hw.gpu.memory_gib, hw.name).slots
+    budget = resolve_budget(None, None, workload, hw)[0]      # the default rule on the profile's GPU memory
     calib, held = split_prompts(trace.prompt_ids, None)
     step(f"{model_name}: planning on prompts {calib}")
     # The plan gets the memory that TIDE's uniform budget occupies, so every policy has the same memory.

@@ -114,6 +114,13 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def check_tau(tau: int | None, flag: str = "--tau") -> None:
+    """The one input check of a refresh interval (every command's --tau, plan's --taus grid, a
+    policy's per-layer tau, the refresh mask): at least 1 (None: the default rule chooses)."""
+    if tau is not None and tau < 1:
+        raise InputError(f"{flag} must be at least 1, got {tau}")
+
+
 def check_cpu_workers(workers: int | None, flag: str = "--cpu-workers") -> None:
     """A CPU worker pool of at least one worker and at most one per usable core (None: the default)."""
     if workers is None:

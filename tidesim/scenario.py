@@ -17,19 +17,22 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from tidesim.budget import default_budget
-from tidesim.default_tau import TauChoice, check_tau, choose_tau
+from tidesim.budget import check_budget, default_budget
+from tidesim.default_tau import TauChoice, choose_tau
 from tidesim.errors import InputError
 from tidesim.hardware import HardwareProfile, get_profile
+from tidesim.limits import check_tau
 from tidesim.notes import collecting
 from tidesim.plan import Plan, plan_slots
 from tidesim.policies.options import PolicyOptions, uniform
 from tidesim.policies.registry import plan_runner, traits
-from tidesim.workload import Workload
+from tidesim.trace.schema import Trace
+from tidesim.workload import Workload, check_prompt_ids
 
 
 @dataclass(frozen=True)
@@ -112,17 +115,10 @@ def resolve(trace: str, hw: str | HardwareProfile, policies: list[str], *, budge
             plan: Plan | None = None, force: bool = False) -> Scenario:
     """Resolve and check the inputs for running `policies`; every problem is an InputError (one line
     naming the flag). The trace (a path or bundled name) is read here; the rest is `assemble`."""
-    from tidesim.bundled.paths import resolve_trace
-    from tidesim.models import get_model
-    from tidesim.trace.io import read_trace
-    from tidesim.workload import workload_from_trace
-
-    path = resolve_trace(trace)
-    data = read_trace(path)
-    workload = workload_from_trace(data, get_model(model) if model else None)
+    path, data, workload = read_inputs(trace, model)
     if prompts is not None:              # an empty --prompts= is refused, not "all prompts"
         workload = workload.select_prompts(prompt_ids(prompts, data.prompt_ids))
-    profile = hw if isinstance(hw, HardwareProfile) else get_profile(hw)
+    profile = profile_of(hw)
     warnings: list[str] = []
     check_tau(tau)
     if plan is not None:         # another model: refused; another trace or profile: refused unless force
@@ -144,7 +140,7 @@ def assemble(trace: str, workload: Workload, hw: HardwareProfile, policies: list
     What the tau search's cost lookups noted is kept in the scenario's notes, with `notes` (what the
     caller's own resolving noted, e.g. a planner run)."""
     check_tau(tau)
-    slots, source = _budget(budget, gpu_mem_gib, workload, hw, budget_cap)
+    slots, source = resolve_budget(budget, gpu_mem_gib, workload, hw, budget_cap)
     if not allow_roofline:
         check_curves(hw, workload, policies)
     uses_tau = any(traits(p).uses_tau for p in policies)
@@ -156,28 +152,88 @@ def assemble(trace: str, workload: Workload, hw: HardwareProfile, policies: list
                     per_layer=per_layer)
 
 
-def prompt_ids(text: str, available: list[int]) -> list[int]:
+def profile_of(hw: str | HardwareProfile) -> HardwareProfile:
+    """The hardware profile: a bundled name or a YAML path (hardware.get_profile), or one in memory."""
+    return hw if isinstance(hw, HardwareProfile) else get_profile(hw)
+
+
+def read_inputs(trace: str, model: str | None = None) -> tuple[Path, Trace, Workload]:
+    """The trace (a path or a bundled name: bundled.paths.resolve_trace), read and reduced to a
+    workload of its own model or of `model` (which must match its shapes): the one trace lookup of
+    resolve and resolve_plan."""
+    from tidesim.bundled.paths import resolve_trace
+    from tidesim.models import get_model
+    from tidesim.trace.io import read_trace
+    from tidesim.workload import workload_from_trace
+
+    path = resolve_trace(trace)
+    data = read_trace(path)
+    return path, data, workload_from_trace(data, get_model(model) if model else None)
+
+
+def prompt_ids(text: str, available: list[int], flag: str = "--prompts") -> list[int]:
     """--prompts "0,2" as prompt ids of the trace (refused: empty, not numbers, not in the trace)."""
-    try:
-        ids = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise InputError(f"--prompts must be comma-separated prompt ids, got {text!r}") from None
-    if not ids:
-        raise InputError("--prompts is empty; give prompt ids such as 0,1 or leave the flag out for all prompts")
-    missing = [i for i in ids if i not in available]
-    if missing:
-        raise InputError(f"--prompts: prompt {missing[0] if missing else text!r} is not in the trace "
-                         f"(it has {', '.join(map(str, available))})")
+    ids = int_list(text, flag, "prompt ids",
+                   f"{flag} is empty; give prompt ids such as 0,1 or leave the flag out for all prompts")
+    check_prompt_ids(ids, available, flag)
     return ids
 
 
-def _budget(budget: int | None, gpu_mem_gib: float | None, workload: Workload, hw: HardwareProfile,
-            cap: int | None | Literal["tide"] = "tide") -> tuple[int, str]:
+def int_list(text: str, flag: str, what: str = "integers", empty: str | None = None) -> list[int]:
+    """A flag's comma-separated integers, in the order given (--prompts; validate's --budgets and
+    --taus); refused: not integers, or none (with `empty`, else "needs at least one value")."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"{flag} must be comma-separated {what}, got {text!r}") from None
+    if not values:
+        raise InputError(empty or f"{flag} needs at least one value")
+    return values
+
+
+@dataclass(frozen=True, eq=False)
+class PlanInputs:
+    """What `tidesim plan` runs the planner on, resolved and checked by resolve_plan: the trace's
+    workload (every prompt), the profile, the knapsack's slots from the memory budget, the
+    calibration and held-out prompts, and the candidate grids."""
+
+    trace: Path
+    workload: Workload
+    hw: HardwareProfile
+    gpu_mem_gib: float
+    slots: int
+    calibration: list[int]
+    heldout: list[int]
+    taus: list[int]
+    budgets: list[int]
+
+
+def resolve_plan(trace: str, hw: str | HardwareProfile, gpu_mem_gib: float, policy: str, *,
+                 calibrate_prompts: list[int] | None = None, taus: list[int] | None = None,
+                 budgets: list[int] | None = None, allow_roofline: bool = False) -> PlanInputs:
+    """`resolve` for the planner: the same trace lookup, profile lookup and measured-curves check,
+    the --calibrate-prompts ids checked as --prompts' are (workload.check_prompt_ids, in
+    planner.split_prompts, default the first half), the memory rule (budget.expert_slots) and the --tau and --budget
+    checks on the grids (planner.plan_grid). The planner keeps its grids; it sits below this floor."""
+    from tidesim.planner import plan_grid, split_prompts
+
+    path, data, workload = read_inputs(trace)
+    profile = profile_of(hw)
+    calib, held = split_prompts(data.prompt_ids, calibrate_prompts)   # ids checked as --prompts' are
+    slots, taus, budgets = plan_grid(workload.model, gpu_mem_gib, taus, budgets)
+    if not allow_roofline:
+        check_curves(profile, workload, [policy])
+    return PlanInputs(trace=path, workload=workload, hw=profile, gpu_mem_gib=gpu_mem_gib, slots=slots,
+                      calibration=calib, heldout=held, taus=taus, budgets=budgets)
+
+
+def resolve_budget(budget: int | None, gpu_mem_gib: float | None, workload: Workload, hw: HardwareProfile,
+                   cap: int | None | Literal["tide"] = "tide") -> tuple[int, str]:
+    """The budget and its reason: --budget checked (budget.check_budget), else the default-budget
+    rule (budget.default_budget) on --gpu-mem-gib or the profile's GPU memory."""
     spec = workload.model
-    experts = workload.num_experts
     if budget is not None:
-        if not 0 <= budget <= experts:
-            raise InputError(f"--budget must lie in 0..{experts} experts per layer for {spec.name}, got {budget}")
+        check_budget(budget, spec.num_experts, model=spec.name)
         return budget, "--budget"
     memory = gpu_mem_gib if gpu_mem_gib is not None else hw.gpu.memory_gib
     where = "--gpu-mem-gib" if gpu_mem_gib is not None else f"{hw.name} GPU memory"

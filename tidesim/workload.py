@@ -93,6 +93,14 @@ class Workload:
         return self.select(np.flatnonzero(np.isin(self.prompt, prompts)))
 
 
+def check_prompt_ids(ids: list[int], available: list[int], flag: str) -> None:
+    """The one check that prompt ids given by a user (--prompts, --calibrate-prompts) are the trace's."""
+    missing = [i for i in ids if i not in set(available)]
+    if missing:
+        raise InputError(f"{flag}: prompt {missing[0]} is not in the trace (it has prompts "
+                         f"{', '.join(map(str, available))})")
+
+
 def workload_from_trace(trace: Trace, model: ModelSpec | None = None) -> Workload:
     """Build the workload; `model`, when given, must match the trace's model shapes."""
     spec = trace.model

@@ -22,16 +22,17 @@ from typing import Any
 
 import numpy as np
 
+from tidesim.budget import check_budget, live_budget
 from tidesim.cli.calibrate_cmd import require_runtime
 from tidesim.cli.cpu_kernel_arg import add_cpu_kernel_arg, profile_kernel, use_cpu_kernel
 from tidesim.cli.decode_args import add_decode_args, decode_kwargs
 from tidesim.cli.output import format_table, print_json, progress, to_jsonable
-from tidesim.default_tau import check_tau
 from tidesim.errors import InputError
+from tidesim.limits import check_cpu_workers, check_tau
 from tidesim.notes import noting
-from tidesim.policies.driver import is_online, online_names
+from tidesim.policies.driver import check_online, online_names
 from tidesim.policies.options import REFRESH_MODES
-from tidesim.policies.registry import plan_policy, plan_runner, policy_names, traits
+from tidesim.policies.registry import plan_policy, plan_runner, traits
 
 RUN_MARKER = "tidesim generate run"
 RUN_FILES = ("generations.jsonl", "forwards.parquet", "trace.parquet", "schedule.npz", "summary.json")
@@ -137,8 +138,7 @@ def check_numbers(args: argparse.Namespace) -> None:
     if args.layers is not None and args.layers < 1:
         raise InputError(f"--layers must be a positive integer, got {args.layers}")
     check_tau(args.tau)
-    if args.cpu_workers is not None and args.cpu_workers < 1:
-        raise InputError(f"--cpu-workers must be at least 1, got {args.cpu_workers}")
+    check_cpu_workers(args.cpu_workers)
     if not np.isfinite(args.warmup_fraction) or not 0 < args.warmup_fraction <= 1:
         raise InputError(f"--warmup-fraction must lie in (0, 1], got {args.warmup_fraction}")
     if args.seed < 0:
@@ -156,8 +156,8 @@ def run(args: argparse.Namespace) -> int:
     from tidesim_runtime.reference.checkpoint import load_checkpoint, spec_from_checkpoint, with_layers
     from tidesim_runtime.reference.model import build_model
 
-    from tidesim.hardware import get_profile
     from tidesim.models import get_model
+    from tidesim.scenario import profile_of
 
     # ----- every check before any work --------------------------------------------------------------
     cfg = decode_config(args)
@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
         spec = with_layers(get_model(args.config), args.layers, at_most_spec=False)
         weights = f"random (seed {args.seed})"
     prompts, texts, tokenizer = read_prompt_tokens(args.prompts, spec, args.model_dir, cfg)
-    hw = get_profile(args.hw) if args.hw else None
+    hw = profile_of(args.hw) if args.hw else None
     name, options = policy_options(args, spec, hw)
     from tidesim.policies.driver import online_policy
 
@@ -224,17 +224,11 @@ def policy_options(args: argparse.Namespace, spec: Any, hw: Any) -> tuple[str, A
         extra["plan"] = plan
     else:
         name = args.policy
-        if name not in policy_names():
-            raise InputError(f"unknown policy {name!r}; use one of {', '.join(online_names())}")
-        if not is_online(name):
-            raise InputError(f"{name} is a bound: it needs the whole decode's routing in advance and cannot run "
-                             f"online; use one of {', '.join(online_names())}")
+        check_online(name)
         if traits(name).needs_plan:
             raise InputError(f"the {name} policy runs a plan: give --plan FILE (from `tidesim plan`)")
-    budget = args.budget if args.budget is not None else experts // 2
-    if not 0 <= budget <= experts:
-        raise InputError(f"--budget {budget} does not fit {spec.name}: it has {experts} experts per MoE layer; "
-                         f"give 0..{experts}")
+    budget = args.budget if args.budget is not None else live_budget(experts)
+    check_budget(budget, experts, "--budget", spec.name)
     if traits(name).reads_profile and hw is None:
         raise InputError(f"{name} decides with a hardware profile's costs; give --hw PROFILE")
     static = None

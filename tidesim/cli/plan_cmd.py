@@ -6,14 +6,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from tidesim.bundled.paths import resolve_trace
 from tidesim.cli.guard import Output, declare_outputs, number
 from tidesim.cli.output import announce, format_table, print_json, progress
 from tidesim.errors import InputError
-from tidesim.hardware import get_profile
 from tidesim.plan import Evaluation, plan_slots
-from tidesim.planner import PlanOutcome, make_plan, parse_int_list, plan_policies
+from tidesim.planner import PlanOutcome, parse_int_list, plan_policies, plan_workload
 from tidesim.run import ENGINES
+from tidesim.scenario import resolve_plan
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "another as that policy)")
     p.add_argument("--oracle-iterations", type=number(int, 1, 100_000), default=80, metavar="N",
                    help="subgradient steps of the Lagrangian lower bound (default: 80)")
+    p.add_argument("--allow-roofline", action="store_true",
+                   help="plan with a measured profile that has no expert curve for this model's experts (roofline "
+                        "estimates instead of refusing)")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="plan file to write (JSON)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=main)
@@ -62,18 +64,19 @@ def main(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.is_dir():
         raise InputError(f"{output} is a folder; give a file name for the plan")
-    trace_path = resolve_trace(args.trace)
-    hw = get_profile(args.hw)
     calibrate = parse_int_list(args.calibrate_prompts, "--calibrate-prompts", allow_zero=True) \
         if args.calibrate_prompts is not None else None
-    taus = parse_int_list(args.taus, "--taus")
+    taus = parse_int_list(args.taus, "--taus", allow_zero=True)          # at least 1: the --tau rule
     budgets = parse_int_list(args.budgets, "--budgets") if args.budgets is not None else None
-    what = f"cost table, MILP and Lagrangian bound for {trace_path.name} on {hw.name}"
+    inputs = resolve_plan(args.trace, args.hw, args.gpu_mem_gib, args.policy, calibrate_prompts=calibrate, taus=taus,
+                          budgets=budgets, allow_roofline=args.allow_roofline)
+    hw = inputs.hw
+    what = f"cost table, MILP and Lagrangian bound for {inputs.trace.name} on {hw.name}"
     with announce("plan", what, lazy=True) as done:     # starts with the cost table, after the input checks
-        outcome = make_plan(
-            trace_path, args.trace, hw, args.gpu_mem_gib, global_tau=args.global_tau, taus=taus, budgets=budgets,
-            time_limit_s=args.time_limit, calibrate_prompts=calibrate, engine=args.engine,
-            oracle_iterations=args.oracle_iterations, policy=args.policy,
+        outcome = plan_workload(
+            inputs.workload, inputs.trace, args.trace, hw, inputs.gpu_mem_gib, inputs.slots, inputs.calibration,
+            inputs.heldout, inputs.taus, inputs.budgets, global_tau=args.global_tau, time_limit_s=args.time_limit,
+            engine=args.engine, oracle_iterations=args.oracle_iterations, policy=args.policy,
             progress=lambda items: done.wrap(progress(items, desc="cost table")),
         )
         done.summary = f"solver {outcome.plan.solver.status}, {plan_slots(outcome.plan)}"

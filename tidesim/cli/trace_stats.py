@@ -7,11 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from tidesim.budget import TIDE_MAX_EXPERTS_PER_LAYER
-from tidesim.bundled.paths import resolve_trace
+from tidesim.budget import TIDE_MAX_EXPERTS_PER_LAYER, check_budget, live_budget
 from tidesim.cli.output import format_table, print_json
-from tidesim.errors import InputError
-from tidesim.trace.io import read_trace
+from tidesim.limits import check_tau
+from tidesim.scenario import int_list, read_inputs
 from tidesim.trace.stats import DEFAULT_TAUS, trace_stats
 
 
@@ -33,24 +32,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def parse_taus(text: str) -> list[int]:
-    try:
-        taus = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise InputError(f"--taus must be comma-separated integers such as 1,2,4,8, got {text!r}") from None
-    if not taus or min(taus) < 1:
-        raise InputError(f"--taus must hold integers >= 1, got {text!r}")
+    """--taus as comma-separated intervals (scenario.int_list), each at least 1 (the --tau rule)."""
+    taus = int_list(text, "--taus", "integers such as 1,2,4,8")
+    check_tau(min(taus), "--taus")
     return taus
 
 
 def run(args: argparse.Namespace) -> int:
     taus = parse_taus(args.taus)
-    trace = read_trace(resolve_trace(args.trace))
+    trace = read_inputs(args.trace)[1]
     model = trace.model
     budget = args.budget
     if budget is None:
-        budget = TIDE_MAX_EXPERTS_PER_LAYER.get(model.name, model.num_experts // 2)
-    if not 0 <= budget <= model.num_experts:
-        raise InputError(f"--budget must lie in 0..{model.num_experts}, got {budget}")
+        budget = TIDE_MAX_EXPERTS_PER_LAYER.get(model.name, live_budget(model.num_experts))
+    check_budget(budget, model.num_experts, model=model.name)
     stats = trace_stats(trace, budget=budget, taus=taus)
     stats["trace"] = str(args.trace)
     if args.json:

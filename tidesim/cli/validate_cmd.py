@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tidesim.budget import live_budget
 from tidesim.cli.calibrate_cmd import require_runtime
 from tidesim.cli.cpu_kernel_arg import add_cpu_kernel_arg, profile_kernel, use_cpu_kernel
 from tidesim.cli.guard import Output, declare_outputs
@@ -26,7 +27,7 @@ from tidesim.errors import InputError
 from tidesim.limits import check_cpu_workers
 from tidesim.notes import noting
 from tidesim.policies.options import REFRESH_MODES
-from tidesim.policies.registry import plan_policy, plan_runner, traits
+from tidesim.policies.registry import entry, plan_policy, plan_runner, traits
 
 DEFAULT_POLICIES = "cpu-routing,fiddler,tide,full-swap,all-gpu"
 RESULT_FILES = ("results.json", "results.parquet", "predicted_vs_measured.png", "configurations.jsonl")
@@ -74,16 +75,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     declare_outputs(p, Output("output", "--output", folder=True, contents=RESULT_FILES))
 
 
-def int_list(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise InputError(f"{flag} must be comma-separated integers, got {text!r}") from None
-    if not values:
-        raise InputError(f"{flag} needs at least one value")
-    return values
-
-
 def run(args: argparse.Namespace) -> int:
     require_runtime()
     from tidesim_runtime.engine.device import select_device
@@ -98,35 +89,28 @@ def run(args: argparse.Namespace) -> int:
         window,
     )
 
-    from tidesim.bundled.paths import resolve_trace
-    from tidesim.hardware import get_profile, not_this_machine
+    from tidesim.hardware import not_this_machine
     from tidesim.plan import load_plan
     from tidesim.policies import policy_names
-    from tidesim.trace.io import read_trace
-    from tidesim.workload import workload_from_trace
+    from tidesim.scenario import int_list, profile_of, prompt_ids, read_inputs
 
     # ----- every check before any work ----------------------------------------------------------
     known = policy_names()
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    bad = [p for p in policies if p not in known]
-    if bad or not policies:
-        raise InputError(f"unknown policy {bad[0] if bad else args.policies!r}; use some of {', '.join(known)}")
+    if not policies:
+        raise InputError(f"unknown policy {args.policies!r}; use some of {', '.join(known)}")
+    for name in policies:
+        entry(name)                           # the registry's unknown-policy rule
     if args.repeats < 1:
         raise InputError("--repeats must be at least 1")
     check_cpu_workers(args.cpu_workers)
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise InputError(f"--output {out} exists and is not a folder")
-    trace_path = resolve_trace(args.trace)
-    trace = read_trace(trace_path)
-    workload = workload_from_trace(trace)
+    trace_path, trace, workload = read_inputs(args.trace)     # the trace lookup and --prompts of every command
     full_model = workload.model
     if args.prompts is not None:              # an empty --prompts= is refused, not "all prompts"
-        ids = int_list(args.prompts, "--prompts")
-        missing = [i for i in ids if i not in trace.prompt_ids]
-        if missing:
-            raise InputError(f"--prompts: prompt {missing[0]} is not in the trace")
-        workload = workload.select_prompts(ids)
+        workload = workload.select_prompts(prompt_ids(args.prompts, trace.prompt_ids))
     if args.forwards is not None and args.forwards < 1:
         raise InputError("--forwards must be at least 1")
     refresh = [m.strip() for m in args.refresh.split(",") if m.strip()]
@@ -145,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"the {plan_policy()} policy needs --plan FILE (make one with `tidesim plan`)")
     if args.layers is not None:
         workload = first_layers(workload, args.layers)
-    hw = get_profile(args.hw)
+    hw = profile_of(args.hw)
     not_here = not_this_machine(hw)       # warnings, shown once every input is checked
     warnings = ([not_here] if not_here else []) + (plan.input_differences(trace_path, hw) if plan else [])
     if args.cpu_workers is not None and args.cpu_workers != hw.cpu.workers:
@@ -159,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     device = select_device(args.device, hw.cpu.workers)
     use_cpu_kernel(args.cpu_kernel, device.dtype, measured_with)
     experts = workload.num_experts
-    budgets = int_list(args.budgets, "--budgets") if args.budgets is not None else [experts // 2]
+    budgets = int_list(args.budgets, "--budgets") if args.budgets is not None else [live_budget(experts)]
     tau_choice, tau_notes = None, frozenset[str]()
     if args.taus is not None:
         taus = int_list(args.taus, "--taus")

@@ -21,6 +21,7 @@ import numpy as np
 from tidesim.errors import InputError
 from tidesim.hardware import HardwareProfile
 from tidesim.metrics import Metrics
+from tidesim.models import ModelSpec
 from tidesim.plan import (
     Evaluation,
     Fingerprints,
@@ -113,12 +114,28 @@ class PlanOutcome:
 
 def split_prompts(all_prompts: list[int], calibrate: list[int] | None) -> tuple[list[int], list[int]]:
     """Calibration prompts (default: the first half, at least one) and the held-out rest."""
+    from tidesim.workload import check_prompt_ids
+
     if calibrate is None:
         calibrate = all_prompts[: max(1, len(all_prompts) // 2)]
-    unknown = sorted(set(calibrate) - set(all_prompts))
-    if unknown:
-        raise InputError(f"prompt {unknown[0]} is not in the trace (it has prompts {all_prompts})")
+    check_prompt_ids(sorted(set(calibrate)), all_prompts, "--calibrate-prompts")
     return sorted(set(calibrate)), [p for p in all_prompts if p not in set(calibrate)]
+
+
+def plan_grid(model: ModelSpec, gpu_mem_gib: float, taus: list[int] | None, budgets: list[int] | None
+              ) -> tuple[int, list[int], list[int]]:
+    """The knapsack's slots (tidesim.budget.expert_slots) and the checked candidate grids: taus
+    (default 1..32, each at least 1 by the --tau rule) and budgets (default a grid around the
+    uniform budget, each within the model's experts by the --budget rule)."""
+    from tidesim.budget import check_budget
+    from tidesim.limits import check_tau
+
+    slots = expert_slots(model, gpu_mem_gib)
+    taus = taus or list(range(1, 33))
+    check_tau(min(taus), "--taus")
+    budgets = budgets or default_budgets(slots, model.num_moe_layers, model.num_experts)
+    check_budget(max(budgets), model.num_experts, "--budgets", model.name)
+    return slots, taus, budgets
 
 
 def fit_candidates(table: CostTable, slots: int, uniform_b: int, global_tau: bool, time_limit_s: float | None
@@ -156,25 +173,34 @@ def make_plan(trace_path: Path, trace_name: str, hw: HardwareProfile, gpu_mem_gi
               time_limit_s: float | None = None, calibrate_prompts: list[int] | None = None,
               engine: str = "analytic", oracle_iterations: int = 80, policy: str = "tide",
               progress: Callable[[Iterable[int]], Iterable[int]] | None = None) -> PlanOutcome:
-    """Everything `tidesim plan` does: cost table on the calibration prompts, knapsack, the choice
-    among the candidates on the evaluation prompts (the held-out ones; the calibration ones when
-    none are held out), Lagrangian bound, evaluation on both sets, fingerprints."""
+    """Everything `tidesim plan` does, from a trace file: read it, split the prompts, check the grids
+    (split_prompts, plan_grid: the rules tidesim.scenario.resolve_plan applies for the command),
+    then plan_workload."""
     from tidesim.trace.io import read_trace
     from tidesim.workload import workload_from_trace
 
+    trace = read_trace(trace_path)
+    calib, held = split_prompts(trace.prompt_ids, calibrate_prompts)
+    slots, taus, budgets = plan_grid(trace.model, gpu_mem_gib, taus, budgets)
+    return plan_workload(workload_from_trace(trace), trace_path, trace_name, hw, gpu_mem_gib, slots, calib, held,
+                         taus, budgets, global_tau=global_tau, time_limit_s=time_limit_s, engine=engine,
+                         oracle_iterations=oracle_iterations, policy=policy, progress=progress)
+
+
+def plan_workload(workload: Workload, trace_path: Path, trace_name: str, hw: HardwareProfile, gpu_mem_gib: float,
+                  slots: int, calib: list[int], held: list[int], taus: list[int], budgets: list[int], *,
+                  global_tau: bool = False, time_limit_s: float | None = None, engine: str = "analytic",
+                  oracle_iterations: int = 80, policy: str = "tide",
+                  progress: Callable[[Iterable[int]], Iterable[int]] | None = None) -> PlanOutcome:
+    """The planning run on resolved inputs (slots, prompt split and grids checked): cost table on
+    the calibration prompts, knapsack, the choice among the candidates on the evaluation prompts
+    (the held-out ones; the calibration ones when none are held out), Lagrangian bound, evaluation
+    on both sets, fingerprints."""
     if time_limit_s is not None and time_limit_s <= 0:
         raise InputError(f"--time-limit must be positive, got {time_limit_s}")
     check_plan_policy(policy)
-    trace = read_trace(trace_path)
-    model = trace.model
-    workload = workload_from_trace(trace)
-    calib, held = split_prompts(trace.prompt_ids, calibrate_prompts)
-    slots = expert_slots(model, gpu_mem_gib)
+    model = workload.model
     layers, experts = model.num_moe_layers, model.num_experts
-    taus = taus or list(range(1, 33))
-    budgets = budgets or default_budgets(slots, layers, experts)
-    if max(budgets) > experts:
-        raise InputError(f"--budgets must not exceed the model's {experts} experts per layer")
     u = uniform_budget(slots, layers, experts)
     calib_w = workload.select_prompts(calib)
     table = cost_table(calib_w, hw, taus, sorted(set(budgets) | {u}), progress=progress, policy=policy)
@@ -222,6 +248,6 @@ def _ids(prompts: list[int]) -> str:
 __all__ = [
     "Candidate", "CostTable", "MilpResult", "OracleBound", "OracleCosts", "PlanOutcome", "cbc",
     "compare_on", "cost_table", "default_budgets", "distinct_taus", "evaluate_plan", "evaluation", "expert_slots",
-    "fit_candidates", "make_plan", "oracle_bound", "oracle_costs", "parse_int_list", "plan_policies",
-    "select_plan", "single_tau_sweep", "solve_plan", "split_prompts", "uniform_budget",
+    "fit_candidates", "make_plan", "oracle_bound", "oracle_costs", "parse_int_list", "plan_grid", "plan_policies",
+    "plan_workload", "select_plan", "single_tau_sweep", "solve_plan", "split_prompts", "uniform_budget",
 ]

@@ -1,29 +1,12 @@
-"""GPU memory in expert slots, and the candidate budgets and intervals the planner chooses from."""
+"""The candidate budgets and intervals the planner chooses from (the memory rule,
+expert_slots, is tidesim.budget's)."""
 
 from __future__ import annotations
 
-from tidesim.budget import expert_memory_bytes
+from tidesim.budget import expert_slots
 from tidesim.errors import InputError
-from tidesim.models import ModelSpec
 
-# ----- memory -------------------------------------------------------------------------------------
-
-
-def expert_slots(model: ModelSpec, gpu_mem_gib: float) -> int:
-    """Expert slots (over all MoE layers) the memory budget holds next to the non-expert weights
-    and the reserve; InputError when not even one expert per layer fits."""
-    if not gpu_mem_gib > 0:
-        raise InputError(f"GPU memory must be positive, got {gpu_mem_gib} GiB")
-    free = expert_memory_bytes(model, gpu_mem_gib)
-    slots = int(free // model.expert_bytes) if free > 0 else 0
-    if slots < model.num_moe_layers:
-        need = (model.non_expert_bytes + model.expert_bytes * model.num_moe_layers) / 2**30
-        raise InputError(
-            f"{gpu_mem_gib:g} GiB of GPU memory does not hold {model.name}'s non-expert weights plus one expert "
-            f"per MoE layer and the reserve (needs {need:.2f} GiB plus the reserve of max(1.5 GB, 10%)); "
-            "give more memory with --gpu-mem-gib"
-        )
-    return slots
+__all__ = ["default_budgets", "expert_slots", "parse_int_list", "uniform_budget"]
 
 
 def uniform_budget(slots: int, layers: int, experts: int) -> int:

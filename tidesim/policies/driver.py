@@ -28,6 +28,15 @@ def online_names() -> list[str]:
     return [n for n in policy_names() if is_online(n)]
 
 
+def check_online(name: str) -> None:
+    """Refuse a policy that cannot decide live: unknown (offering the online ones) or a bound (it
+    needs routing that has not happened yet)."""
+    entry(name, online_names())
+    if not is_online(name):
+        raise InputError(f"{name} is a bound: it needs the whole decode's routing in advance and cannot run online; "
+                         f"use one of {', '.join(online_names())}")
+
+
 def build_schedule(name: str, workload: Workload, options: PolicyOptions) -> Schedule:
     """Run the named policy over a whole workload. An online policy's step is looped over the
     forwards (step.offline_schedule)."""
@@ -44,9 +53,7 @@ def online_policy(name: str, model: ModelSpec, options: PolicyOptions, layers: i
     """The named policy, ready to decide live forward by forward for `layers` MoE layers (default:
     all of the model's). A bound is refused: it needs routing that has not happened yet."""
     impl = entry(name).impl
-    if not is_online(name):
-        raise InputError(f"{name} is a bound: it needs the whole decode's routing in advance and cannot run online; "
-                         f"use one of {', '.join(online_names())}")
+    check_online(name)
     layers = model.num_moe_layers if layers is None else layers
     options.check_shape(layers, model.num_experts)
     step: PolicyStep = impl(Setup(model, layers, model.num_experts, options, None))

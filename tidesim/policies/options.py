@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tidesim.budget import check_budget
 from tidesim.errors import InputError
 from tidesim.hardware import HardwareProfile
+from tidesim.limits import check_tau
 from tidesim.workload import Workload
 
 REFRESH_MODES = ("sync", "async")
@@ -43,13 +45,11 @@ class PolicyOptions:
         """Refuse options that do not fit a model of `layers` MoE layers of `experts` experts."""
         if self.budget.shape != (layers,):
             raise InputError(f"budget must give one value per MoE layer ({layers})")
-        if (self.budget < 0).any() or (self.budget > experts).any():
-            raise InputError(f"budget must lie in 0..{experts} experts per layer, got "
-                             f"{int(self.budget.min())}..{int(self.budget.max())}")
+        for value in (int(self.budget.min()), int(self.budget.max())):
+            check_budget(value, experts, "budget")
         if self.tau.shape != (layers,):
             raise InputError(f"tau must give one value per MoE layer ({layers})")
-        if (self.tau < 1).any():
-            raise InputError(f"tau must be at least 1, got {int(self.tau.min())}")
+        check_tau(int(self.tau.min()), "tau")
         if self.refresh not in REFRESH_MODES:
             raise InputError(f"refresh must be one of {', '.join(REFRESH_MODES)}, got {self.refresh!r}")
         if not 0 < self.warmup_fraction <= 1:

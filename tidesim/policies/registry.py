@@ -120,11 +120,12 @@ def baselines() -> list[str]:
     return policy_names(role="baseline")
 
 
-def entry(name: str) -> Entry:
-    """The registered policy `name`; an unknown name is refused with the list of known ones."""
-    names = policy_names()
+def entry(name: str, offer: list[str] | None = None) -> Entry:
+    """The registered policy `name`; an unknown name is refused with the list of known ones (or of
+    `offer`, the ones the caller can run: the one unknown-policy rule)."""
+    names = policy_names()                # imports every policy module, so the registry is full
     if name not in _REGISTRY:
-        raise InputError(f"unknown policy {name!r}; use one of {', '.join(names)}")
+        raise InputError(f"unknown policy {name!r}; use one of {', '.join(offer or names)}")
     return _REGISTRY[name]
 
 

@@ -27,7 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from tidesim.budget import check_budget
 from tidesim.errors import InputError
+from tidesim.limits import check_tau
 from tidesim.trace.schema import Trace
 from tidesim.workload import Workload
 
@@ -70,8 +72,8 @@ def _budget_array(budget: int | Sequence[int] | np.ndarray, layers: int, experts
         b = np.full(layers, int(b), dtype=np.int64)
     if b.shape != (layers,):
         raise InputError(f"budget must be one number or one per MoE layer ({layers}), got {b.shape[0]} values")
-    if (b < 0).any() or (b > experts).any():
-        raise InputError(f"budget must lie in 0..{experts} experts per layer, got {int(b.min())}..{int(b.max())}")
+    for value in (int(b.min()), int(b.max())):
+        check_budget(value, experts, "budget")
     return b
 
 
@@ -103,8 +105,7 @@ def refresh_mask(block: np.ndarray, step: np.ndarray, tau: int, is_step: np.ndar
     """Forwards that refresh: every forward of the first generated block (and the prefill,
     block -1), and steps whose within-block step counter is a multiple of tau (the public TIDE
     code); a commit forward (is_step False, block >= 0) never refreshes, as in the tide policies."""
-    if tau < 1:
-        raise InputError(f"tau must be at least 1, got {tau}")
+    check_tau(tau, "tau")
     refresh = (block <= 0) | (step % tau == 0)
     if is_step is not None:
         refresh &= is_step | (block < 0)

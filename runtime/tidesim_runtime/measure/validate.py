@@ -16,8 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from tidesim.budget import check_budget
 from tidesim.errors import InputError
 from tidesim.hardware import HardwareProfile
+from tidesim.limits import check_tau
 from tidesim.metrics import Metrics
 from tidesim.plan import Plan
 from tidesim.policies import PolicyOptions, build_schedule, uniform
@@ -104,11 +106,8 @@ def check_inputs(workload: Workload, configs: list[Config], device: DeviceInfo, 
     """Everything that can be refused before any work: budgets, memory, the plan's layers."""
     experts = workload.num_experts
     for c in configs:
-        if not 0 <= c.budget <= experts:
-            raise InputError(f"budget {c.budget} does not fit the model: it has {experts} experts per MoE layer; "
-                             f"give budgets in 0..{experts}")
-        if c.tau is not None and c.tau < 1:
-            raise InputError(f"tau must be at least 1, got {c.tau}")
+        check_budget(c.budget, experts, "--budgets", workload.model.name)
+        check_tau(c.tau, "--taus")
     if plan is not None and plan.num_layers < workload.num_layers:
         raise InputError(f"the plan covers {plan.num_layers} MoE layers but {workload.num_layers} are run")
     slots = max([c.budget for c in configs] + ([max(plan.budget)] if plan else []))
