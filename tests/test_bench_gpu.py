@@ -4,6 +4,7 @@ files as on a lent GPU machine, on the CPU at tiny sizes, so the script cannot r
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -104,10 +105,15 @@ def test_a_forked_step_imports_from_the_runs_pythonpath(tmp_path: Path) -> None:
     lib = tmp_path / "lib"
     lib.mkdir()
     (lib / "zz_step_probe.py").write_text("VALUE = 42\n")
-    procs = measure.StepProcesses({"PYTHONPATH": str(lib)}, tmp_path)
-    probe = procs.run(["-c", "import zz_step_probe; print(zz_step_probe.VALUE)"], 120)
+    env_before, path_before = dict(os.environ), list(sys.path)
+    procs = measure.StepProcesses({"PYTHONPATH": str(lib), "ZZ_STEP_FLAG": "on"}, tmp_path)
+    probe = procs.run(["-c", "import os, zz_step_probe; print(zz_step_probe.VALUE, os.environ['ZZ_STEP_FLAG'])"], 120)
     assert probe.returncode == 0, probe.stderr
-    assert probe.stdout.strip() == "42"
+    assert probe.stdout.strip() == "42 on"
+    # the caller keeps its own environment and import path (the run's are the steps' only)
+    assert "ZZ_STEP_FLAG" not in os.environ and os.environ.get("PYTHONPATH") == env_before.get("PYTHONPATH")
+    assert str(lib) not in sys.path and "zz_step_probe" not in sys.modules
+    assert [p for p in sys.path if p in path_before] == [p for p in path_before if p in sys.path]
 
 
 FAILS_WHEN_FORKED = """

@@ -132,7 +132,7 @@ def test_validate_layers_and_forwards_limit_the_run(tiny_trace: Path, tiny_profi
 
 
 @pytest.mark.parametrize("args,words", [
-    (["--budgets", "17"], "budget 17 does not fit"),
+    (["--budgets", "17"], "--budgets must lie in 0..16 experts per layer"),
     (["--policies", "nope"], "unknown policy"),
     (["--layers", "9"], "--layers must lie in 1..3"),
     (["--repeats", "0"], "--repeats"),

@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import numpy as np
+import pytest
 
 from tidesim import evaluate as ev
 from tidesim.hardware import get_profile
@@ -84,9 +85,16 @@ def test_schedules_are_kept_by_content_and_the_reused_one_gives_the_same_metrics
     assert keys[0][-1] is None                               # tide does not read the profile
 
 
-def test_the_tau_search_notes_are_the_scenarios() -> None:
+def test_the_tau_search_notes_are_the_scenarios(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tidesim import default_tau
+
+    default_tau._SEARCHED.clear()
+    searches: list[int] = []
+    search = default_tau._search
+    monkeypatch.setattr(default_tau, "_search", lambda *a, **k: searches.append(1) or search(*a, **k))
     scenario = resolve(TRACE, HW, ["tide"], budget=64, engine="analytic")
     assert scenario.tau_choice is not None and scenario.tau_choice.source == "analytic"
     assert set(scenario.notes) == ROOFLINE
     kept = assemble(scenario.trace, scenario.workload, scenario.hw, ["tide"], budget=64, engine="analytic")
     assert kept == scenario and kept.notes == scenario.notes   # searched once, its notes said again
+    assert len(searches) == 1

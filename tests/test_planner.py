@@ -431,12 +431,13 @@ def test_schedule_table_runs_the_policy_as_virtual_layers(max_cells: int) -> Non
     np.testing.assert_array_equal(tiled.expert_tokens[:, w.num_layers:2 * w.num_layers], w.expert_tokens)
 
 
-def test_tide_split_table_is_its_own_runs_and_never_above_tides() -> None:
+def test_tide_split_table_is_its_own_runs_and_below_tides_in_all() -> None:
     # The table for tide-split costs tide-split's step: each entry is the layer's time in a separate
-    # tide-split run through the analytic model. Its split never makes a layer slower than the
-    # all-CPU misses with its own residents (tests/test_policies_tide_split.py); those residents
-    # are tide's refresh with activation-history ties, not tide's, so an entry may exceed tide's
-    # slightly (here one of 27, by 0.13%) while the table as a whole is below it.
+    # tide-split run through the analytic model. What the policy guarantees is per layer-forward and
+    # against its own residents: its split is never slower than running every miss on the CPU
+    # (tests/test_policies_tide_split.py). Its residents are tide's refresh with activation-history
+    # ties, not tide's, so no entry-by-entry bound against tide's table follows (on this workload
+    # one entry of 27 is 0.13% above tide's); the table as a whole is below tide's.
     w = tiny_workload()
     hw = h100()
     taus, budgets = [1, 3, 20], [2, 6, 12]
@@ -444,7 +445,6 @@ def test_tide_split_table_is_its_own_runs_and_never_above_tides() -> None:
     tide = cost_table(w, hw, taus, budgets)
     assert_table_is_runs(split, w, hw, "tide-split")
     assert split.other_s == tide.other_s
-    assert (split.layer_cost_s <= tide.layer_cost_s * 1.005).all()
     assert split.layer_cost_s.sum() < tide.layer_cost_s.sum()
     assert (split.layer_cost_s < tide.layer_cost_s).any()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -20,7 +22,7 @@ from tidesim.policies.registry import (
     static_set_size,
     traits,
 )
-from tidesim.schedule import schedule_problems
+from tidesim.schedule import Schedule, schedule_problems
 
 # Online policies that are not bounds (all-gpu is online but keeps everything resident).
 ONLINE = [n for n in online_names() if traits(n).role != "bound"]
@@ -68,6 +70,29 @@ def test_uses_tau_is_exactly_who_reads_tau() -> None:
         assert same != traits(name).uses_tau, name
 
 
+def same_value(x: object, y: object) -> bool:
+    if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+        return isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and x.dtype == y.dtype and np.array_equal(x, y)
+    if isinstance(x, dict) and isinstance(y, dict):
+        return x.keys() == y.keys() and all(same_value(x[k], y[k]) for k in x)
+    return bool(x == y)
+
+
+def same_schedule(a: Schedule, b: Schedule) -> bool:
+    """Every field the schedule cache hands back (all but the builder's sparse record, which is
+    derived from the arrays): arrays by value and dtype, the rest by equality."""
+    return all(same_value(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(Schedule) if f.compare)
+
+
+def test_same_schedule_sees_every_field() -> None:
+    w = hand_workload()
+    a = build_schedule("tide", w, options(w, 2))
+    assert same_schedule(a, build_schedule("tide", w, options(w, 2)))
+    for change in ({"budget": a.budget + 1}, {"demote": ~a.demote}, {"initial_resident": ~a.initial_resident},
+                   {"params": {**a.params, "extra": 1}}, {"feasible": not a.feasible}):
+        assert not same_schedule(a, dataclasses.replace(a, **change)), change
+
+
 def test_a_policy_that_does_not_read_the_profile_decides_the_same_on_any() -> None:
     """reads_profile=False is a promise the schedule cache (tidesim.evaluate) relies on: it reuses
     such a policy's schedule across profiles. Profiles far apart in every cost (a slow link, a fast
@@ -81,7 +106,7 @@ def test_a_policy_that_does_not_read_the_profile_decides_the_same_on_any() -> No
         a = build_schedule(name, w, options(w, 2, hw=base))
         for hw in others:
             b = build_schedule(name, w, options(w, 2, hw=hw))
-            assert all(np.array_equal(getattr(a, f), getattr(b, f)) for f in ("placement", "copy", "resident")), name
+            assert same_schedule(a, b), name
     # and the trait is not idle: a policy that reads the profile changes its mind on these profiles
     readers = policy_names(reads_profile=True)
     changed = [name for name in readers if not all(

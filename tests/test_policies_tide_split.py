@@ -223,10 +223,10 @@ def test_backlog_drains_by_the_forwards_lower_bound() -> None:
     w = one_layer([6, 5, 1, 0])
     b = Backlog(Rates.of(profile(10.0, 10.0, 30.0), w.model))
     b.next_forward(0)
-    b.add(np.array([[COPY_ASYNC_REFRESH, COPY_ASYNC_REFRESH, 0, 0]]), 40e-6)
+    b.add(np.array([[COPY_ASYNC_REFRESH, COPY_ASYNC_REFRESH, 0, 0]]), [40e-6])
     b.next_forward(1)
     assert b.seconds == pytest.approx(20e-6)
-    b.add(np.zeros((1, 4)), 25e-6)
+    b.add(np.zeros((1, 4)), [25e-6])
     b.next_forward(2)
     assert b.seconds == 0.0
 
@@ -267,13 +267,12 @@ def test_row_slot_rule_matches_the_slot_rule(passes, n_async, free, deferred) ->
 def test_lpt_span_equals_the_batched_makespan(times, workers) -> None:  # type: ignore[no-untyped-def]
     """The scalar longest-first makespan is bit for bit tidesim.sim.lpt.lpt_makespans' (ties in time
     included, whatever the expert ids)."""
-    from tidesim.policies.split import lpt_span
-    from tidesim.sim.lpt import lpt_makespans
+    from tidesim.sim.lpt import lpt_makespan, lpt_makespans
 
     t = np.array(times, float)
     keys = np.arange(t.size)[::-1].copy()
     batched = lpt_makespans(np.zeros(t.size, np.int64), t, keys, 1, workers)[0]
-    assert lpt_span(times, workers) == batched
+    assert lpt_makespan(times, workers) == batched
 
 
 @settings(max_examples=150, deadline=None)

@@ -67,7 +67,7 @@ def test_bit_identity_where_promised_and_into_equals_run(dtype: torch.dtype) -> 
         ref = F.linear(F.silu(F.linear(x, w13[:I])) * F.linear(x, w13[I:]), w2)
         for k in usable(dtype):
             y = k.run(x, w13, w2)
-            if dtype in k.identical_to_linear:
+            if k.identical(dtype):
                 assert torch.equal(y, ref), (k.name, t)
             out = torch.zeros(t + 3, H, dtype=dtype)
             ret = k.into(x, w13, w2, out[1:t + 1])
@@ -81,7 +81,7 @@ def test_weights_left_changes_float32_bits_somewhere_so_the_promise_is_not_vacuo
     same-kernel reference (kernel_reference.py)."""
     w13, w2 = weights(torch.float32, 4)
     x = torch.randn(8, H, generator=torch.Generator().manual_seed(5))
-    assert torch.float32 not in ck.KERNELS["weights-left"].identical_to_linear
+    assert not ck.KERNELS["weights-left"].identical(torch.float32)
     assert not ck.bit_identical(ck.KERNELS["weights-left"], torch.float32)
     # bf16: identical where oneDNN's native bf16 GEMM runs both forms (AVX-512, avx_ne_convert)
     assert ck.bit_identical(ck.KERNELS["weights-left"], torch.bfloat16) == (not ck.onednn_unusable(torch.bfloat16))

@@ -9,7 +9,7 @@ from tidesim.sim.lpt import lpt_assign, lpt_makespan, lpt_makespans
 
 def test_hand_example():
     # 5 -> w0, 4 -> w1, 3 -> w1 (free at 4), 2 -> w0 (free at 5): makespan 7
-    assert lpt_makespan([3.0, 5.0, 2.0, 4.0], [0, 1, 2, 3], 2) == 7.0
+    assert lpt_makespan([3.0, 5.0, 2.0, 4.0], 2) == 7.0
     jobs = {j.task: (j.worker, j.start) for j in lpt_assign([3.0, 5.0, 2.0, 4.0], [0, 1, 2, 3], 2)}
     assert jobs == {1: (0, 0.0), 3: (1, 0.0), 0: (1, 4.0), 2: (0, 5.0)}
 
@@ -22,7 +22,7 @@ def test_ties_break_on_expert_id_then_worker():
 @given(st.lists(st.floats(0.01, 10.0), min_size=0, max_size=30), st.integers(1, 6))
 def test_makespan_matches_assignment_and_bounds(times, workers):
     keys = list(range(len(times)))
-    span = lpt_makespan(times, keys, workers)
+    span = lpt_makespan(times, workers)
     jobs = lpt_assign(times, keys, workers)
     ends = [j.start + j.duration for j in jobs]
     assert abs(span - (max(ends) if ends else 0.0)) < 1e-9
@@ -47,7 +47,7 @@ def test_vectorised_makespans_equal_the_scalar_rule(tasks, workers, block):
         lpt._BLOCK = kept
     for g in range(5):
         sel = [i for i in range(len(tasks)) if group[i] == g]
-        assert got[g] == lpt_makespan([float(times[i]) for i in sel], [int(keys[i]) for i in sel], workers)
+        assert got[g] == lpt_makespan([float(times[i]) for i in sel], workers)
 
 
 def _tasks(groups: dict[int, list[float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -98,4 +98,4 @@ def test_long_equal_tails_equal_the_scalar_rule(groups, workers, block):
     finally:
         lpt._BLOCK = kept
     for g, ts in enumerate(times_of):
-        assert got[g] == lpt_makespan(ts, list(range(len(ts))), workers)
+        assert got[g] == lpt_makespan(ts, workers)

@@ -35,6 +35,7 @@ See docs/validation.md for how to run it on a lent machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import multiprocessing
@@ -46,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,11 +180,10 @@ class StepProcesses:
     `python -c` would, with sys.argv = ["-c", ARGS...]."""
 
     def __init__(self, env: dict[str, str], cwd: Path) -> None:
-        os.environ.update(env)              # the server (and so every step) starts with this environment
-        # ...but multiprocessing gives each child this process's sys.path, not the server's: the
-        # project and the carried wheels come from PYTHONPATH (not installed on a lent machine)
-        extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
-        sys.path[0:0] = extra
+        self.env = env
+        # multiprocessing gives each child this process's sys.path, not the server's: the project
+        # and the carried wheels come from PYTHONPATH (not installed on a lent machine)
+        self.extra = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
         self.cwd = cwd
         self.ctx = multiprocessing.get_context("forkserver")
         # what every step imports, once (a module that fails to import here is left to the step
@@ -191,12 +191,29 @@ class StepProcesses:
         self.ctx.set_forkserver_preload(["__main__", *PRELOAD, *command_modules()])
         self.n = 0
 
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[None]:
+        """The run's environment and PYTHONPATH folders in this process only while a step starts
+        (the server, started by the first step, takes the environment for its preloads; each child
+        this sys.path), then this process's own again, so the caller (a test, the driver) is left
+        as it was."""
+        saved_env, saved_path = dict(os.environ), list(sys.path)
+        os.environ.update(self.env)
+        sys.path[0:0] = [p for p in self.extra if p not in sys.path]
+        try:
+            yield
+        finally:
+            os.environ.clear()
+            os.environ.update(saved_env)
+            sys.path[:] = saved_path
+
     def run(self, cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
         self.n += 1
         out, err = self.cwd / f".step{self.n}.out", self.cwd / f".step{self.n}.err"
-        proc = self.ctx.Process(target=step_main, args=(cmd, str(self.cwd), str(out), str(err)),
+        proc = self.ctx.Process(target=step_main, args=(cmd, str(self.cwd), str(out), str(err), self.env),
                                 name=f"tidesim-step-{self.n}")
-        proc.start()
+        with self.applied():
+            proc.start()
         proc.join(timeout)
         if proc.is_alive():
             proc.kill()
@@ -213,9 +230,11 @@ def read_text(path: Path) -> str:
         return ""
 
 
-def step_main(cmd: list[str], cwd: str, out: str, err: str) -> None:
-    """In the step's process: stdout and stderr to files, then the CLI or the code; the exit
-    status is main()'s (or SystemExit's, or 1 on an exception, which multiprocessing prints)."""
+def step_main(cmd: list[str], cwd: str, out: str, err: str, env: dict[str, str]) -> None:
+    """In the step's process: the run's environment (the fork server is one per process and keeps
+    the environment it started with), stdout and stderr to files, then the CLI or the code; the
+    exit status is main()'s (or SystemExit's, or 1 on an exception, which multiprocessing prints)."""
+    os.environ.update(env)
     os.chdir(cwd)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -456,8 +475,9 @@ def float32_check(run: Run, profile: Path) -> list[dict[str, Any]]:
     return rows
 
 
-# What the registry says about the policies (tidesim.policies.registry), asked from the installed
-# copy: this driver itself never imports tidesim (it runs before the project's environment is set).
+# What the registry says about the policies (tidesim.policies.registry), asked in a fresh
+# interpreter with the run's environment, so the answer comes from the copy the steps run (the
+# driver itself imports tidesim.cli only to list the fork server's preloads, command_modules).
 REGISTRY_FACTS = r"""
 import json
 from tidesim.policies.registry import plan_policy, policy_names

@@ -31,7 +31,7 @@ import numpy as np
 from tidesim import layermodel as lm
 from tidesim.hardware import HardwareProfile
 from tidesim.models import ModelSpec
-from tidesim.sim.lpt import lpt_makespans
+from tidesim.sim.lpt import lpt_makespan, lpt_makespans
 
 
 @dataclass(frozen=True)
@@ -297,28 +297,6 @@ def pool_estimate(r: lm.Rates, total: np.ndarray, longest: np.ndarray) -> np.nda
     return total if r.workers == 1 else np.maximum(total / r.workers, longest)
 
 
-def lpt_span(times: list[float], workers: int) -> float:
-    """The longest-first makespan of one task set with the floating-point sums of
-    tidesim.sim.lpt.lpt_makespans (tasks longest first, each to the least-loaded worker, ties to
-    the lowest id; the tie order of equal tasks, by expert id there, changes no load), in scalar
-    code for one layer-forward. One worker: the tasks' sum in the given order, as there."""
-    n = len(times)
-    if n == 0:
-        return 0.0
-    if workers == 1:
-        total = 0.0
-        for t in times:
-            total += t
-        return total
-    if n <= workers:
-        return max(times)
-    loads = [0.0] * workers
-    for t in sorted(times, reverse=True):     # ties in time need no key: equal tasks add equal loads
-        w = loads.index(min(loads))
-        loads[w] += t
-    return max(loads)
-
-
 def slot_spares_one(n_od: int, n_async: int, free: int, deferred: int) -> int:
     """slot_spares for one layer-forward, in plain integers (the live engine's per-layer call)."""
     od_spare = 1 if n_od > 0 and free + deferred == 0 else 0
@@ -523,8 +501,8 @@ class RowSplit:
             return False
         r = self.r
         grouped = float(np.where(np.arange(share.size) < nf, share, 0.0).sum()) + (r.launch_s if nf > 0 else 0.0)
-        span_m = lpt_span(cpu[split:].tolist(), w)
-        span_t = lpt_span(cpu[nf:].tolist(), w)
+        span_m = lpt_makespan(cpu[split:].tolist(), w)
+        span_t = lpt_makespan(cpu[nf:].tolist(), w)
         return bool(mine(grouped, span_m) < theirs(grouped, span_t))
 
     def _side_at(self, grouped: float, od_sum: float, act: float, res: float, compute: list[float],

@@ -40,7 +40,16 @@ from tidesim import layermodel as lm
 from tidesim.policies.planned import planned_setup
 from tidesim.policies.registry import PolicyTraits, register_policy
 from tidesim.policies.residency import refresh_sets
-from tidesim.policies.split import ExpertTimes, RowSplit, Slots, best_split, row_slot_rule, slot_spares, slot_spares_one
+from tidesim.policies.split import (
+    ExpertTimes,
+    RowSplit,
+    Slots,
+    best_split,
+    pool_estimate,
+    row_slot_rule,
+    slot_spares,
+    slot_spares_one,
+)
 from tidesim.policies.step import Choice, ForwardMeta, Rows, Setup, copies, no_copies, placement_of
 from tidesim.policies.tide import Tide, refreshes
 from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, COPY_SYNC_REFRESH, CPU, GPU, NO_COPY
@@ -69,9 +78,11 @@ class Backlog:
         self._copies += copies
         self._elapsed += elapsed
 
-    def add(self, copy: np.ndarray, elapsed: float) -> None:
+    def add(self, copy: np.ndarray, elapsed: list[float]) -> None:
+        """add for several layer-forwards; their times added one at a time, as add_one does."""
         self._copies += int(np.count_nonzero((copy == COPY_ASYNC_REFRESH) | (copy == COPY_ON_DEMAND)))
-        self._elapsed += elapsed
+        for value in elapsed:
+            self._elapsed += value
 
 
 def decision_order(counts: np.ndarray, gate: np.ndarray, movable: np.ndarray) -> np.ndarray:
@@ -197,16 +208,15 @@ class TideSplit(Tide):
             self.backlog.add_one(n_async + n_od, self._side_bound_one(c, placement[0]))
         return placement, copy, demote, resident
 
-    def _side_bound(self, counts: np.ndarray, placement: np.ndarray) -> float:
-        """A lower bound on the time the selected layer-forwards take (the CPU pool's bound of their
-        CPU experts and the GPU's grouped kernel, whichever is longer, summed): how long the copy
-        engine has at least to serve background copies while they run."""
+    def _side_bound(self, counts: np.ndarray, placement: np.ndarray) -> list[float]:
+        """A lower bound on the time each selected layer-forward takes (the CPU pool's bound of its
+        CPU experts and the GPU's grouped kernel, whichever is longer): how long the copy engine has
+        at least to serve background copies while they run."""
         gpu_full, cpu = self.times(counts)
-        on_cpu = placement == CPU
-        workers = self.backlog.rates.workers
-        pool = np.maximum(np.where(on_cpu, cpu, 0.0).sum(axis=1) / workers, np.where(on_cpu, cpu, 0.0).max(axis=1))
+        on_cpu = np.where(placement == CPU, cpu, 0.0)
+        pool = pool_estimate(self.backlog.rates, on_cpu.sum(axis=1), on_cpu.max(axis=1))
         grouped = np.where(placement == GPU, gpu_full, 0.0).sum(axis=1)
-        return float(np.maximum(pool, grouped).sum())
+        return list(np.maximum(pool, grouped).tolist())
 
     def _refresh(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
         """Tide.decide (the interval refresh, its target and its copies), with one change: the
@@ -219,7 +229,7 @@ class TideSplit(Tide):
         after. Causal: the ranking reads the current forward's routing and the past."""
         current = self.current[rows]
         refresh, some, every = self.refreshed.flags(meta, rows)
-        history = self.history[rows]
+        history = self.history[rows].copy()   # a view for a slice of rows: keep the past, not the update
         self.history[rows] = (history >> 1) | ((counts > 0).astype(np.int64) << 62)
         if not some:
             return (placement_of(counts, current), no_copies(counts), np.zeros(counts.shape, dtype=bool),
@@ -238,7 +248,7 @@ class TideSplit(Tide):
         """_side_bound for one layer-forward on 1-D arrays (the same sums, so the same value)."""
         gpu_full, cpu = self.times(c)
         on_cpu = np.where(p == CPU, cpu, 0.0)
-        pool = max(on_cpu.sum() / self.backlog.rates.workers, on_cpu.max())
+        pool = float(pool_estimate(self.backlog.rates, on_cpu.sum(), on_cpu.max()))
         return float(max(pool, np.where(p == GPU, gpu_full, 0.0).sum()))
 
     def _background(self, meta: ForwardMeta) -> bool:

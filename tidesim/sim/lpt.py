@@ -30,22 +30,26 @@ def lpt_order(times: list[float], keys: list[int]) -> list[int]:
     return sorted(range(len(times)), key=lambda i: (-times[i], keys[i]))
 
 
-def lpt_makespan(times: list[float], keys: list[int], workers: int) -> float:
-    """Makespan of the longest-first greedy schedule (fast paths for 1 worker or few tasks)."""
+def lpt_makespan(times: list[float], workers: int) -> float:
+    """Makespan of the longest-first greedy schedule of one task set, in scalar code (one
+    layer-forward), with the floating-point sums of lpt_makespans: tasks longest first, each to the
+    least-loaded worker (ties to the lowest worker; which of two equal tasks goes first, by expert id
+    in lpt_assign, changes no load). One worker: the tasks' sum in the given order, added one at a
+    time (not `sum`, which compensates on Python 3.12+)."""
     n = len(times)
     if n == 0:
         return 0.0
     if workers == 1:
-        return float(sum(times))
+        total = 0.0
+        for t in times:
+            total += t
+        return total
     if n <= workers:
         return float(max(times))
     loads = [0.0] * workers
-    heap = [(0.0, w) for w in range(workers)]
-    for i in lpt_order(times, keys):
-        load, w = heapq.heappop(heap)
-        load += times[i]
-        loads[w] = load
-        heapq.heappush(heap, (load, w))
+    for t in sorted(times, reverse=True):
+        w = loads.index(min(loads))
+        loads[w] += t
     return max(loads)
 
 

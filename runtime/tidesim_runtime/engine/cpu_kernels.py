@@ -85,8 +85,9 @@ def onednn_unusable(dtype: torch.dtype) -> str:
     avx512bw/vl/dq or avx_ne_convert: an AVX2-only CPU runs onednn-packed in float32 only)."""
     try:
         reorder(torch.zeros(16, 16, dtype=dtype))
-    except RuntimeError as exc:
-        return f"oneDNN cannot pack {str(dtype).replace('torch.', '')} weights on this CPU ({str(exc).splitlines()[0]})"
+    except Exception as exc:   # a build without the op raises other errors than RuntimeError
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        return f"oneDNN cannot pack {str(dtype).replace('torch.', '')} weights on this CPU ({first})"
     return ""
 
 
@@ -197,6 +198,15 @@ class CpuKernel:
     # a kernel that caches runs only on weights that never change, `linear` runs the others
     run_mutable: Swiglu | None = None
     dtype_unusable: Callable[[torch.dtype], str] | None = None   # '' or why this CPU cannot run a dtype
+    # dtypes of identical_to_linear that hold only where oneDNN runs bf16 natively (asked on first use,
+    # not at import, so a CPU or torch build without that path cannot break importing the runtime)
+    needs_native_bf16: bool = False
+
+    def identical(self, dtype: torch.dtype) -> bool:
+        """Whether this kernel's output is bit-identical to `linear`'s in `dtype` on this CPU."""
+        if dtype not in self.identical_to_linear:
+            return False
+        return not (self.needs_native_bf16 and dtype == torch.bfloat16 and onednn_unusable(torch.bfloat16))
 
     def supports(self, dtype: torch.dtype) -> bool:
         return dtype in self.dtypes and not self.why_not_dtype(dtype)
@@ -226,13 +236,13 @@ FLOATS = frozenset({torch.float32, torch.bfloat16})
 BF16 = frozenset({torch.bfloat16})
 # bf16 GEMMs run oneDNN's native bf16 kernels (F.linear's and W @ x^T's alike: the same bits) only
 # where oneDNN packs bf16 (AVX-512 or avx_ne_convert); elsewhere torch's own bf16 GEMM runs them,
-# whose sums depend on the operand order (measured on an AVX2-only AMD EPYC, docs/runtime.md)
-NATIVE_BF16 = BF16 if not onednn_unusable(torch.bfloat16) else frozenset()
+# whose sums depend on the operand order (measured on an AVX2-only AMD EPYC, docs/runtime.md):
+# weights-left claims bf16 identity only there (CpuKernel.needs_native_bf16)
 KERNELS: dict[str, CpuKernel] = {k.name: k for k in (
     CpuKernel("linear", linear_swiglu, FLOATS, FLOATS, "F.linear (x @ W^T): the reference model's arithmetic",
               linear_into),
-    CpuKernel("weights-left", weights_left, FLOATS, NATIVE_BF16, "W @ x^T, weights as the left GEMM operand",
-              weights_left_into),
+    CpuKernel("weights-left", weights_left, FLOATS, BF16, "W @ x^T, weights as the left GEMM operand",
+              weights_left_into, needs_native_bf16=True),
     CpuKernel("onednn-packed", onednn_packed, FLOATS, BF16, "oneDNN GEMM on weights packed once per expert",
               caches_weights=True, run_mutable=onednn_packed_mutable, dtype_unusable=onednn_unusable),
     CpuKernel("compiled", Compiled(), FLOATS, frozenset(), "linear through torch.compile (inductor)"),
@@ -314,4 +324,4 @@ def cpu_swiglu_into(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, out: t
 def bit_identical(kernel: CpuKernel, dtype: torch.dtype) -> bool:
     """Whether `kernel` computes the reference model's bits in `dtype` (no same-kernel reference
     decode needed for a lossless check)."""
-    return not kernel.supports(dtype) or dtype in kernel.identical_to_linear
+    return not kernel.supports(dtype) or kernel.identical(dtype)
