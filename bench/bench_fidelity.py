@@ -63,12 +63,20 @@ RUNS: tuple[tuple[str, Path, list[str]], ...] = (("prefix", PREFIX_TRACE, []), (
         ("window", PREFIX_TRACE, ["--window", "after-first-block"]))
 
 
-def what_if(hw: HardwareProfile, copy_scale: float = 1.0, copy_slows: float | None = None) -> HardwareProfile:
-    """The profile with every copy copy_scale times as long (curves and bandwidths) and, if
-    given, pcie.copy_slows_compute replaced."""
+def what_if(hw: HardwareProfile, copy_scale: float = 1.0, copy_slows: float | None = None,
+            fixed_scale: float = 1.0, contention: float | None = None) -> HardwareProfile:
+    """The profile with every copy copy_scale times as long (curves and bandwidths), the GPU's
+    fixed per-layer work (the attention grid and layer_overhead_us) fixed_scale times, and, if
+    given, pcie.copy_slows_compute and cpu.gpu_contention replaced."""
     data = (hw.scaled(pcie=1.0 / copy_scale) if copy_scale != 1.0 else hw).to_dict()
     if copy_slows is not None:
         data["pcie"]["copy_slows_compute"] = copy_slows
+    if contention is not None:
+        data["cpu"]["gpu_contention"] = contention
+    if fixed_scale != 1.0:
+        data["gpu"]["layer_overhead_us"] *= fixed_scale
+        for grid in data["gpu"]["attention"]:
+            grid["time_us"] = [[t * fixed_scale for t in row] for row in grid["time_us"]]
     return profile_from_dict(data, source=hw.name, plausible=False)
 
 
@@ -88,13 +96,40 @@ def repredict(out: Path, hw: HardwareProfile) -> list[dict[str, Any]]:
         path = trace if trace.is_absolute() else out / trace
         workload = window(workload_from_trace(read_trace(path)), forwards, "after-first-block" in extra)
         workload = first_layers(workload, layers)
+        steps = repeat_steps(out / f"validate_{name}")
         for c in json.loads((out / f"validate_{name}" / "results.json").read_text())["rows"]:
             config = Config(c["policy"], c["budget"], c["tau"], c["refresh"])
             predicted = run(workload, build(config, workload, hw, None), hw, engine="sim")
             p_ms, m_ms = predicted.step_time_s * 1e3, c["measured_step_ms"]
             rows.append({**c, "run": name, "predicted_step_ms": p_ms, "error": (p_ms - m_ms) / m_ms,
-                         "abs_error": abs(p_ms - m_ms) / m_ms, "stored_error": c["error"]})
+                         "abs_error": abs(p_ms - m_ms) / m_ms, "stored_error": c["error"],
+                         "repeat_errors": [(p_ms - 1e3 * s) / (1e3 * s) for s in steps.get(c["config"], [])]})
     return rows
+
+
+def repeat_steps(folder: Path) -> dict[str, list[float]]:
+    """Every configuration's measured step time (s) of each repeat, in the order they ran
+    (validate interleaves the repeats over the configurations: repeat r of every configuration
+    runs before repeat r + 1 of any)."""
+    path = folder / "configurations.jsonl"
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["config"]: [float(s) for s in r.get("measured_step_s", [])] for r in rows}
+
+
+def drift(rows: list[dict[str, Any]]) -> list[tuple[str, int, float, int]]:
+    """(run, repeat, median signed error over the run's configurations, configurations) per
+    repeat pass, in the order the passes ran: a machine whose speed changed during the
+    measurement shows as a shift shared by every configuration of a pass, which no profile
+    (measured once, at calibrate) can follow."""
+    out: list[tuple[str, int, float, int]] = []
+    for name, _, _ in RUNS:
+        mine = [r for r in rows if r["run"] == name]
+        for k in range(max((len(r["repeat_errors"]) for r in mine), default=0)):
+            errs = [r["repeat_errors"][k] for r in mine if len(r["repeat_errors"]) > k]
+            out.append((name, k, statistics.median(errs), len(errs)))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,12 +141,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="only predict OUT's stored validations again (with --hw, default OUT/profile.yaml)")
     p.add_argument("--copy-scale", type=float, default=1.0, help="with --repredict: copies this many times longer")
     p.add_argument("--copy-slows", type=float, default=None, help="with --repredict: pcie.copy_slows_compute")
+    p.add_argument("--fixed-scale", type=float, default=1.0,
+                   help="with --repredict: the GPU's fixed per-layer work (attention, layer overhead) this many times")
+    p.add_argument("--contention", type=float, default=None, help="with --repredict: cpu.gpu_contention")
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.repredict:
-        if args.copy_scale <= 0 or (args.copy_slows is not None and args.copy_slows < 0):
-            p.error("--copy-scale must be > 0 and --copy-slows >= 0")
-        hw = what_if(load_profile(args.hw or out / "profile.yaml"), args.copy_scale, args.copy_slows)
+        if (args.copy_scale <= 0 or args.fixed_scale <= 0 or (args.copy_slows is not None and args.copy_slows < 0)
+                or (args.contention is not None and args.contention < 0)):
+            p.error("--copy-scale and --fixed-scale must be > 0, --copy-slows and --contention >= 0")
+        hw = what_if(load_profile(args.hw or out / "profile.yaml"), args.copy_scale, args.copy_slows,
+                     args.fixed_scale, args.contention)
         again = repredict(out, hw)
         errs = [r["abs_error"] for r in again]
         print(f"{'run':7} {'configuration':24} {'predicted ms':>12} {'measured ms':>12} {'error':>8} {'stored':>8}")
@@ -119,7 +159,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['run']:7} {r['config']:24} {r['predicted_step_ms']:12.2f} {r['measured_step_ms']:12.2f} "
                   f"{r['error']:+8.1%} {r['stored_error']:+8.1%}")
         print(f"{len(again)} configurations re-predicted (copy scale {args.copy_scale:g}, copy_slows_compute "
-              f"{hw.pcie.copy_slows_compute:g}): median |error| {statistics.median(errs):.1%}, max {max(errs):.1%}")
+              f"{hw.pcie.copy_slows_compute:g}, fixed scale {args.fixed_scale:g}, gpu_contention "
+              f"{hw.cpu.gpu_contention:g}): median |error| {statistics.median(errs):.1%}, max {max(errs):.1%}")
+        passes = drift(again)
+        if passes:
+            print("repeat passes in the order they ran (median signed error of the pass's configurations):")
+            print("  " + "; ".join(f"{n} #{k + 1} {e:+.1%}" for n, k, e, _ in passes))
         return 0
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
