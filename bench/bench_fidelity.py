@@ -12,14 +12,17 @@ trace.parquet, and the none trace is synthesized with the same settings); `calib
 --quick) into OUT/profile.yaml; `validate` three times (prefix, none, prefix after its first
 block), one process each, every configuration measured --repeats times (median kept). OUT gets
 each validation's folder, the profile and fidelity.json (every configuration's row and the
-median and max |error| over all of them); a table prints last.
+median and max |error| over all of them, and each repeat pass's median signed error in the
+order the passes ran: a shift between passes is the machine's speed moving during the
+measurement, which no profile measured once can follow); a table prints last.
 
 --repredict re-predicts a finished run's configurations from its stored measurements and a
 profile (default OUT/profile.yaml), without running anything on the runtime: the same
 schedules (the policies are deterministic), the simulator again. With --copy-scale F (every
 copy F times the profile's) and --copy-slows S (pcie.copy_slows_compute = S) it answers "what
 would the errors have been with these terms", the offline check of a model or calibration
-change (docs/validation.md):
+change (docs/validation.md); --fixed-scale F (attention grid and layer_overhead_us F times) and
+--contention S (cpu.gpu_contention = S) likewise:
 
     .venv/bin/python bench/bench_fidelity.py --out bench/results/fidelity-dev-2core-cpu --repredict --copy-scale 1.99
 """
@@ -118,6 +121,27 @@ def repeat_steps(folder: Path) -> dict[str, list[float]]:
     return {r["config"]: [float(s) for s in r.get("measured_step_s", [])] for r in rows}
 
 
+def pass_shift(passes: list[tuple[str, int, float, int]]) -> float:
+    """The largest minus the smallest median signed error of the repeat passes (drift): how far
+    the machine's speed moved during the measurement. A shift above STEADY means the median
+    |error| over all configurations measures the machine as much as the model."""
+    return max(e for _, _, e, _ in passes) - min(e for _, _, e, _ in passes) if passes else 0.0
+
+
+STEADY = 0.05
+
+
+def report_passes(passes: list[tuple[str, int, float, int]]) -> None:
+    if not passes:
+        return
+    shift = pass_shift(passes)
+    print("repeat passes in the order they ran (median signed error of the pass's configurations):")
+    print("  " + "; ".join(f"{n} #{k + 1} {e:+.1%}" for n, k, e, _ in passes))
+    if shift > STEADY:
+        print(f"the passes differ by {shift:.1%} (more than {STEADY:.0%}): the machine's speed changed during the "
+              "measurement; the median |error| above measures it as much as the model")
+
+
 def drift(rows: list[dict[str, Any]]) -> list[tuple[str, int, float, int]]:
     """(run, repeat, median signed error over the run's configurations, configurations) per
     repeat pass, in the order the passes ran: a machine whose speed changed during the
@@ -161,10 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(again)} configurations re-predicted (copy scale {args.copy_scale:g}, copy_slows_compute "
               f"{hw.pcie.copy_slows_compute:g}, fixed scale {args.fixed_scale:g}, gpu_contention "
               f"{hw.cpu.gpu_contention:g}): median |error| {statistics.median(errs):.1%}, max {max(errs):.1%}")
-        passes = drift(again)
-        if passes:
-            print("repeat passes in the order they ran (median signed error of the pass's configurations):")
-            print("  " + "; ".join(f"{n} #{k + 1} {e:+.1%}" for n, k, e, _ in passes))
+        report_passes(drift(again))
         return 0
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -183,11 +204,16 @@ def main(argv: list[str] | None = None) -> int:
         tidesim(["validate", "--trace", str(trace), "--hw", str(profile), *GRID, "--repeats", str(args.repeats),
                  *extra, "-o", str(folder)])
         data = json.loads((folder / "results.json").read_text())
-        rows += [{"run": name, **r} for r in data["rows"]]
+        steps = repeat_steps(folder)
+        rows += [{"run": name, **r, "repeat_errors": [(r["predicted_step_ms"] - 1e3 * s) / (1e3 * s)
+                                                       for s in steps.get(r["config"], [])]} for r in data["rows"]]
     errs = [abs(r["error"]) for r in rows]
+    passes = drift(rows)
     conditions |= {"end_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                    "load_average_end": load_average(), "seconds": round(time.time() - t0, 1)}
     result = {"conditions": conditions, "configurations": len(rows), "median_abs_error": statistics.median(errs),
+              "passes": [{"run": n, "repeat": k + 1, "median_error": e, "configurations": c} for n, k, e, c in passes],
+              "pass_shift": pass_shift(passes),
               "max_abs_error": max(errs), "rows": rows}
     tmp = out / ".fidelity.json.tmp"
     tmp.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
@@ -199,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(rows)} configurations: median |error| {result['median_abs_error']:.1%}, max "
           f"{result['max_abs_error']:.1%}; load average {conditions['load_average_start']} at the start, "
           f"{conditions['load_average_end']} at the end; {conditions['seconds']} s")
+    report_passes(passes)
     return 0
 
 

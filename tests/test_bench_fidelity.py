@@ -63,7 +63,10 @@ def test_what_if_scales_the_fixed_layer_work_and_sets_the_contention() -> None:
 def test_drift_is_the_median_signed_error_of_each_repeat_pass() -> None:
     rows = [{"run": "prefix", "repeat_errors": [0.01, -0.10]}, {"run": "prefix", "repeat_errors": [0.03, -0.20]},
             {"run": "prefix", "repeat_errors": [-0.05, -0.15]}, {"run": "none", "repeat_errors": [0.02]}]
-    assert bench.drift(rows) == [("prefix", 0, 0.01, 3), ("prefix", 1, -0.15, 3), ("none", 0, 0.02, 1)]
+    passes = bench.drift(rows)
+    assert passes == [("prefix", 0, 0.01, 3), ("prefix", 1, -0.15, 3), ("none", 0, 0.02, 1)]
+    assert bench.pass_shift(passes) == pytest.approx(0.17)      # +0.02 - (-0.15)
+    assert bench.pass_shift([]) == 0.0
 
 
 def test_stored_amd_run_repredicts_and_shows_the_slowdown_between_passes() -> None:
@@ -77,3 +80,4 @@ def test_stored_amd_run_repredicts_and_shows_the_slowdown_between_passes() -> No
     passes = {(n, k): e for n, k, e, _ in bench.drift(rows)}
     assert abs(passes[("prefix", 0)]) < 0.01 and abs(passes[("none", 0)]) < 0.01
     assert passes[("none", 1)] < -0.12 and all(passes[("window", k)] < -0.15 for k in range(3))
+    assert bench.pass_shift(bench.drift(rows)) > bench.STEADY
