@@ -200,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for name, trace, extra in RUNS:
         trace = trace if trace.is_absolute() else out / trace
+        # relative to the checkout (the commands run there): no stored result names where it lay
+        trace = trace.relative_to(REPO) if trace.is_relative_to(REPO) else trace
         folder = out / f"validate_{name}"
         tidesim(["validate", "--trace", str(trace), "--hw", str(profile), *GRID, "--repeats", str(args.repeats),
                  *extra, "-o", str(folder)])

@@ -81,3 +81,27 @@ def test_stored_amd_run_repredicts_and_shows_the_slowdown_between_passes() -> No
     assert abs(passes[("prefix", 0)]) < 0.01 and abs(passes[("none", 0)]) < 0.01
     assert passes[("none", 1)] < -0.12 and all(passes[("window", k)] < -0.15 for k in range(3))
     assert bench.pass_shift(bench.drift(rows)) > bench.STEADY
+
+
+def test_a_full_run_records_the_passes(tmp_path, monkeypatch) -> None:
+    """The measuring mode, its runtime steps stubbed out, on a copy of the stored AMD run: fidelity.json
+    gets the stored median (12.7%), each pass's median signed error in run order and their shift."""
+    import json
+    import shutil
+
+    src = REPO / "bench/results/fidelity-dev-2core-amd"
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    ran: list[list[str]] = []
+    monkeypatch.setattr(bench, "tidesim", lambda args: ran.append(args))
+    assert bench.main(["--out", str(out), "--hw", str(out / "profile.yaml")]) == 0
+    assert [a[0] for a in ran] == ["validate"] * 3               # no synth (trace stored), no calibrate (--hw)
+    # the stored prefix trace is named relative to the checkout, not where it lies on this machine
+    assert ran[0][ran[0].index("--trace") + 1] == "bench/results/validation-dev-2core-cpu/trace.parquet"
+    result = json.loads((out / "fidelity.json").read_text())
+    assert result["median_abs_error"] == pytest.approx(0.127, abs=5e-4) and len(result["passes"]) == 9
+    assert [(p["run"], p["repeat"]) for p in result["passes"]][:4] == [("prefix", 1), ("prefix", 2), ("prefix", 3),
+                                                                      ("none", 1)]
+    assert result["pass_shift"] == pytest.approx(max(p["median_error"] for p in result["passes"])
+                                                 - min(p["median_error"] for p in result["passes"]))
+    assert result["pass_shift"] > bench.STEADY
