@@ -12,14 +12,17 @@ trace.parquet, and the none trace is synthesized with the same settings); `calib
 --quick) into OUT/profile.yaml; `validate` three times (prefix, none, prefix after its first
 block), one process each, every configuration measured --repeats times (median kept). OUT gets
 each validation's folder, the profile and fidelity.json (every configuration's row and the
-median and max |error| over all of them); a table prints last.
+median and max |error| over all of them, and each repeat pass's median signed error in the
+order the passes ran: a shift between passes is the machine's speed moving during the
+measurement, which no profile measured once can follow); a table prints last.
 
 --repredict re-predicts a finished run's configurations from its stored measurements and a
 profile (default OUT/profile.yaml), without running anything on the runtime: the same
 schedules (the policies are deterministic), the simulator again. With --copy-scale F (every
 copy F times the profile's) and --copy-slows S (pcie.copy_slows_compute = S) it answers "what
 would the errors have been with these terms", the offline check of a model or calibration
-change (docs/validation.md):
+change (docs/validation.md); --fixed-scale F (attention grid and layer_overhead_us F times) and
+--contention S (cpu.gpu_contention = S) likewise:
 
     .venv/bin/python bench/bench_fidelity.py --out bench/results/fidelity-dev-2core-cpu --repredict --copy-scale 1.99
 """
@@ -63,12 +66,20 @@ RUNS: tuple[tuple[str, Path, list[str]], ...] = (("prefix", PREFIX_TRACE, []), (
         ("window", PREFIX_TRACE, ["--window", "after-first-block"]))
 
 
-def what_if(hw: HardwareProfile, copy_scale: float = 1.0, copy_slows: float | None = None) -> HardwareProfile:
-    """The profile with every copy copy_scale times as long (curves and bandwidths) and, if
-    given, pcie.copy_slows_compute replaced."""
+def what_if(hw: HardwareProfile, copy_scale: float = 1.0, copy_slows: float | None = None,
+            fixed_scale: float = 1.0, contention: float | None = None) -> HardwareProfile:
+    """The profile with every copy copy_scale times as long (curves and bandwidths), the GPU's
+    fixed per-layer work (the attention grid and layer_overhead_us) fixed_scale times, and, if
+    given, pcie.copy_slows_compute and cpu.gpu_contention replaced."""
     data = (hw.scaled(pcie=1.0 / copy_scale) if copy_scale != 1.0 else hw).to_dict()
     if copy_slows is not None:
         data["pcie"]["copy_slows_compute"] = copy_slows
+    if contention is not None:
+        data["cpu"]["gpu_contention"] = contention
+    if fixed_scale != 1.0:
+        data["gpu"]["layer_overhead_us"] *= fixed_scale
+        for grid in data["gpu"]["attention"]:
+            grid["time_us"] = [[t * fixed_scale for t in row] for row in grid["time_us"]]
     return profile_from_dict(data, source=hw.name, plausible=False)
 
 
@@ -88,13 +99,61 @@ def repredict(out: Path, hw: HardwareProfile) -> list[dict[str, Any]]:
         path = trace if trace.is_absolute() else out / trace
         workload = window(workload_from_trace(read_trace(path)), forwards, "after-first-block" in extra)
         workload = first_layers(workload, layers)
+        steps = repeat_steps(out / f"validate_{name}")
         for c in json.loads((out / f"validate_{name}" / "results.json").read_text())["rows"]:
             config = Config(c["policy"], c["budget"], c["tau"], c["refresh"])
             predicted = run(workload, build(config, workload, hw, None), hw, engine="sim")
             p_ms, m_ms = predicted.step_time_s * 1e3, c["measured_step_ms"]
             rows.append({**c, "run": name, "predicted_step_ms": p_ms, "error": (p_ms - m_ms) / m_ms,
-                         "abs_error": abs(p_ms - m_ms) / m_ms, "stored_error": c["error"]})
+                         "abs_error": abs(p_ms - m_ms) / m_ms, "stored_error": c["error"],
+                         "repeat_errors": [(p_ms - 1e3 * s) / (1e3 * s) for s in steps.get(c["config"], [])]})
     return rows
+
+
+def repeat_steps(folder: Path) -> dict[str, list[float]]:
+    """Every configuration's measured step time (s) of each repeat, in the order they ran
+    (validate interleaves the repeats over the configurations: repeat r of every configuration
+    runs before repeat r + 1 of any)."""
+    path = folder / "configurations.jsonl"
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["config"]: [float(s) for s in r.get("measured_step_s", [])] for r in rows}
+
+
+def pass_shift(passes: list[tuple[str, int, float, int]]) -> float:
+    """The largest minus the smallest median signed error of the repeat passes (drift): how far
+    the machine's speed moved during the measurement. A shift above STEADY means the median
+    |error| over all configurations measures the machine as much as the model."""
+    return max(e for _, _, e, _ in passes) - min(e for _, _, e, _ in passes) if passes else 0.0
+
+
+STEADY = 0.05
+
+
+def report_passes(passes: list[tuple[str, int, float, int]]) -> None:
+    if not passes:
+        return
+    shift = pass_shift(passes)
+    print("repeat passes in the order they ran (median signed error of the pass's configurations):")
+    print("  " + "; ".join(f"{n} #{k + 1} {e:+.1%}" for n, k, e, _ in passes))
+    if shift > STEADY:
+        print(f"the passes differ by {shift:.1%} (more than {STEADY:.0%}): the machine's speed changed during the "
+              "measurement; the median |error| above measures it as much as the model")
+
+
+def drift(rows: list[dict[str, Any]]) -> list[tuple[str, int, float, int]]:
+    """(run, repeat, median signed error over the run's configurations, configurations) per
+    repeat pass, in the order the passes ran: a machine whose speed changed during the
+    measurement shows as a shift shared by every configuration of a pass, which no profile
+    (measured once, at calibrate) can follow."""
+    out: list[tuple[str, int, float, int]] = []
+    for name, _, _ in RUNS:
+        mine = [r for r in rows if r["run"] == name]
+        for k in range(max((len(r["repeat_errors"]) for r in mine), default=0)):
+            errs = [r["repeat_errors"][k] for r in mine if len(r["repeat_errors"]) > k]
+            out.append((name, k, statistics.median(errs), len(errs)))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,12 +165,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="only predict OUT's stored validations again (with --hw, default OUT/profile.yaml)")
     p.add_argument("--copy-scale", type=float, default=1.0, help="with --repredict: copies this many times longer")
     p.add_argument("--copy-slows", type=float, default=None, help="with --repredict: pcie.copy_slows_compute")
+    p.add_argument("--fixed-scale", type=float, default=1.0,
+                   help="with --repredict: the GPU's fixed per-layer work (attention, layer overhead) this many times")
+    p.add_argument("--contention", type=float, default=None, help="with --repredict: cpu.gpu_contention")
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.repredict:
-        if args.copy_scale <= 0 or (args.copy_slows is not None and args.copy_slows < 0):
-            p.error("--copy-scale must be > 0 and --copy-slows >= 0")
-        hw = what_if(load_profile(args.hw or out / "profile.yaml"), args.copy_scale, args.copy_slows)
+        if (args.copy_scale <= 0 or args.fixed_scale <= 0 or (args.copy_slows is not None and args.copy_slows < 0)
+                or (args.contention is not None and args.contention < 0)):
+            p.error("--copy-scale and --fixed-scale must be > 0, --copy-slows and --contention >= 0")
+        hw = what_if(load_profile(args.hw or out / "profile.yaml"), args.copy_scale, args.copy_slows,
+                     args.fixed_scale, args.contention)
         again = repredict(out, hw)
         errs = [r["abs_error"] for r in again]
         print(f"{'run':7} {'configuration':24} {'predicted ms':>12} {'measured ms':>12} {'error':>8} {'stored':>8}")
@@ -119,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['run']:7} {r['config']:24} {r['predicted_step_ms']:12.2f} {r['measured_step_ms']:12.2f} "
                   f"{r['error']:+8.1%} {r['stored_error']:+8.1%}")
         print(f"{len(again)} configurations re-predicted (copy scale {args.copy_scale:g}, copy_slows_compute "
-              f"{hw.pcie.copy_slows_compute:g}): median |error| {statistics.median(errs):.1%}, max {max(errs):.1%}")
+              f"{hw.pcie.copy_slows_compute:g}, fixed scale {args.fixed_scale:g}, gpu_contention "
+              f"{hw.cpu.gpu_contention:g}): median |error| {statistics.median(errs):.1%}, max {max(errs):.1%}")
+        report_passes(drift(again))
         return 0
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -134,15 +200,22 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for name, trace, extra in RUNS:
         trace = trace if trace.is_absolute() else out / trace
+        # relative to the checkout (the commands run there): no stored result names where it lay
+        trace = trace.relative_to(REPO) if trace.is_relative_to(REPO) else trace
         folder = out / f"validate_{name}"
         tidesim(["validate", "--trace", str(trace), "--hw", str(profile), *GRID, "--repeats", str(args.repeats),
                  *extra, "-o", str(folder)])
         data = json.loads((folder / "results.json").read_text())
-        rows += [{"run": name, **r} for r in data["rows"]]
+        steps = repeat_steps(folder)
+        rows += [{"run": name, **r, "repeat_errors": [(r["predicted_step_ms"] - 1e3 * s) / (1e3 * s)
+                                                       for s in steps.get(r["config"], [])]} for r in data["rows"]]
     errs = [abs(r["error"]) for r in rows]
+    passes = drift(rows)
     conditions |= {"end_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                    "load_average_end": load_average(), "seconds": round(time.time() - t0, 1)}
     result = {"conditions": conditions, "configurations": len(rows), "median_abs_error": statistics.median(errs),
+              "passes": [{"run": n, "repeat": k + 1, "median_error": e, "configurations": c} for n, k, e, c in passes],
+              "pass_shift": pass_shift(passes),
               "max_abs_error": max(errs), "rows": rows}
     tmp = out / ".fidelity.json.tmp"
     tmp.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
@@ -154,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(rows)} configurations: median |error| {result['median_abs_error']:.1%}, max "
           f"{result['max_abs_error']:.1%}; load average {conditions['load_average_start']} at the start, "
           f"{conditions['load_average_end']} at the end; {conditions['seconds']} s")
+    report_passes(passes)
     return 0
 
 

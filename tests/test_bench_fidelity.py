@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -15,6 +16,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import bench_fidelity as bench  # noqa: E402
 
 from tidesim.hardware import get_profile, load_profile  # noqa: E402
+from tidesim.models import PRESETS  # noqa: E402
 
 
 def test_what_if_scales_every_copy_and_sets_the_copy_slowdown() -> None:
@@ -39,3 +41,67 @@ def test_bad_what_if_is_refused_with_exit_2() -> None:
     with pytest.raises(SystemExit) as e:
         bench.main(["--out", str(REPO / "bench/results/fidelity-dev-2core-cpu"), "--repredict", "--copy-scale", "0"])
     assert e.value.code == 2
+
+
+def test_what_if_scales_the_fixed_layer_work_and_sets_the_contention() -> None:
+    hw = load_profile(REPO / "bench/results/fidelity-dev-2core-amd/profile.yaml")
+    spec = PRESETS["llada2-mini"]
+    t, c = np.array([32]), np.array([128])
+    # the stored grid: attention at 32 tokens, context 128: 16099.499 us; layer overhead 2587.112 us
+    assert hw.gpu.attention[0]["time_us"][2][1] == pytest.approx(16099.499, rel=1e-9)
+    slow = bench.what_if(hw, fixed_scale=1.5, contention=0.25)
+    assert float(slow.attention_time(t, c, spec)[0]) == pytest.approx(1.5 * 16099.499e-6, rel=1e-6)
+    assert slow.gpu.layer_overhead_us == pytest.approx(1.5 * 2587.111688929452, rel=1e-12)
+    assert slow.cpu.gpu_contention == 0.25
+    # shared expert and gate (roofline terms) do not move: the rest of the fixed time grows by exactly
+    # 0.5 x (attention + overhead)
+    extra = float(slow.gpu_layer_fixed_time(t, c, spec)[0] - hw.gpu_layer_fixed_time(t, c, spec)[0])
+    assert extra == pytest.approx(0.5 * (16099.499 + 2587.111688929452) * 1e-6, rel=1e-6)
+    assert slow.gpu.expert_ffn == hw.gpu.expert_ffn and slow.pcie == hw.pcie
+
+
+def test_drift_is_the_median_signed_error_of_each_repeat_pass() -> None:
+    rows = [{"run": "prefix", "repeat_errors": [0.01, -0.10]}, {"run": "prefix", "repeat_errors": [0.03, -0.20]},
+            {"run": "prefix", "repeat_errors": [-0.05, -0.15]}, {"run": "none", "repeat_errors": [0.02]}]
+    passes = bench.drift(rows)
+    assert passes == [("prefix", 0, 0.01, 3), ("prefix", 1, -0.15, 3), ("none", 0, 0.02, 1)]
+    assert bench.pass_shift(passes) == pytest.approx(0.17)      # +0.02 - (-0.15)
+    assert bench.pass_shift([]) == 0.0
+
+
+def test_stored_amd_run_repredicts_and_shows_the_slowdown_between_passes() -> None:
+    """The quiet run of 2026-12-06 (AMD EPYC): re-predicted with its own profile it gives the stored
+    errors back (median 12.7%, max 22.7%); its first passes of the prefix and none-cache traces
+    are predicted to within 1% in the median, the later passes 13-18% fast: the machine slowed."""
+    out = REPO / "bench/results/fidelity-dev-2core-amd"
+    rows = bench.repredict(out, load_profile(out / "profile.yaml"))
+    assert len(rows) == 30
+    assert all(r["error"] == pytest.approx(r["stored_error"], abs=1e-9) for r in rows)
+    passes = {(n, k): e for n, k, e, _ in bench.drift(rows)}
+    assert abs(passes[("prefix", 0)]) < 0.01 and abs(passes[("none", 0)]) < 0.01
+    assert passes[("none", 1)] < -0.12 and all(passes[("window", k)] < -0.15 for k in range(3))
+    assert bench.pass_shift(bench.drift(rows)) > bench.STEADY
+
+
+def test_a_full_run_records_the_passes(tmp_path, monkeypatch) -> None:
+    """The measuring mode, its runtime steps stubbed out, on a copy of the stored AMD run: fidelity.json
+    gets the stored median (12.7%), each pass's median signed error in run order and their shift."""
+    import json
+    import shutil
+
+    src = REPO / "bench/results/fidelity-dev-2core-amd"
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    ran: list[list[str]] = []
+    monkeypatch.setattr(bench, "tidesim", lambda args: ran.append(args))
+    assert bench.main(["--out", str(out), "--hw", str(out / "profile.yaml")]) == 0
+    assert [a[0] for a in ran] == ["validate"] * 3               # no synth (trace stored), no calibrate (--hw)
+    # the stored prefix trace is named relative to the checkout, not where it lies on this machine
+    assert ran[0][ran[0].index("--trace") + 1] == "bench/results/validation-dev-2core-cpu/trace.parquet"
+    result = json.loads((out / "fidelity.json").read_text())
+    assert result["median_abs_error"] == pytest.approx(0.127, abs=5e-4) and len(result["passes"]) == 9
+    assert [(p["run"], p["repeat"]) for p in result["passes"]][:4] == [("prefix", 1), ("prefix", 2), ("prefix", 3),
+                                                                      ("none", 1)]
+    assert result["pass_shift"] == pytest.approx(max(p["median_error"] for p in result["passes"])
+                                                 - min(p["median_error"] for p in result["passes"]))
+    assert result["pass_shift"] > bench.STEADY
