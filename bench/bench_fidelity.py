@@ -96,8 +96,8 @@ def repredict(out: Path, hw: HardwareProfile) -> list[dict[str, Any]]:
     layers, forwards = int(GRID[GRID.index("--layers") + 1]), int(GRID[GRID.index("--forwards") + 1])
     rows: list[dict[str, Any]] = []
     for name, trace, extra in RUNS:
-        path = trace if trace.is_absolute() else out / trace
-        workload = window(workload_from_trace(read_trace(path)), forwards, "after-first-block" in extra)
+        workload = window(workload_from_trace(read_trace(trace_path(out, trace))), forwards,
+                          "after-first-block" in extra)
         workload = first_layers(workload, layers)
         steps = repeat_steps(out / f"validate_{name}")
         for c in json.loads((out / f"validate_{name}" / "results.json").read_text())["rows"]:
@@ -106,7 +106,7 @@ def repredict(out: Path, hw: HardwareProfile) -> list[dict[str, Any]]:
             p_ms, m_ms = predicted.step_time_s * 1e3, c["measured_step_ms"]
             rows.append({**c, "run": name, "predicted_step_ms": p_ms, "error": (p_ms - m_ms) / m_ms,
                          "abs_error": abs(p_ms - m_ms) / m_ms, "stored_error": c["error"],
-                         "repeat_errors": [(p_ms - 1e3 * s) / (1e3 * s) for s in steps.get(c["config"], [])]})
+                         "repeat_errors": repeat_errors(p_ms, steps.get(c["config"], []))})
     return rows
 
 
@@ -119,6 +119,16 @@ def repeat_steps(folder: Path) -> dict[str, list[float]]:
         return {}
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return {r["config"]: [float(s) for s in r.get("measured_step_s", [])] for r in rows}
+
+
+def repeat_errors(predicted_ms: float, steps: list[float]) -> list[float]:
+    """The signed error of a prediction against each repeat's measured step time (s)."""
+    return [(predicted_ms - 1e3 * s) / (1e3 * s) for s in steps]
+
+
+def trace_path(out: Path, trace: Path) -> Path:
+    """A run's trace: RUNS names the none trace relative to OUT, the prefix trace absolutely."""
+    return trace if trace.is_absolute() else out / trace
 
 
 def pass_shift(passes: list[tuple[str, int, float, int]]) -> float:
@@ -199,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         tidesim(["calibrate", "--models", "llada2-mini", "--device", "cpu", "-o", str(profile)])
     rows: list[dict[str, Any]] = []
     for name, trace, extra in RUNS:
-        trace = trace if trace.is_absolute() else out / trace
+        trace = trace_path(out, trace)
         # relative to the checkout (the commands run there): no stored result names where it lay
         trace = trace.relative_to(REPO) if trace.is_relative_to(REPO) else trace
         folder = out / f"validate_{name}"
@@ -207,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                  *extra, "-o", str(folder)])
         data = json.loads((folder / "results.json").read_text())
         steps = repeat_steps(folder)
-        rows += [{"run": name, **r, "repeat_errors": [(r["predicted_step_ms"] - 1e3 * s) / (1e3 * s)
-                                                       for s in steps.get(r["config"], [])]} for r in data["rows"]]
+        rows += [{"run": name, **r, "repeat_errors": repeat_errors(r["predicted_step_ms"], steps.get(r["config"], []))}
+                 for r in data["rows"]]
     errs = [abs(r["error"]) for r in rows]
     passes = drift(rows)
     conditions |= {"end_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from tidesim.hardware import HardwareProfile
 from tidesim.limits import check_tau
 from tidesim.lru import LRU
-from tidesim.notes import note_all, noting
+from tidesim.notes import cached
 from tidesim.plan import Plan
 from tidesim.workload import Workload
 
@@ -70,12 +70,7 @@ def best_tau(workload: Workload, hw: HardwareProfile, budget: int, refresh: str 
     The search runs once per process for inputs of the same content (a sweep's tide and
     tide-reference points on one profile, compare after a sweep); its notes are said each time."""
     key = (workload.digest, hw.fingerprint(), int(budget), refresh, tuple(int(t) for t in taus))
-    kept = _SEARCHED.get(key)
-    if kept is None:
-        kept = noting(lambda: _search(workload, hw, budget, refresh, taus))
-        _SEARCHED.put(key, kept)
-    note_all(kept[1])
-    return kept[0]
+    return cached(_SEARCHED, key, lambda: _search(workload, hw, budget, refresh, taus))
 
 
 def _search(workload: Workload, hw: HardwareProfile, budget: int, refresh: str, taus: tuple[int, ...]

@@ -13,7 +13,6 @@ content the same way.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from tidesim.lru import LRU
 from tidesim.metrics import Metrics
-from tidesim.notes import collecting, note_all, noting
+from tidesim.notes import cached, collecting, note_all
 from tidesim.plan import Plan
 from tidesim.policies.driver import build_schedule
 from tidesim.policies.options import PolicyOptions
@@ -66,7 +65,7 @@ def schedule_key(policy: str, workload: Workload, options: PolicyOptions) -> str
     plan = options.extra.get("plan")
     if options.static_resident is not None or set(options.extra) - {"plan"}:
         return None
-    plan_digest = hashlib.sha256(plan.to_json().encode()).hexdigest() if isinstance(plan, Plan) else None
+    plan_digest = plan.digest() if isinstance(plan, Plan) else None
     hw = options.hw.fingerprint() if traits(policy).reads_profile else None
     return json.dumps([workload.digest, policy, options.budget.tolist(), options.tau.tolist(), options.refresh,
                        options.warmup_fraction, plan_digest, hw])
@@ -76,11 +75,11 @@ def schedule_for(policy: str, workload: Workload, options: PolicyOptions) -> tup
     """The policy's Schedule, built once per content key (see the module docstring); the notes
     building it said are said again on reuse. Returns (schedule, built now)."""
     key = schedule_key(policy, workload, options)
-    kept = SCHEDULES.get(key) if key is not None else None
-    if kept is not None:
-        note_all(kept[1])
-        return kept[0], False
-    schedule, said = noting(lambda: build_schedule(policy, workload, options))   # said here too
-    if key is not None:
-        SCHEDULES.put(key, (schedule, said))
-    return schedule, True
+    built: list[Schedule] = []
+
+    def build() -> Schedule:
+        built.append(build_schedule(policy, workload, options))
+        return built[-1]
+
+    schedule = build() if key is None else cached(SCHEDULES, key, build)
+    return schedule, bool(built)

@@ -10,12 +10,15 @@ notes are about one evaluation, never state of the inputs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TypeVar
 
+from tidesim.lru import LRU
+
 T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
 
 _OPEN: ContextVar[tuple[set[str], ...]] = ContextVar("tidesim_notes", default=())
 
@@ -49,3 +52,14 @@ def noting(fn: Callable[[], T]) -> tuple[T, frozenset[str]]:
     with collecting() as box:
         value = fn()
     return value, frozenset(box)
+
+
+def cached(cache: LRU[K, tuple[T, frozenset[str]]], key: K, make: Callable[[], T]) -> T:
+    """The value kept under `key`, made now (with the notes it said) when missing; its notes are
+    said either way, so a cached value reports what a fresh one would."""
+    kept = cache.get(key)
+    if kept is None:
+        kept = noting(make)
+        cache.put(key, kept)
+    note_all(kept[1])
+    return kept[0]

@@ -249,6 +249,10 @@ class Plan:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
+    def digest(self) -> str:
+        """sha256 of the plan's canonical JSON: its content, for the keys of a scenario and a schedule."""
+        return sha256_bytes(self.to_json().encode())
+
     def save(self, path: str | Path) -> None:
         """Validate, then write atomically (nothing half-written on error)."""
         problems = self.problems()

@@ -14,7 +14,6 @@ printed: the caller says them.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -65,7 +64,7 @@ class Scenario:
     @cached_property
     def key(self) -> tuple[Any, ...]:
         """The scenario's content: what its hash and equality use."""
-        plan = None if self.plan is None else hashlib.sha256(self.plan.to_json().encode()).hexdigest()
+        plan = None if self.plan is None else self.plan.digest()
         return (self.workload.digest, self.hw.fingerprint(), self.budget, self.tau, self.refresh,
                 self.engine, plan, self.warmup_fraction, self.per_layer)
 

@@ -95,7 +95,8 @@ class Workload:
 
 def check_prompt_ids(ids: list[int], available: list[int], flag: str) -> None:
     """The one check that prompt ids given by a user (--prompts, --calibrate-prompts) are the trace's."""
-    missing = [i for i in ids if i not in set(available)]
+    known = set(available)
+    missing = [i for i in ids if i not in known]
     if missing:
         raise InputError(f"{flag}: prompt {missing[0]} is not in the trace (it has prompts "
                          f"{', '.join(map(str, available))})")

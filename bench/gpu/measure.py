@@ -102,6 +102,7 @@ class Run:
     steps: list[dict[str, Any]] = field(default_factory=list)
     log_lines: list[str] = field(default_factory=list)
     torch_facts: dict[str, Any] = field(default_factory=dict)
+    registry: dict[str, Any] = field(default_factory=dict)   # registry_facts, asked once per run
     procs: StepProcesses | None = None
     fork: bool = True                 # steps forked from one server (StepProcesses); False: fresh interpreters
 
@@ -486,10 +487,11 @@ print(json.dumps({"static_set": policy_names(static_set=True), "plan_policy": pl
 
 
 def registry_facts(run: Run) -> dict[str, Any]:
-    """The static-set policies and the plan policy, from the registry's traits."""
-    proc = run.python(REGISTRY_FACTS, 0.05, "policy traits from the registry")
-    facts: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return facts
+    """The static-set policies and the plan policy, from the registry's traits (asked once per run)."""
+    if not run.registry:
+        proc = run.python(REGISTRY_FACTS, 0.05, "policy traits from the registry")
+        run.registry.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return run.registry
 
 
 def live(run: Run, profile: Path) -> dict[str, Any]:

@@ -54,9 +54,14 @@ class Slots:
         return Slots(self.free[rows], self.deferred[rows], self.n_async[rows],
                      None if self.stay is None else self.stay[rows], self.backlog)
 
-    def stay_charge(self, r: lm.Rates, n_stays: np.ndarray | int) -> np.ndarray:
-        """What taking n_stays refresh copies on demand costs the background queue ahead of them."""
-        return np.minimum(self.backlog, np.asarray(n_stays) * r.expert_copy_s)
+    def stay_charge(self, r: lm.Rates, n_stays: np.ndarray) -> np.ndarray:
+        return stay_charge(r, self.backlog, n_stays)
+
+
+def stay_charge(r: lm.Rates, backlog: float, n_stays: np.ndarray | int) -> np.ndarray:
+    """What taking n_stays refresh copies on demand costs the background queue ahead of them: it
+    waits n_stays copies longer, at most as long as it is (min(backlog, n x copy))."""
+    return np.minimum(backlog, np.asarray(n_stays) * r.expert_copy_s)
 
 
 def expert_costs(counts: np.ndarray, spec: ModelSpec, hw: HardwareProfile) -> tuple[np.ndarray, np.ndarray]:
@@ -474,8 +479,7 @@ class RowSplit:
         tags = row_slot_rule(passes, 0, fr, d0)[0]
         charge = 0.0
         if backlog > 0 and not all(passes):
-            charge = float(Slots(np.zeros(0), np.zeros(0), np.zeros(0), None, backlog).stay_charge(
-                self.r, len(passes) - sum(passes)))
+            charge = float(stay_charge(self.r, backlog, len(passes) - sum(passes)))
         od_sum = 0.0
         for x in compute:
             od_sum += x

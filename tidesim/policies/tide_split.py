@@ -245,11 +245,8 @@ class TideSplit(Tide):
         return placement_of(counts, gpu), copy, np.zeros(counts.shape, dtype=bool), after
 
     def _side_bound_one(self, c: np.ndarray, p: np.ndarray) -> float:
-        """_side_bound for one layer-forward on 1-D arrays (the same sums, so the same value)."""
-        gpu_full, cpu = self.times(c)
-        on_cpu = np.where(p == CPU, cpu, 0.0)
-        pool = float(pool_estimate(self.backlog.rates, on_cpu.sum(), on_cpu.max()))
-        return float(max(pool, np.where(p == GPU, gpu_full, 0.0).sum()))
+        """_side_bound for one layer-forward given as 1-D arrays."""
+        return self._side_bound(c[None, :], p[None, :])[0]
 
     def _background(self, meta: ForwardMeta) -> bool:
         """Whether refresh copies may be on the copy engine in the background during this forward:
@@ -282,14 +279,11 @@ class TideSplit(Tide):
         od = copy == COPY_ON_DEMAND
         if resident is not None and (od & resident).any():     # some stay: the general slot rule
             od_g, od_e = np.nonzero(od)
-            _, _, taken = lm.slot_tags(od_g, ~resident[od_g, od_e], np.nonzero(copy == COPY_ASYNC_REFRESH)[0], free,
-                                       deferred)
-            spare = sync_spare + taken
-            if spare.any():
-                self.spares[rows] += spare
-            return
-        spare = sync_spare + slot_spares((copy == COPY_ON_DEMAND).sum(axis=1), (copy == COPY_ASYNC_REFRESH).sum(axis=1),
-                                         free, deferred)
+            taken = lm.slot_tags(od_g, ~resident[od_g, od_e], np.nonzero(copy == COPY_ASYNC_REFRESH)[0], free,
+                                 deferred)[2]
+        else:
+            taken = slot_spares(od.sum(axis=1), (copy == COPY_ASYNC_REFRESH).sum(axis=1), free, deferred)
+        spare = sync_spare + taken
         if spare.any():
             self.spares[rows] += spare
 

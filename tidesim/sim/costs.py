@@ -9,9 +9,7 @@ activated (forward, layer, expert), grouped by layer-forward g = f * L + l in ex
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import numpy as np
 
@@ -37,12 +35,10 @@ from tidesim.layermodel import (
     per_count,
 )
 from tidesim.lru import LRU
-from tidesim.notes import collecting, note_all, noting
+from tidesim.notes import cached, collecting
 from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, COPY_SYNC_REFRESH, Schedule, SparseCells
 from tidesim.sim.lpt import lpt_makespans
 from tidesim.workload import Workload
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -170,16 +166,6 @@ _PER_SIDE = 4
 _ENTRIES: LRU[str, _WorkloadCache] = LRU(4)     # by workload content (Workload.digest)
 
 
-def _kept(cache: LRU[str, tuple[T, frozenset[str]]], key: str, make: Callable[[], T]) -> T:
-    """The value cached under `key`, made now when missing; its notes are said either way."""
-    kept = cache.get(key)
-    if kept is None:
-        kept = noting(make)
-        cache.put(key, kept)
-    note_all(kept[1])
-    return kept[0]
-
-
 def _cells(workload: Workload, hw: HardwareProfile, r: Rates) -> _Cells:
     """The workload's cells with this profile's GPU and CPU times, from the cache when a workload of
     the same content was costed with parts of the same content before. Each time table is a
@@ -198,10 +184,10 @@ def _cells(workload: Workload, hw: HardwareProfile, r: Rates) -> _Cells:
         share = grouped_share(r, full)        # reads the launch overhead: a GPU field
         return full, share, np.bincount(entry.g, weights=share, minlength=groups)
 
-    gpu_full, share, share_sum = _kept(entry.gpu, gpu_part, gpu_times)
-    cpu = _kept(entry.cpu, cpu_part, lambda: per_count(lambda t: curves.cpu_expert_time(hw.cpu, t, spec),
+    gpu_full, share, share_sum = cached(entry.gpu, gpu_part, gpu_times)
+    cpu = cached(entry.cpu, cpu_part, lambda: per_count(lambda t: curves.cpu_expert_time(hw.cpu, t, spec),
                                                             entry.tokens))
-    fwd_fixed, layer_fixed = _kept(entry.fixed, gpu_part, lambda: _fixed_times(workload, hw.gpu))
+    fwd_fixed, layer_fixed = cached(entry.fixed, gpu_part, lambda: _fixed_times(workload, hw.gpu))
     return _Cells(entry.idx, entry.tokens, gpu_full, cpu, share, share_sum, entry.n_active, entry.tokens_sum,
                   entry.position, fwd_fixed, layer_fixed)
 

@@ -303,7 +303,10 @@ def for_weights(dtype: torch.dtype, fixed: bool) -> CpuKernel:
     if kernel.caches_weights and not fixed:
         if kernel.run_mutable is None:
             return KERNELS["linear"]
-        return _MUTABLE.setdefault(kernel.name, replace(kernel, run=kernel.run_mutable, run_into=None))
+        mutable = _MUTABLE.get(kernel.name)     # made once: this runs per expert call
+        if mutable is None:
+            mutable = _MUTABLE.setdefault(kernel.name, replace(kernel, run=kernel.run_mutable, run_into=None))
+        return mutable
     return kernel
 
 
