@@ -308,18 +308,51 @@ def test_row_split_decides_as_the_batched_search(data) -> None:  # type: ignore[
     assert row == batched[0]
 
 
-@pytest.mark.parametrize("refresh", ["sync", "async"])
-def test_live_equals_offline_on_the_bundled_mini_trace(refresh: str) -> None:
-    """At real sizes (about 70 activated experts per layer, 64 resident, H100 preset) the live
-    engine's path (RowSplit) makes the offline builder's decisions, forward by forward."""
+@pytest.mark.parametrize(("trace", "budget", "refresh"), [("llada2-mini_prefix_g1024", 64, "sync"),
+                                                        ("llada2-mini_prefix_g1024", 64, "async"),
+                                                        ("llada2-mini_none_g1024", 128, "sync")])
+def test_live_equals_offline_on_the_bundled_mini_trace(trace: str, budget: int, refresh: str) -> None:
+    """At real sizes (about 70 activated experts per layer, 64 resident, H100 preset; without a
+    cache about 180 activated, 128 resident) the live engine's path (RowSplit.tide_split_layer,
+    compiled) makes the offline builder's decisions, forward by forward."""
     from tidesim.bundled.paths import resolve_trace
     from tidesim.hardware import get_profile
     from tidesim.trace.io import read_trace
     from tidesim.workload import workload_from_trace
 
-    w = workload_from_trace(read_trace(resolve_trace("llada2-mini_prefix_g1024"))).select(np.arange(24))
-    opts = options(w, 64, 2, refresh, hw=get_profile("h100-sxm-pcie5"))
+    w = workload_from_trace(read_trace(resolve_trace(trace))).select(np.arange(24))
+    opts = options(w, budget, 2, refresh, hw=get_profile("h100-sxm-pcie5"))
     offline, live = checked("tide-split", w, opts), layer_by_layer("tide-split", w, opts)
     assert (offline.copy == COPY_ON_DEMAND).sum() > 50 or refresh == "async"
     for f in ("placement", "copy", "demote", "resident"):
         assert np.array_equal(getattr(live, f), getattr(offline, f)), f
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_compiled_refresh_equals_the_batched_refresh(data) -> None:  # type: ignore[no-untyped-def]
+    """The one-layer refresh (rowsplit.refresh_row, written without a sort) keeps the set that
+    residency.refresh_sets keeps with tide-split's ranking (tokens, history, id: a lexsort), ties
+    in tokens and history included."""
+    from tidesim.policies.residency import refresh_sets
+    from tidesim.policies.rowsplit import refresh_row
+
+    e = data.draw(st.integers(1, 40))
+    counts = np.array(data.draw(st.lists(st.integers(0, 4), min_size=e, max_size=e)), np.int64)
+    current = np.array(data.draw(st.lists(st.booleans(), min_size=e, max_size=e)), bool)
+    history = np.array(data.draw(st.lists(st.sampled_from([0, 1, 2, 1 << 61, (1 << 62) | 1]), min_size=e,
+                                          max_size=e)), np.int64)
+    budget = data.draw(st.integers(0, e + 2))
+    order = np.lexsort((np.arange(e), -history, -counts))[None, :]
+    _, expected = refresh_sets(current[None], counts[None], np.array([budget]), order)
+    assert refresh_row(counts, current, history, budget).tolist() == expected[0].tolist()
+
+
+@settings(max_examples=100, deadline=None)
+@given(values=st.lists(st.floats(0, 1e3, allow_nan=False), max_size=700))
+def test_compiled_sum_is_numpys(values) -> None:  # type: ignore[no-untyped-def]
+    """rowsplit.np_sum adds in numpy's pairwise order: bit for bit np.sum, past 128 entries too."""
+    from tidesim.policies.rowsplit import np_sum
+
+    a = np.array(values, float)
+    assert np_sum(a) == a.sum()

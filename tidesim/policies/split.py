@@ -16,22 +16,24 @@ timed exactly with the layer model (layer_times) and the fastest wins, ties to t
 that list, so the split is never slower in the layer model than running every non-resident
 expert on the CPU with the same resident set.
 
-RowSplit makes tide-split's choice for one layer-forward in scalar code (the live engine decides
-one layer per call, where numpy's fixed cost per call dominated: 17 ms per mini forward); its
+RowSplit makes tide-split's choice for one layer-forward in compiled scalar code
+(tidesim.policies.rowsplit; the live engine decides one layer per call, where numpy's fixed cost
+per call dominated: 17 ms per mini forward, 3.6 to 8 ms with the scalar search in Python); its
 decisions are the batched search's (tests/test_policies_tide_split.py checks both ways).
 """
 
 from __future__ import annotations
 
-import math
+import importlib.util
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 
 from tidesim import layermodel as lm
 from tidesim.hardware import HardwareProfile
 from tidesim.models import ModelSpec
-from tidesim.sim.lpt import lpt_makespan, lpt_makespans
+from tidesim.sim.lpt import lpt_makespans
 
 
 @dataclass(frozen=True)
@@ -303,34 +305,22 @@ def pool_estimate(r: lm.Rates, total: np.ndarray, longest: np.ndarray) -> np.nda
 
 
 def slot_spares_one(n_od: int, n_async: int, free: int, deferred: int) -> int:
-    """slot_spares for one layer-forward, in plain integers (the live engine's per-layer call)."""
-    od_spare = 1 if n_od > 0 and free + deferred == 0 else 0
-    popped = max(n_od - free, 0) - od_spare
-    return od_spare + max(n_async - max(free - n_od, 0) - (deferred + n_od - popped), 0)
+    """slot_spares for one layer-forward, in plain integers (tidesim.policies.rowsplit's, compiled)."""
+    from tidesim.policies import rowsplit
+
+    return int(rowsplit.slot_spares_one(n_od, n_async, free, deferred))
 
 
 def row_slot_rule(passes: list[bool], n_async: int, free: int, deferred: int) -> tuple[list[int], int]:
-    """The slot rule (tidesim.layermodel.slot_tags, the runtime's slot plan) for one layer-forward
-    in plain Python: the release tag of each on-demand copy (in expert-id order; `passes`: whether
-    it only passes through its slot) and the spare slots its copies take, the asynchronous ones
-    after them. A copy takes a free slot, else the head of the queue of slots that free later
-    (the grouped kernel's, then each earlier pass-through on-demand expert's), else a spare."""
-    tags: list[int] = []
-    queue = [lm.AFTER_GROUPED] * deferred
-    head = spare = 0
-    for k, p in enumerate(passes):
-        if free > 0:
-            free -= 1
-            tags.append(lm.FREE_NOW)
-        elif head < len(queue):
-            tags.append(queue[head])
-            head += 1
-        else:
-            spare += 1
-            tags.append(lm.FREE_NOW)
-        if p:
-            queue.append(k)
-    return tags, spare + max(n_async - free - (len(queue) - head), 0)
+    """The slot rule (tidesim.layermodel.slot_tags, the runtime's slot plan) for one layer-forward:
+    the release tag of each on-demand copy (in expert-id order; `passes`: whether it only passes
+    through its slot) and the spare slots its copies take, the asynchronous ones after them
+    (tidesim.policies.rowsplit.slot_rule, compiled, the one-layer decision's)."""
+    from tidesim.policies import rowsplit
+
+    tags = np.empty(len(passes), np.int64)
+    spare = rowsplit.slot_rule(np.array(passes, np.bool_), n_async, free, deferred, tags)
+    return tags.tolist(), int(spare)
 
 
 def slot_spares(n_od: np.ndarray, n_async: np.ndarray, free: np.ndarray, deferred: np.ndarray) -> np.ndarray:
@@ -346,39 +336,41 @@ def slot_spares(n_od: np.ndarray, n_async: np.ndarray, free: np.ndarray, deferre
     return od_spare + np.maximum(n_async - left_free - queue_left, 0)
 
 
-@dataclass(frozen=True)
-class Row:
-    """The CPU side of one layer-forward's splits nf .. top (index j - nf), from RowSplit's estimate:
-    the sequential grouped end, the CPU time and longest CPU task left, the activations out and back."""
-
-    grouped_end: float
-    cpu_rest: list[float]
-    longest: list[float]
-    shortest: list[float]
-    act: list[float]
-    res: list[float]
-
-
 class RowSplit:
-    """best_split(keep_resident=True, try_all=False) for one layer-forward in scalar code, for a
-    caller that decides one layer per call (the live engine), where numpy's per-call overhead on
-    the batched search costs milliseconds. The same decisions from the same floating-point terms:
-    the estimate over the splits from "resident only" to `top` (numpy on one row: split._estimates'
-    terms), then, where it names another split, both timed in the layer model without copy
-    slowdown (split.layer_times' terms; profiles with pcie.copy_slows_compute > 0 take
+    """best_split(keep_resident=True, try_all=False) for one layer-forward, compiled
+    (tidesim.policies.rowsplit), for a caller that decides one layer per call (the live engine),
+    where numpy's per-call overhead on the batched search costs milliseconds. The same decisions
+    from the same floating-point terms: the estimate over the splits from "resident only" to `top`
+    (split._estimates' terms), then, where it names another split, both timed in the layer model
+    without copy slowdown (split.layer_times' terms; profiles with pcie.copy_slows_compute > 0 take
     best_split). Bounds on the longest-first makespans (the pool's lower bound, and the
     list-scheduling bound: the mean load plus (1 - 1/workers) of the longest task) settle most
     comparisons before the exact makespans; a relative margin of 1e-9 keeps rounding out of the
-    verdict."""
+    verdict. The compiled code (and numba) is loaded on the first one-layer call, so that batched
+    callers never import it."""
 
     MARGIN = 1e-9
 
     def __init__(self, spec: ModelSpec, hw: HardwareProfile, times: ExpertTimes) -> None:
         self.spec, self.hw, self.times = spec, hw, times
         self.r = lm.Rates.of(hw, spec)
-        self.usable = self.r.slows <= 0
-        self._od_launch = lm.ONDEMAND_LAUNCHES_PER_EXPERT * self.r.launch_s
+        # without numba (an image that lacks it) one-layer calls take the batched search: same decisions
+        self.usable = self.r.slows <= 0 and importlib.util.find_spec("numba") is not None
+        self.fc = np.array([self.r.launch_s, self.r.expert_copy_s, lm.ONDEMAND_LAUNCHES_PER_EXPERT * self.r.launch_s,
+                            self.r.contention, self.MARGIN])
+        self.ic = np.array([self.r.workers, self.r.engines], np.int64)
         self._act = np.zeros((2, 1))                   # activation copies by pair count; NaN: not yet evaluated
+        self._need = np.zeros(2, np.int64)             # pair counts the compiled search asks to evaluate
+        self._out = np.zeros(4, np.int64)
+        self._kernels: ModuleType | None = None
+
+    @property
+    def kernels(self) -> ModuleType:
+        if self._kernels is None:
+            from tidesim.policies import rowsplit
+
+            self._kernels = rowsplit
+        return self._kernels
 
     def act_res(self, pairs: np.ndarray) -> np.ndarray:
         """[2, n]: lm.activation_copies (out, back) of each entry, from a table kept over the pair
@@ -396,146 +388,46 @@ class RowSplit:
             got = self._act[:, pairs]
         return got
 
+    def _fill(self, status: int, counts: np.ndarray) -> None:
+        """Fill the table the compiled code found short (its status), before calling it again."""
+        if status == self.kernels.GROW_TIMES:
+            self.times(counts)
+        else:
+            self.act_res(self._need[1:int(self._need[0]) + 1])
+
+    def _room(self, k: int) -> None:
+        if self._need.size < k + 2:
+            self._need = np.zeros(k + 2, np.int64)
+
     def one(self, counts: np.ndarray, experts: np.ndarray, nf: int, most: int, fr: int, d0: int,
             stay: np.ndarray | None = None, backlog: float = 0.0) -> int:
         """The split of one layer-forward: counts and expert ids [k] of its activated experts in
         decision order (the first nf at the gate, positions nf .. most - 1 movable), `fr` free and
         `d0` deferred slots; `stay` [k]: positions whose on-demand copy stays resident, and `backlog`
         (Slots.stay, Slots.backlog)."""
-        if most <= nf:
-            return nf
-        times = self.times
-        if int(counts.max()) >= times.gpu.size:
-            times(counts)
-        gpu_full, cpu = times.gpu[counts], times.cpu[counts]
-        share = lm.grouped_share(self.r, gpu_full)
-        best, est = self._estimate(counts, share, cpu, nf, most, fr, d0)
-        if best != nf and self._faster(best, nf, counts, experts, share, cpu, fr, d0, est, stay, backlog):
-            return best
-        return nf
+        kern = self.kernels
+        self._room(counts.size)
+        stay_arr = np.zeros(0, np.bool_) if stay is None else np.asarray(stay, np.bool_)
+        counts, experts = np.asarray(counts, np.int64), np.asarray(experts, np.int64)
+        while True:
+            split = kern.row_split(counts, experts, nf, most, fr, d0, stay_arr, float(backlog), self.times.gpu,
+                                   self.times.cpu, self._act, self.fc, self.ic, self._need)
+            if split >= 0:
+                return int(split)
+            self._fill(split, counts)
 
-    def _estimate(self, counts: np.ndarray, share: np.ndarray, cpu: np.ndarray, nf: int, most: int, fr: int,
-                  d0: int) -> tuple[int, Row]:
-        """The estimate's best split in nf .. most (split._estimates' terms and floating-point
-        operations, for one row, in a loop over the on-demand positions that stops once the GPU
-        side alone, which only grows with the split, reaches the best so far), and the CPU side
-        of each split for the exact comparison."""
-        r, c = self.r, self.r.expert_copy_s
-        shares = share.tolist()
-        grouped_end = sum(shares[:nf]) + (r.launch_s if nf > 0 else 0.0)
-        m, k = most - nf, counts.size
-        stop = min(most + 1, k)
-        pad = [0.0] * (most + 1 - stop)
-        cpu_rest = np.cumsum(cpu[::-1])[::-1][nf:stop].tolist() + pad
-        longest = np.maximum.accumulate(cpu[::-1])[::-1][nf:stop].tolist() + pad
-        shortest = np.minimum.accumulate(cpu[::-1])[::-1][nf:stop].tolist() + pad
-        pairs = np.cumsum(counts[::-1], dtype=np.int64)[::-1][nf:stop]
-        if stop - nf < m + 1:
-            pairs = np.concatenate((pairs, np.zeros(m + 1 - (stop - nf), np.int64)))
-        act, res = self.act_res(pairs).tolist()
-        w = r.workers
-        row = Row(grouped_end, cpu_rest, longest, shortest, act, res)
-
-        def cpu_side(i: int, engine_end: float) -> float:
-            if pairs_l[i] <= 0:
-                return 0.0
-            pool = cpu_rest[i] if w == 1 else max(cpu_rest[i] / w, longest[i])
-            return max(act[i] + pool, engine_end) + res[i]
-
-        pairs_l = pairs.tolist()
-        best, best_j = max(grouped_end, cpu_side(0, 0.0)), nf
-        streamed = max(fr + d0, 1)
-        late = max(fr * c, grouped_end)
-        total, lead, done = 0.0, -math.inf, 0.0
-        done_s = total_s = 0.0
-        for i in range(m):
-            t = shares[nf + i] + self._od_launch
-            total = total + t
-            if i < streamed:
-                landed = (i + 1) * c if i < fr else late + (i - fr + 1) * c
-                lead = max(lead, landed - (total - t))
-                done = total + max(grouped_end, lead)
-                done_s, total_s = done, total
-            else:
-                landed = done + c
-                done = done_s + (i - streamed + 1) * c + (total - total_s)
-            e = max(done, cpu_side(i + 1, landed))
-            if e < best:
-                best, best_j = e, nf + i + 1
-            if done >= best:
-                break
-        return best_j, row
-
-    def _faster(self, split: int, nf: int, counts: np.ndarray, experts: np.ndarray, share: np.ndarray,
-                cpu: np.ndarray, fr: int, d0: int, est: Row, stay: np.ndarray | None = None,
-                backlog: float = 0.0) -> bool:
-        """Whether `split` is strictly faster than "resident only" (nf) in the layer model
-        (split.layer_times' terms, without copy slowdown): bounds first, then exactly."""
-        grouped_seq, cpu_rest, longest = est.grouped_end, est.cpu_rest, est.longest
-        j = split - nf
-        o = np.argsort(experts[nf:split], kind="stable")
-        compute = (share[nf:split][o] + self._od_launch).tolist()
-        passes = [True] * len(compute) if stay is None else (~stay[nf:split][o]).tolist()
-        tags = row_slot_rule(passes, 0, fr, d0)[0]
-        charge = 0.0
-        if backlog > 0 and not all(passes):
-            charge = float(stay_charge(self.r, backlog, len(passes) - sum(passes)))
-        od_sum = 0.0
-        for x in compute:
-            od_sum += x
-        w = self.r.workers
-        n_theirs, n_mine = counts.size - nf, counts.size - split
-
-        def bounds(at: int, n: int) -> tuple[float, float]:
-            total, big = cpu_rest[at], longest[at]
-            if n == 0 or w == 1:
-                return total, total
-            if big == est.shortest[at]:          # equal tasks: ceil(n / workers) rounds
-                return (-(-n // w)) * big, (-(-n // w)) * big
-            return max(total / w, big), total / w + (1 - 1 / w) * big
-
-        lo_t, hi_t = bounds(0, n_theirs)
-        lo_m, hi_m = bounds(j, n_mine)
-        a_t, r_t, a_m, r_m = est.act[0], est.res[0], est.act[j], est.res[j]
-        mine = lambda g, span: self._side_at(g, od_sum, a_m, r_m, compute, tags, n_mine, span) + charge  # noqa: E731
-        theirs = lambda g, span: self._side_at(g, 0.0, a_t, r_t, [], [], n_theirs, span)  # noqa: E731
-        if mine(grouped_seq, hi_m) < theirs(grouped_seq, lo_t) * (1 - self.MARGIN):
-            return True
-        if mine(grouped_seq, lo_m) > theirs(grouped_seq, hi_t) * (1 + self.MARGIN):
-            return False
-        r = self.r
-        grouped = float(np.where(np.arange(share.size) < nf, share, 0.0).sum()) + (r.launch_s if nf > 0 else 0.0)
-        span_m = lpt_makespan(cpu[split:].tolist(), w)
-        span_t = lpt_makespan(cpu[nf:].tolist(), w)
-        return bool(mine(grouped, span_m) < theirs(grouped, span_t))
-
-    def _side_at(self, grouped: float, od_sum: float, act: float, res: float, compute: list[float],
-                 tags: list[int], n_cpu: int, span: float) -> float:
-        """The layer-forward's expert phase (layer_phases' "side") for a CPU pool span: contention,
-        then the on-demand pipeline (each copy once its slot is free: `tags`, row_slot_rule) and
-        the CPU side."""
-        r, c = self.r, self.r.expert_copy_s
-        s = r.contention
-        slow = 0.0
-        if s > 0:
-            overlap = min(grouped + od_sum, span)
-            slow = 0.0 + s * overlap
-            factor = (span + s * overlap) / max(span, 1e-300) if span > 0 else 1.0
-            span = span * factor
-        grouped_end = grouped + slow
-        gpu_end = grouped_end
-        cpu_end = act + span
-        if compute:
-            engine = act if r.engines == 1 else 0.0
-            gpu = grouped_end
-            ends: list[float] = []
-            for x, tag in zip(compute, tags, strict=True):
-                slot = 0.0 if tag == lm.FREE_NOW else grouped_end if tag == lm.AFTER_GROUPED else ends[tag]
-                landed = max(engine, slot) + c
-                gpu = max(gpu, landed) + x
-                ends.append(gpu)
-                engine = landed
-            gpu_end = gpu
-            cpu_end = max(cpu_end, engine)
-        res_end = cpu_end + res if n_cpu > 0 else 0.0
-        return max(gpu_end, res_end)
+    def tide_split_layer(self, counts: np.ndarray, current: np.ndarray, history: np.ndarray, budget: int,
+                         refreshing: bool, sync: bool, copy_code: int, background: bool, size: int, backlog: float
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int, int, float]:
+        """tide-split's one-layer step, compiled (rowsplit.tide_split_layer; `history` is updated in
+        place): placement, copy, resident [1, E], the on-demand copies, the spare slots taken, the
+        copies the backlog counts and the side bound (0.0 with synchronous refresh)."""
+        kern, out = self.kernels, self._out
+        self._room(counts.size)
+        while True:
+            placement, copy, resident, bound = kern.tide_split_layer(
+                counts, current, history, budget, refreshing, sync, copy_code, background, size, backlog,
+                self.times.gpu, self.times.cpu, self._act, self.fc, self.ic, self._need, out)
+            if out[0] >= 0:
+                return placement, copy, resident, int(out[1]), int(out[2]), int(out[3]), float(bound)
+            self._fill(int(out[0]), counts)

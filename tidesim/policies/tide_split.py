@@ -46,13 +46,11 @@ from tidesim.policies.split import (
     Slots,
     best_split,
     pool_estimate,
-    row_slot_rule,
     slot_spares,
-    slot_spares_one,
 )
 from tidesim.policies.step import Choice, ForwardMeta, Rows, Setup, copies, no_copies, placement_of
 from tidesim.policies.tide import Tide, refreshes
-from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, COPY_SYNC_REFRESH, CPU, GPU, NO_COPY
+from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, CPU, GPU, NO_COPY
 
 
 @dataclass
@@ -146,67 +144,21 @@ class TideSplit(Tide):
         return placement, copy, demote, resident
 
     def _decide_one(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
-        """decide for one layer (the live engine's call) on 1-D arrays and plain integers, with
-        RowSplit: the same decisions as the batched path, at a fraction of its numpy calls."""
-        placement, copy, demote, resident = self._refresh(meta, rows, counts)
+        """decide for one layer (the live engine's call) in compiled scalar code (RowSplit.
+        tide_split_layer, tidesim.policies.rowsplit: _refresh and the split for one row): the
+        same decisions as the batched path, at a fraction of its cost."""
         layer = rows.start if isinstance(rows, slice) else int(rows[0])
-        c, p, cp = counts[0], placement[0], copy[0]
-        before = self.current[layer]
-        gate = p == GPU
-        n_before = int(np.count_nonzero(before))
         refreshing = self.refreshed.flags(meta, rows)[1]
-        if refreshing:
-            leaving = before & ~resident[0]
-            n_grouped = int(np.count_nonzero(leaving & gate & (cp == NO_COPY)))
-            free_base = int(np.count_nonzero(leaving)) - n_grouped - n_before
-            n_sync = int(np.count_nonzero(cp == COPY_SYNC_REFRESH))
-            n_async = int(np.count_nonzero(cp == COPY_ASYNC_REFRESH))
-        else:                                # no copies, the resident set unchanged (Tide.decide)
-            n_grouped, free_base, n_sync, n_async = 0, -n_before, 0, 0
-        size = max(int(self.size0[layer] + self.spares[layer]), n_before)
-        free, sync_spare = max(size + free_base - n_sync, 0), max(n_sync - size - free_base, 0)
-        n_od, passes = 0, None
         background = not self.sync and self._background(meta)
-        stays = not self.sync and refreshing
-        if not background or stays:
-            act = np.flatnonzero(c)
-            at_gate = gate[act]
-            # without a refresh the placement is the resident set, so the movable ones are the rest
-            movable = (p[act] == CPU) & ~before[act] & (cp[act] == NO_COPY) if refreshing else ~at_gate
-            if background:
-                movable[:] = False
-            stay = (cp[act] == COPY_ASYNC_REFRESH) & ~at_gate if stays else None
-            if stay is not None:
-                movable |= stay
-            if movable.any():
-                ca = c[act]
-                top = int(ca.max()) + 1
-                band = np.where(at_gate, 0, np.where(movable, 1, 2))
-                perm = np.argsort(band * top + (top - 1 - ca), kind="stable")
-                order = act[perm]
-                nf = int(np.count_nonzero(at_gate))
-                stay_sorted = stay[perm] if stay is not None and stay.any() else None
-                split = self.row.one(c[order], order, nf, nf + int(np.count_nonzero(movable)), free, n_grouped,
-                                     stay_sorted, self.backlog.seconds)
-                if split > nf:
-                    demand = order[nf:split]
-                    placement, copy = placement.copy(), copy.copy()
-                    placement[0, demand] = GPU
-                    copy[0, demand] = COPY_ON_DEMAND
-                    n_od = split - nf
-                    self.on_demand += n_od
-                    if stay_sorted is not None and stay_sorted[nf:split].any():
-                        by_id = np.argsort(demand)
-                        passes = (~stay_sorted[nf:split][by_id]).tolist()
-                        n_async -= n_od - sum(passes)
-        if passes is None:
-            spare = sync_spare + slot_spares_one(n_od, n_async, free, n_grouped)
-        else:
-            spare = sync_spare + row_slot_rule(passes, n_async, free, n_grouped)[1]
+        c = counts[0] if counts.dtype == np.int64 else counts[0].astype(np.int64)   # one compiled variant
+        placement, copy, resident, n_od, spare, n_copies, bound = self.row.tide_split_layer(
+            c, self.current[layer], self.history[layer], int(self.budget[layer]), refreshing, self.sync,
+            self.copy_code, background, int(self.size0[layer] + self.spares[layer]), self.backlog.seconds)
+        self.on_demand += n_od
         self.spares[layer] += spare
         if not self.sync:
-            self.backlog.add_one(n_async + n_od, self._side_bound_one(c, placement[0]))
-        return placement, copy, demote, resident
+            self.backlog.add_one(n_copies, bound)
+        return placement, copy, np.zeros(counts.shape, dtype=bool), resident
 
     def _side_bound(self, counts: np.ndarray, placement: np.ndarray) -> list[float]:
         """A lower bound on the time each selected layer-forward takes (the CPU pool's bound of its
@@ -243,10 +195,6 @@ class TideSplit(Tide):
         copy = copies(after > current, self.copy_code)
         gpu = after if self.sync else current
         return placement_of(counts, gpu), copy, np.zeros(counts.shape, dtype=bool), after
-
-    def _side_bound_one(self, c: np.ndarray, p: np.ndarray) -> float:
-        """_side_bound for one layer-forward given as 1-D arrays."""
-        return self._side_bound(c[None, :], p[None, :])[0]
 
     def _background(self, meta: ForwardMeta) -> bool:
         """Whether refresh copies may be on the copy engine in the background during this forward:
