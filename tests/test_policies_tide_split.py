@@ -356,3 +356,25 @@ def test_compiled_sum_is_numpys(values) -> None:  # type: ignore[no-untyped-def]
 
     a = np.array(values, float)
     assert np_sum(a) == a.sum()
+
+
+def test_one_layer_calls_take_the_batched_search_without_numba(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where numba is not installed (an image that lacks it), a one-layer call takes the batched
+    search instead of the compiled step: the same decisions as the offline builder."""
+    import importlib.util
+
+    from tidesim.bundled.paths import resolve_trace
+    from tidesim.hardware import get_profile
+    from tidesim.policies.split import ExpertTimes, RowSplit
+    from tidesim.trace.io import read_trace
+    from tidesim.workload import workload_from_trace
+
+    hw = get_profile("h100-sxm-pcie5")
+    w = workload_from_trace(read_trace(resolve_trace("llada2-mini_prefix_g1024"))).select(np.arange(6))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "numba" else find_spec(name, *a))
+    assert not RowSplit(w.model, hw, ExpertTimes(w.model, hw)).usable
+    opts = options(w, 64, 2, "sync", hw=hw)
+    offline, live = checked("tide-split", w, opts), layer_by_layer("tide-split", w, opts)
+    for f in ("placement", "copy", "resident"):
+        assert np.array_equal(getattr(live, f), getattr(offline, f)), f

@@ -150,7 +150,7 @@ class TideSplit(Tide):
         layer = rows.start if isinstance(rows, slice) else int(rows[0])
         refreshing = self.refreshed.flags(meta, rows)[1]
         background = not self.sync and self._background(meta)
-        c = counts[0] if counts.dtype == np.int64 else counts[0].astype(np.int64)   # one compiled variant
+        c = np.ascontiguousarray(counts[0], dtype=np.int64)   # one compiled variant (no copy when it is one)
         placement, copy, resident, n_od, spare, n_copies, bound = self.row.tide_split_layer(
             c, self.current[layer], self.history[layer], int(self.budget[layer]), refreshing, self.sync,
             self.copy_code, background, int(self.size0[layer] + self.spares[layer]), self.backlog.seconds)
