@@ -362,15 +362,13 @@ class RowSplit:
         self._act = np.zeros((2, 1))                   # activation copies by pair count; NaN: not yet evaluated
         self._need = np.zeros(2, np.int64)             # pair counts the compiled search asks to evaluate
         self._out = np.zeros(4, np.int64)
-        self._kernels: ModuleType | None = None
 
     @property
     def kernels(self) -> ModuleType:
-        if self._kernels is None:
-            from tidesim.policies import rowsplit
+        """tidesim.policies.rowsplit, imported on first use (not kept: the policy stays picklable)."""
+        from tidesim.policies import rowsplit
 
-            self._kernels = rowsplit
-        return self._kernels
+        return rowsplit
 
     def act_res(self, pairs: np.ndarray) -> np.ndarray:
         """[2, n]: lm.activation_copies (out, back) of each entry, from a table kept over the pair
