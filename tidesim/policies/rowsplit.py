@@ -21,6 +21,12 @@ floating-point operations:
 Rules live in tidesim.policies.split and tide_split (batched, numpy); a change there is made here
 too, and tests/test_policies_tide_split.py checks both paths decide alike (random rows, the bundled
 traces, layer by layer against the offline builder).
+
+numba's disk cache (__pycache__/rowsplit.*.nbi, .nbc) is keyed on this file alone: the code it
+compiles from elsewhere (tidesim.sim.lpt.lpt_makespan) and the constants it reads (layermodel's
+slot tags, the schedule's placement and copy codes) are frozen into it. After changing one of
+those, touch this file (or delete those cache files) so that it compiles again. A first compile
+takes tens of seconds; later processes load the cache in well under a second.
 """
 
 from __future__ import annotations

@@ -37,7 +37,8 @@ def lpt_makespan(times: list[float] | np.ndarray, workers: int) -> float:
     in lpt_assign, changes no load). One worker: the tasks' sum in the given order, added one at a
     time (not `sum`, which compensates on Python 3.12+). Written in plain loops (an insertion sort:
     a layer-forward has a few hundred tasks at most) because tidesim.policies.rowsplit compiles
-    this very function with numba, where loops compile in a fraction of the time sorted() takes."""
+    this very function with numba, where loops compile in a fraction of the time sorted() takes.
+    After changing it, touch rowsplit.py: numba's cache of its callers is keyed on that file."""
     n = len(times)
     if n == 0:
         return 0.0
