@@ -8,20 +8,25 @@ One command (docs/validation.md records its results with the date and the machin
 
 Steps, each a `tidesim` command printed before it runs: `trace synth` of the none-cache trace
 (the prefix trace is the stored one of the earlier validation, bench/results/validation-dev-2core-cpu/
-trace.parquet, and the none trace is synthesized with the same settings); `calibrate` (full, not
---quick) into OUT/profile.yaml; `validate` three times (prefix, none, prefix after its first
-block), one process each, every configuration measured --repeats times (median kept). OUT gets
-each validation's folder, the profile and fidelity.json (every configuration's row and the
+trace.parquet, and the none trace is synthesized with the same settings); then for each of the
+three validations (prefix, none, prefix after its first block) a `calibrate` (full, not --quick)
+into OUT/profile_<run>.yaml right before its `validate` (one process each, every configuration
+measured --repeats times, median kept): on a machine whose speed drifts (the 2-core VM slowed by
+15% within one run) a profile measured minutes before its validation describes it better than one
+measured before all three (--calibrate-once: one OUT/profile.yaml for all, as before). OUT gets
+each validation's folder, the profiles and fidelity.json (every configuration's row and the
 median and max |error| over all of them, and each repeat pass's median signed error in the
 order the passes ran: a shift between passes is the machine's speed moving during the
 measurement, which no profile measured once can follow); a table prints last.
 
 --repredict re-predicts a finished run's configurations from its stored measurements and a
-profile (default OUT/profile.yaml), without running anything on the runtime: the same
+profile (default each run's OUT/profile_<run>.yaml, else OUT/profile.yaml), without running
+anything on the runtime: the same
 schedules (the policies are deterministic), the simulator again. With --copy-scale F (every
 copy F times the profile's) and --copy-slows S (pcie.copy_slows_compute = S) it answers "what
 would the errors have been with these terms", the offline check of a model or calibration
-change (docs/validation.md); --fixed-scale F (attention grid and layer_overhead_us F times) and
+change (docs/validation.md); --fixed-scale F (attention grid, layer_overhead_us and any measured gpu.layer_fixed grid F
+times) and
 --contention S (cpu.gpu_contention = S) likewise:
 
     .venv/bin/python bench/bench_fidelity.py --out bench/results/fidelity-dev-2core-cpu --repredict --copy-scale 1.99
@@ -69,8 +74,8 @@ RUNS: tuple[tuple[str, Path, list[str]], ...] = (("prefix", PREFIX_TRACE, []), (
 def what_if(hw: HardwareProfile, copy_scale: float = 1.0, copy_slows: float | None = None,
             fixed_scale: float = 1.0, contention: float | None = None) -> HardwareProfile:
     """The profile with every copy copy_scale times as long (curves and bandwidths), the GPU's
-    fixed per-layer work (the attention grid and layer_overhead_us) fixed_scale times, and, if
-    given, pcie.copy_slows_compute and cpu.gpu_contention replaced."""
+    fixed per-layer work (the attention grid, layer_overhead_us and the measured fixed-path grids)
+    fixed_scale times, and, if given, pcie.copy_slows_compute and cpu.gpu_contention replaced."""
     data = (hw.scaled(pcie=1.0 / copy_scale) if copy_scale != 1.0 else hw).to_dict()
     if copy_slows is not None:
         data["pcie"]["copy_slows_compute"] = copy_slows
@@ -78,14 +83,22 @@ def what_if(hw: HardwareProfile, copy_scale: float = 1.0, copy_slows: float | No
         data["cpu"]["gpu_contention"] = contention
     if fixed_scale != 1.0:
         data["gpu"]["layer_overhead_us"] *= fixed_scale
-        for grid in data["gpu"]["attention"]:
+        for grid in (*data["gpu"]["attention"], *data["gpu"].get("layer_fixed", [])):
             grid["time_us"] = [[t * fixed_scale for t in row] for row in grid["time_us"]]
     return profile_from_dict(data, source=hw.name, plausible=False)
 
 
-def repredict(out: Path, hw: HardwareProfile) -> list[dict[str, Any]]:
-    """Every stored configuration of OUT's validations, predicted again with `hw`: the rows of
-    fidelity.json with predicted_step_ms and error recomputed (measured values as stored)."""
+def profile_path(out: Path, name: str) -> Path:
+    """The profile a run's validation used: OUT/profile_<run>.yaml (one calibration per run),
+    else OUT/profile.yaml (one calibration for all, --calibrate-once and runs before it)."""
+    own = out / f"profile_{name}.yaml"
+    return own if own.exists() else out / "profile.yaml"
+
+
+def repredict(out: Path, hw: HardwareProfile | dict[str, HardwareProfile]) -> list[dict[str, Any]]:
+    """Every stored configuration of OUT's validations, predicted again with `hw` (one profile, or
+    one per run name): the rows of fidelity.json with predicted_step_ms and error recomputed
+    (measured values as stored)."""
     from tidesim_runtime.engine.executor import first_layers
     from tidesim_runtime.measure.validate import Config, build, window
 
@@ -99,10 +112,11 @@ def repredict(out: Path, hw: HardwareProfile) -> list[dict[str, Any]]:
         workload = window(workload_from_trace(read_trace(trace_path(out, trace))), forwards,
                           "after-first-block" in extra)
         workload = first_layers(workload, layers)
+        run_hw = hw[name] if isinstance(hw, dict) else hw
         steps = repeat_steps(out / f"validate_{name}")
         for c in json.loads((out / f"validate_{name}" / "results.json").read_text())["rows"]:
             config = Config(c["policy"], c["budget"], c["tau"], c["refresh"])
-            predicted = run(workload, build(config, workload, hw, None), hw, engine="sim")
+            predicted = run(workload, build(config, workload, run_hw, None), run_hw, engine="sim")
             p_ms, m_ms = predicted.step_time_s * 1e3, c["measured_step_ms"]
             rows.append({**c, "run": name, "predicted_step_ms": p_ms, "error": (p_ms - m_ms) / m_ms,
                          "abs_error": abs(p_ms - m_ms) / m_ms, "stored_error": c["error"],
@@ -141,6 +155,22 @@ def pass_shift(passes: list[tuple[str, int, float, int]]) -> float:
 STEADY = 0.05
 
 
+def group_errors(rows: list[dict[str, Any]]) -> dict[str, tuple[float, float, int]]:
+    """(median |error|, max |error|, configurations) per policy (tide by refresh mode), per run and
+    per budget: where the errors sit."""
+    groups: list[dict[str, list[float]]] = [{}, {}, {}]
+    for r in rows:
+        policy = r["policy"] + (f" {r['refresh']}" if r["policy"] == "tide" else "")
+        for group, key in zip(groups, (policy, f"run {r['run']}", f"B={r['budget']}"), strict=True):
+            group.setdefault(key, []).append(r["abs_error"])
+    return {k: (statistics.median(v), max(v), len(v)) for g in groups for k, v in sorted(g.items())}
+
+
+def report_groups(rows: list[dict[str, Any]]) -> None:
+    print("by group (median / max |error|, configurations): " + "; ".join(
+        f"{k} {m:.1%} / {x:.1%} ({n})" for k, (m, x, n) in group_errors(rows).items()))
+
+
 def report_passes(passes: list[tuple[str, int, float, int]]) -> None:
     if not passes:
         return
@@ -171,8 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="results folder")
     p.add_argument("--repeats", type=int, default=3, help="repeats per configuration (3)")
     p.add_argument("--hw", default=None, help="use this profile instead of calibrating")
+    p.add_argument("--calibrate-once", action="store_true",
+                   help="one calibration (OUT/profile.yaml) for all three validations, not one right before each")
     p.add_argument("--repredict", action="store_true",
-                   help="only predict OUT's stored validations again (with --hw, default OUT/profile.yaml)")
+                   help="only predict OUT's stored validations again (with --hw, default each run's profile)")
     p.add_argument("--copy-scale", type=float, default=1.0, help="with --repredict: copies this many times longer")
     p.add_argument("--copy-slows", type=float, default=None, help="with --repredict: pcie.copy_slows_compute")
     p.add_argument("--fixed-scale", type=float, default=1.0,
@@ -184,17 +216,20 @@ def main(argv: list[str] | None = None) -> int:
         if (args.copy_scale <= 0 or args.fixed_scale <= 0 or (args.copy_slows is not None and args.copy_slows < 0)
                 or (args.contention is not None and args.contention < 0)):
             p.error("--copy-scale and --fixed-scale must be > 0, --copy-slows and --contention >= 0")
-        hw = what_if(load_profile(args.hw or out / "profile.yaml"), args.copy_scale, args.copy_slows,
-                     args.fixed_scale, args.contention)
-        again = repredict(out, hw)
+        profiles = {name: what_if(load_profile(args.hw or profile_path(out, name)), args.copy_scale,
+                                  args.copy_slows, args.fixed_scale, args.contention) for name, _, _ in RUNS}
+        again = repredict(out, profiles)
         errs = [r["abs_error"] for r in again]
         print(f"{'run':7} {'configuration':24} {'predicted ms':>12} {'measured ms':>12} {'error':>8} {'stored':>8}")
         for r in again:
             print(f"{r['run']:7} {r['config']:24} {r['predicted_step_ms']:12.2f} {r['measured_step_ms']:12.2f} "
                   f"{r['error']:+8.1%} {r['stored_error']:+8.1%}")
+        slows = "/".join(dict.fromkeys(f"{h.pcie.copy_slows_compute:g}" for h in profiles.values()))
+        contention = "/".join(dict.fromkeys(f"{h.cpu.gpu_contention:g}" for h in profiles.values()))
         print(f"{len(again)} configurations re-predicted (copy scale {args.copy_scale:g}, copy_slows_compute "
-              f"{hw.pcie.copy_slows_compute:g}, fixed scale {args.fixed_scale:g}, gpu_contention "
-              f"{hw.cpu.gpu_contention:g}): median |error| {statistics.median(errs):.1%}, max {max(errs):.1%}")
+              f"{slows}, fixed scale {args.fixed_scale:g}, gpu_contention "
+              f"{contention}): median |error| {statistics.median(errs):.1%}, max {max(errs):.1%}")
+        report_groups(again)
         report_passes(drift(again))
         return 0
     out.mkdir(parents=True, exist_ok=True)
@@ -204,11 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     none_trace = out / "trace_none.parquet"
     if not none_trace.exists():
         tidesim([*SYNTH_NONE, "-o", str(none_trace)])
-    profile = Path(args.hw) if args.hw else out / "profile.yaml"
-    if not args.hw:
-        tidesim(["calibrate", "--models", "llada2-mini", "--device", "cpu", "-o", str(profile)])
     rows: list[dict[str, Any]] = []
-    for name, trace, extra in RUNS:
+    for i, (name, trace, extra) in enumerate(RUNS):
+        own = "profile.yaml" if args.calibrate_once else f"profile_{name}.yaml"
+        profile = Path(args.hw) if args.hw else out / own
+        if not args.hw and (i == 0 or not args.calibrate_once):
+            tidesim(["calibrate", "--models", "llada2-mini", "--device", "cpu", "-o", str(profile)])
         trace = trace_path(out, trace)
         # relative to the checkout (the commands run there): no stored result names where it lay
         trace = trace.relative_to(REPO) if trace.is_relative_to(REPO) else trace
@@ -217,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                  *extra, "-o", str(folder)])
         data = json.loads((folder / "results.json").read_text())
         steps = repeat_steps(folder)
-        rows += [{"run": name, **r, "repeat_errors": repeat_errors(r["predicted_step_ms"], steps.get(r["config"], []))}
+        rows += [{"run": name, **r, "profile": profile.name,
+                  "repeat_errors": repeat_errors(r["predicted_step_ms"], steps.get(r["config"], []))}
                  for r in data["rows"]]
     errs = [abs(r["error"]) for r in rows]
     passes = drift(rows)
