@@ -158,3 +158,24 @@ def test_errors_are_grouped_by_policy_run_and_budget() -> None:
     assert groups["tide async"] == (0.1, 0.1, 1) and groups["fiddler"] == (0.2, 0.2, 1)
     assert groups["run none"] == pytest.approx((0.2, 0.3, 2)) and groups["B=32"] == pytest.approx((0.2, 0.3, 2))
     assert list(groups)[:3] == ["fiddler", "tide async", "tide sync"]
+
+
+def test_speed_probe_per_pass_and_the_speed_matched_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """repeat_speeds reads validate's probes (probe / what the profile says); a pass's speed is
+    their median; the speed-matched error scales each repeat's prediction by its probe."""
+    import json
+
+    folder = tmp_path / "validate_prefix"
+    folder.mkdir()
+    (folder / "configurations.jsonl").write_text(
+        json.dumps({"config": "a", "measured_step_s": [0.1, 0.12], "probe_s": [0.02, 0.024],
+                    "probe_expected_s": 0.02}) + "\n"
+        + json.dumps({"config": "old", "measured_step_s": [0.1]}) + "\n")
+    assert bench.repeat_speeds(folder) == {"a": pytest.approx([1.0, 1.2])}
+    # predicted 100 ms against 100 and 120 ms measured: errors 0 and -1/6; scaled by 1.0 and 1.2
+    # the second becomes 120 / 120 - 1 = 0, so the speed-matched |error| is 0
+    rows = [{"run": "prefix", "repeat_errors": bench.repeat_errors(100.0, [0.1, 0.12]), "repeat_speeds": [1.0, 1.2]},
+            {"run": "prefix", "repeat_errors": [0.1, 0.1], "repeat_speeds": [1.0, 1.0]},
+            {"run": "prefix", "repeat_errors": [0.05], "repeat_speeds": []}]        # no probe: left out
+    assert bench.speed_matched(rows) == pytest.approx([0.0, 0.1])
+    assert bench.pass_speeds(rows) == [("prefix", 0, 1.0), ("prefix", 1, pytest.approx(1.1))]

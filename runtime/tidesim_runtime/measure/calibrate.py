@@ -49,7 +49,6 @@ from tidesim_runtime.measure.resources import (
     measure_dense,
     measure_gpu_experts,
     measure_launch,
-    measure_layer_fixed,
     measure_layer_overhead,
     measure_task_overhead,
     model_bytes_factor,
@@ -70,9 +69,8 @@ def shape_steps(cal: Calibration, timer: Timer, pool: CPUPool, spec: ModelSpec
     return [
         (f"{spec.name}: GPU expert FFN", lambda: measure_gpu_experts(cal, timer, spec)),
         (f"{spec.name}: CPU expert FFN", lambda: measure_cpu_experts(cal, pool, spec)),
-        (f"{spec.name}: attention", lambda: measure_attention(cal, timer, spec)),
+        (f"{spec.name}: attention and layer fixed path", lambda: measure_attention(cal, timer, spec)),
         (f"{spec.name}: dense weights", lambda: measure_dense(cal, timer, spec)),
-        (f"{spec.name}: layer fixed path", lambda: measure_layer_fixed(cal, timer, spec)),
     ]
 
 

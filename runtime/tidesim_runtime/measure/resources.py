@@ -43,7 +43,7 @@ from tidesim_runtime.engine.kernels import (
 from tidesim_runtime.engine.pinned import HostPinning, IndexStaging
 from tidesim_runtime.engine.slots import ExpertBank
 from tidesim_runtime.engine.streams import D2H, H2D, Backend
-from tidesim_runtime.measure.timer import Timer, monotone, stat
+from tidesim_runtime.measure.timer import Stat, Timer, monotone, stat
 from tidesim_runtime.reference.gate import route
 
 
@@ -248,26 +248,38 @@ def measure_cpu_experts(cal: Calibration, pool: CPUPool, spec: ModelSpec) -> Non
 
 
 def measure_attention(cal: Calibration, timer: Timer, spec: ModelSpec) -> None:
+    """The attention kernel (gpu.attention) and the executor's whole fixed per-layer path
+    (gpu.layer_fixed, FixedPath) over tokens x context, in one interleaved timing: every repeat
+    runs each cell of both once, so a change of the machine's speed during calibrate moves both
+    grids alike (what the fixed path costs beyond attention is then a property of the code, not
+    of the minute it was measured in)."""
     dev, dtype = cal.device.torch_device, cal.device.dtype
     gen = torch.Generator().manual_seed(2)
     lw = random_layer_weights(spec, dev, dtype, gen)
-    ctx_max = max(cal.grid.att_context + cal.grid.att_tokens)
+    tokens, context = cal.grid.att_tokens, cal.grid.att_context
+    ctx_max = max(context + tokens)
     kv = KVBuffer(spec, ctx_max, dev, dtype)
     cos, sin = rotary_tables(spec, ctx_max, dev)
-    cells = [(t, c) for t in cal.grid.att_tokens for c in cal.grid.att_context]
-    inputs = {t: random_matrix(t, spec.hidden_size, gen, dev, dtype) for t in cal.grid.att_tokens}
+    cells = [(t, c) for t in tokens for c in context]
+    inputs = {t: random_matrix(t, spec.hidden_size, gen, dev, dtype) for t in tokens}
     def cell(t: int, c: int) -> Callable[[], Any]:
         return lambda: attention(inputs[t], lw, kv, c, spec, cos, sin)
 
-    stats = timer.time_many([cell(t, c) for t, c in cells], cal.grid.repeats)
-    width = len(cal.grid.att_context)
-    table = [[st.median_s * 1e6 for st in stats[i:i + width]] for i in range(0, len(stats), width)]
-    # more context never costs less; keep the grid monotone in both directions
-    arr = np.maximum.accumulate(np.maximum.accumulate(np.asarray(table), axis=0), axis=1)
+    path = FixedPath(spec, cal.device, ctx_max, seed=8)
+    fns = [f for t, c in cells for f in (cell(t, c), path.fn(t, c))]
+    stats = timer.time_many(fns, cal.grid.repeats)
+    grid = {"tokens": [int(t) for t in tokens], "context": [int(c) for c in context]}
     cal.attention.append({"hidden": spec.hidden_size, "heads": spec.num_heads, "kv_heads": spec.num_kv_heads,
-                          "head_dim": spec.head_dim, "tokens": [int(t) for t in cal.grid.att_tokens],
-                          "context": [int(c) for c in cal.grid.att_context],
-                          "time_us": [[float(v) for v in r] for r in arr]})
+                          "head_dim": spec.head_dim, **grid, "time_us": monotone_grid(stats[0::2], len(context))})
+    cal.layer_fixed.append({**layer_shape(spec), **grid, "time_us": monotone_grid(stats[1::2], len(context))})
+
+
+def monotone_grid(stats: list[Stat], width: int) -> list[list[float]]:
+    """Median times (us) of a row-major tokens x context grid, made monotone in both directions:
+    more tokens or more context never cost less (a dip is timing noise)."""
+    table = np.asarray([st.median_s * 1e6 for st in stats]).reshape(-1, width)
+    arr = np.maximum.accumulate(np.maximum.accumulate(table, axis=0), axis=1)
+    return [[float(v) for v in r] for r in arr]
 
 
 def measure_dense(cal: Calibration, timer: Timer, spec: ModelSpec) -> None:
@@ -352,23 +364,6 @@ class FixedPath:
             torch.index_select(moe_in, 0, r.tokens, out=xs)   # the pairs' inputs, gathered once
             _ = base + combine_pairs(y, r.weights, r.combine, spec.hidden_size).to(base.dtype)
         return run
-
-
-def measure_layer_fixed(cal: Calibration, timer: Timer, spec: ModelSpec) -> None:
-    """gpu.layer_fixed: the executor's fixed per-layer path (FixedPath) timed over the attention
-    grid's tokens x context, repeats interleaved over the cells. What the cost model charges per
-    MoE layer-forward outside its experts, measured whole: no composition of parts, no constant
-    standing for what grows with tokens (the router, the gather and the combine do)."""
-    tokens, context = cal.grid.att_tokens, cal.grid.att_context
-    path = FixedPath(spec, cal.device, max(context + tokens), seed=8)
-    stats = timer.time_many([path.fn(t, c) for t in tokens for c in context], cal.grid.repeats)
-    width = len(context)
-    table = np.asarray([st.median_s * 1e6 for st in stats]).reshape(len(tokens), width)
-    # more tokens or context never cost less; keep the grid monotone in both directions
-    arr = np.maximum.accumulate(np.maximum.accumulate(table, axis=0), axis=1)
-    cal.layer_fixed.append({**layer_shape(spec), "tokens": [int(t) for t in tokens],
-                            "context": [int(c) for c in context],
-                            "time_us": [[round(float(v), 3) for v in r] for r in arr]})
 
 
 def measure_layer_overhead(cal: Calibration, timer: Timer, spec: ModelSpec, profile: HardwareProfile) -> None:
