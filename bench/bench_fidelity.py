@@ -8,20 +8,25 @@ One command (docs/validation.md records its results with the date and the machin
 
 Steps, each a `tidesim` command printed before it runs: `trace synth` of the none-cache trace
 (the prefix trace is the stored one of the earlier validation, bench/results/validation-dev-2core-cpu/
-trace.parquet, and the none trace is synthesized with the same settings); `calibrate` (full, not
---quick) into OUT/profile.yaml; `validate` three times (prefix, none, prefix after its first
-block), one process each, every configuration measured --repeats times (median kept). OUT gets
-each validation's folder, the profile and fidelity.json (every configuration's row and the
+trace.parquet, and the none trace is synthesized with the same settings); then for each of the
+three validations (prefix, none, prefix after its first block) a `calibrate` (full, not --quick)
+into OUT/profile_<run>.yaml right before its `validate` (one process each, every configuration
+measured --repeats times, median kept): on a machine whose speed drifts (the 2-core VM slowed by
+15% within one run) a profile measured minutes before its validation describes it better than one
+measured before all three (--calibrate-once: one OUT/profile.yaml for all, as before). OUT gets
+each validation's folder, the profiles and fidelity.json (every configuration's row and the
 median and max |error| over all of them, and each repeat pass's median signed error in the
 order the passes ran: a shift between passes is the machine's speed moving during the
 measurement, which no profile measured once can follow); a table prints last.
 
 --repredict re-predicts a finished run's configurations from its stored measurements and a
-profile (default OUT/profile.yaml), without running anything on the runtime: the same
+profile (default each run's OUT/profile_<run>.yaml, else OUT/profile.yaml), without running
+anything on the runtime: the same
 schedules (the policies are deterministic), the simulator again. With --copy-scale F (every
 copy F times the profile's) and --copy-slows S (pcie.copy_slows_compute = S) it answers "what
 would the errors have been with these terms", the offline check of a model or calibration
-change (docs/validation.md); --fixed-scale F (attention grid and layer_overhead_us F times) and
+change (docs/validation.md); --fixed-scale F (attention grid, layer_overhead_us and any measured gpu.layer_fixed grid F
+times) and
 --contention S (cpu.gpu_contention = S) likewise:
 
     .venv/bin/python bench/bench_fidelity.py --out bench/results/fidelity-dev-2core-cpu --repredict --copy-scale 1.99
@@ -39,7 +44,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from tidesim.curves import layer_shape
 from tidesim.hardware import HardwareProfile, load_profile, profile_from_dict
+from tidesim.models import PRESETS, ModelSpec
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX_TRACE = REPO / "bench/results/validation-dev-2core-cpu/trace.parquet"
@@ -66,26 +75,55 @@ RUNS: tuple[tuple[str, Path, list[str]], ...] = (("prefix", PREFIX_TRACE, []), (
         ("window", PREFIX_TRACE, ["--window", "after-first-block"]))
 
 
+def transferred_layer_fixed(hw: HardwareProfile, other: HardwareProfile, spec: ModelSpec) -> list[dict[str, Any]]:
+    """`other`'s measured gpu.layer_fixed grid for spec's layer shape, brought to `hw`'s machine:
+    each cell (tokens, context) times hw's attention time over other's there (calibrate times the
+    attention and the fixed path interleaved, so other's ratio of the two is that of one machine
+    state). What hw's calibration would have measured had it timed the fixed path, to the extent
+    the machine's speed moves the attention and the rest of the path alike: an estimate for
+    re-predicting runs calibrated before gpu.layer_fixed existed, not a measurement."""
+    shape = layer_shape(spec)
+    grids = [g for g in other.gpu.layer_fixed if all(g.get(k) == v for k, v in shape.items())]
+    if not grids:
+        raise SystemExit(f"--layer-fixed-from: {other.name} has no gpu.layer_fixed grid of {spec.name}'s layer shape")
+    g = grids[0]
+    t, c = np.meshgrid(np.asarray(g["tokens"], float), np.asarray(g["context"], float), indexing="ij")
+    ratio = hw.attention_time(t, c, spec) / other.attention_time(t, c, spec)
+    return [{**g, "time_us": (np.asarray(g["time_us"], float) * ratio).tolist()}]
+
+
 def what_if(hw: HardwareProfile, copy_scale: float = 1.0, copy_slows: float | None = None,
-            fixed_scale: float = 1.0, contention: float | None = None) -> HardwareProfile:
+            fixed_scale: float = 1.0, contention: float | None = None,
+            layer_fixed: list[dict[str, Any]] | None = None) -> HardwareProfile:
     """The profile with every copy copy_scale times as long (curves and bandwidths), the GPU's
-    fixed per-layer work (the attention grid and layer_overhead_us) fixed_scale times, and, if
-    given, pcie.copy_slows_compute and cpu.gpu_contention replaced."""
+    fixed per-layer work (the attention grid, layer_overhead_us and the measured fixed-path grids)
+    fixed_scale times, and, if given, pcie.copy_slows_compute, cpu.gpu_contention and
+    gpu.layer_fixed replaced."""
     data = (hw.scaled(pcie=1.0 / copy_scale) if copy_scale != 1.0 else hw).to_dict()
+    if layer_fixed is not None:
+        data["gpu"]["layer_fixed"] = layer_fixed
     if copy_slows is not None:
         data["pcie"]["copy_slows_compute"] = copy_slows
     if contention is not None:
         data["cpu"]["gpu_contention"] = contention
     if fixed_scale != 1.0:
         data["gpu"]["layer_overhead_us"] *= fixed_scale
-        for grid in data["gpu"]["attention"]:
+        for grid in (*data["gpu"]["attention"], *data["gpu"].get("layer_fixed", [])):
             grid["time_us"] = [[t * fixed_scale for t in row] for row in grid["time_us"]]
     return profile_from_dict(data, source=hw.name, plausible=False)
 
 
-def repredict(out: Path, hw: HardwareProfile) -> list[dict[str, Any]]:
-    """Every stored configuration of OUT's validations, predicted again with `hw`: the rows of
-    fidelity.json with predicted_step_ms and error recomputed (measured values as stored)."""
+def profile_path(out: Path, name: str) -> Path:
+    """The profile a run's validation used: OUT/profile_<run>.yaml (one calibration per run),
+    else OUT/profile.yaml (one calibration for all, --calibrate-once and runs before it)."""
+    own = out / f"profile_{name}.yaml"
+    return own if own.exists() else out / "profile.yaml"
+
+
+def repredict(out: Path, hw: HardwareProfile | dict[str, HardwareProfile]) -> list[dict[str, Any]]:
+    """Every stored configuration of OUT's validations, predicted again with `hw` (one profile, or
+    one per run name): the rows of fidelity.json with predicted_step_ms and error recomputed
+    (measured values as stored)."""
     from tidesim_runtime.engine.executor import first_layers
     from tidesim_runtime.measure.validate import Config, build, window
 
@@ -99,14 +137,17 @@ def repredict(out: Path, hw: HardwareProfile) -> list[dict[str, Any]]:
         workload = window(workload_from_trace(read_trace(trace_path(out, trace))), forwards,
                           "after-first-block" in extra)
         workload = first_layers(workload, layers)
+        run_hw = hw[name] if isinstance(hw, dict) else hw
         steps = repeat_steps(out / f"validate_{name}")
+        speeds = repeat_speeds(out / f"validate_{name}")
         for c in json.loads((out / f"validate_{name}" / "results.json").read_text())["rows"]:
             config = Config(c["policy"], c["budget"], c["tau"], c["refresh"])
-            predicted = run(workload, build(config, workload, hw, None), hw, engine="sim")
+            predicted = run(workload, build(config, workload, run_hw, None), run_hw, engine="sim")
             p_ms, m_ms = predicted.step_time_s * 1e3, c["measured_step_ms"]
             rows.append({**c, "run": name, "predicted_step_ms": p_ms, "error": (p_ms - m_ms) / m_ms,
                          "abs_error": abs(p_ms - m_ms) / m_ms, "stored_error": c["error"],
-                         "repeat_errors": repeat_errors(p_ms, steps.get(c["config"], []))})
+                         "repeat_errors": repeat_errors(p_ms, steps.get(c["config"], [])),
+                         "repeat_speeds": speeds.get(c["config"], [])})
     return rows
 
 
@@ -119,6 +160,33 @@ def repeat_steps(folder: Path) -> dict[str, list[float]]:
         return {}
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return {r["config"]: [float(s) for s in r.get("measured_step_s", [])] for r in rows}
+
+
+def repeat_speeds(folder: Path) -> dict[str, list[float]]:
+    """Every configuration's speed probe of each repeat over what the profile says it takes
+    (validate's SpeedProbe, right before the repeat): 1.10 is a machine 10% slower than when it
+    was calibrated. Empty for runs recorded before the probe existed."""
+    path = folder / "configurations.jsonl"
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["config"]: [float(p) / float(r["probe_expected_s"]) for p in r.get("probe_s", [])]
+            for r in rows if float(r.get("probe_expected_s", 0.0)) > 0}
+
+
+def speed_matched(rows: list[dict[str, Any]]) -> list[float]:
+    """|error| of every configuration with each repeat's prediction scaled by that repeat's speed
+    probe (median over repeats): what is left of the error once the machine's speed change since
+    calibrate, as the probe measures it, is taken out. A diagnostic beside the plain errors, not a
+    replacement: it assumes every resource moved with the probed path."""
+    out = []
+    for r in rows:
+        pairs = list(zip(r["repeat_errors"], r.get("repeat_speeds", []), strict=False))
+        if not pairs or len(pairs) != len(r["repeat_errors"]):
+            continue
+        # error e = p / m - 1 with p the prediction; the speed-matched one is p x v / m - 1
+        out.append(abs(statistics.median((1 + e) * v - 1 for e, v in pairs)))
+    return out
 
 
 def repeat_errors(predicted_ms: float, steps: list[float]) -> list[float]:
@@ -141,12 +209,47 @@ def pass_shift(passes: list[tuple[str, int, float, int]]) -> float:
 STEADY = 0.05
 
 
-def report_passes(passes: list[tuple[str, int, float, int]]) -> None:
+def group_errors(rows: list[dict[str, Any]]) -> dict[str, tuple[float, float, int]]:
+    """(median |error|, max |error|, configurations) per policy (tide by refresh mode), per run and
+    per budget: where the errors sit."""
+    groups: list[dict[str, list[float]]] = [{}, {}, {}]
+    for r in rows:
+        policy = r["policy"] + (f" {r['refresh']}" if r["policy"] == "tide" else "")
+        for group, key in zip(groups, (policy, f"run {r['run']}", f"B={r['budget']}"), strict=True):
+            group.setdefault(key, []).append(r["abs_error"])
+    return {k: (statistics.median(v), max(v), len(v)) for g in groups for k, v in sorted(g.items())}
+
+
+def report_groups(rows: list[dict[str, Any]]) -> None:
+    print("by group (median / max |error|, configurations): " + "; ".join(
+        f"{k} {m:.1%} / {x:.1%} ({n})" for k, (m, x, n) in group_errors(rows).items()))
+
+
+def pass_speeds(rows: list[dict[str, Any]]) -> list[tuple[str, int, float]]:
+    """(run, repeat, median speed probe / profile over the pass's configurations) per pass, in the
+    order they ran; empty without probes."""
+    out = []
+    for name, _, _ in RUNS:
+        mine = [r["repeat_speeds"] for r in rows if r["run"] == name and r.get("repeat_speeds")]
+        for k in range(max((len(v) for v in mine), default=0)):
+            out.append((name, k, statistics.median(v[k] for v in mine if len(v) > k)))
+    return out
+
+
+def report_passes(passes: list[tuple[str, int, float, int]], rows: list[dict[str, Any]] | None = None) -> None:
     if not passes:
         return
     shift = pass_shift(passes)
     print("repeat passes in the order they ran (median signed error of the pass's configurations):")
     print("  " + "; ".join(f"{n} #{k + 1} {e:+.1%}" for n, k, e, _ in passes))
+    speeds = pass_speeds(rows or [])
+    if speeds:
+        print("speed probe / profile per pass (1.10: the machine 10% slower than at calibrate):")
+        print("  " + "; ".join(f"{n} #{k + 1} {v:.3f}" for n, k, v in speeds))
+        matched = speed_matched(rows or [])
+        if matched:
+            print(f"with each repeat's prediction scaled by its probe (a diagnostic, not the result): median |error| "
+                  f"{statistics.median(matched):.1%}, max {max(matched):.1%}")
     if shift > STEADY:
         print(f"the passes differ by {shift:.1%} (more than {STEADY:.0%}): the machine's speed changed during the "
               "measurement; the median |error| above measures it as much as the model")
@@ -171,31 +274,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="results folder")
     p.add_argument("--repeats", type=int, default=3, help="repeats per configuration (3)")
     p.add_argument("--hw", default=None, help="use this profile instead of calibrating")
+    p.add_argument("--calibrate-once", action="store_true",
+                   help="one calibration (OUT/profile.yaml) for all three validations, not one right before each")
     p.add_argument("--repredict", action="store_true",
-                   help="only predict OUT's stored validations again (with --hw, default OUT/profile.yaml)")
+                   help="only predict OUT's stored validations again (with --hw, default each run's profile)")
     p.add_argument("--copy-scale", type=float, default=1.0, help="with --repredict: copies this many times longer")
     p.add_argument("--copy-slows", type=float, default=None, help="with --repredict: pcie.copy_slows_compute")
     p.add_argument("--fixed-scale", type=float, default=1.0,
                    help="with --repredict: the GPU's fixed per-layer work (attention, layer overhead) this many times")
     p.add_argument("--contention", type=float, default=None, help="with --repredict: cpu.gpu_contention")
+    p.add_argument("--layer-fixed-from", default=None, metavar="PROFILE",
+                   help="with --repredict: PROFILE's measured gpu.layer_fixed grid, each cell scaled by the two "
+                        "profiles' attention ratio there (an estimate for runs calibrated without one)")
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.repredict:
         if (args.copy_scale <= 0 or args.fixed_scale <= 0 or (args.copy_slows is not None and args.copy_slows < 0)
                 or (args.contention is not None and args.contention < 0)):
             p.error("--copy-scale and --fixed-scale must be > 0, --copy-slows and --contention >= 0")
-        hw = what_if(load_profile(args.hw or out / "profile.yaml"), args.copy_scale, args.copy_slows,
-                     args.fixed_scale, args.contention)
-        again = repredict(out, hw)
+        profiles = {}
+        for name, _, _ in RUNS:
+            base = load_profile(args.hw or profile_path(out, name))
+            grids = None
+            if args.layer_fixed_from:
+                grids = transferred_layer_fixed(base, load_profile(args.layer_fixed_from), PRESETS["llada2-mini"])
+            profiles[name] = what_if(base, args.copy_scale, args.copy_slows, args.fixed_scale, args.contention, grids)
+        again = repredict(out, profiles)
         errs = [r["abs_error"] for r in again]
         print(f"{'run':7} {'configuration':24} {'predicted ms':>12} {'measured ms':>12} {'error':>8} {'stored':>8}")
         for r in again:
             print(f"{r['run']:7} {r['config']:24} {r['predicted_step_ms']:12.2f} {r['measured_step_ms']:12.2f} "
                   f"{r['error']:+8.1%} {r['stored_error']:+8.1%}")
+        slows = "/".join(dict.fromkeys(f"{h.pcie.copy_slows_compute:g}" for h in profiles.values()))
+        contention = "/".join(dict.fromkeys(f"{h.cpu.gpu_contention:g}" for h in profiles.values()))
         print(f"{len(again)} configurations re-predicted (copy scale {args.copy_scale:g}, copy_slows_compute "
-              f"{hw.pcie.copy_slows_compute:g}, fixed scale {args.fixed_scale:g}, gpu_contention "
-              f"{hw.cpu.gpu_contention:g}): median |error| {statistics.median(errs):.1%}, max {max(errs):.1%}")
-        report_passes(drift(again))
+              f"{slows}, fixed scale {args.fixed_scale:g}, gpu_contention "
+              f"{contention}): median |error| {statistics.median(errs):.1%}, max {max(errs):.1%}")
+        report_groups(again)
+        report_passes(drift(again), again)
         return 0
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -204,11 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     none_trace = out / "trace_none.parquet"
     if not none_trace.exists():
         tidesim([*SYNTH_NONE, "-o", str(none_trace)])
-    profile = Path(args.hw) if args.hw else out / "profile.yaml"
-    if not args.hw:
-        tidesim(["calibrate", "--models", "llada2-mini", "--device", "cpu", "-o", str(profile)])
     rows: list[dict[str, Any]] = []
-    for name, trace, extra in RUNS:
+    for i, (name, trace, extra) in enumerate(RUNS):
+        own = "profile.yaml" if args.calibrate_once else f"profile_{name}.yaml"
+        profile = Path(args.hw) if args.hw else out / own
+        if not args.hw and (i == 0 or not args.calibrate_once):
+            tidesim(["calibrate", "--models", "llada2-mini", "--device", "cpu", "-o", str(profile)])
         trace = trace_path(out, trace)
         # relative to the checkout (the commands run there): no stored result names where it lay
         trace = trace.relative_to(REPO) if trace.is_relative_to(REPO) else trace
@@ -217,7 +334,10 @@ def main(argv: list[str] | None = None) -> int:
                  *extra, "-o", str(folder)])
         data = json.loads((folder / "results.json").read_text())
         steps = repeat_steps(folder)
-        rows += [{"run": name, **r, "repeat_errors": repeat_errors(r["predicted_step_ms"], steps.get(r["config"], []))}
+        speeds = repeat_speeds(folder)
+        rows += [{"run": name, **r, "profile": profile.name,
+                  "repeat_errors": repeat_errors(r["predicted_step_ms"], steps.get(r["config"], [])),
+                  "repeat_speeds": speeds.get(r["config"], [])}
                  for r in data["rows"]]
     errs = [abs(r["error"]) for r in rows]
     passes = drift(rows)
@@ -226,6 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     result = {"conditions": conditions, "configurations": len(rows), "median_abs_error": statistics.median(errs),
               "passes": [{"run": n, "repeat": k + 1, "median_error": e, "configurations": c} for n, k, e, c in passes],
               "pass_shift": pass_shift(passes),
+              "pass_speeds": [{"run": n, "repeat": k + 1, "probe_over_profile": v} for n, k, v in pass_speeds(rows)],
+              "speed_matched": ({"median_abs_error": statistics.median(m), "max_abs_error": max(m)}
+                                if (m := speed_matched(rows)) else None),
+              "groups": {k: {"median_abs_error": a, "max_abs_error": b, "configurations": c}
+                         for k, (a, b, c) in group_errors(rows).items()},
               "max_abs_error": max(errs), "rows": rows}
     tmp = out / ".fidelity.json.tmp"
     tmp.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
@@ -237,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(rows)} configurations: median |error| {result['median_abs_error']:.1%}, max "
           f"{result['max_abs_error']:.1%}; load average {conditions['load_average_start']} at the start, "
           f"{conditions['load_average_end']} at the end; {conditions['seconds']} s")
-    report_passes(passes)
+    report_groups(rows)
+    report_passes(passes, rows)
     return 0
 
 

@@ -105,3 +105,77 @@ def test_a_full_run_records_the_passes(tmp_path, monkeypatch) -> None:
     assert result["pass_shift"] == pytest.approx(max(p["median_error"] for p in result["passes"])
                                                  - min(p["median_error"] for p in result["passes"]))
     assert result["pass_shift"] > bench.STEADY
+
+
+@pytest.mark.parametrize("once", [False, True])
+def test_each_validation_gets_its_own_calibration_unless_once(tmp_path, monkeypatch, once) -> None:  # type: ignore[no-untyped-def]
+    """Without --hw, a calibration right before each validation (OUT/profile_<run>.yaml, which
+    that validation and --repredict use); --calibrate-once: one OUT/profile.yaml for all three."""
+    import json
+    import shutil
+
+    src = REPO / "bench/results/fidelity-dev-2core-amd"
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    ran: list[list[str]] = []
+    monkeypatch.setattr(bench, "tidesim", lambda args: ran.append(args))
+    assert bench.main(["--out", str(out)] + (["--calibrate-once"] if once else [])) == 0
+    steps = [(a[0], Path(a[a.index("-o" if a[0] == "calibrate" else "--hw") + 1]).name) for a in ran]
+    if once:
+        assert steps == [("calibrate", "profile.yaml")] + [("validate", "profile.yaml")] * 3
+    else:
+        assert steps == [x for n in ("prefix", "none", "window")
+                         for x in (("calibrate", f"profile_{n}.yaml"), ("validate", f"profile_{n}.yaml"))]
+    rows = json.loads((out / "fidelity.json").read_text())["rows"]
+    assert {r["profile"] for r in rows} == ({"profile.yaml"} if once else {f"profile_{n}.yaml" for n in
+                                                                           ("prefix", "none", "window")})
+    # --repredict reads each run's own profile where there is one
+    shutil.copy(out / "profile.yaml", out / "profile_none.yaml")
+    assert bench.profile_path(out, "none").name == "profile_none.yaml"
+    assert bench.profile_path(out, "window").name == "profile.yaml"
+
+
+def test_repredict_takes_one_profile_per_run() -> None:
+    """A profile per run name predicts that run's configurations: the stored profile for the prefix
+    run and one with twice the fixed work for the others changes only the others."""
+    out = REPO / "bench/results/fidelity-dev-2core-amd"
+    hw = load_profile(out / "profile.yaml")
+    slow = bench.what_if(hw, fixed_scale=2.0)
+    same = bench.repredict(out, hw)
+    mixed = bench.repredict(out, {"prefix": hw, "none": slow, "window": slow})
+    for a, b in zip(same, mixed, strict=True):
+        if a["run"] == "prefix":
+            assert b["predicted_step_ms"] == pytest.approx(a["predicted_step_ms"], rel=1e-12)
+        else:
+            assert b["predicted_step_ms"] > a["predicted_step_ms"]
+
+
+def test_errors_are_grouped_by_policy_run_and_budget() -> None:
+    rows = [{"policy": "tide", "refresh": "async", "run": "none", "budget": 32, "abs_error": 0.1},
+            {"policy": "tide", "refresh": "sync", "run": "none", "budget": 32, "abs_error": 0.3},
+            {"policy": "fiddler", "refresh": "sync", "run": "prefix", "budget": 96, "abs_error": 0.2}]
+    groups = bench.group_errors(rows)
+    assert groups["tide async"] == (0.1, 0.1, 1) and groups["fiddler"] == (0.2, 0.2, 1)
+    assert groups["run none"] == pytest.approx((0.2, 0.3, 2)) and groups["B=32"] == pytest.approx((0.2, 0.3, 2))
+    assert list(groups)[:3] == ["fiddler", "tide async", "tide sync"]
+
+
+def test_speed_probe_per_pass_and_the_speed_matched_errors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """repeat_speeds reads validate's probes (probe / what the profile says); a pass's speed is
+    their median; the speed-matched error scales each repeat's prediction by its probe."""
+    import json
+
+    folder = tmp_path / "validate_prefix"
+    folder.mkdir()
+    (folder / "configurations.jsonl").write_text(
+        json.dumps({"config": "a", "measured_step_s": [0.1, 0.12], "probe_s": [0.02, 0.024],
+                    "probe_expected_s": 0.02}) + "\n"
+        + json.dumps({"config": "old", "measured_step_s": [0.1]}) + "\n")
+    assert bench.repeat_speeds(folder) == {"a": pytest.approx([1.0, 1.2])}
+    # predicted 100 ms against 100 and 120 ms measured: errors 0 and -1/6; scaled by 1.0 and 1.2
+    # the second becomes 120 / 120 - 1 = 0, so the speed-matched |error| is 0
+    rows = [{"run": "prefix", "repeat_errors": bench.repeat_errors(100.0, [0.1, 0.12]), "repeat_speeds": [1.0, 1.2]},
+            {"run": "prefix", "repeat_errors": [0.1, 0.1], "repeat_speeds": [1.0, 1.0]},
+            {"run": "prefix", "repeat_errors": [0.05], "repeat_speeds": []}]        # no probe: left out
+    assert bench.speed_matched(rows) == pytest.approx([0.0, 0.1])
+    assert bench.pass_speeds(rows) == [("prefix", 0, 1.0), ("prefix", 1, pytest.approx(1.1))]

@@ -179,3 +179,53 @@ def test_cpu_kernel_is_recorded_only_when_known_and_round_trips(tmp_path) -> Non
     assert prof.to_dict()["cpu"]["kernel"] == "weights-left" and prof.fingerprint() != before
     prof.save(tmp_path / "p.yaml")
     assert get_profile(str(tmp_path / "p.yaml")).cpu.kernel == "weights-left"
+
+
+def _layer_grid(**shape: int) -> dict:
+    from tidesim.curves import layer_shape
+
+    return {**layer_shape(MINI), **shape, "tokens": [1, 32], "context": [32, 128],
+            "time_us": [[1000.0, 2000.0], [3000.0, 5000.0]]}
+
+
+def test_layer_fixed_grid_is_what_a_moe_layer_is_charged(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """gpu.layer_fixed (the executor's whole fixed path, measured) replaces the composed charge
+    for a model of its shape, interpolated like an attention grid; other shapes keep the
+    composition (attention + shared and gate rooflines + layer_overhead_us)."""
+    prof = get_profile("dev-2core-cpu")
+    composed = prof.gpu_layer_fixed_time(np.array([32.0]), np.array([96.0]), MINI)
+    assert "layer_fixed" not in prof.to_dict()["gpu"]          # presets keep their form and fingerprint
+    before = prof.fingerprint()
+    prof.gpu.layer_fixed = [_layer_grid()]
+    assert prof.fingerprint() != before
+    # t=32, ctx=96: 3000 + (96-32)/(128-32) x (5000-3000) = 4333.3 us; t=16.5, ctx=80: rows at
+    # ctx 32 and 128 give 2000 and 3500, halfway between them 2750 us
+    t = prof.gpu_layer_fixed_time(np.array([32.0, 16.5]), np.array([96.0, 80.0]), MINI) * 1e6
+    assert t == pytest.approx([4333.333, 2750.0])
+    assert float(prof.gpu_layer_fixed_time(np.array([32.0]), np.array([96.0]), MINI)[0]) != pytest.approx(
+        float(composed[0]))
+    # a grid of another layer shape (more experts) is not this model's: the composition again
+    prof.gpu.layer_fixed = [_layer_grid(experts=MINI.num_experts * 2)]
+    assert prof.gpu_layer_fixed_time(np.array([32.0]), np.array([96.0]), MINI) == pytest.approx(composed)
+    # round trip, and a what-if GPU twice as fast halves the measured path
+    prof.gpu.layer_fixed = [_layer_grid()]
+    prof.save(tmp_path / "p.yaml")
+    loaded = load_profile(tmp_path / "p.yaml")
+    assert loaded.to_dict() == prof.to_dict()
+    assert loaded.scaled(gpu_speed=2.0).gpu_layer_fixed_time(np.array([32.0]), np.array([96.0]), MINI)[0] \
+        == pytest.approx(4333.333e-6 / 2)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda g: g.pop("top_k"), "layer_fixed[0].top_k: required field is missing"),
+    (lambda g: g.update(colour=1), "layer_fixed[0].colour: unknown field"),
+    (lambda g: g.update(time_us=[[1.0, 2.0]]), "layer_fixed[0].time_us: must be a 2 x 2 table"),
+    (lambda g: g.update(context=[128, 32]), "layer_fixed[0].context: must be a non-empty increasing list"),
+])
+def test_bad_layer_fixed_grids_fail_with_one_line(change, message) -> None:  # type: ignore[no-untyped-def]
+    data = get_profile("dev-2core-cpu").to_dict()
+    grid = _layer_grid()
+    change(grid)
+    data["gpu"]["layer_fixed"] = [grid]
+    with pytest.raises(InputError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        profile_from_dict(data)

@@ -85,6 +85,16 @@ def test_profile_has_curves_for_the_measured_shape(tiny_profile) -> None:
     assert att["tokens"] == [4, 16] and att["context"] == [16, 64]
     arr = np.asarray(att["time_us"])
     assert arr.shape == (2, 2) and (np.diff(arr, axis=0) >= 0).all() and (np.diff(arr, axis=1) >= 0).all()
+    # the executor's whole fixed path, on the attention grid's points, is what a layer is charged
+    from tidesim.curves import layer_shape
+
+    (fixed,) = prof.gpu.layer_fixed
+    assert {k: fixed[k] for k in layer_shape(TINY)} == layer_shape(TINY)
+    assert fixed["tokens"] == [4, 16] and fixed["context"] == [16, 64]
+    arr = np.asarray(fixed["time_us"])
+    assert arr.shape == (2, 2) and (arr > 0).all() and (np.diff(arr, axis=0) >= 0).all()
+    t, notes = noting(lambda: prof.gpu_layer_fixed_time(np.array([16]), np.array([64]), TINY)[0])
+    assert t == pytest.approx(arr[1, 1] * 1e-6) and not notes
     # copies: x in model bytes; tiny is a float32 model, so bytes are as measured
     assert prof.pcie.h2d is not None and prof.pcie.h2d.x == [1024.0, 65536.0, float(1 << 20)]
     assert prof.pcie.h2d_gbs > 0 and prof.pcie.copy_slows_compute >= 0

@@ -89,6 +89,14 @@ def test_validate_pairs_the_simulator_with_the_runtime(workload, tmp_path) -> No
         assert o.error == pytest.approx((o.predicted.step_time_s - o.measured.step_time_s) / o.measured.step_time_s)
         row = o.row()
         assert row["abs_error"] == pytest.approx(abs(o.error)) and row["config"] == o.config.label
+        # a speed probe before each repeat, against the profile's charge for the probed point (the
+        # workload's median tokens and context through the fixed path)
+        t, c = int(np.median(workload.tokens)), int(np.median(workload.context))
+        assert len(o.probe_s) == 2 and all(p > 0 for p in o.probe_s)
+        assert o.probe_expected_s == pytest.approx(float(hw.gpu_layer_fixed_time(np.array([t]), np.array([c]),
+                                                                                 TINY)[0]))
+    record = configuration_record(outcomes[0])
+    assert record["probe_s"] == outcomes[0].probe_s and record["probe_expected_s"] == outcomes[0].probe_expected_s
     s = summary(outcomes)
     assert s["configurations"] == 4
     assert s["median_abs_error"] == pytest.approx(float(np.median([abs(o.error) for o in outcomes])))

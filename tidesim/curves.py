@@ -67,7 +67,7 @@ def attention_time(gpu: GPUProfile, tokens: np.ndarray, context: np.ndarray, spe
     measured = [a for a in gpu.attention if a.get("hidden") == spec.hidden_size
                 and a.get("heads") == spec.num_heads and a.get("kv_heads") == spec.num_kv_heads]
     if measured:
-        return _attention_from_grid(measured[0], tokens, context)
+        return _grid_time(measured[0], tokens, context, "gpu.attention")
     note(f"gpu.attention[{spec.name}]: roofline estimate (not measured)")
     h, kv, d, nh = spec.hidden_size, spec.num_kv_heads, spec.head_dim, spec.num_heads
     bpp = spec.bytes_per_param
@@ -86,9 +86,36 @@ def gpu_dense_time(gpu: GPUProfile, tokens: np.ndarray, params: int, spec: Model
     return _gpu_roofline(gpu, flops, nbytes, launches=launches)
 
 
+LAYER_SHAPE_KEYS = ("hidden", "heads", "kv_heads", "head_dim", "experts", "top_k", "shared_intermediate")
+
+
+def layer_shape(spec: ModelSpec) -> dict[str, int]:
+    """What a MoE layer's fixed path depends on besides tokens and context: the attention shape,
+    the shared expert's width, the router's experts and the pairs per token. A gpu.layer_fixed
+    grid applies to a model whose shape equals its keys."""
+    values = (spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.num_experts, spec.top_k,
+              spec.moe_intermediate_size * spec.num_shared_experts)
+    return dict(zip(LAYER_SHAPE_KEYS, values, strict=True))
+
+
 def gpu_layer_fixed_time(gpu: GPUProfile, tokens: np.ndarray, context: np.ndarray, spec: ModelSpec) -> np.ndarray:
     """Per MoE layer, work that always runs on the GPU: norms and overhead, attention,
-    shared expert and the gate."""
+    shared expert and the gate. A measured grid of that whole path for the layer's shape
+    (gpu.layer_fixed, what `tidesim calibrate` times on the executor's own code) is used where
+    there is one; else the path is composed of the attention grid (or roofline), the shared
+    expert's and gate's rooflines and the constant layer_overhead_us."""
+    shape = layer_shape(spec)
+    grids = [g for g in gpu.layer_fixed if all(g.get(k) == v for k, v in shape.items())]
+    if grids:
+        return _grid_time(grids[0], np.asarray(tokens, dtype=float), np.asarray(context, dtype=float),
+                          "gpu.layer_fixed")
+    return composed_layer_fixed_time(gpu, tokens, context, spec)
+
+
+def composed_layer_fixed_time(gpu: GPUProfile, tokens: np.ndarray, context: np.ndarray, spec: ModelSpec
+                              ) -> np.ndarray:
+    """The fixed path composed of its parts: attention, the shared expert's and the gate's
+    rooflines, and the constant layer_overhead_us (calibrate fits that constant against this)."""
     shared = gpu_dense_time(gpu, tokens, spec.shared_expert_params, spec, launches=3)
     gate = gpu_dense_time(gpu, tokens, spec.gate_params, spec, launches=2)
     return attention_time(gpu, tokens, context, spec) + shared + gate + gpu.layer_overhead_us * US
@@ -157,12 +184,15 @@ def _copy_time(pcie: PCIeProfile, nbytes: np.ndarray | float, curve: Curve | Non
     return np.where(nbytes > 0, np.where(outside, linear, measured), 0.0)
 
 
-def _attention_from_grid(grid: dict[str, Any], tokens: np.ndarray, context: np.ndarray) -> np.ndarray:
+def _grid_time(grid: dict[str, Any], tokens: np.ndarray, context: np.ndarray, where: str) -> np.ndarray:
+    """Piecewise-linear in a measured (tokens x context) grid: in tokens held at the grid's edges
+    outside it, in context extended linearly beyond its last point and held below its first; a
+    note says when either was outside."""
     tk = np.asarray(grid["tokens"], dtype=float)
     cx = np.asarray(grid["context"], dtype=float)
     table = np.asarray(grid["time_us"], dtype=float) * US  # [len(tk), len(cx)]
     if ((tokens < tk[0]) | (tokens > tk[-1]) | (context < cx[0]) | (context > cx[-1])).any():
-        note("gpu.attention: tokens or context outside the measured grid, clamped linear")
+        note(f"{where}: tokens or context outside the measured grid, clamped linear")
     per_ctx = np.stack([np.interp(tokens, tk, table[:, j]) for j in range(len(cx))], axis=-1)
     idx = np.clip(np.searchsorted(cx, context) - 1, 0, max(len(cx) - 2, 0))
     if len(cx) == 1:

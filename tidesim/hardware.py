@@ -36,6 +36,7 @@ __all__ = ["US", "CPUProfile", "Curve", "ExpertCurve", "GPUProfile", "HardwarePr
            "Provenance"]
 
 SCHEMA_VERSION = 1
+LAYER_SHAPE_KEYS = curves.LAYER_SHAPE_KEYS
 PROVENANCE_KINDS = ("measured", "datasheet")
 
 
@@ -93,8 +94,8 @@ class HardwareProfile:
             g["memory_gib"] = gpu_memory_gib
         for ec in g["expert_ffn"]:
             ec["curve"]["time_us"] = [t / gpu_speed for t in ec["curve"]["time_us"]]
-        for att in g["attention"]:
-            att["time_us"] = [[t / gpu_speed for t in row] for row in att["time_us"]]
+        for grid in (*g["attention"], *g.get("layer_fixed", [])):
+            grid["time_us"] = [[t / gpu_speed for t in row] for row in grid["time_us"]]
         p["h2d_gbs"] *= pcie
         p["d2h_gbs"] *= pcie
         for key in ("h2d", "d2h"):
@@ -115,6 +116,8 @@ class HardwareProfile:
         out = asdict(self)
         if not out["cpu"]["kernel"]:   # profiles without a recorded kernel keep their form and fingerprint
             out["cpu"].pop("kernel")
+        if not out["gpu"]["layer_fixed"]:   # likewise profiles without a measured fixed path
+            out["gpu"].pop("layer_fixed")
         return out
 
     def fingerprint(self) -> str:
@@ -182,15 +185,32 @@ def _expert_curves(data: Any, where: str) -> list[ExpertCurve]:
 def _attention_grids(data: Any, where: str) -> list[dict[str, Any]]:
     """Measured attention grids: increasing finite tokens and context, a finite non-negative time
     for every (tokens, context) pair."""
+    return _grids(data, where, ("hidden", "heads", "kv_heads", "head_dim"))
+
+
+def _layer_fixed_grids(data: Any, where: str) -> list[dict[str, Any]]:
+    """Measured grids of a MoE layer's fixed path: as attention grids, with every shape key of
+    tidesim.curves.layer_shape (a grid without one would apply to any model)."""
+    grids = _grids(data, where, LAYER_SHAPE_KEYS)
+    for i, grid in enumerate(grids):
+        missing = [k for k in LAYER_SHAPE_KEYS if k not in grid]
+        unknown = sorted(set(grid) - {"tokens", "context", "time_us", *LAYER_SHAPE_KEYS})
+        if missing or unknown:
+            raise InputError(f"{where}[{i}].{(missing or unknown)[0]}: "
+                             + ("required field is missing" if missing else "unknown field"))
+    return grids
+
+
+def _grids(data: Any, where: str, shape_keys: tuple[str, ...]) -> list[dict[str, Any]]:
     if not isinstance(data, list):
         raise InputError(f"{where}: expected a list")
     for i, grid in enumerate(data):
         at = f"{where}[{i}]"
         if not isinstance(grid, dict) or not {"tokens", "context", "time_us"} <= set(grid):
             raise InputError(f"{at}: needs tokens, context and time_us")
-        for key in ("hidden", "heads", "kv_heads", "head_dim"):
+        for key in shape_keys:
             if key in grid:
-                _in_range(grid[key], (1, 1 << 20, True), f"{at}.{key}")
+                _in_range(grid[key], (0 if key == "shared_intermediate" else 1, 1 << 20, True), f"{at}.{key}")
         for key in ("tokens", "context"):
             xs = grid[key]
             if (not isinstance(xs, list) or not xs or not all(_is_number(v) and math.isfinite(v) and v >= 0
@@ -274,7 +294,7 @@ def profile_from_dict(data: Any, source: str = "profile", plausible: bool = True
         raise InputError(f"{source}: schema_version {version} is not supported (this tidesim reads "
                          f"{SCHEMA_VERSION})")
     gpu = lambda d, w: _build(GPUProfile, d, w, {"expert_ffn": _expert_curves,  # noqa: E731
-                                                 "attention": _attention_grids})
+                                                 "attention": _attention_grids, "layer_fixed": _layer_fixed_grids})
     pcie = lambda d, w: _build(PCIeProfile, d, w, {"h2d": _curve, "d2h": _curve})  # noqa: E731
     cpu = lambda d, w: _build(CPUProfile, d, w, {"expert_ffn": _expert_curves})  # noqa: E731
     prof = _build(HardwareProfile, data, source,

@@ -89,6 +89,11 @@ class GPUProfile:
     layer_overhead_us: float = 30.0
     expert_ffn: list[ExpertCurve] = field(default_factory=list)
     attention: list[dict[str, Any]] = field(default_factory=list)
+    # measured grids of one MoE layer's whole fixed path (norms, attention, shared expert, router,
+    # the host reading the split, the pairs' gather and the weighted combine) per layer shape; empty
+    # (presets, older profiles): that path is composed from attention, dense rooflines and
+    # layer_overhead_us (tidesim.curves.gpu_layer_fixed_time)
+    layer_fixed: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass

@@ -215,7 +215,8 @@ def run(args: argparse.Namespace) -> int:
 def configuration_record(o: Any) -> dict[str, Any]:
     """One configuration's result: its row, both full Metrics and every repeat's step time."""
     return {"config": o.config.label, "row": o.row(), "predicted": o.predicted.to_dict(),
-            "measured": o.measured.to_dict(), "measured_step_s": o.repeats_s}
+            "measured": o.measured.to_dict(), "measured_step_s": o.repeats_s, "probe_s": o.probe_s,
+            "probe_expected_s": o.probe_expected_s}
 
 
 class IncrementalResults:

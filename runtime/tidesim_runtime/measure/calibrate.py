@@ -11,9 +11,14 @@ What is measured (each a median over repeats, with the spread kept):
 - H2D and D2H copy time vs bytes through the executor's copy path (pinned memory and copy
   streams on CUDA; the copy thread on the CPU-as-GPU path), and whether copies slow concurrent
   GPU compute (copy_slows_compute).
+- The executor's whole fixed per-layer path (norms, attention, shared expert, router, the host
+  reading the split, the pairs' gather and combine) vs tokens and context, per model shape, over
+  layers whose weights no cache holds (gpu.layer_fixed: what a MoE layer is charged outside its
+  experts).
 - Launch overhead (a tiny kernel), dense-weight bandwidth and FLOP rate (roofline for the shared
   expert, router and lm_head), CPU task overhead, and the per-layer overhead: the executor's fixed
-  per-layer path minus the modelled attention, shared expert and router.
+  per-layer path minus the modelled attention, shared expert and router (what dense layers and
+  shapes without a gpu.layer_fixed grid are charged).
 
 On the CPU-as-GPU path sizes are expressed in the model's bytes (bf16), as the simulator counts
 them, while buffers are float32: a "bandwidth" there is model bytes per second.
@@ -64,7 +69,7 @@ def shape_steps(cal: Calibration, timer: Timer, pool: CPUPool, spec: ModelSpec
     return [
         (f"{spec.name}: GPU expert FFN", lambda: measure_gpu_experts(cal, timer, spec)),
         (f"{spec.name}: CPU expert FFN", lambda: measure_cpu_experts(cal, pool, spec)),
-        (f"{spec.name}: attention", lambda: measure_attention(cal, timer, spec)),
+        (f"{spec.name}: attention and layer fixed path", lambda: measure_attention(cal, timer, spec)),
         (f"{spec.name}: dense weights", lambda: measure_dense(cal, timer, spec)),
     ]
 

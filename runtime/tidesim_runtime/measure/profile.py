@@ -49,7 +49,8 @@ def build_profile(cal: Calibration, name: str, models: list[ModelSpec]) -> Hardw
     gpu = GPUProfile(name=gpu_name, memory_gib=round(memory_gib, 3), mem_bandwidth_gbs=round(cal.mem_gbs, 3),
                      bf16_tflops=round(max(cal.tflops, 1e-6), 6), mem_efficiency=1.0, compute_efficiency=1.0,
                      launch_overhead_us=round(cal.launch_us, 3), layer_overhead_us=round(cal.layer_overhead_us, 3),
-                     expert_ffn=cal.gpu_curves, attention=cal.attention)
+                     expert_ffn=cal.gpu_curves, attention=cal.attention,
+                     layer_fixed=cal.layer_fixed)
     pcie = PCIeProfile(generation=generation, h2d_gbs=round(big_h2d, 3), d2h_gbs=round(big_d2h, 3),
                        copy_overhead_us=round(cal.h2d.time_us[0], 3), copy_engines=2 if dev.is_cuda else 1,
                        copy_slows_compute=round(cal.copy_slows, 4), h2d=cal.h2d, d2h=cal.d2h)

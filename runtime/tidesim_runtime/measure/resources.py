@@ -20,12 +20,13 @@ import numpy as np
 import torch
 
 from tidesim import __version__
+from tidesim.curves import composed_layer_fixed_time, layer_shape
 from tidesim.hardware import Curve, ExpertCurve, HardwareProfile, Provenance
 from tidesim.models import ModelSpec
 from tidesim_runtime.engine import cpu_kernels
 from tidesim_runtime.engine.cpu_pool import CPUPool, ExpertTask, expert_task_runner
 from tidesim_runtime.engine.device import DeviceInfo, last_level_cache_bytes, provenance_fields
-from tidesim_runtime.engine.executor import LayerRouting, replay_routing
+from tidesim_runtime.engine.executor import replay_routing
 from tidesim_runtime.engine.kernels import (
     KVBuffer,
     attention,
@@ -42,7 +43,7 @@ from tidesim_runtime.engine.kernels import (
 from tidesim_runtime.engine.pinned import HostPinning, IndexStaging
 from tidesim_runtime.engine.slots import ExpertBank
 from tidesim_runtime.engine.streams import D2H, H2D, Backend
-from tidesim_runtime.measure.timer import Timer, monotone, stat
+from tidesim_runtime.measure.timer import Stat, Timer, monotone, stat
 from tidesim_runtime.reference.gate import route
 
 
@@ -83,6 +84,7 @@ class Calibration:
     gpu_curves: list[ExpertCurve] = field(default_factory=list)
     cpu_curves: list[ExpertCurve] = field(default_factory=list)
     attention: list[dict[str, Any]] = field(default_factory=list)
+    layer_fixed: list[dict[str, Any]] = field(default_factory=list)
     h2d: Curve | None = None
     d2h: Curve | None = None
     launch_us: float = 0.0
@@ -246,26 +248,38 @@ def measure_cpu_experts(cal: Calibration, pool: CPUPool, spec: ModelSpec) -> Non
 
 
 def measure_attention(cal: Calibration, timer: Timer, spec: ModelSpec) -> None:
+    """The attention kernel (gpu.attention) and the executor's whole fixed per-layer path
+    (gpu.layer_fixed, FixedPath) over tokens x context, in one interleaved timing: every repeat
+    runs each cell of both once, so a change of the machine's speed during calibrate moves both
+    grids alike (what the fixed path costs beyond attention is then a property of the code, not
+    of the minute it was measured in)."""
     dev, dtype = cal.device.torch_device, cal.device.dtype
     gen = torch.Generator().manual_seed(2)
     lw = random_layer_weights(spec, dev, dtype, gen)
-    ctx_max = max(cal.grid.att_context + cal.grid.att_tokens)
+    tokens, context = cal.grid.att_tokens, cal.grid.att_context
+    ctx_max = max(context + tokens)
     kv = KVBuffer(spec, ctx_max, dev, dtype)
     cos, sin = rotary_tables(spec, ctx_max, dev)
-    cells = [(t, c) for t in cal.grid.att_tokens for c in cal.grid.att_context]
-    inputs = {t: random_matrix(t, spec.hidden_size, gen, dev, dtype) for t in cal.grid.att_tokens}
+    cells = [(t, c) for t in tokens for c in context]
+    inputs = {t: random_matrix(t, spec.hidden_size, gen, dev, dtype) for t in tokens}
     def cell(t: int, c: int) -> Callable[[], Any]:
         return lambda: attention(inputs[t], lw, kv, c, spec, cos, sin)
 
-    stats = timer.time_many([cell(t, c) for t, c in cells], cal.grid.repeats)
-    width = len(cal.grid.att_context)
-    table = [[st.median_s * 1e6 for st in stats[i:i + width]] for i in range(0, len(stats), width)]
-    # more context never costs less; keep the grid monotone in both directions
-    arr = np.maximum.accumulate(np.maximum.accumulate(np.asarray(table), axis=0), axis=1)
+    path = FixedPath(spec, cal.device, ctx_max, seed=8)
+    fns = [f for t, c in cells for f in (cell(t, c), path.fn(t, c))]
+    stats = timer.time_many(fns, cal.grid.repeats)
+    grid = {"tokens": [int(t) for t in tokens], "context": [int(c) for c in context]}
     cal.attention.append({"hidden": spec.hidden_size, "heads": spec.num_heads, "kv_heads": spec.num_kv_heads,
-                          "head_dim": spec.head_dim, "tokens": [int(t) for t in cal.grid.att_tokens],
-                          "context": [int(c) for c in cal.grid.att_context],
-                          "time_us": [[float(v) for v in r] for r in arr]})
+                          "head_dim": spec.head_dim, **grid, "time_us": monotone_grid(stats[0::2], len(context))})
+    cal.layer_fixed.append({**layer_shape(spec), **grid, "time_us": monotone_grid(stats[1::2], len(context))})
+
+
+def monotone_grid(stats: list[Stat], width: int) -> list[list[float]]:
+    """Median times (us) of a row-major tokens x context grid, made monotone in both directions:
+    more tokens or more context never cost less (a dip is timing noise)."""
+    table = np.asarray([st.median_s * 1e6 for st in stats]).reshape(-1, width)
+    arr = np.maximum.accumulate(np.maximum.accumulate(table, axis=0), axis=1)
+    return [[float(v) for v in r] for r in arr]
 
 
 def measure_dense(cal: Calibration, timer: Timer, spec: ModelSpec) -> None:
@@ -298,19 +312,41 @@ def dense_tokens(device: DeviceInfo) -> list[int]:
     return [32, 256, 1024, 4096] if device.is_cuda else [32, 128, 512]
 
 
-def measure_layer_overhead(cal: Calibration, timer: Timer, spec: ModelSpec, profile: HardwareProfile) -> None:
-    """The executor's fixed per-layer path (norms, attention, shared expert, router, the host
-    reading the split, the final weighted combine) minus what the profile already charges for
-    attention, shared expert and router: the rest is layer_overhead_us (median over token counts)."""
-    dev, dtype = cal.device.torch_device, cal.device.dtype
-    gen = torch.Generator().manual_seed(4)
-    lw = random_layer_weights(spec, dev, dtype, gen)
-    ctx = cal.grid.att_context[len(cal.grid.att_context) // 2]
-    kv = KVBuffer(spec, max(ctx, max(cal.grid.att_tokens)), dev, dtype)
-    cos, sin = rotary_tables(spec, kv.capacity, dev)
-    residuals = []
-    for t in cal.grid.att_tokens:
-        x = random_matrix(t, spec.hidden_size, gen, dev, dtype)
+@dataclass
+class FixedPath:
+    """The executor's fixed per-layer path (Executor._front and _combine: norm, attention,
+    residual, norm, shared expert, router, the host reading the split, every pair's input
+    gathered once, the weighted combine of the pairs' outputs added to the residual) over `sets`
+    layers with their own weights and KV buffers, taken in turn: in a run each layer's weights are
+    read once per forward, after other layers and experts have passed through the caches, so a
+    timing that ran one layer's weights again and again would time the cache instead."""
+
+    spec: ModelSpec
+    device: DeviceInfo
+    capacity: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        dev, dtype = self.device.torch_device, self.device.dtype
+        self.gen = torch.Generator().manual_seed(self.seed)
+        first = random_layer_weights(self.spec, dev, dtype, self.gen)
+        per = sum(t.numel() * t.element_size() for t in vars(first).values() if isinstance(t, torch.Tensor))
+        el = torch.empty(0, dtype=dtype).element_size()
+        kv_bytes = 2 * self.spec.num_kv_heads * self.capacity * self.spec.head_dim * el
+        # enough layers to exceed the cache, at most the model's own (whose layers all fit in the
+        # cache run from it), at least two
+        need = math.ceil(working_set_bytes(self.device, "gpu") / max(per + kv_bytes, 1))
+        self.sets = max(2, min(need, self.spec.num_layers))
+        self.lws = [first] + [random_layer_weights(self.spec, dev, dtype, self.gen) for _ in range(self.sets - 1)]
+        self.kvs = [KVBuffer(self.spec, self.capacity, dev, dtype) for _ in range(self.sets)]
+        self.cos, self.sin = rotary_tables(self.spec, self.capacity, dev)
+        self.turn = 0
+
+    def fn(self, t: int, ctx: int) -> Callable[[], None]:
+        """The path for t tokens at context ctx, the next layer's weights each call (inputs and
+        a balanced replayed routing made here, once)."""
+        spec, dev, dtype = self.spec, self.device.torch_device, self.device.dtype
+        x = random_matrix(t, spec.hidden_size, self.gen, dev, dtype)
         pairs = t * spec.top_k
         counts = np.full(spec.num_experts, pairs // spec.num_experts, dtype=np.int64)
         counts[:pairs % spec.num_experts] += 1
@@ -318,16 +354,29 @@ def measure_layer_overhead(cal: Calibration, timer: Timer, spec: ModelSpec, prof
         xs = torch.zeros(pairs, spec.hidden_size, device=dev, dtype=dtype)
         y = torch.zeros(pairs, spec.hidden_size, device=dev, dtype=dtype)
 
-        def fixed(x: torch.Tensor = x, r: LayerRouting = r, xs: torch.Tensor = xs, y: torch.Tensor = y) -> None:
-            _, moe_in, base = layer_front(x, lw, kv, ctx, spec, cos, sin)
+        def run() -> None:
+            i = self.turn = (self.turn + 1) % self.sets
+            lw, kv = self.lws[i], self.kvs[i]
+            _, moe_in, base = layer_front(x, lw, kv, ctx, spec, self.cos, self.sin)
             idx, _ = route(gate_logits(moe_in, lw), lw.gate_bias, spec.top_k, spec.n_group, spec.topk_group,
                            spec.routed_scaling_factor)
             torch.bincount(idx.reshape(-1), minlength=spec.num_experts).cpu()
             torch.index_select(moe_in, 0, r.tokens, out=xs)   # the pairs' inputs, gathered once
             _ = base + combine_pairs(y, r.weights, r.combine, spec.hidden_size).to(base.dtype)
+        return run
 
-        measured = timer.time(fixed, cal.grid.repeats).median_s
-        modelled = float(profile.gpu_layer_fixed_time(np.array([t]), np.array([ctx]), spec)[0])
+
+def measure_layer_overhead(cal: Calibration, timer: Timer, spec: ModelSpec, profile: HardwareProfile) -> None:
+    """The executor's fixed per-layer path (FixedPath) minus what the composed charge
+    (tidesim.curves.composed_layer_fixed_time) puts on attention, shared expert and router: the
+    rest is layer_overhead_us (median over token counts), what a model without a measured
+    gpu.layer_fixed grid of its shape (and every dense layer) is charged."""
+    ctx = cal.grid.att_context[len(cal.grid.att_context) // 2]
+    path = FixedPath(spec, cal.device, max(ctx, max(cal.grid.att_tokens)), seed=4)
+    residuals = []
+    for t in cal.grid.att_tokens:
+        measured = timer.time(path.fn(t, ctx), cal.grid.repeats).median_s
+        modelled = float(composed_layer_fixed_time(profile.gpu, np.array([t]), np.array([ctx]), spec)[0])
         residuals.append(measured - (modelled - profile.gpu.layer_overhead_us * 1e-6))
     cal.layer_overhead_us = max(0.0, statistics.median(residuals) * 1e6)
 

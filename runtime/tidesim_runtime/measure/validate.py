@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from tidesim.budget import check_budget
 from tidesim.errors import InputError
@@ -30,6 +31,9 @@ from tidesim.workload import Workload
 from tidesim_runtime.engine.device import DeviceInfo
 from tidesim_runtime.engine.executor import Executor, check_memory
 from tidesim_runtime.engine.slots import plan_slots
+from tidesim_runtime.engine.streams import Backend
+from tidesim_runtime.measure.resources import FixedPath
+from tidesim_runtime.measure.timer import Timer
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,8 @@ class Outcome:
     predicted: Metrics
     measured: Metrics
     repeats_s: list[float] = field(default_factory=list)   # measured step times of every repeat
+    probe_s: list[float] = field(default_factory=list)     # the speed probe right before each repeat
+    probe_expected_s: float = 0.0                          # what the profile says the probe takes
 
     @property
     def error(self) -> float:
@@ -130,13 +136,41 @@ def build(config: Config, workload: Workload, hw: HardwareProfile, plan: Plan | 
     return build_schedule(config.policy, workload, opts)
 
 
+@dataclass
+class SpeedProbe:
+    """The machine's speed right before a measurement, against the profile: the executor's fixed
+    per-layer path (FixedPath, what calibrate times for gpu.layer_fixed) at the workload's median
+    tokens and context, median of PROBE_SAMPLES. Its ratio to the profile's charge for the same
+    point says how much faster or slower the machine runs now than when it was calibrated (on a
+    VM that drifts by 15% within a run, part of any error is that, not the model)."""
+
+    path: FixedPath
+    fn: Callable[[], None]
+    timer: Timer
+    expected_s: float
+
+    @classmethod
+    def of(cls, workload: Workload, hw: HardwareProfile, device: DeviceInfo, backend: Backend) -> SpeedProbe:
+        t, c = int(np.median(workload.tokens)), int(np.median(workload.context))
+        path = FixedPath(workload.model, device, max(t, c), seed=9)
+        expected = float(hw.gpu_layer_fixed_time(np.array([t]), np.array([c]), workload.model)[0])
+        return cls(path, path.fn(t, c), Timer(device, backend), expected)
+
+    def sample_s(self) -> float:
+        self.fn()                                    # one call first: the allocator, the caches
+        return float(statistics.median(self.timer.sample(self.fn) for _ in range(PROBE_SAMPLES)))
+
+
+PROBE_SAMPLES = 3
+
+
 def validate(workload: Workload, hw: HardwareProfile, configs: list[Config], device: DeviceInfo,
              repeats: int = 1, plan: Plan | None = None, seed: int = 0,
              on_done: Callable[[Outcome], object] | None = None) -> list[Outcome]:
     """Predict and measure every configuration; repeats are interleaved over configurations (so
-    a slow spell of the machine does not land on one of them) and the median run is kept.
-    `on_done` gets each configuration's outcome as soon as its last repeat is measured (so a run
-    cut short keeps what it measured)."""
+    a slow spell of the machine does not land on one of them) and the median run is kept; a speed
+    probe (SpeedProbe) runs right before each measurement. `on_done` gets each configuration's
+    outcome as soon as its last repeat is measured (so a run cut short keeps what it measured)."""
     schedules = [(c, build(c, workload, hw, plan)) for c in configs]
     pools = {c: plan_slots(s).pool_size for c, s in schedules}
     check_memory(workload.model, workload.num_layers, device, largest_pools(list(pools.values())),
@@ -144,22 +178,29 @@ def validate(workload: Workload, hw: HardwareProfile, configs: list[Config], dev
                  routing_pairs=int(workload.expert_tokens.sum()))
     predicted = {c: run(workload, s, hw, engine="sim") for c, s in schedules}
     runs: dict[Config, list[Metrics]] = {c: [] for c in configs}
+    probes: dict[Config, list[float]] = {c: [] for c in configs}
     # the executor's largest slot pool first, so later configurations reuse or shrink memory
     order = sorted(schedules, key=lambda cs: -sum(pools[cs[0]]))
     with Executor(workload.model, workload.num_layers, device, int(workload.tokens.max()),
                   int(workload.context.max()), seed=seed) as ex:
+        probe = SpeedProbe.of(workload, hw, device, ex.backend)
         for r in range(max(repeats, 1)):
             for c, s in order:
+                with torch.inference_mode():
+                    probes[c].append(probe.sample_s())
                 runs[c].append(ex.replay(workload, s, warmup=1))
                 if r == max(repeats, 1) - 1 and on_done is not None:
-                    on_done(outcome(c, predicted[c], runs[c]))
-    return [outcome(c, predicted[c], runs[c]) for c in configs]
+                    on_done(outcome(c, predicted[c], runs[c], probes[c], probe.expected_s))
+    return [outcome(c, predicted[c], runs[c], probes[c], probe.expected_s) for c in configs]
 
 
-def outcome(config: Config, predicted: Metrics, runs: list[Metrics]) -> Outcome:
-    """The median run of a configuration's repeats, against its prediction."""
+def outcome(config: Config, predicted: Metrics, runs: list[Metrics], probe_s: list[float] | None = None,
+            probe_expected_s: float = 0.0) -> Outcome:
+    """The median run of a configuration's repeats, against its prediction (with the speed probe
+    taken before each repeat)."""
     ms = sorted(runs, key=lambda m: m.total_time_s)
-    return Outcome(config, predicted, ms[len(ms) // 2], [m.step_time_s for m in runs])
+    return Outcome(config, predicted, ms[len(ms) // 2], [m.step_time_s for m in runs], list(probe_s or []),
+                   probe_expected_s)
 
 
 def window(workload: Workload, forwards: int | None, after_first_block: bool) -> Workload:
