@@ -125,9 +125,14 @@ def _estimates(counts: np.ndarray, gpu_full: np.ndarray, cpu: np.ndarray, n_free
     pairs_rest[:k] = np.cumsum(counts[::-1], axis=0, dtype=np.int64)[::-1]
     longest = np.zeros((k + 1, n))
     longest[:k] = np.maximum.accumulate(cpu[::-1], axis=0)[::-1]
+    tasks = np.zeros((k + 1, n), dtype=np.int64)
+    tasks[:k] = np.cumsum(counts[::-1] > 0, axis=0, dtype=np.int64)[::-1]
+    shortest = np.zeros((k + 1, n))
+    shortest[:k] = np.minimum.accumulate(np.where(counts > 0, cpu, np.inf)[::-1], axis=0)[::-1]
+    shortest[tasks == 0] = 0.0
     act = lm.per_count(lambda m: lm.activation_copies(r, hw, m)[0], pairs_rest)
     res = lm.per_count(lambda m: lm.activation_copies(r, hw, m)[1], pairs_rest)
-    pool = pool_estimate(r, cpu_rest, longest)
+    pool = pool_estimate(r, cpu_rest, longest, shortest, tasks)
     return np.maximum(finish, np.where(pairs_rest > 0, np.maximum(act + pool, engine_end) + res, 0.0))
 
 
@@ -294,12 +299,14 @@ def _fastest(candidates: np.ndarray, counts: np.ndarray, experts: np.ndarray, ac
     return candidates[np.argmin(times, axis=0), np.arange(n)]
 
 
-def pool_estimate(r: lm.Rates, total: np.ndarray, longest: np.ndarray) -> np.ndarray:
-    """The estimate's CPU pool time: the mean load or the longest task, whichever is longer (the
-    pool's lower bound; with one worker, its exact time). Kept here rather than taken from
-    tidesim.layermodel.cpu_pool_bound, so that the batched estimate and RowSplit's stay the same
-    terms whatever the layer model's pool term becomes."""
-    return total if r.workers == 1 else np.maximum(total / r.workers, longest)
+def pool_estimate(r: lm.Rates, total: np.ndarray, longest: np.ndarray, shortest: np.ndarray, n: np.ndarray
+                  ) -> np.ndarray:
+    """The estimate's CPU pool time: the layer model's bound on the longest-first makespan
+    (tidesim.layermodel.cpu_pool_bound: the mean load, the longest task or ceil(n / workers)
+    rounds of the shortest, whichever is longest; exact with one worker, with no more tasks than
+    workers, or with equal tasks, the common case at a few tokens). RowSplit's scalar estimate
+    writes the same terms."""
+    return lm.cpu_pool_bound(r, lm.CpuCosts(total=total, longest=longest, shortest=shortest, n=n))
 
 
 def slot_spares_one(n_od: int, n_async: int, free: int, deferred: int) -> int:
@@ -439,7 +446,8 @@ class RowSplit:
         def cpu_side(i: int, engine_end: float) -> float:
             if pairs_l[i] <= 0:
                 return 0.0
-            pool = cpu_rest[i] if w == 1 else max(cpu_rest[i] / w, longest[i])
+            # pool_estimate's terms: mean load, longest task, ceil(n / w) rounds of the shortest
+            pool = cpu_rest[i] if w == 1 else max(cpu_rest[i] / w, longest[i], (-(-(k - nf - i) // w)) * shortest[i])
             return max(act[i] + pool, engine_end) + res[i]
 
         pairs_l = pairs.tolist()

@@ -21,11 +21,12 @@ them), the expert runs on the GPU once its copy lands instead of on the CPU, wit
 tide's; executors serve demand copies ahead of queued background copies, so taking n of them
 delays the background copies queued ahead by n copies, and the comparison charges that delay,
 min(Backlog estimate, n x copy time), to the candidate. Other on-demand copies (experts that
-pass through) are not made in a forward in which some layer refreshes asynchronously, nor while
-the policy's estimate of the background copies still queued on the copy engine is not zero
-(Backlog): refresh copies would wait behind them and the GPU for them, a cost the
-per-layer-forward comparison does not see (without this rule tide-split lost to tide with
-asynchronous refresh on the prefix-cache traces). The
+pass through) are not made while the policy's estimate of the background copies still queued on
+the copy engine is not zero (Backlog): refresh copies would wait behind them and the GPU for
+them, a cost the per-layer-forward comparison does not see (without this rule tide-split lost to
+tide with asynchronous refresh on the prefix-cache traces). A forward in which layers refresh
+is not excluded as such: where the engine has drained (no KV cache, where it is busy about 60%
+of the time), its refresh copies land in time for the next forward. The
 slot rule needs the pool's size: the policy keeps it per layer, as the executors' slot plan
 grows it (tidesim.layermodel.copy_releases), from the spare slots its copies took so far.
 """
@@ -51,7 +52,7 @@ from tidesim.policies.split import (
     slot_spares_one,
 )
 from tidesim.policies.step import Choice, ForwardMeta, Rows, Setup, copies, no_copies, placement_of
-from tidesim.policies.tide import Tide, refreshes
+from tidesim.policies.tide import Tide
 from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, COPY_SYNC_REFRESH, CPU, GPU, NO_COPY
 
 
@@ -213,8 +214,12 @@ class TideSplit(Tide):
         CPU experts and the GPU's grouped kernel, whichever is longer): how long the copy engine has
         at least to serve background copies while they run."""
         gpu_full, cpu = self.times(counts)
-        on_cpu = np.where(placement == CPU, cpu, 0.0)
-        pool = pool_estimate(self.backlog.rates, on_cpu.sum(axis=1), on_cpu.max(axis=1))
+        where = placement == CPU
+        on_cpu = np.where(where, cpu, 0.0)
+        shortest = np.where(where, cpu, np.inf).min(axis=1)
+        n = where.sum(axis=1)
+        pool = pool_estimate(self.backlog.rates, on_cpu.sum(axis=1), on_cpu.max(axis=1),
+                             np.where(n > 0, shortest, 0.0), n)
         grouped = np.where(placement == GPU, gpu_full, 0.0).sum(axis=1)
         return list(np.maximum(pool, grouped).tolist())
 
@@ -249,13 +254,11 @@ class TideSplit(Tide):
         return self._side_bound(c[None, :], p[None, :])[0]
 
     def _background(self, meta: ForwardMeta) -> bool:
-        """Whether refresh copies may be on the copy engine in the background during this forward:
-        some layer refreshes in it (the refresh rule, for every layer), or the backlog estimated
-        from the forwards before has not drained (Backlog)."""
+        """Whether earlier refresh copies may still be queued on the copy engine during this
+        forward: the backlog estimated from the forwards before has not drained (Backlog)."""
         if meta.index != self.backlog.forward:
             self.backlog.next_forward(meta.index)
-            self._any_refresh = bool(refreshes(meta, self.tau).any())   # once per forward, not per layer
-        return self._any_refresh or self.backlog.seconds > 0
+        return self.backlog.seconds > 0
 
     def _apply(self, order: np.ndarray, split: np.ndarray, n_free: np.ndarray, placement: np.ndarray,
                copy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
