@@ -47,8 +47,8 @@ class Slots:
     n_async: np.ndarray
     stay: np.ndarray | None = None     # [N, E] in decision order: an asynchronous refresh copy the
                                        # split may take on demand (it stays resident: no slot reuse)
-    backlog: float = 0.0               # background copy time queued ahead: taking n refresh copies on
-                                       # demand delays it by n copies, charged min(backlog, n x copy)
+    backlog: float = 0.0               # background copy time queued ahead: n on-demand copies
+                                       # delay it by n copies, charged min(backlog, n x copy)
 
     def take(self, rows: np.ndarray) -> Slots:
         return Slots(self.free[rows], self.deferred[rows], self.n_async[rows],
@@ -59,8 +59,9 @@ class Slots:
 
 
 def stay_charge(r: lm.Rates, backlog: float, n_stays: np.ndarray | int) -> np.ndarray:
-    """What taking n_stays refresh copies on demand costs the background queue ahead of them: it
-    waits n_stays copies longer, at most as long as it is (min(backlog, n x copy))."""
+    """What n on-demand copies (refresh copies taken on demand or experts passing through) cost
+    the background queue they overtake: it waits n copies longer, at most as long as it is
+    (min(backlog, n x copy))."""
     return np.minimum(backlog, np.asarray(n_stays) * r.expert_copy_s)
 
 
@@ -290,12 +291,8 @@ def _fastest(candidates: np.ndarray, counts: np.ndarray, experts: np.ndarray, ac
                                              None if slots.stay is None else rep(slots.stay), slots.backlog)
     times = layer_times(rep(counts), rep(experts), rep(active), rep(free), candidates.reshape(-1), spec, hw,
                         (rep(costs[0]), rep(costs[1])), tiled).reshape(c, n)
-    if slots is not None and slots.stay is not None and slots.backlog > 0:
-        taken = np.zeros((n, slots.stay.shape[1] + 1), np.int64)
-        np.cumsum(slots.stay, axis=1, out=taken[:, 1:])
-        rows = np.arange(n)
-        n_stays = taken[rows, candidates] - taken[rows, free]
-        times = times + slots.stay_charge(lm.Rates.of(hw, spec), n_stays)
+    if slots is not None and slots.backlog > 0:
+        times = times + slots.stay_charge(lm.Rates.of(hw, spec), candidates - free[None, :])
     return candidates[np.argmin(times, axis=0), np.arange(n)]
 
 
@@ -486,8 +483,8 @@ class RowSplit:
         passes = [True] * len(compute) if stay is None else (~stay[nf:split][o]).tolist()
         tags = row_slot_rule(passes, 0, fr, d0)[0]
         charge = 0.0
-        if backlog > 0 and not all(passes):
-            charge = float(stay_charge(self.r, backlog, len(passes) - sum(passes)))
+        if backlog > 0:
+            charge = float(stay_charge(self.r, backlog, len(passes)))
         od_sum = 0.0
         for x in compute:
             od_sum += x

@@ -19,14 +19,12 @@ Experts that cannot be copied on demand here stay on the CPU: those resident bef
 own activated experts are candidates too: taken on demand (copy=1, resident after, as tide has
 them), the expert runs on the GPU once its copy lands instead of on the CPU, with no copy beyond
 tide's; executors serve demand copies ahead of queued background copies, so taking n of them
-delays the background copies queued ahead by n copies, and the comparison charges that delay,
-min(Backlog estimate, n x copy time), to the candidate. Other on-demand copies (experts that
-pass through) are not made while the policy's estimate of the background copies still queued on
-the copy engine is not zero (Backlog): refresh copies would wait behind them and the GPU for
-them, a cost the per-layer-forward comparison does not see (without this rule tide-split lost to
-tide with asynchronous refresh on the prefix-cache traces). A forward in which layers refresh
-is not excluded as such: where the engine has drained (no KV cache, where it is busy about 60%
-of the time), its refresh copies land in time for the next forward. The
+delays the background copies queued ahead by n copies. The same holds for every on-demand copy
+(those that pass through too): the comparison charges a candidate with n on-demand copies
+min(Backlog estimate, n x copy time), the policy's estimate of the background copies still
+queued on the copy engine, which the GPU would wait for later, a cost the per-layer-forward
+comparison does not see otherwise (without any charge tide-split lost to tide with asynchronous
+refresh on the prefix-cache traces). The
 slot rule needs the pool's size: the policy keeps it per layer, as the executors' slot plan
 grows it (tidesim.layermodel.copy_releases), from the spare slots its copies took so far.
 """
@@ -125,8 +123,8 @@ class TideSplit(Tide):
         movable = act & ~gate & ~before & (copy == NO_COPY)          # may be copied in on demand now
         # asynchronous refresh: this forward's refresh copies of its activated experts may be taken now
         stay = act & ~gate & (copy == COPY_ASYNC_REFRESH) if not self.sync else np.zeros_like(act)
-        if not self.sync and self._background(meta):
-            movable[:] = False
+        if not self.sync:
+            self._background(meta)
         movable |= stay
         free_base, deferred, n_sync = lm.slot_counts(before, resident, placement, copy)
         size = np.maximum(self.size0[rows] + self.spares[rows], before.sum(axis=1))
@@ -167,15 +165,14 @@ class TideSplit(Tide):
         size = max(int(self.size0[layer] + self.spares[layer]), n_before)
         free, sync_spare = max(size + free_base - n_sync, 0), max(n_sync - size - free_base, 0)
         n_od, passes = 0, None
-        background = not self.sync and self._background(meta)
+        if not self.sync:
+            self._background(meta)
         stays = not self.sync and refreshing
-        if not background or stays:
+        if c.any():
             act = np.flatnonzero(c)
             at_gate = gate[act]
             # without a refresh the placement is the resident set, so the movable ones are the rest
             movable = (p[act] == CPU) & ~before[act] & (cp[act] == NO_COPY) if refreshing else ~at_gate
-            if background:
-                movable[:] = False
             stay = (cp[act] == COPY_ASYNC_REFRESH) & ~at_gate if stays else None
             if stay is not None:
                 movable |= stay
@@ -253,12 +250,11 @@ class TideSplit(Tide):
         """_side_bound for one layer-forward given as 1-D arrays."""
         return self._side_bound(c[None, :], p[None, :])[0]
 
-    def _background(self, meta: ForwardMeta) -> bool:
-        """Whether earlier refresh copies may still be queued on the copy engine during this
-        forward: the backlog estimated from the forwards before has not drained (Backlog)."""
+    def _background(self, meta: ForwardMeta) -> None:
+        """Fold the forward before into the backlog estimate (Backlog) when a forward starts: the
+        background copy time the split charges its on-demand copies for (split.stay_charge)."""
         if meta.index != self.backlog.forward:
             self.backlog.next_forward(meta.index)
-        return self.backlog.seconds > 0
 
     def _apply(self, order: np.ndarray, split: np.ndarray, n_free: np.ndarray, placement: np.ndarray,
                copy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
