@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from policy_cases import checked, layer_by_layer, options, profile, workload, workloads
 
 from tidesim.layermodel import layer_phases
+from tidesim.policies import build_schedule
 from tidesim.policies.tide_split import decision_order
 from tidesim.schedule import (
     COPY_ASYNC_REFRESH,
@@ -194,23 +195,56 @@ def test_live_layer_by_layer_equals_the_offline_builder(w, data) -> None:  # typ
 
 @settings(max_examples=25, deadline=None)
 @given(w=workloads(), data=st.data())
-def test_async_refresh_copies_nothing_on_demand_while_refresh_copies_may_run(w, data) -> None:  # type: ignore[no-untyped-def]
-    """With asynchronous refresh, in a forward in which a layer refreshes the only on-demand copies
-    are refresh copies taken early (their experts stay resident: no copy beyond tide's); and the
-    simulator runs the schedule to its end (at or above the analytic model's lower bound)."""
+def test_async_refresh_keeps_its_refresh_copies_and_runs_to_its_end(w, data) -> None:  # type: ignore[no-untyped-def]
+    """With asynchronous refresh, undoing tide-split's on-demand copies leaves only asynchronous
+    refresh copies, each of an expert resident after its forward (a refresh copy taken on demand
+    stays resident too); every other on-demand copy only passes through; and the simulator runs
+    the schedule to its end (at or above the analytic model's lower bound)."""
     from tidesim.costmodel import lower_bound
-    from tidesim.policies.step import forward_metas
-    from tidesim.policies.tide import refreshes
     from tidesim.sim.engine import simulate
 
     hw = _random_profile(data)
     opts = options(w, data.draw(st.integers(1, w.num_experts)), data.draw(st.integers(1, 3)), "async", hw=hw)
     s = checked("tide-split", w, opts)
-    busy = np.array([bool(refreshes(m, opts.tau).any()) for m in forward_metas(w)])
-    assert not ((s.copy[busy] == COPY_ON_DEMAND) & ~s.resident[busy]).any()
-    assert np.array_equal((s.copy != 0)[busy], (without_splits(s).copy != 0)[busy])
+    theirs = without_splits(s)
+    assert set(np.unique(theirs.copy).tolist()) <= {0, COPY_ASYNC_REFRESH}
+    assert s.resident[theirs.copy == COPY_ASYNC_REFRESH].all()
+    assert not theirs.copy[(s.copy == COPY_ON_DEMAND) & ~s.resident].any()
     costs = schedule_costs(w, s, hw)
     assert simulate(costs).total_s >= lower_bound(costs) * (1 - 1e-9)
+
+
+@pytest.mark.parametrize(("backlog_us", "split"), [(0.0, 2), (10.0, 2), (1000.0, 1)])
+def test_hand_on_demand_copy_charged_for_the_background_copies_it_overtakes(backlog_us: float, split: int) -> None:
+    """test_hand_split_copies_the_big_miss's layer-forward at the split's level: expert 0 at the
+    gate, 1 (5 tokens) and 2 (1) movable, no slot free. Running both on the CPU: activations out
+    (6 pairs, 10 us) + 50 + results back (20.03 us) = 80.03 us; copying expert 1 in: 55 us, plus
+    the background copies it overtakes, min(backlog, 1 x 30 us): 55 (no backlog), 65 (10 us
+    queued), 85 (1 ms queued: more than tide's choice, which wins). Both paths decide alike."""
+    from tidesim.policies.split import ExpertTimes, RowSplit, Slots, best_split
+
+    spec = one_layer([6, 5, 1, 0]).model
+    hw = profile(10.0, 10.0, 30.0)
+    counts, experts = np.array([6, 5, 1]), np.array([0, 1, 2])
+    times = ExpertTimes(spec, hw)
+    backlog = backlog_us * US
+    slots = Slots(np.array([0]), np.array([0]), np.array([0]), None, backlog)
+    batched = best_split(counts[None], experts[None], np.array([3]), np.array([1]), spec, hw, slots, np.array([3]),
+                         keep_resident=True, try_all=False, times=times)
+    assert batched.tolist() == [split]
+    assert RowSplit(spec, hw, times).one(counts, experts, 1, 3, 0, 0, None, backlog) == split
+
+
+def test_pool_estimate_is_the_layer_models_bound() -> None:
+    """Seven equal tasks of 1 on 3 workers: the mean load (7/3) and the longest task (1) say less
+    than the longest-first makespan, ceil(7 / 3) = 3 rounds, which the bound's rounds term gives;
+    one long task (5) and six of 1: the longest task."""
+    from tidesim.layermodel import Rates
+    from tidesim.policies.split import pool_estimate
+
+    r = replace(Rates.of(profile(), one_layer([1]).model), workers=3)
+    got = pool_estimate(r, np.array([7.0, 11.0]), np.array([1.0, 5.0]), np.array([1.0, 1.0]), np.array([7, 7]))
+    assert got.tolist() == [3.0, 5.0]
 
 
 def test_backlog_drains_by_the_forwards_lower_bound() -> None:
@@ -279,8 +313,9 @@ def test_lpt_span_equals_the_batched_makespan(times, workers) -> None:  # type: 
 @given(data=st.data())
 def test_row_split_decides_as_the_batched_search(data) -> None:  # type: ignore[no-untyped-def]
     """RowSplit (one layer-forward in scalar code, the live engine's path) picks the split that
-    best_split(keep_resident, without "all on the GPU") picks, on random rows, slots and profiles
-    without copy slowdown (which RowSplit leaves to best_split)."""
+    best_split(keep_resident, without "all on the GPU") picks, on random rows (half of them of
+    equal tasks), slots, backlogs and profiles without copy slowdown (which RowSplit leaves to
+    best_split)."""
     from tidesim.policies.split import ExpertTimes, RowSplit, Slots, best_split
 
     hw = _random_profile(data)
@@ -289,6 +324,8 @@ def test_row_split_decides_as_the_batched_search(data) -> None:  # type: ignore[
     spec = workload(np.ones((1, 1, 4), np.int64)).model
     k = data.draw(st.integers(1, 40))
     counts = np.array(data.draw(st.lists(st.integers(1, 9), min_size=k, max_size=k)), np.int64)
+    if data.draw(st.booleans()):      # equal tasks: the pool's bound is its rounds term
+        counts[:] = counts[0]
     nf = data.draw(st.integers(0, k))
     top = data.draw(st.integers(nf, k))
     counts[:nf] = np.sort(counts[:nf])[::-1]
@@ -324,6 +361,28 @@ def test_live_equals_offline_on_the_bundled_mini_trace(trace: str, budget: int, 
     opts = options(w, budget, 2, refresh, hw=get_profile("h100-sxm-pcie5"))
     offline, live = checked("tide-split", w, opts), layer_by_layer("tide-split", w, opts)
     assert (offline.copy == COPY_ON_DEMAND).sum() > 50 or refresh == "async"
+    for f in ("placement", "copy", "demote", "resident"):
+        assert np.array_equal(getattr(live, f), getattr(offline, f)), f
+
+
+@pytest.mark.parametrize(("trace", "preset", "tau", "refresh"),
+                         [("llada2-mini_prefix_g1024", "h100-sxm-pcie5", 8, "async"),
+                          ("llada2-mini_none_g1024", "a100-80gb-pcie4", 2, "async"),
+                          ("llada2-flash_prefix_g256", "h100-sxm-pcie5", 2, "async"),
+                          ("llada2-flash_none_g256", "a100-80gb-pcie4", 8, "sync")])
+def test_live_equals_offline_on_whole_bundled_traces(trace: str, preset: str, tau: int, refresh: str) -> None:
+    """Every forward of each bundled trace at `tidesim compare`'s default budget: the live
+    engine's compiled path and the offline builder decide alike (with asynchronous refresh the
+    backlog then runs for hundreds of forwards, so a difference in its terms would show). The
+    whole grid (both presets, tau 2 and 8, sync and async: 32 cases) is
+    bench/check_online_identity.py."""
+    from tidesim.scenario import resolve
+
+    base = resolve(trace, preset, ["tide-split"], tau=1)
+    w = base.workload
+    opts = options(w, base.budget, tau, refresh, hw=base.hw)
+    offline, live = build_schedule("tide-split", w, opts), layer_by_layer("tide-split", w, opts)
+    assert (offline.copy == COPY_ON_DEMAND).sum() > 1000
     for f in ("placement", "copy", "demote", "resident"):
         assert np.array_equal(getattr(live, f), getattr(offline, f)), f
 

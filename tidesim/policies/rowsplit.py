@@ -210,6 +210,16 @@ def _side_at(fc: np.ndarray, ic: np.ndarray, grouped: float, od_sum: float, act:
 
 
 @njit(cache=True, nogil=True)
+def _pool(total: float, longest: float, shortest: float, n: int, w: int) -> float:
+    """split.pool_estimate (layermodel.cpu_pool_bound) for one entry: with one worker the total,
+    else the mean load, the longest task or ceil(n / w) rounds of the shortest, whichever is
+    longest (the same floating-point operations: the rounds an exact integer times shortest)."""
+    if w == 1:
+        return total
+    return max(total / w, longest, (-(-n // w)) * shortest)
+
+
+@njit(cache=True, nogil=True)
 def _bounds(cpu_rest: np.ndarray, longest: np.ndarray, shortest: np.ndarray, at: int, n: int, w: int
             ) -> tuple[float, float]:
     """(lower, upper) bound on the longest-first makespan of the n CPU tasks from position `at`."""
@@ -229,7 +239,8 @@ def row_split(counts: np.ndarray, experts: np.ndarray, nf: int, most: int, fr: i
     """The split of one layer-forward (split.RowSplit.one): counts and expert ids [k] of its
     activated experts in decision order (the first nf at the gate, positions nf .. most - 1
     movable), `fr` free and `d0` deferred slots; `stay` [k] (or empty): positions whose on-demand
-    copy stays resident, and `backlog` (split.Slots). gpu_t/cpu_t: ExpertTimes' tables, act_t [2, P]:
+    copy stays resident, and `backlog` (split.Slots: a split with j on-demand copies is charged
+    min(backlog, j x copy), split.stay_charge). gpu_t/cpu_t: ExpertTimes' tables, act_t [2, P]:
     activation copy times by pair count (NaN: not evaluated). Returns the split, or GROW_TIMES, or
     NEED_ACT with the pair counts to evaluate in need[1:need[0] + 1]."""
     if most <= nf:
@@ -281,7 +292,7 @@ def row_split(counts: np.ndarray, experts: np.ndarray, nf: int, most: int, fr: i
     def cpu_side(i: int, engine_end: float) -> float:
         if pairs[i] <= 0:
             return 0.0
-        pool = cpu_rest[i] if w == 1 else max(cpu_rest[i] / w, longest[i])
+        pool = _pool(cpu_rest[i], longest[i], shortest[i], k - nf - i, w)
         return max(act[i] + pool, engine_end) + res[i]
 
     best, best_j = max(grouped_end, cpu_side(0, 0.0)), nf
@@ -313,17 +324,16 @@ def row_split(counts: np.ndarray, experts: np.ndarray, nf: int, most: int, fr: i
     o = _by_value(experts, nf, split)
     compute = np.empty(j)
     passes = np.ones(j, np.bool_)
-    n_stays = 0
     od_sum = 0.0
     for x in range(j):
         compute[x] = share[nf + o[x]] + od_launch
         od_sum += compute[x]
         if stay.size > 0 and stay[nf + o[x]]:
             passes[x] = False
-            n_stays += 1
     tags = np.empty(j, np.int64)
     slot_rule(passes, 0, fr, d0, tags)
-    charge = min(backlog, n_stays * c) if backlog > 0 and n_stays > 0 else 0.0
+    # every on-demand copy overtakes the background queue: split.stay_charge, min(backlog, j x copy)
+    charge = min(backlog, j * c) if backlog > 0 else 0.0
     n_theirs, n_mine = k - nf, k - split
     lo_t, hi_t = _bounds(cpu_rest, longest, shortest, 0, n_theirs, w)
     lo_m, hi_m = _bounds(cpu_rest, longest, shortest, j, n_mine, w)
@@ -347,7 +357,7 @@ def row_split(counts: np.ndarray, experts: np.ndarray, nf: int, most: int, fr: i
 
 @njit(cache=True, nogil=True)
 def decide_layer(c: np.ndarray, p: np.ndarray, cp: np.ndarray, before: np.ndarray, resident: np.ndarray,
-                 refreshing: bool, background: bool, stays: bool, side: bool, size: int, backlog: float,
+                 refreshing: bool, stays: bool, side: bool, size: int, backlog: float,
                  gpu_t: np.ndarray, cpu_t: np.ndarray, act_t: np.ndarray, fc: np.ndarray, ic: np.ndarray,
                  need: np.ndarray, out: np.ndarray) -> float:
     """TideSplit's one-layer step after the refresh (TideSplit.decide for one row): c, p, cp,
@@ -381,70 +391,67 @@ def decide_layer(c: np.ndarray, p: np.ndarray, cp: np.ndarray, before: np.ndarra
     free, sync_spare = max(size + free_base - n_sync, 0), max(n_sync - size - free_base, 0)
     n_od = 0
     passes = np.empty(0, np.bool_)
-    if not background or stays:
-        # the activated experts in decision order: at the gate, movable, the others; by tokens, by id
-        band = np.empty(n, np.int64)
-        top = 0
-        n_movable = n_stay = nf = n_act = 0
+    # the activated experts in decision order: at the gate, movable, the others; by tokens, by id
+    band = np.empty(n, np.int64)
+    top = 0
+    n_movable = n_stay = nf = n_act = 0
+    for e in range(n):
+        if c[e] > 0:
+            n_act += 1
+            top = max(top, c[e])
+            at_gate = p[e] == GPU
+            # without a refresh the placement is the resident set, so the movable ones are the rest
+            movable = (p[e] == CPU and not before[e] and cp[e] == NO_COPY) if refreshing else not at_gate
+            if stays and cp[e] == COPY_ASYNC_REFRESH and not at_gate:
+                movable = True
+                n_stay += 1
+            band[e] = 0 if at_gate else 1 if movable else 2
+            nf += at_gate
+            n_movable += movable
+    if n_movable > 0:
+        # a counting sort on band x (top + 1) + (top - tokens), stable in id (TideSplit's decision_order)
+        top += 1
+        first = np.zeros(3 * top + 1, np.int64)
         for e in range(n):
             if c[e] > 0:
-                n_act += 1
-                top = max(top, c[e])
-                at_gate = p[e] == GPU
-                # without a refresh the placement is the resident set, so the movable ones are the rest
-                movable = (p[e] == CPU and not before[e] and cp[e] == NO_COPY) if refreshing else not at_gate
-                if background:
-                    movable = False
-                if stays and cp[e] == COPY_ASYNC_REFRESH and not at_gate:
-                    movable = True
-                    n_stay += 1
-                band[e] = 0 if at_gate else 1 if movable else 2
-                nf += at_gate
-                n_movable += movable
-        if n_movable > 0:
-            # a counting sort on band x (top + 1) + (top - tokens), stable in id (TideSplit's decision_order)
-            top += 1
-            first = np.zeros(3 * top + 1, np.int64)
-            for e in range(n):
-                if c[e] > 0:
-                    first[band[e] * top + (top - 1 - c[e]) + 1] += 1
-            for v in range(1, first.size):
-                first[v] += first[v - 1]
-            k = n_act
-            order = np.empty(k, np.int64)
-            for e in range(n):
-                if c[e] > 0:
-                    v = band[e] * top + (top - 1 - c[e])
-                    order[first[v]] = e
-                    first[v] += 1
-            counts = np.empty(k, np.int64)
-            for i in range(k):
-                counts[i] = c[order[i]]
-            stay = np.empty(0, np.bool_)
+                first[band[e] * top + (top - 1 - c[e]) + 1] += 1
+        for v in range(1, first.size):
+            first[v] += first[v - 1]
+        k = n_act
+        order = np.empty(k, np.int64)
+        for e in range(n):
+            if c[e] > 0:
+                v = band[e] * top + (top - 1 - c[e])
+                order[first[v]] = e
+                first[v] += 1
+        counts = np.empty(k, np.int64)
+        for i in range(k):
+            counts[i] = c[order[i]]
+        stay = np.empty(0, np.bool_)
+        if n_stay > 0:
+            stay = np.zeros(k, np.bool_)
+            for i in range(nf, nf + n_movable):
+                stay[i] = cp[order[i]] == COPY_ASYNC_REFRESH
+        split = row_split(counts, order, nf, nf + n_movable, free, n_grouped, stay, backlog, gpu_t, cpu_t,
+                          act_t, fc, ic, need)
+        if split < 0:
+            out[0] = split
+            return 0.0
+        if split > nf:
+            n_od = split - nf
+            for i in range(nf, split):
+                p[order[i]] = GPU
+                cp[order[i]] = COPY_ON_DEMAND
             if n_stay > 0:
-                stay = np.zeros(k, np.bool_)
-                for i in range(nf, nf + n_movable):
-                    stay[i] = cp[order[i]] == COPY_ASYNC_REFRESH
-            split = row_split(counts, order, nf, nf + n_movable, free, n_grouped, stay, backlog, gpu_t, cpu_t,
-                              act_t, fc, ic, need)
-            if split < 0:
-                out[0] = split
-                return 0.0
-            if split > nf:
-                n_od = split - nf
+                taken = 0
                 for i in range(nf, split):
-                    p[order[i]] = GPU
-                    cp[order[i]] = COPY_ON_DEMAND
-                if n_stay > 0:
-                    taken = 0
-                    for i in range(nf, split):
-                        taken += stay[i]
-                    if taken > 0:
-                        by_id = _by_value(order, nf, split)
-                        passes = np.empty(n_od, np.bool_)
-                        for x in range(n_od):
-                            passes[x] = not stay[nf + by_id[x]]
-                        n_async -= taken
+                    taken += stay[i]
+                if taken > 0:
+                    by_id = _by_value(order, nf, split)
+                    passes = np.empty(n_od, np.bool_)
+                    for x in range(n_od):
+                        passes[x] = not stay[nf + by_id[x]]
+                    n_async -= taken
     if passes.size == 0:
         spare = sync_spare + slot_spares_one(n_od, n_async, free, n_grouped)
     else:
@@ -454,16 +461,16 @@ def decide_layer(c: np.ndarray, p: np.ndarray, cp: np.ndarray, before: np.ndarra
         return 0.0
     on_cpu = np.zeros(n)
     on_gpu = np.zeros(n)
-    longest = 0.0
+    longest, shortest, n_cpu = 0.0, np.inf, 0
     for e in range(n):
         if p[e] == CPU:
             on_cpu[e] = cpu_t[c[e]]
             longest = max(longest, on_cpu[e])
+            shortest = min(shortest, on_cpu[e])
+            n_cpu += 1
         elif p[e] == GPU:
             on_gpu[e] = gpu_t[c[e]]
-    total = np_sum(on_cpu)
-    w = ic[I_WORKERS]
-    pool = total if w == 1 else max(total / w, longest)
+    pool = _pool(np_sum(on_cpu), longest, shortest if n_cpu > 0 else 0.0, n_cpu, ic[I_WORKERS])
     return max(pool, np_sum(on_gpu))
 
 
@@ -539,7 +546,7 @@ def refresh_row(c: np.ndarray, current: np.ndarray, history: np.ndarray, budget:
 
 @njit(cache=True, nogil=True)
 def tide_split_layer(c: np.ndarray, current: np.ndarray, history: np.ndarray, budget: int, refreshing: bool,
-                     sync: bool, copy_code: int, background: bool, size: int, backlog: float, gpu_t: np.ndarray,
+                     sync: bool, copy_code: int, size: int, backlog: float, gpu_t: np.ndarray,
                      cpu_t: np.ndarray, act_t: np.ndarray, fc: np.ndarray, ic: np.ndarray, need: np.ndarray,
                      out: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """TideSplit's whole one-layer step: its refresh (TideSplit._refresh for one row: refresh_row,
@@ -559,8 +566,8 @@ def tide_split_layer(c: np.ndarray, current: np.ndarray, history: np.ndarray, bu
             cp[e] = copy_code
         if c[e] > 0:
             p[e] = GPU if (after[e] if sync else current[e]) else CPU
-    bound = decide_layer(c, p, cp, current, after, refreshing, background, refreshing and not sync, not sync, size,
-                         backlog, gpu_t, cpu_t, act_t, fc, ic, need, out)
+    bound = decide_layer(c, p, cp, current, after, refreshing, refreshing and not sync, not sync, size, backlog,
+                         gpu_t, cpu_t, act_t, fc, ic, need, out)
     if out[0] >= 0:
         for e in range(n):
             history[e] = (history[e] >> 1) | (LAST_USE if c[e] > 0 else 0)

@@ -49,8 +49,8 @@ class Slots:
     n_async: np.ndarray
     stay: np.ndarray | None = None     # [N, E] in decision order: an asynchronous refresh copy the
                                        # split may take on demand (it stays resident: no slot reuse)
-    backlog: float = 0.0               # background copy time queued ahead: taking n refresh copies on
-                                       # demand delays it by n copies, charged min(backlog, n x copy)
+    backlog: float = 0.0               # background copy time queued ahead: n on-demand copies
+                                       # delay it by n copies, charged min(backlog, n x copy)
 
     def take(self, rows: np.ndarray) -> Slots:
         return Slots(self.free[rows], self.deferred[rows], self.n_async[rows],
@@ -61,8 +61,9 @@ class Slots:
 
 
 def stay_charge(r: lm.Rates, backlog: float, n_stays: np.ndarray | int) -> np.ndarray:
-    """What taking n_stays refresh copies on demand costs the background queue ahead of them: it
-    waits n_stays copies longer, at most as long as it is (min(backlog, n x copy))."""
+    """What n on-demand copies (refresh copies taken on demand or experts passing through) cost
+    the background queue they overtake: it waits n copies longer, at most as long as it is
+    (min(backlog, n x copy))."""
     return np.minimum(backlog, np.asarray(n_stays) * r.expert_copy_s)
 
 
@@ -127,9 +128,14 @@ def _estimates(counts: np.ndarray, gpu_full: np.ndarray, cpu: np.ndarray, n_free
     pairs_rest[:k] = np.cumsum(counts[::-1], axis=0, dtype=np.int64)[::-1]
     longest = np.zeros((k + 1, n))
     longest[:k] = np.maximum.accumulate(cpu[::-1], axis=0)[::-1]
+    tasks = np.zeros((k + 1, n), dtype=np.int64)
+    tasks[:k] = np.cumsum(counts[::-1] > 0, axis=0, dtype=np.int64)[::-1]
+    shortest = np.zeros((k + 1, n))
+    shortest[:k] = np.minimum.accumulate(np.where(counts > 0, cpu, np.inf)[::-1], axis=0)[::-1]
+    shortest[tasks == 0] = 0.0
     act = lm.per_count(lambda m: lm.activation_copies(r, hw, m)[0], pairs_rest)
     res = lm.per_count(lambda m: lm.activation_copies(r, hw, m)[1], pairs_rest)
-    pool = pool_estimate(r, cpu_rest, longest)
+    pool = pool_estimate(r, cpu_rest, longest, shortest, tasks)
     return np.maximum(finish, np.where(pairs_rest > 0, np.maximum(act + pool, engine_end) + res, 0.0))
 
 
@@ -287,21 +293,20 @@ def _fastest(candidates: np.ndarray, counts: np.ndarray, experts: np.ndarray, ac
                                              None if slots.stay is None else rep(slots.stay), slots.backlog)
     times = layer_times(rep(counts), rep(experts), rep(active), rep(free), candidates.reshape(-1), spec, hw,
                         (rep(costs[0]), rep(costs[1])), tiled).reshape(c, n)
-    if slots is not None and slots.stay is not None and slots.backlog > 0:
-        taken = np.zeros((n, slots.stay.shape[1] + 1), np.int64)
-        np.cumsum(slots.stay, axis=1, out=taken[:, 1:])
-        rows = np.arange(n)
-        n_stays = taken[rows, candidates] - taken[rows, free]
-        times = times + slots.stay_charge(lm.Rates.of(hw, spec), n_stays)
+    if slots is not None and slots.backlog > 0:
+        times = times + slots.stay_charge(lm.Rates.of(hw, spec), candidates - free[None, :])
     return candidates[np.argmin(times, axis=0), np.arange(n)]
 
 
-def pool_estimate(r: lm.Rates, total: np.ndarray, longest: np.ndarray) -> np.ndarray:
-    """The estimate's CPU pool time: the mean load or the longest task, whichever is longer (the
-    pool's lower bound; with one worker, its exact time). Kept here rather than taken from
-    tidesim.layermodel.cpu_pool_bound, so that the batched estimate and RowSplit's stay the same
-    terms whatever the layer model's pool term becomes."""
-    return total if r.workers == 1 else np.maximum(total / r.workers, longest)
+def pool_estimate(r: lm.Rates, total: np.ndarray, longest: np.ndarray, shortest: np.ndarray, n: np.ndarray
+                  ) -> np.ndarray:
+    """The estimate's CPU pool time: the layer model's bound on the longest-first makespan
+    (tidesim.layermodel.cpu_pool_bound: the mean load, the longest task or ceil(n / workers)
+    rounds of the shortest, whichever is longest; exact with one worker, with no more tasks than
+    workers, or with equal tasks, the common case at a few tokens). The compiled one-layer
+    estimate writes the same terms (tidesim.policies.rowsplit._pool: after a change to the
+    layer model's bound, change it there too)."""
+    return lm.cpu_pool_bound(r, lm.CpuCosts(total=total, longest=longest, shortest=shortest, n=n))
 
 
 def slot_spares_one(n_od: int, n_async: int, free: int, deferred: int) -> int:
@@ -415,7 +420,7 @@ class RowSplit:
             self._fill(split, counts)
 
     def tide_split_layer(self, counts: np.ndarray, current: np.ndarray, history: np.ndarray, budget: int,
-                         refreshing: bool, sync: bool, copy_code: int, background: bool, size: int, backlog: float
+                         refreshing: bool, sync: bool, copy_code: int, size: int, backlog: float
                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int, int, float]:
         """tide-split's one-layer step, compiled (rowsplit.tide_split_layer; `history` is updated in
         place): placement, copy, resident [1, E], the on-demand copies, the spare slots taken, the
@@ -424,7 +429,7 @@ class RowSplit:
         self._room(counts.size)
         while True:
             placement, copy, resident, bound = kern.tide_split_layer(
-                counts, current, history, budget, refreshing, sync, copy_code, background, size, backlog,
+                counts, current, history, budget, refreshing, sync, copy_code, size, backlog,
                 self.times.gpu, self.times.cpu, self._act, self.fc, self.ic, self._need, out)
             if out[0] >= 0:
                 return placement, copy, resident, int(out[1]), int(out[2]), int(out[3]), float(bound)

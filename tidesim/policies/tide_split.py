@@ -19,13 +19,12 @@ Experts that cannot be copied on demand here stay on the CPU: those resident bef
 own activated experts are candidates too: taken on demand (copy=1, resident after, as tide has
 them), the expert runs on the GPU once its copy lands instead of on the CPU, with no copy beyond
 tide's; executors serve demand copies ahead of queued background copies, so taking n of them
-delays the background copies queued ahead by n copies, and the comparison charges that delay,
-min(Backlog estimate, n x copy time), to the candidate. Other on-demand copies (experts that
-pass through) are not made in a forward in which some layer refreshes asynchronously, nor while
-the policy's estimate of the background copies still queued on the copy engine is not zero
-(Backlog): refresh copies would wait behind them and the GPU for them, a cost the
-per-layer-forward comparison does not see (without this rule tide-split lost to tide with
-asynchronous refresh on the prefix-cache traces). The
+delays the background copies queued ahead by n copies. The same holds for every on-demand copy
+(those that pass through too): the comparison charges a candidate with n on-demand copies
+min(Backlog estimate, n x copy time), the policy's estimate of the background copies still
+queued on the copy engine, which the GPU would wait for later, a cost the per-layer-forward
+comparison does not see otherwise (without any charge tide-split lost to tide with asynchronous
+refresh on the prefix-cache traces). The
 slot rule needs the pool's size: the policy keeps it per layer, as the executors' slot plan
 grows it (tidesim.layermodel.copy_releases), from the spare slots its copies took so far.
 """
@@ -49,7 +48,7 @@ from tidesim.policies.split import (
     slot_spares,
 )
 from tidesim.policies.step import Choice, ForwardMeta, Rows, Setup, copies, no_copies, placement_of
-from tidesim.policies.tide import Tide, refreshes
+from tidesim.policies.tide import Tide
 from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, CPU, GPU, NO_COPY
 
 
@@ -106,7 +105,6 @@ class TideSplit(Tide):
         self.spares = np.zeros(setup.layers, dtype=np.int64)             # spare slots taken so far, per layer
         self.on_demand = 0
         self.backlog = Backlog(lm.Rates.of(self.hw, self.spec))
-        self._any_refresh = False
         # activation history per (layer, expert): bit 62 = activated in the layer's previous forward,
         # bit 61 = the one before, ... (63 forwards); compared as integers, most recent use first
         self.history = np.zeros((setup.layers, setup.experts), dtype=np.int64)
@@ -122,8 +120,8 @@ class TideSplit(Tide):
         movable = act & ~gate & ~before & (copy == NO_COPY)          # may be copied in on demand now
         # asynchronous refresh: this forward's refresh copies of its activated experts may be taken now
         stay = act & ~gate & (copy == COPY_ASYNC_REFRESH) if not self.sync else np.zeros_like(act)
-        if not self.sync and self._background(meta):
-            movable[:] = False
+        if not self.sync:
+            self._background(meta)
         movable |= stay
         free_base, deferred, n_sync = lm.slot_counts(before, resident, placement, copy)
         size = np.maximum(self.size0[rows] + self.spares[rows], before.sum(axis=1))
@@ -149,11 +147,12 @@ class TideSplit(Tide):
         same decisions as the batched path, at a fraction of its cost."""
         layer = rows.start if isinstance(rows, slice) else int(rows[0])
         refreshing = self.refreshed.flags(meta, rows)[1]
-        background = not self.sync and self._background(meta)
+        if not self.sync:
+            self._background(meta)
         c = np.ascontiguousarray(counts[0], dtype=np.int64)   # one compiled variant (no copy when it is one)
         placement, copy, resident, n_od, spare, n_copies, bound = self.row.tide_split_layer(
             c, self.current[layer], self.history[layer], int(self.budget[layer]), refreshing, self.sync,
-            self.copy_code, background, int(self.size0[layer] + self.spares[layer]), self.backlog.seconds)
+            self.copy_code, int(self.size0[layer] + self.spares[layer]), self.backlog.seconds)
         self.on_demand += n_od
         self.spares[layer] += spare
         if not self.sync:
@@ -165,8 +164,12 @@ class TideSplit(Tide):
         CPU experts and the GPU's grouped kernel, whichever is longer): how long the copy engine has
         at least to serve background copies while they run."""
         gpu_full, cpu = self.times(counts)
-        on_cpu = np.where(placement == CPU, cpu, 0.0)
-        pool = pool_estimate(self.backlog.rates, on_cpu.sum(axis=1), on_cpu.max(axis=1))
+        where = placement == CPU
+        on_cpu = np.where(where, cpu, 0.0)
+        shortest = np.where(where, cpu, np.inf).min(axis=1)
+        n = where.sum(axis=1)
+        pool = pool_estimate(self.backlog.rates, on_cpu.sum(axis=1), on_cpu.max(axis=1),
+                             np.where(n > 0, shortest, 0.0), n)
         grouped = np.where(placement == GPU, gpu_full, 0.0).sum(axis=1)
         return list(np.maximum(pool, grouped).tolist())
 
@@ -196,14 +199,11 @@ class TideSplit(Tide):
         gpu = after if self.sync else current
         return placement_of(counts, gpu), copy, np.zeros(counts.shape, dtype=bool), after
 
-    def _background(self, meta: ForwardMeta) -> bool:
-        """Whether refresh copies may be on the copy engine in the background during this forward:
-        some layer refreshes in it (the refresh rule, for every layer), or the backlog estimated
-        from the forwards before has not drained (Backlog)."""
+    def _background(self, meta: ForwardMeta) -> None:
+        """Fold the forward before into the backlog estimate (Backlog) when a forward starts: the
+        background copy time the split charges its on-demand copies for (split.stay_charge)."""
         if meta.index != self.backlog.forward:
             self.backlog.next_forward(meta.index)
-            self._any_refresh = bool(refreshes(meta, self.tau).any())   # once per forward, not per layer
-        return self._any_refresh or self.backlog.seconds > 0
 
     def _apply(self, order: np.ndarray, split: np.ndarray, n_free: np.ndarray, placement: np.ndarray,
                copy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
