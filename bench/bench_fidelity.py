@@ -49,6 +49,7 @@ import numpy as np
 from tidesim.curves import layer_shape
 from tidesim.hardware import HardwareProfile, load_profile, profile_from_dict
 from tidesim.models import PRESETS, ModelSpec
+from tidesim.policies.registry import traits
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX_TRACE = REPO / "bench/results/validation-dev-2core-cpu/trace.parquet"
@@ -210,11 +211,11 @@ STEADY = 0.05
 
 
 def group_errors(rows: list[dict[str, Any]]) -> dict[str, tuple[float, float, int]]:
-    """(median |error|, max |error|, configurations) per policy (tide by refresh mode), per run and
-    per budget: where the errors sit."""
+    """(median |error|, max |error|, configurations) per policy (an interval policy by refresh
+    mode), per run and per budget: where the errors sit."""
     groups: list[dict[str, list[float]]] = [{}, {}, {}]
     for r in rows:
-        policy = r["policy"] + (f" {r['refresh']}" if r["policy"] == "tide" else "")
+        policy = r["policy"] + (f" {r['refresh']}" if traits(r["policy"]).uses_tau else "")
         for group, key in zip(groups, (policy, f"run {r['run']}", f"B={r['budget']}"), strict=True):
             group.setdefault(key, []).append(r["abs_error"])
     return {k: (statistics.median(v), max(v), len(v)) for g in groups for k, v in sorted(g.items())}
