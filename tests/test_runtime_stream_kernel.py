@@ -243,3 +243,32 @@ def test_live_decode_with_avx2_stream_is_lossless_against_the_same_kernel(dtype:
     assert result.identical, result.problems
     assert result.metrics is not None and result.metrics.cpu_tokens > 0 and result.metrics.gpu_tokens > 0
     assert result.metrics.expert_copies > 0
+
+
+@needs_kernel
+def test_the_gpu_side_loop_and_the_pool_run_it_on_device_cpu() -> None:
+    """On the cpu-as-gpu path the resident experts' loop (kernels.grouped_experts, impl "loop") and
+    the pool's task body both run the process's kernel, avx2-stream included (it keeps no packed
+    copy, so slots that copies rewrite need no other form)."""
+    import numpy as np
+    from tidesim_runtime.engine.cpu_pool import ExpertTask, expert_task_runner
+    from tidesim_runtime.engine.kernels import grouped_experts
+
+    h, i, e = 37, 13, 3
+    pool13 = torch.stack([weights(h, i, torch.float32, 20 + s)[0] for s in range(e)])
+    pool2 = torch.stack([weights(h, i, torch.float32, 20 + s)[1] for s in range(e)])
+    x = torch.randn(7, h, generator=torch.Generator().manual_seed(21))
+    offs = np.array([0, 3, 3, 7])   # expert 0: rows 0-2, expert 1: none, expert 2: rows 3-6
+    before = ck.current().name
+    try:
+        ck.use("avx2-stream")
+        assert ck.for_weights(torch.float32, fixed=False) is STREAM
+        y = torch.zeros(7, h)
+        grouped_experts(x, y, offs, np.array([0, 2]), np.array([2, 0]), pool13, pool2, "loop", torch.as_tensor)
+        assert torch.equal(y[:3], sb.stream_swiglu(x[:3], pool13[2], pool2[2]))
+        assert torch.equal(y[3:], sb.stream_swiglu(x[3:], pool13[0], pool2[0]))
+        out = torch.zeros(7, h)
+        expert_task_runner(x, out, pool13, pool2)(ExpertTask(1, 2, 5))
+        assert torch.equal(out[2:5], sb.stream_swiglu(x[2:5], pool13[1], pool2[1]))
+    finally:
+        ck.use(before)
