@@ -84,6 +84,8 @@ class StreamBackend:
         self.threaded = False   # built with OpenMP (one call may split its rows between threads)
 
     def load(self) -> bool:
+        if self.lib is not None:   # the per-call path: no lock once loaded
+            return True
         with self._lock:
             if not self._loaded:
                 self.lib, self.reason = self._build_and_load()
@@ -192,7 +194,9 @@ def available() -> tuple[bool, str]:
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """`t` with unit column stride (a copy only where it has none)."""
-    return t if t.stride(-1) == 1 and t.stride(0) >= t.shape[1] else t.contiguous()
+    if t.is_contiguous() or (t.stride(-1) == 1 and t.stride(0) >= t.shape[1]):
+        return t
+    return t.contiguous()
 
 
 def stream_into(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
