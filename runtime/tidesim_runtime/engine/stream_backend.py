@@ -63,6 +63,22 @@ def find_compiler() -> str:
     return shutil.which("g++") or shutil.which("c++") or ""
 
 
+def load_library(path: Path) -> ctypes.CDLL:
+    """Load the library with its OpenMP runtime's threads sleeping, not spinning, between calls
+    (OMP_WAIT_POLICY=passive, read once when that runtime loads; a value the user set is kept). A
+    spinning team holds a core after every call, which starves torch's own threads and, on a
+    2-vCPU VM shared with other jobs, made every two-thread OpenMP region 10x slower
+    (docs/performance.md). The environment is restored after loading."""
+    before = os.environ.get("OMP_WAIT_POLICY")
+    if before is None:
+        os.environ["OMP_WAIT_POLICY"] = "passive"
+    try:
+        return ctypes.CDLL(str(path))
+    finally:
+        if before is None:
+            os.environ.pop("OMP_WAIT_POLICY", None)
+
+
 def _first_line(text: str) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[0][:200] if lines else "no output"
@@ -115,7 +131,7 @@ class StreamBackend:
                 if last:
                     continue
             try:
-                lib = ctypes.CDLL(str(path))
+                lib = load_library(path)
                 lib.tidesim_stream_abi.restype = ctypes.c_int
                 if lib.tidesim_stream_abi() != ABI:
                     return None, f"{path} is not the interface this runtime expects (remove it)"
