@@ -3,7 +3,7 @@ stream_gemm.cpp): its numbers against a float64 SwiGLU at 1 to 64 tokens and odd
 dtypes, its fixed summation order (same bits twice, a token's output independent of the other
 tokens of the call and of the thread count), the weight layouts it accepts, its refusal where it
 cannot be built, and a live decode with it that is lossless against the same-kernel plain decode
-in float32 and bfloat16."""
+in float32 and bfloat16, and `tidesim generate --check-lossless` with it.
 
 from __future__ import annotations
 
@@ -272,3 +272,26 @@ def test_the_gpu_side_loop_and_the_pool_run_it_on_device_cpu() -> None:
         assert torch.equal(out[2:5], sb.stream_swiglu(x[2:5], pool13[1], pool2[1]))
     finally:
         ck.use(before)
+
+
+@needs_kernel
+def test_generate_check_lossless_passes_with_avx2_stream(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`tidesim generate --cpu-kernel avx2-stream --check-lossless` on device cpu (float32): the
+    plain decode runs the same kernel and the live decode's tokens equal it."""
+    import json
+
+    from tidesim.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("5 17 300 42 7\n9 8 7\n")
+    before = ck.current().name
+    try:
+        assert main(["generate", "--config", "tiny", "--gen-length", "8", "--block-length", "4", "--prompts",
+                     str(prompts), "--policy", "tide", "--tau", "2", "--budget", "6", "--hw", "dev-2core-cpu",
+                     "--cpu-kernel", "avx2-stream", "--check-lossless", "--device", "cpu", "-o", str(tmp_path / "run"),
+                     "--json"]) == 0
+    finally:
+        ck.use(before)
+    lossless = json.loads(capsys.readouterr().out)["lossless"]
+    assert lossless["identical"] is True
+    assert "avx2-stream changes the last bits of float32" in lossless["reference"]
