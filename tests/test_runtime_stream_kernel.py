@@ -3,7 +3,7 @@ stream_gemm.cpp): its numbers against a float64 SwiGLU at 1 to 64 tokens and odd
 dtypes, its fixed summation order (same bits twice, a token's output independent of the other
 tokens of the call and of the thread count), the weight layouts it accepts, its refusal where it
 cannot be built, and a live decode with it that is lossless against the same-kernel plain decode
-in float32 and bfloat16, and `tidesim generate --check-lossless` with it.
+in float32 and bfloat16, and `tidesim generate --check-lossless` with it."""
 
 from __future__ import annotations
 
