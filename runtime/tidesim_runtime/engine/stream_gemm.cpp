@@ -3,9 +3,9 @@
 // float32 tokens x [T, K], reading each weight from memory once for all tokens. AVX2 + FMA.
 //
 // Why it is shaped this way: at a few tokens an expert's time is the time to stream its weights,
-// so the loop runs over blocks of RB adjacent weight rows; a block's columns are taken in chunks
-// of KC that stay in L1 while every token passes over them (TB tokens at a time, RB x TB
-// accumulators in registers), and the first pass over a chunk asks for the next block's same
+// so the loop runs over blocks of adjacent weight rows; a block's columns are taken in chunks
+// of KC that stay in L1 while every token passes over them (a few tokens at a time, one
+// accumulator per row and token in registers), and the first pass over a chunk asks for the next block's same
 // chunk (software prefetch), so the memory keeps streaming while the arithmetic of the passes
 // runs. A bfloat16 is the top half of a float32: a weight is widened in registers (zero-extend,
 // shift left 16), never copied.
@@ -27,8 +27,11 @@
 
 namespace {
 
-const int RB = 3;        // weight rows per block
-const int TB = 4;        // tokens per pass (RB * TB accumulators + RB weights + 1 token = 16 registers)
+// Rows per block x tokens per pass, by the call's token count: 3 x 4 (12 accumulators + 3 weights +
+// 1 token = 16 registers); at 2 tokens 4 x 2 and at 1 token 6 x 1, so that 6 or 8 independent FMA
+// chains (not 3) hide the FMA latency while the weights stream past. RB: the threads' split unit.
+const int RB = 3;
+const int RB_MAX = 6;
 const int64_t KC = 512;  // columns per chunk
 
 struct F32 {
@@ -80,7 +83,7 @@ inline void pass(const typename W::T* w, int64_t ldw, const float* x, int64_t ld
         for (int t = 0; t < N; ++t) acc[i * T + t] = a[i][t];
 }
 
-template <class W, int R>
+template <class W, int R, int TB>
 void rows(const typename W::T* w, int64_t ldw, const float* x, int64_t ldx, int64_t T, int64_t K,
           float* y, int64_t ldy, __m256* acc, const typename W::T* pf) {
     for (int64_t j = 0; j < R * T; ++j) acc[j] = _mm256_setzero_ps();
@@ -89,12 +92,16 @@ void rows(const typename W::T* w, int64_t ldw, const float* x, int64_t ldx, int6
         const int64_t k1 = k0 + KC < K8 ? k0 + KC : K8;
         int64_t t = 0;
         if (pf) {   // the first pass over the chunk also asks for the next block's chunk
-            if (T >= TB) { pass<W, R, TB, true>(w, ldw, x, ldx, k0, k1, acc, T, pf); t = TB; }
-            else if (T >= 2) { pass<W, R, 2, true>(w, ldw, x, ldx, k0, k1, acc, T, pf); t = 2; }
+            if (TB >= 4 && T >= 4) { pass<W, R, (TB >= 4 ? 4 : 1), true>(w, ldw, x, ldx, k0, k1, acc, T, pf); t = 4; }
+            else if (TB >= 2 && T >= 2) { pass<W, R, (TB >= 2 ? 2 : 1), true>(w, ldw, x, ldx, k0, k1, acc, T, pf); t = 2; }
             else { pass<W, R, 1, true>(w, ldw, x, ldx, k0, k1, acc, T, pf); t = 1; }
         }
-        for (; t + TB <= T; t += TB) pass<W, R, TB, false>(w, ldw, x + t * ldx, ldx, k0, k1, acc + t, T, pf);
-        for (; t + 2 <= T; t += 2) pass<W, R, 2, false>(w, ldw, x + t * ldx, ldx, k0, k1, acc + t, T, pf);
+        if (TB >= 4)
+            for (; t + 4 <= T; t += 4)
+                pass<W, R, (TB >= 4 ? 4 : 1), false>(w, ldw, x + t * ldx, ldx, k0, k1, acc + t, T, pf);
+        if (TB >= 2)
+            for (; t + 2 <= T; t += 2)
+                pass<W, R, (TB >= 2 ? 2 : 1), false>(w, ldw, x + t * ldx, ldx, k0, k1, acc + t, T, pf);
         for (; t < T; ++t) pass<W, R, 1, false>(w, ldw, x + t * ldx, ldx, k0, k1, acc + t, T, pf);
     }
     for (int i = 0; i < R; ++i)
@@ -105,16 +112,27 @@ void rows(const typename W::T* w, int64_t ldw, const float* x, int64_t ldx, int6
         }
 }
 
-// rows [r0, r1): blocks of RB rows, then single rows
+// rows [r0, r1): blocks of R rows (passes of up to TB tokens), then single rows
+template <class W, int R, int TB>
+void gemm_rows(const typename W::T* w, int64_t ldw, int64_t r0, int64_t r1, const float* x, int64_t ldx, int64_t T,
+               int64_t K, float* y, int64_t ldy, __m256* acc) {
+    int64_t r = r0;
+    for (; r + R <= r1; r += R)
+        rows<W, R, TB>(w + r * ldw, ldw, x, ldx, T, K, y + r, ldy, acc, r + 2 * R <= r1 ? w + (r + R) * ldw : nullptr);
+    for (; r < r1; ++r) rows<W, 1, TB>(w + r * ldw, ldw, x, ldx, T, K, y + r, ldy, acc, nullptr);
+}
+
 template <class W>
 bool gemm(const typename W::T* w, int64_t ldw, int64_t r0, int64_t r1, const float* x, int64_t ldx, int64_t T,
           int64_t K, float* y, int64_t ldy) {
-    __m256* acc = static_cast<__m256*>(_mm_malloc(sizeof(__m256) * RB * T, 32));
+    __m256* acc = static_cast<__m256*>(_mm_malloc(sizeof(__m256) * RB_MAX * T, 32));
     if (!acc) return false;
-    int64_t r = r0;
-    for (; r + RB <= r1; r += RB)
-        rows<W, RB>(w + r * ldw, ldw, x, ldx, T, K, y + r, ldy, acc, r + 2 * RB <= r1 ? w + (r + RB) * ldw : nullptr);
-    for (; r < r1; ++r) rows<W, 1>(w + r * ldw, ldw, x, ldx, T, K, y + r, ldy, acc, nullptr);
+    if (T == 1)
+        gemm_rows<W, 6, 1>(w, ldw, r0, r1, x, ldx, T, K, y, ldy, acc);
+    else if (T == 2)
+        gemm_rows<W, 4, 2>(w, ldw, r0, r1, x, ldx, T, K, y, ldy, acc);
+    else
+        gemm_rows<W, 3, 4>(w, ldw, r0, r1, x, ldx, T, K, y, ldy, acc);
     _mm_free(acc);
     return true;
 }
