@@ -14,7 +14,7 @@ from typing import Any
 
 from tidesim.errors import InputError
 
-CPU_KERNEL_NAMES = ("linear", "weights-left", "onednn-packed", "compiled", "kt-kernel")
+CPU_KERNEL_NAMES = ("linear", "weights-left", "onednn-packed", "compiled", "kt-kernel", "avx2-stream")
 DEFAULT_CPU_KERNEL = "linear"
 UNRECORDED = "linear"   # the kernel of a profile calibrated before profiles recorded one
 

@@ -18,7 +18,11 @@ CPU its small-M path does not stream the weights at the memory's rate. Kernels (
   matrix-vector product is at the read rate already);
 - `compiled`: `linear` through `torch.compile` (inductor's CPU code for SiLU and product);
 - `kt-kernel`: bfloat16 only, kTransformers' AMX MoE operator (engine/kt_backend.py), where the
-  optional package kt-kernel is installed and the CPU has AMX.
+  optional package kt-kernel is installed and the CPU has AMX;
+- `avx2-stream`: the project's own weight-streaming GEMM (engine/stream_backend.py, AVX2 + FMA,
+  built on first use with the machine's C++ compiler): each weight row read once for all tokens,
+  bf16 widened to float32 in registers, float32 sums in a fixed order (deterministic, a token's
+  output independent of the other tokens of the call); `linear` above its token limit.
 
 Which kernel is bit-identical to `linear` in which dtype is a property of the kernel
 (`identical_to_linear`), tested in tests/test_runtime_cpu_kernels.py. The runtime uses one kernel
@@ -38,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from tidesim.errors import InputError
-from tidesim_runtime.engine import kt_backend
+from tidesim_runtime.engine import kt_backend, stream_backend
 
 Swiglu = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 SwigluInto = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -249,6 +253,9 @@ KERNELS: dict[str, CpuKernel] = {k.name: k for k in (
     CpuKernel("kt-kernel", kt_backend.kt_swiglu, BF16, frozenset(),
               "kTransformers' AMX bf16 MoE operator (optional package kt-kernel)", usable=kt_backend.available,
               caches_weights=True),
+    CpuKernel("avx2-stream", stream_backend.stream_swiglu, FLOATS, frozenset(),
+              "weight-streaming AVX2 GEMM, each weight read once for all tokens (built on first use)",
+              stream_backend.stream_into, usable=stream_backend.available),
 )}
 # The default stays the reference arithmetic: the one kernel measured faster per expert in both
 # dtypes, onednn-packed, keeps a second copy of every expert it runs (no memory check counts it) and
