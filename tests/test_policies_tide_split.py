@@ -272,14 +272,15 @@ def test_slot_spares_match_the_slot_rule(rows) -> None:  # type: ignore[no-untyp
     """The closed form of the spare slots (every on-demand copy passes through) equals
     tidesim.layermodel.slot_tags' count, row by row and batched."""
     from tidesim.layermodel import slot_tags
-    from tidesim.policies.split import slot_spares, slot_spares_one
+    from tidesim.policies.rowsplit import slot_spares_one
+    from tidesim.policies.split import slot_spares
 
     n_od, n_as, free, deferred = (np.array(col, np.int64) for col in zip(*rows, strict=True))
     od_g = np.repeat(np.arange(len(rows)), n_od)
     as_g = np.repeat(np.arange(len(rows)), n_as)
     _, _, spare = slot_tags(od_g, np.ones(od_g.size, bool), as_g, free, deferred)
     assert slot_spares(n_od, n_as, free, deferred).tolist() == spare.tolist()
-    assert [slot_spares_one(*map(int, r)) for r in rows] == spare.tolist()
+    assert [int(slot_spares_one(*map(int, r))) for r in rows] == spare.tolist()
 
 
 @settings(max_examples=200, deadline=None)
@@ -289,11 +290,13 @@ def test_row_slot_rule_matches_the_slot_rule(passes, n_async, free, deferred) ->
     """The scalar slot rule gives tidesim.layermodel.slot_tags' release tags and spare count, with
     copies that stay resident (no slot reuse) among those that pass through."""
     from tidesim.layermodel import slot_tags
-    from tidesim.policies.split import row_slot_rule
+    from tidesim.policies.rowsplit import slot_rule
 
     tags, spare = slot_tags(np.zeros(len(passes), np.int64), np.array(passes, bool), np.zeros(n_async, np.int64),
                             np.array([free]), np.array([deferred]))[0::2]
-    assert row_slot_rule(passes, n_async, free, deferred) == (tags.tolist(), int(spare[0]))
+    got = np.empty(len(passes), np.int64)
+    assert int(slot_rule(np.array(passes, np.bool_), n_async, free, deferred, got)) == int(spare[0])
+    assert got.tolist() == tags.tolist()
 
 
 @settings(max_examples=200, deadline=None)

@@ -56,9 +56,6 @@ class Slots:
         return Slots(self.free[rows], self.deferred[rows], self.n_async[rows],
                      None if self.stay is None else self.stay[rows], self.backlog)
 
-    def stay_charge(self, r: lm.Rates, n_stays: np.ndarray) -> np.ndarray:
-        return stay_charge(r, self.backlog, n_stays)
-
 
 def stay_charge(r: lm.Rates, backlog: float, n_stays: np.ndarray | int) -> np.ndarray:
     """What n on-demand copies (refresh copies taken on demand or experts passing through) cost
@@ -294,7 +291,7 @@ def _fastest(candidates: np.ndarray, counts: np.ndarray, experts: np.ndarray, ac
     times = layer_times(rep(counts), rep(experts), rep(active), rep(free), candidates.reshape(-1), spec, hw,
                         (rep(costs[0]), rep(costs[1])), tiled).reshape(c, n)
     if slots is not None and slots.backlog > 0:
-        times = times + slots.stay_charge(lm.Rates.of(hw, spec), candidates - free[None, :])
+        times = times + stay_charge(lm.Rates.of(hw, spec), slots.backlog, candidates - free[None, :])
     return candidates[np.argmin(times, axis=0), np.arange(n)]
 
 
@@ -307,25 +304,6 @@ def pool_estimate(r: lm.Rates, total: np.ndarray, longest: np.ndarray, shortest:
     estimate writes the same terms (tidesim.policies.rowsplit._pool: after a change to the
     layer model's bound, change it there too)."""
     return lm.cpu_pool_bound(r, lm.CpuCosts(total=total, longest=longest, shortest=shortest, n=n))
-
-
-def slot_spares_one(n_od: int, n_async: int, free: int, deferred: int) -> int:
-    """slot_spares for one layer-forward, in plain integers (tidesim.policies.rowsplit's, compiled)."""
-    from tidesim.policies import rowsplit
-
-    return int(rowsplit.slot_spares_one(n_od, n_async, free, deferred))
-
-
-def row_slot_rule(passes: list[bool], n_async: int, free: int, deferred: int) -> tuple[list[int], int]:
-    """The slot rule (tidesim.layermodel.slot_tags, the runtime's slot plan) for one layer-forward:
-    the release tag of each on-demand copy (in expert-id order; `passes`: whether it only passes
-    through its slot) and the spare slots its copies take, the asynchronous ones after them
-    (tidesim.policies.rowsplit.slot_rule, compiled, the one-layer decision's)."""
-    from tidesim.policies import rowsplit
-
-    tags = np.empty(len(passes), np.int64)
-    spare = rowsplit.slot_rule(np.array(passes, np.bool_), n_async, free, deferred, tags)
-    return tags.tolist(), int(spare)
 
 
 def slot_spares(n_od: np.ndarray, n_async: np.ndarray, free: np.ndarray, deferred: np.ndarray) -> np.ndarray:

@@ -94,11 +94,16 @@ class Tide(PolicyStep):
         if not some:
             return (placement_of(counts, current), no_copies(counts), np.zeros(counts.shape, dtype=bool),
                     current.copy())
-        _, refreshed = refresh_sets(current, counts, self.budget[rows])
+        _, refreshed = refresh_sets(current, counts, self.budget[rows], self.refresh_order(rows, counts))
         after = refreshed if every else np.where(refresh[:, None], refreshed, current)
         copy = copies(after > current, self.copy_code)  # copied: resident after, not before
         gpu = after if self.sync else current
         return (placement_of(counts, gpu), copy, np.zeros(counts.shape, dtype=bool), after)
+
+    def refresh_order(self, rows: Rows, counts: np.ndarray) -> np.ndarray | None:
+        """The experts of each row by refresh rank (refresh_sets' `order`); None: TIDE's, by tokens
+        then id. A policy that breaks the ties otherwise overrides only this."""
+        return None
 
     def params(self) -> dict[str, object]:
         return {"budget": int_list(self.budget), "tau": int_list(self.tau), "refresh": self.setup.options.refresh,

@@ -38,7 +38,6 @@ import numpy as np
 from tidesim import layermodel as lm
 from tidesim.policies.planned import planned_setup
 from tidesim.policies.registry import PolicyTraits, register_policy
-from tidesim.policies.residency import refresh_sets
 from tidesim.policies.split import (
     ExpertTimes,
     RowSplit,
@@ -47,7 +46,7 @@ from tidesim.policies.split import (
     pool_estimate,
     slot_spares,
 )
-from tidesim.policies.step import Choice, ForwardMeta, Rows, Setup, copies, no_copies, placement_of
+from tidesim.policies.step import Choice, ForwardMeta, Rows, Setup
 from tidesim.policies.tide import Tide
 from tidesim.schedule import COPY_ASYNC_REFRESH, COPY_ON_DEMAND, CPU, GPU, NO_COPY
 
@@ -108,6 +107,7 @@ class TideSplit(Tide):
         # activation history per (layer, expert): bit 62 = activated in the layer's previous forward,
         # bit 61 = the one before, ... (63 forwards); compared as integers, most recent use first
         self.history = np.zeros((setup.layers, setup.experts), dtype=np.int64)
+        self._past = self.history                  # the rows' history before the forward being decided
         self._ids = np.arange(setup.experts)
 
     def decide(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
@@ -174,30 +174,24 @@ class TideSplit(Tide):
         return list(np.maximum(pool, grouped).tolist())
 
     def _refresh(self, meta: ForwardMeta, rows: Rows, counts: np.ndarray) -> Choice:
-        """Tide.decide (the interval refresh, its target and its copies), with one change: the
-        refresh ranks experts by tokens, then by their activation history (activated in the
-        previous forward first, ties by the forward before that, and so on: the history as a
-        binary number), then by id, where TIDE breaks ties by id alone. With a prefix cache a
-        forward activates fewer experts than the budget, so a refresh keeps every activated
-        expert and the ties decide which idle residents stay: by history, those the next forwards
-        are likeliest to use (temporal stability); by id, an arbitrary set, copied back soon
-        after. Causal: the ranking reads the current forward's routing and the past."""
-        current = self.current[rows]
-        refresh, some, every = self.refreshed.flags(meta, rows)
-        history = self.history[rows].copy()   # a view for a slice of rows: keep the past, not the update
-        self.history[rows] = (history >> 1) | ((counts > 0).astype(np.int64) << 62)
-        if not some:
-            return (placement_of(counts, current), no_copies(counts), np.zeros(counts.shape, dtype=bool),
-                    current.copy())
+        """Tide.decide (the interval refresh, its target and its copies) with tide-split's ranking
+        (refresh_order), the activation history updated first: every forward, refresh or not."""
+        self._past = self.history[rows].copy()   # a view for a slice of rows: keep the past, not the update
+        self.history[rows] = (self._past >> 1) | ((counts > 0).astype(np.int64) << 62)
+        return super().decide(meta, rows, counts)
+
+    def refresh_order(self, rows: Rows, counts: np.ndarray) -> np.ndarray:
+        """The refresh ranks experts by tokens, then by their activation history before this
+        forward (activated in the previous forward first, ties by the forward before that, and so
+        on: the history as a binary number), then by id, where TIDE breaks ties by id alone. With
+        a prefix cache a forward activates fewer experts than the budget, so a refresh keeps every
+        activated expert and the ties decide which idle residents stay: by history, those the next
+        forwards are likeliest to use (temporal stability); by id, an arbitrary set, copied back
+        soon after. Causal: the ranking reads the current forward's routing and the past."""
+        history = self._past
         if counts.shape[0] == 1:
-            order = np.lexsort((self._ids, -history[0], -counts[0]))[None, :]
-        else:
-            order = np.lexsort((np.broadcast_to(self._ids, counts.shape), -history, -counts), axis=-1)
-        _, refreshed = refresh_sets(current, counts, self.budget[rows], order)
-        after = refreshed if every else np.where(refresh[:, None], refreshed, current)
-        copy = copies(after > current, self.copy_code)
-        gpu = after if self.sync else current
-        return placement_of(counts, gpu), copy, np.zeros(counts.shape, dtype=bool), after
+            return np.lexsort((self._ids, -history[0], -counts[0]))[None, :]
+        return np.lexsort((np.broadcast_to(self._ids, counts.shape), -history, -counts), axis=-1)
 
     def _background(self, meta: ForwardMeta) -> None:
         """Fold the forward before into the backlog estimate (Backlog) when a forward starts: the
@@ -218,14 +212,14 @@ class TideSplit(Tide):
         return placement, copy
 
     def _take_spares(self, rows: Rows, size: np.ndarray, free_base: np.ndarray, deferred: np.ndarray,
-                     n_sync: np.ndarray, copy: np.ndarray, resident: np.ndarray | None = None) -> None:
+                     n_sync: np.ndarray, copy: np.ndarray, resident: np.ndarray) -> None:
         """Grow each layer's slot pool by the spare slots this forward's copies take (the slot
         rule, as tidesim.layermodel.copy_releases applies it to the whole schedule; in closed form,
         split.slot_spares: an on-demand copy is never resident after its forward, so it only passes
         through its slot)."""
         free, sync_spare = lm.free_slots(size, free_base, n_sync)
         od = copy == COPY_ON_DEMAND
-        if resident is not None and (od & resident).any():     # some stay: the general slot rule
+        if (od & resident).any():     # some stay: the general slot rule
             od_g, od_e = np.nonzero(od)
             taken = lm.slot_tags(od_g, ~resident[od_g, od_e], np.nonzero(copy == COPY_ASYNC_REFRESH)[0], free,
                                  deferred)[2]
