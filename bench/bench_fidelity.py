@@ -46,7 +46,8 @@ from typing import Any
 
 import numpy as np
 
-from tidesim.curves import layer_shape
+from tidesim.curves import layer_fixed_grid
+from tidesim.errors import InputError
 from tidesim.hardware import HardwareProfile, load_profile, profile_from_dict
 from tidesim.models import PRESETS, ModelSpec
 from tidesim.policies.registry import traits
@@ -83,11 +84,9 @@ def transferred_layer_fixed(hw: HardwareProfile, other: HardwareProfile, spec: M
     state). What hw's calibration would have measured had it timed the fixed path, to the extent
     the machine's speed moves the attention and the rest of the path alike: an estimate for
     re-predicting runs calibrated before gpu.layer_fixed existed, not a measurement."""
-    shape = layer_shape(spec)
-    grids = [g for g in other.gpu.layer_fixed if all(g.get(k) == v for k, v in shape.items())]
-    if not grids:
+    g = layer_fixed_grid(other.gpu, spec)
+    if g is None:
         raise SystemExit(f"--layer-fixed-from: {other.name} has no gpu.layer_fixed grid of {spec.name}'s layer shape")
-    g = grids[0]
     t, c = np.meshgrid(np.asarray(g["tokens"], float), np.asarray(g["context"], float), indexing="ij")
     ratio = hw.attention_time(t, c, spec) / other.attention_time(t, c, spec)
     return [{**g, "time_us": (np.asarray(g["time_us"], float) * ratio).tolist()}]
@@ -139,8 +138,8 @@ def repredict(out: Path, hw: HardwareProfile | dict[str, HardwareProfile]) -> li
                           "after-first-block" in extra)
         workload = first_layers(workload, layers)
         run_hw = hw[name] if isinstance(hw, dict) else hw
-        steps = repeat_steps(out / f"validate_{name}")
-        speeds = repeat_speeds(out / f"validate_{name}")
+        stored = configuration_rows(out / f"validate_{name}")
+        steps, speeds = repeat_steps(stored), repeat_speeds(stored)
         for c in json.loads((out / f"validate_{name}" / "results.json").read_text())["rows"]:
             config = Config(c["policy"], c["budget"], c["tau"], c["refresh"])
             predicted = run(workload, build(config, workload, run_hw, None), run_hw, engine="sim")
@@ -152,25 +151,26 @@ def repredict(out: Path, hw: HardwareProfile | dict[str, HardwareProfile]) -> li
     return rows
 
 
-def repeat_steps(folder: Path) -> dict[str, list[float]]:
+def configuration_rows(folder: Path) -> list[dict[str, Any]]:
+    """A validation's configurations.jsonl (one row per configuration, written as each finished);
+    empty where the run has none."""
+    path = folder / "configurations.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def repeat_steps(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
     """Every configuration's measured step time (s) of each repeat, in the order they ran
     (validate interleaves the repeats over the configurations: repeat r of every configuration
     runs before repeat r + 1 of any)."""
-    path = folder / "configurations.jsonl"
-    if not path.exists():
-        return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return {r["config"]: [float(s) for s in r.get("measured_step_s", [])] for r in rows}
 
 
-def repeat_speeds(folder: Path) -> dict[str, list[float]]:
+def repeat_speeds(rows: list[dict[str, Any]]) -> dict[str, list[float]]:
     """Every configuration's speed probe of each repeat over what the profile says it takes
     (validate's SpeedProbe, right before the repeat): 1.10 is a machine 10% slower than when it
     was calibrated. Empty for runs recorded before the probe existed."""
-    path = folder / "configurations.jsonl"
-    if not path.exists():
-        return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return {r["config"]: [float(p) / float(r["probe_expected_s"]) for p in r.get("probe_s", [])]
             for r in rows if float(r.get("probe_expected_s", 0.0)) > 0}
 
@@ -294,12 +294,15 @@ def main(argv: list[str] | None = None) -> int:
                 or (args.contention is not None and args.contention < 0)):
             p.error("--copy-scale and --fixed-scale must be > 0, --copy-slows and --contention >= 0")
         profiles = {}
-        for name, _, _ in RUNS:
-            base = load_profile(args.hw or profile_path(out, name))
-            grids = None
-            if args.layer_fixed_from:
-                grids = transferred_layer_fixed(base, load_profile(args.layer_fixed_from), PRESETS["llada2-mini"])
-            profiles[name] = what_if(base, args.copy_scale, args.copy_slows, args.fixed_scale, args.contention, grids)
+        try:
+            donor = load_profile(args.layer_fixed_from) if args.layer_fixed_from else None
+            for name, _, _ in RUNS:
+                base = load_profile(args.hw or profile_path(out, name))
+                grids = None if donor is None else transferred_layer_fixed(base, donor, PRESETS["llada2-mini"])
+                profiles[name] = what_if(base, args.copy_scale, args.copy_slows, args.fixed_scale, args.contention,
+                                         grids)
+        except InputError as exc:
+            p.error(f"--repredict: {exc} (is --out a finished run's folder?)")
         again = repredict(out, profiles)
         errs = [r["abs_error"] for r in again]
         print(f"{'run':7} {'configuration':24} {'predicted ms':>12} {'measured ms':>12} {'error':>8} {'stored':>8}")
@@ -334,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         tidesim(["validate", "--trace", str(trace), "--hw", str(profile), *GRID, "--repeats", str(args.repeats),
                  *extra, "-o", str(folder)])
         data = json.loads((folder / "results.json").read_text())
-        steps = repeat_steps(folder)
-        speeds = repeat_speeds(folder)
+        stored = configuration_rows(folder)
+        steps, speeds = repeat_steps(stored), repeat_speeds(stored)
         rows += [{"run": name, **r, "profile": profile.name,
                   "repeat_errors": repeat_errors(r["predicted_step_ms"], steps.get(r["config"], [])),
                   "repeat_speeds": speeds.get(r["config"], [])}

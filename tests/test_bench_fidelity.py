@@ -171,7 +171,7 @@ def test_speed_probe_per_pass_and_the_speed_matched_errors(tmp_path) -> None:  #
         json.dumps({"config": "a", "measured_step_s": [0.1, 0.12], "probe_s": [0.02, 0.024],
                     "probe_expected_s": 0.02}) + "\n"
         + json.dumps({"config": "old", "measured_step_s": [0.1]}) + "\n")
-    assert bench.repeat_speeds(folder) == {"a": pytest.approx([1.0, 1.2])}
+    assert bench.repeat_speeds(bench.configuration_rows(folder)) == {"a": pytest.approx([1.0, 1.2])}
     # predicted 100 ms against 100 and 120 ms measured: errors 0 and -1/6; scaled by 1.0 and 1.2
     # the second becomes 120 / 120 - 1 = 0, so the speed-matched |error| is 0
     rows = [{"run": "prefix", "repeat_errors": bench.repeat_errors(100.0, [0.1, 0.12]), "repeat_speeds": [1.0, 1.2]},

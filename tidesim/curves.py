@@ -104,12 +104,17 @@ def gpu_layer_fixed_time(gpu: GPUProfile, tokens: np.ndarray, context: np.ndarra
     (gpu.layer_fixed, what `tidesim calibrate` times on the executor's own code) is used where
     there is one; else the path is composed of the attention grid (or roofline), the shared
     expert's and gate's rooflines and the constant layer_overhead_us."""
-    shape = layer_shape(spec)
-    grids = [g for g in gpu.layer_fixed if all(g.get(k) == v for k, v in shape.items())]
-    if grids:
-        return _grid_time(grids[0], np.asarray(tokens, dtype=float), np.asarray(context, dtype=float),
+    grid = layer_fixed_grid(gpu, spec)
+    if grid is not None:
+        return _grid_time(grid, np.asarray(tokens, dtype=float), np.asarray(context, dtype=float),
                           "gpu.layer_fixed")
     return composed_layer_fixed_time(gpu, tokens, context, spec)
+
+
+def layer_fixed_grid(gpu: GPUProfile, spec: ModelSpec) -> dict[str, Any] | None:
+    """The first measured gpu.layer_fixed grid whose shape keys equal the model's layer_shape."""
+    shape = layer_shape(spec)
+    return next((g for g in gpu.layer_fixed if all(g.get(k) == v for k, v in shape.items())), None)
 
 
 def composed_layer_fixed_time(gpu: GPUProfile, tokens: np.ndarray, context: np.ndarray, spec: ModelSpec

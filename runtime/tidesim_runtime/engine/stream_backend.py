@@ -97,7 +97,6 @@ class StreamBackend:
         self.lib: ctypes.CDLL | None = None
         self.path = ""
         self.reason = ""
-        self.threaded = False   # built with OpenMP (one call may split its rows between threads)
 
     def load(self) -> bool:
         if self.lib is not None:   # the per-call path: no lock once loaded
@@ -146,7 +145,6 @@ class StreamBackend:
             lib.tidesim_stream_swiglu.argtypes = [ptr, c_int, i64, i64, ptr, i64, ptr, i64, c_int, i64, i64, ptr,
                                                   c_int, i64, c_int]
             self.path = str(path)
-            self.threaded = bool(extra)
             return lib, ""
         return None, last
 
