@@ -23,26 +23,14 @@ import numpy as np
 
 from tidesim.policies import PolicyOptions, build_schedule, uniform
 from tidesim.policies.driver import online_policy
-from tidesim.policies.step import ScheduleRecorder, forward_metas
+from tidesim.policies.step import layered_schedule
 from tidesim.scenario import resolve
 from tidesim.schedule import Schedule
-from tidesim.workload import Workload
 
 TRACES = {"mini-prefix": "llada2-mini_prefix_g1024", "mini-none": "llada2-mini_none_g1024",
           "flash-prefix": "llada2-flash_prefix_g256", "flash-none": "llada2-flash_none_g256"}
 PRESETS = {"h100": "h100-sxm-pcie5", "a100": "a100-80gb-pcie4"}
 FIELDS = ("placement", "copy", "demote", "resident")
-
-
-def layer_by_layer(w: Workload, opts: PolicyOptions) -> Schedule:
-    """One step call per (forward, layer), in layer order (tests/policy_cases.layer_by_layer)."""
-    policy = online_policy("tide-split", w.model, opts, layers=w.num_layers)
-    rec = ScheduleRecorder(w.num_layers, w.num_experts)
-    for meta in forward_metas(w):
-        rec.begin_forward()
-        for layer in range(w.num_layers):
-            rec.add(policy.step(meta, w.expert_tokens[meta.index, layer][None], np.array([layer])))
-    return rec.schedule(policy)
 
 
 def first_difference(offline: Schedule, live: Schedule) -> str | None:
@@ -75,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                     opts = PolicyOptions(budget=uniform(budget, w.num_layers), tau=uniform(tau, w.num_layers),
                                          hw=hw, refresh=refresh)
                     offline = build_schedule("tide-split", w, opts)
-                    live = layer_by_layer(w, opts)
+                    live = layered_schedule(online_policy("tide-split", w.model, opts, layers=w.num_layers), w)
                     diff = first_difference(offline, live)
                     n_od = int((offline.copy == 1).sum())
                     print(f"{trace} {preset} budget {budget} tau {tau} {refresh}: "

@@ -12,7 +12,7 @@ from tidesim.hardware import HardwareProfile, get_profile, profile_from_dict
 from tidesim.models import ModelSpec
 from tidesim.policies import PolicyOptions, build_schedule, uniform
 from tidesim.policies.driver import online_policy
-from tidesim.policies.step import ScheduleRecorder, forward_metas
+from tidesim.policies.step import layered_schedule
 from tidesim.schedule import Schedule, schedule_problems
 from tidesim.workload import Workload
 
@@ -127,11 +127,4 @@ def workloads(draw: st.DrawFn, max_experts: int = 6) -> Workload:
 
 def layer_by_layer(name: str, w: Workload, options: PolicyOptions) -> Schedule:
     """The live engine's way: one step call per (forward, layer), in layer order."""
-    policy = online_policy(name, w.model, options, layers=w.num_layers)
-    rec = ScheduleRecorder(w.num_layers, w.num_experts)
-    for meta in forward_metas(w):
-        rec.begin_forward()
-        for layer in range(w.num_layers):
-            rec.add(policy.step(meta, w.expert_tokens[meta.index, layer][None], np.array([layer])))
-        assert rec.complete()
-    return rec.schedule(policy)
+    return layered_schedule(online_policy(name, w.model, options, layers=w.num_layers), w)

@@ -269,3 +269,17 @@ def offline_schedule(policy: PolicyStep, workload: Workload) -> Schedule:
         f = meta.index
         placement[f], copy[f], demote[f], resident[f] = d.placement, d.copy, d.demote, d.resident
     return assembled(policy, placement, copy, demote, resident)
+
+
+def layered_schedule(policy: PolicyStep, workload: Workload) -> Schedule:
+    """The policy's step looped the live engine's way: one call per (forward, layer), in layer
+    order, recorded by a ScheduleRecorder (an online policy decides the same either way: the
+    tests and bench/check_online_identity.py compare this with offline_schedule)."""
+    rec = ScheduleRecorder(workload.num_layers, workload.num_experts)
+    for meta in forward_metas(workload):
+        rec.begin_forward()
+        for layer in range(workload.num_layers):
+            rec.add(policy.step(meta, workload.expert_tokens[meta.index, layer][None], np.array([layer])))
+        if not rec.complete():
+            raise RuntimeError(f"forward {meta.index}: the recorder did not see every layer")
+    return rec.schedule(policy)
