@@ -12,16 +12,13 @@ On a shared machine pairs taken seconds apart are the comparison that means some
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 import numpy as np
 import torch
 from tidesim_runtime.engine.device import PinnedThreads, select_device
 from tidesim_runtime.engine.executor import Executor, first_layers
-from tidesim_runtime.measure.resources import FixedPath
-from tidesim_runtime.measure.timer import Timer
-from tidesim_runtime.measure.validate import Config, build
+from tidesim_runtime.measure.validate import Config, SpeedProbe, build
 
 from tidesim.hardware import load_profile
 from tidesim.trace import read_trace
@@ -50,18 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     w = whole.select(np.arange(args.start, min(args.start + args.forwards, whole.num_forwards)))
     t, c = int(np.median(w.tokens)), int(np.median(w.context))
     schedule = build(Config(args.policy, args.budget, 4, "sync"), w, hw, None)
-    print(f"{args.policy} B={args.budget}, forwards {args.start}..{args.start + w.num_forwards - 1}, "
-          f"FixedPath at {t} tokens, context {c}; the profile charges "
-          f"{float(hw.gpu_layer_fixed_time(np.array([t]), np.array([c]), w.model)[0]) * 1e3:.1f} ms")
     try:
         with Executor(w.model, 1, dev, int(w.tokens.max()), int(w.context.max()), seed=0) as ex:
-            path = FixedPath(w.model, dev, max(t, c), seed=9)
-            fn, timer = path.fn(t, c), Timer(dev, ex.backend)
+            speed = SpeedProbe.of(w, hw, dev, ex.backend)      # validate's probe: FixedPath at the medians
+            print(f"{args.policy} B={args.budget}, forwards {args.start}..{args.start + w.num_forwards - 1}, "
+                  f"FixedPath at {t} tokens, context {c}; the profile charges {speed.expected_s * 1e3:.1f} ms")
             for _ in range(args.pairs):
                 m = ex.replay(w, schedule, warmup=1)
                 with torch.inference_mode():
-                    fn()
-                    probe = statistics.median(timer.sample(fn) for _ in range(3))
+                    probe = speed.sample_s()
                 print(f"executor gpu_fixed {m.breakdown_s['gpu_fixed'] / w.num_forwards * 1e3:7.1f} ms/forward "
                       f"(step {m.step_time_s * 1e3:7.1f} ms) | FixedPath {probe * 1e3:7.1f} ms", flush=True)
     finally:
