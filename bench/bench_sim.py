@@ -71,7 +71,8 @@ def median_time(fn: Any, repeats: int) -> dict[str, float]:
 def uncached(costs: ScheduleCosts) -> ScheduleCosts:
     """The costs as the costing left them: each engine computes the CPU pool's makespans on first
     use and keeps them (ScheduleCosts.cpu_span), so a timed engine run starts without them."""
-    if costs.rates.contention <= 0 and costs.rates.slows <= 0:      # else the costing needed them
+    r = costs.rates
+    if r.contention <= 0 and r.pool_contention <= 0 and r.slows <= 0:      # else the costing needed them
         costs.cpu.span = None
     return costs
 

@@ -181,6 +181,26 @@ def test_cpu_kernel_is_recorded_only_when_known_and_round_trips(tmp_path) -> Non
     assert get_profile(str(tmp_path / "p.yaml")).cpu.kernel == "weights-left"
 
 
+def test_pool_contention_round_trips_and_is_range_checked(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """cpu.pool_contention is written when measured, read back, and refused when absurd (exit-2
+    InputError naming the field); a profile without it has no such key."""
+    from tidesim.errors import InputError
+    from tidesim.hardware import get_profile, profile_from_dict
+
+    prof = get_profile("dev-2core-cpu")
+    assert "pool_contention" not in prof.to_dict()["cpu"]
+    prof.cpu.pool_contention = 0.17
+    prof.save(tmp_path / "p.yaml")
+    assert get_profile(str(tmp_path / "p.yaml")).cpu.pool_contention == 0.17
+    data = prof.to_dict()
+    data["cpu"]["pool_contention"] = 50.0
+    with pytest.raises(InputError, match="cpu.pool_contention"):
+        profile_from_dict(data)
+    data["cpu"]["pool_contention"] = float("nan")
+    with pytest.raises(InputError, match="pool_contention"):
+        profile_from_dict(data)
+
+
 def _layer_grid(**shape: int) -> dict:
     from tidesim.curves import layer_shape
 

@@ -121,6 +121,7 @@ def _random_profile(data: st.DataObject):  # type: ignore[no-untyped-def]
     hw.pcie.copy_engines = data.draw(st.sampled_from([1, 2]))
     hw.pcie.copy_slows_compute = data.draw(st.sampled_from([0.0, 0.3]))
     hw.cpu.gpu_contention = data.draw(st.sampled_from([0.0, 0.8]))
+    hw.cpu.pool_contention = data.draw(st.sampled_from([None, 0.0, 0.3]))   # None: symmetric
     return hw
 
 

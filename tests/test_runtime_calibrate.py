@@ -123,11 +123,47 @@ def test_measured_contention_goes_into_the_profile_field() -> None:
     curve = ExpertCurve(TINY.hidden_size, TINY.moe_intermediate_size, Curve([1.0, 8.0], [100.0, 200.0]))
     cal = Calibration(dev, Grid.for_device(dev, quick=True), gpu_curves=[curve], cpu_curves=[curve],
                       h2d=Curve([1024.0, 65536.0], [10.0, 20.0]), d2h=Curve([1024.0, 65536.0], [10.0, 20.0]),
-                      mem_gbs=1.0, tflops=1.0, contention=0.123456)
+                      mem_gbs=1.0, tflops=1.0, contention=0.123456, pool_contention=0.0456789)
     prof = build_profile(cal, "t", [TINY])
-    assert prof.cpu.gpu_contention == 0.1235
+    assert prof.cpu.gpu_contention == 0.1235 and prof.cpu.pool_contention == 0.0457
     assert "contention" not in prof.provenance.notes
-    assert profile_from_dict(prof.to_dict()).cpu.gpu_contention == 0.1235
+    back = profile_from_dict(prof.to_dict())
+    assert back.cpu.gpu_contention == 0.1235 and back.cpu.pool_contention == 0.0457
+
+
+def test_pool_slowdown_is_measured_with_the_gpu_side_running_beside_it() -> None:
+    """The pool's direction of the contention: a pool job alone, then while a thread keeps the GPU
+    side busy. Here both take turns on one lock (5 ms each), so the job under load waits about one
+    GPU-side turn per step: a slowdown near 1 (0.5 to 2 allowed for the host's scheduling), where
+    a GPU side that did not run beside the job would give 0."""
+    import threading
+    import time
+
+    from tidesim_runtime.engine.streams import make_backend
+    from tidesim_runtime.measure.resources import Calibration, _pool_slowdown
+    from tidesim_runtime.measure.timer import Timer
+
+    dev = select_device("cpu")
+    backend = make_backend(dev.torch_device)
+    lock = threading.Lock()
+
+    def hold() -> None:
+        with lock:
+            time.sleep(0.005)
+
+    def pool_job() -> float:
+        t0 = time.perf_counter()
+        for _ in range(4):
+            hold()
+        return time.perf_counter() - t0
+
+    cal = Calibration(dev, Grid(repeats=1, gpu_tokens=[1], cpu_tokens=[1], att_tokens=[1], att_context=[1],
+                                copy_bytes=[1]))
+    try:
+        slowdown = _pool_slowdown(cal, Timer(dev, backend), hold, pool_job)
+    finally:
+        backend.close()
+    assert 0.5 <= slowdown <= 2.0
 
 
 def test_rotating_pairs_walk_the_regions_chunk_by_chunk_and_wrap() -> None:
@@ -181,3 +217,13 @@ def test_copy_timing_never_reuses_a_buffer_a_cache_could_still_hold() -> None:
         assert len(ptrs) >= 2 * (grid.repeats + 1) * 2
     assert cal.h2d is not None and cal.h2d.x == [float(1 << 19), float(1 << 21)]   # model bytes (factor 0.5)
     assert "rotate" in cal.h2d.provenance.source
+
+
+def test_contention_tasks_cycle_through_few_token_counts_over_adjacent_rows() -> None:
+    """The pool's tasks while contention is measured: one per expert, 1, 2, 4, 8, 1, ... tokens,
+    each over the rows right after the previous one (every row computed once)."""
+    from tidesim_runtime.measure.resources import contention_tasks
+
+    tasks = contention_tasks(6)
+    assert [(t.expert, t.start, t.stop) for t in tasks] == [(0, 0, 1), (1, 1, 3), (2, 3, 7), (3, 7, 15),
+                                                          (4, 15, 16), (5, 16, 18)]

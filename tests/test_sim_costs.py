@@ -67,6 +67,34 @@ def test_gpu_bound_layer_by_hand(engine: str) -> None:
     assert m.total_time_s == pytest.approx((1 + 1 + 6 + 1) * MS)
 
 
+@pytest.mark.parametrize("engine", ["sim", "analytic"])
+def test_each_side_slows_by_its_own_contention(engine: str) -> None:
+    # GPU 0.8 ms, CPU 3 ms: overlap 0.8; GPU side s = 0.5 -> 1.2 ms, pool s = 0.25 -> 3 + 0.2 = 3.2 ms
+    w, s = split([[[3, 1, 0, 0], [0, 0, 0, 0]]], gpu=[0])
+    hw = with_contention(profile(), 0.5)
+    hw = dataclasses.replace(hw, cpu=dataclasses.replace(hw.cpu, pool_contention=0.25))
+    m = run(w, s, hw, engine=engine)
+    assert m.total_time_s == pytest.approx((1 + 1 + 0.125 + 3.2 + 0.125 + 1) * MS)
+    assert m.busy_s["gpu"] == pytest.approx((3 + 1.2) * MS)
+    assert m.busy_s["cpu"] == pytest.approx(3.2 * MS)
+    # a pool that slows while the GPU side does not: GPU 0.8 ms as without contention, pool 3.4 ms
+    hw = dataclasses.replace(profile(), cpu=dataclasses.replace(profile().cpu, pool_contention=0.5))
+    m = run(w, s, hw, engine=engine)
+    assert m.busy_s["gpu"] == pytest.approx((3 + 0.8) * MS)
+    assert m.total_time_s == pytest.approx((1 + 1 + 0.125 + 3.4 + 0.125 + 1) * MS)
+
+
+def test_absent_pool_contention_is_the_symmetric_model() -> None:
+    """Profiles without cpu.pool_contention (presets, every profile calibrated before it) keep their
+    fingerprint and charge gpu_contention to both sides, as they were fitted with."""
+    hw = with_contention(profile(), 0.5)
+    assert hw.cpu.pool_contention is None and "pool_contention" not in hw.to_dict()["cpu"]
+    w, s = split([[[3, 1, 0, 0], [0, 0, 0, 0]]], gpu=[0])
+    same = dataclasses.replace(hw, cpu=dataclasses.replace(hw.cpu, pool_contention=0.5))
+    assert same.fingerprint() != hw.fingerprint()
+    assert run(w, s, hw).total_time_s == run(w, s, same).total_time_s
+
+
 def test_longest_first_makespan_is_stretched_on_two_workers() -> None:
     # GPU expert 0 (10 tokens) 1.5 ms; CPU tasks 5, 3, 4 ms on 2 workers: makespan 7 (5 | 4 + 3).
     # s = 1: overlap 1.5, makespan 8.5, GPU 3; CPU side 0.75 + 8.5 + 0.75 (6 pairs)

@@ -116,6 +116,8 @@ class HardwareProfile:
         out = asdict(self)
         if not out["cpu"]["kernel"]:   # profiles without a recorded kernel keep their form and fingerprint
             out["cpu"].pop("kernel")
+        if out["cpu"]["pool_contention"] is None:   # likewise profiles with one (symmetric) contention
+            out["cpu"].pop("pool_contention")
         if not out["gpu"]["layer_fixed"]:   # likewise profiles without a measured fixed path
             out["gpu"].pop("layer_fixed")
         return out
@@ -256,6 +258,7 @@ RANGES: dict[str, dict[str, tuple[float, float, bool]]] = {
         "compute_efficiency": (1e-3, 1.0, False),
         "task_overhead_us": (0.0, 1_000_000, False),
         "gpu_contention": (0.0, 10.0, False),
+        "pool_contention": (0.0, 10.0, False),
     },
 }
 
@@ -278,7 +281,8 @@ def check_ranges(prof: HardwareProfile, source: str) -> None:
     for part, names in RANGES.items():
         obj = getattr(prof, part)
         for name, bounds in names.items():
-            _in_range(getattr(obj, name), bounds, f"{source}.{part}.{name}")
+            if getattr(obj, name) is not None:      # optional fields (pool_contention) may be absent
+                _in_range(getattr(obj, name), bounds, f"{source}.{part}.{name}")
     if prof.cpu.workers > prof.cpu.cores:
         raise InputError(f"{source}.cpu.workers: {prof.cpu.workers} workers on {prof.cpu.cores} cores; the CPU pool "
                          "model needs at least one core per worker, so give workers <= cores")

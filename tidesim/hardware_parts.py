@@ -112,10 +112,13 @@ class PCIeProfile:
 class CPUProfile:
     """The host CPU's expert pool.
 
-    gpu_contention: fraction by which GPU-side expert work and the CPU pool's expert tasks slow
-    each other while both run in one layer-forward (first order, charged in tidesim.sim.costs).
-    About 0 with a discrete GPU; large on the CPU-as-GPU path, where both sides share cores and
-    DRAM (tidesim calibrate measures it).
+    gpu_contention: fraction by which GPU-side expert work slows while the CPU pool computes
+    experts in the same layer-forward (first order, tidesim.layermodel.charge_contention). About 0
+    with a discrete GPU; on the CPU-as-GPU path both sides share cores and DRAM.
+    pool_contention: fraction by which the CPU pool's expert tasks slow while GPU-side expert work
+    runs. The two differ (a memory-bound pool beside compute-bound GPU-side work), so calibrate
+    measures each direction; None (every profile calibrated before 2026-12-07, and the presets)
+    means gpu_contention for both, the symmetric model those profiles were fitted with.
     """
 
     name: str
@@ -128,6 +131,7 @@ class CPUProfile:
     task_overhead_us: float = 20.0
     expert_ffn: list[ExpertCurve] = field(default_factory=list)
     gpu_contention: float = 0.0
+    pool_contention: float | None = None
     kernel: str = ""   # the runtime's CPU expert kernel the curves were measured with ('' = not recorded)
 
 

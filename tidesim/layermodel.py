@@ -46,7 +46,8 @@ class Rates:
     engines: int                 # 1: H2D and D2H share one copy engine; 2: one per direction
     workers: int                 # CPU pool
     slows: float                 # pcie.copy_slows_compute
-    contention: float            # cpu.gpu_contention
+    contention: float            # cpu.gpu_contention: GPU expert work slowed by the CPU pool
+    pool_contention: float       # cpu.pool_contention: CPU pool tasks slowed by GPU expert work
     act_bytes_per_pair: float    # activation bytes of one routed (token, expert) pair
 
     @classmethod
@@ -56,6 +57,8 @@ class Rates:
                    expert_demote_s=float(hw.d2h_time(float(spec.expert_bytes))),
                    engines=1 if hw.pcie.copy_engines <= 1 else 2, workers=max(int(hw.cpu.workers), 1),
                    slows=float(hw.pcie.copy_slows_compute), contention=float(hw.cpu.gpu_contention),
+                   pool_contention=float(hw.cpu.gpu_contention if hw.cpu.pool_contention is None
+                                         else hw.cpu.pool_contention),
                    act_bytes_per_pair=float(spec.activation_bytes_per_token))
 
 
@@ -200,8 +203,9 @@ def copy_overlaps(r: Rates, grouped: np.ndarray, od: OnDemand | None, async_g: n
 
 
 def contention_overlap(gpu_work: np.ndarray, span: np.ndarray) -> np.ndarray:
-    """cpu.gpu_contention's overlap: both sides progress 1 + s times slower while both run, so to
-    first order each grows by s x min(GPU expert work, CPU pool makespan)."""
+    """The contentions' overlap: while both run, the GPU side progresses 1 + s_gpu and the pool
+    1 + s_pool times slower, so to first order each grows by its s x min(GPU expert work, CPU pool
+    makespan)."""
     return np.minimum(gpu_work, span)
 
 
@@ -223,17 +227,17 @@ def cpu_pool_bound(r: Rates, cpu: CpuCosts) -> np.ndarray:
 
 
 def charge_contention(r: Rates, gpu: GpuCosts, cpu: CpuCosts, span: np.ndarray) -> np.ndarray:
-    """cpu.gpu_contention = s (in place): with o = contention_overlap(GPU expert work, makespan),
-    the GPU work grows by s x o (slow_extra) and every CPU task of the layer-forward is stretched
-    by (span + s x o) / span, so the longest-first makespan grows by s x o too (scaling all tasks
-    alike keeps their order). Returns that factor per layer-forward [G] (1 where s = 0)."""
-    s = r.contention
-    if s <= 0:
+    """cpu.gpu_contention = s_gpu and cpu.pool_contention = s_pool (in place): with
+    o = contention_overlap(GPU expert work, makespan), the GPU work grows by s_gpu x o (slow_extra)
+    and every CPU task of the layer-forward is stretched by (span + s_pool x o) / span, so the
+    longest-first makespan grows by s_pool x o (scaling all tasks alike keeps their order).
+    Returns that factor per layer-forward [G] (1 where s_pool = 0)."""
+    if r.contention <= 0 and r.pool_contention <= 0:
         cpu.span = span
         return np.ones(span.shape)
     overlap = contention_overlap(gpu.grouped + gpu.od_compute_sum, span)
-    gpu.slow_extra = gpu.slow_extra + s * overlap
-    factor = np.where(span > 0, (span + s * overlap) / np.maximum(span, 1e-300), 1.0)
+    gpu.slow_extra = gpu.slow_extra + r.contention * overlap
+    factor = np.where(span > 0, (span + r.pool_contention * overlap) / np.maximum(span, 1e-300), 1.0)
     cpu.total, cpu.longest, cpu.shortest = cpu.total * factor, cpu.longest * factor, cpu.shortest * factor
     cpu.span = span * factor
     return factor

@@ -132,7 +132,9 @@ def _summary_rows(profile: Any, models: list[ModelSpec]) -> list[tuple[str, Any]
         ("D2H (GB/s)", profile.pcie.d2h_gbs),
         ("copies slow GPU compute by", profile.pcie.copy_slows_compute),
         ("CPU task overhead (us)", profile.cpu.task_overhead_us),
-        ("GPU side and CPU pool slow each other by", profile.cpu.gpu_contention),
+        ("GPU side slows while the CPU pool runs by", profile.cpu.gpu_contention),
+        ("CPU pool slows while the GPU side runs by", profile.cpu.gpu_contention if profile.cpu.pool_contention is None
+         else profile.cpu.pool_contention),
     ]
     for spec in models:
         for t in (1, 8, 32):

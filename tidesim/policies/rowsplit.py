@@ -44,8 +44,9 @@ from tidesim.sim.lpt import lpt_makespan
 GROW_TIMES = -1      # a token count past ExpertTimes' tables
 NEED_ACT = -2        # activation copy times not yet evaluated for the pair counts written to `need`
 
-# fconst: launch_s, expert_copy_s, on-demand launches (s), gpu_contention, margin; iconst: workers, engines
-F_LAUNCH, F_COPY, F_OD_LAUNCH, F_CONTENTION, F_MARGIN = range(5)
+# fconst: launch_s, expert_copy_s, on-demand launches (s), gpu_contention, margin, pool_contention;
+# iconst: workers, engines
+F_LAUNCH, F_COPY, F_OD_LAUNCH, F_CONTENTION, F_MARGIN, F_POOL_CONTENTION = range(6)
 I_WORKERS, I_ENGINES = range(2)
 LAST_USE = np.int64(1 << 62)      # TideSplit.history's bit for the layer's previous forward
 
@@ -181,12 +182,12 @@ def _side_at(fc: np.ndarray, ic: np.ndarray, grouped: float, od_sum: float, act:
     """The layer-forward's expert phase (layer_phases' "side") for a CPU pool span: contention,
     then the on-demand pipeline (each copy once its slot is free: `tags`, slot_rule) and the CPU
     side."""
-    c, s = fc[F_COPY], fc[F_CONTENTION]
+    c, s, s_pool = fc[F_COPY], fc[F_CONTENTION], fc[F_POOL_CONTENTION]
     slow = 0.0
-    if s > 0:
+    if s > 0 or s_pool > 0:
         overlap = min(grouped + od_sum, span)
         slow = 0.0 + s * overlap
-        factor = (span + s * overlap) / max(span, 1e-300) if span > 0 else 1.0
+        factor = (span + s_pool * overlap) / max(span, 1e-300) if span > 0 else 1.0
         span = span * factor
     grouped_end = grouped + slow
     gpu_end = grouped_end

@@ -340,7 +340,7 @@ class RowSplit:
         # without numba (an image that lacks it) one-layer calls take the batched search: same decisions
         self.usable = self.r.slows <= 0 and importlib.util.find_spec("numba") is not None
         self.fc = np.array([self.r.launch_s, self.r.expert_copy_s, lm.ONDEMAND_LAUNCHES_PER_EXPERT * self.r.launch_s,
-                            self.r.contention, self.MARGIN])
+                            self.r.contention, self.MARGIN, self.r.pool_contention])
         self.ic = np.array([self.r.workers, self.r.engines], np.int64)
         self._act = np.zeros((2, 1))                   # activation copies by pair count; NaN: not yet evaluated
         self._need = np.zeros(2, np.int64)             # pair counts the compiled search asks to evaluate

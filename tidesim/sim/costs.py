@@ -285,7 +285,7 @@ def _schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile,
     costs = ScheduleCosts(forwards=F, layers=L, experts=E, rates=r, gpu=gpu, copies=copies, cpu=cpu, items=items,
                           counts=counts, flags=sorted(raised),
                           od_layout=od_layout)
-    if r.contention > 0 and cpu_time.size:
+    if (r.contention > 0 or r.pool_contention > 0) and cpu_time.size:
         factor = charge_contention(r, gpu, cpu, costs.cpu_span())
         items.cpu_time = items.cpu_time * factor[cpu_g]
     return costs

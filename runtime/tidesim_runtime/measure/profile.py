@@ -58,6 +58,7 @@ def build_profile(cal: Calibration, name: str, models: list[ModelSpec]) -> Hardw
                      mem_bandwidth_gbs=round(max(cal.cpu_mem_gbs, 1e-3), 3), gflops=round(max(cpu_gflops, 1e-3), 3),
                      mem_efficiency=1.0, compute_efficiency=1.0, task_overhead_us=round(cal.task_overhead_us, 3),
                      expert_ffn=cal.cpu_curves, gpu_contention=round(cal.contention, 4),
+                     pool_contention=round(cal.pool_contention, 4),
                      kernel=cpu_kernels.current().name)
     # without a GPU there is no PCIe link: generation 1 is a placeholder the schema requires (see description)
     return HardwareProfile(name=name, description=description, provenance=prov, gpu=gpu, pcie=pcie, cpu=cpu)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -96,6 +97,7 @@ class Calibration:
     task_overhead_us: float = 0.0
     copy_slows: float = 0.0
     contention: float = 0.0
+    pool_contention: float = 0.0
     notes: list[str] = field(default_factory=list)
 
 
@@ -471,38 +473,99 @@ def measure_copy_slowdown(cal: Calibration, backend: Backend, timer: Timer, spec
 
 
 def measure_contention(cal: Calibration, pool: CPUPool, timer: Timer, spec: ModelSpec) -> None:
-    """Fractional slowdown of GPU-side expert work while the CPU pool computes experts (paired
-    samples): the profile's cpu.gpu_contention. Near 0 with a real GPU; on the CPU-as-GPU path
-    both sides share cores and DRAM."""
+    """Both directions of the GPU side / CPU pool contention, from paired samples: how much slower
+    GPU-side expert work runs while the pool computes experts (cpu.gpu_contention), and how much
+    slower the pool's expert tasks run while the GPU side computes (cpu.pool_contention). Near 0
+    with a real GPU; on the CPU-as-GPU path both sides share cores and DRAM, and the two differ (a
+    bandwidth-bound pool beside compute-bound GPU-side work), so one figure cannot stand for both."""
     dtype = cal.device.dtype
     g = experts_over_cache(spec, dtype, cal.device, "gpu", 4)
     bench = GroupedBench(spec, cal.device, g, seed=7)
     host = ExpertBank.empty(spec, max(experts_over_cache(spec, dtype, cal.device, "cpu", 4), 2 * pool.workers),
                             torch.device("cpu"), dtype)
     gen = torch.Generator().manual_seed(7)
-    xc = random_matrix(8 * host.flat.shape[0], spec.hidden_size, gen, torch.device("cpu"), dtype)
+    tasks = contention_tasks(host.flat.shape[0])
+    xc = random_matrix(tasks[-1].stop, spec.hidden_size, gen, torch.device("cpu"), dtype)
     runner = expert_task_runner(xc, torch.empty_like(xc), host.w13, host.w2)
-    tasks = [ExpertTask(e, 8 * e, 8 * (e + 1)) for e in range(host.flat.shape[0])]
     compute = bench.fn(8)
     timer.warm(compute)
+
+    def pool_job() -> float:
+        t0 = time.perf_counter()
+        pool.submit(tasks, runner).wait()
+        return time.perf_counter() - t0
+
     alone_s = timer.sample(compute)
-    t0 = time.perf_counter()
-    pool.submit(tasks, runner).wait()
-    job_s = time.perf_counter() - t0
-    ratios = []
+    job_s = pool_job()
     try:
-        for _ in range(paired_samples(cal.grid)):
-            alone = timer.sample(compute)
-            # enough pool work to keep both sides busy for the whole sample (twice its length)
-            jobs = [pool.submit(tasks, runner) for _ in range(max(2, math.ceil(2 * alone_s / max(job_s, 1e-6)) + 1))]
-            time.sleep(0.001)
-            busy = timer.sample(compute)
-            for job in jobs:
-                job.wait()
-            ratios.append(busy / max(alone, 1e-12))
+        cal.contention = _gpu_slowdown(cal, pool, timer, compute, lambda: pool.submit(tasks, runner),
+                                       max(2, math.ceil(2 * alone_s / max(job_s, 1e-6)) + 1))
+        cal.pool_contention = _pool_slowdown(cal, timer, compute, pool_job)
     finally:
         bench.close()
-    cal.contention = max(0.0, statistics.median(ratios) - 1.0)
+
+
+CONTENTION_TASK_TOKENS = (1, 2, 4, 8)   # tokens of the pool's tasks while contention is measured, in turn
+
+
+def contention_tasks(experts: int) -> list[ExpertTask]:
+    """One task per expert, its tokens cycling through CONTENTION_TASK_TOKENS: the decode's CPU
+    tasks are mostly a few tokens each, where the host work per task (dispatch, the pool's
+    hand-offs) weighs as much as the arithmetic, and that host work is what contends with the GPU
+    side's own host work on the CPU-as-GPU path; tasks of 8 tokens only would understate it."""
+    tasks, row = [], 0
+    for e in range(experts):
+        t = CONTENTION_TASK_TOKENS[e % len(CONTENTION_TASK_TOKENS)]
+        tasks.append(ExpertTask(e, row, row + t))
+        row += t
+    return tasks
+
+
+def _gpu_slowdown(cal: Calibration, pool: CPUPool, timer: Timer, compute: Callable[[], Any],
+                  submit: Callable[[], Any], jobs_per_sample: int) -> float:
+    """GPU-side work alone, then with enough pool jobs queued to keep the pool busy throughout
+    (twice the sample's length): the median ratio minus 1."""
+    ratios = []
+    for _ in range(paired_samples(cal.grid)):
+        alone = timer.sample(compute)
+        jobs = [submit() for _ in range(jobs_per_sample)]
+        time.sleep(0.001)
+        busy = timer.sample(compute)
+        for job in jobs:
+            job.wait()
+        ratios.append(busy / max(alone, 1e-12))
+    return max(0.0, statistics.median(ratios) - 1.0)
+
+
+def _pool_slowdown(cal: Calibration, timer: Timer, compute: Callable[[], Any], pool_job: Callable[[], float]) -> float:
+    """A pool job alone, then while a thread keeps the GPU side computing (as the executor's GPU
+    thread does beside the pool): the median ratio minus 1. The thread sets its own intra-op thread
+    count first: a new thread does not inherit the caller's OpenMP team size, and a GPU side
+    running on every core would measure oversubscription, not contention."""
+    stop = threading.Event()
+    started = threading.Event()
+
+    def gpu_side() -> None:
+        if not cal.device.is_cuda:
+            torch.set_num_threads(cal.device.gpu_threads)
+        with torch.inference_mode():
+            while not stop.is_set():
+                timer.sample(compute)
+                started.set()
+
+    ratios = []
+    for _ in range(paired_samples(cal.grid)):
+        alone = pool_job()
+        stop.clear()
+        started.clear()
+        side = threading.Thread(target=gpu_side, name="tidesim-calibrate-gpu-side", daemon=True)
+        side.start()
+        started.wait(timeout=60.0)
+        busy = pool_job()
+        stop.set()
+        side.join()
+        ratios.append(busy / max(alone, 1e-12))
+    return max(0.0, statistics.median(ratios) - 1.0)
 
 
 def measure_task_overhead(cal: Calibration, pool: CPUPool) -> None:
