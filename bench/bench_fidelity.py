@@ -115,6 +115,26 @@ def what_if(hw: HardwareProfile, copy_scale: float = 1.0, copy_slows: float | No
     return profile_from_dict(data, source=hw.name, plausible=False)
 
 
+def mean_profile(before: HardwareProfile, after: HardwareProfile) -> HardwareProfile:
+    """The two calibrations that bracket a validation, averaged: every measured number the mean
+    of the two (curves and grids point by point), names and provenance the first's. Both must be
+    calibrations of one machine with one grid (same counts, points and shapes), else SystemExit."""
+    def mean(a: Any, b: Any, where: str) -> Any:
+        if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+            return {k: a[k] if k in ("provenance", "name", "description") else mean(a[k], b[k], f"{where}.{k}")
+                    for k in a}
+        if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            return [mean(x, y, f"{where}[{i}]") for i, (x, y) in enumerate(zip(a, b, strict=True))]
+        if isinstance(a, bool) or isinstance(a, int) and isinstance(b, int) or a is None or isinstance(a, str):
+            if a != b:
+                raise SystemExit(f"--bracket: the two calibrations differ at {where} ({a!r} vs {b!r})")
+            return a
+        if isinstance(a, float | int) and isinstance(b, float | int):
+            return (float(a) + float(b)) / 2
+        raise SystemExit(f"--bracket: the two calibrations differ in form at {where}")
+    return profile_from_dict(mean(before.to_dict(), after.to_dict(), "profile"), source=before.name)
+
+
 def profile_path(out: Path, name: str) -> Path:
     """The profile a run's validation used: OUT/profile_<run>.yaml (one calibration per run),
     else OUT/profile.yaml (one calibration for all, --calibrate-once and runs before it)."""
@@ -122,10 +142,10 @@ def profile_path(out: Path, name: str) -> Path:
     return own if own.exists() else out / "profile.yaml"
 
 
-def repredict(out: Path, hw: HardwareProfile | dict[str, HardwareProfile]) -> list[dict[str, Any]]:
+def repredict(out: Path, hw: HardwareProfile | dict[str, HardwareProfile | None]) -> list[dict[str, Any]]:
     """Every stored configuration of OUT's validations, predicted again with `hw` (one profile, or
-    one per run name): the rows of fidelity.json with predicted_step_ms and error recomputed
-    (measured values as stored)."""
+    one per run name; a run named with None is left out): the rows of fidelity.json with
+    predicted_step_ms and error recomputed (measured values as stored)."""
     from tidesim_runtime.engine.executor import first_layers
     from tidesim_runtime.measure.validate import Config, build, window
 
@@ -136,10 +156,12 @@ def repredict(out: Path, hw: HardwareProfile | dict[str, HardwareProfile]) -> li
     layers, forwards = int(GRID[GRID.index("--layers") + 1]), int(GRID[GRID.index("--forwards") + 1])
     rows: list[dict[str, Any]] = []
     for name, trace, extra in RUNS:
+        run_hw = hw[name] if isinstance(hw, dict) else hw
+        if run_hw is None:
+            continue
         workload = window(workload_from_trace(read_trace(trace_path(out, trace))), forwards,
                           "after-first-block" in extra)
         workload = first_layers(workload, layers)
-        run_hw = hw[name] if isinstance(hw, dict) else hw
         stored = configuration_rows(out / f"validate_{name}")
         steps, speeds = repeat_steps(stored), repeat_speeds(stored)
         for c in json.loads((out / f"validate_{name}" / "results.json").read_text())["rows"]:
@@ -277,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="results folder")
     p.add_argument("--repeats", type=int, default=3, help="repeats per configuration (3)")
     p.add_argument("--hw", default=None, help="use this profile instead of calibrating")
+    p.add_argument("--bracket", action="store_true",
+                   help="also calibrate right after each validation and report the errors predicted with the "
+                        "mean of the two calibrations (OUT/profile_<run>_after.yaml, _bracket.yaml) beside the plain "
+                        "ones; with --repredict, re-predict with the stored bracket profiles")
     p.add_argument("--calibrate-once", action="store_true",
                    help="one calibration (OUT/profile.yaml) for all three validations, not one right before each")
     p.add_argument("--repredict", action="store_true",
@@ -301,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             donor = load_profile(args.layer_fixed_from) if args.layer_fixed_from else None
             for name, _, _ in RUNS:
-                base = load_profile(args.hw or profile_path(out, name))
+                base = load_profile(args.hw or (out / f"profile_{name}_bracket.yaml" if args.bracket
+                                                else profile_path(out, name)))
                 grids = None if donor is None else transferred_layer_fixed(base, donor, PRESETS["llada2-mini"])
                 profiles[name] = what_if(base, args.copy_scale, args.copy_slows, args.fixed_scale, args.contention,
                                          grids, args.pool_contention)
@@ -329,7 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     none_trace = out / "trace_none.parquet"
     if not none_trace.exists():
         tidesim([*SYNTH_NONE, "-o", str(none_trace)])
+    if args.bracket and (args.hw or args.calibrate_once):
+        p.error("--bracket calibrates around each validation: give it without --hw and --calibrate-once")
     rows: list[dict[str, Any]] = []
+    brackets: dict[str, HardwareProfile | None] = {}
     for i, (name, trace, extra) in enumerate(RUNS):
         own = "profile.yaml" if args.calibrate_once else f"profile_{name}.yaml"
         profile = Path(args.hw) if args.hw else out / own
@@ -341,6 +371,11 @@ def main(argv: list[str] | None = None) -> int:
         folder = out / f"validate_{name}"
         tidesim(["validate", "--trace", str(trace), "--hw", str(profile), *GRID, "--repeats", str(args.repeats),
                  *extra, "-o", str(folder)])
+        if args.bracket:
+            after = out / f"profile_{name}_after.yaml"
+            tidesim(["calibrate", "--models", "llada2-mini", "--device", "cpu", "-o", str(after)])
+            brackets[name] = mean_profile(load_profile(profile), load_profile(after))
+            brackets[name].save(out / f"profile_{name}_bracket.yaml")
         data = json.loads((folder / "results.json").read_text())
         stored = configuration_rows(folder)
         steps, speeds = repeat_steps(stored), repeat_speeds(stored)
@@ -361,6 +396,14 @@ def main(argv: list[str] | None = None) -> int:
               "groups": {k: {"median_abs_error": a, "max_abs_error": b, "configurations": c}
                          for k, (a, b, c) in group_errors(rows).items()},
               "max_abs_error": max(errs), "rows": rows}
+    if brackets:
+        bracketed = repredict(out, brackets)
+        b_errs = [r["abs_error"] for r in bracketed]
+        result["bracketed"] = {"median_abs_error": statistics.median(b_errs), "max_abs_error": max(b_errs),
+                               "groups": {k: {"median_abs_error": a, "max_abs_error": b, "configurations": c}
+                                          for k, (a, b, c) in group_errors(bracketed).items()},
+                               "rows": [{k: r[k] for k in ("run", "config", "predicted_step_ms", "measured_step_ms",
+                                                           "error")} for r in bracketed]}
     tmp = out / ".fidelity.json.tmp"
     tmp.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     tmp.replace(out / "fidelity.json")
@@ -373,6 +416,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{conditions['load_average_end']} at the end; {conditions['seconds']} s")
     report_groups(rows)
     report_passes(passes, rows)
+    if brackets:
+        b = result["bracketed"]
+        print(f"predicted with the mean of the calibrations before and after each validation (--bracket): "
+              f"median |error| {b['median_abs_error']:.1%}, max {b['max_abs_error']:.1%}")
     return 0
 
 

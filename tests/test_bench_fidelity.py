@@ -179,3 +179,25 @@ def test_speed_probe_per_pass_and_the_speed_matched_errors(tmp_path) -> None:  #
             {"run": "prefix", "repeat_errors": [0.05], "repeat_speeds": []}]        # no probe: left out
     assert bench.speed_matched(rows) == pytest.approx([0.0, 0.1])
     assert bench.pass_speeds(rows) == [("prefix", 0, 1.0), ("prefix", 1, pytest.approx(1.1))]
+
+
+def test_mean_profile_averages_two_calibrations_point_by_point() -> None:
+    """--bracket's profile: the calibrations before and after a validation, every measured number
+    their mean (an expert curve at each point, the contention), names and provenance the first's;
+    two calibrations of different form are refused."""
+    import dataclasses
+
+    before = load_profile(REPO / "bench/results/fidelity-dev-2core-amd-r3/profile_prefix.yaml")
+    after = load_profile(REPO / "bench/results/fidelity-dev-2core-amd-r3/profile_window.yaml")
+    mean = bench.mean_profile(before, after)
+    b, a, m = (h.gpu.expert_ffn[0].curve.time_us for h in (before, after, mean))
+    assert m == pytest.approx([(x + y) / 2 for x, y in zip(b, a, strict=True)])
+    assert mean.cpu.gpu_contention == pytest.approx((before.cpu.gpu_contention + after.cpu.gpu_contention) / 2)
+    assert mean.name == before.name and mean.cpu.workers == before.cpu.workers
+    spec = PRESETS["llada2-mini"]
+    t = np.array([3])
+    assert float(mean.cpu_expert_time(t, spec)[0]) == pytest.approx(
+        (float(before.cpu_expert_time(t, spec)[0]) + float(after.cpu_expert_time(t, spec)[0])) / 2, rel=1e-9)
+    other = dataclasses.replace(after, cpu=dataclasses.replace(after.cpu, workers=after.cpu.workers + 1))
+    with pytest.raises(SystemExit, match="cpu.workers"):
+        bench.mean_profile(before, other)
