@@ -72,7 +72,7 @@ def uncached(costs: ScheduleCosts) -> ScheduleCosts:
     """The costs as the costing left them: each engine computes the CPU pool's makespans on first
     use and keeps them (ScheduleCosts.cpu_span), so a timed engine run starts without them."""
     r = costs.rates
-    if r.contention <= 0 and r.pool_contention <= 0 and r.slows <= 0:      # else the costing needed them
+    if max(r.contention, r.pool_contention, r.slows, r.slows_cpu) <= 0:      # else the costing needed them
         costs.cpu.span = None
     return costs
 

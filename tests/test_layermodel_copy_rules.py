@@ -145,6 +145,31 @@ def test_copy_slowdown_counts_only_copies_that_run_with_the_kernel(engine: str, 
     assert slow.total_time_s == pytest.approx(base.total_time_s)
 
 
+@pytest.mark.parametrize("engine", ["sim", "analytic"])
+@pytest.mark.parametrize("budget, overlap_ms, total_ms", [(2, 2.875, 7.4), (1, 2.325, 7.18)])
+def test_copies_slow_the_cpu_pool_only_while_they_run_beside_it(engine: str, budget: int, overlap_ms: float,
+                                                                total_ms: float) -> None:
+    # pcie.copy_slows_cpu = 0.4, the scene above: the CPU pool runs [2.125, 5.125].
+    # budget 2: the copy [2, 5] overlaps it 2.875 ms: the pool grows by 0.4 x 2.875 = 1.15 ms and
+    #   ends at 6.275, its results copy [6.275, 6.4]; with layer 1's 1 ms the forward ends at 7.4.
+    # budget 1: the copy [2.8, 5.8] overlaps it 2.325 ms: +0.93 ms, the pool ends at 6.055, its
+    #   results copy [6.055, 6.18] (the engine is free from 5.8): 7.18.
+    w = workload([[[3, 1, 0, 0], IDLE_LAYER]])
+    s = blank(w, budget=budget)
+    s.initial_resident[0, 0] = True
+    s.placement[0, 0, :2] = [GPU, CPU]
+    s.copy[0, 0, 1] = COPY_ASYNC_REFRESH
+    s.resident[0, 0, 1] = True
+    s.resident[0, 0, 0] = budget == 2
+    base = run(w, s, HW, engine=engine)
+    hw = profile(workers=1, engines=2)
+    hw.pcie.copy_slows_cpu = 0.4
+    slow = run(w, s, hw, engine=engine)
+    assert slow.busy_s["cpu"] == pytest.approx(base.busy_s["cpu"] + 0.4 * overlap_ms * MS)
+    assert slow.busy_s["gpu"] == pytest.approx(base.busy_s["gpu"])
+    assert slow.total_time_s == pytest.approx(total_ms * MS)
+
+
 def test_copy_slowdown_sits_at_the_end_of_the_grouped_kernel() -> None:
     # budget 2 case above: the grouped kernel's slice grows from 0.8 to 1.2 ms, [2, 3.2]
     w = workload([[[3, 1, 0, 0], IDLE_LAYER]])

@@ -120,6 +120,7 @@ def _random_profile(data: st.DataObject):  # type: ignore[no-untyped-def]
                  data.draw(st.sampled_from([2.0, 20.0, 1e4]))).scaled()
     hw.pcie.copy_engines = data.draw(st.sampled_from([1, 2]))
     hw.pcie.copy_slows_compute = data.draw(st.sampled_from([0.0, 0.3]))
+    hw.pcie.copy_slows_cpu = data.draw(st.sampled_from([0.0, 0.4]))
     hw.cpu.gpu_contention = data.draw(st.sampled_from([0.0, 0.8]))
     hw.cpu.pool_contention = data.draw(st.sampled_from([None, 0.0, 0.3]))   # None: symmetric
     return hw

@@ -141,8 +141,6 @@ def test_pool_slowdown_is_measured_with_the_gpu_side_running_beside_it() -> None
 
     from tidesim_runtime.engine.streams import make_backend
     from tidesim_runtime.measure.resources import Calibration, _pool_slowdown
-    from tidesim_runtime.measure.timer import Timer
-
     dev = select_device("cpu")
     backend = make_backend(dev.torch_device)
     lock = threading.Lock()
@@ -160,7 +158,7 @@ def test_pool_slowdown_is_measured_with_the_gpu_side_running_beside_it() -> None
     cal = Calibration(dev, Grid(repeats=1, gpu_tokens=[1], cpu_tokens=[1], att_tokens=[1], att_context=[1],
                                 copy_bytes=[1]))
     try:
-        slowdown = _pool_slowdown(cal, Timer(dev, backend), hold, pool_job)
+        slowdown = _pool_slowdown(cal, hold, pool_job)
     finally:
         backend.close()
     assert 0.5 <= slowdown <= 2.0

@@ -118,6 +118,8 @@ class HardwareProfile:
             out["cpu"].pop("kernel")
         if out["cpu"]["pool_contention"] is None:   # likewise profiles with one (symmetric) contention
             out["cpu"].pop("pool_contention")
+        if not out["pcie"]["copy_slows_cpu"]:       # and profiles whose copies do not slow the pool
+            out["pcie"].pop("copy_slows_cpu")
         if not out["gpu"]["layer_fixed"]:   # likewise profiles without a measured fixed path
             out["gpu"].pop("layer_fixed")
         return out
@@ -248,6 +250,7 @@ RANGES: dict[str, dict[str, tuple[float, float, bool]]] = {
         "copy_overhead_us": (0.0, 1_000_000, False),
         "copy_engines": (1, 16, True),
         "copy_slows_compute": (0.0, 10.0, False),
+        "copy_slows_cpu": (0.0, 10.0, False),
     },
     "cpu": {
         "cores": (1, 4096, True),

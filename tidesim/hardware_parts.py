@@ -98,12 +98,19 @@ class GPUProfile:
 
 @dataclass
 class PCIeProfile:
+    """The host-GPU link. copy_slows_compute: fraction by which GPU expert work slows while H2D
+    copies run; copy_slows_cpu: fraction by which the CPU pool's expert tasks slow while H2D
+    copies run (the copies read the host memory the pool streams; on the CPU-as-GPU path a copy
+    is a memcpy on a core). Both measured by tidesim calibrate, both first order in
+    tidesim.layermodel."""
+
     generation: int
     h2d_gbs: float
     d2h_gbs: float
     copy_overhead_us: float = 10.0
     copy_engines: int = 2
     copy_slows_compute: float = 0.0
+    copy_slows_cpu: float = 0.0
     h2d: Curve | None = None
     d2h: Curve | None = None
 

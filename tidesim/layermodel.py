@@ -46,6 +46,7 @@ class Rates:
     engines: int                 # 1: H2D and D2H share one copy engine; 2: one per direction
     workers: int                 # CPU pool
     slows: float                 # pcie.copy_slows_compute
+    slows_cpu: float             # pcie.copy_slows_cpu: CPU pool tasks slowed by H2D copies
     contention: float            # cpu.gpu_contention: GPU expert work slowed by the CPU pool
     pool_contention: float       # cpu.pool_contention: CPU pool tasks slowed by GPU expert work
     act_bytes_per_pair: float    # activation bytes of one routed (token, expert) pair
@@ -56,7 +57,8 @@ class Rates:
                    expert_copy_s=float(hw.h2d_time(float(spec.expert_bytes))),
                    expert_demote_s=float(hw.d2h_time(float(spec.expert_bytes))),
                    engines=1 if hw.pcie.copy_engines <= 1 else 2, workers=max(int(hw.cpu.workers), 1),
-                   slows=float(hw.pcie.copy_slows_compute), contention=float(hw.cpu.gpu_contention),
+                   slows=float(hw.pcie.copy_slows_compute), slows_cpu=float(hw.pcie.copy_slows_cpu),
+                   contention=float(hw.cpu.gpu_contention),
                    pool_contention=float(hw.cpu.gpu_contention if hw.cpu.pool_contention is None
                                          else hw.cpu.pool_contention),
                    act_bytes_per_pair=float(spec.activation_bytes_per_token))
@@ -148,9 +150,10 @@ def copy_slowdown(r: Rates, gpu_work: np.ndarray, h2d_overlap: np.ndarray) -> np
 
 def copy_overlaps(r: Rates, grouped: np.ndarray, od: OnDemand | None, async_g: np.ndarray,
                   async_release: np.ndarray, act_d2h: np.ndarray, res_h2d: np.ndarray, pool: np.ndarray,
-                  cpu_n: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """How long each piece of a layer-forward's GPU expert work runs while one of its own H2D
-    copies is on the engine: (grouped kernel [G], each on-demand expert [K, R] as `od`).
+                  cpu_n: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """How long each piece of a layer-forward's expert work runs while one of its own H2D copies
+    is on the engine: (grouped kernel [G], each on-demand expert [K, R] as `od`, the CPU pool [G]
+    between the activations' arrival (act_d2h) and act_d2h + pool).
 
     First order (docs/costmodel.md, "Copies slow compute"): on the layer-forward's own timeline
     from the end of its sync phase, before any slowdown and without waits for other
@@ -190,8 +193,12 @@ def copy_overlaps(r: Rates, grouped: np.ndarray, od: OnDemand | None, async_g: n
     stop = start + np.concatenate([np.full(start.size - res.size, c), res_h2d[res]])
     grouped_ov = np.bincount(g, weights=np.clip(np.minimum(stop, grouped[g]) - np.maximum(start, 0.0), 0.0, None),
                              minlength=groups)
+    busy = cpu_n[g] > 0
+    pool_ov = np.bincount(g[busy], weights=np.clip(np.minimum(stop[busy], act_d2h[g[busy]] + pool[g[busy]])
+                                                   - np.maximum(start[busy], act_d2h[g[busy]]), 0.0, None),
+                          minlength=groups)
     if od is None or not od.rows.size:
-        return grouped_ov, None
+        return grouped_ov, None, pool_ov
     od_ov = np.zeros(od.compute.shape)
     col = col_of[g]
     at = col >= 0
@@ -199,7 +206,19 @@ def copy_overlaps(r: Rates, grouped: np.ndarray, od: OnDemand | None, async_g: n
     for k in range(od.compute.shape[0]):
         hit = np.clip(np.minimum(stop, ends[k, col]) - np.maximum(start, a_od[k, col]), 0.0, None)
         od_ov[k] = np.bincount(col, weights=np.where(od.valid[k, col], hit, 0.0), minlength=od.rows.size)
-    return grouped_ov, od_ov
+    return grouped_ov, od_ov, pool_ov
+
+
+def charge_copy_pool(r: Rates, cpu: CpuCosts, span: np.ndarray, pool_ov: np.ndarray) -> np.ndarray:
+    """pcie.copy_slows_cpu = c (in place): the CPU pool progresses 1 + c times slower while the
+    layer-forward's own H2D copies run beside it (pool_ov, from copy_overlaps: they read host
+    memory the experts stream, and on the CPU-as-GPU path a copy is a memcpy on a core), so to
+    first order its makespan grows by c x pool_ov; every task is stretched alike (the
+    longest-first order kept). Sets cpu.span; returns the factor per layer-forward [G]."""
+    factor = np.where(span > 0, (span + r.slows_cpu * pool_ov) / np.maximum(span, 1e-300), 1.0)
+    cpu.total, cpu.longest, cpu.shortest = cpu.total * factor, cpu.longest * factor, cpu.shortest * factor
+    cpu.span = span * factor
+    return factor
 
 
 def contention_overlap(gpu_work: np.ndarray, span: np.ndarray) -> np.ndarray:

@@ -131,6 +131,7 @@ def _summary_rows(profile: Any, models: list[ModelSpec]) -> list[tuple[str, Any]
         ("H2D (GB/s)", profile.pcie.h2d_gbs),
         ("D2H (GB/s)", profile.pcie.d2h_gbs),
         ("copies slow GPU compute by", profile.pcie.copy_slows_compute),
+        ("copies slow the CPU pool by", profile.pcie.copy_slows_cpu),
         ("CPU task overhead (us)", profile.cpu.task_overhead_us),
         ("GPU side slows while the CPU pool runs by", profile.cpu.gpu_contention),
         ("CPU pool slows while the GPU side runs by", profile.cpu.gpu_contention if profile.cpu.pool_contention is None

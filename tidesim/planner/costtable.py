@@ -293,7 +293,7 @@ def _sync_layer_time(c: _Charges, sums: _Sums, layers: int, span: np.ndarray) ->
     cpu = CpuCosts(total=flat(sums.cpu_sum), longest=flat(sums.cpu_max), shortest=flat(sums.cpu_min),
                    n=flat(sums.cpu_n))
     slow = zeros
-    if r.slows > 0:           # only the results copy can run while the grouped kernel does
+    if r.slows > 0:           # only the results copy can run while the grouped kernel does (not the pool)
         none = np.zeros(0, np.int64)
         slow = copy_slowdown(r, grouped, copy_overlaps(r, grouped, None, none, none, act_d2h, res_h2d,
                                                        flat(span), cpu.n)[0])

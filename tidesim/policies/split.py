@@ -223,19 +223,22 @@ def layer_times(counts: np.ndarray, experts: np.ndarray, n_active: np.ndarray, n
     act, res = lm.activation_copies(r, hw, np.where(on_cpu, counts, 0).sum(axis=1))
     zeros = np.zeros(n)
     slow = zeros
-    if r.slows > 0:           # the copies that run while each piece of GPU work does (layer model)
-        g_ov, od_ov = lm.copy_overlaps(r, grouped, od, as_g, as_release, act, res, span, on_cpu.sum(axis=1))
+    cpu = lm.CpuCosts(total=np.bincount(rows, weights=cpu_rows, minlength=n), longest=zeros, shortest=zeros,
+                      n=on_cpu.sum(axis=1))
+    if r.slows > 0 or r.slows_cpu > 0:   # the copies that run while each piece of expert work does (layer model)
+        g_ov, od_ov, pool_ov = lm.copy_overlaps(r, grouped, od, as_g, as_release, act, res, span, cpu.n)
         slow = lm.copy_slowdown(r, grouped, g_ov)
         if od_ov is not None:
             extra = lm.copy_slowdown(r, od.compute, od_ov) * od.valid
             od.compute = od.compute + extra
             od_sum = od_sum.copy()
             od_sum[od.rows] += extra.sum(axis=0)
+        lm.charge_copy_pool(r, cpu, span, pool_ov)
+        assert cpu.span is not None
+        span = cpu.span
     gpu = lm.GpuCosts(fwd_fixed=zeros, layer_fixed=zeros, grouped=grouped, od_compute_sum=od_sum, slow_extra=slow)
     copies = lm.CopyCosts(sync_h2d=zeros, demote_d2h=zeros, async_h2d=zeros, n_async=zeros, act_d2h=act,
                           res_h2d=res, od_n=od_n, od_copy_sum=od_n * r.expert_copy_s)
-    cpu = lm.CpuCosts(total=np.bincount(rows, weights=cpu_rows, minlength=n), longest=zeros, shortest=zeros,
-                      n=on_cpu.sum(axis=1))
     lm.charge_contention(r, gpu, cpu, span)
     assert cpu.span is not None
     return lm.layer_phases(r, gpu, copies, cpu.n, cpu.span, od, 1)["side"]
@@ -338,7 +341,7 @@ class RowSplit:
         self.spec, self.hw, self.times = spec, hw, times
         self.r = lm.Rates.of(hw, spec)
         # without numba (an image that lacks it) one-layer calls take the batched search: same decisions
-        self.usable = self.r.slows <= 0 and importlib.util.find_spec("numba") is not None
+        self.usable = self.r.slows <= 0 and self.r.slows_cpu <= 0 and importlib.util.find_spec("numba") is not None
         self.fc = np.array([self.r.launch_s, self.r.expert_copy_s, lm.ONDEMAND_LAUNCHES_PER_EXPERT * self.r.launch_s,
                             self.r.contention, self.MARGIN, self.r.pool_contention])
         self.ic = np.array([self.r.workers, self.r.engines], np.int64)

@@ -26,6 +26,7 @@ from tidesim.layermodel import (
     activation_copies,
     background_waits,
     charge_contention,
+    charge_copy_pool,
     copy_overlaps,
     copy_releases,
     copy_slowdown,
@@ -252,10 +253,11 @@ def _schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile,
 
     od_layout = _od_layout(sparse, schedule, od_g, od_release)
     slow = np.zeros(G)
-    if r.slows > 0:
-        slow, od_time = _slowdowns(r, grouped, od_g, od_time, od_release, od_layout, async_g, async_release,
-                                   act_d2h, res_h2d, cs)
+    if r.slows > 0 or r.slows_cpu > 0:
+        slow, od_time, pool_factor = _slowdowns(r, grouped, od_g, od_time, od_release, od_layout, async_g,
+                                                async_release, act_d2h, res_h2d, cs)
         od_sum = np.bincount(od_g, weights=od_time, minlength=G)
+        cpu_time = cpu_time * pool_factor[cpu_g]
     gpu = GpuCosts(fwd_fixed=cells.fwd_fixed.copy(), layer_fixed=cells.layer_fixed.copy(), grouped=grouped,
                    od_compute_sum=od_sum, slow_extra=slow)
     copies = CopyCosts(sync_h2d=sync * r.expert_copy_s, demote_d2h=n_demote * r.expert_demote_s,
@@ -293,19 +295,22 @@ def _schedule_costs(workload: Workload, schedule: Schedule, hw: HardwareProfile,
 
 def _slowdowns(r: Rates, grouped: np.ndarray, od_g: np.ndarray, od_time: np.ndarray, od_release: np.ndarray,
                layout: OnDemandLayout | None, async_g: np.ndarray, async_release: np.ndarray, act_d2h: np.ndarray,
-               res_h2d: np.ndarray, cs: _CpuSide) -> tuple[np.ndarray, np.ndarray]:
+               res_h2d: np.ndarray, cs: _CpuSide) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """pcie.copy_slows_compute on the grouped kernels [G] (slow_extra) and on each on-demand
-    expert (its compute time), for the copies that really run while they do (copy_overlaps)."""
+    expert (its compute time), and pcie.copy_slows_cpu on the CPU pool (its tasks stretched in
+    cs.costs, the factor [G] returned for the per-task times), for the copies that really run
+    while they do (copy_overlaps)."""
     groups = grouped.size
-    cs.costs.span = lpt_makespans(cs.g, cs.time, cs.expert, groups, r.workers)
+    span = lpt_makespans(cs.g, cs.time, cs.expert, groups, r.workers)
     if od_g.size and layout is None:
         layout = OnDemandLayout.of(od_g, od_release)
     od = layout.fill(od_time) if layout is not None and od_g.size else None
-    g_ov, od_ov = copy_overlaps(r, grouped, od, async_g, async_release, act_d2h, res_h2d, cs.costs.span,
-                                cs.costs.n)
+    g_ov, od_ov, pool_ov = copy_overlaps(r, grouped, od, async_g, async_release, act_d2h, res_h2d, span,
+                                         cs.costs.n)
     if od_ov is not None and layout is not None:
         od_time = od_time + copy_slowdown(r, od_time, od_ov[layout.k, layout.col])
-    return copy_slowdown(r, grouped, g_ov), od_time
+    factor = charge_copy_pool(r, cs.costs, span, pool_ov)
+    return copy_slowdown(r, grouped, g_ov), od_time, factor
 
 
 @dataclass

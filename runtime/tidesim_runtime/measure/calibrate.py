@@ -10,7 +10,7 @@ What is measured (each a median over repeats, with the spread kept):
 - Attention time vs tokens and context (the executor's attention kernel), per model shape.
 - H2D and D2H copy time vs bytes through the executor's copy path (pinned memory and copy
   streams on CUDA; the copy thread on the CPU-as-GPU path), and whether copies slow concurrent
-  GPU compute (copy_slows_compute).
+  GPU compute (copy_slows_compute) and the CPU pool (copy_slows_cpu).
 - The executor's whole fixed per-layer path (norms, attention, shared expert, router, the host
   reading the split, the pairs' gather and combine) vs tokens and context, per model shape, over
   layers whose weights no cache holds (gpu.layer_fixed: what a MoE layer is charged outside its
@@ -43,6 +43,7 @@ from tidesim_runtime.measure.resources import (
     measure_attention,
     measure_contention,
     measure_copies,
+    measure_copy_pool_slowdown,
     measure_copy_slowdown,
     measure_cpu_bandwidth,
     measure_cpu_experts,
@@ -99,6 +100,7 @@ def calibrate(models: list[ModelSpec], device: DeviceInfo, quick: bool, name: st
     steps += [
         ("copies", lambda: measure_copies(cal, backend, timer, factor)),
         ("copies vs compute", lambda: measure_copy_slowdown(cal, backend, timer, models[0])),
+        ("copies vs CPU pool", lambda: measure_copy_pool_slowdown(cal, backend, pool, models[0])),
         ("GPU side vs CPU pool", lambda: measure_contention(cal, pool, timer, models[0])),
         ("CPU task overhead", lambda: measure_task_overhead(cal, pool)),
         ("CPU bandwidth", lambda: measure_cpu_bandwidth(cal, pool, models[0])),

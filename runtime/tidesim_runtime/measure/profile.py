@@ -53,7 +53,8 @@ def build_profile(cal: Calibration, name: str, models: list[ModelSpec]) -> Hardw
                      layer_fixed=cal.layer_fixed)
     pcie = PCIeProfile(generation=generation, h2d_gbs=round(big_h2d, 3), d2h_gbs=round(big_d2h, 3),
                        copy_overhead_us=round(cal.h2d.time_us[0], 3), copy_engines=2 if dev.is_cuda else 1,
-                       copy_slows_compute=round(cal.copy_slows, 4), h2d=cal.h2d, d2h=cal.d2h)
+                       copy_slows_compute=round(cal.copy_slows, 4), copy_slows_cpu=round(cal.copy_slows_cpu, 4),
+                       h2d=cal.h2d, d2h=cal.d2h)
     cpu = CPUProfile(name=facts["cpu"], cores=max(1, len(dev.cpu_set)), workers=dev.cpu_workers,
                      mem_bandwidth_gbs=round(max(cal.cpu_mem_gbs, 1e-3), 3), gflops=round(max(cpu_gflops, 1e-3), 3),
                      mem_efficiency=1.0, compute_efficiency=1.0, task_overhead_us=round(cal.task_overhead_us, 3),

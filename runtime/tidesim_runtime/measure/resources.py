@@ -96,6 +96,7 @@ class Calibration:
     cpu_gflops: float = 0.0
     task_overhead_us: float = 0.0
     copy_slows: float = 0.0
+    copy_slows_cpu: float = 0.0
     contention: float = 0.0
     pool_contention: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -472,6 +473,44 @@ def measure_copy_slowdown(cal: Calibration, backend: Backend, timer: Timer, spec
     cal.copy_slows = max(0.0, statistics.median(ratios) - 1.0)
 
 
+def measure_copy_pool_slowdown(cal: Calibration, backend: Backend, pool: CPUPool, spec: ModelSpec) -> None:
+    """The CPU pool's expert tasks alone vs while H2D copies stream (pcie.copy_slows_cpu): the
+    copies read host memory the pool's experts stream too, and on the CPU-as-GPU path each copy is
+    a memcpy on a core. Sources no cache holds, as the executor's copies."""
+    dtype = cal.device.dtype
+    n = max(experts_over_cache(spec, dtype, cal.device, "cpu", 4), 2 * pool.workers)
+    host = ExpertBank.empty(spec, n, torch.device("cpu"), dtype)
+    tasks = contention_tasks(n)
+    gen = torch.Generator().manual_seed(11)
+    xc = random_matrix(tasks[-1].stop, spec.hidden_size, gen, torch.device("cpu"), dtype)
+    runner = expert_task_runner(xc, torch.empty_like(xc), host.w13, host.w2)
+    sources = ExpertBank.empty(spec, n, torch.device("cpu"), dtype)
+    pinning = HostPinning(cal.device.is_cuda)
+    pinning.pin(sources.flat)
+    slots = ExpertBank.empty(spec, 4, cal.device.torch_device, dtype)
+    turn = [0]
+
+    def copies() -> None:       # four copies queued, then waited for (the copy engine kept busy)
+        marks = []
+        for _ in range(4):
+            i = turn[0] = (turn[0] + 1) % n
+            marks.append(backend.copy(slots.flat[i % 4], sources.flat[i], H2D, background=True))
+        for m in marks:
+            backend.host_wait(m)
+
+    def pool_job() -> float:
+        t0 = time.perf_counter()
+        pool.submit(tasks, runner).wait()
+        return time.perf_counter() - t0
+
+    try:
+        pool_job()
+        cal.copy_slows_cpu = _pool_slowdown(cal, copies, pool_job)
+    finally:
+        backend.synchronize()
+        pinning.release()
+
+
 def measure_contention(cal: Calibration, pool: CPUPool, timer: Timer, spec: ModelSpec) -> None:
     """Both directions of the GPU side / CPU pool contention, from paired samples: how much slower
     GPU-side expert work runs while the pool computes experts (cpu.gpu_contention), and how much
@@ -500,7 +539,7 @@ def measure_contention(cal: Calibration, pool: CPUPool, timer: Timer, spec: Mode
     try:
         cal.contention = _gpu_slowdown(cal, pool, timer, compute, lambda: pool.submit(tasks, runner),
                                        max(2, math.ceil(2 * alone_s / max(job_s, 1e-6)) + 1))
-        cal.pool_contention = _pool_slowdown(cal, timer, compute, pool_job)
+        cal.pool_contention = _pool_slowdown(cal, lambda: timer.sample(compute), pool_job)
     finally:
         bench.close()
 
@@ -537,11 +576,12 @@ def _gpu_slowdown(cal: Calibration, pool: CPUPool, timer: Timer, compute: Callab
     return max(0.0, statistics.median(ratios) - 1.0)
 
 
-def _pool_slowdown(cal: Calibration, timer: Timer, compute: Callable[[], Any], pool_job: Callable[[], float]) -> float:
-    """A pool job alone, then while a thread keeps the GPU side computing (as the executor's GPU
-    thread does beside the pool): the median ratio minus 1. The thread sets its own intra-op thread
-    count first: a new thread does not inherit the caller's OpenMP team size, and a GPU side
-    running on every core would measure oversubscription, not contention."""
+def _pool_slowdown(cal: Calibration, side_step: Callable[[], Any], pool_job: Callable[[], float]) -> float:
+    """A pool job alone, then while a thread repeats side_step (the GPU side computing, or copies
+    streaming, as the executor's GPU thread and copy thread do beside the pool): the median ratio
+    minus 1. The thread sets its own intra-op thread count first: a new thread does not inherit
+    the caller's OpenMP team size, and a side running on every core would measure
+    oversubscription, not contention."""
     stop = threading.Event()
     started = threading.Event()
 
@@ -550,7 +590,7 @@ def _pool_slowdown(cal: Calibration, timer: Timer, compute: Callable[[], Any], p
             torch.set_num_threads(cal.device.gpu_threads)
         with torch.inference_mode():
             while not stop.is_set():
-                timer.sample(compute)
+                side_step()
                 started.set()
 
     ratios = []
