@@ -27,7 +27,8 @@ copy F times the profile's) and --copy-slows S (pcie.copy_slows_compute = S) it 
 would the errors have been with these terms", the offline check of a model or calibration
 change (docs/validation.md); --fixed-scale F (attention grid, layer_overhead_us and any measured gpu.layer_fixed grid F
 times) and
---contention S (cpu.gpu_contention = S) and --pool-contention S (cpu.pool_contention = S) likewise:
+--contention S (cpu.gpu_contention = S), --pool-contention S (cpu.pool_contention = S) and
+--copy-slows-cpu S (pcie.copy_slows_cpu = S) likewise:
 
     .venv/bin/python bench/bench_fidelity.py --out bench/results/fidelity-dev-2core-cpu --repredict --copy-scale 1.99
 """
@@ -94,11 +95,12 @@ def transferred_layer_fixed(hw: HardwareProfile, other: HardwareProfile, spec: M
 
 def what_if(hw: HardwareProfile, copy_scale: float = 1.0, copy_slows: float | None = None,
             fixed_scale: float = 1.0, contention: float | None = None,
-            layer_fixed: list[dict[str, Any]] | None = None, pool_contention: float | None = None) -> HardwareProfile:
+            layer_fixed: list[dict[str, Any]] | None = None, pool_contention: float | None = None,
+            copy_slows_cpu: float | None = None) -> HardwareProfile:
     """The profile with every copy copy_scale times as long (curves and bandwidths), the GPU's
     fixed per-layer work (the attention grid, layer_overhead_us and the measured fixed-path grids)
     fixed_scale times, and, if given, pcie.copy_slows_compute, cpu.gpu_contention,
-    cpu.pool_contention and gpu.layer_fixed replaced."""
+    cpu.pool_contention, pcie.copy_slows_cpu and gpu.layer_fixed replaced."""
     data = (hw.scaled(pcie=1.0 / copy_scale) if copy_scale != 1.0 else hw).to_dict()
     if layer_fixed is not None:
         data["gpu"]["layer_fixed"] = layer_fixed
@@ -108,6 +110,8 @@ def what_if(hw: HardwareProfile, copy_scale: float = 1.0, copy_slows: float | No
         data["cpu"]["gpu_contention"] = contention
     if pool_contention is not None:
         data["cpu"]["pool_contention"] = pool_contention
+    if copy_slows_cpu is not None:
+        data["pcie"]["copy_slows_cpu"] = copy_slows_cpu
     if fixed_scale != 1.0:
         data["gpu"]["layer_overhead_us"] *= fixed_scale
         for grid in (*data["gpu"]["attention"], *data["gpu"].get("layer_fixed", [])):
@@ -313,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --repredict: the GPU's fixed per-layer work (attention, layer overhead) this many times")
     p.add_argument("--contention", type=float, default=None, help="with --repredict: cpu.gpu_contention")
     p.add_argument("--pool-contention", type=float, default=None, help="with --repredict: cpu.pool_contention")
+    p.add_argument("--copy-slows-cpu", type=float, default=None, help="with --repredict: pcie.copy_slows_cpu")
     p.add_argument("--layer-fixed-from", default=None, metavar="PROFILE",
                    help="with --repredict: PROFILE's measured gpu.layer_fixed grid, each cell scaled by the two "
                         "profiles' attention ratio there (an estimate for runs calibrated without one)")
@@ -320,9 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if args.repredict:
         if (args.copy_scale <= 0 or args.fixed_scale <= 0 or (args.copy_slows is not None and args.copy_slows < 0)
-                or any(v is not None and not 0 <= v <= 10 for v in (args.contention, args.pool_contention))):
-            p.error("--copy-scale and --fixed-scale must be > 0, --copy-slows >= 0, --contention and "
-                    "--pool-contention in 0..10")
+                or any(v is not None and not 0 <= v <= 10
+                       for v in (args.contention, args.pool_contention, args.copy_slows_cpu))):
+            p.error("--copy-scale and --fixed-scale must be > 0, --copy-slows >= 0, --contention, "
+                    "--pool-contention and --copy-slows-cpu in 0..10")
         profiles = {}
         try:
             donor = load_profile(args.layer_fixed_from) if args.layer_fixed_from else None
@@ -331,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                                                 else profile_path(out, name)))
                 grids = None if donor is None else transferred_layer_fixed(base, donor, PRESETS["llada2-mini"])
                 profiles[name] = what_if(base, args.copy_scale, args.copy_slows, args.fixed_scale, args.contention,
-                                         grids, args.pool_contention)
+                                         grids, args.pool_contention, args.copy_slows_cpu)
         except InputError as exc:
             p.error(f"--repredict: {exc} (is --out a finished run's folder?)")
         again = repredict(out, profiles)

@@ -325,6 +325,7 @@ def test_row_split_decides_as_the_batched_search(data) -> None:  # type: ignore[
 
     hw = _random_profile(data)
     hw.pcie.copy_slows_compute = 0.0
+    hw.pcie.copy_slows_cpu = 0.0
     hw.cpu.workers = data.draw(st.sampled_from([1, 3, 8]))
     spec = workload(np.ones((1, 1, 4), np.int64)).model
     k = data.draw(st.integers(1, 40))
