@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import math
 import threading
+import time
 
 import pytest
 
@@ -251,3 +252,49 @@ def test_the_cpu_as_gpu_loop_runs_the_list_and_linear_above_the_limit() -> None:
             assert torch.equal(y[a:b], sb.stream_swiglu(x[a:b], pool13[s], pool2[s])), e
     assert torch.equal(y[int(offs[2]):int(offs[3])], ck.linear_swiglu(x[int(offs[2]):int(offs[3])], w13[2], w2[2]))
     assert bool((y[int(offs[-1]):] == 9).all())
+
+
+def test_a_waiting_caller_helps_with_the_list_after_the_activations_and_gets_the_same_bits() -> None:
+    """CPUPool(caller_helps=True): wait() on the calling thread first waits for the activations
+    (`before`, run once), then takes experts from the job's shared list beside the workers; the
+    output is the one-list output bit for bit. With the worker held up, the caller runs them all."""
+    h, i = 260, 100
+    w13, w2 = bank(6, h, i, torch.bfloat16, 15)
+    counts = [2, 1, 3, 1, 1, 4]
+    starts, stops = layout(counts)
+    x = torch.randn(stops[-1], h, generator=torch.Generator().manual_seed(16)).bfloat16()
+    tasks = [ExpertTask(e, a, b) for e, a, b in zip(range(6), starts, stops, strict=True)]
+    want = torch.empty_like(x)
+    sb.expert_batch(x, want, w13, w2, list(range(6)), starts, stops).run(threads=1)
+    before = ck.current().name
+    pool = CPUPool(1, 1, caller_helps=True)
+    gate = threading.Event()
+    blocker = pool.submit([ExpertTask(0, 0, 1)], lambda t: gate.wait())   # the only worker is busy
+    try:
+        ck.use("avx2-stream")
+        out = torch.full_like(x, float("nan"))
+        calls: list[int] = []
+        job = pool.submit(tasks, expert_task_runner(x, out, w13, w2), before=lambda: calls.append(1))
+        assert job.helper is not None
+        helper = threading.Thread(target=job.wait)
+        helper.start()
+        deadline = time.monotonic() + 30
+        while not torch.equal(out, want) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert torch.equal(out, want) and calls == [1]    # done by the caller alone, activations first
+        assert helper.is_alive()                           # still waiting for the worker's own unit
+        gate.set()
+        helper.join(timeout=30)
+        blocker.wait()
+        assert torch.equal(out, want) and calls == [1]
+    finally:
+        gate.set()
+        ck.use(before)
+        pool.close()
+    plain = CPUPool(1, 1, caller_helps=False)
+    try:
+        ck.use("avx2-stream")
+        assert plain.submit(tasks, expert_task_runner(x, torch.empty_like(x), w13, w2)).helper is None
+    finally:
+        ck.use(before)
+        plain.close()

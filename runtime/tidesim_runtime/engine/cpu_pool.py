@@ -9,6 +9,7 @@ its kernels, so the workers run while the calling thread drives the GPU.
 from __future__ import annotations
 
 import functools
+import os
 import queue
 import threading
 import time
@@ -37,9 +38,10 @@ class LayerJob:
     """The CPU side of one layer-forward: its units of work (one expert each, or one worker's
     share of a list of experts run by one foreign call); wait() returns when every unit has run."""
 
-    def __init__(self, units: list[Unit], before: Callable[[], None] | None) -> None:
+    def __init__(self, units: list[Unit], before: Callable[[], None] | None, helper: Unit | None = None) -> None:
         self.remaining = len(units)
         self.before = before
+        self.helper = helper
         self.ready = threading.Event()
         self.started = threading.Lock()
         self.before_done = False
@@ -51,6 +53,17 @@ class LayerJob:
             self.done.set()
 
     def wait(self) -> None:
+        """Block until every unit has run; with a helper (CPUPool(caller_helps=True)), first take
+        experts from the job's shared list on the calling thread (after the activations)."""
+        if self.helper is not None and not self.done.is_set():
+            try:
+                with self.started:
+                    if not self.before_done and self.before is not None:
+                        self.before()
+                    self.before_done = True
+                self.helper()
+            except BaseException as exc:
+                self.errors.append(exc)
         self.done.wait()
         if self.errors:
             raise self.errors[0]
@@ -59,9 +72,11 @@ class LayerJob:
 class CPUPool:
     """Persistent worker threads; submit() queues one layer's tasks."""
 
-    def __init__(self, workers: int, threads: int) -> None:
+    def __init__(self, workers: int, threads: int, caller_helps: bool | None = None) -> None:
         self.workers = max(1, workers)
         self.threads = max(1, threads)
+        self.caller_helps = (os.environ.get("TIDESIM_CPU_CALLER_HELPS") == "1" if caller_helps is None
+                             else caller_helps)
         self._tasks: queue.Queue[tuple[LayerJob, Unit] | None] = queue.Queue()
         self._threads = [threading.Thread(target=self._serve, name=f"tidesim-cpu-worker-{i}", daemon=True)
                          for i in range(self.workers)]
@@ -107,9 +122,13 @@ class CPUPool:
         ExpertTaskRunner may turn the list into fewer units (ExpertTaskRunner.units): the order
         in which the workers take the experts stays longest first."""
         order = sorted(tasks, key=lambda t: (-(t.stop - t.start), t.expert))
-        units: list[Unit] = (run.units(order, self.workers) if isinstance(run, ExpertTaskRunner)
-                             else [functools.partial(run, t) for t in order])
-        job = LayerJob(units, before)
+        shared: stream_backend.ExpertBatch | None = None
+        if isinstance(run, ExpertTaskRunner):
+            units, shared = run.split(order, self.workers)
+        else:
+            units = [functools.partial(run, t) for t in order]
+        helper = functools.partial(shared.run, 1) if shared is not None and self.caller_helps else None
+        job = LayerJob(units, before, helper)
         for unit in units:
             self._tasks.put((job, unit))
         return job
@@ -147,8 +166,12 @@ class ExpertTaskRunner:
 
     def units(self, order: list[ExpertTask], workers: int) -> list[Unit]:
         """The units a pool of `workers` runs for `order` (longest first)."""
+        return self.split(order, workers)[0]
+
+    def split(self, order: list[ExpertTask], workers: int) -> tuple[list[Unit], stream_backend.ExpertBatch | None]:
+        """(units, the list they share or None)."""
         if not order or not self.batched():
-            return [functools.partial(self, t) for t in order]
+            return [functools.partial(self, t) for t in order], None
         dtype = self.x_host.dtype
         alone = [t for t in order if not stream_backend.runs_kernel(dtype, t.stop - t.start)]
         listed = [t for t in order if stream_backend.runs_kernel(dtype, t.stop - t.start)]
@@ -159,9 +182,9 @@ class ExpertTaskRunner:
                                                     [t.expert for t in listed], [t.start for t in listed],
                                                     [t.stop for t in listed])
             except ValueError:   # a layout the list cannot take (say, strided columns): one call each
-                return [functools.partial(self, t) for t in order]
-            units += [batch.run] * min(workers, len(listed))
-        return units
+                return [functools.partial(self, t) for t in order], None
+            return units + [batch.run] * min(workers, len(listed)), batch
+        return units, None
 
 
 def expert_task_runner(x_host: torch.Tensor, out_host: torch.Tensor, w13: torch.Tensor,
