@@ -15,7 +15,9 @@ Two paths (--paths): `call` times one kernel call per expert from Python (kernel
 output tensor each); `pool` times what the runtime's CPU pool runs: one layer job of all the
 bank's experts submitted to a CPUPool of one worker with the thread count
 (engine/cpu_pool.py: with avx2-stream the whole list is one foreign call per worker; the other
-kernels one call per expert), waited for, divided by the experts.
+kernels one call per expert), waited for, divided by the experts; `pool-each` the same job with
+one queue entry and one kernel call per expert (the pool's path before the list, for every
+kernel).
 
     .venv/bin/python bench/bench_cpu_experts.py [--models llada2-mini,llada2-flash]
         [--dtypes bfloat16,float32] [--tokens 1,2,4,8,16,32,64] [--threads 1,all]
@@ -46,7 +48,7 @@ from tidesim_runtime.engine.device import cpu_model_name, last_level_cache_bytes
 from tidesim.models import PRESETS, ModelSpec
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-PATHS = ("call", "pool")
+PATHS = ("call", "pool", "pool-each")
 MIB = 2**20
 
 
@@ -81,7 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", default="1,2,4,8,16,32,64")
     p.add_argument("--threads", default="1,all", help="thread counts; 'all' = the usable cores")
     p.add_argument("--kernels", default=",".join(cpu_kernels.KERNELS))
-    p.add_argument("--paths", default="call", help="call (one kernel call per expert), pool (the pool's layer job)")
+    p.add_argument("--paths", default="call",
+                   help="call (one kernel call per expert), pool (the pool's layer job), pool-each (the same job, "
+                        "one queue entry per expert)")
     p.add_argument("--working-set-mib", type=float, default=None,
                    help="weights per bank (default: twice the last-level cache)")
     p.add_argument("--repeats", type=int, default=3)
@@ -173,8 +177,9 @@ def measure_config(spec: ModelSpec, dtype: torch.dtype, threads: int, kernels: l
               if cpu_kernels.KERNELS[k].supports(dtype) and not cpu_kernels.KERNELS[k].why_unusable()]
 
     # the pool path: every expert its own rows of one activation buffer, as in a layer job
-    xp = {t: torch.randn(n * t, spec.hidden_size, generator=gen).to(dtype) for t in tokens} if "pool" in paths else {}
-    pool = CPUPool(1, threads) if "pool" in paths else None
+    pooled = "pool" in paths or "pool-each" in paths
+    xp = {t: torch.randn(n * t, spec.hidden_size, generator=gen).to(dtype) for t in tokens} if pooled else {}
+    pool = CPUPool(1, threads, caller_helps=False) if pooled else None
 
     def one_pass(k: str, path: str, t: int) -> None:
         if path == "call":
@@ -187,7 +192,8 @@ def measure_config(spec: ModelSpec, dtype: torch.dtype, threads: int, kernels: l
         cpu_kernels.use(k)
         try:
             runner = expert_task_runner(xp[t], torch.empty_like(xp[t]), bank.w13, bank.w2)
-            pool.submit([ExpertTask(e, e * t, (e + 1) * t) for e in range(n)], runner).wait()
+            tasks = [ExpertTask(e, e * t, (e + 1) * t) for e in range(n)]
+            pool.submit(tasks, runner if path == "pool" else (lambda task: runner(task))).wait()
         finally:
             cpu_kernels.use(before)
 
@@ -221,11 +227,11 @@ def measure_config(spec: ModelSpec, dtype: torch.dtype, threads: int, kernels: l
 
 
 def table(rows: list[Row]) -> str:
-    head = (f"{'model':<13} {'dtype':<9} {'thr':>3} {'kernel':<14} {'path':<4} {'tok':>4} {'best us':>9} "
+    head = (f"{'model':<13} {'dtype':<9} {'thr':>3} {'kernel':<14} {'path':<9} {'tok':>4} {'best us':>9} "
             f"{'median us':>10} {'GB/s':>6} {'read GB/s':>9} {'ratio':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.model:<13} {r.dtype:<9} {r.threads:>3} {r.kernel:<14} {r.path:<4} {r.tokens:>4} "
+        lines.append(f"{r.model:<13} {r.dtype:<9} {r.threads:>3} {r.kernel:<14} {r.path:<9} {r.tokens:>4} "
                      f"{r.best_us:>9.1f} {r.median_us:>10.1f} {r.gbs:>6.2f} {r.read_gbs:>9.2f} {r.ratio:>6.2f}")
     return "\n".join(lines)
 
