@@ -298,3 +298,61 @@ def test_a_waiting_caller_helps_with_the_list_after_the_activations_and_gets_the
     finally:
         ck.use(before)
         plain.close()
+
+
+def test_the_environment_switches_the_executors_helper_and_nothing_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tidesim_runtime.engine.cpu_pool import CALLER_HELPS_ENV, caller_helps_requested
+
+    monkeypatch.delenv(CALLER_HELPS_ENV, raising=False)
+    assert not caller_helps_requested()
+    for value, want in (("1", True), ("0", False), ("yes", False)):
+        monkeypatch.setenv(CALLER_HELPS_ENV, value)
+        assert caller_helps_requested() is want
+    monkeypatch.setenv(CALLER_HELPS_ENV, "1")
+    pool = CPUPool(1, 1)          # calibrate's and the layout choice's pools: never a helper
+    try:
+        assert not pool.caller_helps
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_live_decode_with_the_caller_helping_is_lossless(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The executor's pool with TIDESIM_CPU_CALLER_HELPS=1: the live decode with avx2-stream still
+    gives exactly the tokens and routing of the plain decode through the same kernel."""
+    import dataclasses
+
+    from runtime_cases import SPEC
+    from tidesim_runtime.engine.cpu_pool import CALLER_HELPS_ENV
+    from tidesim_runtime.engine.device import select_device
+    from tidesim_runtime.measure.live import lossless_check
+    from tidesim_runtime.reference.generate import DecodeConfig
+    from tidesim_runtime.reference.model import build_model
+
+    from tidesim.hardware import get_profile
+    from tidesim.policies import PolicyOptions, uniform
+
+    monkeypatch.setenv(CALLER_HELPS_ENV, "1")
+    helped: list[str] = []
+    run = sb.ExpertBatch.run
+
+    def spy(self: sb.ExpertBatch, threads: int | None = None) -> None:
+        if threads == 1 and threading.current_thread() is threading.main_thread():
+            helped.append("caller")      # the helper (the GPU-side loop passes no thread count)
+        run(self, threads)
+
+    monkeypatch.setattr(sb.ExpertBatch, "run", spy)
+    model = build_model(SPEC, dtype, seed=0)
+    layers = SPEC.num_moe_layers
+    opts = PolicyOptions(budget=uniform(5, layers), tau=uniform(2, layers), hw=get_profile("h100-sxm-pcie5"))
+    device = dataclasses.replace(select_device("cpu"), dtype=dtype)
+    before = ck.current().name
+    try:
+        ck.use("avx2-stream")
+        result = lossless_check(model, [5, 17, 42, 99, 7, 3], DecodeConfig(gen_length=8, block_length=8),
+                                "cpu-routing", opts, device)
+    finally:
+        ck.use(before)
+    assert result.identical, result.problems
+    assert result.metrics is not None and result.metrics.cpu_tokens > 0
+    assert helped        # the waiting caller did take part

@@ -69,14 +69,23 @@ class LayerJob:
             raise self.errors[0]
 
 
+CALLER_HELPS_ENV = "TIDESIM_CPU_CALLER_HELPS"
+
+
+def caller_helps_requested() -> bool:
+    """Whether the environment asks the executor's pool to let its waiting caller help
+    (TIDESIM_CPU_CALLER_HELPS=1; off by default: the simulator's pool has no helper, so calibrate
+    and the CPU layout choice always measure the pool without one)."""
+    return os.environ.get(CALLER_HELPS_ENV) == "1"
+
+
 class CPUPool:
     """Persistent worker threads; submit() queues one layer's tasks."""
 
-    def __init__(self, workers: int, threads: int, caller_helps: bool | None = None) -> None:
+    def __init__(self, workers: int, threads: int, caller_helps: bool = False) -> None:
         self.workers = max(1, workers)
         self.threads = max(1, threads)
-        self.caller_helps = (os.environ.get("TIDESIM_CPU_CALLER_HELPS") == "1" if caller_helps is None
-                             else caller_helps)
+        self.caller_helps = caller_helps   # a waiting caller takes experts from the job's list
         self._tasks: queue.Queue[tuple[LayerJob, Unit] | None] = queue.Queue()
         self._threads = [threading.Thread(target=self._serve, name=f"tidesim-cpu-worker-{i}", daemon=True)
                          for i in range(self.workers)]
