@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 np = pytest.importorskip("numpy")
 
 from tidesim_runtime.engine import cpu_kernels as ck  # noqa: E402
+from tidesim_runtime.engine import cpu_pool  # noqa: E402
 from tidesim_runtime.engine import stream_backend as sb  # noqa: E402
 from tidesim_runtime.engine.cpu_pool import CPUPool, ExpertTask, expert_task_runner  # noqa: E402
 
@@ -333,15 +334,14 @@ def test_a_live_decode_with_the_caller_helping_is_lossless(dtype: torch.dtype, m
     from tidesim.policies import PolicyOptions, uniform
 
     monkeypatch.setenv(CALLER_HELPS_ENV, "1")
-    helped: list[str] = []
-    run = sb.ExpertBatch.run
+    helpers: list[bool] = []
+    wait = cpu_pool.LayerJob.wait
 
-    def spy(self: sb.ExpertBatch, threads: int | None = None) -> None:
-        if threads == 1 and threading.current_thread() is threading.main_thread():
-            helped.append("caller")      # the helper (the GPU-side loop passes no thread count)
-        run(self, threads)
+    def spy(self: cpu_pool.LayerJob) -> None:
+        helpers.append(self.helper is not None)   # whether the caller may help (it does when work is left)
+        wait(self)
 
-    monkeypatch.setattr(sb.ExpertBatch, "run", spy)
+    monkeypatch.setattr(cpu_pool.LayerJob, "wait", spy)
     model = build_model(SPEC, dtype, seed=0)
     layers = SPEC.num_moe_layers
     opts = PolicyOptions(budget=uniform(5, layers), tau=uniform(2, layers), hw=get_profile("h100-sxm-pcie5"))
@@ -355,4 +355,4 @@ def test_a_live_decode_with_the_caller_helping_is_lossless(dtype: torch.dtype, m
         ck.use(before)
     assert result.identical, result.problems
     assert result.metrics is not None and result.metrics.cpu_tokens > 0
-    assert helped        # the waiting caller did take part
+    assert helpers and all(helpers)     # every layer job the executor waited for offered its list

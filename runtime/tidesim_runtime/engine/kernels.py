@@ -120,9 +120,14 @@ def grouped_experts(x_sorted: torch.Tensor, y_sorted: torch.Tensor, offs: np.nda
         listed = (counts > 0) & np.array([stream_backend.runs_kernel(x_sorted.dtype, c) for c in counts.tolist()],
                                          dtype=bool)
         if listed.any():
-            stream_backend.expert_batch(x_sorted, y_sorted, w13_pool, w2_pool, s[listed], starts[listed],
-                                        starts[listed] + counts[listed]).run()
-            counts = np.where(listed, 0, counts)
+            try:
+                batch = stream_backend.expert_batch(x_sorted, y_sorted, w13_pool, w2_pool, s[listed], starts[listed],
+                                                    starts[listed] + counts[listed])
+            except ValueError:     # a layout the list cannot take (say, strided columns): one call each
+                batch = None
+            if batch is not None:
+                batch.run()
+                counts = np.where(listed, 0, counts)
     for a, c, sl in zip(starts.tolist(), counts.tolist(), s.tolist(), strict=True):
         if c:
             swiglu_into(x_sorted[a:a + c], w13_pool[sl], w2_pool[sl], y_sorted[a:a + c])
