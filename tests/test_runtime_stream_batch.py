@@ -8,6 +8,7 @@ the per-expert path's bits (float32 above the token limit still `linear`)."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import math
 import threading
 import time
@@ -115,7 +116,7 @@ def test_bad_input_is_refused_with_one_line_before_the_library_runs() -> None:
         ((x.double(), out.double(), w13.double(), w2.double(), [0], [0], [1]), "float32 or bfloat16"),
         ((x, out, w13[0], w2, [0], [0], [1]), r"x and out \[N, H\]"),
         ((x, out, w13, w2[:, :, :12], [0], [0], [1]), "do not fit one SwiGLU"),
-        ((x[:, :36], out, w13, w2, [0], [0], [1]), "do not fit one SwiGLU"),
+        ((x[:, :36], out, w13, w2, [0], [0], [1]), "H = 37, the weights' hidden size"),
         ((x.t().contiguous().t(), out, w13, w2, [0], [0], [1]), "unit column stride"),
         ((x, out, w13, w2, [3], [0], [1]), r"outside the bank's 0\.\.2"),
         ((x, out, w13, w2, [-1], [0], [1]), r"outside the bank's 0\.\.2"),
@@ -136,8 +137,7 @@ def test_the_library_refuses_a_bad_row_range_itself() -> None:
     w13, w2 = bank(2, 8, 1, torch.float32, 8)
     x, out = torch.zeros(4, 8), torch.zeros(4, 8)
     good = sb.expert_batch(x, out, w13, w2, [0], [0], [2])
-    bad = sb.ExpertBatch(x, out, w13, w2, np.array([2], dtype=np.int64), np.array([1], dtype=np.int64),
-                         good.w13s, good.w2s)
+    bad = dataclasses.replace(good, starts=np.array([2], dtype=np.int64), stops=np.array([1], dtype=np.int64))
     with pytest.raises(RuntimeError, match="expert batch failed \\(code 1\\)"):
         bad.run()
     lib = sb.BACKEND.lib
@@ -205,8 +205,7 @@ def test_a_failing_list_surfaces_in_wait_and_the_pool_keeps_serving() -> None:
     w13, w2 = bank(2, 8, 1, torch.float32, 12)
     x, out = torch.zeros(4, 8), torch.zeros(4, 8)
     good = sb.expert_batch(x, out, w13, w2, [0], [0], [2])
-    bad = sb.ExpertBatch(x, out, w13, w2, np.array([3], dtype=np.int64), np.array([2], dtype=np.int64),
-                         good.w13s, good.w2s)
+    bad = dataclasses.replace(good, starts=np.array([3], dtype=np.int64), stops=np.array([2], dtype=np.int64))
 
     class Broken:
         def __call__(self, task: ExpertTask) -> None:
@@ -321,8 +320,6 @@ def test_the_environment_switches_the_executors_helper_and_nothing_else(monkeypa
 def test_a_live_decode_with_the_caller_helping_is_lossless(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """The executor's pool with TIDESIM_CPU_CALLER_HELPS=1: the live decode with avx2-stream still
     gives exactly the tokens and routing of the plain decode through the same kernel."""
-    import dataclasses
-
     from runtime_cases import SPEC
     from tidesim_runtime.engine.cpu_pool import CALLER_HELPS_ENV
     from tidesim_runtime.engine.device import select_device
@@ -356,3 +353,35 @@ def test_a_live_decode_with_the_caller_helping_is_lossless(dtype: torch.dtype, m
     assert result.identical, result.problems
     assert result.metrics is not None and result.metrics.cpu_tokens > 0
     assert helpers and all(helpers)     # every layer job the executor waited for offered its list
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_plain_decodes_expert_list_has_the_bits_of_one_call_per_expert(dtype: torch.dtype) -> None:
+    """measure/kernel_reference.run_experts_listed (the lossless check's plain decode with
+    avx2-stream) against the per-expert runner it replaces, on a block whose experts get 0 to 40
+    pairs (float32 above the token limit through `linear`, as the per-expert path does), both with
+    separate gate/up weights (fused_w13 copies) and bank-bound ones."""
+    from runtime_cases import SPEC
+    from tidesim_runtime.measure.kernel_reference import fused_w13, kernel_expert, run_experts_listed
+    from tidesim_runtime.reference.model import SparseMoeBlock, run_experts_locally
+
+    torch.manual_seed(17)
+    block = SparseMoeBlock(SPEC, dtype)
+    for p in block.parameters():
+        p.data.normal_(0.0, 0.2)
+    kernel = ck.KERNELS["avx2-stream"]
+    gen = torch.Generator().manual_seed(18)
+    tokens, k = 48, SPEC.top_k
+    x = torch.randn(tokens, SPEC.hidden_size, generator=gen).to(dtype)
+    # expert 0 in every token's list (48 pairs: above float32's limit), the rest spread at random
+    rest = torch.stack([torch.randperm(SPEC.num_experts - 1, generator=gen)[:k - 1] + 1 for _ in range(tokens)])
+    idx = torch.cat([torch.zeros(tokens, 1, dtype=torch.long), rest], dim=1)
+    w = torch.rand(tokens, k, generator=gen)
+    want = run_experts_locally(block, x, idx, w, expert=kernel_expert(block.experts, kernel))
+    assert torch.equal(run_experts_listed(block, x, idx, w, kernel), want)
+    inter = SPEC.moe_intermediate_size
+    for m in block.experts:      # gate and up rows made adjacent: fused_w13 is then a view, no copy
+        both = torch.cat([m.gate_proj.weight.data, m.up_proj.weight.data])
+        m.gate_proj.weight.data, m.up_proj.weight.data = both[:inter], both[inter:]
+        assert fused_w13(m).data_ptr() == both.data_ptr()
+    assert torch.equal(run_experts_listed(block, x, idx, w, kernel), want)
