@@ -11,9 +11,18 @@ just before it. Printed per row: time per expert (best and median pass), achieve
 bytes / best time), the best read bandwidth of the cell's rounds, and the ratio: the median over
 rounds of (pass GB/s / its own read's GB/s).
 
+Two paths (--paths): `call` times one kernel call per expert from Python (kernel.run, a new
+output tensor each); `pool` times what the runtime's CPU pool runs: one layer job of all the
+bank's experts submitted to a CPUPool of one worker with the thread count
+(engine/cpu_pool.py: with avx2-stream the whole list is one foreign call per worker; the other
+kernels one call per expert), waited for, divided by the experts; `pool-each` the same job with
+one queue entry and one kernel call per expert (the pool's path before the list, for every
+kernel).
+
     .venv/bin/python bench/bench_cpu_experts.py [--models llada2-mini,llada2-flash]
         [--dtypes bfloat16,float32] [--tokens 1,2,4,8,16,32,64] [--threads 1,all]
-        [--kernels linear,weights-left,...] [--working-set-mib N] [--repeats 3] [--json FILE]
+        [--kernels linear,weights-left,...] [--paths call,pool] [--working-set-mib N] [--repeats 3]
+        [--json FILE]
     .venv/bin/python bench/bench_cpu_experts.py --dry     # tiny sizes, seconds (the test suite runs it)
 """
 
@@ -33,11 +42,13 @@ from pathlib import Path
 
 import torch
 from tidesim_runtime.engine import cpu_kernels, kt_backend
+from tidesim_runtime.engine.cpu_pool import CPUPool, ExpertTask, expert_task_runner
 from tidesim_runtime.engine.device import cpu_model_name, last_level_cache_bytes
 
 from tidesim.models import PRESETS, ModelSpec
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+PATHS = ("call", "pool", "pool-each")
 MIB = 2**20
 
 
@@ -47,6 +58,7 @@ class Row:
     dtype: str
     threads: int
     kernel: str
+    path: str
     tokens: int
     experts: int
     expert_mb: float
@@ -71,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", default="1,2,4,8,16,32,64")
     p.add_argument("--threads", default="1,all", help="thread counts; 'all' = the usable cores")
     p.add_argument("--kernels", default=",".join(cpu_kernels.KERNELS))
+    p.add_argument("--paths", default="call",
+                   help="call (one kernel call per expert), pool (the pool's layer job), pool-each (the same job, "
+                        "one queue entry per expert)")
     p.add_argument("--working-set-mib", type=float, default=None,
                    help="weights per bank (default: twice the last-level cache)")
     p.add_argument("--repeats", type=int, default=3)
@@ -99,6 +114,9 @@ def check(args: argparse.Namespace) -> None:
     for k in parse_list(args.kernels, "--kernels"):
         if k not in cpu_kernels.KERNELS:
             bad(f"--kernels: unknown kernel {k!r}; use some of {', '.join(cpu_kernels.KERNELS)}")
+    for pa in parse_list(args.paths, "--paths"):
+        if pa not in PATHS:
+            bad(f"--paths: unknown path {pa!r}; use some of {', '.join(PATHS)}")
     for t in parse_list(args.tokens, "--tokens"):
         if not t.isdigit() or not 1 <= int(t) <= 4096:
             bad(f"--tokens: {t!r} is not a token count in 1..4096")
@@ -145,9 +163,9 @@ def timed(fn: object) -> float:
 
 
 def measure_config(spec: ModelSpec, dtype: torch.dtype, threads: int, kernels: list[str], tokens: list[int],
-                   ws_bytes: int, repeats: int) -> list[Row]:
-    """Rows of one (model, dtype, thread count): every kernel at every token count, with the
-    read bandwidth of the same rounds."""
+                   ws_bytes: int, repeats: int, paths: tuple[str, ...] = ("call",)) -> list[Row]:
+    """Rows of one (model, dtype, thread count): every kernel on every path at every token count,
+    with the read bandwidth of the same rounds."""
     torch.set_num_threads(threads)
     per = expert_bytes(spec, dtype)
     n = max(2, math.ceil(ws_bytes / per))
@@ -158,42 +176,63 @@ def measure_config(spec: ModelSpec, dtype: torch.dtype, threads: int, kernels: l
     usable = [k for k in kernels
               if cpu_kernels.KERNELS[k].supports(dtype) and not cpu_kernels.KERNELS[k].why_unusable()]
 
-    def one_pass(kernel: cpu_kernels.CpuKernel, x: torch.Tensor) -> None:
-        for e in range(n):
-            kernel.run(x, bank.w13[e], bank.w2[e])
+    # the pool path: every expert its own rows of one activation buffer, as in a layer job
+    pooled = "pool" in paths or "pool-each" in paths
+    xp = {t: torch.randn(n * t, spec.hidden_size, generator=gen).to(dtype) for t in tokens} if pooled else {}
+    pool = CPUPool(1, threads, caller_helps=False) if pooled else None
 
-    cells = [(k, t) for k in usable for t in tokens]
-    with torch.inference_mode():
-        for k, t in cells:  # warm-up: primitives, packing, compilation
-            one_pass(cpu_kernels.KERNELS[k], xs[t])
-        samples: dict[tuple[str, int], list[tuple[float, float]]] = {c: [] for c in cells}
-        for _ in range(repeats):
-            for k, t in cells:   # each pass paired with a read of the same size just before it
-                read = timed(stream.sum)
-                samples[(k, t)].append((read, timed(lambda k=k, t=t: one_pass(cpu_kernels.KERNELS[k], xs[t])) / n))
+    def one_pass(k: str, path: str, t: int) -> None:
+        if path == "call":
+            kernel = cpu_kernels.KERNELS[k]
+            for e in range(n):
+                kernel.run(xs[t], bank.w13[e], bank.w2[e])
+            return
+        assert pool is not None
+        before = cpu_kernels.current().name
+        cpu_kernels.use(k)
+        try:
+            runner = expert_task_runner(xp[t], torch.empty_like(xp[t]), bank.w13, bank.w2)
+            tasks = [ExpertTask(e, e * t, (e + 1) * t) for e in range(n)]
+            pool.submit(tasks, runner if path == "pool" else (lambda task: runner(task))).wait()
+        finally:
+            cpu_kernels.use(before)
+
+    cells = [(k, pa, t) for k in usable for pa in paths for t in tokens]
+    try:
+        with torch.inference_mode():
+            for k, pa, t in cells:  # warm-up: primitives, packing, compilation
+                one_pass(k, pa, t)
+            samples: dict[tuple[str, str, int], list[tuple[float, float]]] = {c: [] for c in cells}
+            for _ in range(repeats):
+                for c in cells:   # each pass paired with a read of the same size just before it
+                    read = timed(stream.sum)
+                    samples[c].append((read, timed(lambda c=c: one_pass(*c)) / n))
+    finally:
+        if pool is not None:
+            pool.close()
     cpu_kernels.PACKED.clear()
     kt_backend.BACKEND.clear()
     rows = []
     read_bytes = stream.numel() * 4
-    for (k, t), s in samples.items():
+    for (k, pa, t), s in samples.items():
         best = min(x for _, x in s)
         # the ratio of a pass to its own read (the median over rounds): load from other jobs that
         # comes and goes between rounds falls on both halves of a pair alike
         ratio = statistics.median((per / x) / (read_bytes / r) for r, x in s)
         gbs = per / best / 1e9
-        rows.append(Row(spec.name, str(dtype).replace("torch.", ""), threads, k, t, n, per / 1e6, best * 1e6,
+        rows.append(Row(spec.name, str(dtype).replace("torch.", ""), threads, k, pa, t, n, per / 1e6, best * 1e6,
                         statistics.median(x for _, x in s) * 1e6, gbs, read_bytes / min(r for r, _ in s) / 1e9,
                         ratio))
     return rows
 
 
 def table(rows: list[Row]) -> str:
-    head = (f"{'model':<13} {'dtype':<9} {'thr':>3} {'kernel':<14} {'tok':>4} {'best us':>9} {'median us':>10} "
-            f"{'GB/s':>6} {'read GB/s':>9} {'ratio':>6}")
+    head = (f"{'model':<13} {'dtype':<9} {'thr':>3} {'kernel':<14} {'path':<9} {'tok':>4} {'best us':>9} "
+            f"{'median us':>10} {'GB/s':>6} {'read GB/s':>9} {'ratio':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.model:<13} {r.dtype:<9} {r.threads:>3} {r.kernel:<14} {r.tokens:>4} {r.best_us:>9.1f} "
-                     f"{r.median_us:>10.1f} {r.gbs:>6.2f} {r.read_gbs:>9.2f} {r.ratio:>6.2f}")
+        lines.append(f"{r.model:<13} {r.dtype:<9} {r.threads:>3} {r.kernel:<14} {r.path:<9} {r.tokens:>4} "
+                     f"{r.best_us:>9.1f} {r.median_us:>10.1f} {r.gbs:>6.2f} {r.read_gbs:>9.2f} {r.ratio:>6.2f}")
     return "\n".join(lines)
 
 
@@ -209,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         for m in parse_list(args.models, "--models"):
             for d in parse_list(args.dtypes, "--dtypes"):
                 for th in thread_counts(args.threads):
-                    rows += measure_config(PRESETS[m], DTYPES[d], th, kernels, tokens, ws, args.repeats)
+                    rows += measure_config(PRESETS[m], DTYPES[d], th, kernels, tokens, ws, args.repeats,
+                                           tuple(parse_list(args.paths, "--paths")))
     finally:
         torch.set_num_threads(threads_before)
     print(f"{cpu_model_name()}, {usable_cores()} usable cores, working set {ws / MIB:.0f} MiB per bank, "

@@ -41,10 +41,24 @@ def test_dry_run_measures_every_kernel_against_the_read_bandwidth(tmp_path: Path
     assert "read GB/s" in printed and "weights-left" in printed
 
 
+def test_dry_run_times_the_pools_layer_job_beside_single_calls(tmp_path: Path) -> None:
+    """--paths call,pool,pool-each: every kernel as one call per expert, as the pool's layer job
+    (avx2-stream's one list per worker where it builds) and as the same job one queue entry per
+    expert, each row named by its path."""
+    out = tmp_path / "cpu.json"
+    kernels = "linear" + ("" if cpu_kernels.KERNELS["avx2-stream"].why_unusable() else ",avx2-stream")
+    assert bench.main(["--dry", "--kernels", kernels, "--paths", "call,pool,pool-each", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    cells = {(r["dtype"], r["kernel"], r["path"], r["tokens"]) for r in rows}
+    assert cells == {(d, k, p, t) for d in ("bfloat16", "float32") for k in kernels.split(",")
+                     for p in ("call", "pool", "pool-each") for t in (1, 4)}
+    assert all(r["best_us"] > 0 and r["gbs"] > 0 for r in rows)
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--tokens", "0"], "--tokens"), (["--kernels", "fast"], "--kernels"), (["--models", "gpt"], "--models"),
     (["--dtypes", "int8"], "--dtypes"), (["--working-set-mib", "nan"], "--working-set-mib"),
-    (["--threads", "-1"], "--threads"), (["--repeats", "0"], "--repeats")])
+    (["--threads", "-1"], "--threads"), (["--repeats", "0"], "--repeats"), (["--paths", "call,fast"], "--paths")])
 def test_bad_input_exits_2_with_one_line(argv: list[str], words: str, capsys) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(SystemExit) as exc:
         bench.main(argv)

@@ -8,6 +8,8 @@ its kernels, so the workers run while the calling thread drives the GPU.
 
 from __future__ import annotations
 
+import functools
+import os
 import queue
 import threading
 import time
@@ -16,7 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from tidesim_runtime.engine.cpu_kernels import cpu_swiglu_into
+from tidesim_runtime.engine import stream_backend
+from tidesim_runtime.engine.cpu_kernels import cpu_swiglu_into, for_weights
+
+Unit = Callable[[], object]
 
 
 @dataclass
@@ -30,13 +35,13 @@ class ExpertTask:
 
 
 class LayerJob:
-    """The CPU side of one layer-forward; wait() returns when every task has run."""
+    """The CPU side of one layer-forward: its units of work (one expert each, or one worker's
+    share of a list of experts run by one foreign call); wait() returns when every unit has run."""
 
-    def __init__(self, tasks: list[ExpertTask], run: Callable[[ExpertTask], object],
-                 before: Callable[[], None] | None) -> None:
-        self.remaining = len(tasks)
-        self.run = run
+    def __init__(self, units: list[Unit], before: Callable[[], None] | None, helper: Unit | None = None) -> None:
+        self.remaining = len(units)
         self.before = before
+        self.helper = helper
         self.ready = threading.Event()
         self.started = threading.Lock()
         self.before_done = False
@@ -44,22 +49,44 @@ class LayerJob:
         self.errors: list[BaseException] = []
         self.busy_s = 0.0
         self.lock = threading.Lock()
-        if not tasks:
+        if not units:
             self.done.set()
 
     def wait(self) -> None:
+        """Block until every unit has run; with a helper (CPUPool(caller_helps=True)), first take
+        experts from the job's shared list on the calling thread (after the activations)."""
+        if self.helper is not None and not self.done.is_set():
+            try:
+                with self.started:
+                    if not self.before_done and self.before is not None:
+                        self.before()
+                    self.before_done = True
+                self.helper()
+            except BaseException as exc:
+                self.errors.append(exc)
         self.done.wait()
         if self.errors:
             raise self.errors[0]
 
 
+CALLER_HELPS_ENV = "TIDESIM_CPU_CALLER_HELPS"
+
+
+def caller_helps_requested() -> bool:
+    """Whether the environment asks the executor's pool to let its waiting caller help
+    (TIDESIM_CPU_CALLER_HELPS=1; off by default: the simulator's pool has no helper, so calibrate
+    and the CPU layout choice always measure the pool without one)."""
+    return os.environ.get(CALLER_HELPS_ENV) == "1"
+
+
 class CPUPool:
     """Persistent worker threads; submit() queues one layer's tasks."""
 
-    def __init__(self, workers: int, threads: int) -> None:
+    def __init__(self, workers: int, threads: int, caller_helps: bool = False) -> None:
         self.workers = max(1, workers)
         self.threads = max(1, threads)
-        self._tasks: queue.Queue[tuple[LayerJob, ExpertTask] | None] = queue.Queue()
+        self.caller_helps = caller_helps   # a waiting caller takes experts from the job's list
+        self._tasks: queue.Queue[tuple[LayerJob, Unit] | None] = queue.Queue()
         self._threads = [threading.Thread(target=self._serve, name=f"tidesim-cpu-worker-{i}", daemon=True)
                          for i in range(self.workers)]
         self.busy_s = 0.0
@@ -77,14 +104,14 @@ class CPUPool:
             item = self._tasks.get()
             if item is None:
                 return
-            job, task = item
+            job, unit = item
             try:
                 with job.started:  # the first worker to start a job waits for its activations
                     if not job.before_done and job.before is not None:
                         job.before()
                     job.before_done = True
                 t0 = time.perf_counter()
-                job.run(task)
+                unit()
                 dt = time.perf_counter() - t0
             except BaseException as exc:
                 job.errors.append(exc)
@@ -100,11 +127,19 @@ class CPUPool:
 
     def submit(self, tasks: list[ExpertTask], run: Callable[[ExpertTask], object],
                before: Callable[[], None] | None = None) -> LayerJob:
-        """Queue tasks longest first; `before` (waiting for the activations) runs once, first."""
+        """Queue tasks longest first; `before` (waiting for the activations) runs once, first. An
+        ExpertTaskRunner may turn the list into fewer units (ExpertTaskRunner.units): the order
+        in which the workers take the experts stays longest first."""
         order = sorted(tasks, key=lambda t: (-(t.stop - t.start), t.expert))
-        job = LayerJob(order, run, before)
-        for task in order:
-            self._tasks.put((job, task))
+        shared: stream_backend.ExpertBatch | None = None
+        if isinstance(run, ExpertTaskRunner):
+            units, shared = run.split(order, self.workers)
+        else:
+            units = [functools.partial(run, t) for t in order]
+        helper = functools.partial(shared.run, 1) if shared is not None and self.caller_helps else None
+        job = LayerJob(units, before, helper)
+        for unit in units:
+            self._tasks.put((job, unit))
         return job
 
     def close(self) -> None:
@@ -114,11 +149,54 @@ class CPUPool:
             t.join(timeout=10)
 
 
-def expert_task_runner(x_host: torch.Tensor, out_host: torch.Tensor, w13: torch.Tensor,
-                       w2: torch.Tensor) -> Callable[[ExpertTask], object]:
+class ExpertTaskRunner:
     """A task body: SwiGLU of one expert from host weights on host activations, with the process's
-    CPU expert kernel (engine/cpu_kernels.py), written straight into the expert's output rows."""
-    def run(task: ExpertTask) -> None:
+    CPU expert kernel (engine/cpu_kernels.py), written straight into the expert's output rows.
+
+    With avx2-stream, the pool runs a layer's experts through one foreign call per worker
+    (units): the experts go into one stream_backend.ExpertBatch, longest first, and every worker
+    runs it, taking the next expert from the list's shared counter as it frees up (the same
+    longest-first list scheduling as one queue entry per expert, without the Python wrapper's
+    cost per expert). Calls that run `linear` instead (float32 above stream_backend.MAX_TOKENS)
+    stay units of their own, queued first (they are the longest). The bits are the per-expert
+    call's either way (tests/test_runtime_stream_batch.py)."""
+
+    def __init__(self, x_host: torch.Tensor, out_host: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> None:
+        self.x_host, self.out_host, self.w13, self.w2 = x_host, out_host, w13, w2
+
+    def __call__(self, task: ExpertTask) -> None:
         a, b = task.start, task.stop
-        cpu_swiglu_into(x_host[a:b], w13[task.expert], w2[task.expert], out_host[a:b], fixed=True)
-    return run
+        cpu_swiglu_into(self.x_host[a:b], self.w13[task.expert], self.w2[task.expert], self.out_host[a:b],
+                        fixed=True)
+
+    def batched(self) -> bool:
+        """Whether this runner's experts run as one foreign call per worker (avx2-stream)."""
+        return for_weights(self.x_host.dtype, fixed=True).name == "avx2-stream"
+
+    def units(self, order: list[ExpertTask], workers: int) -> list[Unit]:
+        """The units a pool of `workers` runs for `order` (longest first)."""
+        return self.split(order, workers)[0]
+
+    def split(self, order: list[ExpertTask], workers: int) -> tuple[list[Unit], stream_backend.ExpertBatch | None]:
+        """(units, the list they share or None)."""
+        if not order or not self.batched():
+            return [functools.partial(self, t) for t in order], None
+        dtype = self.x_host.dtype
+        alone = [t for t in order if not stream_backend.runs_kernel(dtype, t.stop - t.start)]
+        listed = [t for t in order if stream_backend.runs_kernel(dtype, t.stop - t.start)]
+        units: list[Unit] = [functools.partial(self, t) for t in alone]
+        if listed:
+            try:
+                batch = stream_backend.expert_batch(self.x_host, self.out_host, self.w13, self.w2,
+                                                    [t.expert for t in listed], [t.start for t in listed],
+                                                    [t.stop for t in listed])
+            except ValueError:   # a layout the list cannot take (say, strided columns): one call each
+                return [functools.partial(self, t) for t in order], None
+            return units + [batch.run] * min(workers, len(listed)), batch
+        return units, None
+
+
+def expert_task_runner(x_host: torch.Tensor, out_host: torch.Tensor, w13: torch.Tensor,
+                       w2: torch.Tensor) -> ExpertTaskRunner:
+    """The pool's task body for these buffers and banks (ExpertTaskRunner)."""
+    return ExpertTaskRunner(x_host, out_host, w13, w2)

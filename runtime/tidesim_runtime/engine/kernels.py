@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from tidesim.models import ModelSpec
-from tidesim_runtime.engine.cpu_kernels import cpu_swiglu, cpu_swiglu_into, linear_into, linear_swiglu
+from tidesim_runtime.engine import stream_backend
+from tidesim_runtime.engine.cpu_kernels import cpu_swiglu, cpu_swiglu_into, for_weights, linear_into, linear_swiglu
 
 
 def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -95,7 +96,9 @@ def grouped_experts(x_sorted: torch.Tensor, y_sorted: torch.Tensor, offs: np.nda
     grouped GEMMs and one elementwise kernel with per-slot offsets (slots without tokens are empty
     groups), and one scatter writes the rows back; the row index and the offsets travel to the
     device in one asynchronous copy (`to_device`: a pinned staging buffer), so the host never
-    blocks. "loop": each expert with tokens computes its rows in place (swiglu_into), no gather.
+    blocks. "loop": each expert with tokens computes its rows in place (swiglu_into), no gather;
+    on device cpu with avx2-stream, those within its token limit as one foreign call
+    (stream_backend.ExpertBatch: the same bits, no wrapper cost per expert).
     """
     e, s, counts, rows = slot_order(offs, experts, slots)
     n = int(rows.size)
@@ -113,6 +116,18 @@ def grouped_experts(x_sorted: torch.Tensor, y_sorted: torch.Tensor, offs: np.nda
         y_sorted.index_copy_(0, pos, F.grouped_mm(h, w2_pool.transpose(-2, -1), offs=slot_offs))
         return
     starts = np.asarray(offs, dtype=np.int64)[e]
+    if x_sorted.device.type == "cpu" and for_weights(x_sorted.dtype, fixed=False).name == "avx2-stream":
+        listed = (counts > 0) & np.array([stream_backend.runs_kernel(x_sorted.dtype, c) for c in counts.tolist()],
+                                         dtype=bool)
+        if listed.any():
+            try:
+                batch = stream_backend.expert_batch(x_sorted, y_sorted, w13_pool, w2_pool, s[listed], starts[listed],
+                                                    starts[listed] + counts[listed])
+            except ValueError:     # a layout the list cannot take (say, strided columns): one call each
+                batch = None
+            if batch is not None:
+                batch.run()
+                counts = np.where(listed, 0, counts)
     for a, c, sl in zip(starts.tolist(), counts.tolist(), s.tolist(), strict=True):
         if c:
             swiglu_into(x_sorted[a:a + c], w13_pool[sl], w2_pool[sl], y_sorted[a:a + c])

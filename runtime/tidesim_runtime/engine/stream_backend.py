@@ -28,15 +28,17 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from tidesim_runtime.engine.kt_backend import cpu_flags
 
 SOURCE = Path(__file__).with_name("stream_gemm.cpp")
-ABI = 2
+ABI = 3
 FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fPIC", "-shared", "-std=c++17")
 NEEDED_FLAGS = ("avx2", "fma")
 # Above this many tokens per call, `linear` runs instead: float32 MKL/oneDNN GEMMs reach more of
@@ -144,6 +146,9 @@ class StreamBackend:
             lib.tidesim_stream_swiglu.restype = c_int
             lib.tidesim_stream_swiglu.argtypes = [ptr, c_int, i64, i64, ptr, i64, ptr, i64, c_int, i64, i64, ptr,
                                                   c_int, i64, c_int]
+            lib.tidesim_stream_swiglu_batch.restype = c_int
+            lib.tidesim_stream_swiglu_batch.argtypes = [i64, ptr, ptr, ptr, i64, ptr, i64, c_int, i64, i64, ptr,
+                                                        c_int, i64, ptr, c_int, i64, c_int, ptr]
             self.path = str(path)
             return lib, ""
         return None, last
@@ -199,6 +204,150 @@ class StreamBackend:
 
 
 BACKEND = StreamBackend()
+
+
+def runs_kernel(dtype: torch.dtype, tokens: int) -> bool:
+    """Whether a call of `tokens` rows in `dtype` runs the library (stream_into), not `linear`."""
+    if dtype not in MAX_TOKENS:
+        return False
+    limit = MAX_TOKENS[dtype]
+    return limit is None or tokens <= limit
+
+
+@dataclass
+class ExpertBatch:
+    """Several experts' SwiGLUs as one foreign call (stream_gemm.cpp's tidesim_stream_swiglu_batch):
+    expert i on rows [starts[i], stops[i]) of x, written into the same rows of out, with the
+    weights at w13s[i] and w2s[i] (addresses, rows ld13 and ld2 elements apart). Made once per
+    layer job (expert_batch: from banks; expert_batch_of: from one tensor pair per expert): the
+    experts need not be adjacent and nothing is copied, so a run costs one ctypes call however
+    many experts it holds, against one wrapper call per expert (tensor views, checks, arguments:
+    25-45 us each under load, docs/performance.md). Several threads calling run() share the list
+    through one counter: each expert runs once, in list order as they free up. Every task's bits
+    are stream_into's for the same rows: the same function runs it."""
+
+    x: torch.Tensor
+    out: torch.Tensor
+    starts: np.ndarray
+    stops: np.ndarray
+    w13s: np.ndarray
+    w2s: np.ndarray
+    ld13: int
+    ld2: int
+    hidden: int
+    inter: int
+    keep: tuple[torch.Tensor, ...]   # the weights the addresses point into, kept alive with the list
+    counter: np.ndarray = field(default_factory=lambda: np.zeros(1, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return int(self.starts.size)
+
+    def reset(self) -> None:
+        """Make the list runnable again (every expert untaken)."""
+        self.counter[0] = 0
+
+    def run(self, threads: int | None = None) -> None:
+        """Take experts from the shared list until none is left (`threads`: OpenMP threads of this
+        call, torch's count of the calling thread by default)."""
+        lib = BACKEND.lib
+        if lib is None:
+            raise RuntimeError(f"avx2-stream is not available: {BACKEND.reason}")
+        bf16 = torch.bfloat16
+        rc = lib.tidesim_stream_swiglu_batch(
+            len(self), self.starts.ctypes.data, self.stops.ctypes.data, self.w13s.ctypes.data, self.ld13,
+            self.w2s.ctypes.data, self.ld2, int(self.x.dtype == bf16), self.hidden, self.inter, self.x.data_ptr(),
+            int(self.x.dtype == bf16), self.x.stride(0), self.out.data_ptr(), int(self.out.dtype == bf16),
+            self.out.stride(0), torch.get_num_threads() if threads is None else threads, self.counter.ctypes.data)
+        if rc:
+            raise RuntimeError(f"avx2-stream expert batch failed (code {rc})")
+
+
+def _rows_and_buffers(x: torch.Tensor, out: torch.Tensor, dtypes: list[torch.dtype], hidden: int,
+                      starts: list[int] | np.ndarray, stops: list[int] | np.ndarray, n: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """The checks an expert list shares (ValueError, naming what): dtypes, devices, the token
+    buffers' layout, and n row ranges inside both buffers."""
+    dt = x.dtype
+    if dt not in MAX_TOKENS or any(d != dt for d in [out.dtype, *dtypes]):
+        raise ValueError(f"an expert batch needs float32 or bfloat16 tokens, output and weights of one dtype, got "
+                         f"{x.dtype}, {out.dtype}, {', '.join(sorted({str(d) for d in dtypes}))}")
+    if x.dim() != 2 or out.dim() != 2 or x.shape[1] != hidden or out.shape[1] != hidden:
+        raise ValueError(f"an expert batch needs x and out [N, H] with H = {hidden}, the weights' hidden size; got "
+                         f"{tuple(x.shape)}, {tuple(out.shape)}")
+    if x.device.type != "cpu" or out.device.type != "cpu":
+        raise ValueError("an expert batch runs on CPU tensors only")
+    if x.stride(1) != 1 or out.stride(1) != 1 or x.stride(0) < hidden or out.stride(0) < hidden:
+        raise ValueError("an expert batch needs rows with unit column stride that do not overlap")
+    a = np.ascontiguousarray(starts, dtype=np.int64)
+    b = np.ascontiguousarray(stops, dtype=np.int64)
+    if not a.ndim == b.ndim == 1 or not a.size == b.size == n:
+        raise ValueError(f"experts, starts and stops must be three lists of one length, got {n}, {a.shape}, "
+                         f"{b.shape}")
+    rows = min(x.shape[0], out.shape[0])
+    if n and (int(a.min()) < 0 or bool((b < a).any()) or int(b.max()) > rows):
+        raise ValueError(f"a row range lies outside 0..{rows} or ends before it starts")
+    return a, b
+
+
+def expert_batch(x: torch.Tensor, out: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                 experts: list[int] | np.ndarray, starts: list[int] | np.ndarray,
+                 stops: list[int] | np.ndarray) -> ExpertBatch:
+    """The ExpertBatch of experts[i] on rows [starts[i], stops[i]) of x [N, H] into out [N, H],
+    weights from the banks w13 [E, 2I, H] and w2 [E, H, I] (one dtype for all four, float32 or
+    bfloat16; every row with unit column stride). ValueError, naming what, for anything else:
+    the library would read or write out of bounds. Runs the kernel at every token count: the
+    caller keeps calls above MAX_TOKENS (runs_kernel) out of it, as stream_into would."""
+    if not BACKEND.load():
+        raise RuntimeError(f"avx2-stream is not available: {BACKEND.reason}")
+    if w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError("an expert batch needs x and out [N, H], w13 [E, 2I, H] and w2 [E, H, I]")
+    n_exp, two_i, hidden = w13.shape
+    inter = w2.shape[2]
+    if two_i != 2 * inter or w2.shape[:2] != (n_exp, hidden):
+        raise ValueError(f"shapes do not fit one SwiGLU: x {tuple(x.shape)}, out {tuple(out.shape)}, "
+                         f"w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}")
+    if w13.device.type != "cpu" or w2.device.type != "cpu":
+        raise ValueError("an expert batch runs on CPU tensors only")
+    if w13.stride(2) != 1 or w2.stride(2) != 1 or w13.stride(1) < hidden or w2.stride(1) < inter:
+        raise ValueError("an expert batch needs rows with unit column stride that do not overlap")
+    e = np.ascontiguousarray(experts, dtype=np.int64)
+    if e.ndim != 1:
+        raise ValueError(f"experts, starts and stops must be three lists of one length, got {e.shape}")
+    a, b = _rows_and_buffers(x, out, [w13.dtype, w2.dtype], hidden, starts, stops, int(e.size))
+    if e.size and (int(e.min()) < 0 or int(e.max()) >= n_exp):
+        raise ValueError(f"an expert id lies outside the bank's 0..{n_exp - 1}")
+    size = w13.element_size()
+    return ExpertBatch(x, out, a, b, w13.data_ptr() + e * (w13.stride(0) * size),
+                       w2.data_ptr() + e * (w2.stride(0) * size), w13.stride(1), w2.stride(1), hidden, inter,
+                       (w13, w2))
+
+
+def expert_batch_of(x: torch.Tensor, out: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor]],
+                    starts: list[int] | np.ndarray, stops: list[int] | np.ndarray) -> ExpertBatch:
+    """The ExpertBatch of weights[i] = (w13 [2I, H], w2 [H, I]) on rows [starts[i], stops[i]):
+    experts held as separate tensors (a model's own modules), all of one shape and row strides.
+    The same checks as expert_batch (ValueError)."""
+    if not BACKEND.load():
+        raise RuntimeError(f"avx2-stream is not available: {BACKEND.reason}")
+    if not weights:
+        raise ValueError("an expert batch of separate weights needs at least one expert")
+    w13, w2 = weights[0]
+    if w13.dim() != 2 or w2.dim() != 2 or w13.shape[0] != 2 * w2.shape[1] or w13.shape[1] != w2.shape[0]:
+        raise ValueError(f"shapes do not fit one SwiGLU: w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}")
+    for g, d in weights:
+        if g.shape != w13.shape or d.shape != w2.shape or g.stride() != w13.stride() or d.stride() != w2.stride():
+            raise ValueError("every expert of a batch needs the first one's shapes and row strides")
+        if g.device.type != "cpu" or d.device.type != "cpu":
+            raise ValueError("an expert batch runs on CPU tensors only")
+    hidden, inter = w2.shape
+    if w13.stride(1) != 1 or w2.stride(1) != 1 or w13.stride(0) < hidden or w2.stride(0) < inter:
+        raise ValueError("an expert batch needs rows with unit column stride that do not overlap")
+    a, b = _rows_and_buffers(x, out, [t.dtype for pair in weights for t in pair], hidden, starts, stops,
+                             len(weights))
+    keep = tuple(t for pair in weights for t in pair)
+    return ExpertBatch(x, out, a, b, np.array([g.data_ptr() for g, _ in weights], dtype=np.int64),
+                       np.array([d.data_ptr() for _, d in weights], dtype=np.int64), w13.stride(0), w2.stride(0),
+                       hidden, inter, keep)
 
 
 def available() -> tuple[bool, str]:

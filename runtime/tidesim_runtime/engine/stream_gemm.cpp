@@ -181,7 +181,7 @@ inline uint16_t narrow(float f) {
 extern "C" {
 
 // the interface version engine/stream_backend.py expects
-int tidesim_stream_abi(void) { return 2; }
+int tidesim_stream_abi(void) { return 3; }
 
 // y[t * ldy + r] = sum_k w[r * ldw + k] * x[t * ldx + k], r < R, t < T, k < K; w float32 or bf16 (bf16 != 0);
 // 0: done, 1: a negative size, 2: no memory for the accumulators
@@ -231,6 +231,58 @@ int tidesim_stream_swiglu(const void* x, int x_bf16, int64_t T, int64_t ldx, con
     }
     free(scratch);
     return rc;
+}
+
+
+// A list of experts in ONE call (the CPU pool's layer job, the cpu-as-gpu side's resident experts):
+// task i is tidesim_stream_swiglu on rows [starts[i], stops[i]) of x and of out with the weights at
+// w13s[i] and w2s[i] (pointer arrays: the experts need not be adjacent, nothing is copied). The
+// tasks are taken in list order from the counter *next (an atomic fetch-add; NULL: a counter of
+// this call's own), so several callers given the same counter share the list, each task run by
+// exactly one of them: the pool's longest-first list scheduling, without a foreign call per
+// expert. threads > 1 with at least 2 x threads tasks: an OpenMP team takes tasks from the counter,
+// each task on one thread; otherwise the tasks run in turn, each split over `threads` by rows.
+// Each task's bits are those of tidesim_stream_swiglu (which do not depend on the thread count), so
+// the list gives the same output however it is shared. 0: done, 1: a negative size or row range,
+// 2: no memory (the first failure; the remaining tasks are still taken and run).
+int tidesim_stream_swiglu_batch(int64_t n, const int64_t* starts, const int64_t* stops, const void* const* w13s,
+                                int64_t ld13, const void* const* w2s, int64_t ld2, int w_bf16, int64_t H, int64_t I,
+                                const void* x, int x_bf16, int64_t ldx, void* out, int out_bf16, int64_t ldo,
+                                int threads, int64_t* next) {
+    if (n < 0 || H < 0 || I < 0) return 1;
+    for (int64_t i = 0; i < n; ++i)
+        if (starts[i] < 0 || stops[i] < starts[i]) return 1;
+    int64_t own = 0;
+    int64_t* counter = next ? next : &own;
+    const int64_t xe = x_bf16 ? 2 : 4, oe = out_bf16 ? 2 : 4;
+    int rc = 0;
+    auto run = [&](int inner) {
+        int mine = 0;
+        for (;;) {
+            const int64_t i = __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED);
+            if (i >= n) break;
+            const int64_t a = starts[i];
+            const int r = tidesim_stream_swiglu(static_cast<const char*>(x) + a * ldx * xe, x_bf16, stops[i] - a, ldx,
+                                                w13s[i], ld13, w2s[i], ld2, w_bf16, H, I,
+                                                static_cast<char*>(out) + a * ldo * oe, out_bf16, ldo, inner);
+            if (r && !mine) mine = r;
+        }
+        return mine;
+    };
+#ifdef _OPENMP
+    if (threads > 1 && n >= 2 * static_cast<int64_t>(threads)) {
+#pragma omp parallel num_threads(threads)
+        {
+            const int mine = run(1);
+            if (mine) {
+#pragma omp critical(tidesim_stream_batch_rc)
+                if (!rc) rc = mine;
+            }
+        }
+        return rc;
+    }
+#endif
+    return run(threads);
 }
 
 }
