@@ -179,7 +179,7 @@ def measure_config(spec: ModelSpec, dtype: torch.dtype, threads: int, kernels: l
     # the pool path: every expert its own rows of one activation buffer, as in a layer job
     pooled = "pool" in paths or "pool-each" in paths
     xp = {t: torch.randn(n * t, spec.hidden_size, generator=gen).to(dtype) for t in tokens} if pooled else {}
-    pool = CPUPool(1, threads, caller_helps=False) if pooled else None
+    pool = CPUPool(1, threads) if pooled else None
 
     def one_pass(k: str, path: str, t: int) -> None:
         if path == "call":

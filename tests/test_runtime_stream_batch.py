@@ -11,7 +11,6 @@ import ctypes
 import dataclasses
 import math
 import threading
-import time
 
 import pytest
 
@@ -19,7 +18,6 @@ torch = pytest.importorskip("torch")
 np = pytest.importorskip("numpy")
 
 from tidesim_runtime.engine import cpu_kernels as ck  # noqa: E402
-from tidesim_runtime.engine import cpu_pool  # noqa: E402
 from tidesim_runtime.engine import stream_backend as sb  # noqa: E402
 from tidesim_runtime.engine.cpu_pool import CPUPool, ExpertTask, expert_task_runner  # noqa: E402
 
@@ -252,107 +250,6 @@ def test_the_cpu_as_gpu_loop_runs_the_list_and_linear_above_the_limit() -> None:
             assert torch.equal(y[a:b], sb.stream_swiglu(x[a:b], pool13[s], pool2[s])), e
     assert torch.equal(y[int(offs[2]):int(offs[3])], ck.linear_swiglu(x[int(offs[2]):int(offs[3])], w13[2], w2[2]))
     assert bool((y[int(offs[-1]):] == 9).all())
-
-
-def test_a_waiting_caller_helps_with_the_list_after_the_activations_and_gets_the_same_bits() -> None:
-    """CPUPool(caller_helps=True): wait() on the calling thread first waits for the activations
-    (`before`, run once), then takes experts from the job's shared list beside the workers; the
-    output is the one-list output bit for bit. With the worker held up, the caller runs them all."""
-    h, i = 260, 100
-    w13, w2 = bank(6, h, i, torch.bfloat16, 15)
-    counts = [2, 1, 3, 1, 1, 4]
-    starts, stops = layout(counts)
-    x = torch.randn(stops[-1], h, generator=torch.Generator().manual_seed(16)).bfloat16()
-    tasks = [ExpertTask(e, a, b) for e, a, b in zip(range(6), starts, stops, strict=True)]
-    want = torch.empty_like(x)
-    sb.expert_batch(x, want, w13, w2, list(range(6)), starts, stops).run(threads=1)
-    before = ck.current().name
-    pool = CPUPool(1, 1, caller_helps=True)
-    gate = threading.Event()
-    blocker = pool.submit([ExpertTask(0, 0, 1)], lambda t: gate.wait())   # the only worker is busy
-    try:
-        ck.use("avx2-stream")
-        out = torch.full_like(x, float("nan"))
-        calls: list[int] = []
-        job = pool.submit(tasks, expert_task_runner(x, out, w13, w2), before=lambda: calls.append(1))
-        assert job.helper is not None
-        helper = threading.Thread(target=job.wait)
-        helper.start()
-        deadline = time.monotonic() + 30
-        while not torch.equal(out, want) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert torch.equal(out, want) and calls == [1]    # done by the caller alone, activations first
-        assert helper.is_alive()                           # still waiting for the worker's own unit
-        gate.set()
-        helper.join(timeout=30)
-        blocker.wait()
-        assert torch.equal(out, want) and calls == [1]
-    finally:
-        gate.set()
-        ck.use(before)
-        pool.close()
-    plain = CPUPool(1, 1, caller_helps=False)
-    try:
-        ck.use("avx2-stream")
-        assert plain.submit(tasks, expert_task_runner(x, torch.empty_like(x), w13, w2)).helper is None
-    finally:
-        ck.use(before)
-        plain.close()
-
-
-def test_the_environment_switches_the_executors_helper_and_nothing_else(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tidesim_runtime.engine.cpu_pool import CALLER_HELPS_ENV, caller_helps_requested
-
-    monkeypatch.delenv(CALLER_HELPS_ENV, raising=False)
-    assert not caller_helps_requested()
-    for value, want in (("1", True), ("0", False), ("yes", False)):
-        monkeypatch.setenv(CALLER_HELPS_ENV, value)
-        assert caller_helps_requested() is want
-    monkeypatch.setenv(CALLER_HELPS_ENV, "1")
-    pool = CPUPool(1, 1)          # calibrate's and the layout choice's pools: never a helper
-    try:
-        assert not pool.caller_helps
-    finally:
-        pool.close()
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_a_live_decode_with_the_caller_helping_is_lossless(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The executor's pool with TIDESIM_CPU_CALLER_HELPS=1: the live decode with avx2-stream still
-    gives exactly the tokens and routing of the plain decode through the same kernel."""
-    from runtime_cases import SPEC
-    from tidesim_runtime.engine.cpu_pool import CALLER_HELPS_ENV
-    from tidesim_runtime.engine.device import select_device
-    from tidesim_runtime.measure.live import lossless_check
-    from tidesim_runtime.reference.generate import DecodeConfig
-    from tidesim_runtime.reference.model import build_model
-
-    from tidesim.hardware import get_profile
-    from tidesim.policies import PolicyOptions, uniform
-
-    monkeypatch.setenv(CALLER_HELPS_ENV, "1")
-    helpers: list[bool] = []
-    wait = cpu_pool.LayerJob.wait
-
-    def spy(self: cpu_pool.LayerJob) -> None:
-        helpers.append(self.helper is not None)   # whether the caller may help (it does when work is left)
-        wait(self)
-
-    monkeypatch.setattr(cpu_pool.LayerJob, "wait", spy)
-    model = build_model(SPEC, dtype, seed=0)
-    layers = SPEC.num_moe_layers
-    opts = PolicyOptions(budget=uniform(5, layers), tau=uniform(2, layers), hw=get_profile("h100-sxm-pcie5"))
-    device = dataclasses.replace(select_device("cpu"), dtype=dtype)
-    before = ck.current().name
-    try:
-        ck.use("avx2-stream")
-        result = lossless_check(model, [5, 17, 42, 99, 7, 3], DecodeConfig(gen_length=8, block_length=8),
-                                "cpu-routing", opts, device)
-    finally:
-        ck.use(before)
-    assert result.identical, result.problems
-    assert result.metrics is not None and result.metrics.cpu_tokens > 0
-    assert helpers and all(helpers)     # every layer job the executor waited for offered its list
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

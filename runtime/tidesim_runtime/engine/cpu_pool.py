@@ -9,7 +9,6 @@ its kernels, so the workers run while the calling thread drives the GPU.
 from __future__ import annotations
 
 import functools
-import os
 import queue
 import threading
 import time
@@ -38,10 +37,9 @@ class LayerJob:
     """The CPU side of one layer-forward: its units of work (one expert each, or one worker's
     share of a list of experts run by one foreign call); wait() returns when every unit has run."""
 
-    def __init__(self, units: list[Unit], before: Callable[[], None] | None, helper: Unit | None = None) -> None:
+    def __init__(self, units: list[Unit], before: Callable[[], None] | None) -> None:
         self.remaining = len(units)
         self.before = before
-        self.helper = helper
         self.ready = threading.Event()
         self.started = threading.Lock()
         self.before_done = False
@@ -53,39 +51,18 @@ class LayerJob:
             self.done.set()
 
     def wait(self) -> None:
-        """Block until every unit has run; with a helper (CPUPool(caller_helps=True)), first take
-        experts from the job's shared list on the calling thread (after the activations)."""
-        if self.helper is not None and not self.done.is_set():
-            try:
-                with self.started:
-                    if not self.before_done and self.before is not None:
-                        self.before()
-                    self.before_done = True
-                self.helper()
-            except BaseException as exc:
-                self.errors.append(exc)
+        """Block until every unit has run."""
         self.done.wait()
         if self.errors:
             raise self.errors[0]
 
 
-CALLER_HELPS_ENV = "TIDESIM_CPU_CALLER_HELPS"
-
-
-def caller_helps_requested() -> bool:
-    """Whether the environment asks the executor's pool to let its waiting caller help
-    (TIDESIM_CPU_CALLER_HELPS=1; off by default: the simulator's pool has no helper, so calibrate
-    and the CPU layout choice always measure the pool without one)."""
-    return os.environ.get(CALLER_HELPS_ENV) == "1"
-
-
 class CPUPool:
     """Persistent worker threads; submit() queues one layer's tasks."""
 
-    def __init__(self, workers: int, threads: int, caller_helps: bool = False) -> None:
+    def __init__(self, workers: int, threads: int) -> None:
         self.workers = max(1, workers)
         self.threads = max(1, threads)
-        self.caller_helps = caller_helps   # a waiting caller takes experts from the job's list
         self._tasks: queue.Queue[tuple[LayerJob, Unit] | None] = queue.Queue()
         self._threads = [threading.Thread(target=self._serve, name=f"tidesim-cpu-worker-{i}", daemon=True)
                          for i in range(self.workers)]
@@ -131,13 +108,11 @@ class CPUPool:
         ExpertTaskRunner may turn the list into fewer units (ExpertTaskRunner.units): the order
         in which the workers take the experts stays longest first."""
         order = sorted(tasks, key=lambda t: (-(t.stop - t.start), t.expert))
-        shared: stream_backend.ExpertBatch | None = None
         if isinstance(run, ExpertTaskRunner):
-            units, shared = run.split(order, self.workers)
+            units = run.units(order, self.workers)
         else:
             units = [functools.partial(run, t) for t in order]
-        helper = functools.partial(shared.run, 1) if shared is not None and self.caller_helps else None
-        job = LayerJob(units, before, helper)
+        job = LayerJob(units, before)
         for unit in units:
             self._tasks.put((job, unit))
         return job
@@ -174,13 +149,11 @@ class ExpertTaskRunner:
         return for_weights(self.x_host.dtype, fixed=True).name == "avx2-stream"
 
     def units(self, order: list[ExpertTask], workers: int) -> list[Unit]:
-        """The units a pool of `workers` runs for `order` (longest first)."""
-        return self.split(order, workers)[0]
-
-    def split(self, order: list[ExpertTask], workers: int) -> tuple[list[Unit], stream_backend.ExpertBatch | None]:
-        """(units, the list they share or None)."""
+        """The units a pool of `workers` runs for `order` (longest first): with the list, one
+        per worker (at most one per listed expert) sharing it, plus one per task the list does
+        not take; else one per task."""
         if not order or not self.batched():
-            return [functools.partial(self, t) for t in order], None
+            return [functools.partial(self, t) for t in order]
         dtype = self.x_host.dtype
         alone = [t for t in order if not stream_backend.runs_kernel(dtype, t.stop - t.start)]
         listed = [t for t in order if stream_backend.runs_kernel(dtype, t.stop - t.start)]
@@ -191,9 +164,9 @@ class ExpertTaskRunner:
                                                     [t.expert for t in listed], [t.start for t in listed],
                                                     [t.stop for t in listed])
             except ValueError:   # a layout the list cannot take (say, strided columns): one call each
-                return [functools.partial(self, t) for t in order], None
-            return units + [batch.run] * min(workers, len(listed)), batch
-        return units, None
+                return [functools.partial(self, t) for t in order]
+            units += [batch.run] * min(workers, len(listed))
+        return units
 
 
 def expert_task_runner(x_host: torch.Tensor, out_host: torch.Tensor, w13: torch.Tensor,

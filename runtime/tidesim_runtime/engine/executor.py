@@ -43,7 +43,7 @@ from tidesim.metrics import Metrics
 from tidesim.models import ModelSpec
 from tidesim.schedule import Schedule, schedule_problems
 from tidesim.workload import Workload
-from tidesim_runtime.engine.cpu_pool import CPUPool, ExpertTask, LayerJob, caller_helps_requested, expert_task_runner
+from tidesim_runtime.engine.cpu_pool import CPUPool, ExpertTask, LayerJob, expert_task_runner
 from tidesim_runtime.engine.device import DeviceInfo, PinnedThreads, host_memory_available, host_memory_total
 from tidesim_runtime.engine.kernels import (
     KVBuffer,
@@ -304,7 +304,7 @@ class Executor:
         self.res_dev = torch.zeros_like(self.x_dev)
         self.y_dev = torch.zeros_like(self.x_dev)
         self.backend: Backend = make_backend(self.dev)
-        self.pool = CPUPool(device.cpu_workers, device.cpu_threads_per_worker, caller_helps_requested())
+        self.pool = CPUPool(device.cpu_workers, device.cpu_threads_per_worker)
         self.impl = grouped_impl(self.dev, self.dtype)
         self.stage = IndexStaging(pairs + spec.num_experts + 1, self.dev, self.pinning)
         self.slots: list[ExpertBank] = []
