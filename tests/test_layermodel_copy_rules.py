@@ -121,6 +121,19 @@ def test_the_runtime_slot_plan_takes_freed_slots_in_the_same_order() -> None:
 
 # ----- 3. the copy slowdown: only real overlap, on the piece of work it overlaps ------------------
 
+def background_copy_scene(budget: int) -> tuple[Workload, Schedule]:
+    """Expert 0 (3 tokens) resident and in the grouped kernel, expert 1 (1 token) on the CPU and
+    copied in the background for later; with budget 1 the copy takes expert 0's slot."""
+    w = workload([[[3, 1, 0, 0], IDLE_LAYER]])
+    s = blank(w, budget=budget)
+    s.initial_resident[0, 0] = True
+    s.placement[0, 0, :2] = [GPU, CPU]
+    s.copy[0, 0, 1] = COPY_ASYNC_REFRESH
+    s.resident[0, 0, 1] = True
+    s.resident[0, 0, 0] = budget == 2
+    return w, s
+
+
 @pytest.mark.parametrize("engine", ["sim", "analytic"])
 @pytest.mark.parametrize("budget, extra_ms", [(2, 0.4), (1, 0.0)])
 def test_copy_slowdown_counts_only_copies_that_run_with_the_kernel(engine: str, budget: int,
@@ -132,13 +145,7 @@ def test_copy_slowdown_counts_only_copies_that_run_with_the_kernel(engine: str, 
     # budget 1: the copy takes expert 0's slot, so it starts after the kernel [2.8, 5.8]; the
     #   results copy [5.8, 5.925] starts after it too: nothing overlaps, no slowdown (the charge
     #   before issue 28 was 0.5 x min(0.8, 3.125) = 0.4 ms).
-    w = workload([[[3, 1, 0, 0], IDLE_LAYER]])
-    s = blank(w, budget=budget)
-    s.initial_resident[0, 0] = True
-    s.placement[0, 0, :2] = [GPU, CPU]
-    s.copy[0, 0, 1] = COPY_ASYNC_REFRESH
-    s.resident[0, 0, 1] = True
-    s.resident[0, 0, 0] = budget == 2
+    w, s = background_copy_scene(budget)
     base = run(w, s, HW, engine=engine)
     slow = run(w, s, profile(workers=1, engines=2, slows=0.5), engine=engine)
     assert slow.busy_s["gpu"] == pytest.approx(base.busy_s["gpu"] + extra_ms * MS)
@@ -154,13 +161,7 @@ def test_copies_slow_the_cpu_pool_only_while_they_run_beside_it(engine: str, bud
     #   ends at 6.275, its results copy [6.275, 6.4]; with layer 1's 1 ms the forward ends at 7.4.
     # budget 1: the copy [2.8, 5.8] overlaps it 2.325 ms: +0.93 ms, the pool ends at 6.055, its
     #   results copy [6.055, 6.18] (the engine is free from 5.8): 7.18.
-    w = workload([[[3, 1, 0, 0], IDLE_LAYER]])
-    s = blank(w, budget=budget)
-    s.initial_resident[0, 0] = True
-    s.placement[0, 0, :2] = [GPU, CPU]
-    s.copy[0, 0, 1] = COPY_ASYNC_REFRESH
-    s.resident[0, 0, 1] = True
-    s.resident[0, 0, 0] = budget == 2
+    w, s = background_copy_scene(budget)
     base = run(w, s, HW, engine=engine)
     hw = profile(workers=1, engines=2)
     hw.pcie.copy_slows_cpu = 0.4

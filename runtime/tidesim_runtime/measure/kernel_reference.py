@@ -18,7 +18,7 @@ from typing import cast
 import torch
 
 from tidesim_runtime.engine import cpu_kernels, stream_backend
-from tidesim_runtime.reference.model import MLP, LLaDA2Model, SparseMoeBlock, run_experts_locally
+from tidesim_runtime.reference.model import MLP, LLaDA2Model, SparseMoeBlock, pairs_by_expert, run_experts_locally
 
 
 def adjacent_w13(m: MLP) -> bool:
@@ -52,11 +52,7 @@ def run_experts_listed(block: SparseMoeBlock, x: torch.Tensor, idx: torch.Tensor
     the same weighting and index_add_ in expert order afterwards, so the same bits. Experts above
     the kernel's token limit, or with gate and up rows apart, run one call each as before."""
     out = torch.zeros_like(x, dtype=torch.float32)
-    flat_idx = idx.reshape(-1)
-    order = torch.argsort(flat_idx, stable=True)
-    counts = torch.bincount(flat_idx, minlength=len(block.experts)).tolist()
-    token_of = order // idx.shape[1]
-    weight_of = w.reshape(-1)[order]
+    counts, token_of, weight_of = pairs_by_expert(idx, w, len(block.experts))
     xs = x[token_of]                       # every pair's token, expert by expert
     ys = torch.empty_like(xs)
     starts = [0]

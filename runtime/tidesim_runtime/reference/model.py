@@ -209,16 +209,22 @@ class MLP(nn.Module):
 ExpertRunner = Callable[["SparseMoeBlock", torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def pairs_by_expert(idx: torch.Tensor, w: torch.Tensor, experts: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """The routed pairs of idx / w [tokens, top_k] in expert order (stable: one expert's tokens in
+    token order): (pairs per expert, each pair's token, each pair's routing weight). The one order
+    every local runner of the routed experts computes and sums in, so their bits can agree."""
+    flat_idx = idx.reshape(-1)
+    order = torch.argsort(flat_idx, stable=True)
+    counts = torch.bincount(flat_idx, minlength=experts).tolist()
+    return counts, order // idx.shape[1], w.reshape(-1)[order]
+
+
 def run_experts_locally(block: SparseMoeBlock, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
                         expert: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Weighted sum of routed expert outputs for tokens x [tokens, hidden]; one call per used expert:
     the block's own expert module, or `expert(e, rows)` (the same experts through another kernel)."""
     out = torch.zeros_like(x, dtype=torch.float32)
-    flat_idx = idx.reshape(-1)
-    order = torch.argsort(flat_idx, stable=True)
-    counts = torch.bincount(flat_idx, minlength=len(block.experts)).tolist()
-    token_of = order // idx.shape[1]
-    weight_of = w.reshape(-1)[order]
+    counts, token_of, weight_of = pairs_by_expert(idx, w, len(block.experts))
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
