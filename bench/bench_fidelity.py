@@ -249,6 +249,12 @@ def group_errors(rows: list[dict[str, Any]]) -> dict[str, tuple[float, float, in
     return {k: (statistics.median(v), max(v), len(v)) for g in groups for k, v in sorted(g.items())}
 
 
+def group_records(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """group_errors as fidelity.json stores them."""
+    return {k: {"median_abs_error": a, "max_abs_error": b, "configurations": c}
+            for k, (a, b, c) in group_errors(rows).items()}
+
+
 def report_groups(rows: list[dict[str, Any]]) -> None:
     print("by group (median / max |error|, configurations): " + "; ".join(
         f"{k} {m:.1%} / {x:.1%} ({n})" for k, (m, x, n) in group_errors(rows).items()))
@@ -399,15 +405,13 @@ def main(argv: list[str] | None = None) -> int:
               "pass_speeds": [{"run": n, "repeat": k + 1, "probe_over_profile": v} for n, k, v in pass_speeds(rows)],
               "speed_matched": ({"median_abs_error": statistics.median(m), "max_abs_error": max(m)}
                                 if (m := speed_matched(rows)) else None),
-              "groups": {k: {"median_abs_error": a, "max_abs_error": b, "configurations": c}
-                         for k, (a, b, c) in group_errors(rows).items()},
+              "groups": group_records(rows),
               "max_abs_error": max(errs), "rows": rows}
     if brackets:
         bracketed = repredict(out, brackets)
         b_errs = [r["abs_error"] for r in bracketed]
         result["bracketed"] = {"median_abs_error": statistics.median(b_errs), "max_abs_error": max(b_errs),
-                               "groups": {k: {"median_abs_error": a, "max_abs_error": b, "configurations": c}
-                                          for k, (a, b, c) in group_errors(bracketed).items()},
+                               "groups": group_records(bracketed),
                                "rows": [{k: r[k] for k in ("run", "config", "predicted_step_ms", "measured_step_ms",
                                                            "error")} for r in bracketed]}
     tmp = out / ".fidelity.json.tmp"

@@ -141,6 +141,11 @@ class CPUProfile:
     pool_contention: float | None = None
     kernel: str = ""   # the runtime's CPU expert kernel the curves were measured with ('' = not recorded)
 
+    def pool_side_contention(self) -> float:
+        """The pool's slowdown while GPU-side expert work runs: pool_contention, or gpu_contention
+        for a profile without one (the symmetric model)."""
+        return self.gpu_contention if self.pool_contention is None else self.pool_contention
+
 
 
 def part_digest(part: GPUProfile | PCIeProfile | CPUProfile) -> str:

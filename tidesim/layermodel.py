@@ -59,8 +59,7 @@ class Rates:
                    engines=1 if hw.pcie.copy_engines <= 1 else 2, workers=max(int(hw.cpu.workers), 1),
                    slows=float(hw.pcie.copy_slows_compute), slows_cpu=float(hw.pcie.copy_slows_cpu),
                    contention=float(hw.cpu.gpu_contention),
-                   pool_contention=float(hw.cpu.gpu_contention if hw.cpu.pool_contention is None
-                                         else hw.cpu.pool_contention),
+                   pool_contention=float(hw.cpu.pool_side_contention()),
                    act_bytes_per_pair=float(spec.activation_bytes_per_token))
 
 
@@ -194,9 +193,9 @@ def copy_overlaps(r: Rates, grouped: np.ndarray, od: OnDemand | None, async_g: n
     grouped_ov = np.bincount(g, weights=np.clip(np.minimum(stop, grouped[g]) - np.maximum(start, 0.0), 0.0, None),
                              minlength=groups)
     busy = cpu_n[g] > 0
-    pool_ov = np.bincount(g[busy], weights=np.clip(np.minimum(stop[busy], act_d2h[g[busy]] + pool[g[busy]])
-                                                   - np.maximum(start[busy], act_d2h[g[busy]]), 0.0, None),
-                          minlength=groups)
+    gb, pool_start = g[busy], act_d2h[g[busy]]
+    pool_ov = np.bincount(gb, weights=np.clip(np.minimum(stop[busy], pool_start + pool[gb])
+                                              - np.maximum(start[busy], pool_start), 0.0, None), minlength=groups)
     if od is None or not od.rows.size:
         return grouped_ov, None, pool_ov
     od_ov = np.zeros(od.compute.shape)
@@ -215,7 +214,14 @@ def charge_copy_pool(r: Rates, cpu: CpuCosts, span: np.ndarray, pool_ov: np.ndar
     memory the experts stream, and on the CPU-as-GPU path a copy is a memcpy on a core), so to
     first order its makespan grows by c x pool_ov; every task is stretched alike (the
     longest-first order kept). Sets cpu.span; returns the factor per layer-forward [G]."""
-    factor = np.where(span > 0, (span + r.slows_cpu * pool_ov) / np.maximum(span, 1e-300), 1.0)
+    return stretch_pool(cpu, span, r.slows_cpu * pool_ov)
+
+
+def stretch_pool(cpu: CpuCosts, span: np.ndarray, extra: np.ndarray) -> np.ndarray:
+    """Every CPU task of a layer-forward stretched alike so that its longest-first makespan `span`
+    grows by `extra` (in place; scaling all tasks alike keeps their order): the factor
+    (span + extra) / span per layer-forward [G], 1 where the pool has no work. Sets cpu.span."""
+    factor = np.where(span > 0, (span + extra) / np.maximum(span, 1e-300), 1.0)
     cpu.total, cpu.longest, cpu.shortest = cpu.total * factor, cpu.longest * factor, cpu.shortest * factor
     cpu.span = span * factor
     return factor
@@ -256,10 +262,7 @@ def charge_contention(r: Rates, gpu: GpuCosts, cpu: CpuCosts, span: np.ndarray) 
         return np.ones(span.shape)
     overlap = contention_overlap(gpu.grouped + gpu.od_compute_sum, span)
     gpu.slow_extra = gpu.slow_extra + r.contention * overlap
-    factor = np.where(span > 0, (span + r.pool_contention * overlap) / np.maximum(span, 1e-300), 1.0)
-    cpu.total, cpu.longest, cpu.shortest = cpu.total * factor, cpu.longest * factor, cpu.shortest * factor
-    cpu.span = span * factor
-    return factor
+    return stretch_pool(cpu, span, r.pool_contention * overlap)
 
 
 # ----- slots: when a copy may start -------------------------------------------------------------

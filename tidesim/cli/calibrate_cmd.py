@@ -134,8 +134,7 @@ def _summary_rows(profile: Any, models: list[ModelSpec]) -> list[tuple[str, Any]
         ("copies slow the CPU pool by", profile.pcie.copy_slows_cpu),
         ("CPU task overhead (us)", profile.cpu.task_overhead_us),
         ("GPU side slows while the CPU pool runs by", profile.cpu.gpu_contention),
-        ("CPU pool slows while the GPU side runs by", profile.cpu.gpu_contention if profile.cpu.pool_contention is None
-         else profile.cpu.pool_contention),
+        ("CPU pool slows while the GPU side runs by", profile.cpu.pool_side_contention()),
     ]
     for spec in models:
         for t in (1, 8, 32):

@@ -328,8 +328,8 @@ class RowSplit:
     where numpy's per-call overhead on the batched search costs milliseconds. The same decisions
     from the same floating-point terms: the estimate over the splits from "resident only" to `top`
     (split._estimates' terms), then, where it names another split, both timed in the layer model
-    without copy slowdown (split.layer_times' terms; profiles with pcie.copy_slows_compute > 0 take
-    best_split). Bounds on the longest-first makespans (the pool's lower bound, and the
+    without copy slowdown (split.layer_times' terms; profiles with pcie.copy_slows_compute or
+    pcie.copy_slows_cpu > 0 take best_split). Bounds on the longest-first makespans (the pool's lower bound, and the
     list-scheduling bound: the mean load plus (1 - 1/workers) of the longest task) settle most
     comparisons before the exact makespans; a relative margin of 1e-9 keeps rounding out of the
     verdict. The compiled code (and numba) is loaded on the first one-layer call, so that batched

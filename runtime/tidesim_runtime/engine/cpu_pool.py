@@ -159,11 +159,10 @@ class ExpertTaskRunner:
         listed = [t for t in order if stream_backend.runs_kernel(dtype, t.stop - t.start)]
         units: list[Unit] = [functools.partial(self, t) for t in alone]
         if listed:
-            try:
-                batch = stream_backend.expert_batch(self.x_host, self.out_host, self.w13, self.w2,
-                                                    [t.expert for t in listed], [t.start for t in listed],
-                                                    [t.stop for t in listed])
-            except ValueError:   # a layout the list cannot take (say, strided columns): one call each
+            batch = stream_backend.expert_batch_or_none(self.x_host, self.out_host, self.w13, self.w2,
+                                                        [t.expert for t in listed], [t.start for t in listed],
+                                                        [t.stop for t in listed])
+            if batch is None:
                 return [functools.partial(self, t) for t in order]
             units += [batch.run] * min(workers, len(listed))
         return units

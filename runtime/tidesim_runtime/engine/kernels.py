@@ -120,11 +120,8 @@ def grouped_experts(x_sorted: torch.Tensor, y_sorted: torch.Tensor, offs: np.nda
         listed = (counts > 0) & np.array([stream_backend.runs_kernel(x_sorted.dtype, c) for c in counts.tolist()],
                                          dtype=bool)
         if listed.any():
-            try:
-                batch = stream_backend.expert_batch(x_sorted, y_sorted, w13_pool, w2_pool, s[listed], starts[listed],
-                                                    starts[listed] + counts[listed])
-            except ValueError:     # a layout the list cannot take (say, strided columns): one call each
-                batch = None
+            batch = stream_backend.expert_batch_or_none(x_sorted, y_sorted, w13_pool, w2_pool, s[listed],
+                                                        starts[listed], starts[listed] + counts[listed])
             if batch is not None:
                 batch.run()
                 counts = np.where(listed, 0, counts)

@@ -322,6 +322,17 @@ def expert_batch(x: torch.Tensor, out: torch.Tensor, w13: torch.Tensor, w2: torc
                        (w13, w2))
 
 
+def expert_batch_or_none(x: torch.Tensor, out: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                         experts: list[int] | np.ndarray, starts: list[int] | np.ndarray,
+                         stops: list[int] | np.ndarray) -> ExpertBatch | None:
+    """expert_batch, or None for a layout the list cannot take (say, strided columns): the caller
+    then runs one call per expert, as before the list existed."""
+    try:
+        return expert_batch(x, out, w13, w2, experts, starts, stops)
+    except ValueError:
+        return None
+
+
 def expert_batch_of(x: torch.Tensor, out: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor]],
                     starts: list[int] | np.ndarray, stops: list[int] | np.ndarray) -> ExpertBatch:
     """The ExpertBatch of weights[i] = (w13 [2I, H], w2 [H, I]) on rows [starts[i], stops[i]):

@@ -10,6 +10,7 @@ tests that every routed pair is computed once with its own weights, not which GE
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -55,9 +56,7 @@ def run_experts_listed(block: SparseMoeBlock, x: torch.Tensor, idx: torch.Tensor
     counts, token_of, weight_of = pairs_by_expert(idx, w, len(block.experts))
     xs = x[token_of]                       # every pair's token, expert by expert
     ys = torch.empty_like(xs)
-    starts = [0]
-    for n in counts:
-        starts.append(starts[-1] + n)
+    starts = [0, *itertools.accumulate(counts)]
     # in the list: experts whose gate and up rows are adjacent (the bank-bound model of generate);
     # fusing the others copies their weights, and copies of every listed expert at once cost more
     # memory traffic than the list saves (measured: performance.md), so those run one call each

@@ -25,7 +25,7 @@ from tidesim.curves import composed_layer_fixed_time, layer_shape
 from tidesim.hardware import Curve, ExpertCurve, HardwareProfile, Provenance
 from tidesim.models import ModelSpec
 from tidesim_runtime.engine import cpu_kernels
-from tidesim_runtime.engine.cpu_pool import CPUPool, ExpertTask, expert_task_runner
+from tidesim_runtime.engine.cpu_pool import CPUPool, ExpertTask, LayerJob, expert_task_runner
 from tidesim_runtime.engine.device import DeviceInfo, last_level_cache_bytes, provenance_fields
 from tidesim_runtime.engine.executor import replay_routing
 from tidesim_runtime.engine.kernels import (
@@ -478,12 +478,8 @@ def measure_copy_pool_slowdown(cal: Calibration, backend: Backend, pool: CPUPool
     copies read host memory the pool's experts stream too, and on the CPU-as-GPU path each copy is
     a memcpy on a core. Sources no cache holds, as the executor's copies."""
     dtype = cal.device.dtype
-    n = max(experts_over_cache(spec, dtype, cal.device, "cpu", 4), 2 * pool.workers)
-    host = ExpertBank.empty(spec, n, torch.device("cpu"), dtype)
-    tasks = contention_tasks(n)
-    gen = torch.Generator().manual_seed(11)
-    xc = random_matrix(tasks[-1].stop, spec.hidden_size, gen, torch.device("cpu"), dtype)
-    runner = expert_task_runner(xc, torch.empty_like(xc), host.w13, host.w2)
+    job = ContentionJob.of(cal, pool, spec, seed=11)
+    n = job.experts
     sources = ExpertBank.empty(spec, n, torch.device("cpu"), dtype)
     pinning = HostPinning(cal.device.is_cuda)
     pinning.pin(sources.flat)
@@ -498,14 +494,9 @@ def measure_copy_pool_slowdown(cal: Calibration, backend: Backend, pool: CPUPool
         for m in marks:
             backend.host_wait(m)
 
-    def pool_job() -> float:
-        t0 = time.perf_counter()
-        pool.submit(tasks, runner).wait()
-        return time.perf_counter() - t0
-
     try:
-        pool_job()
-        cal.copy_slows_cpu = _pool_slowdown(cal, copies, pool_job)
+        job.timed()
+        cal.copy_slows_cpu = _pool_slowdown(cal, copies, job.timed)
     finally:
         backend.synchronize()
         pinning.release()
@@ -517,29 +508,17 @@ def measure_contention(cal: Calibration, pool: CPUPool, timer: Timer, spec: Mode
     slower the pool's expert tasks run while the GPU side computes (cpu.pool_contention). Near 0
     with a real GPU; on the CPU-as-GPU path both sides share cores and DRAM, and the two differ (a
     bandwidth-bound pool beside compute-bound GPU-side work), so one figure cannot stand for both."""
-    dtype = cal.device.dtype
-    g = experts_over_cache(spec, dtype, cal.device, "gpu", 4)
+    g = experts_over_cache(spec, cal.device.dtype, cal.device, "gpu", 4)
     bench = GroupedBench(spec, cal.device, g, seed=7)
-    host = ExpertBank.empty(spec, max(experts_over_cache(spec, dtype, cal.device, "cpu", 4), 2 * pool.workers),
-                            torch.device("cpu"), dtype)
-    gen = torch.Generator().manual_seed(7)
-    tasks = contention_tasks(host.flat.shape[0])
-    xc = random_matrix(tasks[-1].stop, spec.hidden_size, gen, torch.device("cpu"), dtype)
-    runner = expert_task_runner(xc, torch.empty_like(xc), host.w13, host.w2)
+    job = ContentionJob.of(cal, pool, spec, seed=7)
     compute = bench.fn(8)
     timer.warm(compute)
-
-    def pool_job() -> float:
-        t0 = time.perf_counter()
-        pool.submit(tasks, runner).wait()
-        return time.perf_counter() - t0
-
     alone_s = timer.sample(compute)
-    job_s = pool_job()
+    job_s = job.timed()
     try:
-        cal.contention = _gpu_slowdown(cal, pool, timer, compute, lambda: pool.submit(tasks, runner),
+        cal.contention = _gpu_slowdown(cal, timer, compute, job.submit,
                                        max(2, math.ceil(2 * alone_s / max(job_s, 1e-6)) + 1))
-        cal.pool_contention = _pool_slowdown(cal, lambda: timer.sample(compute), pool_job)
+        cal.pool_contention = _pool_slowdown(cal, lambda: timer.sample(compute), job.timed)
     finally:
         bench.close()
 
@@ -560,7 +539,39 @@ def contention_tasks(experts: int) -> list[ExpertTask]:
     return tasks
 
 
-def _gpu_slowdown(cal: Calibration, pool: CPUPool, timer: Timer, compute: Callable[[], Any],
+@dataclass
+class ContentionJob:
+    """The pool's work while a contention is measured: one task per expert of a host bank beyond
+    the last-level cache (contention_tasks), on random inputs."""
+
+    pool: CPUPool
+    tasks: list[ExpertTask]
+    runner: Callable[[ExpertTask], object]
+
+    @classmethod
+    def of(cls, cal: Calibration, pool: CPUPool, spec: ModelSpec, seed: int) -> ContentionJob:
+        dtype, host_dev = cal.device.dtype, torch.device("cpu")
+        n = max(experts_over_cache(spec, dtype, cal.device, "cpu", 4), 2 * pool.workers)
+        host = ExpertBank.empty(spec, n, host_dev, dtype)
+        tasks = contention_tasks(n)
+        xc = random_matrix(tasks[-1].stop, spec.hidden_size, torch.Generator().manual_seed(seed), host_dev, dtype)
+        return cls(pool, tasks, expert_task_runner(xc, torch.empty_like(xc), host.w13, host.w2))
+
+    @property
+    def experts(self) -> int:
+        return len(self.tasks)
+
+    def submit(self) -> LayerJob:
+        return self.pool.submit(self.tasks, self.runner)
+
+    def timed(self) -> float:
+        """Seconds of one job, submitted and waited for."""
+        t0 = time.perf_counter()
+        self.submit().wait()
+        return time.perf_counter() - t0
+
+
+def _gpu_slowdown(cal: Calibration, timer: Timer, compute: Callable[[], Any],
                   submit: Callable[[], Any], jobs_per_sample: int) -> float:
     """GPU-side work alone, then with enough pool jobs queued to keep the pool busy throughout
     (twice the sample's length): the median ratio minus 1."""
@@ -585,7 +596,7 @@ def _pool_slowdown(cal: Calibration, side_step: Callable[[], Any], pool_job: Cal
     stop = threading.Event()
     started = threading.Event()
 
-    def gpu_side() -> None:
+    def keep_busy() -> None:
         if not cal.device.is_cuda:
             torch.set_num_threads(cal.device.gpu_threads)
         with torch.inference_mode():
@@ -598,7 +609,7 @@ def _pool_slowdown(cal: Calibration, side_step: Callable[[], Any], pool_job: Cal
         alone = pool_job()
         stop.clear()
         started.clear()
-        side = threading.Thread(target=gpu_side, name="tidesim-calibrate-gpu-side", daemon=True)
+        side = threading.Thread(target=keep_busy, name="tidesim-calibrate-side", daemon=True)
         side.start()
         started.wait(timeout=60.0)
         busy = pool_job()
